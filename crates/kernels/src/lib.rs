@@ -1,1 +1,22 @@
-//! placeholder
+//! The op layer the model calls: MoE gate top-k, expert dispatch/combine and attention.
+//!
+//! Every op has a CPU implementation here that doubles as the reference for its CUDA
+//! counterpart (feature `cuda`), so the model code never changes when a faster backend lands.
+#![deny(missing_docs)]
+
+pub mod gate;
+pub mod moe;
+
+pub use gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
+pub use moe::{dispatch, experts_forward, DispatchPlan, ExpertWeights};
+
+/// Errors from the op layer; messages name the argument that is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// An argument has the wrong size, shape or value.
+    #[error("invalid kernel argument: {0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,559 @@
+//! The hy_v3 (Tencent Hy3) MoE transformer, following transformers' `modeling_hy_v3.py`:
+//! pre-norm decoder layers; attention with per-head QK RMSNorm applied **before** NeoX
+//! (half-split) RoPE, GQA and a causal softmax in f32; a dense SwiGLU MLP for dense layers; an
+//! MoE block for the others (sigmoid gate with a selection-only expert bias, renormalised top-k
+//! weights × `router_scaling_factor`, routed experts plus an ungated shared expert, combined in
+//! f32); final RMSNorm and an untied lm_head.
+//!
+//! Layers are built from [`Weights`] paths that mirror the checkpoint's tensor names. The MoE
+//! block calls the op layer (`switchyard_kernels`) for gating, dispatch and the expert GEMMs, so
+//! CUDA kernels replace the CPU ops without touching this file.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use switchyard_kernels::{dispatch, experts_forward, gate_topk, ExpertWeights, GateConfig};
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::kv_cache::KvCache;
+use crate::weights::{Checkpoint, Weights};
+use crate::ModelError;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype for weights and activations (router and expert bias always stay f32).
+    pub dtype: DType,
+    /// Device to load onto.
+    pub device: Device,
+    /// Load the MTP (next-n prediction) layers stored after the decoder layers.
+    pub load_mtp: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            load_mtp: false,
+        }
+    }
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every input position (`[T, vocab]`).
+    All,
+    /// Only the last position (`[1, vocab]`), all a generation step needs.
+    Last,
+}
+
+/// RMSNorm with f32 accumulation: `w · (x / sqrt(mean(x²) + eps))`.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(w: &Weights, size: usize, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get(&[size], "weight")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// `y = x · Wᵀ (+ b)` with the weight kept as stored (`[out, in]`).
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get(&[out, inp], "weight")?,
+            bias: if bias { Some(w.get(&[out], "bias")?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// SwiGLU MLP with gate and up fused into one `[2·I, H]` matrix at load time.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up: Tensor,
+    down: Tensor,
+    inter: usize,
+}
+
+impl Mlp {
+    fn load(w: &Weights, hidden: usize, inter: usize) -> Result<Self, ModelError> {
+        let g = w.pp("gate_proj").get(&[inter, hidden], "weight")?;
+        let u = w.pp("up_proj").get(&[inter, hidden], "weight")?;
+        Ok(Self {
+            gate_up: Tensor::cat(&[g, u], 0)?,
+            down: w.pp("down_proj").get(&[hidden, inter], "weight")?,
+            inter,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let gu = x.matmul(&self.gate_up.t()?)?;
+        let act = (gu.narrow(D::Minus1, 0, self.inter)?.silu()?
+            * gu.narrow(D::Minus1, self.inter, self.inter)?)?;
+        Ok(act.matmul(&self.down.t()?)?)
+    }
+}
+
+/// Rotary embedding tables computed on demand for the positions of a step.
+#[derive(Debug, Clone)]
+struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig) -> Self {
+        let d = cfg.head_dim;
+        let inv_freq = (0..d / 2)
+            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64)) as f32)
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)` of shape `[T, head_dim/2]` for positions `start..start+T`.
+    fn tables(
+        &self,
+        start: usize,
+        t: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in &self.inv_freq {
+                // f32 product as transformers computes it, then cos/sin.
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), dev)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (t, half), dev)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let b = cfg.attention_bias;
+        let norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(&w.pp(name), hd, cfg.rms_norm_eps)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            q_proj: Linear::load(&w.pp("q_proj"), nh * hd, h, b)?,
+            k_proj: Linear::load(&w.pp("k_proj"), nkv * hd, h, b)?,
+            v_proj: Linear::load(&w.pp("v_proj"), nkv * hd, h, b)?,
+            o_proj: Linear::load(&w.pp("o_proj"), h, nh * hd, b)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f64).sqrt(),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor, ModelError> {
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x)?.reshape((t, nh, hd))?;
+        let mut k = self.k_proj.forward(x)?.reshape((t, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let q = candle_nn::rotary_emb::rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
+            .squeeze(0)?; // [nh, T, hd]
+        let k = candle_nn::rotary_emb::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
+            .squeeze(0)?; // [nkv, T, hd]
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let pos0 = cache.len();
+        let (k_all, v_all) = cache.append(layer, &k, &v)?;
+        let s = k_all.dim(1)?;
+        let g = nh / nkv;
+        // Group query heads by their KV head: [nkv, g·T, hd]; no repeat of K/V.
+        let qg = q.reshape((nkv, g * t, hd))?;
+        let scores = (qg.matmul(&k_all.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let scores = if t > 1 {
+            let mask = causal_mask(t, s, pos0, g, x.device())?;
+            scores.broadcast_add(&mask)?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v_all.dtype())?;
+        let out = probs.matmul(&v_all.contiguous()?)?; // [nkv, g·T, hd]
+        let out = out
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive causal mask `[g·T, S]`: row `(group, t)` sees keys at positions `<= pos0 + t`.
+fn causal_mask(t: usize, s: usize, pos0: usize, g: usize, dev: &Device) -> Result<Tensor, ModelError> {
+    let mut m = vec![0f32; g * t * s];
+    for gi in 0..g {
+        for ti in 0..t {
+            let row = &mut m[(gi * t + ti) * s..(gi * t + ti + 1) * s];
+            for (j, v) in row.iter_mut().enumerate() {
+                if j > pos0 + ti {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (g * t, s), dev)?)
+}
+
+/// MoE block: gate → dispatch → routed experts, plus the shared expert.
+#[derive(Debug, Clone)]
+struct Moe {
+    router: Tensor,
+    bias: Option<Vec<f32>>,
+    experts: ExpertWeights,
+    shared: Option<Mlp>,
+    gate: GateConfig,
+    fp32_combine: bool,
+}
+
+impl Moe {
+    fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let (h, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
+        let router = w.pp("gate").get_f32(&[e, h], "weight")?;
+        let bias = if cfg.gate.expert_bias {
+            Some(
+                w.get_f32(&[e], "e_score_correction_bias")?
+                    .to_vec1::<f32>()?,
+            )
+        } else {
+            None
+        };
+        let ex = w.pp("experts");
+        let experts = if ex.contains("gate_up_proj") {
+            ExpertWeights {
+                gate_up: ex.get(&[e, 2 * i, h], "gate_up_proj")?,
+                down: ex.get(&[e, h, i], "down_proj")?,
+            }
+        } else {
+            // Per-expert tensors (hub dialect): stack into the fused layout once, at load.
+            let mut gu = Vec::with_capacity(e);
+            let mut dn = Vec::with_capacity(e);
+            for j in 0..e {
+                let x = ex.pp(j);
+                let g = x.pp("gate_proj").get(&[i, h], "weight")?;
+                let u = x.pp("up_proj").get(&[i, h], "weight")?;
+                gu.push(Tensor::cat(&[g, u], 0)?);
+                dn.push(x.pp("down_proj").get(&[h, i], "weight")?);
+            }
+            ExpertWeights {
+                gate_up: Tensor::stack(&gu, 0)?,
+                down: Tensor::stack(&dn, 0)?,
+            }
+        };
+        let shared = if cfg.num_shared_experts > 0 {
+            Some(Mlp::load(
+                &w.pp("shared_experts"),
+                h,
+                i * cfg.num_shared_experts,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            router,
+            bias,
+            experts,
+            shared,
+            gate: cfg.gate_config(),
+            fp32_combine: cfg.moe_fp32_combine,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let logits = x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let g = gate_topk(&logits, self.bias.as_deref(), &self.gate)?;
+        let plan = dispatch(&g, self.gate.num_experts)?;
+        let routed = experts_forward(x, &self.experts, &g, &plan)?;
+        Ok(match &self.shared {
+            None => routed,
+            Some(s) => {
+                let sh = s.forward(x)?;
+                if self.fp32_combine {
+                    (routed.to_dtype(DType::F32)? + sh.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                } else {
+                    (routed + sh)?
+                }
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: FeedForward,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, cfg: &ModelConfig, kind: LayerKind) -> Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                h,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: match kind {
+                LayerKind::Dense => FeedForward::Dense(Mlp::load(&w.pp("mlp"), h, cfg.intermediate_size)?),
+                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg)?),
+            },
+        })
+    }
+}
+
+/// A loaded hy_v3 model.
+#[derive(Debug, Clone)]
+pub struct HyV3Model {
+    cfg: ModelConfig,
+    embed_tokens: candle_nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    mtp: Option<HashMap<String, Tensor>>,
+}
+
+impl HyV3Model {
+    /// Loads `config.json` and the weights of a model folder.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        Self::load(cfg, ckpt, opts, |_, _| {})
+    }
+
+    /// Builds the model from a parsed config and an opened checkpoint; `progress(done, total)`
+    /// is called after each layer (for a loading bar).
+    pub fn load(
+        cfg: ModelConfig,
+        ckpt: Arc<Checkpoint>,
+        opts: &LoadOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let root = Weights::new(ckpt.clone(), opts.dtype, opts.device.clone());
+        let m = root.pp("model");
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = m.pp("embed_tokens").get(&[v, h], "weight")?;
+        let total = cfg.num_hidden_layers;
+        let mut layers = Vec::with_capacity(total);
+        for (i, kind) in cfg.layer_kinds.iter().enumerate() {
+            layers.push(DecoderLayer::load(&m.pp("layers").pp(i), &cfg, *kind)?);
+            progress(i + 1, total);
+        }
+        let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            root.pp("lm_head").get(&[v, h], "weight")?
+        };
+        let mtp = if opts.load_mtp {
+            let mut map = HashMap::new();
+            for l in 0..cfg.num_mtp_layers.max(1) {
+                let prefix = format!("model.layers.{}.", cfg.num_hidden_layers + l);
+                let names: Vec<String> = ckpt
+                    .names()
+                    .filter(|n| n.starts_with(&prefix))
+                    .map(str::to_string)
+                    .collect();
+                for n in names {
+                    let st = ckpt.get_any_shape(&n, opts.dtype, &opts.device)?;
+                    map.insert(n, st);
+                }
+            }
+            if map.is_empty() {
+                return Err(ModelError::MissingTensor {
+                    name: format!("model.layers.{}.* (MTP layer)", cfg.num_hidden_layers),
+                    dir: ckpt.dir().to_path_buf(),
+                });
+            }
+            Some(map)
+        } else {
+            None
+        };
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            embed_tokens: candle_nn::Embedding::new(embed, h),
+            layers,
+            norm,
+            lm_head,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+            mtp,
+            cfg,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// MTP layer tensors, when loaded with `load_mtp`.
+    pub fn mtp_tensors(&self) -> Option<&HashMap<String, Tensor>> {
+        self.mtp.as_ref()
+    }
+
+    /// A fresh KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Checks token ids against the vocabulary and the context length.
+    pub fn validate_input(&self, ids: &[u32], cached: usize) -> Result<(), ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::InvalidInput("empty input: at least one token is needed".into()));
+        }
+        if let Some((i, &bad)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} at position {i} is out of range for vocabulary size {}",
+                self.cfg.vocab_size
+            )));
+        }
+        if cached + ids.len() > self.cfg.max_position_embeddings {
+            return Err(ModelError::InvalidInput(format!(
+                "{} tokens exceed the model's context of {} tokens",
+                cached + ids.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `ids` after what `cache` holds, appends their keys/values, and returns f32 logits.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Tensor, ModelError> {
+        self.validate_input(ids, cache.len())?;
+        let t = ids.len();
+        let pos0 = cache.len();
+        let input = Tensor::from_slice(ids, t, &self.device)?;
+        let mut x = self.embed_tokens.forward(&input)?;
+        let (cos, sin) = self.rope.tables(pos0, t, self.dtype, &self.device)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let r = x.clone();
+            let hn = layer.input_layernorm.forward(&x)?;
+            let a = layer.self_attn.forward(&hn, &cos, &sin, cache, i)?;
+            let x1 = (r + a)?;
+            let hn = layer.post_attention_layernorm.forward(&x1)?;
+            let f = match &layer.mlp {
+                FeedForward::Dense(m) => m.forward(&hn)?,
+                FeedForward::Moe(m) => m.forward(&hn)?,
+            };
+            x = (x1 + f)?;
+        }
+        cache.advance(t);
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+        };
+        let x = self.norm.forward(&x)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Checkpoint {
+    /// Loads a tensor of whatever shape it has (used for optional extras such as MTP layers).
+    pub fn get_any_shape(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+        let shape = self.shape_of(name)?;
+        self.get(name, &shape, dtype, device)
+    }
+}

@@ -1,0 +1,398 @@
+//! Checkpoint access: memory-mapped safetensors (one file or sharded through
+//! `model.safetensors.index.json`), tensor-name aliases, and hf-hub resolution.
+//!
+//! [`Weights`] is a small VarBuilder: `w.pp("self_attn").pp("q_proj").get(shape, "weight")`
+//! walks the checkpoint by its own names, so layer code reads like the tensor list. Unlike
+//! candle-nn's VarBuilder its errors are typed and name the tensor, the file, and what was
+//! expected versus found.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::ModelError;
+
+/// Known renamings between checkpoint dialects: `(canonical fragment, alias fragment)`.
+/// The canonical names are what transformers' `save_pretrained` writes for hy_v3; the aliases
+/// are Tencent's original names (see transformers' `conversion_mapping.py`) and the names other
+/// MoE families use for the same parameter.
+const ALIASES: &[(&str, &str)] = &[
+    ("mlp.gate.weight", "mlp.router.gate.weight"),
+    ("mlp.e_score_correction_bias", "mlp.expert_bias"),
+    ("mlp.e_score_correction_bias", "mlp.router.expert_bias"),
+    ("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    ("mlp.shared_experts.", "mlp.shared_mlp."),
+    ("mlp.shared_experts.", "mlp.shared_expert."),
+];
+
+/// An opened checkpoint: every safetensors file of a model folder, memory-mapped.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+    /// tensor name → index into `files`.
+    owner: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("files", &self.files.len())
+            .field("tensors", &self.owner.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Opens the safetensors files of `dir`: the shards listed by `model.safetensors.index.json`
+    /// when present, else every `*.safetensors` file in the folder.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
+                path: index.clone(),
+                source: e,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+                    path: index.clone(),
+                    message: format!("invalid JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Checkpoint {
+                    path: index.clone(),
+                    message: "no \"weight_map\" object".into(),
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            let rd = std::fs::read_dir(dir).map_err(|e| ModelError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+            let mut v: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: "no *.safetensors files found".into(),
+            });
+        }
+        for f in &files {
+            if !f.exists() {
+                return Err(ModelError::Checkpoint {
+                    path: f.clone(),
+                    message: "shard listed in model.safetensors.index.json does not exist".into(),
+                });
+            }
+        }
+        // Map each file on its own first, so a corrupt or truncated file is named precisely.
+        let mut owner = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            // SAFETY: the file is mapped read-only; modifying a checkpoint while it is being
+            // served is outside what any inference server supports.
+            let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Checkpoint {
+                path: f.clone(),
+                message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            })?;
+            for (name, _) in one.tensors() {
+                owner.insert(name, i);
+            }
+        }
+        // SAFETY: as above.
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Checkpoint {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            st,
+            owner,
+        })
+    }
+
+    /// The model folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.owner.keys().map(String::as_str)
+    }
+
+    /// Resolves `name` or one of its aliases to the name stored in the checkpoint.
+    pub fn resolve(&self, name: &str) -> Option<String> {
+        if self.owner.contains_key(name) {
+            return Some(name.to_string());
+        }
+        for (canon, alias) in ALIASES {
+            if name.contains(canon) {
+                let alt = name.replacen(canon, alias, 1);
+                if self.owner.contains_key(&alt) {
+                    return Some(alt);
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether `name` (or an alias) is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    fn file_of(&self, stored: &str) -> PathBuf {
+        self.owner
+            .get(stored)
+            .map(|&i| self.files[i].clone())
+            .unwrap_or_else(|| self.dir.clone())
+    }
+
+    /// Shape of a stored tensor (aliases allowed).
+    pub fn shape_of(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        let stored = self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
+            path: self.file_of(&stored),
+            message: e.to_string(),
+        })?;
+        Ok(view.shape().to_vec())
+    }
+
+    /// Loads a tensor by name (aliases allowed), checks its shape, and converts it to `dtype`.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let stored = self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let file = self.file_of(&stored);
+        let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        let st_dtype = view.dtype();
+        use safetensors::Dtype as D;
+        if !matches!(st_dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
+            return Err(ModelError::UnsupportedDtype {
+                name: stored,
+                dtype: format!("{st_dtype:?}"),
+                path: file,
+            });
+        }
+        if view.shape() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: stored,
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+                path: file,
+            });
+        }
+        let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
+            ModelError::Checkpoint {
+                path: file.clone(),
+                message: format!("tensor {stored}: {e}"),
+            }
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// A position inside a checkpoint (prefix + dtype + device), VarBuilder-style.
+#[derive(Clone)]
+pub struct Weights {
+    ckpt: Arc<Checkpoint>,
+    prefix: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// The root of a checkpoint, loading tensors as `dtype` onto `device`.
+    pub fn new(ckpt: Arc<Checkpoint>, dtype: DType, device: Device) -> Self {
+        Self {
+            ckpt,
+            prefix: String::new(),
+            dtype,
+            device,
+        }
+    }
+
+    /// Descends into a sub-module (`pp` as in candle-nn).
+    pub fn pp(&self, part: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            part.to_string()
+        } else {
+            format!("{}.{part}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    /// Full tensor name for `name` under this prefix.
+    pub fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Loads `name` with the given shape in this builder's dtype.
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
+        self.ckpt.get(&self.path(name), shape, self.dtype, &self.device)
+    }
+
+    /// Loads `name` in f32 regardless of the compute dtype (router weights, expert bias).
+    pub fn get_f32(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
+        self.ckpt.get(&self.path(name), shape, DType::F32, &self.device)
+    }
+
+    /// Whether `name` exists under this prefix (aliases included).
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.path(name))
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors land on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The checkpoint.
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+}
+
+/// Files a model folder needs besides weights; fetched from the hub when resolving an id.
+const HUB_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+];
+
+/// Resolves `--model`: a local folder, or a hub id `owner/name` looked up in the hf-hub cache
+/// (`HF_HOME`, default `~/.cache/huggingface`) and downloaded when missing unless
+/// `HF_HUB_OFFLINE=1`. Returns the folder holding the files.
+pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    let looks_like_id = spec.split('/').count() == 2
+        && !spec.starts_with('.')
+        && !spec.starts_with('/')
+        && spec.split('/').all(|s| !s.is_empty());
+    if !looks_like_id {
+        return Err(ModelError::ModelNotFound {
+            spec: spec.to_string(),
+            message: "no such folder, and not a hub id of the form owner/name".into(),
+        });
+    }
+    let rev = revision.unwrap_or("main").to_string();
+    let cache = hf_hub::Cache::from_env();
+    let repo = cache.repo(hf_hub::Repo::with_revision(
+        spec.to_string(),
+        hf_hub::RepoType::Model,
+        rev.clone(),
+    ));
+    if let Some(cfg) = repo.get("config.json") {
+        let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(idx) = repo.get("model.safetensors.index.json") {
+            let _ = idx;
+            return Ok(dir);
+        }
+        if repo.get("model.safetensors").is_some() {
+            return Ok(dir);
+        }
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+    if offline {
+        return Err(ModelError::ModelNotFound {
+            spec: spec.to_string(),
+            message: format!(
+                "revision {rev} is not in the hf-hub cache at {} and HF_HUB_OFFLINE is set",
+                cache.path().display()
+            ),
+        });
+    }
+    download(spec, &rev)
+}
+
+fn download(spec: &str, rev: &str) -> Result<PathBuf, ModelError> {
+    let err = |m: String| ModelError::ModelNotFound {
+        spec: spec.to_string(),
+        message: m,
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| err(format!("hf-hub client: {e}")))?;
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        spec.to_string(),
+        hf_hub::RepoType::Model,
+        rev.to_string(),
+    ));
+    let cfg = repo
+        .get("config.json")
+        .map_err(|e| err(format!("download config.json: {e}")))?;
+    for f in HUB_FILES.iter().skip(1) {
+        let _ = repo.get(f); // optional files
+    }
+    match repo.get("model.safetensors.index.json") {
+        Ok(idx) => {
+            let text = std::fs::read_to_string(&idx).map_err(|e| err(e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| err(format!("index: {e}")))?;
+            let mut shards: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                repo.get(&s).map_err(|e| err(format!("download {s}: {e}")))?;
+            }
+        }
+        Err(_) => {
+            repo.get("model.safetensors")
+                .map_err(|e| err(format!("download model.safetensors: {e}")))?;
+        }
+    }
+    Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
+}

@@ -1,0 +1,187 @@
+//! The engine against transformers' hy_v3 (fixtures made by `scripts/oracle/make_oracles.py`):
+//! full-prefill logits, token-by-token decode through the KV cache, a 24-token greedy
+//! continuation, and bf16 compute, on several checkpoint shapes and dialects.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use switchyard_model::{HyV3Model, LoadOptions, Logits};
+
+/// f32 compute must agree with transformers' f32 logits to this (acceptance bound).
+const F32_TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle")
+}
+
+struct Oracle {
+    ids: Vec<u32>,
+    logits: Tensor,
+    logits_bf16: Option<Tensor>,
+    greedy: Vec<u32>,
+}
+
+fn oracle(case: &str) -> Oracle {
+    let dir = fixtures().join(case);
+    let t = candle_core::safetensors::load(dir.join("oracle.safetensors"), &Device::Cpu).unwrap();
+    let ids: Vec<u32> = t["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("oracle.json")).unwrap()).unwrap();
+    let greedy = j["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    Oracle {
+        ids,
+        logits: t["logits"].clone(),
+        logits_bf16: t.get("logits_bf16").cloned(),
+        greedy,
+    }
+}
+
+fn load(case: &str, dtype: DType) -> HyV3Model {
+    let opts = LoadOptions {
+        dtype,
+        device: Device::Cpu,
+        load_mtp: false,
+    };
+    HyV3Model::load_dir(&fixtures().join(case), &opts).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn check_case(case: &str) {
+    let o = oracle(case);
+    let m = load(case, DType::F32);
+
+    // 1. Full prefill.
+    let mut cache = m.new_cache();
+    let logits = m.forward(&o.ids, &mut cache, Logits::All).unwrap();
+    let d = max_abs(&logits, &o.logits);
+    println!("{case}: prefill max|Δ| = {d:.2e}");
+    assert!(d <= F32_TOL, "{case}: prefill logits differ by {d}");
+
+    // 2. Token-by-token decode through the cache matches prefill.
+    let mut cache = m.new_cache();
+    let mut rows = Vec::new();
+    for &id in &o.ids {
+        rows.push(m.forward(&[id], &mut cache, Logits::Last).unwrap());
+    }
+    let dec = Tensor::cat(&rows, 0).unwrap();
+    let d2 = max_abs(&dec, &logits);
+    println!("{case}: decode-vs-prefill max|Δ| = {d2:.2e}");
+    assert!(d2 <= F32_TOL, "{case}: decode differs from prefill by {d2}");
+
+    // 3. Greedy continuation equals transformers'.
+    let mut cache = m.new_cache();
+    let mut last = m.forward(&o.ids, &mut cache, Logits::Last).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..o.greedy.len() {
+        let next = argmax(&last.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        got.push(next);
+        last = m.forward(&[next], &mut cache, Logits::Last).unwrap();
+    }
+    assert_eq!(got, o.greedy, "{case}: greedy continuation differs");
+}
+
+#[test]
+fn f32_basic() {
+    check_case("f32_basic");
+}
+
+#[test]
+fn bf16_weights_with_f32_router() {
+    check_case("bf16_f32router");
+}
+
+#[test]
+fn sharded_hub_names() {
+    check_case("sharded");
+}
+
+#[test]
+fn hub_dialect_config() {
+    check_case("hub_dialect");
+}
+
+#[test]
+fn head_dim_not_hidden_over_heads() {
+    check_case("head_dim_ne");
+}
+
+#[test]
+fn e192_top8_two_dense_layers() {
+    check_case("e192_k8");
+}
+
+#[test]
+fn mtp_layer_is_skipped_unless_asked_for() {
+    check_case("mtp");
+    let opts = LoadOptions {
+        load_mtp: true,
+        ..Default::default()
+    };
+    let m = HyV3Model::load_dir(&fixtures().join("mtp"), &opts).unwrap();
+    let mtp = m.mtp_tensors().expect("MTP tensors loaded on request");
+    assert!(mtp.keys().all(|k| k.starts_with("model.layers.3.")));
+    assert!(mtp.keys().any(|k| k.contains("eh_proj")), "{:?}", mtp.keys());
+}
+
+/// bf16 compute against transformers' bf16 logits. Measured bound (2026-11-28): see NOTES.md;
+/// bf16 rounding can flip a near-tied expert choice, so the bound is loose and argmax agreement
+/// is checked too.
+#[test]
+fn bf16_compute_within_measured_tolerance() {
+    for case in ["f32_basic", "bf16_f32router", "hub_dialect", "e192_k8"] {
+        let o = oracle(case);
+        let m = load(case, DType::BF16);
+        let mut cache = m.new_cache();
+        let logits = m.forward(&o.ids, &mut cache, Logits::All).unwrap();
+        let d32 = max_abs(&logits, &o.logits);
+        let dbf = o.logits_bf16.as_ref().map(|r| max_abs(&logits, r)).unwrap_or(f32::NAN);
+        let rows = logits.to_vec2::<f32>().unwrap();
+        let refs = o.logits.to_vec2::<f32>().unwrap();
+        let agree = rows
+            .iter()
+            .zip(&refs)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        println!(
+            "{case}: bf16 compute max|Δ| vs f32 oracle {d32:.3}, vs bf16 oracle {dbf:.3}, argmax agree {agree}/{}",
+            rows.len()
+        );
+        assert!(d32 <= BF16_TOL, "{case}: bf16 logits differ by {d32}");
+        assert!(agree * 10 >= rows.len() * 8, "{case}: argmax agrees on only {agree}/{}", rows.len());
+    }
+}
+
+/// Bound for bf16 compute vs the f32 oracle, from the measurement above (worst 0.154, e192_k8 and hub_dialect) with headroom.
+const BF16_TOL: f32 = 0.25;
