@@ -1,3 +1,4 @@
 //! placeholder
 
+pub mod stop;
 pub mod tokenizer;
