@@ -6,9 +6,11 @@
 
 pub mod gate;
 pub mod moe;
+pub mod paged;
 
 pub use gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
 pub use moe::{dispatch, experts_forward, DispatchPlan, ExpertWeights};
+pub use paged::{paged_attention, reshape_and_cache, KvElem, KvLayout, SeqAttn};
 
 /// Errors from the op layer; messages name the argument that is wrong.
 #[derive(Debug, thiserror::Error)]

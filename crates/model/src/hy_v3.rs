@@ -18,6 +18,7 @@ use switchyard_kernels::{dispatch, experts_forward, gate_topk, ExpertWeights, Ga
 
 use crate::config::{LayerKind, ModelConfig};
 use crate::kv_cache::KvCache;
+use crate::paged_cache::{KvDtype, PagedBatchMeta, PagedKvCache};
 use crate::weights::{Checkpoint, Weights};
 use crate::ModelError;
 
@@ -137,18 +138,18 @@ impl Rope {
         Self { inv_freq }
     }
 
-    /// `(cos, sin)` of shape `[T, head_dim/2]` for positions `start..start+T`.
+    /// `(cos, sin)` of shape `[T, head_dim/2]` for the given positions.
     fn tables(
         &self,
-        start: usize,
-        t: usize,
+        positions: impl ExactSizeIterator<Item = usize>,
         dtype: DType,
         dev: &Device,
     ) -> Result<(Tensor, Tensor), ModelError> {
         let half = self.inv_freq.len();
+        let t = positions.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
-        for p in start..start + t {
+        for p in positions {
             for &f in &self.inv_freq {
                 // f32 product as transformers computes it, then cos/sin.
                 let a = p as f32 * f;
@@ -203,14 +204,8 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Result<Tensor, ModelError> {
+    /// Projections, QK-norm and RoPE: returns q `[nh, T, hd]`, k and v `[nkv, T, hd]`.
+    fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut q = self.q_proj.forward(x)?.reshape((t, nh, hd))?;
@@ -221,10 +216,47 @@ impl Attention {
             k = kn.forward(&k)?;
         }
         let q = candle_nn::rotary_emb::rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
-            .squeeze(0)?; // [nh, T, hd]
+            .squeeze(0)?;
         let k = candle_nn::rotary_emb::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
-            .squeeze(0)?; // [nkv, T, hd]
+            .squeeze(0)?;
         let v = v.transpose(0, 1)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Attention for a batch of sequences whose K/V live in the paged cache.
+    fn forward_paged(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &mut PagedKvCache,
+        layer: usize,
+        batch: &PagedBatchMeta<'_>,
+    ) -> Result<Tensor, ModelError> {
+        let (t, _) = x.dims2()?;
+        let (nh, hd) = (self.heads, self.head_dim);
+        let (q, k, v) = self.qkv(x, cos, sin)?;
+        let f32v = |x: Tensor| -> Result<Vec<f32>, ModelError> {
+            Ok(x.transpose(0, 1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (q, k, v) = (f32v(q)?, f32v(k)?, f32v(v)?);
+        let mut out = vec![0f32; t * nh * hd];
+        kv.write_and_attend(layer, &k, &v, batch, &q, nh, self.scale as f32, &mut out)?;
+        let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor, ModelError> {
+        let (t, _) = x.dims2()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let (q, k, v) = self.qkv(x, cos, sin)?;
         let pos0 = cache.len();
         let (k_all, v_all) = cache.append(layer, &k, &v)?;
         let s = k_all.dim(1)?;
@@ -382,6 +414,19 @@ impl DecoderLayer {
     }
 }
 
+/// One sequence's part of a paged forward.
+#[derive(Debug, Clone)]
+pub struct PagedSeq<'a> {
+    /// Tokens computed this step (a prefill chunk, or one decode token).
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache (position of `tokens[0]`).
+    pub pos0: usize,
+    /// Blocks covering positions `0..pos0 + tokens.len()`.
+    pub block_table: &'a [u32],
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
 /// A loaded hy_v3 model.
 #[derive(Debug, Clone)]
 pub struct HyV3Model {
@@ -525,14 +570,86 @@ impl HyV3Model {
         self.validate_input(ids, cache.len())?;
         let t = ids.len();
         let pos0 = cache.len();
-        let input = Tensor::from_slice(ids, t, &self.device)?;
+        let (cos, sin) = self.rope.tables(pos0..pos0 + t, self.dtype, &self.device)?;
+        let x = self.run_layers(ids, |i, attn, hn| attn.forward(hn, &cos, &sin, cache, i))?;
+        cache.advance(t);
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+        };
+        self.head(&x)
+    }
+
+    /// Runs a batch of sequences (prefill chunks, decodes, or both) through the paged KV cache.
+    /// Returns one f32 logits tensor per sequence: `[1, vocab]` for [`Logits::Last`], or
+    /// `[tokens, vocab]` for [`Logits::All`].
+    pub fn forward_paged(
+        &self,
+        seqs: &[PagedSeq<'_>],
+        kv: &mut PagedKvCache,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        if seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut attn = Vec::with_capacity(seqs.len());
+        let mut slots = Vec::new();
+        let bs = kv.layout().block_size;
+        for s in seqs {
+            self.validate_input(s.tokens, s.pos0)?;
+            let ctx = s.pos0 + s.tokens.len();
+            if s.block_table.len() * bs < ctx {
+                return Err(ModelError::InvalidInput(format!(
+                    "block table of {} blocks cannot hold {ctx} tokens",
+                    s.block_table.len()
+                )));
+            }
+            attn.push(switchyard_kernels::SeqAttn {
+                q_start: ids.len(),
+                q_len: s.tokens.len(),
+                ctx_len: ctx,
+                block_table: s.block_table,
+            });
+            for p in s.pos0..ctx {
+                positions.push(p);
+                slots.push(s.block_table[p / bs] as usize * bs + p % bs);
+            }
+            ids.extend_from_slice(s.tokens);
+        }
+        let meta = PagedBatchMeta { seqs: &attn, slots: &slots };
+        let (cos, sin) = self.rope.tables(positions.iter().copied(), self.dtype, &self.device)?;
+        let x = self.run_layers(&ids, |i, a, hn| a.forward_paged(hn, &cos, &sin, kv, i, &meta))?;
+        // Final norm and lm_head only on the rows someone asked for.
+        let mut rows = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for (s, a) in seqs.iter().zip(&attn) {
+            let start = rows.len();
+            match s.logits {
+                Logits::All => rows.extend((a.q_start..a.q_start + a.q_len).map(|r| r as u32)),
+                Logits::Last => rows.push((a.q_start + a.q_len - 1) as u32),
+            }
+            spans.push((start, rows.len() - start));
+        }
+        let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
+        let logits = self.head(&x.index_select(&idx, 0)?)?;
+        spans
+            .into_iter()
+            .map(|(s, n)| Ok(logits.narrow(0, s, n)?))
+            .collect()
+    }
+
+    fn run_layers(
+        &self,
+        ids: &[u32],
+        mut attend: impl FnMut(usize, &Attention, &Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
+        let input = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let mut x = self.embed_tokens.forward(&input)?;
-        let (cos, sin) = self.rope.tables(pos0, t, self.dtype, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let r = x.clone();
             let hn = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&hn, &cos, &sin, cache, i)?;
-            let x1 = (r + a)?;
+            let a = attend(i, &layer.self_attn, &hn)?;
+            let x1 = (x + a)?;
             let hn = layer.post_attention_layernorm.forward(&x1)?;
             let f = match &layer.mlp {
                 FeedForward::Dense(m) => m.forward(&hn)?,
@@ -540,13 +657,26 @@ impl HyV3Model {
             };
             x = (x1 + f)?;
         }
-        cache.advance(t);
-        let x = match which {
-            Logits::All => x,
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-        };
-        let x = self.norm.forward(&x)?;
+        Ok(x)
+    }
+
+    fn head(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let x = self.norm.forward(x)?;
         Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    /// A paged KV cache for this model with `num_blocks` blocks of `block_size` tokens.
+    pub fn new_paged_cache(&self, num_blocks: usize, block_size: usize, dtype: KvDtype) -> PagedKvCache {
+        PagedKvCache::new(
+            self.cfg.num_hidden_layers,
+            switchyard_kernels::KvLayout {
+                num_blocks,
+                block_size,
+                kv_heads: self.cfg.num_key_value_heads,
+                head_dim: self.cfg.head_dim,
+            },
+            dtype,
+        )
     }
 }
 

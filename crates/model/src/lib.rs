@@ -6,6 +6,7 @@
 pub mod config;
 pub mod hy_v3;
 pub mod kv_cache;
+pub mod paged_cache;
 pub mod presets;
 pub mod test_model;
 pub mod weights;
@@ -13,7 +14,8 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use config::{LayerKind, ModelConfig};
-pub use hy_v3::{HyV3Model, LoadOptions, Logits};
+pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
+pub use paged_cache::{KvDtype, PagedKvCache};
 pub use kv_cache::KvCache;
 pub use weights::{resolve_model, Checkpoint, Weights};
 

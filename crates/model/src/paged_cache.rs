@@ -1,0 +1,123 @@
+//! Paged KV storage for all layers of a model: one `[num_blocks, block_size, kv_heads,
+//! head_dim]` buffer for K and one for V per layer, in f32 or bf16. Which blocks belong to
+//! which sequence is the engine's business (its block manager hands out block tables); this
+//! type only stores and reads through them.
+
+use half::bf16;
+use switchyard_kernels::{paged_attention, reshape_and_cache, KvLayout, SeqAttn};
+
+use crate::ModelError;
+
+/// Storage dtype of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 4 bytes per element: exact.
+    F32,
+    /// 2 bytes per element: half the memory, rounding in the cache.
+    Bf16,
+}
+
+impl KvDtype {
+    /// Bytes per stored element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+}
+
+enum Buf {
+    F32(Vec<f32>, Vec<f32>),
+    Bf16(Vec<bf16>, Vec<bf16>),
+}
+
+/// Block-table positions of a batch, shared by all layers of one forward.
+pub struct PagedBatchMeta<'a> {
+    /// Per-sequence attention spans.
+    pub seqs: &'a [SeqAttn<'a>],
+    /// Cache slot of every new token, in batch order.
+    pub slots: &'a [usize],
+}
+
+/// KV cache of every layer, addressed by block tables.
+pub struct PagedKvCache {
+    layout: KvLayout,
+    dtype: KvDtype,
+    layers: Vec<Buf>,
+}
+
+impl std::fmt::Debug for PagedKvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedKvCache")
+            .field("layout", &self.layout)
+            .field("dtype", &self.dtype)
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+impl PagedKvCache {
+    /// Allocates zeroed storage for `layers` layers.
+    pub fn new(layers: usize, layout: KvLayout, dtype: KvDtype) -> Self {
+        let n = layout.layer_elems();
+        let layers = (0..layers)
+            .map(|_| match dtype {
+                KvDtype::F32 => Buf::F32(vec![0.0; n], vec![0.0; n]),
+                KvDtype::Bf16 => Buf::Bf16(vec![bf16::ZERO; n], vec![bf16::ZERO; n]),
+            })
+            .collect();
+        Self { layout, dtype, layers }
+    }
+
+    /// Bytes one token's K and V take across all layers.
+    pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
+        2 * layers * kv_heads * head_dim * dtype.size()
+    }
+
+    /// Geometry per layer.
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// Storage dtype.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Total bytes held.
+    pub fn bytes(&self) -> usize {
+        2 * self.layers.len() * self.layout.layer_elems() * self.dtype.size()
+    }
+
+    /// Writes this step's K/V for `layer` and runs paged attention for the batch.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_and_attend(
+        &mut self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        batch: &PagedBatchMeta<'_>,
+        q: &[f32],
+        heads: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let layout = self.layout;
+        let buf = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no KV storage for layer {layer}")))?;
+        match buf {
+            Buf::F32(kc, vc) => {
+                reshape_and_cache(k, v, batch.slots, kc, vc, &layout)?;
+                paged_attention(q, kc, vc, &layout, batch.seqs, heads, scale, out)?;
+            }
+            Buf::Bf16(kc, vc) => {
+                reshape_and_cache(k, v, batch.slots, kc, vc, &layout)?;
+                paged_attention(q, kc, vc, &layout, batch.seqs, heads, scale, out)?;
+            }
+        }
+        Ok(())
+    }
+}
