@@ -1,4 +1,6 @@
 //! placeholder
 
+pub mod block_pool;
+pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
