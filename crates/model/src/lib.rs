@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod gguf;
 pub mod hy_v3;
 pub mod kv_cache;
 pub mod paged_cache;
