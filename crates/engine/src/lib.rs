@@ -1,6 +1,5 @@
 //! placeholder
 
-pub mod block_pool;
-pub mod scheduler;
+pub mod sampling;
 pub mod stop;
 pub mod tokenizer;

@@ -120,7 +120,8 @@ impl IncrementalDecoder {
             &self.ids[self.prefix_offset..self.read_offset],
             self.skip_special_tokens,
         )?;
-        let new_text = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let new_text =
+            tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if new_text.len() <= prefix_text.len() || new_text.ends_with(char::REPLACEMENT_CHARACTER) {
             return Ok(String::new());
         }
@@ -151,13 +152,17 @@ impl IncrementalDecoder {
             &self.ids[self.prefix_offset..self.read_offset],
             self.skip_special_tokens,
         )?;
-        let new_text = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let new_text =
+            tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.ids.clear();
         self.prefix_offset = 0;
         self.read_offset = 0;
         Ok(match new_text.strip_prefix(prefix_text.as_str()) {
             Some(delta) => delta.to_owned(),
-            None => new_text.get(prefix_text.len()..).unwrap_or_default().to_owned(),
+            None => new_text
+                .get(prefix_text.len()..)
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 }
@@ -432,7 +437,10 @@ mod tests {
     #[test]
     fn emoji_split_across_tokens_is_emitted_whole() {
         let text = "ok 🦀 crab 👩‍👩‍👧 family";
-        assert!(ids("🦀").len() > 1, "the crab must span tokens for this test");
+        assert!(
+            ids("🦀").len() > 1,
+            "the crab must span tokens for this test"
+        );
         let (deltas, last) = stream(text, &[]);
         assert_eq!(joined(&deltas, &last), text);
         assert!(deltas.iter().any(String::is_empty), "some bytes were held");
@@ -477,7 +485,10 @@ mod tests {
         let (deltas, last) = stream("STOmp and ST", &["STOP"]);
         assert_eq!(joined(&deltas, &last), "STOmp and ST");
         assert_eq!(last.finish_reason, Some(FinishReason::Length));
-        assert_eq!(last.text, "ST", "the possible stop prefix was held to the end");
+        assert_eq!(
+            last.text, "ST",
+            "the possible stop prefix was held to the end"
+        );
     }
 
     #[test]

@@ -901,7 +901,9 @@ mod tests {
         }
         let hy = ["<｜hy_User｜>", "<｜hy_Assistant｜>"];
         let tok = build_byte_level_bpe(400, &hy).unwrap();
-        let ids = tok.encode_fast("<｜hy_User｜>hi<｜hy_Assistant｜>", false).unwrap();
+        let ids = tok
+            .encode_fast("<｜hy_User｜>hi<｜hy_Assistant｜>", false)
+            .unwrap();
         assert_eq!(ids.get_ids()[0], 398);
         assert_eq!(*ids.get_ids().last().unwrap(), 399);
     }
@@ -930,11 +932,17 @@ mod tests {
     #[test]
     fn loads_a_model_folder_with_eos_from_all_configs() {
         let dir = tempfile::tempdir().unwrap();
-        tiny()
-            .save(dir.path().join(TOKENIZER_FILE), false)
-            .unwrap();
-        write(dir.path(), CONFIG_FILE, r#"{"eos_token_id": 509, "bos_token_id": 510}"#);
-        write(dir.path(), GENERATION_CONFIG_FILE, r#"{"eos_token_id": [511, 509]}"#);
+        tiny().save(dir.path().join(TOKENIZER_FILE), false).unwrap();
+        write(
+            dir.path(),
+            CONFIG_FILE,
+            r#"{"eos_token_id": 509, "bos_token_id": 510}"#,
+        );
+        write(
+            dir.path(),
+            GENERATION_CONFIG_FILE,
+            r#"{"eos_token_id": [511, 509]}"#,
+        );
         write(
             dir.path(),
             TOKENIZER_CONFIG_FILE,
@@ -961,12 +969,13 @@ mod tests {
     #[test]
     fn eos_falls_back_to_known_spellings() {
         let dir = tempfile::tempdir().unwrap();
-        tiny()
-            .save(dir.path().join(TOKENIZER_FILE), false)
-            .unwrap();
+        tiny().save(dir.path().join(TOKENIZER_FILE), false).unwrap();
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         assert_eq!(tok.eos_token_ids(), &[509, 511]);
-        assert_eq!(Tokenizer::from_tokenizer(tiny()).eos_token_ids(), &[509, 511]);
+        assert_eq!(
+            Tokenizer::from_tokenizer(tiny()).eos_token_ids(),
+            &[509, 511]
+        );
     }
 
     #[test]
@@ -977,12 +986,13 @@ mod tests {
         write(dir.path(), TOKENIZER_FILE, "{not json");
         let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
         assert!(err.contains("tokenizer.json"), "{err}");
-        tiny()
-            .save(dir.path().join(TOKENIZER_FILE), false)
-            .unwrap();
+        tiny().save(dir.path().join(TOKENIZER_FILE), false).unwrap();
         write(dir.path(), CONFIG_FILE, r#"{"eos_token_id": "two"}"#);
         let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("eos_token_id"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("eos_token_id"),
+            "{err}"
+        );
         write(dir.path(), CONFIG_FILE, "{}");
         write(dir.path(), TOKENIZER_CONFIG_FILE, "[1,");
         let err = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
