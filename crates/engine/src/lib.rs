@@ -1,5 +1,7 @@
 //! placeholder
 
+pub mod block_pool;
 pub mod sampling;
+pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
