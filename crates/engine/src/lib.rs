@@ -1,6 +1,7 @@
 //! placeholder
 
 pub mod block_pool;
+pub mod chat;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;
