@@ -4,6 +4,8 @@
 //! counterpart (feature `cuda`), so the model code never changes when a faster backend lands.
 #![deny(missing_docs)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gate;
 pub mod moe;
 pub mod paged;
@@ -18,6 +20,9 @@ pub enum KernelError {
     /// An argument has the wrong size, shape or value.
     #[error("invalid kernel argument: {0}")]
     InvalidArgument(String),
+    /// A CUDA driver call (module load, allocation, launch) failed.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,524 @@
+//! Routed expert compute on the GPU (`kernels/moe_experts.cu`), bf16 weights and activations
+//! with f32 accumulation: the decode GEMV path and the tiled tensor-core path.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
+use candle_core::{DType, Tensor};
+use half::bf16;
+
+use super::dispatch::{dispatch, max_tiles, CudaDispatchPlan};
+use super::{
+    alloc, check_tensor, cuda_device, dim_i32, driver_err, grid_u32, invalid, view, wrap,
+    MoeKernels, GEMV_MAX_SLOTS, GEMV_MAX_TOKENS,
+};
+use crate::moe::ExpertWeights;
+use crate::KernelError;
+
+/// Threads per block of every expert kernel.
+const EXPERT_THREADS: u32 = 256;
+/// Outputs per GEMV block (`GEMV_OUT_PER_BLOCK` in moe_experts.cu: 8 warps x 2 rows).
+const GEMV_OUT_PER_BLOCK: usize = 16;
+/// Output columns per tile of the down GEMM (`TBN`); the gate/up GEMM covers half as many
+/// intermediate columns (gate and up side by side).
+const TILE_COLS: usize = 128;
+
+/// Which expert kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertPath {
+    /// GEMV up to [`GEMV_MAX_TOKENS`] tokens (and [`GEMV_MAX_SLOTS`] slots), tiled above.
+    #[default]
+    Auto,
+    /// Decode GEMV: each selected expert read once, top-k reduction fused; small batches only.
+    Gemv,
+    /// Grouped tensor-core GEMMs over the dispatch permutation; any batch.
+    Tiled,
+}
+
+/// Problem sizes of one expert launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeDims {
+    /// Tokens `T`.
+    pub tokens: usize,
+    /// Slots per token `k` (routed experts chosen, plus any always-on shared expert the caller
+    /// appended as an extra column).
+    pub top_k: usize,
+    /// Experts in the weight tensors `E`.
+    pub experts: usize,
+    /// Hidden size `H`.
+    pub hidden: usize,
+    /// Expert intermediate size `I`.
+    pub inter: usize,
+}
+
+impl MoeDims {
+    fn check(&self) -> Result<(), KernelError> {
+        // 32 = the K step of the tiled kernels; also keeps every row 16-byte aligned.
+        if self.hidden & 31 != 0 || self.inter & 31 != 0 || self.hidden == 0 || self.inter == 0 {
+            return Err(invalid(format!(
+                "the CUDA expert kernels need hidden and intermediate sizes that are positive \
+                 multiples of 32, got hidden {} and intermediate {}",
+                self.hidden, self.inter
+            )));
+        }
+        if self.top_k == 0 || self.experts == 0 {
+            return Err(invalid(format!(
+                "expert launch needs top_k >= 1 and experts >= 1, got {} and {}",
+                self.top_k, self.experts
+            )));
+        }
+        dim_i32(self.tokens * self.top_k, "tokens x top_k")?;
+        dim_i32(self.tokens * self.hidden, "tokens x hidden")?;
+        dim_i32(
+            self.tokens * self.top_k * self.inter,
+            "slots x intermediate",
+        )?;
+        Ok(())
+    }
+
+    fn gemv_ok(&self) -> bool {
+        self.tokens <= GEMV_MAX_TOKENS && self.tokens * self.top_k <= GEMV_MAX_SLOTS
+    }
+}
+
+/// The read-only inputs of an expert launch as raw device views.
+pub struct ExpertViews<'a> {
+    /// `[T, H]` bf16.
+    pub x: CudaView<'a, bf16>,
+    /// `[E, 2I, H]` bf16.
+    pub gate_up: CudaView<'a, bf16>,
+    /// `[E, H, I]` bf16.
+    pub down: CudaView<'a, bf16>,
+    /// `[T, k]` f32 combine weights, indexed by flat slot `t * k + j`.
+    pub weights: CudaView<'a, f32>,
+}
+
+impl ExpertViews<'_> {
+    fn check(&self, d: &MoeDims) -> Result<(), KernelError> {
+        let (t, k, e, h, i) = (d.tokens, d.top_k, d.experts, d.hidden, d.inter);
+        let want = [
+            ("x", self.x.len(), t * h),
+            ("gate_up", self.gate_up.len(), e * 2 * i * h),
+            ("down", self.down.len(), e * h * i),
+            ("weights", self.weights.len(), t * k),
+        ];
+        for (name, got, exp) in want {
+            if got != exp {
+                return Err(invalid(format!(
+                    "{name} holds {got} elements, expected {exp} for {d:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MoeKernels {
+    /// Decode path: `y = Σ_j w[t,j] · E_{ids[t,j]}(x[t])` for `T <= 8` tokens in two launches.
+    /// `ids` is `[T, k]` u32; `act` (f32, `[T*k, I]`) is scratch; `y` is `[T, H]` bf16. Ids must
+    /// be distinct within a token (the gate's are) and `< E` (others are skipped).
+    pub fn launch_experts_gemv(
+        &self,
+        inp: &ExpertViews<'_>,
+        ids: &CudaView<'_, u32>,
+        d: &MoeDims,
+        act: &mut CudaViewMut<'_, f32>,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<(), KernelError> {
+        d.check()?;
+        inp.check(d)?;
+        if !d.gemv_ok() {
+            return Err(invalid(format!(
+                "the GEMV expert path handles at most {GEMV_MAX_TOKENS} tokens and \
+                 {GEMV_MAX_SLOTS} slots, got {} tokens x {} slots; use the tiled path",
+                d.tokens, d.top_k
+            )));
+        }
+        let n = d.tokens * d.top_k;
+        if ids.len() != n {
+            return Err(invalid(format!(
+                "gate ids hold {} entries, expected {n}",
+                ids.len()
+            )));
+        }
+        if act.len() < n * d.inter || y.len() < d.tokens * d.hidden {
+            return Err(invalid(format!(
+                "GEMV buffers too small: act {} (need {}), y {} (need {})",
+                act.len(),
+                n * d.inter,
+                y.len(),
+                d.tokens * d.hidden
+            )));
+        }
+        if d.tokens == 0 {
+            return Ok(());
+        }
+        let (t, k, e, h, i) = (
+            d.tokens as i32,
+            d.top_k as i32,
+            dim_i32(d.experts, "experts")?,
+            dim_i32(d.hidden, "hidden")?,
+            dim_i32(d.inter, "intermediate")?,
+        );
+        let cfg1 = LaunchConfig {
+            grid_dim: (
+                grid_u32(d.inter.div_ceil(GEMV_OUT_PER_BLOCK), "gemv gate_up")?,
+                n as u32,
+                1,
+            ),
+            block_dim: (EXPERT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.gemv_gate_up);
+        b.arg(&inp.x)
+            .arg(&inp.gate_up)
+            .arg(ids)
+            .arg(&mut *act)
+            .arg(&t)
+            .arg(&k)
+            .arg(&e)
+            .arg(&h)
+            .arg(&i);
+        // SAFETY: argument list matches moe_gemv_gate_up; sizes checked above.
+        unsafe { b.launch(cfg1) }.map_err(driver_err("launching moe_gemv_gate_up"))?;
+
+        let cfg2 = LaunchConfig {
+            grid_dim: (
+                grid_u32(d.hidden.div_ceil(GEMV_OUT_PER_BLOCK), "gemv down")?,
+                1,
+                1,
+            ),
+            block_dim: (EXPERT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let act_v = act.as_view();
+        let mut b = self.stream.launch_builder(&self.gemv_down);
+        b.arg(&act_v)
+            .arg(&inp.down)
+            .arg(ids)
+            .arg(&inp.weights)
+            .arg(&mut *y)
+            .arg(&t)
+            .arg(&k)
+            .arg(&e)
+            .arg(&h)
+            .arg(&i);
+        // SAFETY: argument list matches moe_gemv_down; sizes checked above.
+        unsafe { b.launch(cfg2) }.map_err(driver_err("launching moe_gemv_down"))?;
+        Ok(())
+    }
+
+    /// Tiled path over a dispatch plan (see [`MoeKernels::launch_dispatch`]): grouped gate/up
+    /// GEMM with SiLU·mul fused, grouped down GEMM whose epilogue applies the routing weight and
+    /// adds into the f32 accumulator `acc` (`[T, H]`, zeroed here), then `y = bf16(acc)`.
+    /// `act` (bf16, `[T*k, I]`) is scratch in permutation order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_experts_tiled(
+        &self,
+        inp: &ExpertViews<'_>,
+        d: &MoeDims,
+        plan: &PlanViews<'_>,
+        act: &mut CudaViewMut<'_, bf16>,
+        acc: &mut CudaViewMut<'_, f32>,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<(), KernelError> {
+        d.check()?;
+        inp.check(d)?;
+        let n = d.tokens * d.top_k;
+        let mt = max_tiles(n, d.experts);
+        if plan.offsets.len() != d.experts + 1
+            || plan.token_of.len() < n
+            || plan.slot_of.len() < n
+            || plan.tile_expert.len() < mt
+            || plan.tile_start.len() < mt
+            || plan.num_tiles.is_empty()
+        {
+            return Err(invalid(format!(
+                "dispatch plan does not match {d:?} (offsets {}, entries {}, tiles {})",
+                plan.offsets.len(),
+                plan.token_of.len(),
+                plan.tile_expert.len()
+            )));
+        }
+        let th = d.tokens * d.hidden;
+        if act.len() < n * d.inter || acc.len() < th || y.len() < th {
+            return Err(invalid(format!(
+                "tiled buffers too small: act {} (need {}), acc {} and y {} (need {th})",
+                act.len(),
+                n * d.inter,
+                acc.len(),
+                y.len()
+            )));
+        }
+        if d.tokens == 0 {
+            return Ok(());
+        }
+        let (h, i) = (
+            dim_i32(d.hidden, "hidden")?,
+            dim_i32(d.inter, "intermediate")?,
+        );
+        let tiles = grid_u32(mt, "expert tiles")?;
+        self.stream
+            .memset_zeros(&mut *acc)
+            .map_err(driver_err("zeroing the expert accumulator"))?;
+
+        let cfg1 = LaunchConfig {
+            grid_dim: (
+                tiles,
+                grid_u32(d.inter.div_ceil(TILE_COLS / 2), "gemm gate_up")?,
+                1,
+            ),
+            block_dim: (EXPERT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.gemm_gate_up);
+        b.arg(&inp.x)
+            .arg(&inp.gate_up)
+            .arg(&plan.offsets)
+            .arg(&plan.token_of)
+            .arg(&plan.tile_expert)
+            .arg(&plan.tile_start)
+            .arg(&plan.num_tiles)
+            .arg(&mut *act)
+            .arg(&h)
+            .arg(&i);
+        // SAFETY: argument list matches moe_gemm_gate_up; sizes checked above.
+        unsafe { b.launch(cfg1) }.map_err(driver_err("launching moe_gemm_gate_up"))?;
+
+        let cfg2 = LaunchConfig {
+            grid_dim: (
+                tiles,
+                grid_u32(d.hidden.div_ceil(TILE_COLS), "gemm down")?,
+                1,
+            ),
+            block_dim: (EXPERT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let act_v = act.as_view();
+        let mut b = self.stream.launch_builder(&self.gemm_down);
+        b.arg(&act_v)
+            .arg(&inp.down)
+            .arg(&plan.offsets)
+            .arg(&plan.token_of)
+            .arg(&plan.slot_of)
+            .arg(&inp.weights)
+            .arg(&plan.tile_expert)
+            .arg(&plan.tile_start)
+            .arg(&plan.num_tiles)
+            .arg(&mut *acc)
+            .arg(&h)
+            .arg(&i);
+        // SAFETY: argument list matches moe_gemm_down; sizes checked above.
+        unsafe { b.launch(cfg2) }.map_err(driver_err("launching moe_gemm_down"))?;
+
+        let cfg3 = LaunchConfig {
+            grid_dim: (grid_u32(th.div_ceil(256), "f32 to bf16")?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let th_i = th as i32;
+        let mut b = self.stream.launch_builder(&self.f32_to_bf16);
+        let acc_v = acc.as_view();
+        b.arg(&acc_v).arg(&mut *y).arg(&th_i);
+        // SAFETY: argument list matches moe_f32_to_bf16; sizes checked above.
+        unsafe { b.launch(cfg3) }.map_err(driver_err("launching moe_f32_to_bf16"))?;
+        Ok(())
+    }
+}
+
+/// Read-only device views of a dispatch plan (see [`CudaDispatchPlan`]).
+pub struct PlanViews<'a> {
+    /// `[E + 1]`.
+    pub offsets: CudaView<'a, u32>,
+    /// `[T * k]`.
+    pub token_of: CudaView<'a, u32>,
+    /// `[T * k]`.
+    pub slot_of: CudaView<'a, u32>,
+    /// `[max_tiles]`.
+    pub tile_expert: CudaView<'a, u32>,
+    /// `[max_tiles]`.
+    pub tile_start: CudaView<'a, u32>,
+    /// `[1]`.
+    pub num_tiles: CudaView<'a, u32>,
+}
+
+/// A `[0, h]` bf16 result (no zero-byte allocation).
+fn empty_output(dev: &candle_core::CudaDevice, h: usize) -> Result<Tensor, KernelError> {
+    Ok(wrap(alloc::<bf16>(dev, 0, "expert output")?, dev, (0, h)))
+}
+
+struct Checked {
+    dev: candle_core::CudaDevice,
+    dims: MoeDims,
+}
+
+/// Checks the expert op's tensors; `top_k` comes from the gate's `[T, k]` tensors.
+fn check_inputs(
+    x: &Tensor,
+    w: &ExpertWeights,
+    ids: Option<&Tensor>,
+    weights: &Tensor,
+) -> Result<Checked, KernelError> {
+    let dev = cuda_device(x, "x")?;
+    check_tensor(x, "x", DType::BF16, &dev)?;
+    check_tensor(&w.gate_up, "expert gate_up weights", DType::BF16, &dev)?;
+    check_tensor(&w.down, "expert down weights", DType::BF16, &dev)?;
+    check_tensor(weights, "gate weights", DType::F32, &dev)?;
+    let (t, h) = x
+        .dims2()
+        .map_err(|_| invalid(format!("x must be [tokens, hidden], got {:?}", x.dims())))?;
+    let (e, i, hw) = w.dims()?;
+    if hw != h {
+        return Err(invalid(format!(
+            "x has hidden size {h} but the expert weights expect {hw}"
+        )));
+    }
+    let (tw, k) = weights.dims2().map_err(|_| {
+        invalid(format!(
+            "gate weights must be [tokens, k], got {:?}",
+            weights.dims()
+        ))
+    })?;
+    if tw != t {
+        return Err(invalid(format!(
+            "gate weights {:?} must be [{t}, k] for x [{t}, {h}]",
+            weights.dims()
+        )));
+    }
+    if let Some(ids) = ids {
+        check_tensor(ids, "gate ids", DType::U32, &dev)?;
+        if ids.dims() != [t, k] {
+            return Err(invalid(format!(
+                "gate ids {:?} must match gate weights [{t}, {k}]",
+                ids.dims()
+            )));
+        }
+    }
+    let dims = MoeDims {
+        tokens: t,
+        top_k: k,
+        experts: e,
+        hidden: h,
+        inter: i,
+    };
+    dims.check()?;
+    Ok(Checked { dev, dims })
+}
+
+/// Runs the routed experts on the GPU: `x` bf16 `[T, H]`, expert weights bf16, the gate's
+/// `ids` (u32 `[T, k]`) and `weights` (f32 `[T, k]`) → bf16 `[T, H]`, with the contract of
+/// [`crate::moe::experts_forward`]. A shared expert joins as one more column of `ids`/`weights`
+/// (its weights stored as one more expert, weight 1).
+pub fn experts_forward(
+    x: &Tensor,
+    w: &ExpertWeights,
+    ids: &Tensor,
+    weights: &Tensor,
+    path: ExpertPath,
+) -> Result<Tensor, KernelError> {
+    let c = check_inputs(x, w, Some(ids), weights)?;
+    let d = c.dims;
+    if d.tokens == 0 {
+        return empty_output(&c.dev, d.hidden);
+    }
+    let use_gemv = match path {
+        ExpertPath::Auto => d.gemv_ok(),
+        ExpertPath::Gemv => true,
+        ExpertPath::Tiled => false,
+    };
+    if !use_gemv {
+        let plan = dispatch(ids, d.experts)?;
+        return experts_forward_planned(x, w, weights, &plan);
+    }
+    let kern = MoeKernels::for_device(&c.dev)?;
+    let n = d.tokens * d.top_k;
+    let mut act = alloc::<f32>(&c.dev, n * d.inter, "expert activations")?;
+    let mut y = alloc::<bf16>(&c.dev, d.tokens * d.hidden, "expert output")?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = w.gate_up.storage_and_layout();
+        let (ds, dl) = w.down.storage_and_layout();
+        let (is, il) = ids.storage_and_layout();
+        let (ws, wl) = weights.storage_and_layout();
+        let inp = ExpertViews {
+            x: view(&xs, xl, "x")?,
+            gate_up: view(&gs, gl, "expert gate_up weights")?,
+            down: view(&ds, dl, "expert down weights")?,
+            weights: view(&ws, wl, "gate weights")?,
+        };
+        let iv = view::<u32>(&is, il, "gate ids")?;
+        let mut av = act.slice_mut(0..n * d.inter);
+        let mut yv = y.slice_mut(0..d.tokens * d.hidden);
+        kern.launch_experts_gemv(&inp, &iv, &d, &mut av, &mut yv)?;
+    }
+    Ok(wrap(y, &c.dev, (d.tokens, d.hidden)))
+}
+
+/// The tiled path over a plan from [`dispatch`] of the gate's ids (`weights` is still indexed by
+/// flat slot `t * k + j`).
+pub fn experts_forward_planned(
+    x: &Tensor,
+    w: &ExpertWeights,
+    weights: &Tensor,
+    plan: &CudaDispatchPlan,
+) -> Result<Tensor, KernelError> {
+    let c = check_inputs(x, w, None, weights)?;
+    let (d, dev) = (c.dims, c.dev);
+    for (name, t) in [
+        ("dispatch offsets", &plan.offsets),
+        ("dispatch token_of", &plan.token_of),
+        ("dispatch slot_of", &plan.slot_of),
+        ("dispatch tile_expert", &plan.tile_expert),
+        ("dispatch tile_start", &plan.tile_start),
+        ("dispatch num_tiles", &plan.num_tiles),
+    ] {
+        check_tensor(t, name, DType::U32, &dev)?;
+    }
+    if plan.tokens != d.tokens || plan.top_k != d.top_k || plan.num_experts != d.experts {
+        return Err(invalid(format!(
+            "the dispatch plan is for {} tokens x {} over {} experts, but the inputs are {} \
+             tokens x {} over {} experts",
+            plan.tokens, plan.top_k, plan.num_experts, d.tokens, d.top_k, d.experts
+        )));
+    }
+    let (t, h) = (d.tokens, d.hidden);
+    if t == 0 {
+        return empty_output(&dev, h);
+    }
+    let kern = MoeKernels::for_device(&dev)?;
+    let n = t * d.top_k;
+    let mut act = alloc::<bf16>(&dev, n * d.inter, "expert activations")?;
+    let mut acc = alloc::<f32>(&dev, t * h, "expert accumulator")?;
+    let mut y = alloc::<bf16>(&dev, t * h, "expert output")?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = w.gate_up.storage_and_layout();
+        let (ds, dl) = w.down.storage_and_layout();
+        let (ws, wl) = weights.storage_and_layout();
+        let inp = ExpertViews {
+            x: view(&xs, xl, "x")?,
+            gate_up: view(&gs, gl, "expert gate_up weights")?,
+            down: view(&ds, dl, "expert down weights")?,
+            weights: view(&ws, wl, "gate weights")?,
+        };
+        let (os, ol) = plan.offsets.storage_and_layout();
+        let (ts, tl) = plan.token_of.storage_and_layout();
+        let (ss, sl) = plan.slot_of.storage_and_layout();
+        let (es, el) = plan.tile_expert.storage_and_layout();
+        let (ps, pl) = plan.tile_start.storage_and_layout();
+        let (ns, nl) = plan.num_tiles.storage_and_layout();
+        let pv = PlanViews {
+            offsets: view(&os, ol, "dispatch offsets")?,
+            token_of: view(&ts, tl, "dispatch token_of")?,
+            slot_of: view(&ss, sl, "dispatch slot_of")?,
+            tile_expert: view(&es, el, "dispatch tile_expert")?,
+            tile_start: view(&ps, pl, "dispatch tile_start")?,
+            num_tiles: view(&ns, nl, "dispatch num_tiles")?,
+        };
+        let mut av = act.slice_mut(0..n * d.inter);
+        let mut accv = acc.slice_mut(0..t * h);
+        let mut yv = y.slice_mut(0..t * h);
+        kern.launch_experts_tiled(&inp, &d, &pv, &mut av, &mut accv, &mut yv)?;
+    }
+    Ok(wrap(y, &dev, (t, h)))
+}
