@@ -36,6 +36,7 @@ pub mod request;
 pub mod secret;
 pub mod state;
 pub mod telemetry;
+pub mod upstream;
 
 pub use breaker::{BreakerConfig, BreakerPhase, CircuitBreaker};
 pub use budget::{BudgetLedger, Period};

@@ -57,14 +57,26 @@ impl Clock for ManualClock {
     }
 }
 
-/// Where a tier's `api_key_env` is looked up.
-#[derive(Debug, Clone, Default)]
+/// Where a tier's `api_key_env` is looked up. Its Debug output lists variable names only.
+#[derive(Clone, Default)]
 pub enum EnvSource {
     /// The process environment.
     #[default]
     Process,
     /// A fixed map (tests, or keys injected from a secret store).
     Fixed(BTreeMap<String, String>),
+}
+
+impl std::fmt::Debug for EnvSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvSource::Process => f.write_str("Process"),
+            EnvSource::Fixed(map) => f
+                .debug_map()
+                .entries(map.keys().map(|k| (k, crate::secret::REDACTED)))
+                .finish(),
+        }
+    }
 }
 
 impl EnvSource {

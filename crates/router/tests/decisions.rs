@@ -2,7 +2,7 @@
 //! breakers, budgets, overflow, and serialisation.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use proptest::prelude::*;
 use serde_json::json;
@@ -415,6 +415,24 @@ fn header_reason_is_ascii_and_bounded() {
     assert!(h.is_ascii() && h.len() <= 40, "{h}");
 }
 
+fn default_policy() -> &'static Policy {
+    static P: OnceLock<Policy> = OnceLock::new();
+    P.get_or_init(Policy::default_policy)
+}
+
+/// A hostile policy: a user rule escalating everything, overflow at any queue depth, and a
+/// remote block tier.
+fn escalate_all_policy() -> &'static Policy {
+    static P: OnceLock<Policy> = OnceLock::new();
+    P.get_or_init(|| {
+        Policy::from_toml_str(
+            "[[rules]]\nname = \"everything\"\naction = \"escalate\"\nregex = [\".\"]\n[overflow]\nmax_local_queue = 0\n[routing]\nblock_tier = \"frontier\"\n",
+            "p.toml",
+        )
+        .unwrap()
+    })
+}
+
 proptest! {
     /// Content that must stay local is never given a remote tier, whatever the explicit choice,
     /// rules (a user rule escalating everything), queue depth or spend.
@@ -437,14 +455,7 @@ proptest! {
             "Patient Helen Carter was diagnosed with hepatitis B",
         ];
         let text = format!("{prefix} {} and is this enforceable?", payloads[which]);
-        let policy = if escalate_all {
-            Policy::from_toml_str(
-                "[[rules]]\nname = \"everything\"\naction = \"escalate\"\nregex = [\".\"]\n[overflow]\nmax_local_queue = 0\n[routing]\nblock_tier = \"frontier\"\n",
-                "p.toml",
-            ).unwrap()
-        } else {
-            Policy::default_policy()
-        };
+        let policy = if escalate_all { escalate_all_policy() } else { default_policy() };
         let (state, _) = state_with_key();
         state.set_local_queue_depth(depth);
         state.record_spend("frontier", None, spend);
@@ -454,7 +465,7 @@ proptest! {
         } else {
             req = req.with_model(choice);
         }
-        let d = explain(&policy, &req, &state);
+        let d = explain(policy, &req, &state);
         prop_assert_eq!(d.action, Action::LocalOnly, "{:?}", d.reasons);
         let tier = d.tier.as_deref().unwrap_or("");
         prop_assert!(!policy.tier(tier).is_some_and(|t| t.is_remote()), "served on {}", tier);
@@ -466,7 +477,7 @@ proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
         let (state, _) = state_with_key();
-        let d = explain(&Policy::default_policy(), &RouteRequest::from_prompt(&text), &state);
+        let d = explain(default_policy(), &RouteRequest::from_prompt(&text), &state);
         prop_assert!(d.tier.is_some() || d.refusal.is_some());
     }
 }
