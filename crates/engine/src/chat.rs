@@ -1283,6 +1283,32 @@ mod tests {
     }
 
     #[test]
+    fn hy3_prompt_encodes_with_a_tiny_test_tokenizer() {
+        // The `tiny` test preset: 512 ids including Hy3's special tokens.
+        let tok = crate::tokenizer::Tokenizer::from_tokenizer(
+            crate::tokenizer::build_byte_level_bpe(512, HY3_SPECIAL_TOKENS).unwrap(),
+        );
+        let prompt = render(
+            &ChatTemplate::hy3().unwrap(),
+            &conversation(),
+            &RenderOptions::generation(),
+        );
+        let ids = tok.encode(&prompt, false).unwrap();
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        assert_eq!(ids[0], id(HY3_BOS_TOKEN));
+        for special in [U, A, E, S] {
+            assert!(ids.contains(&id(special)), "{special} is one id in {ids:?}");
+        }
+        assert_eq!(tok.decode(&ids, false).unwrap(), prompt);
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            "You are terse.HiHello.2+2?<think>\n"
+        );
+        // Without config files the known Hunyuan spellings end generation.
+        assert!(tok.is_eos(id(HY3_EOS_TOKEN)) && tok.is_eos(id("<｜hy_end▁of▁sentence｜>")));
+    }
+
+    #[test]
     fn detects_templates_that_loop_over_content() {
         assert!(loops_over_content(
             "{% for part in message['content'] %}{% endfor %}"

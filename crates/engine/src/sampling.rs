@@ -1162,7 +1162,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &l)| {
-                if i % 4096 == 0 {
+                if i & 4095 == 0 {
                     28.0 + (i / 4096) as f32 * 0.1
                 } else {
                     l
