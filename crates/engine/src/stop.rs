@@ -353,7 +353,8 @@ impl TextStream {
 
     /// Ends the stream (for example at the token limit): releases held text, still checking it for
     /// stop strings. Returns the final delta; the finish reason is `reason` unless a stop string
-    /// matched in the released text.
+    /// matched in the released text. Call it only while [`TextStream::finish_reason`] is `None`;
+    /// a stream that already ended answers [`StopError::Finished`].
     pub fn finish(
         &mut self,
         tokenizer: &Tokenizer,
