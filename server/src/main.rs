@@ -1,1 +1,60 @@
-fn main() {}
+//! `switchyard`: the inference server for sparse MoE models with a request router built in.
+//! Subcommands: `serve` (the HTTP server), `generate`, `logits`, `make-test-model`, `bench`,
+//! `route`, `convert-gguf`. `main` prints the whole error chain and exits non-zero on failure.
+
+mod cmd_bench;
+mod cmd_generate;
+mod cmd_make_test_model;
+mod loading;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Inference server for sparse MoE models with a built-in request router")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the OpenAI- and Anthropic-compatible HTTP API.
+    Serve(serve::ServeArgs),
+    /// Generate text from a prompt or token ids.
+    Generate(cmd_generate::GenerateArgs),
+    /// Write the logits of every input position to a safetensors file.
+    Logits(cmd_generate::LogitsArgs),
+    /// Write a random-weight hy_v3 checkpoint with a byte-level BPE tokenizer.
+    MakeTestModel(cmd_make_test_model::MakeTestModelArgs),
+    /// Measure prefill and decode throughput.
+    Bench(cmd_bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Serve(a) => serve::run(a),
+        Cmd::Generate(a) => cmd_generate::run_generate(a),
+        Cmd::Logits(a) => cmd_generate::run_logits(a),
+        Cmd::MakeTestModel(a) => cmd_make_test_model::run(a),
+        Cmd::Bench(a) => cmd_bench::run(a),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

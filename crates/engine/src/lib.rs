@@ -2,6 +2,7 @@
 
 pub mod block_pool;
 pub mod chat;
+pub mod engine;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;

@@ -1,0 +1,687 @@
+//! The engine loop: one thread owns the model, the paged KV cache and the scheduler. Requests
+//! arrive over a channel; each request's tokens stream back over its own channel as they are
+//! sampled (with text deltas, stop handling and logprobs). Dropping a request's stream cancels
+//! it at the next step and frees its KV blocks.
+//!
+//! This is the actor pattern of TGI's router: callers never touch engine state, they send
+//! commands and read events.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use switchyard_model::{HyV3Model, KvDtype, Logits, ModelConfig, PagedKvCache, PagedSeq};
+use tokio::sync::mpsc as tmpsc;
+
+use crate::block_pool::{BlockPool, SharedPool};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
+use crate::scheduler::{AdmissionError, Scheduler, SchedulerConfig, SeqId};
+use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
+use crate::tokenizer::Tokenizer;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Scheduling limits.
+    pub scheduler: SchedulerConfig,
+    /// Tokens per KV block (vLLM's default 16: small enough to waste little at sequence ends,
+    /// large enough that block tables stay short).
+    pub block_size: usize,
+    /// Bytes for the KV cache; `None` = a quarter of available memory, capped at what
+    /// `max_num_seqs × max_model_len` tokens need.
+    pub kv_cache_memory: Option<u64>,
+    /// KV storage dtype.
+    pub kv_dtype: KvDtype,
+    /// Reuse cached KV blocks across requests with a common prefix.
+    pub prefix_caching: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            block_size: 16,
+            kv_cache_memory: None,
+            kv_dtype: KvDtype::F32,
+            prefix_caching: true,
+        }
+    }
+}
+
+/// A generation request (token ids in; the server applies chat templates before).
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Extra stop token ids (eos ids are added unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Do not stop at eos.
+    pub ignore_eos: bool,
+    /// Drop special tokens from the text.
+    pub skip_special_tokens: bool,
+    /// Mixed into prefix-cache hashes (requests with different salts never share KV).
+    pub cache_salt: u64,
+    /// Attach each step's full logits to its token event (tests and debugging; costly).
+    pub return_logits: bool,
+}
+
+impl GenerateRequest {
+    /// Greedy generation of up to `max_tokens` after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop: vec![],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+            skip_special_tokens: true,
+            cache_salt: 0,
+            return_logits: false,
+        }
+    }
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    /// Token id.
+    pub id: u32,
+    /// Text released by this token (may be empty while held back).
+    pub text: String,
+    /// Log-probability of the token.
+    pub logprob: Option<f32>,
+    /// Most likely alternatives.
+    pub top_logprobs: Vec<TokenLogprob>,
+    /// Full logits of the step, when requested.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// `stop` or `length`.
+    pub finish_reason: FinishReason,
+    /// What stopped it.
+    pub stop: Option<StopMatch>,
+    /// Text released at the end (held-back characters).
+    pub text: String,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (stop tokens included).
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+    /// Times the request was preempted and recomputed.
+    pub preemptions: u32,
+    /// Time from submission to the first token.
+    pub ttft: Option<Duration>,
+}
+
+/// What a request's stream yields.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A sampled token.
+    Token(TokenEvent),
+    /// The request ended normally.
+    Finished(Completion),
+    /// The request failed inside the engine.
+    Error(String),
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// Refused by admission control.
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    /// A prompt token is not in the vocabulary.
+    #[error("token id {id} is out of range for vocabulary size {vocab}")]
+    InvalidToken {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// Bad sampling parameters.
+    #[error("{0}")]
+    InvalidParams(String),
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    /// Sequences running.
+    pub running: AtomicUsize,
+    /// Sequences waiting in the scheduler.
+    pub waiting: AtomicUsize,
+    /// Requests submitted but not yet seen by the engine thread.
+    pub pending: AtomicUsize,
+    /// KV blocks in the cache.
+    pub kv_blocks_total: AtomicUsize,
+    /// KV blocks referenced.
+    pub kv_blocks_used: AtomicUsize,
+    /// Full prompt blocks looked up in the prefix cache.
+    pub prefix_queries: AtomicU64,
+    /// Of which hit.
+    pub prefix_hits: AtomicU64,
+    /// Tokens the model computed (prefill and decode).
+    pub tokens_computed: AtomicU64,
+    /// Tokens generated.
+    pub tokens_generated: AtomicU64,
+    /// Engine steps run.
+    pub steps: AtomicU64,
+    /// Preemptions.
+    pub preemptions: AtomicU64,
+    /// Nanoseconds spent in model forwards.
+    pub busy_ns: AtomicU64,
+}
+
+/// Facts about the running engine.
+#[derive(Debug)]
+pub struct EngineInfo {
+    /// Model configuration.
+    pub model: ModelConfig,
+    /// Tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// Effective scheduler limits.
+    pub scheduler: SchedulerConfig,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub num_blocks: usize,
+    /// Bytes of KV cache.
+    pub kv_cache_bytes: usize,
+}
+
+enum Cmd {
+    Submit(Box<Submission>),
+    Cancel(SeqId),
+}
+
+struct Submission {
+    id: SeqId,
+    req: GenerateRequest,
+    tx: tmpsc::UnboundedSender<Event>,
+    at: Instant,
+}
+
+/// Handle to a running engine; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    cmd: mpsc::Sender<Cmd>,
+    next_id: Arc<AtomicU64>,
+    metrics: Arc<EngineMetrics>,
+    info: Arc<EngineInfo>,
+}
+
+/// The event stream of one request. Dropping it cancels the request.
+pub struct RequestStream {
+    id: SeqId,
+    rx: tmpsc::UnboundedReceiver<Event>,
+    cmd: mpsc::Sender<Cmd>,
+    done: bool,
+}
+
+impl RequestStream {
+    /// Engine-side id.
+    pub fn id(&self) -> SeqId {
+        self.id
+    }
+
+    /// Next event (async). Cancel-safe: an event not returned stays queued.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let e = self.rx.recv().await;
+        self.note(&e);
+        e
+    }
+
+    /// Next event, blocking the thread (for CLI use; not inside an async runtime).
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        let e = self.rx.blocking_recv();
+        self.note(&e);
+        e
+    }
+
+    fn note(&mut self, e: &Option<Event>) {
+        if matches!(e, None | Some(Event::Finished(_)) | Some(Event::Error(_))) {
+            self.done = true;
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.cmd.send(Cmd::Cancel(self.id));
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread. Fails if the KV cache cannot hold one full-length sequence.
+    pub fn start(model: HyV3Model, tokenizer: Arc<Tokenizer>, mut cfg: EngineConfig) -> Result<Self, String> {
+        let mc = model.config().clone();
+        cfg.scheduler.max_model_len = cfg.scheduler.max_model_len.min(mc.max_position_embeddings);
+        let per_token = PagedKvCache::bytes_per_token(
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            cfg.kv_dtype,
+        );
+        let want_tokens = cfg.scheduler.max_num_seqs * cfg.scheduler.max_model_len;
+        let bytes = match cfg.kv_cache_memory {
+            Some(b) => b as usize,
+            None => (available_memory() / 4).min(want_tokens * per_token),
+        };
+        let num_blocks = bytes / (per_token * cfg.block_size);
+        if num_blocks == 0 {
+            return Err(format!(
+                "--kv-cache-memory {bytes} bytes holds no block of {} tokens ({} bytes per token)",
+                cfg.block_size, per_token
+            ));
+        }
+        let kv = model.new_paged_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
+        tracing::info!(
+            blocks = num_blocks,
+            block_size = cfg.block_size,
+            tokens = num_blocks * cfg.block_size,
+            mib = kv.bytes() / (1 << 20),
+            "KV cache allocated"
+        );
+        let pool = SharedPool::new(BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching));
+        let sched = Scheduler::new(cfg.scheduler.clone(), pool);
+        let metrics = Arc::new(EngineMetrics::default());
+        metrics.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
+        let info = Arc::new(EngineInfo {
+            model: mc,
+            tokenizer: tokenizer.clone(),
+            scheduler: cfg.scheduler.clone(),
+            block_size: cfg.block_size,
+            num_blocks,
+            kv_cache_bytes: kv.bytes(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let m2 = metrics.clone();
+        std::thread::Builder::new()
+            .name("switchyard-engine".into())
+            .spawn(move || {
+                let mut l = Loop {
+                    model,
+                    kv,
+                    sched,
+                    tokenizer,
+                    states: Default::default(),
+                    metrics: m2,
+                };
+                l.run(rx)
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(Self {
+            cmd: tx,
+            next_id: Arc::new(AtomicU64::new(1)),
+            metrics,
+            info,
+        })
+    }
+
+    /// Facts about the engine.
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Live counters.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    /// Checks a request without submitting it (same checks as [`Self::submit`]).
+    pub fn validate(&self, req: &GenerateRequest) -> Result<(), SubmitError> {
+        let cfg = &self.info.scheduler;
+        let vocab = self.info.model.vocab_size;
+        if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::InvalidToken { id, vocab });
+        }
+        req.sampling
+            .validate()
+            .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
+        if req.max_tokens == 0 {
+            return Err(SubmitError::InvalidParams("max_tokens must be at least 1".into()));
+        }
+        // Same rules as the scheduler's admission check, evaluated here so the caller gets
+        // the error synchronously.
+        let probe = Scheduler::new(
+            cfg.clone(),
+            SharedPool::new(BlockPool::new(self.info.num_blocks, self.info.block_size, false)),
+        );
+        probe.check_admissible(req.prompt.len(), req.max_tokens)?;
+        let waiting =
+            self.metrics.waiting.load(Ordering::Relaxed) + self.metrics.pending.load(Ordering::Relaxed);
+        if waiting >= cfg.max_waiting {
+            return Err(AdmissionError::QueueFull { waiting }.into());
+        }
+        Ok(())
+    }
+
+    /// Submits a request; its events arrive on the returned stream.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        self.validate(&req)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tmpsc::unbounded_channel();
+        self.metrics.pending.fetch_add(1, Ordering::Relaxed);
+        self.cmd
+            .send(Cmd::Submit(Box::new(Submission {
+                id,
+                req,
+                tx,
+                at: Instant::now(),
+            })))
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(RequestStream {
+            id,
+            rx,
+            cmd: self.cmd.clone(),
+            done: false,
+        })
+    }
+
+    /// Runs a request to completion on the calling thread (CLI use).
+    pub fn generate_blocking(&self, req: GenerateRequest) -> Result<(Vec<u32>, String, Completion), String> {
+        let mut s = self.submit(req).map_err(|e| e.to_string())?;
+        let mut ids = Vec::new();
+        let mut text = String::new();
+        while let Some(ev) = s.blocking_recv() {
+            match ev {
+                Event::Token(t) => {
+                    ids.push(t.id);
+                    text.push_str(&t.text);
+                }
+                Event::Finished(c) => {
+                    text.push_str(&c.text);
+                    return Ok((ids, text, c));
+                }
+                Event::Error(e) => return Err(e),
+            }
+        }
+        Err("the engine stopped before the request finished".into())
+    }
+}
+
+/// Bytes of memory available to this process (Linux `MemAvailable`; 8 GiB if unknown).
+pub fn available_memory() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<usize>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30)
+}
+
+struct ReqState {
+    tx: tmpsc::UnboundedSender<Event>,
+    sampler: Sampler,
+    stream: TextStream,
+    max_tokens: usize,
+    prompt_len: usize,
+    return_logits: bool,
+    submitted: Instant,
+    ttft: Option<Duration>,
+}
+
+struct Loop {
+    model: HyV3Model,
+    kv: PagedKvCache,
+    sched: Scheduler,
+    tokenizer: Arc<Tokenizer>,
+    states: std::collections::HashMap<SeqId, ReqState>,
+    metrics: Arc<EngineMetrics>,
+}
+
+impl Loop {
+    fn run(&mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            // Block when idle; otherwise take whatever arrived since the last step.
+            if self.sched.is_idle() {
+                match rx.recv() {
+                    Ok(c) => self.handle(c),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        if self.sched.is_idle() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            // Clients that went away: cancel now, free their blocks.
+            let gone: Vec<SeqId> = self
+                .states
+                .iter()
+                .filter(|(_, s)| s.tx.is_closed())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in gone {
+                self.drop_request(id);
+            }
+            if !self.sched.is_idle() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Submit(s) => {
+                self.metrics.pending.fetch_sub(1, Ordering::Relaxed);
+                let Submission { id, req, tx, at } = *s;
+                let mut stop_ids = req.stop_token_ids.clone();
+                if !req.ignore_eos {
+                    stop_ids.extend_from_slice(self.tokenizer.eos_token_ids());
+                }
+                let stream = TextStream::with_prompt(
+                    StopConfig {
+                        stop: req.stop.clone(),
+                        stop_token_ids: stop_ids,
+                        skip_special_tokens: req.skip_special_tokens,
+                    },
+                    &req.prompt,
+                );
+                let sampler = Sampler::with_prompt(req.sampling.clone(), &req.prompt);
+                let (stream, sampler) = match (stream, sampler) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) => {
+                        let _ = tx.send(Event::Error(e.to_string()));
+                        return;
+                    }
+                    (_, Err(e)) => {
+                        let _ = tx.send(Event::Error(e.to_string()));
+                        return;
+                    }
+                };
+                let prompt_len = req.prompt.len();
+                if let Err(e) = self.sched.add(id, req.prompt, req.max_tokens, req.cache_salt) {
+                    let _ = tx.send(Event::Error(e.to_string()));
+                    return;
+                }
+                self.states.insert(
+                    id,
+                    ReqState {
+                        tx,
+                        sampler,
+                        stream,
+                        max_tokens: req.max_tokens,
+                        prompt_len,
+                        return_logits: req.return_logits,
+                        submitted: at,
+                        ttft: None,
+                    },
+                );
+            }
+            Cmd::Cancel(id) => self.drop_request(id),
+        }
+    }
+
+    fn drop_request(&mut self, id: SeqId) {
+        self.sched.remove(id);
+        self.states.remove(&id);
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        self.metrics
+            .preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+        if plan.scheduled.is_empty() {
+            return;
+        }
+        // Owned copies of the step's inputs (small: this step's tokens and block ids).
+        let work: Vec<(Vec<u32>, usize, Vec<u32>)> = plan
+            .scheduled
+            .iter()
+            .map(|s| {
+                let seq = self.sched.get(s.id).expect("scheduled sequence is running");
+                (
+                    seq.tokens[s.start..s.start + s.len].to_vec(),
+                    s.start,
+                    seq.blocks.blocks().to_vec(),
+                )
+            })
+            .collect();
+        let seqs: Vec<PagedSeq<'_>> = work
+            .iter()
+            .map(|(t, p, b)| PagedSeq {
+                tokens: t,
+                pos0: *p,
+                block_table: b,
+                logits: Logits::Last,
+            })
+            .collect();
+        let t0 = Instant::now();
+        let out = self.model.forward_paged(&seqs, &mut self.kv);
+        self.metrics
+            .busy_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        let total: usize = plan.scheduled.iter().map(|s| s.len).sum();
+        self.metrics
+            .tokens_computed
+            .fetch_add(total as u64, Ordering::Relaxed);
+        let logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed forward fails the requests in it, never the engine.
+                for s in &plan.scheduled {
+                    if let Some(st) = self.states.get(&s.id) {
+                        let _ = st.tx.send(Event::Error(format!("model forward failed: {e}")));
+                    }
+                    self.drop_request(s.id);
+                }
+                return;
+            }
+        };
+        for (s, lg) in plan.scheduled.iter().zip(logits) {
+            if !s.samples {
+                self.sched.complete(s.id, s.len, None);
+                continue;
+            }
+            match self.sample(s.id, &lg) {
+                Ok(Some(tok)) => self.sched.complete(s.id, s.len, Some(tok)),
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(st) = self.states.get(&s.id) {
+                        let _ = st.tx.send(Event::Error(e));
+                    }
+                    self.drop_request(s.id);
+                }
+            }
+        }
+    }
+
+    /// Samples the next token of `id`, streams it, and finishes the request when it stops.
+    /// Returns the token when the sequence continues.
+    fn sample(&mut self, id: SeqId, logits: &Tensor) -> Result<Option<u32>, String> {
+        let row = logits
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())?;
+        let tokens = self.sched.tokens(id).unwrap_or(&[]).to_vec();
+        let Some(st) = self.states.get_mut(&id) else {
+            return Ok(None);
+        };
+        let generated = &tokens[st.prompt_len..];
+        let pick = st.sampler.sample(&row, generated).map_err(|e| e.to_string())?;
+        if st.ttft.is_none() {
+            st.ttft = Some(st.submitted.elapsed());
+        }
+        self.metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        let n_generated = generated.len() + 1;
+        let mut delta = st.stream.push(&self.tokenizer, pick.id).map_err(|e| e.to_string())?;
+        if delta.finish_reason.is_none()
+            && (n_generated >= st.max_tokens || tokens.len() + 1 >= self.sched.config().max_model_len)
+        {
+            let tail = st
+                .stream
+                .finish(&self.tokenizer, FinishReason::Length)
+                .map_err(|e| e.to_string())?;
+            delta.text.push_str(&tail.text);
+            delta.finish_reason = tail.finish_reason;
+            delta.stop = tail.stop;
+        }
+        let ev = TokenEvent {
+            id: pick.id,
+            text: delta.text,
+            logprob: pick.logprob,
+            top_logprobs: pick.top_logprobs,
+            logits: st.return_logits.then(|| row.clone()),
+        };
+        let _ = st.tx.send(Event::Token(ev));
+        if let Some(reason) = delta.finish_reason {
+            let seq = self.sched.get(id);
+            let c = Completion {
+                finish_reason: reason,
+                stop: delta.stop,
+                text: String::new(),
+                prompt_tokens: st.prompt_len,
+                completion_tokens: n_generated,
+                cached_tokens: seq.map_or(0, |s| s.num_cached),
+                preemptions: seq.map_or(0, |s| s.preemptions),
+                ttft: st.ttft,
+            };
+            let _ = st.tx.send(Event::Finished(c));
+            self.drop_request(id);
+            return Ok(None);
+        }
+        Ok(Some(pick.id))
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.store(self.sched.num_running(), Ordering::Relaxed);
+        m.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        let st = self.sched.pool().lock().stats();
+        m.kv_blocks_used.store(st.used, Ordering::Relaxed);
+        m.prefix_queries.store(st.prefix_queries, Ordering::Relaxed);
+        m.prefix_hits.store(st.prefix_hits, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,130 @@
+//! `switchyard bench`: prefill and decode throughput through the real engine (paged KV cache,
+//! continuous batching), with the decode roofline from measured memory bandwidth.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use switchyard_engine::engine::{Event, GenerateRequest};
+
+use crate::loading::{self, EngineArgs, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 64)]
+    gen_len: usize,
+    /// Concurrent requests.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Bytes copied to estimate memory bandwidth: well past the last-level cache (32 MiB here).
+const BW_BYTES: usize = 512 << 20;
+
+/// Read+write bandwidth of a large parallel copy, in bytes/s (best of 3).
+fn memory_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let src = vec![1u8; BW_BYTES];
+    let mut dst = vec![0u8; BW_BYTES];
+    let chunk = BW_BYTES / rayon::current_num_threads().max(1);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.max(2.0 * BW_BYTES as f64 / t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    best
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.prompt_len > 0 && a.gen_len > 1 && a.batch > 0, "--prompt-len, --batch must be positive and --gen-len at least 2");
+    let mut eargs = a.engine.clone();
+    eargs.no_prefix_caching = true;
+    eargs.max_num_seqs = eargs.max_num_seqs.max(a.batch);
+    if eargs.max_model_len.is_none() {
+        eargs.max_model_len = Some(a.prompt_len + a.gen_len);
+    }
+    let (engine, _) = loading::start_engine(&a.model, &eargs)?;
+    let cfg = engine.info().model.clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let run_once = |rng: &mut rand::rngs::StdRng, gen: usize| -> Result<(f64, f64, f64)> {
+        let t0 = Instant::now();
+        let mut streams = Vec::new();
+        for _ in 0..a.batch {
+            let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+            let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt, gen) };
+            streams.push(engine.submit(req)?);
+        }
+        let mut first = vec![None; a.batch];
+        let mut last_first = 0f64;
+        for (i, s) in streams.iter_mut().enumerate() {
+            while let Some(ev) = s.blocking_recv() {
+                match ev {
+                    Event::Token(_) => {
+                        if first[i].is_none() {
+                            let t = t0.elapsed().as_secs_f64();
+                            first[i] = Some(t);
+                            last_first = f64::max(last_first, t);
+                        }
+                    }
+                    Event::Finished(_) => break,
+                    Event::Error(e) => anyhow::bail!(e),
+                }
+            }
+        }
+        let total = t0.elapsed().as_secs_f64();
+        let ttft = first.iter().flatten().cloned().fold(f64::INFINITY, f64::min);
+        Ok((ttft, last_first, total))
+    };
+    // Warm-up (page in weights, allocate).
+    run_once(&mut rng, 2)?;
+    let (ttft, prefill_done, total) = run_once(&mut rng, a.gen_len)?;
+    let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_done;
+    let decode_tok_s = (a.batch * (a.gen_len - 1)) as f64 / (total - prefill_done);
+    let bw = memory_bandwidth();
+    let (_, active) = cfg.parameter_counts();
+    let bytes_per_param = match loading::parse_dtype(&a.model.dtype)? {
+        candle_core::DType::F32 => 4.0,
+        _ => 2.0,
+    };
+    let roofline = bw / (active as f64 * bytes_per_param);
+    let out = serde_json::json!({
+        "prefill_tok_s": prefill_tok_s,
+        "decode_tok_s": decode_tok_s,
+        "ttft_ms": ttft * 1e3,
+        "batch": a.batch,
+        "prompt_len": a.prompt_len,
+        "gen_len": a.gen_len,
+        "dtype": a.model.dtype,
+        "memory_bandwidth_gb_s": bw / 1e9,
+        "active_params": active,
+        "decode_roofline_tok_s_batch1": roofline,
+        "decode_roofline_ratio": decode_tok_s / a.batch as f64 / roofline,
+        "threads": rayon::current_num_threads(),
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "prefill {prefill_tok_s:.1} tok/s · decode {decode_tok_s:.1} tok/s (batch {}) · TTFT {:.1} ms · bandwidth {:.1} GB/s · batch-1 decode roofline {roofline:.1} tok/s",
+            a.batch,
+            ttft * 1e3,
+            bw / 1e9
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! `switchyard generate` and `switchyard logits`.
+
+use anyhow::{bail, Context, Result};
+use switchyard_engine::engine::GenerateRequest;
+use switchyard_engine::sampling::SamplingParams;
+use switchyard_model::Logits;
+
+use crate::loading::{self, EngineArgs, ModelArgs};
+
+/// `generate` flags (DESIGN.md contract).
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "input_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    input_ids: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Apply the model's chat template to the prompt (as one user message).
+    #[arg(long)]
+    chat: bool,
+    /// Hy3 reasoning effort for the chat template: no_think, low or high.
+    #[arg(long)]
+    reasoning_effort: Option<String>,
+    /// Print `{"generated_ids": [...], "text": "..."}`.
+    #[arg(long)]
+    json: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// `logits` flags.
+#[derive(clap::Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    input_ids: Vec<u32>,
+    /// Output safetensors file (tensor `logits`, f32 `[T, vocab]`).
+    #[arg(long)]
+    out: std::path::PathBuf,
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let (engine, dir) = loading::start_engine(&a.model, &a.engine)?;
+    let tok = engine.info().tokenizer.clone();
+    let prompt = match (&a.prompt, &a.input_ids) {
+        (Some(p), _) if a.chat => {
+            use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
+            let t = ChatTemplate::from_model_dir(&dir)
+                .with_context(|| format!("loading the chat template of {}", dir.display()))?
+                .with_special_tokens(tok.bos_token().map(String::from), tok.eos_token().map(String::from));
+            let mut opts = RenderOptions::generation();
+            if let Some(r) = &a.reasoning_effort {
+                opts = opts.with_kwarg("reasoning_effort", r.clone());
+            }
+            let text = t.render(&[ChatMessage::user(p.as_str())], &opts)?;
+            tok.encode(&text, false)?
+        }
+        (Some(p), _) => tok.encode(p, true)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt TEXT or --input-ids 1,2,3"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give some text or at least one token id");
+    }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        ..SamplingParams::greedy()
+    };
+    let req = GenerateRequest {
+        sampling,
+        ignore_eos: a.ignore_eos,
+        ..GenerateRequest::greedy(prompt, a.max_tokens)
+    };
+    let (ids, text, _c) = engine.generate_blocking(req).map_err(anyhow::Error::msg)?;
+    if a.json {
+        println!("{}", serde_json::json!({"generated_ids": ids, "text": text}));
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+pub fn run_logits(a: LogitsArgs) -> Result<()> {
+    let l = loading::load(&a.model)?;
+    let mut cache = l.model.new_cache();
+    let logits = l.model.forward(&a.input_ids, &mut cache, Logits::All)?;
+    let map = std::collections::HashMap::from([("logits".to_string(), logits)]);
+    candle_core::safetensors::save(&map, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote logits [{}, {}] to {}", a.input_ids.len(), l.model.config().vocab_size, a.out.display());
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Model loading shared by every subcommand: resolve `--model` (folder or hub id), parse the
+//! config, open the checkpoint, build the layers with a progress bar (indicatif on a terminal,
+//! log lines otherwise), load the tokenizer, and start the engine.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use switchyard_engine::engine::{EngineConfig, EngineHandle};
+use switchyard_engine::scheduler::SchedulerConfig;
+use switchyard_engine::tokenizer::Tokenizer;
+use switchyard_model::{Checkpoint, HyV3Model, KvDtype, LoadOptions, ModelConfig};
+
+/// Where the model comes from and how to compute.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json) or hub id `owner/name`.
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when `--model` is a hub id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Compute dtype: f32 (exact, default on CPU) or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Engine sizing (vLLM's flag names).
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Longest prompt + completion (default: the model's context, capped at 32768 on CPU).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Token budget of one engine step (decodes + prefill chunks).
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Bytes of KV cache (accepts suffixes: 512MiB, 2GiB); default: a quarter of free memory.
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// KV cache dtype: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: String,
+    /// Disable prefix caching.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Disable chunked prefill.
+    #[arg(long)]
+    pub no_chunked_prefill: bool,
+    /// Most requests queued before new ones get HTTP 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+}
+
+/// CPU-default cap on the context when the user gives none: a 256K default would size the KV
+/// cache for sequences nobody runs on a laptop.
+const DEFAULT_MAX_MODEL_LEN_CAP: usize = 32768;
+
+/// Parses `f32` / `bf16` / `f16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        o => anyhow::bail!("unknown dtype {o:?}; use f32, bf16 or f16"),
+    }
+}
+
+/// Parses byte sizes such as `1073741824`, `512MiB`, `2GiB`, `1.5GB`.
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1048576.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1073741824.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1099511627776.0,
+        u => anyhow::bail!("unknown size unit {u:?} in {s:?}"),
+    };
+    Ok((n * mult) as u64)
+}
+
+/// A loaded model with its tokenizer and folder.
+pub struct Loaded {
+    /// The model.
+    pub model: HyV3Model,
+    /// Its tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The model folder.
+    pub dir: PathBuf,
+}
+
+/// Resolves and loads the model and tokenizer.
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let dtype = parse_dtype(&args.dtype)?;
+    let dir = switchyard_model::resolve_model(&args.model, args.revision.as_deref())?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ckpt = Arc::new(Checkpoint::open(&dir)?);
+    let total = cfg.num_hidden_layers;
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(total as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("loading {msg} [{bar:40}] {pos}/{len} layers ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(dir.display().to_string());
+        b
+    });
+    let t0 = std::time::Instant::now();
+    let opts = LoadOptions {
+        dtype,
+        device: Device::Cpu,
+        load_mtp: false,
+    };
+    let log_every = (total / 10).max(1);
+    let model = HyV3Model::load(cfg, ckpt, &opts, |done, total| match &bar {
+        Some(b) => b.set_position(done as u64),
+        None => {
+            if done % log_every == 0 || done == total {
+                tracing::info!("loaded {done}/{total} layers");
+            }
+        }
+    })
+    .with_context(|| format!("loading the model from {}", dir.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let (params, active) = model.config().parameter_counts();
+    tracing::info!(
+        dir = %dir.display(),
+        params,
+        active,
+        secs = t0.elapsed().as_secs_f32(),
+        "model loaded"
+    );
+    let tokenizer = Arc::new(
+        Tokenizer::from_dir(&dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
+    );
+    Ok(Loaded { model, tokenizer, dir })
+}
+
+/// Engine configuration from the flags and the model.
+pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineConfig> {
+    let max_model_len = args
+        .max_model_len
+        .unwrap_or(model.max_position_embeddings.min(DEFAULT_MAX_MODEL_LEN_CAP));
+    if max_model_len > model.max_position_embeddings {
+        anyhow::bail!(
+            "--max-model-len {max_model_len} exceeds the model's context of {} tokens",
+            model.max_position_embeddings
+        );
+    }
+    if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
+        anyhow::bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
+    }
+    Ok(EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_model_len,
+            chunked_prefill: !args.no_chunked_prefill,
+            max_waiting: args.max_waiting,
+        },
+        block_size: args.block_size,
+        kv_cache_memory: args.kv_cache_memory.as_deref().map(parse_bytes).transpose()?,
+        kv_dtype: match args.kv_dtype.as_str() {
+            "f32" => KvDtype::F32,
+            "bf16" => KvDtype::Bf16,
+            o => anyhow::bail!("unknown --kv-dtype {o:?}; use f32 or bf16"),
+        },
+        prefix_caching: !args.no_prefix_caching,
+    })
+}
+
+/// Loads the model and starts the engine.
+pub fn start_engine(m: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, PathBuf)> {
+    let l = load(m)?;
+    let cfg = engine_config(e, l.model.config())?;
+    let h = EngineHandle::start(l.model, l.tokenizer, cfg).map_err(anyhow::Error::msg)?;
+    Ok((h, l.dir))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(super::parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(super::parse_bytes("1000").unwrap(), 1000);
+        assert!(super::parse_bytes("12 parsecs").is_err());
+    }
+}
