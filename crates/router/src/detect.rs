@@ -537,7 +537,7 @@ static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
 });
 static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s?|\b\d{3}[\s.-])\d{3}[\s.-]\d{4}\b|\+[1-9]\d{0,2}(?:[\s.-]\d{1,4}){3,5}\b",
+        r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{3}\)\s?|\b\d{3}[\s.-])\d{3}[\s.-]\d{4}\b|\+[1-9]\d{0,2}(?:[\s.-]\d{1,4}){3,5}\b|\b0\d{3,4}[\s-]?\d{3}[\s-]?\d{3,4}\b",
     )
 });
 static DOB: LazyLock<Regex> = LazyLock::new(|| {
@@ -570,6 +570,8 @@ static KEEP_LOCAL: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         r"(?i)\b(?:local[- ]only|on-?prem(?:ise)?s? only|local model only|no cloud)\b",
         r"(?i)\b(?:must not|must never|should not|should never|can ?not|cannot|may not|mustn'?t|shouldn'?t|never)\s+(?:ever\s+)?leave\s+(?:this|our|the|my)\s+(?:machine|network|premises|building|servers?|infrastructure|company|device|laptop|computer|environment)",
         r"(?i)\b(?:only|just)\s+(?:use|run (?:this |it )?on)\s+(?:the\s+|our\s+)?local\s+(?:model|llm|engine)\b",
+        r"(?i)\b(?:this|it|everything|the data)\s+(?:stays?|remains?|must stay|must remain|should stay)\s+(?:strictly\s+)?(?:local|on[- ]?prem(?:ise)?s?|in[- ]house|internal|on this (?:machine|server|device)|on[- ]device)\b",
+        r"(?i)\b(?:do not|don'?t|never)\s+(?:share|distribute|forward|disclose)\s+(?:this|it|these|them)?\s*(?:externally|outside (?:the|our) (?:company|team|organi[sz]ation))",
     ]
     .iter()
     .map(|p| re(p))
@@ -603,6 +605,14 @@ static INJECTION: LazyLock<Vec<Simple>> = LazyLock::new(|| {
             what: "a question about the system prompt",
         },
         Simple {
+            name: "system-prompt-text",
+            re: re(
+                r"(?i)\b(?:output|print|show|give|paste|repeat|reveal|share|tell|write|send)\b[^.\n]{0,30}\b(?:text|contents?|wording|words)\s+of\s+(?:your|the)\s+(?:system (?:prompt|message)|developer (?:message|prompt)|hidden (?:prompt|instructions)|initial (?:prompt|instructions)|configuration)",
+            ),
+            weight: 0.9,
+            what: "a system-prompt extraction attempt",
+        },
+        Simple {
             name: "repeat-above",
             re: re(
                 r"(?i)\b(?:repeat|print|output|reproduce)\s+(?:everything|all|the (?:text|words|content))\s+(?:above|before)\b|\bstarting with ['\x22]you are\b",
@@ -629,7 +639,7 @@ static INJECTION: LazyLock<Vec<Simple>> = LazyLock::new(|| {
         Simple {
             name: "no-restrictions",
             re: re(
-                r"(?i)\b(?:without|ignoring|bypass(?:ing)?)\s+(?:any\s+|all\s+|your\s+|the\s+)*(?:restrictions|filters|guardrails|content polic(?:y|ies)|safety (?:rules|guidelines|filters|measures)|ethical guidelines)\b",
+                r"(?i)\b(?:without|ignoring|bypass(?:ing)?|with no|get around|circumvent(?:ing)?)\s+(?:any\s+|all\s+|your\s+|the\s+|own\s+)*(?:restrictions|limits|filters|content filters|guardrails|content polic(?:y|ies)|safety (?:rules|guidelines|filters|measures)|ethical guidelines)\b",
             ),
             weight: 0.5,
             what: "a request to drop safety restrictions",
@@ -663,7 +673,7 @@ static INJECTION: LazyLock<Vec<Simple>> = LazyLock::new(|| {
 
 static META_DISCUSSION: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)\b(?:prompt[- ]injection|jailbreak(?:s|ing)?\s+(?:attempts?|detection|prompts?|examples?)|detect(?:s|ing|or|ion)?|classif(?:y|ier|ication)|(?:moderation|content|input|injection|spam) filter(?:s|ing)?|sanitiz(?:e|ing|ation)|guardrails?|red[- ]team(?:ing)?|regex|defend|defen[cs]e|protect(?:ing)? against|mitigat(?:e|ion)|unit tests?)\b",
+        r"(?i)\b(?:prompt[- ]injection|jailbreak(?:s|ing)?\s+(?:attempts?|detection|prompts?|examples?)|detect(?:s|ing|or|ion)?|classif(?:y|ier|ication)|(?:moderation|input|injection|spam) filter(?:s|ing)?|sanitiz(?:e|ing|ation)|guardrails?|red[- ]team(?:ing)?|regex|defend|defen[cs]e|protect(?:ing)? against|mitigat(?:e|ion)|unit tests?)\b",
     )
 });
 
@@ -1052,10 +1062,22 @@ impl Detectors {
         // Text that discusses injection (building a filter, writing tests) quotes the phrases it
         // is about; such mentions count at a reduced weight.
         const META_DAMPING: f64 = 0.5;
+        // Personas and mode switches are not damped: nobody quotes "you are DAN" by accident.
+        const PHRASE_DETECTORS: [&str; 4] = [
+            "ignore-instructions",
+            "system-prompt-question",
+            "no-restrictions",
+            "chat-template-tokens",
+        ];
         let meta = META_DISCUSSION.is_match(text);
         for s in INJECTION.iter() {
             if let Some(m) = s.re.find(text) {
-                let weight = if meta {
+                let quoted = text[..m.start()]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| matches!(c, '\'' | '"' | '`' | '\u{201c}' | '\u{2018}'));
+                let damp = meta && (quoted || PHRASE_DETECTORS.contains(&s.name));
+                let weight = if damp {
                     s.weight * META_DAMPING
                 } else {
                     s.weight
@@ -1230,6 +1252,27 @@ mod tests {
         ));
         assert!(fires("-----BEGIN RSA PRIVATE KEY-----", "private-key"));
         assert!(!fires("-----BEGIN PUBLIC KEY-----", "private-key"));
+    }
+
+    #[test]
+    fn vendor_tokens_and_headers() {
+        assert!(fires(
+            "key=AIzaSyB3k9Qw8Er5Ty2Ui9Op3As6Df1Gh4Jk7Lz",
+            "google-api-key"
+        ));
+        assert!(!fires("AIza is a prefix Google uses", "google-api-key"));
+        assert!(fires("sk_live_51HfQ2cLkT8mVn3Xp0Wq9ZrYb", "stripe-key"));
+        assert!(!fires("sk_test_51HfQ2cLkT8mVn3Xp0Wq9ZrYb", "stripe-key"));
+        assert!(!fires("the xox-b pattern is documented", "slack-token"));
+        assert!(fires(
+            "Authorization: Bearer 7f3kQ9zX2mB8vR4tY6wN1pL5sD0hJ3cF",
+            "auth-header"
+        ));
+        assert!(!fires(
+            "Authorization: Bearer <your-token-here>",
+            "auth-header"
+        ));
+        assert!(fires("hooks.slack.com: https://hooks.slack.com/services/T0A1B2C3D/B0X9Y8Z7W/q7Lr2Vd9Kp4Xs8Ty", "slack-token"));
     }
 
     #[test]

@@ -628,6 +628,9 @@ async fn read_stream(
         message,
     };
     let mut error: Option<String> = None;
+    // Failures before any output are retried by `dispatch`, which also tells the breaker; only
+    // a stream that reached the client reports its own outcome.
+    let mut sent_any = false;
     'read: loop {
         let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let chunk = match tokio::time::timeout(wait, body.next()).await {
@@ -653,6 +656,7 @@ async fn read_stream(
             match tr.on_event(ev) {
                 Ok(out) => {
                     for e in out {
+                        sent_any = true;
                         if tx.send(Ok(e)).await.is_err() {
                             // The client went away; dropping `body` cancels the upstream.
                             break 'read;
@@ -686,7 +690,8 @@ async fn read_stream(
         state.record_spend(&tier.name, api_key_id.as_deref(), cost);
         match &error {
             None => state.record_success(&tier.name),
-            Some(_) => state.record_failure(&tier.name, tier.breaker_config()),
+            Some(_) if sent_any => state.record_failure(&tier.name, tier.breaker_config()),
+            Some(_) => {}
         }
     }
     if let Some(e) = error {
