@@ -858,3 +858,70 @@ impl Upstreams {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&h, 0), Some(7_000));
+        // 1994-11-06T08:49:37Z = 784111777 s
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        assert_eq!(parse_retry_after(&h, 784_111_770_000), Some(7_000));
+        assert_eq!(
+            parse_retry_after(&h, 784_111_790_000),
+            Some(0),
+            "a past date means now"
+        );
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(parse_retry_after(&h, 0), Some(250));
+        let mut bad = HeaderMap::new();
+        bad.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&bad, 0), None);
+    }
+
+    #[test]
+    fn backoff_is_bounded_jittered_and_respects_retry_after() {
+        let p = RetryPolicy {
+            base_ms: 100,
+            max_backoff_ms: 1_000,
+            max_retry_after_ms: 5_000,
+        };
+        for retry in 0..10 {
+            let exp = (100u64 << retry).min(1_000);
+            let d = p.delay_ms(retry, None);
+            assert!(d >= exp / 2 && d <= exp, "retry {retry}: {d}");
+        }
+        assert_eq!(p.delay_ms(0, Some(3_000)), 3_000);
+        assert!(
+            p.delay_ms(40, None) <= 1_000,
+            "no overflow on large retry counts"
+        );
+    }
+
+    #[test]
+    fn error_classes() {
+        let s = |status| UpstreamError::Status {
+            tier: "t".into(),
+            status,
+            message: String::new(),
+            retry_after_ms: None,
+        };
+        assert!(s(429).retryable() && s(503).retryable() && s(529).retryable());
+        assert!(!s(401).retryable() && !s(400).retryable());
+        assert!(s(400).is_client_error() && s(400).http_status() == 400);
+        assert_eq!(s(401).http_status(), 502);
+        let stream = UpstreamError::Stream {
+            tier: "t".into(),
+            message: "x".into(),
+        };
+        assert!(!stream.retryable());
+    }
+}
