@@ -12,7 +12,7 @@
 //        reads each expert's down rows once, and sums w * (down . act) over the k slots of
 //        every token in registers, writing y in bf16 -- the top-k reduction is fused, no atomics.
 //  (b) tiled grouped GEMMs over the dispatch permutation (any T), tensor cores through wmma
-//      (bf16 16x16x16, f32 accumulate), 64x128x32 block tiles, 3-stage cp.async pipeline:
+//      (bf16 16x16x16, f32 accumulate), 64x128x64 block tiles, 4-stage cp.async pipeline:
 //      moe_gemm_gate_up: act_bf16[p, :] = silu(x[token_of[p]] . gate^T) * (... up^T) per row p.
 //      moe_gemm_down:    acc_f32[token_of[p], :] += w[slot_of[p]] * act_bf16[p] . down^T
 //                        (f32 atomics; acc zeroed before), then moe_f32_to_bf16.
@@ -290,17 +290,104 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2) moe_gemv_down(
     }
 }
 
+// Variant of moe_gemv_down that spreads the experts over blocks: grid = (ceil(H /
+// GEMV_OUT_PER_BLOCK), T*k), one block per (first slot of an expert, chunk of H rows). Every
+// weight load of a block is independent of the others, so many more bytes are in flight than
+// when one block walks the experts in turn; the top-k sum goes through f32 atomics into `acc`
+// ([T, H], zeroed before the launch), converted to bf16 by moe_f32_to_bf16 after. The
+// summation order (and so the last bits) can change between runs.
+#define DOWNA_CHUNKS 6  // 16-byte chunks per lane per row in one pass: I <= 1536 in one pass
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2) moe_gemv_down_atomic(
+    const float *__restrict__ act,           // [T*k, I]
+    const __nv_bfloat16 *__restrict__ down,  // [E, H, I]
+    const unsigned *__restrict__ ids,        // [T, k]
+    const float *__restrict__ weights,       // [T, k]
+    float *__restrict__ acc,                 // [T, H], zeroed
+    int T, int k, int E, int H, int I) {
+    __shared__ int s_first;
+    __shared__ int s_n;
+    __shared__ int s_slot[GEMV_MAX_TOKENS];
+    const int slot = blockIdx.y;
+    const int N = T * k;
+    const unsigned e = ids[slot];
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        s_first = 1;
+        s_n = 0;
+    }
+    __syncthreads();
+    for (int j = tid; j < slot; j += GEMV_THREADS)
+        if (ids[j] == e) s_first = 0;
+    __syncthreads();
+    if (!s_first || e >= (unsigned)E) return;
+    for (int j = slot + tid; j < N; j += GEMV_THREADS) {
+        if (ids[j] == e) {
+            const int q = atomicAdd(&s_n, 1);
+            if (q < GEMV_MAX_TOKENS) s_slot[q] = j;
+        }
+    }
+    __syncthreads();
+    const int ntok = min(s_n, GEMV_MAX_TOKENS);
+
+    const int warp = tid >> 5, lane = tid & 31;
+    const int h0 = blockIdx.x * GEMV_OUT_PER_BLOCK + warp * GEMV_OUT_PER_WARP;
+    if (h0 >= H) return;
+    const int nout = min(GEMV_OUT_PER_WARP, H - h0);
+    const int iv = I >> 3;
+    const uint4 *wbase = reinterpret_cast<const uint4 *>(down + (size_t)e * H * I);
+    const uint4 *rows[GEMV_OUT_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < GEMV_OUT_PER_WARP; ++r)
+        rows[r] = wbase + (size_t)(h0 + min(r, nout - 1)) * iv;
+    for (int c0 = 0; c0 < iv; c0 += 32 * DOWNA_CHUNKS) {
+        uint4 w[GEMV_OUT_PER_WARP][DOWNA_CHUNKS];
+#pragma unroll
+        for (int q = 0; q < DOWNA_CHUNKS; ++q) {
+            const int c = c0 + lane + 32 * q;
+#pragma unroll
+            for (int r = 0; r < GEMV_OUT_PER_WARP; ++r)
+                w[r][q] = c < iv ? ld_stream(rows[r] + c) : make_uint4(0, 0, 0, 0);
+        }
+        for (int t = 0; t < ntok; ++t) {
+            const int s = s_slot[t];
+            const float4 *ap = reinterpret_cast<const float4 *>(act + (size_t)s * I);
+            float part[GEMV_OUT_PER_WARP];
+#pragma unroll
+            for (int r = 0; r < GEMV_OUT_PER_WARP; ++r) part[r] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < DOWNA_CHUNKS; ++q) {
+                const int c = c0 + lane + 32 * q;
+                if (c < iv) {
+                    const float4 a0 = __ldg(ap + 2 * c), a1 = __ldg(ap + 2 * c + 1);
+#pragma unroll
+                    for (int r = 0; r < GEMV_OUT_PER_WARP; ++r) part[r] += dot8f(w[r][q], a0, a1);
+                }
+            }
+            const float ws = weights[s];
+#pragma unroll
+            for (int r = 0; r < GEMV_OUT_PER_WARP; ++r) {
+                const float v = warp_sum(part[r]);
+                if (lane == 0 && r < nout) atomicAdd(&acc[(size_t)(s / k) * H + h0 + r], ws * v);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // (b) tiled grouped GEMMs (wmma)
 // ---------------------------------------------------------------------------------------------
 
 #define TBM 64
 #define TBN 128
-#define TBK 32
-#define TSTAGES 3
-#define TLDS (TBK + 8)  // smem row stride (bf16): 80 B keeps 16 B chunks aligned, spreads banks
+#define TBK 64       // 128 B of each weight row per stage: whole cache lines from HBM
+#define TSTAGES 4    // 3 stages in flight while one is consumed
+#define TLDS (TBK + 8)  // smem row stride (bf16): 144 B keeps 16 B chunks aligned, no bank conflicts
 #define TLDC (TBN + 4)  // epilogue row stride (f32)
 #define TTHREADS 256
+#define TCHUNKS (TBK / 8)                      // 16-byte chunks per tile row
+#define TROWS_PER_PASS (TTHREADS / TCHUNKS)    // tile rows one pass of the block loads
+#define TA_PER_THREAD (TBM / TROWS_PER_PASS)   // A rows each thread loads
+#define TB_PER_THREAD (TBN / TROWS_PER_PASS)   // B rows each thread loads
 
 struct TilePipe {
     __nv_bfloat16 a[TSTAGES][TBM][TLDS];
@@ -310,6 +397,9 @@ union TileSmem {
     TilePipe p;
     float c[TBM][TLDC];
 };
+// Dynamic shared memory per block; the host raises the kernels' limit to this
+// (TILE_SMEM_BYTES in crates/kernels/src/cuda/experts.rs).
+static_assert(sizeof(TileSmem) == 110592, "keep TILE_SMEM_BYTES in step");
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -322,33 +412,41 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Shared main loop: C[64 x 128] = A[64 x K] . B[128 x K]^T, A and B rows given by pointers
-// (null = zero row) that the caller resolved for this thread's load slots.
-//   A slot: row tid/4, 16-byte chunk tid%4.   B slots: rows (tid + 256u)/4, chunk tid%4, u = 0, 1.
+// Shared main loop: C[64 x 128] = A[64 x K] . B[128 x K]^T. Each thread loads 16-byte chunk
+// (tid % 8) of tile rows tid / 8 + 32 u; the caller resolves those rows' pointers (null = zero
+// row). Columns at or past K are zero-filled, so K only needs to be a multiple of 8.
 __device__ __forceinline__ void tile_mainloop(
-    TileSmem &sm, const __nv_bfloat16 *arow, const __nv_bfloat16 *brow0,
-    const __nv_bfloat16 *brow1, const __nv_bfloat16 *safe, int K, int rows,
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[2][2]) {
+    TileSmem &sm, const __nv_bfloat16 *const (&arow)[TA_PER_THREAD],
+    const __nv_bfloat16 *const (&brow)[TB_PER_THREAD], const __nv_bfloat16 *safe, int K,
+    int rows, wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[2][2]) {
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
     // A 16-row fragment wholly past the tile's last real row is all zeros: skip its MMAs (decode
     // and small batches give experts a few rows each). Uniform per warp, as wmma needs.
     const bool live0 = wm * 32 < rows, live1 = wm * 32 + 16 < rows;
-    const int ar = tid >> 2, ac = (tid & 3) * 8;
-    const int br0 = tid >> 2, br1 = (tid + TTHREADS) >> 2;
+    const int r0 = tid / TCHUNKS, kc = (tid % TCHUNKS) * 8;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-    const int ktiles = K / TBK;
+    const int ktiles = (K + TBK - 1) / TBK;
     auto load = [&](int stage, int kt) {
-        const int k0 = kt * TBK + ac;
-        // A missing row is zero-filled (src-size 0); `safe` is a valid address that is not read.
-        cp_async16(&sm.p.a[stage][ar][ac], arow ? arow + k0 : safe, arow != nullptr);
-        cp_async16(&sm.p.b[stage][br0][ac], brow0 ? brow0 + k0 : safe, brow0 != nullptr);
-        cp_async16(&sm.p.b[stage][br1][ac], brow1 ? brow1 + k0 : safe, brow1 != nullptr);
+        const int k = kt * TBK + kc;
+        const bool kin = k < K;
+        // A missing row or column is zero-filled (src-size 0); `safe` is a valid address that is
+        // not read.
+#pragma unroll
+        for (int u = 0; u < TA_PER_THREAD; ++u) {
+            const bool v = kin && arow[u] != nullptr;
+            cp_async16(&sm.p.a[stage][r0 + u * TROWS_PER_PASS][kc], v ? arow[u] + k : safe, v);
+        }
+#pragma unroll
+        for (int u = 0; u < TB_PER_THREAD; ++u) {
+            const bool v = kin && brow[u] != nullptr;
+            cp_async16(&sm.p.b[stage][r0 + u * TROWS_PER_PASS][kc], v ? brow[u] + k : safe, v);
+        }
     };
 #pragma unroll
     for (int s = 0; s < TSTAGES - 1; ++s) {
@@ -362,11 +460,11 @@ __device__ __forceinline__ void tile_mainloop(
         if (nk < ktiles) load(nk % TSTAGES, nk);
         cp_async_commit();
         const int st = kt % TSTAGES;
+        if (!live0) continue;
 #pragma unroll
         for (int kk = 0; kk < TBK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb[2];
-            if (!live0) continue;
 #pragma unroll
             for (int j = 0; j < 2; ++j)
                 wmma::load_matrix_sync(fb[j], &sm.p.b[st][wn * 32 + j * 16][kk], TLDS);
@@ -391,8 +489,9 @@ __device__ __forceinline__ void tile_mainloop(
     __syncthreads();
 }
 
-// grid = (max_tiles, ceil(I / 64)), block = 256. Columns 0..63 of the block tile are gate rows
-// n0..n0+63, columns 64..127 the matching up rows, so SiLU(g) * u fuses into the epilogue.
+// grid = (max_tiles, ceil(I / 64)), block = 256, dynamic smem = sizeof(TileSmem). Columns
+// 0..63 of the block tile are gate rows n0..n0+63, columns 64..127 the matching up rows, so
+// SiLU(g) * u fuses into the epilogue.
 extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_gate_up(
     const __nv_bfloat16 *__restrict__ x,        // [T, H]
     const __nv_bfloat16 *__restrict__ gate_up,  // [E, 2I, H]
@@ -402,8 +501,8 @@ extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_gate_up(
     const unsigned *__restrict__ num_tiles,
     __nv_bfloat16 *__restrict__ act,  // [N, I], permutation order
     int H, int I) {
-    __shared__ __align__(128) unsigned char smem_raw[sizeof(TileSmem)];
-    TileSmem &sm = *reinterpret_cast<TileSmem *>(smem_raw);
+    extern __shared__ __align__(128) unsigned char smem_dyn[];
+    TileSmem &sm = *reinterpret_cast<TileSmem *>(smem_dyn);
     const int m = blockIdx.x;
     if (m >= (int)*num_tiles) return;
     const unsigned e = tile_expert[m];
@@ -411,19 +510,25 @@ extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_gate_up(
     const int rows = min(TBM, (int)offsets[e + 1] - row0);
     const int n0 = blockIdx.y * (TBN / 2);
     const int tid = threadIdx.x;
+    const int r0 = tid / TCHUNKS;
 
-    const int ar = tid >> 2;
-    const __nv_bfloat16 *arow = ar < rows ? x + (size_t)token_of[row0 + ar] * H : nullptr;
     const __nv_bfloat16 *wb = gate_up + (size_t)e * 2 * I * H;
-    auto brow = [&](int r) -> const __nv_bfloat16 * {
+    const __nv_bfloat16 *arow[TA_PER_THREAD];
+#pragma unroll
+    for (int u = 0; u < TA_PER_THREAD; ++u) {
+        const int r = r0 + u * TROWS_PER_PASS;
+        arow[u] = r < rows ? x + (size_t)token_of[row0 + r] * H : nullptr;
+    }
+    const __nv_bfloat16 *brow[TB_PER_THREAD];
+#pragma unroll
+    for (int u = 0; u < TB_PER_THREAD; ++u) {
+        const int r = r0 + u * TROWS_PER_PASS;
         const int c = n0 + (r & (TBN / 2 - 1));
-        if (c >= I) return nullptr;
-        return wb + (size_t)(r < TBN / 2 ? c : I + c) * H;
-    };
-    const __nv_bfloat16 *b0 = brow(tid >> 2), *b1 = brow((tid + TTHREADS) >> 2);
+        brow[u] = c < I ? wb + (size_t)(r < TBN / 2 ? c : I + c) * H : nullptr;
+    }
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-    tile_mainloop(sm, arow, b0, b1, wb, H, rows, acc);
+    tile_mainloop(sm, arow, brow, wb, H, rows, acc);
 
     for (int idx = tid; idx < TBM * (TBN / 2); idx += TTHREADS) {
         const int r = idx / (TBN / 2), c = idx % (TBN / 2);
@@ -434,7 +539,7 @@ extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_gate_up(
     }
 }
 
-// grid = (max_tiles, ceil(H / 128)), block = 256.
+// grid = (max_tiles, ceil(H / 128)), block = 256, dynamic smem = sizeof(TileSmem).
 extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_down(
     const __nv_bfloat16 *__restrict__ act,   // [N, I], permutation order
     const __nv_bfloat16 *__restrict__ down,  // [E, H, I]
@@ -444,10 +549,10 @@ extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_down(
     const unsigned *__restrict__ num_tiles,
     float *__restrict__ acc_out,  // [T, H], zeroed by the host before the launch
     int H, int I) {
-    __shared__ __align__(128) unsigned char smem_raw[sizeof(TileSmem)];
+    extern __shared__ __align__(128) unsigned char smem_dyn[];
     __shared__ unsigned s_tok[TBM];
     __shared__ float s_w[TBM];
-    TileSmem &sm = *reinterpret_cast<TileSmem *>(smem_raw);
+    TileSmem &sm = *reinterpret_cast<TileSmem *>(smem_dyn);
     const int m = blockIdx.x;
     if (m >= (int)*num_tiles) return;
     const unsigned e = tile_expert[m];
@@ -455,20 +560,27 @@ extern "C" __global__ void __launch_bounds__(TTHREADS) moe_gemm_down(
     const int rows = min(TBM, (int)offsets[e + 1] - row0);
     const int n0 = blockIdx.y * TBN;
     const int tid = threadIdx.x;
+    const int r0 = tid / TCHUNKS;
     if (tid < rows) {
         s_tok[tid] = token_of[row0 + tid];
         s_w[tid] = weights[slot_of[row0 + tid]];
     }
-    const int ar = tid >> 2;
-    const __nv_bfloat16 *arow = ar < rows ? act + (size_t)(row0 + ar) * I : nullptr;
     const __nv_bfloat16 *wb = down + (size_t)e * H * I;
-    auto brow = [&](int r) -> const __nv_bfloat16 * {
-        return n0 + r < H ? wb + (size_t)(n0 + r) * I : nullptr;
-    };
-    const __nv_bfloat16 *b0 = brow(tid >> 2), *b1 = brow((tid + TTHREADS) >> 2);
+    const __nv_bfloat16 *arow[TA_PER_THREAD];
+#pragma unroll
+    for (int u = 0; u < TA_PER_THREAD; ++u) {
+        const int r = r0 + u * TROWS_PER_PASS;
+        arow[u] = r < rows ? act + (size_t)(row0 + r) * I : nullptr;
+    }
+    const __nv_bfloat16 *brow[TB_PER_THREAD];
+#pragma unroll
+    for (int u = 0; u < TB_PER_THREAD; ++u) {
+        const int r = r0 + u * TROWS_PER_PASS;
+        brow[u] = n0 + r < H ? wb + (size_t)(n0 + r) * I : nullptr;
+    }
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-    tile_mainloop(sm, arow, b0, b1, wb, I, rows, acc);  // ends with __syncthreads(): s_tok/s_w visible
+    tile_mainloop(sm, arow, brow, wb, I, rows, acc);  // ends with __syncthreads(): s_tok/s_w visible
 
     for (int idx = tid; idx < TBM * TBN; idx += TTHREADS) {
         const int r = idx / TBN, c = idx % TBN;

@@ -22,15 +22,23 @@ const GEMV_OUT_PER_BLOCK: usize = 16;
 /// Output columns per tile of the down GEMM (`TBN`); the gate/up GEMM covers half as many
 /// intermediate columns (gate and up side by side).
 const TILE_COLS: usize = 128;
+/// Dynamic shared memory of each tiled GEMM block: 4 stages of a 64x64 A tile and a 128x64 B
+/// tile in bf16 with 8 columns of padding (`sizeof(TileSmem)` in moe_experts.cu, which
+/// static_asserts it).
+pub(crate) const TILE_SMEM_BYTES: usize = 4 * (64 + 128) * 72 * 2;
 
 /// Which expert kernels run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertPath {
-    /// GEMV up to [`GEMV_MAX_TOKENS`] tokens (and [`GEMV_MAX_SLOTS`] slots), tiled above.
+    /// GEMV up to [`super::AUTO_GEMV_MAX_TOKENS`] tokens (and [`GEMV_MAX_SLOTS`] slots), tiled
+    /// above.
     #[default]
     Auto,
     /// Decode GEMV: each selected expert read once, top-k reduction fused; small batches only.
     Gemv,
+    /// Decode GEMV whose down projection spreads experts over blocks and reduces with f32
+    /// atomics (see [`MoeKernels::launch_experts_gemv`]); small batches only.
+    GemvAtomic,
     /// Grouped tensor-core GEMMs over the dispatch permutation; any batch.
     Tiled,
 }
@@ -114,15 +122,22 @@ impl ExpertViews<'_> {
 }
 
 impl MoeKernels {
-    /// Decode path: `y = Σ_j w[t,j] · E_{ids[t,j]}(x[t])` for `T <= 8` tokens in two launches.
-    /// `ids` is `[T, k]` u32; `act` (f32, `[T*k, I]`) is scratch; `y` is `[T, H]` bf16. Ids must
-    /// be distinct within a token (the gate's are) and `< E` (others are skipped).
+    /// Decode path: `y = Σ_j w[t,j] · E_{ids[t,j]}(x[t])` for `T <= 8` tokens. `ids` is
+    /// `[T, k]` u32; `act` (f32, `[T*k, I]`) is scratch; `y` is `[T, H]` bf16. Ids must be
+    /// distinct within a token (the gate's are) and `< E` (others are skipped).
+    ///
+    /// Without `acc` the down projection runs as one block per chunk of H rows that walks the
+    /// batch's distinct experts and sums the k slots of each token in registers (two launches,
+    /// deterministic). With `acc` (f32 `[T, H]` scratch) it runs one block per (expert, chunk)
+    /// and reduces with f32 atomics, then converts (memset + three launches; more bytes in
+    /// flight, summation order not fixed).
     pub fn launch_experts_gemv(
         &self,
         inp: &ExpertViews<'_>,
         ids: &CudaView<'_, u32>,
         d: &MoeDims,
         act: &mut CudaViewMut<'_, f32>,
+        acc: Option<&mut CudaViewMut<'_, f32>>,
         y: &mut CudaViewMut<'_, bf16>,
     ) -> Result<(), KernelError> {
         d.check()?;
@@ -139,6 +154,12 @@ impl MoeKernels {
             return Err(invalid(format!(
                 "gate ids hold {} entries, expected {n}",
                 ids.len()
+            )));
+        }
+        let th = d.tokens * d.hidden;
+        if acc.as_ref().is_some_and(|a| a.len() < th) {
+            return Err(invalid(format!(
+                "GEMV accumulator too small: need {th} f32 for {d:?}"
             )));
         }
         if act.len() < n * d.inter || y.len() < d.tokens * d.hidden {
@@ -182,6 +203,35 @@ impl MoeKernels {
         // SAFETY: argument list matches moe_gemv_gate_up; sizes checked above.
         unsafe { b.launch(cfg1) }.map_err(driver_err("launching moe_gemv_gate_up"))?;
 
+        let act_v = act.as_view();
+        if let Some(acc) = acc {
+            self.stream
+                .memset_zeros(&mut *acc)
+                .map_err(driver_err("zeroing the expert accumulator"))?;
+            let cfg2 = LaunchConfig {
+                grid_dim: (
+                    grid_u32(d.hidden.div_ceil(GEMV_OUT_PER_BLOCK), "gemv down")?,
+                    n as u32,
+                    1,
+                ),
+                block_dim: (EXPERT_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.gemv_down_atomic);
+            b.arg(&act_v)
+                .arg(&inp.down)
+                .arg(ids)
+                .arg(&inp.weights)
+                .arg(&mut *acc)
+                .arg(&t)
+                .arg(&k)
+                .arg(&e)
+                .arg(&h)
+                .arg(&i);
+            // SAFETY: argument list matches moe_gemv_down_atomic; sizes checked above.
+            unsafe { b.launch(cfg2) }.map_err(driver_err("launching moe_gemv_down_atomic"))?;
+            return self.launch_to_bf16(acc, y, th);
+        }
         let cfg2 = LaunchConfig {
             grid_dim: (
                 grid_u32(d.hidden.div_ceil(GEMV_OUT_PER_BLOCK), "gemv down")?,
@@ -191,7 +241,6 @@ impl MoeKernels {
             block_dim: (EXPERT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let act_v = act.as_view();
         let mut b = self.stream.launch_builder(&self.gemv_down);
         b.arg(&act_v)
             .arg(&inp.down)
@@ -269,7 +318,7 @@ impl MoeKernels {
                 1,
             ),
             block_dim: (EXPERT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: TILE_SMEM_BYTES as u32,
         };
         let mut b = self.stream.launch_builder(&self.gemm_gate_up);
         b.arg(&inp.x)
@@ -292,7 +341,7 @@ impl MoeKernels {
                 1,
             ),
             block_dim: (EXPERT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: TILE_SMEM_BYTES as u32,
         };
         let act_v = act.as_view();
         let mut b = self.stream.launch_builder(&self.gemm_down);
@@ -311,17 +360,27 @@ impl MoeKernels {
         // SAFETY: argument list matches moe_gemm_down; sizes checked above.
         unsafe { b.launch(cfg2) }.map_err(driver_err("launching moe_gemm_down"))?;
 
-        let cfg3 = LaunchConfig {
-            grid_dim: (grid_u32(th.div_ceil(256), "f32 to bf16")?, 1, 1),
+        self.launch_to_bf16(acc, y, th)
+    }
+
+    /// `y[..n] = bf16(acc[..n])`.
+    fn launch_to_bf16(
+        &self,
+        acc: &CudaViewMut<'_, f32>,
+        y: &mut CudaViewMut<'_, bf16>,
+        n: usize,
+    ) -> Result<(), KernelError> {
+        let cfg = LaunchConfig {
+            grid_dim: (grid_u32(n.div_ceil(256), "f32 to bf16")?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let th_i = th as i32;
-        let mut b = self.stream.launch_builder(&self.f32_to_bf16);
+        let n_i = dim_i32(n, "elements")?;
         let acc_v = acc.as_view();
-        b.arg(&acc_v).arg(&mut *y).arg(&th_i);
-        // SAFETY: argument list matches moe_f32_to_bf16; sizes checked above.
-        unsafe { b.launch(cfg3) }.map_err(driver_err("launching moe_f32_to_bf16"))?;
+        let mut b = self.stream.launch_builder(&self.f32_to_bf16);
+        b.arg(&acc_v).arg(&mut *y).arg(&n_i);
+        // SAFETY: argument list matches moe_f32_to_bf16; sizes checked by the callers.
+        unsafe { b.launch(cfg) }.map_err(driver_err("launching moe_f32_to_bf16"))?;
         Ok(())
     }
 }
@@ -421,10 +480,14 @@ pub fn experts_forward(
     if d.tokens == 0 {
         return empty_output(&c.dev, d.hidden);
     }
-    let use_gemv = match path {
-        ExpertPath::Auto => d.gemv_ok(),
-        ExpertPath::Gemv => true,
-        ExpertPath::Tiled => false,
+    let (use_gemv, atomic) = match path {
+        ExpertPath::Auto => (
+            d.gemv_ok() && d.tokens <= super::AUTO_GEMV_MAX_TOKENS,
+            false,
+        ),
+        ExpertPath::Gemv => (true, false),
+        ExpertPath::GemvAtomic => (true, true),
+        ExpertPath::Tiled => (false, false),
     };
     if !use_gemv {
         let plan = dispatch(ids, d.experts)?;
@@ -449,7 +512,13 @@ pub fn experts_forward(
         let iv = view::<u32>(&is, il, "gate ids")?;
         let mut av = act.slice_mut(0..n * d.inter);
         let mut yv = y.slice_mut(0..d.tokens * d.hidden);
-        kern.launch_experts_gemv(&inp, &iv, &d, &mut av, &mut yv)?;
+        if atomic {
+            let mut acc = alloc::<f32>(&c.dev, d.tokens * d.hidden, "expert accumulator")?;
+            let mut accv = acc.slice_mut(0..d.tokens * d.hidden);
+            kern.launch_experts_gemv(&inp, &iv, &d, &mut av, Some(&mut accv), &mut yv)?;
+        } else {
+            kern.launch_experts_gemv(&inp, &iv, &d, &mut av, None, &mut yv)?;
+        }
     }
     Ok(wrap(y, &c.dev, (d.tokens, d.hidden)))
 }

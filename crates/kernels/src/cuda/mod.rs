@@ -25,7 +25,7 @@ mod gate;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DriverError,
+    sys, CudaFunction, CudaSlice, CudaStream, CudaView, DriverError,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId};
 use candle_core::op::BackpropOp;
@@ -39,10 +39,14 @@ pub use experts::{
 };
 pub use gate::gate_topk;
 
-/// Tokens up to which [`ExpertPath::Auto`] takes the GEMV path. It reads each selected expert's
-/// weights once and is bandwidth-bound; above this the tiled tensor-core path wins because the
-/// GEMV kernels keep one accumulator per token in registers (8 is their compile-time capacity).
+/// Most tokens the GEMV path takes: its kernels keep one accumulator per token in registers
+/// (`GEMV_MAX_TOKENS` in moe_experts.cu).
 pub const GEMV_MAX_TOKENS: usize = 8;
+/// Tokens up to which [`ExpertPath::Auto`] takes the GEMV path. Measured on an H200
+/// (docs/gpu-results.md, Hy3 shapes): at T=1 GEMV 111 µs vs tiled 142 µs; at T=8 tiled 580 µs
+/// vs GEMV 634 µs. T=2 and 4 were not measured yet; 4 splits the difference until they are
+/// (gpu_check's benchmark now times both paths there).
+pub const AUTO_GEMV_MAX_TOKENS: usize = 4;
 /// Most (token, expert) slots the GEMV path handles in one launch (`T * k`).
 pub const GEMV_MAX_SLOTS: usize = 128;
 /// Rows per tile of the grouped GEMMs (`TBM` in moe_experts.cu); the dispatch plan is cut into
@@ -69,6 +73,7 @@ pub struct MoeKernels {
     pub(crate) dispatch: CudaFunction,
     pub(crate) gemv_gate_up: CudaFunction,
     pub(crate) gemv_down: CudaFunction,
+    pub(crate) gemv_down_atomic: CudaFunction,
     pub(crate) gemm_gate_up: CudaFunction,
     pub(crate) gemm_down: CudaFunction,
     pub(crate) f32_to_bf16: CudaFunction,
@@ -102,10 +107,32 @@ impl MoeKernels {
             dispatch: load("moe_dispatch", "switchyard_moe_dispatch", PTX_DISPATCH)?,
             gemv_gate_up: load("moe_gemv_gate_up", "switchyard_moe_experts", PTX_EXPERTS)?,
             gemv_down: load("moe_gemv_down", "switchyard_moe_experts", PTX_EXPERTS)?,
+            gemv_down_atomic: load(
+                "moe_gemv_down_atomic",
+                "switchyard_moe_experts",
+                PTX_EXPERTS,
+            )?,
             gemm_gate_up: load("moe_gemm_gate_up", "switchyard_moe_experts", PTX_EXPERTS)?,
             gemm_down: load("moe_gemm_down", "switchyard_moe_experts", PTX_EXPERTS)?,
             f32_to_bf16: load("moe_f32_to_bf16", "switchyard_moe_experts", PTX_EXPERTS)?,
         });
+        // The tiled GEMMs keep a 4-stage pipeline in 108 KiB of dynamic shared memory, above the
+        // 48 KiB a launch gets without asking.
+        for (f, name) in [
+            (&k.gemm_gate_up, "moe_gemm_gate_up"),
+            (&k.gemm_down, "moe_gemm_down"),
+        ] {
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                experts::TILE_SMEM_BYTES as i32,
+            )
+            .map_err(|e| {
+                KernelError::Cuda(format!(
+                    "could not give {name} {} bytes of shared memory: {e}",
+                    experts::TILE_SMEM_BYTES
+                ))
+            })?;
+        }
         cache.push((dev.id(), k.clone()));
         Ok(k)
     }
