@@ -4,6 +4,7 @@
 //! counterpart (feature `cuda`), so the model code never changes when a faster backend lands.
 #![deny(missing_docs)]
 
+pub mod cpu_gemv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gate;

@@ -124,9 +124,9 @@ pub fn experts_forward(
         } else {
             x.index_select(&toks, 0)?
         };
-        let gu = xe.matmul(&w.gate_up.get(ex)?.t()?)?;
+        let gu = linear(&xe, &w.gate_up.get(ex)?)?;
         let act = (candle_nn_silu(&gu.narrow(1, 0, i)?)? * gu.narrow(1, i, i)?)?;
-        let y = act.matmul(&w.down.get(ex)?.t()?)?;
+        let y = linear(&act, &w.down.get(ex)?)?;
         let wts: Vec<f32> = plan.slot_of[lo..hi]
             .iter()
             .map(|&s| gate.weights[s as usize])
@@ -141,6 +141,14 @@ pub fn experts_forward(
     let ys = Tensor::cat(&outs, 0)?;
     let idx = Tensor::from_slice(&plan.token_of, plan.token_of.len(), dev)?;
     Ok(zeros.index_add(&idx, &ys, 0)?)
+}
+
+/// `x · wᵀ`: the bf16 small-batch kernel when it applies, else candle's matmul.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
+    match crate::cpu_gemv::try_linear_bf16(x, w)? {
+        Some(y) => Ok(y),
+        None => Ok(x.matmul(&w.t()?)?),
+    }
 }
 
 /// SiLU through candle-core's unary op (kept here so the op layer needs no candle-nn).

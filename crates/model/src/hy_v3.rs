@@ -88,11 +88,20 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = matmul_t(x, &self.weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// `x · wᵀ` for `x` `[T, in]` and `w` `[out, in]`: decode-sized bf16 products go through the
+/// op layer's weight-streaming kernel, everything else through candle's GEMM.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
+    match switchyard_kernels::cpu_gemv::try_linear_bf16(x, w)? {
+        Some(y) => Ok(y),
+        None => Ok(x.matmul(&w.t()?)?),
     }
 }
 
@@ -116,10 +125,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let gu = x.matmul(&self.gate_up.t()?)?;
+        let gu = matmul_t(x, &self.gate_up)?;
         let act = (gu.narrow(D::Minus1, 0, self.inter)?.silu()?
             * gu.narrow(D::Minus1, self.inter, self.inter)?)?;
-        Ok(act.matmul(&self.down.t()?)?)
+        matmul_t(&act, &self.down)
     }
 }
 
@@ -662,7 +671,7 @@ impl HyV3Model {
 
     fn head(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let x = self.norm.forward(x)?;
-        Ok(x.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// A paged KV cache for this model with `num_blocks` blocks of `block_size` tokens.

@@ -1,0 +1,218 @@
+//! Small-batch matrix products on the CPU with bf16 weights: `y[t] = W · x[t]` for a handful
+//! of tokens (decode steps), reading each weight row once for all tokens.
+//!
+//! Decode is bound by the bytes of weights read per token. Generic GEMM libraries convert bf16
+//! weights block by block and tune for large M; here each weight row is streamed once,
+//! widened to f32 in registers (bf16 → f32 is a 16-bit shift) and multiplied into f32
+//! accumulators for up to [`MAX_TOKENS`] activation rows. Rows are split across threads with
+//! rayon. AVX-512F and AVX2+FMA paths are chosen at run time; a portable loop is the reference.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::KernelError;
+
+/// Most activation rows one call handles: beyond this, a real GEMM with blocking wins.
+pub const MAX_TOKENS: usize = 8;
+
+/// Output rows per rayon task: 64 rows × 4096 inputs × 2 B = 512 KiB of weights, enough work to
+/// amortise scheduling while leaving many tasks for load balance.
+const ROWS_PER_TASK: usize = 64;
+
+/// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `t < tokens ≤ MAX_TOKENS`; `w` is `[out, inp]`
+/// row-major bf16, `x` is `[tokens, inp]` f32, `y` is `[tokens, out]` f32.
+pub fn gemv_bf16(
+    x: &[f32],
+    tokens: usize,
+    w: &[bf16],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    if tokens == 0 || tokens > MAX_TOKENS {
+        return Err(KernelError::InvalidArgument(format!(
+            "gemv_bf16 handles 1..={MAX_TOKENS} tokens, got {tokens}"
+        )));
+    }
+    if x.len() != tokens * inp || w.len() != out * inp || y.len() != tokens * out {
+        return Err(KernelError::InvalidArgument(format!(
+            "gemv_bf16 shapes: x {} (want {}), w {} (want {}), y {} (want {})",
+            x.len(),
+            tokens * inp,
+            w.len(),
+            out * inp,
+            y.len(),
+            tokens * out
+        )));
+    }
+    // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
+    // transpose into y (tokens × out is tiny next to the weights).
+    let mut acc = vec![0f32; out * tokens];
+    let kernel = select_kernel();
+    acc.par_chunks_mut(ROWS_PER_TASK * tokens)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let r0 = chunk * ROWS_PER_TASK;
+            for (j, d) in dst.chunks_mut(tokens).enumerate() {
+                let row = &w[(r0 + j) * inp..(r0 + j + 1) * inp];
+                kernel(row, x, tokens, inp, d);
+            }
+        });
+    for o in 0..out {
+        for t in 0..tokens {
+            y[t * out + o] = acc[o * tokens + t];
+        }
+    }
+    Ok(())
+}
+
+type RowKernel = fn(&[bf16], &[f32], usize, usize, &mut [f32]);
+
+fn select_kernel() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return row_avx512_entry;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return row_avx2_entry;
+        }
+    }
+    row_portable
+}
+
+/// Reference: one weight row against every token.
+fn row_portable(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    for t in 0..tokens {
+        let xs = &x[t * inp..(t + 1) * inp];
+        let mut s = 0f32;
+        for (w, v) in row.iter().zip(xs) {
+            s += w.to_f32() * v;
+        }
+        d[t] = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn row_avx512_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx512f.
+    unsafe { row_avx512(row, x, tokens, inp, d) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_avx512(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n16 = inp / 16 * 16;
+    let mut accs = [_mm512_setzero_ps(); MAX_TOKENS];
+    let wp = row.as_ptr() as *const u16;
+    let mut i = 0;
+    while i < n16 {
+        // 16 bf16 → 16 f32: zero-extend to 32 bits and shift into the high half.
+        let h = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        for (t, acc) in accs.iter_mut().enumerate().take(tokens) {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(t * inp + i));
+            *acc = _mm512_fmadd_ps(wv, xv, *acc);
+        }
+        i += 16;
+    }
+    for t in 0..tokens {
+        let mut s = _mm512_reduce_add_ps(accs[t]);
+        for j in n16..inp {
+            s += row[j].to_f32() * x[t * inp + j];
+        }
+        d[t] = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn row_avx2_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx2 and fma.
+    unsafe { row_avx2(row, x, tokens, inp, d) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = inp / 8 * 8;
+    let mut accs = [_mm256_setzero_ps(); MAX_TOKENS];
+    let wp = row.as_ptr() as *const u16;
+    let mut i = 0;
+    while i < n8 {
+        let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
+        let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        for (t, acc) in accs.iter_mut().enumerate().take(tokens) {
+            let xv = _mm256_loadu_ps(x.as_ptr().add(t * inp + i));
+            *acc = _mm256_fmadd_ps(wv, xv, *acc);
+        }
+        i += 8;
+    }
+    for t in 0..tokens {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), accs[t]);
+        let mut s: f32 = lanes.iter().sum();
+        for j in n8..inp {
+            s += row[j].to_f32() * x[t * inp + j];
+        }
+        d[t] = s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn matches_f64_reference_for_odd_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for &(tokens, out, inp) in &[(1, 1, 1), (1, 130, 37), (3, 200, 64), (8, 65, 1000), (5, 7, 16)] {
+            let w: Vec<bf16> = (0..out * inp).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+            let x: Vec<f32> = (0..tokens * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut y = vec![f32::NAN; tokens * out];
+            gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
+            for t in 0..tokens {
+                for o in 0..out {
+                    let want: f64 = (0..inp).map(|i| w[o * inp + i].to_f64() * x[t * inp + i] as f64).sum();
+                    let got = y[t * out + o] as f64;
+                    assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "t{t} o{o}: {got} vs {want}");
+                }
+            }
+        }
+        assert!(gemv_bf16(&[0.0; 9 * 2], 9, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 9]).is_err());
+        assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
+    }
+}
+
+/// `x · wᵀ` through [`gemv_bf16`] when it applies (CPU, bf16 contiguous `w` `[out, inp]`, at
+/// most [`MAX_TOKENS`] rows of `x`); `None` when the caller should use a general matmul.
+/// The result has `x`'s dtype.
+pub fn try_linear_bf16(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>, KernelError> {
+    use candle_core::{CpuStorage, DType, Storage};
+    if !x.device().is_cpu() || w.dtype() != DType::BF16 || w.rank() != 2 || x.rank() != 2 {
+        return Ok(None);
+    }
+    let (tokens, inp) = x.dims2()?;
+    let (out, winp) = w.dims2()?;
+    if tokens == 0 || tokens > MAX_TOKENS || winp != inp {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let Storage::Cpu(CpuStorage::BF16(all)) = &*storage else {
+        return Ok(None);
+    };
+    let wslice = &all[start..end];
+    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; tokens * out];
+    gemv_bf16(&xv, tokens, wslice, out, inp, &mut y)?;
+    let t = candle_core::Tensor::from_vec(y, (tokens, out), x.device())?;
+    Ok(Some(t.to_dtype(x.dtype())?))
+}
