@@ -50,7 +50,7 @@ fn main() {
                     );
                 }
                 println!(
-                    "cargo:warning=nvcc not found: using checked-in {}",
+                    "cargo:warning=no nvcc (or SWITCHYARD_USE_CHECKED_IN_PTX set): using checked-in {}",
                     checked_in.display()
                 );
             }
