@@ -5,6 +5,7 @@
 mod cmd_bench;
 mod cmd_generate;
 mod cmd_make_test_model;
+mod http;
 mod loading;
 mod serve;
 

@@ -1,8 +1,219 @@
-//! `switchyard serve` (placeholder until the HTTP server lands).
+//! `switchyard serve`: loads the model, starts the engine, and serves the HTTP API (see
+//! [`crate::http`]) until SIGTERM or Ctrl-C. Shutdown is graceful: the listener closes at once,
+//! in-flight requests get up to `--shutdown-timeout` seconds to finish, then the process exits.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use switchyard_engine::chat::ChatTemplate;
+
+use crate::http::{self, route::LocalOnly, AppState};
+use crate::loading::{self, parse_bytes, EngineArgs, ModelArgs};
+
+/// `serve` flags (DESIGN.md contract, plus vLLM's names where one exists).
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Model id in `/v1/models` and responses (default: the model folder's name, or the hub id).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Environment variable holding the API key `/v1/*` requires (`Authorization: Bearer` or
+    /// `x-api-key`); without it the API is open.
+    #[arg(long)]
+    api_key_env: Option<String>,
+    /// Router policy TOML (routing tiers); stored for the router.
+    #[arg(long)]
+    router: Option<PathBuf>,
+    /// Largest request body accepted (bytes; suffixes like 4MiB work); larger gets HTTP 413.
+    #[arg(long, default_value = "4MiB")]
+    max_body_bytes: String,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Cap on `max_tokens` when an OpenAI request sets none (it defaults to the rest of the
+    /// context, up to this).
+    #[arg(long, default_value_t = 4096)]
+    default_max_tokens: usize,
+}
 
-pub fn run(_a: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("serve is not built yet")
+/// The model id to serve under: the flag, else the folder name of a local `--model`, else the
+/// hub id as given.
+fn served_name(args: &ServeArgs) -> String {
+    if let Some(n) = &args.served_model_name {
+        return n.clone();
+    }
+    let p = std::path::Path::new(&args.model.model);
+    if p.is_dir() {
+        if let Some(name) = p
+            .canonicalize()
+            .ok()
+            .and_then(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()))
+        {
+            return name;
+        }
+    }
+    args.model.model.clone()
+}
+
+/// Reads the API key from the named variable; an unset or empty variable is an error, so a
+/// typo never leaves the API open.
+fn api_key(var: Option<&str>) -> Result<Option<String>> {
+    let Some(var) = var else { return Ok(None) };
+    match std::env::var(var) {
+        Ok(k) if !k.trim().is_empty() => Ok(Some(k.trim().to_string())),
+        _ => anyhow::bail!(
+            "--api-key-env {var}: the environment variable {var} is not set or is empty"
+        ),
+    }
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let key = api_key(args.api_key_env.as_deref())?;
+    let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
+        .context("--max-body-bytes is too large")?;
+    if let Some(p) = &args.router {
+        if !p.is_file() {
+            anyhow::bail!("--router {}: no such file", p.display());
+        }
+        tracing::warn!(
+            policy = %p.display(),
+            "router policy accepted; routing is not wired into this build yet, so every request is served locally"
+        );
+    }
+    let model_id = served_name(&args);
+    let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
+    let tokenizer = engine.info().tokenizer.clone();
+    let template = ChatTemplate::from_model_dir(&dir)
+        .with_context(|| format!("loading the chat template of {}", dir.display()))?
+        .with_special_tokens(
+            tokenizer.bos_token().map(String::from),
+            tokenizer.eos_token().map(String::from),
+        );
+    let state = Arc::new(AppState {
+        tokenizer,
+        template,
+        fingerprint: http::fingerprint(&model_id, &dir),
+        model_id,
+        model_dir: dir,
+        api_key: key,
+        metrics: http::metrics::Metrics::new().context("registering metrics")?,
+        policy: Arc::new(LocalOnly),
+        router_policy: args.router.clone(),
+        created: http::unix_now(),
+        max_body_bytes: max_body,
+        default_max_tokens: args.default_max_tokens.max(1),
+        engine,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("switchyard-http")
+        .build()
+        .context("starting the async runtime")?;
+    let r = rt.block_on(serve(
+        state,
+        &args.host,
+        args.port,
+        Duration::from_secs(args.shutdown_timeout),
+    ));
+    // Requests still running after the timeout are abandoned, not awaited.
+    rt.shutdown_background();
+    r
+}
+
+async fn serve(state: Arc<AppState>, host: &str, port: u16, grace: Duration) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen on {host}:{port}"))?;
+    let addr: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        %addr,
+        model = %state.model_id,
+        auth = state.api_key.is_some(),
+        max_model_len = state.engine.info().scheduler.max_model_len,
+        "serving"
+    );
+    // The one line scripts and tests wait for.
+    println!("switchyard listening on http://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = http::app(state);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    tokio::select! {
+        r = &mut server => {
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the HTTP server failed")),
+                Err(e) => Err(anyhow::anyhow!("the HTTP server task failed: {e}")),
+            };
+        }
+        s = shutdown_signal() => {
+            tracing::info!(signal = s, grace_secs = grace.as_secs(), "shutting down: no new connections; waiting for in-flight requests");
+        }
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("all requests finished; exiting"),
+        Ok(Ok(Err(e))) => {
+            return Err(anyhow::Error::new(e).context("the HTTP server failed while shutting down"))
+        }
+        Ok(Err(e)) => return Err(anyhow::anyhow!("the HTTP server task failed: {e}")),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown timeout reached; exiting with requests in flight"
+        ),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT), naming which.
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => "SIGINT",
+        _ = term => "SIGTERM",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn missing_key_variable_is_an_error() {
+        assert!(super::api_key(Some("SWITCHYARD_TEST_SURELY_UNSET_VAR")).is_err());
+        assert_eq!(super::api_key(None).unwrap(), None);
+    }
 }

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Drives a running `switchyard serve` with the official `anthropic` Python SDK on /v1/messages.
+
+Covers: a plain message (system as string and as blocks, text content blocks, usage, stop
+reasons, stop_sequences), streaming with the SDK's stream helper and as raw events (the full
+event sequence), routing headers, and errors (wrong key -> AuthenticationError, bad params ->
+BadRequestError, unknown model -> NotFoundError).
+
+Environment: SWITCHYARD_BASE_URL (http://HOST:PORT, no /v1) and SWITCHYARD_API_KEY.
+Exits non-zero if any check fails.
+"""
+
+import os
+import sys
+
+import anthropic
+
+BASE = os.environ["SWITCHYARD_BASE_URL"].rstrip("/")
+KEY = os.environ["SWITCHYARD_API_KEY"]
+MODEL = "local"
+
+failures = []
+
+
+def check(cond, what):
+    if cond:
+        print(f"ok   {what}")
+    else:
+        print(f"FAIL {what}")
+        failures.append(what)
+
+
+def expect_error(exc_type, what, fn, status):
+    try:
+        fn()
+    except exc_type as e:
+        check(e.status_code == status, f"{what} -> {exc_type.__name__} {status} (got {e.status_code})")
+        return
+    except Exception as e:  # noqa: BLE001 - report any other outcome as a failure
+        check(False, f"{what} -> expected {exc_type.__name__}, got {type(e).__name__}: {e}")
+        return
+    check(False, f"{what} -> expected {exc_type.__name__}, but the call succeeded")
+
+
+client = anthropic.Anthropic(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
+
+# Plain.
+raw = client.messages.with_raw_response.create(
+    model=MODEL,
+    max_tokens=16,
+    system="You are terse.",
+    messages=[{"role": "user", "content": "Hello"}],
+    temperature=0,
+)
+check(raw.headers.get("x-switchyard-tier") == "local", "x-switchyard-tier: local")
+check(raw.headers.get("x-switchyard-cost-usd") == "0", "x-switchyard-cost-usd: 0")
+msg = raw.parse()
+check(msg.type == "message" and msg.role == "assistant", "message type and role")
+check(msg.id.startswith("msg_"), "message id")
+check(len(msg.content) == 1 and msg.content[0].type == "text", "one text block")
+check(msg.stop_reason in ("end_turn", "max_tokens"), f"stop_reason ({msg.stop_reason})")
+check(msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) > 0, "usage.input_tokens")
+check(1 <= msg.usage.output_tokens <= 16, "usage.output_tokens within max_tokens")
+
+# System as blocks, content as blocks, top_k/top_p, and stop sequences.
+full = client.messages.create(
+    model=MODEL,
+    max_tokens=24,
+    system=[{"type": "text", "text": "Answer in one line."}],
+    messages=[{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
+    temperature=0,
+    top_k=40,
+    top_p=0.9,
+)
+text = full.content[0].text
+if len(text) >= 4:
+    stop = text[2:4]
+    cut = client.messages.create(
+        model=MODEL,
+        max_tokens=24,
+        system=[{"type": "text", "text": "Answer in one line."}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
+        temperature=0,
+        top_k=40,
+        top_p=0.9,
+        stop_sequences=[stop],
+    )
+    check(cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop,
+          f"stop_sequences ({cut.stop_reason}, {cut.stop_sequence!r})")
+else:
+    print(f"skip stop_sequences (short text {text!r})")
+
+# Streaming with the SDK helper.
+with client.messages.stream(model=MODEL, max_tokens=12,
+                            messages=[{"role": "user", "content": "Stream something."}]) as s:
+    streamed = "".join(s.text_stream)
+    final = s.get_final_message()
+check(final.content[0].text == streamed, "stream text equals the final message text")
+check(final.stop_reason in ("end_turn", "max_tokens"), f"stream stop_reason ({final.stop_reason})")
+check(1 <= final.usage.output_tokens <= 12, f"stream usage.output_tokens ({final.usage.output_tokens})")
+
+# Raw events: the full sequence.
+events = list(client.messages.create(model=MODEL, max_tokens=6, stream=True,
+                                     messages=[{"role": "user", "content": "Events."}]))
+types = [e.type for e in events]
+check(types[:3] == ["message_start", "content_block_start", "ping"] if "ping" in types
+      else types[:2] == ["message_start", "content_block_start"], f"stream starts ({types[:3]})")
+check(types[-3:] == ["content_block_stop", "message_delta", "message_stop"], f"stream ends ({types[-3:]})")
+deltas = [e for e in events if e.type == "content_block_delta"]
+check(all(d.delta.type == "text_delta" for d in deltas), "deltas are text_delta")
+md = [e for e in events if e.type == "message_delta"][0]
+check(md.usage.output_tokens == len(deltas), "message_delta usage.output_tokens counts the deltas")
+
+# Errors.
+bad = anthropic.Anthropic(base_url=BASE, api_key="sk-wrong", max_retries=0)
+expect_error(anthropic.AuthenticationError, "wrong API key",
+             lambda: bad.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}]),
+             401)
+expect_error(anthropic.BadRequestError, "temperature 1.5",
+             lambda: client.messages.create(model=MODEL, max_tokens=4, temperature=1.5,
+                                            messages=[{"role": "user", "content": "x"}]),
+             400)
+expect_error(anthropic.BadRequestError, "max_tokens over the context",
+             lambda: client.messages.create(model=MODEL, max_tokens=10_000_000,
+                                            messages=[{"role": "user", "content": "x"}]),
+             400)
+expect_error(anthropic.NotFoundError, "unknown model",
+             lambda: client.messages.create(model="claude-nope", max_tokens=4,
+                                            messages=[{"role": "user", "content": "x"}]),
+             404)
+
+print(f"\nanthropic client: {len(failures)} failed" if failures else "\nanthropic client: all checks passed")
+sys.exit(1 if failures else 0)

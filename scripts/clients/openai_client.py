@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Drives a running `switchyard serve` with the official `openai` Python SDK.
+
+Covers: models list, chat (plain, streaming with include_usage, logprobs, n), completions
+(plain and streaming), routing headers, and error mapping (bad params -> BadRequestError,
+unknown model -> NotFoundError, wrong key -> AuthenticationError, context overflow ->
+BadRequestError with code context_length_exceeded).
+
+Environment: SWITCHYARD_BASE_URL (http://HOST:PORT, no /v1) and SWITCHYARD_API_KEY.
+Exits non-zero if any check fails.
+"""
+
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+BASE = os.environ["SWITCHYARD_BASE_URL"].rstrip("/") + "/v1"
+KEY = os.environ["SWITCHYARD_API_KEY"]
+
+failures = []
+
+
+def check(cond, what):
+    if cond:
+        print(f"ok   {what}")
+    else:
+        print(f"FAIL {what}")
+        failures.append(what)
+
+
+def expect_error(exc_type, what, fn, **attrs):
+    try:
+        fn()
+    except exc_type as e:
+        ok = all(getattr(e, k, None) == v for k, v in attrs.items())
+        check(ok, f"{what} -> {exc_type.__name__} {attrs} (got status={e.status_code} "
+                  f"code={getattr(e, 'code', None)} param={getattr(e, 'param', None)})")
+        return e
+    except Exception as e:  # noqa: BLE001 - report any other outcome as a failure
+        check(False, f"{what} -> expected {exc_type.__name__}, got {type(e).__name__}: {e}")
+        return None
+    check(False, f"{what} -> expected {exc_type.__name__}, but the call succeeded")
+    return None
+
+
+client = OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=120)
+
+# Models.
+models = client.models.list()
+ids = [m.id for m in models.data]
+check(len(ids) == 1, f"models.list returns the served model ({ids})")
+MODEL = ids[0] if ids else "local"
+
+# Chat, plain, with headers.
+raw = client.chat.completions.with_raw_response.create(
+    model=MODEL,
+    messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hello."},
+    ],
+    max_tokens=8,
+    temperature=0,
+)
+check(raw.headers.get("x-switchyard-tier") == "local", "x-switchyard-tier: local")
+check(raw.headers.get("x-switchyard-action") == "local", "x-switchyard-action: local")
+check(raw.headers.get("x-switchyard-reason") is not None, "x-switchyard-reason present")
+check(raw.headers.get("x-switchyard-cost-usd") == "0", "x-switchyard-cost-usd: 0")
+chat = raw.parse()
+c0 = chat.choices[0]
+check(chat.object == "chat.completion", "chat object")
+check(c0.message.role == "assistant" and isinstance(c0.message.content, str), "chat message")
+check(c0.finish_reason in ("stop", "length"), f"chat finish_reason ({c0.finish_reason})")
+u = chat.usage
+check(u is not None and u.prompt_tokens > 0, "chat usage.prompt_tokens")
+check(u is not None and 1 <= u.completion_tokens <= 8, "chat usage.completion_tokens within max_tokens")
+check(u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens, "chat usage.total_tokens")
+check(u is not None and u.prompt_tokens_details is not None
+      and isinstance(u.prompt_tokens_details.cached_tokens, int), "chat usage.prompt_tokens_details.cached_tokens")
+check((chat.system_fingerprint or "").startswith("fp_"), "system_fingerprint")
+
+# Chat with model aliases, n and logprobs.
+multi = client.chat.completions.create(
+    model="local",
+    messages=[{"role": "user", "content": [{"type": "text", "text": "Count."}]}],
+    max_tokens=5,
+    n=2,
+    seed=1,
+    logprobs=True,
+    top_logprobs=3,
+    extra_body={"ignore_eos": True},
+)
+check(len(multi.choices) == 2, "n=2 gives two choices")
+lp = multi.choices[0].logprobs
+check(lp is not None and len(lp.content) == 5, "chat logprobs: one entry per token")
+check(lp is not None and all(len(t.top_logprobs) == 3 for t in lp.content), "chat top_logprobs=3")
+check(multi.usage.completion_tokens == 10, "n=2 usage counts both choices")
+
+# Chat, streaming with include_usage.
+stream = client.chat.completions.create(
+    model="auto",
+    messages=[{"role": "user", "content": "Stream a few words."}],
+    max_tokens=12,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, token_chunks, finish, usage, roles = [], 0, None, None, 0
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+        check(len(chunk.choices) == 0, "usage chunk has no choices")
+        continue
+    for ch in chunk.choices:
+        if ch.delta.role == "assistant":
+            roles += 1
+            continue
+        if ch.finish_reason is not None:
+            finish = ch.finish_reason
+            if ch.delta.content:
+                pieces.append(ch.delta.content)
+            continue
+        token_chunks += 1
+        pieces.append(ch.delta.content or "")
+check(roles == 1, "stream starts with the assistant role")
+check(finish in ("stop", "length"), f"stream finish_reason ({finish})")
+check(usage is not None, "stream_options.include_usage sends a usage chunk")
+check(usage is not None and usage.completion_tokens == token_chunks,
+      f"stream usage.completion_tokens ({usage and usage.completion_tokens}) == token chunks ({token_chunks})")
+
+# Completions, plain and streaming.
+comp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, logprobs=2,
+                                 extra_body={"ignore_eos": True})
+cc = comp.choices[0]
+check(comp.object == "text_completion", "completion object")
+check(isinstance(cc.text, str) and cc.finish_reason == "length", "completion text and finish_reason")
+check(cc.logprobs is not None and len(cc.logprobs.tokens) == comp.usage.completion_tokens == 6,
+      "completion logprobs per token")
+ids_comp = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4, 5], max_tokens=2)
+check(ids_comp.usage.prompt_tokens == 5, "token-id prompt counts its tokens")
+cstream = client.completions.create(model=MODEL, prompt="Stream", max_tokens=4, stream=True,
+                                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+texts, cusage = [], None
+for chunk in cstream:
+    if chunk.usage is not None:
+        cusage = chunk.usage
+    for ch in chunk.choices:
+        if ch.finish_reason is None:
+            texts.append(ch.text)
+check(len(texts) == 4 and cusage is not None and cusage.completion_tokens == 4, "completions stream")
+
+# Errors.
+expect_error(openai.BadRequestError, "temperature 5",
+             lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                    temperature=5),
+             status_code=400, param="temperature")
+expect_error(openai.BadRequestError, "n=0",
+             lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=0),
+             status_code=400, param="n")
+expect_error(openai.BadRequestError, "top_p 0",
+             lambda: client.completions.create(model=MODEL, prompt="x", top_p=0),
+             status_code=400, param="top_p")
+expect_error(openai.BadRequestError, "max_tokens over the context",
+             lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                    max_tokens=10_000_000),
+             status_code=400, code="context_length_exceeded")
+expect_error(openai.NotFoundError, "unknown model",
+             lambda: client.chat.completions.create(model="no-such-model",
+                                                    messages=[{"role": "user", "content": "x"}]),
+             status_code=404, code="model_not_found")
+bad = OpenAI(base_url=BASE, api_key="sk-wrong", max_retries=0)
+expect_error(openai.AuthenticationError, "wrong API key",
+             lambda: bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}]),
+             status_code=401, code="invalid_api_key")
+expect_error(openai.AuthenticationError, "wrong API key on models.list", lambda: bad.models.list(),
+             status_code=401)
+
+print(f"\nopenai client: {len(failures)} failed" if failures else "\nopenai client: all checks passed")
+sys.exit(1 if failures else 0)

@@ -1,0 +1,339 @@
+//! The Anthropic Messages wire format: `POST /v1/messages`, so Anthropic-speaking agents can use
+//! the server. Text content only. Streaming follows Anthropic's event sequence: `message_start`,
+//! `content_block_start`, `ping`, one `content_block_delta` (`text_delta`) per generated token,
+//! `content_block_stop`, `message_delta` (stop reason and usage), `message_stop`.
+//!
+//! Usage follows Anthropic's accounting: `input_tokens` excludes prompt tokens read from the
+//! prefix cache, which are reported as `cache_read_input_tokens`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use switchyard_engine::chat::ChatMessage;
+use switchyard_engine::engine::{Completion, TokenEvent};
+use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::stop::{FinishReason, StopMatch};
+
+use super::error::{AnthropicError, ApiError};
+use super::local::{self, SseFormat, Tracker, Usage};
+use super::params;
+use super::route::{Api, NormalizedRequest, Target};
+use super::{new_id, route_header, AppState};
+
+/// Anthropic's temperature range is `[0, 1]`.
+const ANTHROPIC_MAX_TEMPERATURE: f64 = 1.0;
+
+/// A message as sent.
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    /// `user` or `assistant`.
+    pub role: String,
+    /// A string or a list of content blocks.
+    pub content: Value,
+}
+
+/// `POST /v1/messages` body (fields this server does not use are ignored).
+#[derive(Debug, Deserialize)]
+pub struct MessagesRequest {
+    model: String,
+    messages: Vec<InMessage>,
+    max_tokens: i64,
+    system: Option<Value>,
+    stop_sequences: Option<Value>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    stream: Option<bool>,
+    tools: Option<Vec<Value>>,
+    /// Extension (as on the OpenAI endpoints): keep generating past end-of-sequence tokens.
+    ignore_eos: Option<bool>,
+}
+
+/// Text of a string or a list of `{"type": "text", "text"}` blocks.
+fn blocks_text(v: Value, at: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Array(blocks) => {
+            let mut out = String::new();
+            for (j, b) in blocks.into_iter().enumerate() {
+                let here = format!("{at}[{j}]");
+                let kind = b.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind != "text" {
+                    return Err(ApiError::Unsupported {
+                        param: here,
+                        message: format!(
+                            "content blocks of type {kind:?} are not supported; send text blocks"
+                        ),
+                    });
+                }
+                let t = b
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::field(format!("{here}.text"), "must be a string"))?;
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(t);
+            }
+            Ok(out)
+        }
+        _ => Err(ApiError::field(
+            at,
+            "must be a string or a list of text blocks",
+        )),
+    }
+}
+
+impl MessagesRequest {
+    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::field(
+                "messages",
+                "must contain at least one message",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::Unsupported {
+                param: "tools".into(),
+                message: "tool use is not implemented yet; send the request without tools".into(),
+            });
+        }
+        let mut messages = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = self.system {
+            let text = blocks_text(s, "system")?;
+            if !text.is_empty() {
+                messages.push(ChatMessage::system(text));
+            }
+        }
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let at = format!("messages[{i}]");
+            if m.role != "user" && m.role != "assistant" {
+                return Err(ApiError::field(
+                    format!("{at}.role"),
+                    format!("must be \"user\" or \"assistant\", got {:?} (put system text in the top-level `system` field)", m.role),
+                ));
+            }
+            messages.push(ChatMessage::new(
+                m.role,
+                blocks_text(m.content, &format!("{at}.content"))?,
+            ));
+        }
+        Ok(NormalizedRequest {
+            api: Api::AnthropicMessages,
+            model: self.model,
+            route_header: route_header(headers),
+            messages,
+            prompts: vec![],
+            max_tokens: params::max_tokens("max_tokens", Some(self.max_tokens))?,
+            sampling: SamplingParams {
+                temperature: params::temperature(self.temperature, ANTHROPIC_MAX_TEMPERATURE, 1.0)?,
+                top_k: params::top_k(self.top_k)?,
+                top_p: params::top_p(self.top_p)?,
+                ..SamplingParams::default()
+            },
+            stop: params::stop("stop_sequences", self.stop_sequences)?,
+            n: 1,
+            stream: self.stream.unwrap_or(false),
+            include_usage: false,
+            template_kwargs: Map::new(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+/// `stop_reason` and `stop_sequence`.
+fn stop_reason(c: &Completion) -> (&'static str, Option<String>) {
+    match (c.finish_reason, &c.stop) {
+        (FinishReason::Length, _) => ("max_tokens", None),
+        (FinishReason::Stop, Some(StopMatch::String(s))) => ("stop_sequence", Some(s.clone())),
+        (FinishReason::Stop, _) => ("end_turn", None),
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens),
+        "output_tokens": u.completion_tokens,
+        "cache_read_input_tokens": u.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    })
+}
+
+async fn serve_local(
+    state: &Arc<AppState>,
+    req: NormalizedRequest,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let prepared = local::prepare(state, &req).await?;
+    let streams = local::submit(state, req.api, &prepared)?;
+    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared);
+    let id = new_id("msg_");
+    if req.stream {
+        let fmt = EventFormat {
+            id,
+            model: state.model_id.clone(),
+            input_tokens: prepared.prompt_tokens(),
+            stop: None,
+        };
+        return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
+    }
+    let outs = local::collect(streams, &mut tracker, false).await?;
+    let out = outs.into_iter().next().unwrap_or_default();
+    let (reason, seq) = out
+        .completion
+        .as_ref()
+        .map(stop_reason)
+        .unwrap_or(("end_turn", None));
+    Ok(Json(json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_id,
+        "content": [{"type": "text", "text": out.text}],
+        "stop_reason": reason,
+        "stop_sequence": seq,
+        "usage": usage_json(tracker.usage),
+    }))
+    .into_response())
+}
+
+/// Anthropic's streaming events.
+struct EventFormat {
+    id: String,
+    model: String,
+    input_tokens: usize,
+    stop: Option<(&'static str, Option<String>)>,
+}
+
+fn event(name: &'static str, data: Value) -> SseEvent {
+    SseEvent::default().event(name).data(data.to_string())
+}
+
+fn text_delta(text: &str) -> SseEvent {
+    event(
+        "content_block_delta",
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+    )
+}
+
+impl SseFormat for EventFormat {
+    fn start(&mut self) -> Vec<SseEvent> {
+        vec![
+            event(
+                "message_start",
+                json!({"type": "message_start", "message": {
+                    "id": self.id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": self.model,
+                    "content": [],
+                    "stop_reason": null,
+                    "stop_sequence": null,
+                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+                }}),
+            ),
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+            event("ping", json!({"type": "ping"})),
+        ]
+    }
+
+    fn token(&mut self, _choice: usize, t: TokenEvent) -> Vec<SseEvent> {
+        vec![text_delta(&t.text)]
+    }
+
+    fn finished(&mut self, _choice: usize, c: &Completion) -> Vec<SseEvent> {
+        self.stop = Some(stop_reason(c));
+        if c.text.is_empty() {
+            vec![]
+        } else {
+            vec![text_delta(&c.text)]
+        }
+    }
+
+    fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
+        let (reason, seq) = self.stop.take().unwrap_or(("end_turn", None));
+        vec![
+            event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+            event(
+                "message_delta",
+                json!({"type": "message_delta",
+                       "delta": {"stop_reason": reason, "stop_sequence": seq},
+                       "usage": usage_json(usage)}),
+            ),
+            event("message_stop", json!({"type": "message_stop"})),
+        ]
+    }
+
+    fn error(&mut self, e: ApiError) -> Vec<SseEvent> {
+        vec![event("error", e.anthropic_body())]
+    }
+}
+
+/// `POST /v1/messages`.
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let parsed = params::parse_body::<MessagesRequest>(body, state.max_body_bytes)
+        .and_then(|r| r.normalize(&headers))
+        .and_then(|r| state.check_model(&r.model).map(|()| r));
+    let req = match parsed {
+        Ok(r) => r,
+        Err(e) => return AnthropicError(e).into_response(),
+    };
+    let decision = state.policy.route(&req);
+    let result = match &decision.target {
+        Target::Local => serve_local(&state, req, arrived).await,
+        Target::Remote(t) => Err(ApiError::TierUnavailable(t.clone())),
+        Target::Block(m) => Err(ApiError::Blocked(m.clone())),
+    };
+    let mut resp = result.unwrap_or_else(|e| AnthropicError(e).into_response());
+    decision.write_headers(resp.headers_mut());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_system_and_blocks() {
+        let r: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 5,
+            "system": [{"type": "text", "text": "be brief"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "stop_sequences": ["END"],
+        }))
+        .unwrap();
+        let n = r.normalize(&HeaderMap::new()).unwrap();
+        assert_eq!(n.messages.len(), 2);
+        assert_eq!(n.messages[0].role, "system");
+        assert_eq!(n.stop, vec!["END".to_string()]);
+        let bad: MessagesRequest = serde_json::from_value(json!({
+            "model": "m", "max_tokens": 5, "temperature": 1.5,
+            "messages": [{"role": "user", "content": "x"}],
+        }))
+        .unwrap();
+        assert_eq!(
+            bad.normalize(&HeaderMap::new()).unwrap_err().param(),
+            Some("temperature")
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! Serving a [`NormalizedRequest`] on the local engine: render the chat template, tokenise,
+//! submit one engine request per choice, and read the choices' events either to completion
+//! ([`collect`]) or as one merged stream that the wire formats turn into SSE ([`sse`]).
+//!
+//! Cancellation is by ownership: the engine's [`RequestStream`]s live inside the future or the
+//! SSE body stream, so when a client disconnects and hyper drops the body (or the handler
+//! future), the streams drop, which cancels the requests and frees their KV blocks.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::response::sse::Event as SseEvent;
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use switchyard_engine::chat::RenderOptions;
+use switchyard_engine::engine::{Completion, Event, GenerateRequest, RequestStream, TokenEvent};
+
+use super::error::ApiError;
+use super::route::{Api, NormalizedRequest, PromptInput};
+use super::AppState;
+
+/// Token counts of a whole request, as the wire formats report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens (each distinct prompt once, however many choices it has).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// A request ready for the engine: its prompts' token ids and one engine request per choice
+/// (choice `i` belongs to prompt `i / n`).
+pub struct Prepared {
+    /// Token ids of each prompt.
+    pub prompts: Vec<Vec<u32>>,
+    /// Engine requests, `n` per prompt.
+    pub requests: Vec<GenerateRequest>,
+    /// Choices per prompt.
+    pub n: usize,
+}
+
+impl Prepared {
+    /// Prompt tokens of the whole request.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(Vec::len).sum()
+    }
+}
+
+/// Renders and tokenises the prompts (on a blocking thread: templates and tokenisers of long
+/// prompts take milliseconds) and builds the engine requests.
+pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<Prepared, ApiError> {
+    let st = state.clone();
+    let r = req.clone();
+    let prompts = tokio::task::spawn_blocking(move || tokenize(&st, &r))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+    let max_model_len = state.engine.info().scheduler.max_model_len;
+    let mut requests = Vec::with_capacity(prompts.len() * req.n);
+    for ids in &prompts {
+        let max_tokens = match req.max_tokens {
+            Some(m) => m,
+            None => {
+                // vLLM's default: the rest of the context, capped so one request without a
+                // limit cannot hold a sequence for minutes.
+                if ids.len() >= max_model_len {
+                    return Err(ApiError::ContextLength {
+                        param: req.api.prompt_param().into(),
+                        message: format!(
+                            "The prompt has {} tokens but the maximum context length is {max_model_len} tokens, which leaves no room to generate. Shorten the prompt.",
+                            ids.len()
+                        ),
+                    });
+                }
+                (max_model_len - ids.len()).min(state.default_max_tokens)
+            }
+        };
+        for i in 0..req.n {
+            let mut sampling = req.sampling.clone();
+            // Distinct choices from one seed: choice i draws with seed + i.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            requests.push(GenerateRequest {
+                prompt: ids.clone(),
+                max_tokens,
+                sampling,
+                stop: req.stop.clone(),
+                stop_token_ids: vec![],
+                ignore_eos: req.ignore_eos,
+                skip_special_tokens: true,
+                cache_salt: 0,
+                return_logits: false,
+            });
+        }
+    }
+    Ok(Prepared {
+        prompts,
+        requests,
+        n: req.n,
+    })
+}
+
+fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, ApiError> {
+    let tok = &state.tokenizer;
+    let param = req.api.prompt_param();
+    let enc = |text: &str, special: bool| {
+        tok.encode(text, special)
+            .map_err(|e| ApiError::field(param, format!("the text could not be tokenised: {e}")))
+    };
+    match req.api {
+        Api::OpenAiChat | Api::AnthropicMessages => {
+            let mut opts = RenderOptions::generation();
+            opts.kwargs = req.template_kwargs.clone();
+            let text = state
+                .template
+                .render(&req.messages, &opts)
+                .map_err(|e| ApiError::field(param, e.to_string()))?;
+            Ok(vec![enc(&text, false)?])
+        }
+        Api::OpenAiCompletions => req
+            .prompts
+            .iter()
+            .map(|p| match p {
+                PromptInput::Text(t) => enc(t, true),
+                PromptInput::Tokens(ids) => Ok(ids.clone()),
+            })
+            .collect(),
+    }
+}
+
+/// Submits every choice; on a refusal the choices already submitted are dropped (cancelled).
+pub fn submit(state: &AppState, api: Api, p: &Prepared) -> Result<Vec<RequestStream>, ApiError> {
+    p.requests
+        .iter()
+        .map(|r| {
+            state
+                .engine
+                .submit(r.clone())
+                .map_err(|e| ApiError::from_submit(e, api.prompt_param()))
+        })
+        .collect()
+}
+
+/// One event of one choice.
+#[derive(Debug)]
+pub enum ChoiceEvent {
+    /// A token of choice `.0`.
+    Token(usize, TokenEvent),
+    /// Choice `.0` finished.
+    Finished(usize, Completion),
+    /// A choice failed.
+    Error(String),
+}
+
+/// The choices' events merged in arrival order. Each engine stream is owned by the merged
+/// stream and dropped when its choice ends or when the merged stream is dropped.
+pub fn merge(streams: Vec<RequestStream>) -> SelectAll<BoxStream<'static, ChoiceEvent>> {
+    stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
+        stream::unfold(Some(s), move |st| async move {
+            let mut s = st?;
+            Some(match s.recv().await {
+                Some(Event::Token(t)) => (ChoiceEvent::Token(i, t), Some(s)),
+                Some(Event::Finished(c)) => (ChoiceEvent::Finished(i, c), None),
+                Some(Event::Error(e)) => (ChoiceEvent::Error(e), None),
+                None => (
+                    ChoiceEvent::Error("the engine stopped before the request finished".into()),
+                    None,
+                ),
+            })
+        })
+        .boxed()
+    }))
+}
+
+/// Per-request bookkeeping for `/metrics`: token counts and latencies as choices finish, and a
+/// cancellation count if it is dropped before every choice finished (the client went away).
+pub struct Tracker {
+    state: Arc<AppState>,
+    api: Api,
+    arrived: Instant,
+    n: usize,
+    choices: usize,
+    finished: usize,
+    failed: bool,
+    /// Usage so far.
+    pub usage: Usage,
+}
+
+impl Tracker {
+    /// Tracks a request of `choices` choices, `n` per prompt, that arrived at `arrived`.
+    pub fn new(state: Arc<AppState>, api: Api, arrived: Instant, p: &Prepared) -> Self {
+        Self {
+            state,
+            api,
+            arrived,
+            n: p.n,
+            choices: p.requests.len(),
+            finished: 0,
+            failed: false,
+            usage: Usage {
+                prompt_tokens: p.prompt_tokens(),
+                ..Usage::default()
+            },
+        }
+    }
+
+    /// Records a finished choice.
+    pub fn finish(&mut self, choice: usize, c: &Completion) {
+        let ep = self.api.endpoint();
+        let m = &self.state.metrics;
+        self.finished += 1;
+        self.usage.completion_tokens += c.completion_tokens;
+        // The first choice of each prompt carries the prompt's counts (once per prompt).
+        let within_prompt = choice % self.n.max(1);
+        if within_prompt == 0 {
+            self.usage.cached_tokens += c.cached_tokens;
+            m.prompt_tokens
+                .with_label_values(&[ep])
+                .inc_by(c.prompt_tokens as u64);
+            m.cached_tokens
+                .with_label_values(&[ep])
+                .inc_by(c.cached_tokens as u64);
+        }
+        m.generation_tokens
+            .with_label_values(&[ep])
+            .inc_by(c.completion_tokens as u64);
+        m.finished
+            .with_label_values(&[ep, c.finish_reason.as_str()])
+            .inc();
+        if let Some(t) = c.ttft {
+            m.ttft.with_label_values(&[ep]).observe(t.as_secs_f64());
+        }
+        if self.finished == self.choices {
+            m.e2e_latency
+                .with_label_values(&[ep])
+                .observe(self.arrived.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Records an engine failure (not a cancellation).
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.finished < self.choices && !self.failed {
+            self.state
+                .metrics
+                .cancelled
+                .with_label_values(&[self.api.endpoint()])
+                .inc();
+        }
+    }
+}
+
+/// What a non-streaming request collected for one choice.
+#[derive(Debug, Default)]
+pub struct ChoiceOutput {
+    /// The generated text.
+    pub text: String,
+    /// Token events (kept only when logprobs were asked for).
+    pub tokens: Vec<TokenEvent>,
+    /// How it ended.
+    pub completion: Option<Completion>,
+}
+
+/// Runs every choice to completion.
+pub async fn collect(
+    streams: Vec<RequestStream>,
+    tracker: &mut Tracker,
+    keep_tokens: bool,
+) -> Result<Vec<ChoiceOutput>, ApiError> {
+    let mut out: Vec<ChoiceOutput> = (0..streams.len())
+        .map(|_| ChoiceOutput::default())
+        .collect();
+    let mut events = merge(streams);
+    while let Some(ev) = events.next().await {
+        match ev {
+            ChoiceEvent::Token(i, t) => {
+                if let Some(o) = out.get_mut(i) {
+                    o.text.push_str(&t.text);
+                    if keep_tokens {
+                        o.tokens.push(t);
+                    }
+                }
+            }
+            ChoiceEvent::Finished(i, c) => {
+                tracker.finish(i, &c);
+                if let Some(o) = out.get_mut(i) {
+                    o.text.push_str(&c.text);
+                    o.completion = Some(c);
+                }
+            }
+            ChoiceEvent::Error(e) => {
+                tracker.fail();
+                return Err(ApiError::Internal(e));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Turns choice events into a wire format's SSE events.
+pub trait SseFormat: Send + 'static {
+    /// Events sent before any token.
+    fn start(&mut self) -> Vec<SseEvent>;
+    /// Events for one token.
+    fn token(&mut self, choice: usize, t: TokenEvent) -> Vec<SseEvent>;
+    /// Events for a finished choice.
+    fn finished(&mut self, choice: usize, c: &Completion) -> Vec<SseEvent>;
+    /// Events after every choice finished.
+    fn end(&mut self, usage: Usage) -> Vec<SseEvent>;
+    /// Events for a failure; the stream ends after them.
+    fn error(&mut self, e: ApiError) -> Vec<SseEvent>;
+}
+
+struct SseState<F> {
+    events: SelectAll<BoxStream<'static, ChoiceEvent>>,
+    format: F,
+    tracker: Tracker,
+    queue: VecDeque<SseEvent>,
+    done: bool,
+}
+
+/// The SSE body of a streaming request. Dropping it (client gone) drops the engine streams.
+pub fn sse<F: SseFormat>(
+    streams: Vec<RequestStream>,
+    mut format: F,
+    tracker: Tracker,
+) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let queue: VecDeque<SseEvent> = format.start().into();
+    let st = SseState {
+        events: merge(streams),
+        format,
+        tracker,
+        queue,
+        done: false,
+    };
+    stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(e) = st.queue.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.events.next().await {
+                Some(ChoiceEvent::Token(i, t)) => {
+                    let evs = st.format.token(i, t);
+                    st.queue.extend(evs);
+                }
+                Some(ChoiceEvent::Finished(i, c)) => {
+                    st.tracker.finish(i, &c);
+                    let evs = st.format.finished(i, &c);
+                    st.queue.extend(evs);
+                }
+                Some(ChoiceEvent::Error(e)) => {
+                    st.tracker.fail();
+                    let evs = st.format.error(ApiError::Internal(e));
+                    st.queue.extend(evs);
+                    st.done = true;
+                    // Stop the other choices now rather than when the body is dropped.
+                    st.events = SelectAll::new();
+                }
+                None => {
+                    let evs = st.format.end(st.tracker.usage);
+                    st.queue.extend(evs);
+                    st.done = true;
+                }
+            }
+        }
+    })
+}
+
+/// The token's text and bytes for logprobs. Byte-level BPE pieces of a multi-byte character
+/// decode to U+FFFD on their own; their bytes then come from the byte-level alphabet.
+pub fn token_text(state: &AppState, id: u32) -> (String, Vec<u8>) {
+    let tok = &state.tokenizer;
+    let text = tok.decode(&[id], false).unwrap_or_default();
+    if !text.contains('\u{FFFD}') {
+        let b = text.as_bytes().to_vec();
+        return (text, b);
+    }
+    match tok.id_to_token(id).and_then(|p| byte_level_bytes(&p)) {
+        Some(b) => (text, b),
+        None => {
+            let b = text.as_bytes().to_vec();
+            (text, b)
+        }
+    }
+}
+
+/// Inverts GPT-2's byte-to-unicode table (printable bytes map to themselves; the other bytes to
+/// U+0100 upwards in order); `None` if a character is outside the table.
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    piece
+        .chars()
+        .map(|c| {
+            let cp = c as u32;
+            if printable(cp) {
+                return Some(cp as u8);
+            }
+            let k = cp.checked_sub(256)?;
+            // The k-th non-printable byte.
+            (0u32..=255)
+                .filter(|&b| !printable(b))
+                .nth(k as usize)
+                .map(|b| b as u8)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_level_inverse() {
+        // 'Ġ' (U+0120) is byte 0x20 (space), the 33rd non-printable byte.
+        assert_eq!(super::byte_level_bytes("Ġhi"), Some(b" hi".to_vec()));
+        assert_eq!(super::byte_level_bytes("\u{2581}x"), None);
+    }
+}

@@ -1,0 +1,702 @@
+//! The OpenAI wire format: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
+//!
+//! Requests are parsed into typed structs (wrong types → 400 naming the field), range-checked,
+//! and normalised into a [`NormalizedRequest`]; the route policy decides where it goes, and the
+//! local engine serves it. Streaming follows OpenAI's chunk sequence: for chat, a role chunk
+//! per choice, one chunk per generated token (so a client can count tokens, and logprobs ride on
+//! their token's chunk), a chunk with `finish_reason`, then with `stream_options.include_usage`
+//! a chunk with empty `choices` and the `usage`, then `data: [DONE]`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
+use switchyard_engine::engine::{Completion, TokenEvent};
+use switchyard_engine::sampling::SamplingParams;
+
+use super::error::{ApiError, OpenAiError};
+use super::local::{self, token_text, SseFormat, Tracker, Usage};
+use super::params;
+use super::route::{Api, NormalizedRequest, PromptInput, RouteDecision, Target};
+use super::{new_id, route_header, unix_now, AppState};
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a usage chunk before `[DONE]`.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// A chat message as sent.
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    pub role: String,
+    /// A string, a list of text parts, or null (assistant only).
+    #[serde(default)]
+    pub content: Option<Value>,
+    /// Participant name (passed to the template).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions` body (fields this server does not use are ignored).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    model: String,
+    messages: Vec<InMessage>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    n: Option<i64>,
+    stop: Option<Value>,
+    seed: Option<serde_json::Number>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    reasoning_effort: Option<String>,
+    chat_template_kwargs: Option<Map<String, Value>>,
+    tools: Option<Vec<Value>>,
+    ignore_eos: Option<bool>,
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    model: String,
+    prompt: Value,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    n: Option<i64>,
+    best_of: Option<i64>,
+    stop: Option<Value>,
+    seed: Option<serde_json::Number>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logprobs: Option<i64>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    ignore_eos: Option<bool>,
+}
+
+fn seed(v: Option<serde_json::Number>) -> Result<Option<u64>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .or_else(|| n.as_i64().map(|i| i as u64))
+            .map(Some)
+            .ok_or_else(|| ApiError::field("seed", format!("must be an integer, got {n}"))),
+    }
+}
+
+/// Content as the template sees it; only text is accepted.
+fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageContent>, ApiError> {
+    match v {
+        None | Some(Value::Null) => {
+            if role == "assistant" {
+                Ok(None)
+            } else {
+                Err(ApiError::MissingField(format!("{at}.content")))
+            }
+        }
+        Some(Value::String(s)) => Ok(Some(MessageContent::Text(s))),
+        Some(Value::Array(parts)) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for (j, p) in parts.into_iter().enumerate() {
+                let here = format!("{at}.content[{j}]");
+                let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind != "text" {
+                    return Err(ApiError::Unsupported {
+                        param: here,
+                        message: format!("content parts of type {kind:?} cannot be read by this text-only model; send text parts"),
+                    });
+                }
+                match p.get("text").and_then(Value::as_str) {
+                    Some(t) => out.push(ContentPart::text(t)),
+                    None => {
+                        return Err(ApiError::field(format!("{here}.text"), "must be a string"))
+                    }
+                }
+            }
+            Ok(Some(MessageContent::Parts(out)))
+        }
+        Some(_) => Err(ApiError::field(
+            format!("{at}.content"),
+            "must be a string or a list of text parts",
+        )),
+    }
+}
+
+impl ChatRequest {
+    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::field(
+                "messages",
+                "must contain at least one message",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::Unsupported {
+                param: "tools".into(),
+                message: "tool calling is not implemented yet; send the request without tools"
+                    .into(),
+            });
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let at = format!("messages[{i}]");
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::field(
+                        format!("{at}.role"),
+                        format!("must be one of system, developer, user, assistant; got {other:?}"),
+                    ))
+                }
+            };
+            let mut msg = ChatMessage {
+                role: role.to_string(),
+                content: content(m.content, &at, role)?,
+                extra: Map::new(),
+            };
+            if let Some(n) = m.name {
+                msg = msg.with_field("name", Value::String(n));
+            }
+            messages.push(msg);
+        }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (true, k) => Some(params::top_logprobs("top_logprobs", k.unwrap_or(0))?),
+            (false, Some(k)) if k > 0 => {
+                return Err(ApiError::field(
+                    "top_logprobs",
+                    "requires logprobs to be true",
+                ));
+            }
+            (false, _) => None,
+        };
+        let max_tokens = match self.max_completion_tokens {
+            Some(m) => params::max_tokens("max_completion_tokens", Some(m))?,
+            None => params::max_tokens("max_tokens", self.max_tokens)?,
+        };
+        let mut kwargs = self.chat_template_kwargs.unwrap_or_default();
+        if let Some(r) = self.reasoning_effort {
+            kwargs.insert("reasoning_effort".into(), Value::String(r));
+        }
+        Ok(NormalizedRequest {
+            api: Api::OpenAiChat,
+            model: self.model,
+            route_header: route_header(headers),
+            messages,
+            prompts: vec![],
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: params::temperature(
+                    self.temperature,
+                    params::OPENAI_MAX_TEMPERATURE,
+                    1.0,
+                )?,
+                top_k: params::top_k(self.top_k)?,
+                top_p: params::top_p(self.top_p)?,
+                min_p: params::min_p(self.min_p)?,
+                repetition_penalty: params::repetition_penalty(self.repetition_penalty)?,
+                frequency_penalty: params::penalty("frequency_penalty", self.frequency_penalty)?,
+                presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
+                seed: seed(self.seed)?,
+                logprobs,
+            },
+            stop: params::stop("stop", self.stop)?,
+            n: params::n(self.n)?,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            template_kwargs: kwargs,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+fn prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
+    let tokens = |items: Vec<Value>, at: &str| -> Result<Vec<u32>, ApiError> {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or_else(|| {
+                        ApiError::field(
+                            format!("{at}[{i}]"),
+                            "token ids must be non-negative integers",
+                        )
+                    })
+            })
+            .collect()
+    };
+    let out = match v {
+        Value::String(s) => vec![PromptInput::Text(s)],
+        Value::Array(items) if items.is_empty() => return Err(ApiError::field("prompt", "must not be empty")),
+        Value::Array(items) if items.iter().all(Value::is_number) => vec![PromptInput::Tokens(tokens(items, "prompt")?)],
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| match x {
+                Value::String(s) => Ok(PromptInput::Text(s)),
+                Value::Array(ids) => Ok(PromptInput::Tokens(tokens(ids, &format!("prompt[{i}]"))?)),
+                _ => Err(ApiError::field(format!("prompt[{i}]"), "must be a string or a list of token ids")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::field(
+                "prompt",
+                "must be a string, a list of strings, a list of token ids, or a list of lists of token ids",
+            ))
+        }
+    };
+    if out.len() > params::MAX_PROMPTS {
+        return Err(ApiError::field(
+            "prompt",
+            format!("at most {} prompts per request", params::MAX_PROMPTS),
+        ));
+    }
+    Ok(out)
+}
+
+impl CompletionRequest {
+    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+        if self.echo.unwrap_or(false) {
+            return Err(ApiError::Unsupported {
+                param: "echo".into(),
+                message: "echoing the prompt is not implemented".into(),
+            });
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::Unsupported {
+                param: "suffix".into(),
+                message: "insertion with a suffix is not implemented".into(),
+            });
+        }
+        let n = params::n(self.n)?;
+        if let Some(b) = self.best_of {
+            if b != n as i64 {
+                return Err(ApiError::Unsupported {
+                    param: "best_of".into(),
+                    message: "best_of must equal n (server-side ranking is not implemented)".into(),
+                });
+            }
+        }
+        let logprobs = self
+            .logprobs
+            .map(|k| params::top_logprobs("logprobs", k))
+            .transpose()?;
+        Ok(NormalizedRequest {
+            api: Api::OpenAiCompletions,
+            model: self.model,
+            route_header: route_header(headers),
+            messages: vec![],
+            prompts: prompts(self.prompt)?,
+            max_tokens: params::max_tokens("max_tokens", self.max_tokens)?,
+            sampling: SamplingParams {
+                temperature: params::temperature(
+                    self.temperature,
+                    params::OPENAI_MAX_TEMPERATURE,
+                    1.0,
+                )?,
+                top_k: params::top_k(self.top_k)?,
+                top_p: params::top_p(self.top_p)?,
+                min_p: params::min_p(self.min_p)?,
+                repetition_penalty: params::repetition_penalty(self.repetition_penalty)?,
+                frequency_penalty: params::penalty("frequency_penalty", self.frequency_penalty)?,
+                presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
+                seed: seed(self.seed)?,
+                logprobs,
+            },
+            stop: params::stop("stop", self.stop)?,
+            n,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            template_kwargs: Map::new(),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+        })
+    }
+}
+
+/// What every response and chunk of one request shares.
+#[derive(Clone)]
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+/// Chat `logprobs.content` entry of one token.
+fn chat_logprob(state: &AppState, t: &TokenEvent) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let (text, bytes) = token_text(state, id);
+        json!({"token": text, "logprob": lp, "bytes": bytes})
+    };
+    let mut e = entry(t.id, t.logprob.unwrap_or(f32::NEG_INFINITY));
+    e["top_logprobs"] = t
+        .top_logprobs
+        .iter()
+        .map(|a| entry(a.id, a.logprob))
+        .collect();
+    e
+}
+
+/// Completions logprobs of a run of tokens starting at text offset `offset`.
+fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usize) -> Value {
+    let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+    for t in tokens {
+        let (text, _) = token_text(state, t.id);
+        offs.push(offset);
+        offset += t.text.len();
+        toks.push(text);
+        lps.push(t.logprob);
+        let top: Map<String, Value> = t
+            .top_logprobs
+            .iter()
+            .map(|a| (token_text(state, a.id).0, json!(a.logprob)))
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+}
+
+/// Serves a routed request: the local engine, or an error for targets this build cannot reach.
+async fn dispatch(
+    state: &Arc<AppState>,
+    decision: &RouteDecision,
+    req: NormalizedRequest,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    match &decision.target {
+        Target::Local => serve_local(state, req, arrived).await,
+        Target::Remote(t) => Err(ApiError::TierUnavailable(t.clone())),
+        Target::Block(m) => Err(ApiError::Blocked(m.clone())),
+    }
+}
+
+async fn serve_local(
+    state: &Arc<AppState>,
+    req: NormalizedRequest,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let prepared = local::prepare(state, &req).await?;
+    let streams = local::submit(state, req.api, &prepared)?;
+    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared);
+    let chat = req.api == Api::OpenAiChat;
+    let meta = Meta {
+        id: new_id(if chat { "chatcmpl-" } else { "cmpl-" }),
+        created: unix_now(),
+        model: state.model_id.clone(),
+        fingerprint: state.fingerprint.clone(),
+    };
+    let logprobs = req.sampling.logprobs.is_some();
+    if req.stream {
+        let fmt = ChunkFormat {
+            state: state.clone(),
+            meta,
+            chat,
+            choices: streams.len(),
+            include_usage: req.include_usage,
+            logprobs,
+            offsets: vec![0; streams.len()],
+        };
+        return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
+    }
+    let outs = local::collect(streams, &mut tracker, logprobs).await?;
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let finish = o.completion.as_ref().map(|c| c.finish_reason.as_str());
+            if chat {
+                let lp = logprobs.then(|| json!({"content": o.tokens.iter().map(|t| chat_logprob(state, t)).collect::<Vec<_>>()}));
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": o.text},
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                })
+            } else {
+                let lp = logprobs.then(|| completion_logprobs(state, &o.tokens, 0));
+                json!({"index": i, "text": o.text, "logprobs": lp, "finish_reason": finish})
+            }
+        })
+        .collect();
+    Ok(Json(json!({
+        "id": meta.id,
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": meta.fingerprint,
+        "choices": choices,
+        "usage": usage_json(tracker.usage),
+    }))
+    .into_response())
+}
+
+/// OpenAI chunk streams (chat and completions).
+struct ChunkFormat {
+    state: Arc<AppState>,
+    meta: Meta,
+    chat: bool,
+    choices: usize,
+    include_usage: bool,
+    logprobs: bool,
+    /// Completions `text_offset` of each choice's next token.
+    offsets: Vec<usize>,
+}
+
+impl ChunkFormat {
+    fn chunk(&self, choices: Vec<Value>) -> SseEvent {
+        let mut c = json!({
+            "id": self.meta.id,
+            "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": self.meta.fingerprint,
+            "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        SseEvent::default().data(c.to_string())
+    }
+}
+
+impl SseFormat for ChunkFormat {
+    fn start(&mut self) -> Vec<SseEvent> {
+        if !self.chat {
+            return vec![];
+        }
+        (0..self.choices)
+            .map(|i| {
+                self.chunk(vec![json!({
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null,
+                    "finish_reason": null,
+                })])
+            })
+            .collect()
+    }
+
+    fn token(&mut self, i: usize, t: TokenEvent) -> Vec<SseEvent> {
+        let choice = if self.chat {
+            let lp = self
+                .logprobs
+                .then(|| json!({"content": [chat_logprob(&self.state, &t)]}));
+            json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null})
+        } else {
+            let off = self.offsets.get(i).copied().unwrap_or(0);
+            let lp = self
+                .logprobs
+                .then(|| completion_logprobs(&self.state, std::slice::from_ref(&t), off));
+            if let Some(o) = self.offsets.get_mut(i) {
+                *o += t.text.len();
+            }
+            json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null})
+        };
+        vec![self.chunk(vec![choice])]
+    }
+
+    fn finished(&mut self, i: usize, c: &Completion) -> Vec<SseEvent> {
+        let reason = c.finish_reason.as_str();
+        let choice = if self.chat {
+            let delta = if c.text.is_empty() {
+                json!({})
+            } else {
+                json!({"content": c.text})
+            };
+            json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason})
+        } else {
+            json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason})
+        };
+        vec![self.chunk(vec![choice])]
+    }
+
+    fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
+        let mut out = vec![];
+        if self.include_usage {
+            let c = json!({
+                "id": self.meta.id,
+                "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
+                "created": self.meta.created,
+                "model": self.meta.model,
+                "system_fingerprint": self.meta.fingerprint,
+                "choices": [],
+                "usage": usage_json(usage),
+            });
+            out.push(SseEvent::default().data(c.to_string()));
+        }
+        out.push(SseEvent::default().data("[DONE]"));
+        out
+    }
+
+    fn error(&mut self, e: ApiError) -> Vec<SseEvent> {
+        vec![
+            SseEvent::default().data(e.openai_body().to_string()),
+            SseEvent::default().data("[DONE]"),
+        ]
+    }
+}
+
+/// Normalises, routes and serves; errors in the OpenAI shape; routing headers on the response.
+async fn handle(
+    state: Arc<AppState>,
+    parsed: Result<NormalizedRequest, ApiError>,
+    arrived: Instant,
+) -> Response {
+    let req = match parsed.and_then(|r| state.check_model(&r.model).map(|()| r)) {
+        Ok(r) => r,
+        Err(e) => return OpenAiError(e).into_response(),
+    };
+    let decision = state.policy.route(&req);
+    let mut resp = match dispatch(&state, &decision, req, arrived).await {
+        Ok(r) => r,
+        Err(e) => OpenAiError(e).into_response(),
+    };
+    decision.write_headers(resp.headers_mut());
+    resp
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let parsed = params::parse_body::<ChatRequest>(body, state.max_body_bytes)
+        .and_then(|r| r.normalize(&headers));
+    handle(state, parsed, arrived).await
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let parsed = params::parse_body::<CompletionRequest>(body, state.max_body_bytes)
+        .and_then(|r| r.normalize(&headers));
+    handle(state, parsed, arrived).await
+}
+
+fn model_card(state: &AppState) -> Value {
+    json!({
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "switchyard",
+        "root": state.model_dir.display().to_string(),
+        "max_model_len": state.engine.info().scheduler.max_model_len,
+    })
+}
+
+/// `GET /v1/models`.
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    Json(json!({"object": "list", "data": [model_card(&state)]})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match state.check_model(&id) {
+        Ok(()) => Json(model_card(&state)).into_response(),
+        Err(e) => OpenAiError(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_shapes() {
+        assert_eq!(
+            prompts(json!("hi")).unwrap(),
+            vec![PromptInput::Text("hi".into())]
+        );
+        assert_eq!(
+            prompts(json!([1, 2])).unwrap(),
+            vec![PromptInput::Tokens(vec![1, 2])]
+        );
+        assert_eq!(prompts(json!([[1], "a"])).unwrap().len(), 2);
+        assert!(prompts(json!([-1])).is_err());
+        assert!(prompts(json!(3)).is_err());
+        assert!(prompts(json!([])).is_err());
+    }
+
+    #[test]
+    fn chat_validation() {
+        let parse = |v: Value| -> Result<NormalizedRequest, ApiError> {
+            let r: ChatRequest =
+                serde_json::from_value(v).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+            r.normalize(&HeaderMap::new())
+        };
+        let ok = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
+        let r = parse(ok).unwrap();
+        assert_eq!(r.n, 1);
+        assert_eq!(r.max_tokens, None);
+        let bad_role = json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]});
+        assert_eq!(
+            parse(bad_role).unwrap_err().param(),
+            Some("messages[0].role")
+        );
+        let image = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]});
+        assert_eq!(
+            parse(image).unwrap_err().param(),
+            Some("messages[0].content[0]")
+        );
+        let top = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2});
+        assert_eq!(parse(top).unwrap_err().param(), Some("top_logprobs"));
+        let mt = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0});
+        assert_eq!(
+            parse(mt).unwrap_err().param(),
+            Some("max_completion_tokens")
+        );
+    }
+}

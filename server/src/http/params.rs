@@ -1,0 +1,251 @@
+//! Request-body parsing and the range checks shared by the wire formats. Bodies are read as
+//! bytes (so an oversized body is our 413, not axum's), parsed as JSON (malformed → 400), and
+//! deserialised with the failing field's path (wrong type → 400 naming the field); ranges are
+//! then checked here, each error naming its field.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use switchyard_engine::sampling::{MAX_ABS_PENALTY, MAX_TEMPERATURE, MAX_TOP_LOGPROBS};
+
+use super::error::ApiError;
+
+/// Most choices per prompt (`n`): each is a sequence in the engine, so a large `n` is a large
+/// batch; 16 matches the most any public API allows for chat.
+pub const MAX_N: usize = 16;
+/// Most stop strings per request (OpenAI allows 4; stop matching cost grows with the count).
+pub const MAX_STOP: usize = 16;
+/// Most prompts in one completions request.
+pub const MAX_PROMPTS: usize = 64;
+
+/// Parses a JSON object body into `T`, mapping every failure to an [`ApiError`].
+pub fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge { limit }
+        } else {
+            ApiError::MalformedJson(format!("the body could not be read: {r}"))
+        }
+    })?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if !v.is_object() {
+        return Err(ApiError::NotAnObject);
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        if let Some(field) = missing_field(&msg) {
+            let p = if path == "." || path.is_empty() {
+                field.to_string()
+            } else {
+                format!("{path}.{field}")
+            };
+            ApiError::MissingField(p)
+        } else {
+            ApiError::field(path, msg)
+        }
+    })
+}
+
+/// The field of serde's "missing field `x`" message.
+fn missing_field(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("missing field `")?;
+    rest.split('`').next()
+}
+
+/// `temperature` in `[0, max]`.
+pub fn temperature(v: Option<f64>, max: f64, default: f32) -> Result<f32, ApiError> {
+    let Some(t) = v else { return Ok(default) };
+    if !(t.is_finite() && (0.0..=max).contains(&t)) {
+        return Err(ApiError::field(
+            "temperature",
+            format!("must be between 0 and {max}, got {t}"),
+        ));
+    }
+    Ok(t as f32)
+}
+
+/// The OpenAI temperature bound.
+pub const OPENAI_MAX_TEMPERATURE: f64 = MAX_TEMPERATURE as f64;
+
+/// `top_p` in `(0, 1]`.
+pub fn top_p(v: Option<f64>) -> Result<f32, ApiError> {
+    let Some(p) = v else { return Ok(1.0) };
+    if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+        return Err(ApiError::field(
+            "top_p",
+            format!("must be greater than 0 and at most 1, got {p}"),
+        ));
+    }
+    Ok(p as f32)
+}
+
+/// `top_k`: `None`, 0 or -1 disable (vLLM's convention); otherwise positive.
+pub fn top_k(v: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None | Some(0) | Some(-1) => Ok(None),
+        Some(k) if k > 0 => Ok(Some(k as usize)),
+        Some(k) => Err(ApiError::field(
+            "top_k",
+            format!("must be positive (0 or -1 disables it), got {k}"),
+        )),
+    }
+}
+
+/// `min_p` in `[0, 1]`.
+pub fn min_p(v: Option<f64>) -> Result<f32, ApiError> {
+    let Some(p) = v else { return Ok(0.0) };
+    if !(p.is_finite() && (0.0..=1.0).contains(&p)) {
+        return Err(ApiError::field(
+            "min_p",
+            format!("must be between 0 and 1, got {p}"),
+        ));
+    }
+    Ok(p as f32)
+}
+
+/// `repetition_penalty` > 0.
+pub fn repetition_penalty(v: Option<f64>) -> Result<f32, ApiError> {
+    let Some(p) = v else { return Ok(1.0) };
+    if !(p.is_finite() && p > 0.0) {
+        return Err(ApiError::field(
+            "repetition_penalty",
+            format!("must be greater than 0 (1 disables it), got {p}"),
+        ));
+    }
+    Ok(p as f32)
+}
+
+/// A presence or frequency penalty in `[-2, 2]`.
+pub fn penalty(field: &str, v: Option<f64>) -> Result<f32, ApiError> {
+    let Some(p) = v else { return Ok(0.0) };
+    let max = MAX_ABS_PENALTY as f64;
+    if !(p.is_finite() && p.abs() <= max) {
+        return Err(ApiError::field(
+            field,
+            format!("must be between -{max} and {max}, got {p}"),
+        ));
+    }
+    Ok(p as f32)
+}
+
+/// `n` in `1..=MAX_N`.
+pub fn n(v: Option<i64>) -> Result<usize, ApiError> {
+    let Some(n) = v else { return Ok(1) };
+    if !(1..=MAX_N as i64).contains(&n) {
+        return Err(ApiError::field(
+            "n",
+            format!("must be between 1 and {MAX_N}, got {n}"),
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// A token limit: at least 1.
+pub fn max_tokens(field: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(m) if m >= 1 => Ok(Some(m as usize)),
+        Some(m) => Err(ApiError::field(
+            field,
+            format!("must be at least 1, got {m}"),
+        )),
+    }
+}
+
+/// Alternatives per position in `0..=20`.
+pub fn top_logprobs(field: &str, v: i64) -> Result<usize, ApiError> {
+    if !(0..=MAX_TOP_LOGPROBS as i64).contains(&v) {
+        return Err(ApiError::field(
+            field,
+            format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {v}"),
+        ));
+    }
+    Ok(v as usize)
+}
+
+/// `stop`: absent, null, a string, or a list of strings.
+pub fn stop(field: &str, v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| match x {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::field(format!("{field}[{i}]"), "must be a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::field(
+                field,
+                "must be a string or a list of strings",
+            ))
+        }
+    };
+    if list.len() > MAX_STOP {
+        return Err(ApiError::field(
+            field,
+            format!("at most {MAX_STOP} stop sequences, got {}", list.len()),
+        ));
+    }
+    if list.iter().any(String::is_empty) {
+        return Err(ApiError::field(field, "stop sequences must not be empty"));
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct T {
+        model: String,
+        temperature: Option<f64>,
+    }
+
+    fn parse(s: &'static str) -> Result<T, ApiError> {
+        parse_body(Ok(Bytes::from_static(s.as_bytes())), 100)
+    }
+
+    #[test]
+    fn body_errors_name_fields() {
+        assert!(matches!(parse("{"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(parse("[1]"), Err(ApiError::NotAnObject)));
+        match parse(r#"{"temperature": 1}"#) {
+            Err(ApiError::MissingField(f)) => assert_eq!(f, "model"),
+            o => panic!("{o:?}"),
+        }
+        match parse(r#"{"model": "m", "temperature": "hot"}"#) {
+            Err(ApiError::InvalidField { param, .. }) => assert_eq!(param, "temperature"),
+            o => panic!("{o:?}"),
+        }
+        assert!(parse(r#"{"model": "m", "extra": 1}"#).is_ok());
+    }
+
+    #[test]
+    fn ranges() {
+        assert!(temperature(Some(2.5), 2.0, 1.0).is_err());
+        assert!(temperature(Some(-0.1), 2.0, 1.0).is_err());
+        assert!(top_p(Some(0.0)).is_err());
+        assert!(top_p(Some(1.0)).is_ok());
+        assert!(n(Some(0)).is_err());
+        assert!(n(Some(17)).is_err());
+        assert!(max_tokens("max_tokens", Some(0)).is_err());
+        assert_eq!(
+            stop("stop", Some(Value::String("x".into()))).ok(),
+            Some(vec!["x".to_string()])
+        );
+        assert!(stop("stop", Some(serde_json::json!([1]))).is_err());
+        assert_eq!(top_k(Some(-1)).ok(), Some(None));
+    }
+}

@@ -1,0 +1,279 @@
+//! Test harness: a tiny random model made once per test binary, and `switchyard serve` started
+//! as the real binary on a free port (killed when the [`Server`] drops), with its stderr kept so
+//! tests can check what it logged.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The switchyard binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// The tiny test model's folder (made on first use; shared by every test in the binary).
+pub fn model_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join("switchyard-tiny-model");
+        if dir.join("tokenizer.json").is_file() && dir.join("config.json").is_file() {
+            return dir;
+        }
+        // Write elsewhere and rename, so concurrent test binaries never see half a model.
+        let tmp = root.join(format!("switchyard-tiny-model.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let out = Command::new(BIN)
+            .args([
+                "make-test-model",
+                "--preset",
+                "tiny",
+                "--seed",
+                "7",
+                "--out",
+            ])
+            .arg(&tmp)
+            .output()
+            .expect("run make-test-model");
+        assert!(
+            out.status.success(),
+            "make-test-model failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::rename(&tmp, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        assert!(dir.join("tokenizer.json").is_file());
+        dir
+    })
+}
+
+/// A running `switchyard serve`.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    log: Arc<Mutex<String>>,
+}
+
+/// Options for [`Server::start_with`].
+#[derive(Default)]
+pub struct Opts<'a> {
+    /// Extra flags.
+    pub args: &'a [&'a str],
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Server {
+    /// A server with the test defaults (512-token context, 32 MiB KV cache, no key).
+    pub fn start() -> Self {
+        Self::start_with(Opts::default())
+    }
+
+    /// A server with extra flags and environment.
+    pub fn start_with(o: Opts<'_>) -> Self {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--port",
+            "0",
+            "--max-model-len",
+            "512",
+            "--kv-cache-memory",
+            "32MiB",
+            "--model",
+        ])
+        .arg(model_dir())
+        .args(o.args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        for (k, v) in o.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn switchyard serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let l2 = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut l) = l2.lock() {
+                    l.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("switchyard listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(b) => b,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                );
+            }
+        };
+        Server { child, base, log }
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (via `kill`) and waits up to `timeout` for exit; returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client without connection reuse surprises (each test builds its own).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+/// Parses an SSE body into `(event name, data)` pairs.
+pub fn parse_sse(body: &str) -> Vec<(Option<String>, String)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = None;
+            let mut data = Vec::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                }
+            }
+            (name, data.join("\n"))
+        })
+        .collect()
+}
+
+/// The value of a Prometheus sample line `name{labels} value` (first match, labels optional).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{'))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Sum of every sample of `name` whose labels contain all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{'))
+        })
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Asserts the OpenAI error shape and returns the `error` object.
+pub fn openai_error(v: &Value) -> &Value {
+    let e = &v["error"];
+    assert!(e.is_object(), "not an OpenAI error: {v}");
+    assert!(e["message"].is_string(), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some(), "{v}");
+    assert!(e.get("code").is_some(), "{v}");
+    e
+}
+
+/// Asserts the Anthropic error shape and returns the `error` object.
+pub fn anthropic_error(v: &Value) -> &Value {
+    assert_eq!(v["type"], "error", "{v}");
+    let e = &v["error"];
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e["message"].is_string(), "{v}");
+    e
+}
+
+/// Asserts the DESIGN.md routing headers.
+pub fn assert_routing_headers(h: &reqwest::header::HeaderMap) {
+    assert_eq!(
+        h.get("x-switchyard-tier").map(|v| v.to_str().unwrap_or("")),
+        Some("local")
+    );
+    assert_eq!(
+        h.get("x-switchyard-action")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("local")
+    );
+    assert!(h.get("x-switchyard-reason").is_some());
+    assert_eq!(
+        h.get("x-switchyard-cost-usd")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("0")
+    );
+}
+
+/// The prompt length the server computes for a one-user-message chat.
+pub fn chat_prompt_len(messages: &[(&str, &str)]) -> usize {
+    use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
+    use switchyard_engine::tokenizer::Tokenizer;
+    let tok = Tokenizer::from_dir(model_dir()).expect("tokenizer");
+    let t = ChatTemplate::from_model_dir(model_dir())
+        .expect("template")
+        .with_special_tokens(
+            tok.bos_token().map(String::from),
+            tok.eos_token().map(String::from),
+        );
+    let msgs: Vec<ChatMessage> = messages
+        .iter()
+        .map(|(r, c)| ChatMessage::new(*r, *c))
+        .collect();
+    let text = t
+        .render(&msgs, &RenderOptions::generation())
+        .expect("render");
+    tok.encode(&text, false).expect("encode").len()
+}
