@@ -1,0 +1,21 @@
+//! Router intelligence for Switchyard: what a prompt is about and how hard it is.
+//!
+//! - [`embed`]: all-MiniLM-L6-v2 sentence embeddings in candle (mean-pooled, unit length).
+//! - [`exemplars`]: a nearest-exemplar category classifier over labelled prompts
+//!   (`models/router/exemplars.jsonl`), each category mapped to a router action.
+//! - [`difficulty`]: P(the local tier fails and the frontier tier succeeds), fitted on the
+//!   RouteLLM train split (kNN over embeddings blended with a logistic head).
+//! - [`scorer`]: [`RouterScorer`], the `switchyard_router::SemanticScorer` that plugs both into
+//!   `switchyard_router::decide`.
+//! - [`cascade`]: checks on a local answer that say whether to escalate it after the fact.
+//! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines.
+//!
+//! Words: the MoE *gate* picks experts inside the model; the request *router* picks a tier.
+#![deny(missing_docs)]
+
+pub mod bert;
+pub mod embed;
+pub mod error;
+
+pub use embed::{cosine, dot, locate_minilm, Embedder, MAX_TOKENS, MINILM_HUB_ID};
+pub use error::{ClassifierError, Result};
