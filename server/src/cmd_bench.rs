@@ -69,25 +69,34 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt, gen) };
             streams.push(engine.submit(req)?);
         }
-        let mut first = vec![None; a.batch];
-        let mut last_first = 0f64;
-        for (i, s) in streams.iter_mut().enumerate() {
-            while let Some(ev) = s.blocking_recv() {
-                match ev {
-                    Event::Token(_) => {
-                        if first[i].is_none() {
-                            let t = t0.elapsed().as_secs_f64();
-                            first[i] = Some(t);
-                            last_first = f64::max(last_first, t);
+        // One thread per stream so each first-token time is observed when it happens.
+        let times: Vec<Result<(f64, f64)>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = streams
+                .into_iter()
+                .map(|mut s| {
+                    sc.spawn(move || -> Result<(f64, f64)> {
+                        let mut first = None;
+                        while let Some(ev) = s.blocking_recv() {
+                            match ev {
+                                Event::Token(_) => {
+                                    first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                                }
+                                Event::Finished(_) => break,
+                                Event::Error(e) => anyhow::bail!(e),
+                            }
                         }
-                    }
-                    Event::Finished(_) => break,
-                    Event::Error(e) => anyhow::bail!(e),
-                }
-            }
-        }
-        let total = t0.elapsed().as_secs_f64();
-        let ttft = first.iter().flatten().cloned().fold(f64::INFINITY, f64::min);
+                        Ok((first.unwrap_or(f64::NAN), t0.elapsed().as_secs_f64()))
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("bench reader thread panicked"))))
+                .collect()
+        });
+        let times = times.into_iter().collect::<Result<Vec<_>>>()?;
+        let last_first = times.iter().map(|t| t.0).fold(0.0, f64::max);
+        let ttft = times.iter().map(|t| t.0).fold(f64::INFINITY, f64::min);
+        let total = times.iter().map(|t| t.1).fold(0.0, f64::max);
         Ok((ttft, last_first, total))
     };
     // Warm-up (page in weights, allocate).
@@ -106,6 +115,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prefill_tok_s": prefill_tok_s,
         "decode_tok_s": decode_tok_s,
         "ttft_ms": ttft * 1e3,
+        "total_tok_s": (a.batch * a.gen_len) as f64 / total,
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,

@@ -51,7 +51,7 @@ impl GateConfig {
             )));
         }
         if self.n_group == 0
-            || self.num_experts % self.n_group != 0
+            || !self.num_experts.is_multiple_of(self.n_group)
             || self.topk_group == 0
             || self.topk_group > self.n_group
         {
@@ -97,7 +97,7 @@ pub fn gate_topk(
 ) -> Result<GateOutput, KernelError> {
     cfg.validate()?;
     let e = cfg.num_experts;
-    if logits.len() % e != 0 {
+    if !logits.len().is_multiple_of(e) {
         return Err(KernelError::InvalidArgument(format!(
             "router logits length {} is not a multiple of {} experts",
             logits.len(),

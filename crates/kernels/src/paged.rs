@@ -136,12 +136,12 @@ pub fn paged_attention<T: KvElem>(
 ) -> Result<(), KernelError> {
     let hd = layout.head_dim;
     let kvh = layout.kv_heads;
-    if heads == 0 || kvh == 0 || heads % kvh != 0 {
+    if heads == 0 || kvh == 0 || !heads.is_multiple_of(kvh) {
         return Err(KernelError::InvalidArgument(format!(
             "paged_attention: {heads} query heads over {kvh} KV heads"
         )));
     }
-    if q.len() % (heads * hd) != 0 || out.len() != q.len() {
+    if !q.len().is_multiple_of(heads * hd) || out.len() != q.len() {
         return Err(KernelError::InvalidArgument(
             "paged_attention: q/out are not [T, heads, head_dim]".into(),
         ));

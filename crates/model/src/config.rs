@@ -153,7 +153,7 @@ impl ModelConfig {
         };
         if num_attention_heads == 0
             || num_key_value_heads == 0
-            || num_attention_heads % num_key_value_heads != 0
+            || !num_attention_heads.is_multiple_of(num_key_value_heads)
         {
             return Err(ModelError::Config {
                 field: "num_key_value_heads".into(),
@@ -162,7 +162,7 @@ impl ModelConfig {
                 ),
             });
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(ModelError::Config {
                 field: "head_dim".into(),
                 message: format!("RoPE needs an even, non-zero head_dim; got {head_dim}"),
