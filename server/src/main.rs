@@ -3,8 +3,10 @@
 //! `route`, `convert-gguf`. `main` prints the whole error chain and exits non-zero on failure.
 
 mod cmd_bench;
+mod cmd_convert;
 mod cmd_generate;
 mod cmd_make_test_model;
+mod cmd_route;
 mod http;
 mod loading;
 mod serve;
@@ -30,6 +32,10 @@ enum Cmd {
     MakeTestModel(cmd_make_test_model::MakeTestModelArgs),
     /// Measure prefill and decode throughput.
     Bench(cmd_bench::BenchArgs),
+    /// Explain the router's decision for a prompt or request without serving it.
+    Route(cmd_route::RouteArgs),
+    /// Upcycle a dense llama GGUF into a hy_v3 MoE checkpoint.
+    ConvertGguf(cmd_convert::ConvertGgufArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +53,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Logits(a) => cmd_generate::run_logits(a),
         Cmd::MakeTestModel(a) => cmd_make_test_model::run(a),
         Cmd::Bench(a) => cmd_bench::run(a),
+        Cmd::Route(a) => cmd_route::run(a),
+        Cmd::ConvertGguf(a) => cmd_convert::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
