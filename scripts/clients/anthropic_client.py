@@ -18,6 +18,8 @@ import anthropic
 BASE = os.environ["SWITCHYARD_BASE_URL"].rstrip("/")
 KEY = os.environ["SWITCHYARD_API_KEY"]
 MODEL = "local"
+# Sampling fields go in extra_body: recent SDKs dropped temperature/top_p/top_k from create().
+SAMPLING = {"temperature": 0, "top_k": 40, "top_p": 0.9}
 
 failures = []
 
@@ -50,7 +52,7 @@ raw = client.messages.with_raw_response.create(
     max_tokens=16,
     system="You are terse.",
     messages=[{"role": "user", "content": "Hello"}],
-    temperature=0,
+    extra_body={"temperature": 0},
 )
 check(raw.headers.get("x-switchyard-tier") == "local", "x-switchyard-tier: local")
 check(raw.headers.get("x-switchyard-cost-usd") == "0", "x-switchyard-cost-usd: 0")
@@ -68,9 +70,7 @@ full = client.messages.create(
     max_tokens=24,
     system=[{"type": "text", "text": "Answer in one line."}],
     messages=[{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
-    temperature=0,
-    top_k=40,
-    top_p=0.9,
+    extra_body=SAMPLING,
 )
 text = full.content[0].text
 if len(text) >= 4:
@@ -80,9 +80,7 @@ if len(text) >= 4:
         max_tokens=24,
         system=[{"type": "text", "text": "Answer in one line."}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "Go on."}]}],
-        temperature=0,
-        top_k=40,
-        top_p=0.9,
+        extra_body=SAMPLING,
         stop_sequences=[stop],
     )
     check(cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop,
@@ -117,7 +115,7 @@ expect_error(anthropic.AuthenticationError, "wrong API key",
              lambda: bad.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}]),
              401)
 expect_error(anthropic.BadRequestError, "temperature 1.5",
-             lambda: client.messages.create(model=MODEL, max_tokens=4, temperature=1.5,
+             lambda: client.messages.create(model=MODEL, max_tokens=4, extra_body={"temperature": 1.5},
                                             messages=[{"role": "user", "content": "x"}]),
              400)
 expect_error(anthropic.BadRequestError, "max_tokens over the context",

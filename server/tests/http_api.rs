@@ -239,7 +239,8 @@ async fn completions_plain_stream_logprobs_and_stop() {
         .unwrap_or("")
         .to_string();
     let chars: Vec<char> = text.chars().collect();
-    if chars.len() >= 6 {
+    assert!(chars.len() >= 6, "24 tokens gave only {text:?}");
+    {
         let stop: String = chars[3..5].iter().collect();
         let v: Value = c
             .post(s.url("/v1/completions"))
@@ -353,7 +354,7 @@ async fn anthropic_stop_sequence() {
     let s = Server::start();
     let c = client();
     let body = |stop: Option<&str>| {
-        let mut b = json!({"model": "local", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "q"}]});
+        let mut b = json!({"model": "local", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "messages": [{"role": "user", "content": "q"}]});
         if let Some(st) = stop {
             b["stop_sequences"] = json!([st]);
         }
@@ -370,7 +371,8 @@ async fn anthropic_stop_sequence() {
         .expect("json");
     let text = v["content"][0]["text"].as_str().unwrap_or("").to_string();
     let chars: Vec<char> = text.chars().collect();
-    if chars.len() >= 4 {
+    assert!(chars.len() >= 4, "24 tokens gave only {text:?}");
+    {
         let stop: String = chars[2..4].iter().collect();
         let v: Value = c
             .post(s.url("/v1/messages"))

@@ -392,32 +392,39 @@ async fn unknown_route_is_404_in_openai_shape() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
+    use futures_util::StreamExt;
     let mut s = Server::start();
     let c = client();
-    let url = s.url("/v1/completions");
-    let inflight = tokio::spawn(async move {
-        let r = c
-            .post(&url)
-            .json(&json!({"model": "local", "prompt": "abc", "max_tokens": 200, "ignore_eos": true, "stream": true}))
-            .send()
-            .await
-            .expect("send");
-        let status = r.status().as_u16();
-        let body = r.text().await.unwrap_or_default();
-        (status, body)
-    });
-    // Let the request start streaming, then ask the server to stop.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&json!({"model": "local", "prompt": "abc", "max_tokens": 500, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut text = String::new();
+    if let Some(Ok(b)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&b));
+    }
+    // Mid-stream: ask the server to stop, then read the rest.
+    let pid = s.pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    assert!(killed.is_ok_and(|k| k.success()));
+    while let Some(Ok(b)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&b));
+    }
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "stream was cut: {}",
+        &text[text.len().saturating_sub(200)..]
+    );
     let status = tokio::task::block_in_place(|| s.terminate(std::time::Duration::from_secs(60)));
     assert!(
         status.is_some_and(|st| st.success()),
         "server did not exit cleanly: {status:?}"
     );
-    let (st, body) = inflight.await.expect("task");
-    assert_eq!(st, 200);
-    assert!(
-        body.trim_end().ends_with("data: [DONE]"),
-        "stream was cut: {}",
-        &body[body.len().saturating_sub(200)..]
-    );
+    assert!(s.log().contains("shutting down"));
 }

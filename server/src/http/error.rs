@@ -214,7 +214,24 @@ impl ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.body_unread() {
+            // The request body was not (fully) read, so the connection cannot carry another
+            // request; say so, or a keep-alive client reuses it and gets a reset.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
+    }
+
+    /// Errors raised before the request body was read to its end.
+    fn body_unread(&self) -> bool {
+        matches!(
+            self,
+            ApiError::BodyTooLarge { .. }
+                | ApiError::MissingApiKey
+                | ApiError::InvalidApiKey
+                | ApiError::NotFound { .. }
+        )
     }
 
     /// Maps an engine refusal; `prompt_param` names the field holding the prompt.

@@ -145,6 +145,11 @@ impl Server {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM (via `kill`) and waits up to `timeout` for exit; returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
