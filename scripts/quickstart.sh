@@ -10,5 +10,5 @@ cd "$root"
 cargo build --release -p switchyard-server
 export SWITCHYARD_BIN="$root/target/release/switchyard"
 scripts/demo-model.sh "$root/models/demo"
-exec "$SWITCHYARD_BIN" serve --model "$root/models/demo" --router "$root/models/router/default.toml" \
+exec "$SWITCHYARD_BIN" serve --model "$root/models/demo" --dtype bf16 --router "$root/models/router/default.toml" \
   --host 127.0.0.1 --port "${PORT:-8000}" "$@"
