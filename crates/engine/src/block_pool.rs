@@ -68,7 +68,9 @@ impl BlockPool {
             hash: vec![None; num_blocks],
             cached: HashMap::new(),
             prev: (0..n).map(|i| if i == 0 { NIL } else { i - 1 }).collect(),
-            next: (0..n).map(|i| if i + 1 == n { NIL } else { i + 1 }).collect(),
+            next: (0..n)
+                .map(|i| if i + 1 == n { NIL } else { i + 1 })
+                .collect(),
             head: if n == 0 { NIL } else { 0 },
             tail: if n == 0 { NIL } else { n - 1 },
             free_count: num_blocks,
@@ -270,7 +272,9 @@ impl BlockTable {
     /// pool does not have enough free blocks.
     pub fn ensure_capacity(&mut self, n_tokens: usize) -> bool {
         let mut pool = self.pool.lock();
-        let need = n_tokens.div_ceil(pool.block_size).saturating_sub(self.blocks.len());
+        let need = n_tokens
+            .div_ceil(pool.block_size)
+            .saturating_sub(self.blocks.len());
         if need > pool.num_free() {
             return false;
         }
@@ -283,7 +287,9 @@ impl BlockTable {
 
     /// Blocks needed beyond the current ones to hold `n_tokens`.
     pub fn blocks_needed(&self, n_tokens: usize, block_size: usize) -> usize {
-        n_tokens.div_ceil(block_size).saturating_sub(self.blocks.len())
+        n_tokens
+            .div_ceil(block_size)
+            .saturating_sub(self.blocks.len())
     }
 
     /// Registers the hashes of blocks that became full now that `computed` tokens of `tokens`
@@ -294,7 +300,11 @@ impl BlockTable {
         let full = (computed / bs).min(self.blocks.len());
         while self.hashes.len() < full {
             let i = self.hashes.len();
-            let h = block_hash(self.hashes.last().copied(), &tokens[i * bs..(i + 1) * bs], self.extra);
+            let h = block_hash(
+                self.hashes.last().copied(),
+                &tokens[i * bs..(i + 1) * bs],
+                self.extra,
+            );
             pool.register(self.blocks[i], h);
             self.hashes.push(h);
         }

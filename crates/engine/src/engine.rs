@@ -270,7 +270,11 @@ impl Drop for RequestStream {
 
 impl EngineHandle {
     /// Starts the engine thread. Fails if the KV cache cannot hold one full-length sequence.
-    pub fn start(model: HyV3Model, tokenizer: Arc<Tokenizer>, mut cfg: EngineConfig) -> Result<Self, String> {
+    pub fn start(
+        model: HyV3Model,
+        tokenizer: Arc<Tokenizer>,
+        mut cfg: EngineConfig,
+    ) -> Result<Self, String> {
         let mc = model.config().clone();
         cfg.scheduler.max_model_len = cfg.scheduler.max_model_len.min(mc.max_position_embeddings);
         let per_token = PagedKvCache::bytes_per_token(
@@ -299,7 +303,11 @@ impl EngineHandle {
             mib = kv.bytes() / (1 << 20),
             "KV cache allocated"
         );
-        let pool = SharedPool::new(BlockPool::new(num_blocks, cfg.block_size, cfg.prefix_caching));
+        let pool = SharedPool::new(BlockPool::new(
+            num_blocks,
+            cfg.block_size,
+            cfg.prefix_caching,
+        ));
         let sched = Scheduler::new(cfg.scheduler.clone(), pool);
         let metrics = Arc::new(EngineMetrics::default());
         metrics.kv_blocks_total.store(num_blocks, Ordering::Relaxed);
@@ -356,17 +364,21 @@ impl EngineHandle {
             .validate()
             .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
         if req.max_tokens == 0 {
-            return Err(SubmitError::InvalidParams("max_tokens must be at least 1".into()));
+            return Err(SubmitError::InvalidParams(
+                "max_tokens must be at least 1".into(),
+            ));
         }
-        // Same rules as the scheduler's admission check, evaluated here so the caller gets
-        // the error synchronously.
-        let probe = Scheduler::new(
-            cfg.clone(),
-            SharedPool::new(BlockPool::new(self.info.num_blocks, self.info.block_size, false)),
-        );
-        probe.check_admissible(req.prompt.len(), req.max_tokens)?;
-        let waiting =
-            self.metrics.waiting.load(Ordering::Relaxed) + self.metrics.pending.load(Ordering::Relaxed);
+        // The scheduler's admission rules, evaluated here so the caller gets the error
+        // synchronously.
+        crate::scheduler::check_admissible(
+            cfg,
+            self.info.num_blocks,
+            self.info.block_size,
+            req.prompt.len(),
+            req.max_tokens,
+        )?;
+        let waiting = self.metrics.waiting.load(Ordering::Relaxed)
+            + self.metrics.pending.load(Ordering::Relaxed);
         if waiting >= cfg.max_waiting {
             return Err(AdmissionError::QueueFull { waiting }.into());
         }
@@ -396,7 +408,10 @@ impl EngineHandle {
     }
 
     /// Runs a request to completion on the calling thread (CLI use).
-    pub fn generate_blocking(&self, req: GenerateRequest) -> Result<(Vec<u32>, String, Completion), String> {
+    pub fn generate_blocking(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(Vec<u32>, String, Completion), String> {
         let mut s = self.submit(req).map_err(|e| e.to_string())?;
         let mut ids = Vec::new();
         let mut text = String::new();
@@ -520,7 +535,10 @@ impl Loop {
                     }
                 };
                 let prompt_len = req.prompt.len();
-                if let Err(e) = self.sched.add(id, req.prompt, req.max_tokens, req.cache_salt) {
+                if let Err(e) = self
+                    .sched
+                    .add(id, req.prompt, req.max_tokens, req.cache_salt)
+                {
                     let _ = tx.send(Event::Error(e.to_string()));
                     return;
                 }
@@ -593,7 +611,9 @@ impl Loop {
                 // A failed forward fails the requests in it, never the engine.
                 for s in &plan.scheduled {
                     if let Some(st) = self.states.get(&s.id) {
-                        let _ = st.tx.send(Event::Error(format!("model forward failed: {e}")));
+                        let _ = st
+                            .tx
+                            .send(Event::Error(format!("model forward failed: {e}")));
                     }
                     self.drop_request(s.id);
                 }
@@ -630,15 +650,24 @@ impl Loop {
             return Ok(None);
         };
         let generated = &tokens[st.prompt_len..];
-        let pick = st.sampler.sample(&row, generated).map_err(|e| e.to_string())?;
+        let pick = st
+            .sampler
+            .sample(&row, generated)
+            .map_err(|e| e.to_string())?;
         if st.ttft.is_none() {
             st.ttft = Some(st.submitted.elapsed());
         }
-        self.metrics.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .tokens_generated
+            .fetch_add(1, Ordering::Relaxed);
         let n_generated = generated.len() + 1;
-        let mut delta = st.stream.push(&self.tokenizer, pick.id).map_err(|e| e.to_string())?;
+        let mut delta = st
+            .stream
+            .push(&self.tokenizer, pick.id)
+            .map_err(|e| e.to_string())?;
         if delta.finish_reason.is_none()
-            && (n_generated >= st.max_tokens || tokens.len() + 1 >= self.sched.config().max_model_len)
+            && (n_generated >= st.max_tokens
+                || tokens.len() + 1 >= self.sched.config().max_model_len)
         {
             let tail = st
                 .stream

@@ -84,6 +84,44 @@ pub enum AdmissionError {
     EmptyPrompt,
 }
 
+/// Whether a request with `prompt` tokens asking for `max_tokens` could ever run under `cfg`
+/// with a cache of `total_blocks` blocks of `block_size` tokens.
+pub fn check_admissible(
+    cfg: &SchedulerConfig,
+    total_blocks: usize,
+    block_size: usize,
+    prompt: usize,
+    max_tokens: usize,
+) -> Result<(), AdmissionError> {
+    if prompt == 0 {
+        return Err(AdmissionError::EmptyPrompt);
+    }
+    let needed = prompt + max_tokens;
+    if needed > cfg.max_model_len {
+        return Err(AdmissionError::ContextLength {
+            prompt,
+            max_tokens,
+            needed,
+            limit: cfg.max_model_len,
+        });
+    }
+    // The last generated token is never computed, so `needed - 1` slots suffice.
+    let blocks = (needed - 1).max(1).div_ceil(block_size);
+    if blocks > total_blocks {
+        return Err(AdmissionError::CacheTooSmall {
+            needed: blocks,
+            total: total_blocks,
+        });
+    }
+    if !cfg.chunked_prefill && prompt > cfg.max_num_batched_tokens {
+        return Err(AdmissionError::PromptOverBudget {
+            prompt,
+            budget: cfg.max_num_batched_tokens,
+        });
+    }
+    Ok(())
+}
+
 /// A sequence as the scheduler sees it.
 #[derive(Debug)]
 pub struct Sequence {
@@ -174,37 +212,23 @@ impl Scheduler {
 
     /// Checks a request could ever run, without queueing it.
     pub fn check_admissible(&self, prompt: usize, max_tokens: usize) -> Result<(), AdmissionError> {
-        if prompt == 0 {
-            return Err(AdmissionError::EmptyPrompt);
-        }
-        let needed = prompt + max_tokens;
-        if needed > self.cfg.max_model_len {
-            return Err(AdmissionError::ContextLength {
-                prompt,
-                max_tokens,
-                needed,
-                limit: self.cfg.max_model_len,
-            });
-        }
-        // The last generated token is never computed, so `needed - 1` slots suffice.
-        let blocks = (needed - 1).max(1).div_ceil(self.block_size);
-        if blocks > self.total_blocks {
-            return Err(AdmissionError::CacheTooSmall {
-                needed: blocks,
-                total: self.total_blocks,
-            });
-        }
-        if !self.cfg.chunked_prefill && prompt > self.cfg.max_num_batched_tokens {
-            return Err(AdmissionError::PromptOverBudget {
-                prompt,
-                budget: self.cfg.max_num_batched_tokens,
-            });
-        }
-        Ok(())
+        check_admissible(
+            &self.cfg,
+            self.total_blocks,
+            self.block_size,
+            prompt,
+            max_tokens,
+        )
     }
 
     /// Queues a request (FCFS) after checking it can ever run.
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, max_tokens: usize, cache_salt: u64) -> Result<(), AdmissionError> {
+    pub fn add(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        cache_salt: u64,
+    ) -> Result<(), AdmissionError> {
         self.check_admissible(prompt.len(), max_tokens)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(AdmissionError::QueueFull {
@@ -314,7 +338,9 @@ impl Scheduler {
         // step: keeps the plan simple and the next step picks them up first.
         // 2. Admit waiting sequences in order while budget, slots and blocks allow.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
             if plan.preempted.contains(&s.id) {
                 // Just preempted: wait for the next step.
                 self.waiting.push_front(s);
@@ -392,7 +418,15 @@ mod tests {
         let mut s = sched(64, 4, 8, 8);
         s.add(1, vec![1; 3], 10, 0).unwrap();
         let p = s.schedule();
-        assert_eq!(p.scheduled, vec![Scheduled { id: 1, start: 0, len: 3, samples: true }]);
+        assert_eq!(
+            p.scheduled,
+            vec![Scheduled {
+                id: 1,
+                start: 0,
+                len: 3,
+                samples: true
+            }]
+        );
         s.complete(1, 3, Some(5));
         s.add(2, vec![2; 20], 4, 0).unwrap();
         // Seq 1 decodes one token; seq 2 gets the remaining 7 of the budget.
@@ -400,8 +434,18 @@ mod tests {
         assert_eq!(
             p.scheduled,
             vec![
-                Scheduled { id: 1, start: 3, len: 1, samples: true },
-                Scheduled { id: 2, start: 0, len: 7, samples: false }
+                Scheduled {
+                    id: 1,
+                    start: 3,
+                    len: 1,
+                    samples: true
+                },
+                Scheduled {
+                    id: 2,
+                    start: 0,
+                    len: 7,
+                    samples: false
+                }
             ]
         );
     }
@@ -409,9 +453,18 @@ mod tests {
     #[test]
     fn refuses_what_can_never_fit() {
         let s = sched(4, 4, 8, 8);
-        assert!(matches!(s.check_admissible(500, 100), Err(AdmissionError::ContextLength { .. })));
-        assert!(matches!(s.check_admissible(10, 10), Err(AdmissionError::CacheTooSmall { .. })));
-        assert!(matches!(s.check_admissible(0, 1), Err(AdmissionError::EmptyPrompt)));
+        assert!(matches!(
+            s.check_admissible(500, 100),
+            Err(AdmissionError::ContextLength { .. })
+        ));
+        assert!(matches!(
+            s.check_admissible(10, 10),
+            Err(AdmissionError::CacheTooSmall { .. })
+        ));
+        assert!(matches!(
+            s.check_admissible(0, 1),
+            Err(AdmissionError::EmptyPrompt)
+        ));
         assert!(s.check_admissible(8, 8).is_ok());
     }
 
@@ -458,7 +511,7 @@ mod tests {
                     let prompt: Vec<u32> = (0..p as u32).map(|x| x % (pre as u32 + 1)).collect();
                     if s.add(i as u64, prompt, m, 0).is_err() { refused += 1; }
                 }
-                if step % cancel_every == 0 {
+                if step.is_multiple_of(cancel_every) {
                     if let Some(&id) = s.ids().first() {
                         s.remove(id);
                         cancelled += 1;

@@ -17,7 +17,9 @@ fn make_model(dir: &Path, max_pos: usize) {
     let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
     cfg.max_position_embeddings = max_pos;
     switchyard_model::test_model::write_random_checkpoint(&cfg, dir, 5, DType::F32).unwrap();
-    let tok = switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"]).unwrap();
+    let tok =
+        switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"])
+            .unwrap();
     tok.save(dir.join("tokenizer.json"), false).unwrap();
 }
 
@@ -51,7 +53,11 @@ fn prompts() -> Vec<Vec<u32>> {
     [9usize, 23, 4, 31, 16]
         .iter()
         .enumerate()
-        .map(|(k, &n)| (0..n as u32).map(|i| (i * 37 + k as u32 * 101 + 7) % 500).collect())
+        .map(|(k, &n)| {
+            (0..n as u32)
+                .map(|i| (i * 37 + k as u32 * 101 + 7) % 500)
+                .collect()
+        })
         .collect()
 }
 
@@ -165,13 +171,26 @@ fn shared_prefix_is_computed_once() {
     let n = 6;
     let (want_b, _) = alone(&m, &b, n);
     let e = EngineHandle::start(m, t, engine_cfg(2048, 16, None)).unwrap();
-    let (ra, _, _) = e.generate_blocking(GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(a.clone(), n) }).unwrap();
+    let (ra, _, _) = e
+        .generate_blocking(GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(a.clone(), n)
+        })
+        .unwrap();
     let _ = ra;
     let before = e.metrics().tokens_computed.load(Ordering::Relaxed);
-    let (rb, _, cb) = e.generate_blocking(GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(b.clone(), n) }).unwrap();
+    let (rb, _, cb) = e
+        .generate_blocking(GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(b.clone(), n)
+        })
+        .unwrap();
     let computed = e.metrics().tokens_computed.load(Ordering::Relaxed) - before;
     assert_eq!(rb, want_b, "prefix-cached output differs");
-    assert_eq!(cb.cached_tokens, 64, "the 64-token system prompt (4 full blocks) is reused");
+    assert_eq!(
+        cb.cached_tokens, 64,
+        "the 64-token system prompt (4 full blocks) is reused"
+    );
     // Only the 4-token suffix plus the n-1 decode steps were computed.
     assert_eq!(computed as usize, b.len() - 64 + (n - 1));
     let q = e.metrics().prefix_queries.load(Ordering::Relaxed);
@@ -190,7 +209,12 @@ fn long_sequence_spans_many_block_table_pages() {
     let mut cfg = engine_cfg(64, 2, Some(400));
     cfg.scheduler.max_model_len = 512;
     let e = EngineHandle::start(m, t, cfg).unwrap();
-    let (got, _, _) = e.generate_blocking(GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt, 4) }).unwrap();
+    let (got, _, _) = e
+        .generate_blocking(GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(prompt, 4)
+        })
+        .unwrap();
     assert_eq!(got, want);
 }
 
@@ -202,7 +226,11 @@ fn full_context_is_planned_and_impossible_requests_are_refused() {
     // Cache sized for exactly one 256K-token sequence: 16384 blocks of 16 tokens.
     let per_token = 2 * 4 * 2 * 16 * 2; // bf16 KV
     let cfg = EngineConfig {
-        scheduler: SchedulerConfig { max_model_len: 262_144, max_num_seqs: 1, ..Default::default() },
+        scheduler: SchedulerConfig {
+            max_model_len: 262_144,
+            max_num_seqs: 1,
+            ..Default::default()
+        },
         block_size: 16,
         kv_cache_memory: Some((262_144 * per_token) as u64),
         kv_dtype: KvDtype::Bf16,
@@ -210,13 +238,25 @@ fn full_context_is_planned_and_impossible_requests_are_refused() {
     };
     let e = EngineHandle::start(m, t, cfg).unwrap();
     assert_eq!(e.info().num_blocks * e.info().block_size, 262_144);
-    assert!(e.validate(&GenerateRequest::greedy(vec![1; 200_000], 62_144)).is_ok());
-    let err = e.validate(&GenerateRequest::greedy(vec![1; 200_000], 62_145)).unwrap_err();
-    assert!(matches!(err, switchyard_engine::engine::SubmitError::Admission(AdmissionError::ContextLength { .. })), "{err}");
+    assert!(e
+        .validate(&GenerateRequest::greedy(vec![1; 200_000], 62_144))
+        .is_ok());
+    let err = e
+        .validate(&GenerateRequest::greedy(vec![1; 200_000], 62_145))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            switchyard_engine::engine::SubmitError::Admission(AdmissionError::ContextLength { .. })
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("262144"), "{err}");
     let err = e.validate(&GenerateRequest::greedy(vec![], 5)).unwrap_err();
     assert!(err.to_string().contains("empty"), "{err}");
-    let err = e.validate(&GenerateRequest::greedy(vec![600], 5)).unwrap_err();
+    let err = e
+        .validate(&GenerateRequest::greedy(vec![600], 5))
+        .unwrap_err();
     assert!(err.to_string().contains("600"), "{err}");
 }
 
@@ -226,11 +266,19 @@ fn dropping_a_stream_cancels_and_frees_blocks() {
     make_model(d.path(), 4096);
     let (m, t) = load(d.path());
     let e = EngineHandle::start(m, t, engine_cfg(2048, 4, None)).unwrap();
-    let mut s = e.submit(GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(vec![1; 40], 80) }).unwrap();
+    let mut s = e
+        .submit(GenerateRequest {
+            ignore_eos: true,
+            ..GenerateRequest::greedy(vec![1; 40], 80)
+        })
+        .unwrap();
     assert!(matches!(s.blocking_recv(), Some(Event::Token(_))));
     drop(s);
     let mut tries = 0;
-    while (e.metrics().kv_blocks_used.load(Ordering::Relaxed) != 0 || e.metrics().running.load(Ordering::Relaxed) != 0) && tries < 200 {
+    while (e.metrics().kv_blocks_used.load(Ordering::Relaxed) != 0
+        || e.metrics().running.load(Ordering::Relaxed) != 0)
+        && tries < 200
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
         tries += 1;
     }

@@ -17,7 +17,6 @@ use crate::KernelError;
 /// 32 AVX-512 registers with room for the weights and activations.
 pub const TOKEN_BLOCK: usize = 8;
 
-
 /// Output rows per rayon task: 64 rows × 4096 inputs × 2 B = 512 KiB of weights, enough work to
 /// amortise scheduling while leaving many tasks for load balance.
 const ROWS_PER_TASK: usize = 64;
@@ -33,7 +32,9 @@ pub fn gemv_bf16(
     y: &mut [f32],
 ) -> Result<(), KernelError> {
     if tokens == 0 {
-        return Err(KernelError::InvalidArgument("gemv_bf16 needs at least one token".into()));
+        return Err(KernelError::InvalidArgument(
+            "gemv_bf16 needs at least one token".into(),
+        ));
     }
     if x.len() != tokens * inp || w.len() != out * inp || y.len() != tokens * out {
         return Err(KernelError::InvalidArgument(format!(
@@ -165,32 +166,6 @@ unsafe fn row_avx2(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn matches_f64_reference_for_odd_shapes() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for &(tokens, out, inp) in &[(1, 1, 1), (1, 130, 37), (3, 200, 64), (8, 65, 1000), (5, 7, 16), (21, 70, 48)] {
-            let w: Vec<bf16> = (0..out * inp).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
-            let x: Vec<f32> = (0..tokens * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut y = vec![f32::NAN; tokens * out];
-            gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
-            for t in 0..tokens {
-                for o in 0..out {
-                    let want: f64 = (0..inp).map(|i| w[o * inp + i].to_f64() * x[t * inp + i] as f64).sum();
-                    let got = y[t * out + o] as f64;
-                    assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "t{t} o{o}: {got} vs {want}");
-                }
-            }
-        }
-        assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
-        assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
-    }
-}
-
 /// `x · wᵀ` through [`gemv_bf16`] when it applies (CPU, bf16 contiguous `w` `[out, inp]`);
 /// `None` when the caller should use a general matmul.
 /// The result has `x`'s dtype.
@@ -220,4 +195,46 @@ pub fn try_linear_bf16(
     gemv_bf16(&xv, tokens, wslice, out, inp, &mut y)?;
     let t = candle_core::Tensor::from_vec(y, (tokens, out), x.device())?;
     Ok(Some(t.to_dtype(x.dtype())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn matches_f64_reference_for_odd_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for &(tokens, out, inp) in &[
+            (1, 1, 1),
+            (1, 130, 37),
+            (3, 200, 64),
+            (8, 65, 1000),
+            (5, 7, 16),
+            (21, 70, 48),
+        ] {
+            let w: Vec<bf16> = (0..out * inp)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            let x: Vec<f32> = (0..tokens * inp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut y = vec![f32::NAN; tokens * out];
+            gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
+            for t in 0..tokens {
+                for o in 0..out {
+                    let want: f64 = (0..inp)
+                        .map(|i| w[o * inp + i].to_f64() * x[t * inp + i] as f64)
+                        .sum();
+                    let got = y[t * out + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "t{t} o{o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
+        assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
+    }
 }

@@ -279,7 +279,10 @@ mod tests {
 
     /// Reference written the slow, obvious way: full sort of (score+bias, id).
     fn reference(row: &[f32], bias: &[f32], cfg: &GateConfig) -> (Vec<u32>, Vec<f32>) {
-        let s: Vec<f64> = row.iter().map(|&x| 1.0 / (1.0 + (-x as f64).exp())).collect();
+        let s: Vec<f64> = row
+            .iter()
+            .map(|&x| 1.0 / (1.0 + (-x as f64).exp()))
+            .collect();
         let mut idx: Vec<usize> = (0..row.len()).collect();
         idx.sort_by(|&a, &b| {
             let (va, vb) = (s[a] + bias[a] as f64, s[b] + bias[b] as f64);

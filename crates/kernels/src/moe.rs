@@ -132,7 +132,11 @@ pub fn experts_forward(
             .map(|&s| gate.weights[s as usize])
             .collect();
         let wts = Tensor::from_vec(wts, (n, 1), dev)?;
-        outs.push(y.to_dtype(DType::F32)?.broadcast_mul(&wts)?.to_dtype(dtype)?);
+        outs.push(
+            y.to_dtype(DType::F32)?
+                .broadcast_mul(&wts)?
+                .to_dtype(dtype)?,
+        );
     }
     let zeros = Tensor::zeros((t, h), dtype, dev)?;
     if outs.is_empty() {
@@ -226,9 +230,7 @@ mod tests {
                 for (r, a) in act.iter_mut().enumerate() {
                     let row = |rr: usize| -> f64 {
                         (0..h)
-                            .map(|c| {
-                                guv[(ex * 2 * i + rr) * h + c] as f64 * xv[tok * h + c] as f64
-                            })
+                            .map(|c| guv[(ex * 2 * i + rr) * h + c] as f64 * xv[tok * h + c] as f64)
                             .sum()
                     };
                     let g = row(r);
@@ -236,7 +238,9 @@ mod tests {
                     *a = g / (1.0 + (-g).exp()) * u;
                 }
                 for (c, o) in acc.iter_mut().enumerate() {
-                    let d: f64 = (0..i).map(|r| dv[(ex * h + c) * i + r] as f64 * act[r]).sum();
+                    let d: f64 = (0..i)
+                        .map(|r| dv[(ex * h + c) * i + r] as f64 * act[r])
+                        .sum();
                     *o += wt * d;
                 }
             }

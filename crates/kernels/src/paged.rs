@@ -162,7 +162,11 @@ pub fn paged_attention<T: KvElem>(
                 s.block_table.len()
             )));
         }
-        if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= layout.num_blocks) {
+        if let Some(&b) = s
+            .block_table
+            .iter()
+            .find(|&&b| b as usize >= layout.num_blocks)
+        {
             return Err(KernelError::InvalidArgument(format!(
                 "paged_attention: block {b} outside the pool of {}",
                 layout.num_blocks
@@ -255,10 +259,22 @@ mod tests {
             dense_v.push(v);
         }
         let t = q_lens.iter().sum::<usize>();
-        let q: Vec<f32> = (0..t * heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let q: Vec<f32> = (0..t * heads * 8)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let seqs = vec![
-            SeqAttn { q_start: 0, q_len: 3, ctx_len: 10, block_table: &tables[0] },
-            SeqAttn { q_start: 3, q_len: 1, ctx_len: 5, block_table: &tables[1] },
+            SeqAttn {
+                q_start: 0,
+                q_len: 3,
+                ctx_len: 10,
+                block_table: &tables[0],
+            },
+            SeqAttn {
+                q_start: 3,
+                q_len: 1,
+                ctx_len: 5,
+                block_table: &tables[1],
+            },
         ];
         let mut out = vec![f32::NAN; q.len()];
         let scale = 0.35;
@@ -282,10 +298,15 @@ mod tests {
                     let z: f64 = logits.iter().map(|x| (x - mx).exp()).sum();
                     for d in 0..8 {
                         let want: f64 = (0..=pos)
-                            .map(|p| (logits[p] - mx).exp() / z * dense_v[si][p * te + kh * 8 + d] as f64)
+                            .map(|p| {
+                                (logits[p] - mx).exp() / z * dense_v[si][p * te + kh * 8 + d] as f64
+                            })
                             .sum();
                         let got = out[(row * heads + h) * 8 + d] as f64;
-                        assert!((got - want).abs() < 1e-5, "seq {si} row {row} head {h}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "seq {si} row {row} head {h}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -294,13 +315,28 @@ mod tests {
 
     #[test]
     fn bad_tables_are_errors() {
-        let layout = KvLayout { num_blocks: 2, block_size: 4, kv_heads: 1, head_dim: 2 };
+        let layout = KvLayout {
+            num_blocks: 2,
+            block_size: 4,
+            kv_heads: 1,
+            head_dim: 2,
+        };
         let kc = vec![0f32; layout.layer_elems()];
         let q = vec![0f32; 2];
         let mut out = vec![0f32; 2];
-        let bad = [SeqAttn { q_start: 0, q_len: 1, ctx_len: 1, block_table: &[9] }];
+        let bad = [SeqAttn {
+            q_start: 0,
+            q_len: 1,
+            ctx_len: 1,
+            block_table: &[9],
+        }];
         assert!(paged_attention(&q, &kc, &kc, &layout, &bad, 1, 1.0, &mut out).is_err());
-        let short = [SeqAttn { q_start: 0, q_len: 1, ctx_len: 5, block_table: &[0] }];
+        let short = [SeqAttn {
+            q_start: 0,
+            q_len: 1,
+            ctx_len: 5,
+            block_table: &[0],
+        }];
         assert!(paged_attention(&q, &kc, &kc, &layout, &short, 1, 1.0, &mut out).is_err());
         let (mut k2, mut v2) = (kc.clone(), kc.clone());
         assert!(reshape_and_cache(&[0.0; 2], &[0.0; 2], &[8], &mut k2, &mut v2, &layout).is_err());

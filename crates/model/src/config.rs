@@ -135,7 +135,9 @@ impl ModelConfig {
     /// Normalises a parsed config object.
     pub fn from_json(o: &Map<String, Value>) -> Result<Self, ModelError> {
         let r = Reader(o);
-        let model_type = r.string("model_type")?.ok_or_else(|| r.missing("model_type"))?;
+        let model_type = r
+            .string("model_type")?
+            .ok_or_else(|| r.missing("model_type"))?;
         if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(ModelError::UnsupportedModelType {
                 found: model_type,
@@ -146,7 +148,9 @@ impl ModelConfig {
         let num_hidden_layers = r.req_usize("num_hidden_layers")?;
         let num_attention_heads = r.req_usize("num_attention_heads")?;
         let vocab_size = r.req_usize("vocab_size")?;
-        let num_key_value_heads = r.usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = r
+            .usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         let head_dim = match r.usize("head_dim")? {
             Some(d) => d,
             None => hidden_size / num_attention_heads.max(1),
@@ -171,7 +175,9 @@ impl ModelConfig {
 
         // Layer kinds: explicit list (transformers) or first-k-dense (hub dialect).
         let layer_kinds = if let Some(list) = o.get("mlp_layer_types").filter(|v| !v.is_null()) {
-            let arr = list.as_array().ok_or_else(|| r.bad("mlp_layer_types", "expected a list"))?;
+            let arr = list
+                .as_array()
+                .ok_or_else(|| r.bad("mlp_layer_types", "expected a list"))?;
             let kinds = arr
                 .iter()
                 .map(|x| match x.as_str() {
@@ -197,7 +203,13 @@ impl ModelConfig {
                 None => 1.min(num_hidden_layers),
             };
             (0..num_hidden_layers)
-                .map(|i| if i < k { LayerKind::Dense } else { LayerKind::Moe })
+                .map(|i| {
+                    if i < k {
+                        LayerKind::Dense
+                    } else {
+                        LayerKind::Moe
+                    }
+                })
                 .collect()
         };
         let any_moe = layer_kinds.contains(&LayerKind::Moe);
@@ -208,22 +220,32 @@ impl ModelConfig {
         } else {
             r.usize("intermediate_size")?.unwrap_or(0)
         };
-        let num_experts = first_usize(&r, &["num_experts", "num_local_experts", "n_routed_experts"])?;
+        let num_experts = first_usize(
+            &r,
+            &["num_experts", "num_local_experts", "n_routed_experts"],
+        )?;
         let top_k = first_usize(&r, &["num_experts_per_tok", "moe_topk"])?;
         let moe_inter = first_usize(&r, &["moe_intermediate_size", "expert_hidden_dim"])?;
         let (num_experts, num_experts_per_tok, moe_intermediate_size) = if any_moe {
             (
                 num_experts.ok_or_else(|| r.missing("num_experts"))?,
                 top_k.ok_or_else(|| r.missing("num_experts_per_tok (or moe_topk)"))?,
-                moe_inter.ok_or_else(|| r.missing("moe_intermediate_size (or expert_hidden_dim)"))?,
+                moe_inter
+                    .ok_or_else(|| r.missing("moe_intermediate_size (or expert_hidden_dim)"))?,
             )
         } else {
-            (num_experts.unwrap_or(0), top_k.unwrap_or(0), moe_inter.unwrap_or(0))
+            (
+                num_experts.unwrap_or(0),
+                top_k.unwrap_or(0),
+                moe_inter.unwrap_or(0),
+            )
         };
         if any_moe && (num_experts_per_tok == 0 || num_experts_per_tok > num_experts) {
             return Err(r.bad(
                 "num_experts_per_tok",
-                &format!("must be between 1 and num_experts ({num_experts}), got {num_experts_per_tok}"),
+                &format!(
+                    "must be between 1 and num_experts ({num_experts}), got {num_experts_per_tok}"
+                ),
             ));
         }
         let num_shared_experts = r.usize("num_shared_experts")?.unwrap_or(1);
@@ -244,7 +266,9 @@ impl ModelConfig {
             },
             scaling: match r.f64("router_scaling_factor")? {
                 Some(x) => x,
-                None => r.f64("routed_scaling_factor")?.unwrap_or(HY3_DEFAULT_ROUTER_SCALING),
+                None => r
+                    .f64("routed_scaling_factor")?
+                    .unwrap_or(HY3_DEFAULT_ROUTER_SCALING),
             },
             n_group: r.usize("n_group")?.unwrap_or(1).max(1),
             topk_group: r.usize("topk_group")?.unwrap_or(1).max(1),
@@ -252,8 +276,14 @@ impl ModelConfig {
         let eos_token_ids = match o.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
-            Some(_) => return Err(r.bad("eos_token_id", "expected an integer or a list of integers")),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            Some(_) => {
+                return Err(r.bad("eos_token_id", "expected an integer or a list of integers"))
+            }
         };
         let cfg = ModelConfig {
             model_type,
@@ -287,10 +317,12 @@ impl ModelConfig {
             eos_token_ids,
             bos_token_id: r.usize("bos_token_id")?.map(|x| x as u32),
         };
-        cfg.gate_config().validate().map_err(|e| ModelError::Config {
-            field: "num_experts_per_tok / n_group / topk_group".into(),
-            message: e.to_string(),
-        })?;
+        cfg.gate_config()
+            .validate()
+            .map_err(|e| ModelError::Config {
+                field: "num_experts_per_tok / n_group / topk_group".into(),
+                message: e.to_string(),
+            })?;
         Ok(cfg)
     }
 
@@ -376,7 +408,13 @@ impl ModelConfig {
         let h = self.hidden_size as u64;
         let q = (self.num_attention_heads * self.head_dim) as u64;
         let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let attn = h * q * 2 + h * kv * 2 + if self.qk_norm { 2 * self.head_dim as u64 } else { 0 };
+        let attn = h * q * 2
+            + h * kv * 2
+            + if self.qk_norm {
+                2 * self.head_dim as u64
+            } else {
+                0
+            };
         let norms = 2 * h;
         let emb = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
@@ -392,7 +430,11 @@ impl ModelConfig {
                 LayerKind::Moe => {
                     let e = 3 * h * self.moe_intermediate_size as u64;
                     let router = self.num_experts as u64 * h;
-                    let bias = if self.gate.expert_bias { self.num_experts as u64 } else { 0 };
+                    let bias = if self.gate.expert_bias {
+                        self.num_experts as u64
+                    } else {
+                        0
+                    };
                     let shared = e * self.num_shared_experts as u64;
                     ffn_total = e * self.num_experts as u64 + router + bias + shared;
                     ffn_active = e * self.num_experts_per_tok as u64 + router + bias + shared;
@@ -417,7 +459,9 @@ fn first_usize(r: &Reader, keys: &[&str]) -> Result<Option<usize>, ModelError> {
 fn rope_theta(r: &Reader) -> Result<f64, ModelError> {
     for key in ["rope_parameters", "rope_scaling"] {
         if let Some(p) = r.0.get(key).filter(|v| !v.is_null()) {
-            let p = p.as_object().ok_or_else(|| r.bad(key, "expected an object"))?;
+            let p = p
+                .as_object()
+                .ok_or_else(|| r.bad(key, "expected an object"))?;
             let ty = p
                 .get("rope_type")
                 .or_else(|| p.get("type"))
@@ -430,7 +474,9 @@ fn rope_theta(r: &Reader) -> Result<f64, ModelError> {
                 ));
             }
             if let Some(t) = p.get("rope_theta") {
-                return t.as_f64().ok_or_else(|| r.bad(key, "rope_theta must be a number"));
+                return t
+                    .as_f64()
+                    .ok_or_else(|| r.bad(key, "rope_theta must be a number"));
             }
         }
     }
@@ -463,8 +509,13 @@ impl Reader<'_> {
             Some(Value::Array(a)) if !a.is_empty() => {
                 let vals: Vec<Option<u64>> = a.iter().map(|x| x.as_u64()).collect();
                 match vals[0] {
-                    Some(first) if vals.iter().all(|v| *v == Some(first)) => Ok(Some(first as usize)),
-                    _ => Err(self.bad(k, "per-layer lists must hold one repeated non-negative integer")),
+                    Some(first) if vals.iter().all(|v| *v == Some(first)) => {
+                        Ok(Some(first as usize))
+                    }
+                    _ => Err(self.bad(
+                        k,
+                        "per-layer lists must hold one repeated non-negative integer",
+                    )),
                 }
             }
             Some(v) => v
@@ -533,7 +584,10 @@ mod tests {
         });
         let b = ModelConfig::from_json(hub.as_object().unwrap()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.layer_kinds, vec![LayerKind::Dense, LayerKind::Moe, LayerKind::Moe]);
+        assert_eq!(
+            a.layer_kinds,
+            vec![LayerKind::Dense, LayerKind::Moe, LayerKind::Moe]
+        );
         // Round trip through the transformers dialect.
         let c = ModelConfig::from_json(a.to_hf_json().as_object().unwrap()).unwrap();
         assert_eq!(a, c);
@@ -543,25 +597,40 @@ mod tests {
     fn errors_name_the_field() {
         let mut v = hf();
         v["model_type"] = "llama".into();
-        let e = ModelConfig::from_json(v.as_object().unwrap()).unwrap_err().to_string();
+        let e = ModelConfig::from_json(v.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("llama") && e.contains("hy_v3"), "{e}");
         let mut v = hf();
         v.as_object_mut().unwrap().remove("hidden_size");
-        let e = ModelConfig::from_json(v.as_object().unwrap()).unwrap_err().to_string();
+        let e = ModelConfig::from_json(v.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hidden_size") && e.contains("missing"), "{e}");
         let mut v = hf();
         v["num_experts_per_tok"] = 9.into();
-        let e = ModelConfig::from_json(v.as_object().unwrap()).unwrap_err().to_string();
+        let e = ModelConfig::from_json(v.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_experts_per_tok"), "{e}");
         let mut v = hf();
         v["num_attention_heads"] = "four".into();
-        let e = ModelConfig::from_json(v.as_object().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("num_attention_heads") && e.contains("integer"), "{e}");
+        let e = ModelConfig::from_json(v.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("num_attention_heads") && e.contains("integer"),
+            "{e}"
+        );
         let mut v = hf();
         v["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
-        let e = ModelConfig::from_json(v.as_object().unwrap()).unwrap_err().to_string();
+        let e = ModelConfig::from_json(v.as_object().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("yarn"), "{e}");
-        let e = ModelConfig::from_json_str("{not json").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str("{not json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("JSON"), "{e}");
     }
 

@@ -68,7 +68,11 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -83,7 +87,11 @@ impl Linear {
     fn load(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
         Ok(Self {
             weight: w.get(&[out, inp], "weight")?,
-            bias: if bias { Some(w.get(&[out], "bias")?) } else { None },
+            bias: if bias {
+                Some(w.get(&[out], "bias")?)
+            } else {
+                None
+            },
         })
     }
 
@@ -214,7 +222,12 @@ impl Attention {
     }
 
     /// Projections, QK-norm and RoPE: returns q `[nh, T, hd]`, k and v `[nkv, T, hd]`.
-    fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor), ModelError> {
+    fn qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
         let (t, _) = x.dims2()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut q = self.q_proj.forward(x)?.reshape((t, nh, hd))?;
@@ -224,10 +237,12 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = candle_nn::rotary_emb::rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
-            .squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
-            .squeeze(0)?;
+        let q =
+            candle_nn::rotary_emb::rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
+                .squeeze(0)?;
+        let k =
+            candle_nn::rotary_emb::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?
+                .squeeze(0)?;
         let v = v.transpose(0, 1)?.contiguous()?;
         Ok((q, k, v))
     }
@@ -246,7 +261,10 @@ impl Attention {
         let (nh, hd) = (self.heads, self.head_dim);
         let (q, k, v) = self.qkv(x, cos, sin)?;
         let f32v = |x: Tensor| -> Result<Vec<f32>, ModelError> {
-            Ok(x.transpose(0, 1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(x.transpose(0, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         let (q, k, v) = (f32v(q)?, f32v(k)?, f32v(v)?);
         let mut out = vec![0f32; t * nh * hd];
@@ -291,7 +309,13 @@ impl Attention {
 }
 
 /// Additive causal mask `[g·T, S]`: row `(group, t)` sees keys at positions `<= pos0 + t`.
-fn causal_mask(t: usize, s: usize, pos0: usize, g: usize, dev: &Device) -> Result<Tensor, ModelError> {
+fn causal_mask(
+    t: usize,
+    s: usize,
+    pos0: usize,
+    g: usize,
+    dev: &Device,
+) -> Result<Tensor, ModelError> {
     let mut m = vec![0f32; g * t * s];
     for gi in 0..g {
         for ti in 0..t {
@@ -381,7 +405,8 @@ impl Moe {
             Some(s) => {
                 let sh = s.forward(x)?;
                 if self.fp32_combine {
-                    (routed.to_dtype(DType::F32)? + sh.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                    (routed.to_dtype(DType::F32)? + sh.to_dtype(DType::F32)?)?
+                        .to_dtype(x.dtype())?
                 } else {
                     (routed + sh)?
                 }
@@ -416,7 +441,9 @@ impl DecoderLayer {
                 cfg.rms_norm_eps,
             )?,
             mlp: match kind {
-                LayerKind::Dense => FeedForward::Dense(Mlp::load(&w.pp("mlp"), h, cfg.intermediate_size)?),
+                LayerKind::Dense => {
+                    FeedForward::Dense(Mlp::load(&w.pp("mlp"), h, cfg.intermediate_size)?)
+                }
                 LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg)?),
             },
         })
@@ -547,7 +574,9 @@ impl HyV3Model {
     /// Checks token ids against the vocabulary and the context length.
     pub fn validate_input(&self, ids: &[u32], cached: usize) -> Result<(), ModelError> {
         if ids.is_empty() {
-            return Err(ModelError::InvalidInput("empty input: at least one token is needed".into()));
+            return Err(ModelError::InvalidInput(
+                "empty input: at least one token is needed".into(),
+            ));
         }
         if let Some((i, &bad)) = ids
             .iter()
@@ -626,9 +655,16 @@ impl HyV3Model {
             }
             ids.extend_from_slice(s.tokens);
         }
-        let meta = PagedBatchMeta { seqs: &attn, slots: &slots };
-        let (cos, sin) = self.rope.tables(positions.iter().copied(), self.dtype, &self.device)?;
-        let x = self.run_layers(&ids, |i, a, hn| a.forward_paged(hn, &cos, &sin, kv, i, &meta))?;
+        let meta = PagedBatchMeta {
+            seqs: &attn,
+            slots: &slots,
+        };
+        let (cos, sin) = self
+            .rope
+            .tables(positions.iter().copied(), self.dtype, &self.device)?;
+        let x = self.run_layers(&ids, |i, a, hn| {
+            a.forward_paged(hn, &cos, &sin, kv, i, &meta)
+        })?;
         // Final norm and lm_head only on the rows someone asked for.
         let mut rows = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
@@ -675,7 +711,12 @@ impl HyV3Model {
     }
 
     /// A paged KV cache for this model with `num_blocks` blocks of `block_size` tokens.
-    pub fn new_paged_cache(&self, num_blocks: usize, block_size: usize, dtype: KvDtype) -> PagedKvCache {
+    pub fn new_paged_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> PagedKvCache {
         PagedKvCache::new(
             self.cfg.num_hidden_layers,
             switchyard_kernels::KvLayout {
@@ -691,7 +732,12 @@ impl HyV3Model {
 
 impl Checkpoint {
     /// Loads a tensor of whatever shape it has (used for optional extras such as MTP layers).
-    pub fn get_any_shape(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+    pub fn get_any_shape(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         let shape = self.shape_of(name)?;
         self.get(name, &shape, dtype, device)
     }

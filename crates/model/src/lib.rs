@@ -16,8 +16,8 @@ use std::path::PathBuf;
 
 pub use config::{LayerKind, ModelConfig};
 pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
-pub use paged_cache::{KvDtype, PagedKvCache};
 pub use kv_cache::KvCache;
+pub use paged_cache::{KvDtype, PagedKvCache};
 pub use weights::{resolve_model, Checkpoint, Weights};
 
 /// Everything that can go wrong loading or running a model; messages name the file, tensor
@@ -65,7 +65,9 @@ pub enum ModelError {
         dir: PathBuf,
     },
     /// A tensor has a different shape from what the config implies.
-    #[error("tensor `{name}` in {path} has shape {found:?}, expected {expected:?} from config.json")]
+    #[error(
+        "tensor `{name}` in {path} has shape {found:?}, expected {expected:?} from config.json"
+    )]
     ShapeMismatch {
         /// Tensor name.
         name: String,

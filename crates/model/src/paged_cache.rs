@@ -67,11 +67,20 @@ impl PagedKvCache {
                 KvDtype::Bf16 => Buf::Bf16(vec![bf16::ZERO; n], vec![bf16::ZERO; n]),
             })
             .collect();
-        Self { layout, dtype, layers }
+        Self {
+            layout,
+            dtype,
+            layers,
+        }
     }
 
     /// Bytes one token's K and V take across all layers.
-    pub fn bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
+    pub fn bytes_per_token(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: KvDtype,
+    ) -> usize {
         2 * layers * kv_heads * head_dim * dtype.size()
     }
 

@@ -50,7 +50,13 @@ fn shape(
         attention_bias: false,
         qk_norm: true,
         layer_kinds: (0..layers)
-            .map(|i| if i < dense { LayerKind::Dense } else { LayerKind::Moe })
+            .map(|i| {
+                if i < dense {
+                    LayerKind::Dense
+                } else {
+                    LayerKind::Moe
+                }
+            })
             .collect(),
         num_experts: experts,
         num_experts_per_tok: top_k,
@@ -72,14 +78,19 @@ pub fn preset(name: &str) -> Result<ModelConfig, ModelError> {
         // The benchmark shape of ../shared/PEERS.md (633M total, 137M active parameters).
         "small" => shape(32768, 1024, 3328, 8, 1, 16, 2, 64, 64, 8, 384, 32768),
         "hy3" => {
-            let mut c = shape(120832, 4096, 13312, 80, 1, 64, 8, 128, 192, 8, 1536, 262_144);
+            let mut c = shape(
+                120832, 4096, 13312, 80, 1, 64, 8, 128, 192, 8, 1536, 262_144,
+            );
             c.num_mtp_layers = 1;
             c
         }
         other => {
             return Err(ModelError::Config {
                 field: "preset".into(),
-                message: format!("unknown preset {other:?}; choose one of {}", PRESETS.join(", ")),
+                message: format!(
+                    "unknown preset {other:?}; choose one of {}",
+                    PRESETS.join(", ")
+                ),
             })
         }
     })

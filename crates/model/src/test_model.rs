@@ -25,7 +25,13 @@ struct Gen {
 }
 
 impl Gen {
-    fn normal(&mut self, name: String, shape: &[usize], std: f32, dtype: DType) -> Result<(), ModelError> {
+    fn normal(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        std: f32,
+        dtype: DType,
+    ) -> Result<(), ModelError> {
         let n: usize = shape.iter().product();
         let d = Normal::new(0.0f32, std).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
         let v: Vec<f32> = (0..n).map(|_| d.sample(&mut self.rng)).collect();
@@ -38,7 +44,9 @@ impl Gen {
         self.normal(name, shape, WEIGHT_STD, dt)
     }
     fn norm(&mut self, name: String, n: usize) -> Result<(), ModelError> {
-        let v: Vec<f32> = (0..n).map(|_| 1.0 + self.rng.random_range(-0.1..0.1)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| 1.0 + self.rng.random_range(-0.1..0.1))
+            .collect();
         let t = Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(self.dtype)?;
         self.out.insert(name, t);
         Ok(())
@@ -46,12 +54,26 @@ impl Gen {
 }
 
 /// Writes `config.json` and `model.safetensors` for `cfg` with random weights into `dir`.
-pub fn write_random_checkpoint(cfg: &ModelConfig, dir: &Path, seed: u64, dtype: DType) -> Result<(), ModelError> {
+pub fn write_random_checkpoint(
+    cfg: &ModelConfig,
+    dir: &Path,
+    seed: u64,
+    dtype: DType,
+) -> Result<(), ModelError> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return Err(ModelError::InvalidInput(format!("test models are f32, bf16 or f16, not {dtype:?}")));
+        return Err(ModelError::InvalidInput(format!(
+            "test models are f32, bf16 or f16, not {dtype:?}"
+        )));
     }
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
-    let mut g = Gen { rng: rand::rngs::StdRng::seed_from_u64(seed), dtype, out: HashMap::new() };
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut g = Gen {
+        rng: rand::rngs::StdRng::seed_from_u64(seed),
+        dtype,
+        out: HashMap::new(),
+    };
     let (v, h, hd) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim);
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     g.w("model.embed_tokens.weight".into(), &[v, h])?;
@@ -76,11 +98,21 @@ pub fn write_random_checkpoint(cfg: &ModelConfig, dir: &Path, seed: u64, dtype: 
             }
             LayerKind::Moe => {
                 let (e, i) = (cfg.num_experts, cfg.moe_intermediate_size);
-                g.normal(format!("{p}.mlp.gate.weight"), &[e, h], WEIGHT_STD, DType::F32)?;
+                g.normal(
+                    format!("{p}.mlp.gate.weight"),
+                    &[e, h],
+                    WEIGHT_STD,
+                    DType::F32,
+                )?;
                 if cfg.gate.expert_bias {
                     // Sigmoid scores of N(0,0.02) weights sit near 0.5 ± 0.01: a bias of this
                     // size reorders the choice for many tokens, as trained biases do.
-                    g.normal(format!("{p}.mlp.e_score_correction_bias"), &[e], 0.01, DType::F32)?;
+                    g.normal(
+                        format!("{p}.mlp.e_score_correction_bias"),
+                        &[e],
+                        0.01,
+                        DType::F32,
+                    )?;
                 }
                 g.w(format!("{p}.mlp.experts.gate_up_proj"), &[e, 2 * i, h])?;
                 g.w(format!("{p}.mlp.experts.down_proj"), &[e, h, i])?;
@@ -101,6 +133,9 @@ pub fn write_random_checkpoint(cfg: &ModelConfig, dir: &Path, seed: u64, dtype: 
     candle_core::safetensors::save(&g.out, &path)?;
     let cfg_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&cfg.to_hf_json()).expect("config serialises");
-    std::fs::write(&cfg_path, text).map_err(|e| ModelError::Io { path: cfg_path, source: e })?;
+    std::fs::write(&cfg_path, text).map_err(|e| ModelError::Io {
+        path: cfg_path,
+        source: e,
+    })?;
     Ok(())
 }

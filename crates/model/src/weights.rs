@@ -23,7 +23,10 @@ const ALIASES: &[(&str, &str)] = &[
     ("mlp.gate.weight", "mlp.router.gate.weight"),
     ("mlp.e_score_correction_bias", "mlp.expert_bias"),
     ("mlp.e_score_correction_bias", "mlp.router.expert_bias"),
-    ("mlp.e_score_correction_bias", "mlp.gate.e_score_correction_bias"),
+    (
+        "mlp.e_score_correction_bias",
+        "mlp.gate.e_score_correction_bias",
+    ),
     ("mlp.shared_experts.", "mlp.shared_mlp."),
     ("mlp.shared_experts.", "mlp.shared_expert."),
 ];
@@ -116,10 +119,11 @@ impl Checkpoint {
             }
         }
         // SAFETY: as above.
-        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Checkpoint {
-            path: dir.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let st =
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Checkpoint {
+                path: dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
@@ -168,10 +172,12 @@ impl Checkpoint {
 
     /// Shape of a stored tensor (aliases allowed).
     pub fn shape_of(&self, name: &str) -> Result<Vec<usize>, ModelError> {
-        let stored = self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            dir: self.dir.clone(),
-        })?;
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
             path: self.file_of(&stored),
             message: e.to_string(),
@@ -187,10 +193,12 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
-        let stored = self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            dir: self.dir.clone(),
-        })?;
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let file = self.file_of(&stored);
         let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
             path: file.clone(),
@@ -267,12 +275,14 @@ impl Weights {
 
     /// Loads `name` with the given shape in this builder's dtype.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
-        self.ckpt.get(&self.path(name), shape, self.dtype, &self.device)
+        self.ckpt
+            .get(&self.path(name), shape, self.dtype, &self.device)
     }
 
     /// Loads `name` in f32 regardless of the compute dtype (router weights, expert bias).
     pub fn get_f32(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
-        self.ckpt.get(&self.path(name), shape, DType::F32, &self.device)
+        self.ckpt
+            .get(&self.path(name), shape, DType::F32, &self.device)
     }
 
     /// Whether `name` exists under this prefix (aliases included).
@@ -381,12 +391,17 @@ fn download(spec: &str, rev: &str) -> Result<PathBuf, ModelError> {
                 serde_json::from_str(&text).map_err(|e| err(format!("index: {e}")))?;
             let mut shards: Vec<String> = v["weight_map"]
                 .as_object()
-                .map(|m| m.values().filter_map(|x| x.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
             for s in shards {
-                repo.get(&s).map_err(|e| err(format!("download {s}: {e}")))?;
+                repo.get(&s)
+                    .map_err(|e| err(format!("download {s}: {e}")))?;
             }
         }
         Err(_) => {
