@@ -152,7 +152,11 @@ fn mtp_layer_is_skipped_unless_asked_for() {
     let m = HyV3Model::load_dir(&fixtures().join("mtp"), &opts).unwrap();
     let mtp = m.mtp_tensors().expect("MTP tensors loaded on request");
     assert!(mtp.keys().all(|k| k.starts_with("model.layers.3.")));
-    assert!(mtp.keys().any(|k| k.contains("eh_proj")), "{:?}", mtp.keys());
+    assert!(
+        mtp.keys().any(|k| k.contains("eh_proj")),
+        "{:?}",
+        mtp.keys()
+    );
 }
 
 /// bf16 compute against transformers' bf16 logits. Measured bound (2026-11-28): see NOTES.md;
@@ -166,7 +170,11 @@ fn bf16_compute_within_measured_tolerance() {
         let mut cache = m.new_cache();
         let logits = m.forward(&o.ids, &mut cache, Logits::All).unwrap();
         let d32 = max_abs(&logits, &o.logits);
-        let dbf = o.logits_bf16.as_ref().map(|r| max_abs(&logits, r)).unwrap_or(f32::NAN);
+        let dbf = o
+            .logits_bf16
+            .as_ref()
+            .map(|r| max_abs(&logits, r))
+            .unwrap_or(f32::NAN);
         let rows = logits.to_vec2::<f32>().unwrap();
         let refs = o.logits.to_vec2::<f32>().unwrap();
         let agree = rows
@@ -179,7 +187,11 @@ fn bf16_compute_within_measured_tolerance() {
             rows.len()
         );
         assert!(d32 <= BF16_TOL, "{case}: bf16 logits differ by {d32}");
-        assert!(agree * 10 >= rows.len() * 8, "{case}: argmax agrees on only {agree}/{}", rows.len());
+        assert!(
+            agree * 10 >= rows.len() * 8,
+            "{case}: argmax agrees on only {agree}/{}",
+            rows.len()
+        );
     }
 }
 

@@ -8,13 +8,29 @@ use candle_core::{Device, Tensor};
 use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits, PagedSeq};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
 fn paged_batch_matches_contiguous_per_sequence() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle/e192_k8");
-    let m = HyV3Model::load_dir(&dir, &LoadOptions { device: Device::Cpu, ..Default::default() }).unwrap();
+    let m = HyV3Model::load_dir(
+        &dir,
+        &LoadOptions {
+            device: Device::Cpu,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let prompts: Vec<Vec<u32>> = vec![
         (0..11).map(|i| (i * 7 + 3) % 200).collect(),
         (0..4).map(|i| (i * 13 + 5) % 200).collect(),
@@ -66,7 +82,11 @@ fn paged_batch_matches_contiguous_per_sequence() {
                 tokens: t,
                 pos0: done[*i],
                 block_table: &tables[*i],
-                logits: if done[*i] < prompts[*i].len() { Logits::All } else { Logits::Last },
+                logits: if done[*i] < prompts[*i].len() {
+                    Logits::All
+                } else {
+                    Logits::Last
+                },
             })
             .collect();
         let out = m.forward_paged(&seqs, &mut kv).unwrap();
