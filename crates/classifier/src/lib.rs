@@ -8,14 +8,27 @@
 //! - [`scorer`]: [`RouterScorer`], the `switchyard_router::SemanticScorer` that plugs both into
 //!   `switchyard_router::decide`.
 //! - [`cascade`]: checks on a local answer that say whether to escalate it after the fact.
-//! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines.
+//! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines;
+//!   [`route_eval`] runs it for `switchyard route-eval --routellm` (summary JSON, SVG plot).
+//! - [`cache`]: an on-disk embedding cache keyed by `sha256(text)`.
 //!
 //! Words: the MoE *gate* picks experts inside the model; the request *router* picks a tier.
 #![deny(missing_docs)]
 
 pub mod bert;
+pub mod cache;
+pub mod cascade;
+pub mod difficulty;
 pub mod embed;
 pub mod error;
+pub mod exemplars;
+mod linalg;
+pub mod route_eval;
+pub mod routellm;
+pub mod scorer;
 
 pub use embed::{cosine, dot, locate_minilm, Embedder, MAX_TOKENS, MINILM_HUB_ID};
+pub use difficulty::DifficultyModel;
 pub use error::{ClassifierError, Result};
+pub use exemplars::{Exemplar, ExemplarIndex};
+pub use scorer::{default_router_dir, DifficultyScale, RouterScorer};
