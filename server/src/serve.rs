@@ -1,6 +1,11 @@
-//! `switchyard serve`: loads the model, starts the engine, and serves the HTTP API (see
-//! [`crate::http`]) until SIGTERM or Ctrl-C. Shutdown is graceful: the listener closes at once,
-//! in-flight requests get up to `--shutdown-timeout` seconds to finish, then the process exits.
+//! `switchyard serve`: loads the router policy and the model, starts the engine, and serves the
+//! HTTP API (see [`crate::http`]) until SIGTERM or Ctrl-C. Shutdown is graceful: the listener
+//! closes at once, in-flight requests get up to `--shutdown-timeout` seconds to finish, then the
+//! process exits.
+//!
+//! The router comes up before the model so a bad policy fails in milliseconds, naming the file
+//! and the field. Without `--router` the built-in default policy applies; either way one log
+//! line says which remote tiers are enabled and, for disabled ones, which key variable is unset.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use switchyard_engine::chat::ChatTemplate;
+use switchyard_router::{JsonlAppender, Policy, RouterState};
 
-use crate::http::{self, route::LocalOnly, AppState};
+use crate::http::{self, routing::Routing, AppState};
 use crate::loading::{self, parse_bytes, EngineArgs, ModelArgs};
 
 /// `serve` flags (DESIGN.md contract, plus vLLM's names where one exists).
@@ -33,9 +39,14 @@ pub struct ServeArgs {
     /// `x-api-key`); without it the API is open.
     #[arg(long)]
     api_key_env: Option<String>,
-    /// Router policy TOML (routing tiers); stored for the router.
+    /// Router policy TOML (tiers, rules, budgets; merged over the built-in default). Without
+    /// it the built-in default policy routes (its `frontier` tier needs FRONTIER_API_KEY).
     #[arg(long)]
     router: Option<PathBuf>,
+    /// Append one JSON line per /v1 inference request (decision, tier, tokens, cost, latency,
+    /// outcome) to this file.
+    #[arg(long)]
+    telemetry: Option<PathBuf>,
     /// Largest request body accepted (bytes; suffixes like 4MiB work); larger gets HTTP 413.
     #[arg(long, default_value = "4MiB")]
     max_body_bytes: String,
@@ -83,15 +94,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let key = api_key(args.api_key_env.as_deref())?;
     let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
         .context("--max-body-bytes is too large")?;
-    if let Some(p) = &args.router {
-        if !p.is_file() {
-            anyhow::bail!("--router {}: no such file", p.display());
-        }
-        tracing::warn!(
-            policy = %p.display(),
-            "router policy accepted; routing is not wired into this build yet, so every request is served locally"
-        );
-    }
+    let routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
     let model_id = served_name(&args);
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
     let tokenizer = engine.info().tokenizer.clone();
@@ -109,8 +112,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_dir: dir,
         api_key: key,
         metrics: http::metrics::Metrics::new().context("registering metrics")?,
-        policy: Arc::new(LocalOnly),
-        router_policy: args.router.clone(),
+        routing,
         created: http::unix_now(),
         max_body_bytes: max_body,
         default_max_tokens: args.default_max_tokens.max(1),
@@ -130,6 +132,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Requests still running after the timeout are abandoned, not awaited.
     rt.shutdown_background();
     r
+}
+
+/// Loads the policy (or the default), builds the upstream clients and opens the telemetry file;
+/// logs which remote tiers are enabled.
+fn router(
+    policy: Option<&std::path::Path>,
+    telemetry: Option<&std::path::Path>,
+) -> Result<Routing> {
+    let policy = match policy {
+        Some(p) => Policy::from_path(p).with_context(|| format!("--router {}", p.display()))?,
+        None => Policy::default_policy(),
+    };
+    let telemetry = telemetry
+        .map(|p| JsonlAppender::open(p).with_context(|| format!("--telemetry {}", p.display())))
+        .transpose()?;
+    let routing = Routing::new(
+        Arc::new(policy),
+        Arc::new(RouterState::default()),
+        telemetry,
+    )
+    .context("setting up the router's upstream clients")?;
+    let tiers = routing.tier_summary();
+    tracing::info!(
+        target: "switchyard::router",
+        policy = %routing.policy.origin(),
+        remote_tiers = %if tiers.is_empty() { "none".to_string() } else { tiers.join("; ") },
+        "router ready"
+    );
+    Ok(routing)
 }
 
 async fn serve(state: Arc<AppState>, host: &str, port: u16, grace: Duration) -> Result<()> {

@@ -23,11 +23,12 @@ use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
 
-use super::error::{AnthropicError, ApiError};
+use super::error::ApiError;
 use super::local::{self, SseFormat, Tracker, Usage};
 use super::params;
-use super::route::{Api, NormalizedRequest, Target};
-use super::{new_id, route_header, AppState};
+use super::route::{Api, NormalizedRequest};
+use super::routing::{self, RequestRecord, Routed};
+use super::{new_id, AppState};
 
 /// Anthropic's temperature range is `[0, 1]`.
 const ANTHROPIC_MAX_TEMPERATURE: f64 = 1.0;
@@ -94,7 +95,7 @@ fn blocks_text(v: Value, at: &str) -> Result<String, ApiError> {
 }
 
 impl MessagesRequest {
-    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+    fn normalize(self) -> Result<NormalizedRequest, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::field(
                 "messages",
@@ -130,7 +131,6 @@ impl MessagesRequest {
         Ok(NormalizedRequest {
             api: Api::AnthropicMessages,
             model: self.model,
-            route_header: route_header(headers),
             messages,
             prompts: vec![],
             max_tokens: params::max_tokens("max_tokens", Some(self.max_tokens))?,
@@ -168,14 +168,16 @@ fn usage_json(u: Usage) -> Value {
     })
 }
 
+/// Serves a request on the local engine; the tracker takes `record` once the engine has it.
 async fn serve_local(
     state: &Arc<AppState>,
     req: NormalizedRequest,
     arrived: Instant,
+    record: &mut Option<RequestRecord>,
 ) -> Result<Response, ApiError> {
     let prepared = local::prepare(state, &req).await?;
     let streams = local::submit(state, req.api, &prepared)?;
-    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared);
+    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
     let id = new_id("msg_");
     if req.stream {
         let fmt = EventFormat {
@@ -291,22 +293,26 @@ pub async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let parsed = params::parse_body::<MessagesRequest>(body, state.max_body_bytes)
-        .and_then(|r| r.normalize(&headers))
-        .and_then(|r| state.check_model(&r.model).map(|()| r));
-    let req = match parsed {
-        Ok(r) => r,
-        Err(e) => return AnthropicError(e).into_response(),
-    };
-    let decision = state.policy.route(&req);
-    let result = match &decision.target {
-        Target::Local => serve_local(&state, req, arrived).await,
-        Target::Remote(t) => Err(ApiError::TierUnavailable(t.clone())),
-        Target::Block(m) => Err(ApiError::Blocked(m.clone())),
-    };
-    let mut resp = result.unwrap_or_else(|e| AnthropicError(e).into_response());
-    decision.write_headers(resp.headers_mut());
-    resp
+    let api = Api::AnthropicMessages;
+    // Every failure, parsing included, goes through the router's bookkeeping (one telemetry
+    // record per request); it answers in this endpoint's error shape.
+    let (parsed, json) =
+        match params::parse_body_json::<MessagesRequest>(body, state.max_body_bytes) {
+            Ok((typed, json)) => (typed.normalize(), json),
+            Err(e) => (Err(e), Value::Null),
+        };
+    match routing::route(&state, api, &headers, json, parsed, arrived).await {
+        Routed::Done(resp) => resp,
+        Routed::Local {
+            req,
+            headers,
+            record,
+        } => {
+            let mut record = Some(record);
+            let result = serve_local(&state, req, arrived, &mut record).await;
+            routing::finish_local(api, result, &headers, record)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -322,7 +328,7 @@ mod tests {
             "stop_sequences": ["END"],
         }))
         .unwrap();
-        let n = r.normalize(&HeaderMap::new()).unwrap();
+        let n = r.normalize().unwrap();
         assert_eq!(n.messages.len(), 2);
         assert_eq!(n.messages[0].role, "system");
         assert_eq!(n.stop, vec!["END".to_string()]);
@@ -331,9 +337,6 @@ mod tests {
             "messages": [{"role": "user", "content": "x"}],
         }))
         .unwrap();
-        assert_eq!(
-            bad.normalize(&HeaderMap::new()).unwrap_err().param(),
-            Some("temperature")
-        );
+        assert_eq!(bad.normalize().unwrap_err().param(), Some("temperature"));
     }
 }

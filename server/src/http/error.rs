@@ -75,12 +75,26 @@ pub enum ApiError {
     /// The API key is wrong.
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
-    /// The router refused the request (policy `block`).
-    #[error("{0}")]
-    Blocked(String),
-    /// The router chose a tier this build cannot reach yet.
-    #[error("The request was routed to tier '{0}', which this server cannot serve.")]
-    TierUnavailable(String),
+    /// The router refused the request: a `block` decision (400 `blocked_by_policy`) or a spent
+    /// budget (429 `budget_exhausted`).
+    #[error("{message}")]
+    Refused {
+        /// The HTTP status the policy asks for.
+        status: u16,
+        /// The machine-readable code.
+        code: String,
+        /// The reason, for the API user.
+        message: String,
+    },
+    /// A remote tier failed and nothing could serve the request instead, or the tier rejected
+    /// the request itself (its 400/413/422 is passed on).
+    #[error("{message}")]
+    Upstream {
+        /// The HTTP status to answer with.
+        status: u16,
+        /// What failed (never a credential).
+        message: String,
+    },
     /// No such route.
     #[error("There is no endpoint {method} {path}.")]
     NotFound {
@@ -120,8 +134,9 @@ impl ApiError {
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Blocked(_) => StatusCode::FORBIDDEN,
-            TierUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Refused { status, .. } | Upstream { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             EngineStopped => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -134,8 +149,9 @@ impl ApiError {
             MissingApiKey | InvalidApiKey => "authentication_error",
             QueueFull { .. } => "rate_limit_error",
             ModelNotFound { .. } | NotFound { .. } => "not_found_error",
-            Blocked(_) => "permission_error",
-            EngineStopped | Internal(_) | TierUnavailable(_) => "server_error",
+            Refused { status: 429, .. } | Upstream { status: 429, .. } => "rate_limit_error",
+            Upstream { status, .. } if *status >= 500 => "server_error",
+            EngineStopped | Internal(_) => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -148,15 +164,16 @@ impl ApiError {
             QueueFull { .. } => "rate_limit_error",
             ModelNotFound { .. } | NotFound { .. } => "not_found_error",
             BodyTooLarge { .. } => "request_too_large",
-            Blocked(_) => "permission_error",
+            Refused { status: 429, .. } | Upstream { status: 429, .. } => "rate_limit_error",
+            Upstream { status, .. } if *status >= 500 => "api_error",
             EngineStopped => "overloaded_error",
-            Internal(_) | TierUnavailable(_) => "api_error",
+            Internal(_) => "api_error",
             _ => "invalid_request_error",
         }
     }
 
     /// OpenAI's `error.code`.
-    pub fn code(&self) -> Option<&'static str> {
+    pub fn code(&self) -> Option<&str> {
         use ApiError::*;
         Some(match self {
             MalformedJson(_) | NotAnObject => "invalid_json",
@@ -168,8 +185,8 @@ impl ApiError {
             ContextLength { .. } => "context_length_exceeded",
             QueueFull { .. } => "rate_limit_exceeded",
             MissingApiKey | InvalidApiKey => "invalid_api_key",
-            Blocked(_) => "blocked_by_policy",
-            TierUnavailable(_) => "tier_unavailable",
+            Refused { code, .. } => code,
+            Upstream { .. } => "upstream_error",
             NotFound { .. } => "unknown_url",
             EngineStopped => "engine_stopped",
             Internal(_) => return None,
@@ -319,6 +336,14 @@ mod tests {
         let a = e.anthropic_body();
         assert_eq!(a["type"], "error");
         assert_eq!(a["error"]["type"], "invalid_request_error");
+        let b = ApiError::Refused {
+            status: 400,
+            code: "blocked_by_policy".into(),
+            message: "request blocked by the router policy: injection".into(),
+        };
+        assert_eq!(b.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(b.openai_body()["error"]["code"], "blocked_by_policy");
+        assert_eq!(b.anthropic_body()["error"]["type"], "invalid_request_error");
         let q = ApiError::QueueFull { waiting: 3 };
         let r = OpenAiError(q).into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);

@@ -9,15 +9,17 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::Event as SseEvent;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use switchyard_engine::chat::RenderOptions;
 use switchyard_engine::engine::{Completion, Event, GenerateRequest, RequestStream, TokenEvent};
+use switchyard_router::Outcome;
 
 use super::error::ApiError;
 use super::route::{Api, NormalizedRequest, PromptInput};
+use super::routing::RequestRecord;
 use super::AppState;
 
 /// Token counts of a whole request, as the wire formats report them.
@@ -175,6 +177,8 @@ pub fn merge(streams: Vec<RequestStream>) -> SelectAll<BoxStream<'static, Choice
 
 /// Per-request bookkeeping for `/metrics`: token counts and latencies as choices finish, and a
 /// cancellation count if it is dropped before every choice finished (the client went away).
+/// It owns the request's telemetry record once the engine has the request, and writes it when
+/// dropped: served, failed or cancelled.
 pub struct Tracker {
     state: Arc<AppState>,
     api: Api,
@@ -182,14 +186,24 @@ pub struct Tracker {
     n: usize,
     choices: usize,
     finished: usize,
-    failed: bool,
+    failed: Option<String>,
+    streaming: bool,
+    ttft: Option<Duration>,
+    record: Option<RequestRecord>,
     /// Usage so far.
     pub usage: Usage,
 }
 
 impl Tracker {
-    /// Tracks a request of `choices` choices, `n` per prompt, that arrived at `arrived`.
-    pub fn new(state: Arc<AppState>, api: Api, arrived: Instant, p: &Prepared) -> Self {
+    /// Tracks a request of `choices` choices, `n` per prompt, that arrived at `arrived`;
+    /// `record` (taken from the caller) is completed when the tracker drops.
+    pub fn new(
+        state: Arc<AppState>,
+        api: Api,
+        arrived: Instant,
+        p: &Prepared,
+        record: &mut Option<RequestRecord>,
+    ) -> Self {
         Self {
             state,
             api,
@@ -197,11 +211,21 @@ impl Tracker {
             n: p.n,
             choices: p.requests.len(),
             finished: 0,
-            failed: false,
+            failed: None,
+            streaming: false,
+            ttft: None,
+            record: record.take(),
             usage: Usage {
                 prompt_tokens: p.prompt_tokens(),
                 ..Usage::default()
             },
+        }
+    }
+
+    /// Records a generated token (the first one sets the time to first token).
+    pub fn token(&mut self) {
+        if self.ttft.is_none() {
+            self.ttft = Some(self.arrived.elapsed());
         }
     }
 
@@ -239,19 +263,33 @@ impl Tracker {
     }
 
     /// Records an engine failure (not a cancellation).
-    pub fn fail(&mut self) {
-        self.failed = true;
+    pub fn fail(&mut self, error: &str) {
+        self.failed = Some(error.to_string());
     }
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if self.finished < self.choices && !self.failed {
+        let complete = self.finished >= self.choices;
+        if !complete && self.failed.is_none() {
             self.state
                 .metrics
                 .cancelled
                 .with_label_values(&[self.api.endpoint()])
                 .inc();
+        }
+        if let Some(mut r) = self.record.take() {
+            r.set_local_usage(self.usage);
+            if let Some(t) = self.ttft {
+                r.set_ttft(t);
+            }
+            let outcome = match (&self.failed, complete) {
+                (Some(_), _) if self.streaming => Outcome::StreamError,
+                (Some(_), _) => Outcome::Error,
+                (None, true) => Outcome::Ok,
+                (None, false) => Outcome::Cancelled,
+            };
+            r.finish(outcome, self.failed.take());
         }
     }
 }
@@ -280,6 +318,7 @@ pub async fn collect(
     while let Some(ev) = events.next().await {
         match ev {
             ChoiceEvent::Token(i, t) => {
+                tracker.token();
                 if let Some(o) = out.get_mut(i) {
                     o.text.push_str(&t.text);
                     if keep_tokens {
@@ -295,7 +334,7 @@ pub async fn collect(
                 }
             }
             ChoiceEvent::Error(e) => {
-                tracker.fail();
+                tracker.fail(&e);
                 return Err(ApiError::Internal(e));
             }
         }
@@ -329,8 +368,9 @@ struct SseState<F> {
 pub fn sse<F: SseFormat>(
     streams: Vec<RequestStream>,
     mut format: F,
-    tracker: Tracker,
+    mut tracker: Tracker,
 ) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    tracker.streaming = true;
     let queue: VecDeque<SseEvent> = format.start().into();
     let st = SseState {
         events: merge(streams),
@@ -349,6 +389,7 @@ pub fn sse<F: SseFormat>(
             }
             match st.events.next().await {
                 Some(ChoiceEvent::Token(i, t)) => {
+                    st.tracker.token();
                     let evs = st.format.token(i, t);
                     st.queue.extend(evs);
                 }
@@ -358,7 +399,7 @@ pub fn sse<F: SseFormat>(
                     st.queue.extend(evs);
                 }
                 Some(ChoiceEvent::Error(e)) => {
-                    st.tracker.fail();
+                    st.tracker.fail(&e);
                     let evs = st.format.error(ApiError::Internal(e));
                     st.queue.extend(evs);
                     st.done = true;

@@ -7,8 +7,8 @@
 use std::sync::atomic::Ordering;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use switchyard_engine::engine::EngineHandle;
 
@@ -43,6 +43,16 @@ pub struct Metrics {
     pub cancelled: IntCounterVec,
     /// Generations finished, by endpoint and finish reason.
     pub finished: IntCounterVec,
+    /// Routed requests by the router's action and the tier that served them (`none` when
+    /// refused).
+    pub router_requests: IntCounterVec,
+    /// US dollars spent on remote tiers, by tier.
+    pub router_cost_usd: CounterVec,
+    /// Fallbacks from a tier that failed or was unavailable, by the tier left and the tier that
+    /// served instead.
+    pub router_fallbacks: IntCounterVec,
+    /// Retries of upstream calls, by the tier that finally served.
+    pub router_retries: IntCounterVec,
     running: IntGauge,
     waiting: IntGauge,
     kv_used: IntGauge,
@@ -119,6 +129,28 @@ impl Metrics {
                 "requests_finished_total",
                 "Generations finished, by finish reason.",
                 &["endpoint", "finish_reason"],
+            )?,
+            router_requests: counter(
+                "router_requests_total",
+                "Routed requests by router action and serving tier.",
+                &["action", "tier"],
+            )?,
+            router_cost_usd: reg(
+                &registry,
+                CounterVec::new(
+                    Opts::new("router_cost_usd_total", "US dollars spent on remote tiers."),
+                    &["tier"],
+                )?,
+            )?,
+            router_fallbacks: counter(
+                "router_fallbacks_total",
+                "Requests that fell back from a failing or unavailable tier.",
+                &["from", "to"],
+            )?,
+            router_retries: counter(
+                "router_upstream_retries_total",
+                "Upstream call retries, by the tier that finally served.",
+                &["tier"],
             )?,
             running: gauge("num_requests_running", "Sequences the engine is running.")?,
             waiting: gauge("num_requests_waiting", "Requests waiting for the engine (queued or not yet seen).")?,

@@ -2,9 +2,10 @@
 //! validation, auth, SSE streaming, Prometheus metrics and routing headers.
 //!
 //! Layout: [`openai`] and [`anthropic`] parse their wire formats into a
-//! [`route::NormalizedRequest`]; the [`route::RoutePolicy`] in [`AppState`] decides where it
-//! goes; [`local`] serves it on the engine. [`error`] holds the one error enum and its two
-//! shapes; [`params`] the shared body parsing and range checks; [`metrics`] the registry.
+//! [`route::NormalizedRequest`]; [`routing`] asks the request router (`crates/router`) where it
+//! goes and serves remote tiers; [`local`] serves it on the engine. [`error`] holds the one
+//! error enum and its two shapes; [`params`] the shared body parsing and range checks;
+//! [`metrics`] the registry.
 //!
 //! Layers, outermost first: request log + request metrics (method, path, status, latency; never
 //! headers, so never a key), routing headers on every response, API-key check on `/v1/*`, body
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod openai;
 pub mod params;
 pub mod route;
+pub mod routing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use switchyard_engine::engine::EngineHandle;
 use switchyard_engine::tokenizer::Tokenizer;
 
 use error::ApiError;
-use route::{RouteDecision, RoutePolicy, ROUTE_HEADER, TIER_HEADER};
+use route::{RouteHeaders, TIER_HEADER};
 
 /// Model names every server answers to besides its served id.
 pub const MODEL_ALIASES: &[&str] = &["local", "auto"];
@@ -55,11 +57,8 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
-    /// Where requests go.
-    pub policy: Arc<dyn RoutePolicy>,
-    /// `--router POLICY.toml`, kept for the router to load.
-    #[allow(dead_code)] // read when the router is wired in
-    pub router_policy: Option<PathBuf>,
+    /// The request router: policy, state, upstream clients, scorer, telemetry.
+    pub routing: routing::Routing,
     /// Unix time the server started (`created` of the model card).
     pub created: u64,
     /// `system_fingerprint`: the build and model.
@@ -71,9 +70,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Ok if `model` names this server's model (its id, `local` or `auto`).
+    /// Ok if `model` names this server's model (its id, `local` or `auto`), a router tier, or
+    /// a remote tier's upstream model.
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_id || MODEL_ALIASES.contains(&model) {
+        if model == self.model_id
+            || MODEL_ALIASES.contains(&model)
+            || self.routing.accepts_model(model)
+        {
             Ok(())
         } else {
             Err(ApiError::ModelNotFound {
@@ -192,7 +195,7 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
 async fn routing_headers(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     if !resp.headers().contains_key(TIER_HEADER) {
-        RouteDecision::local("answered by the server before routing")
+        RouteHeaders::local("answered by the server before routing")
             .write_headers(resp.headers_mut());
     }
     resp
@@ -230,14 +233,6 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         "request"
     );
     resp
-}
-
-/// The `x-switchyard-route` header.
-pub fn route_header(h: &HeaderMap) -> Option<String> {
-    h.get(ROUTE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
 }
 
 /// `prefix` + 24 random hex digits.

@@ -1,8 +1,8 @@
 //! The OpenAI wire format: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 //!
 //! Requests are parsed into typed structs (wrong types → 400 naming the field), range-checked,
-//! and normalised into a [`NormalizedRequest`]; the route policy decides where it goes, and the
-//! local engine serves it. Streaming follows OpenAI's chunk sequence: for chat, a role chunk
+//! and normalised into a [`NormalizedRequest`]; the router ([`super::routing`]) decides where it
+//! goes, and either a remote tier or the local engine serves it. Streaming follows OpenAI's chunk sequence: for chat, a role chunk
 //! per choice, one chunk per generated token (so a client can count tokens, and logprobs ride on
 //! their token's chunk), a chunk with `finish_reason`, then with `stream_options.include_usage`
 //! a chunk with empty `choices` and the `usage`, then `data: [DONE]`.
@@ -26,8 +26,9 @@ use switchyard_engine::sampling::SamplingParams;
 use super::error::{ApiError, OpenAiError};
 use super::local::{self, token_text, SseFormat, Tracker, Usage};
 use super::params;
-use super::route::{Api, NormalizedRequest, PromptInput, RouteDecision, Target};
-use super::{new_id, route_header, unix_now, AppState};
+use super::route::{Api, NormalizedRequest, PromptInput};
+use super::routing::{self, RequestRecord, Routed};
+use super::{new_id, unix_now, AppState};
 
 /// `stream_options`.
 #[derive(Debug, Default, Deserialize)]
@@ -152,7 +153,7 @@ fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageConte
 }
 
 impl ChatRequest {
-    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+    fn normalize(self) -> Result<NormalizedRequest, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::field(
                 "messages",
@@ -211,7 +212,6 @@ impl ChatRequest {
         Ok(NormalizedRequest {
             api: Api::OpenAiChat,
             model: self.model,
-            route_header: route_header(headers),
             messages,
             prompts: vec![],
             max_tokens,
@@ -290,7 +290,7 @@ fn prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
 }
 
 impl CompletionRequest {
-    fn normalize(self, headers: &HeaderMap) -> Result<NormalizedRequest, ApiError> {
+    fn normalize(self) -> Result<NormalizedRequest, ApiError> {
         if self.echo.unwrap_or(false) {
             return Err(ApiError::Unsupported {
                 param: "echo".into(),
@@ -319,7 +319,6 @@ impl CompletionRequest {
         Ok(NormalizedRequest {
             api: Api::OpenAiCompletions,
             model: self.model,
-            route_header: route_header(headers),
             messages: vec![],
             prompts: prompts(self.prompt)?,
             max_tokens: params::max_tokens("max_tokens", self.max_tokens)?,
@@ -403,28 +402,16 @@ fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usiz
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
 
-/// Serves a routed request: the local engine, or an error for targets this build cannot reach.
-async fn dispatch(
-    state: &Arc<AppState>,
-    decision: &RouteDecision,
-    req: NormalizedRequest,
-    arrived: Instant,
-) -> Result<Response, ApiError> {
-    match &decision.target {
-        Target::Local => serve_local(state, req, arrived).await,
-        Target::Remote(t) => Err(ApiError::TierUnavailable(t.clone())),
-        Target::Block(m) => Err(ApiError::Blocked(m.clone())),
-    }
-}
-
+/// Serves a request on the local engine; the tracker takes `record` once the engine has it.
 async fn serve_local(
     state: &Arc<AppState>,
     req: NormalizedRequest,
     arrived: Instant,
+    record: &mut Option<RequestRecord>,
 ) -> Result<Response, ApiError> {
     let prepared = local::prepare(state, &req).await?;
     let streams = local::submit(state, req.api, &prepared)?;
-    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared);
+    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
     let chat = req.api == Api::OpenAiChat;
     let meta = Meta {
         id: new_id(if chat { "chatcmpl-" } else { "cmpl-" }),
@@ -583,23 +570,28 @@ impl SseFormat for ChunkFormat {
     }
 }
 
-/// Normalises, routes and serves; errors in the OpenAI shape; routing headers on the response.
+/// Routes and serves a parsed request; errors in the OpenAI shape; routing headers on the
+/// response.
 async fn handle(
     state: Arc<AppState>,
+    api: Api,
+    headers: &HeaderMap,
+    body: Value,
     parsed: Result<NormalizedRequest, ApiError>,
     arrived: Instant,
 ) -> Response {
-    let req = match parsed.and_then(|r| state.check_model(&r.model).map(|()| r)) {
-        Ok(r) => r,
-        Err(e) => return OpenAiError(e).into_response(),
-    };
-    let decision = state.policy.route(&req);
-    let mut resp = match dispatch(&state, &decision, req, arrived).await {
-        Ok(r) => r,
-        Err(e) => OpenAiError(e).into_response(),
-    };
-    decision.write_headers(resp.headers_mut());
-    resp
+    match routing::route(&state, api, headers, body, parsed, arrived).await {
+        Routed::Done(resp) => resp,
+        Routed::Local {
+            req,
+            headers,
+            record,
+        } => {
+            let mut record = Some(record);
+            let result = serve_local(&state, req, arrived, &mut record).await;
+            routing::finish_local(api, result, &headers, record)
+        }
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -609,9 +601,13 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let parsed = params::parse_body::<ChatRequest>(body, state.max_body_bytes)
-        .and_then(|r| r.normalize(&headers));
-    handle(state, parsed, arrived).await
+    // Every failure, parsing included, goes through the router's bookkeeping (one telemetry
+    // record per request); it answers in this endpoint's error shape.
+    let (parsed, json) = match params::parse_body_json::<ChatRequest>(body, state.max_body_bytes) {
+        Ok((typed, json)) => (typed.normalize(), json),
+        Err(e) => (Err(e), Value::Null),
+    };
+    handle(state, Api::OpenAiChat, &headers, json, parsed, arrived).await
 }
 
 /// `POST /v1/completions`.
@@ -622,8 +618,16 @@ pub async fn completions(
 ) -> Response {
     let arrived = Instant::now();
     let parsed = params::parse_body::<CompletionRequest>(body, state.max_body_bytes)
-        .and_then(|r| r.normalize(&headers));
-    handle(state, parsed, arrived).await
+        .and_then(|r| r.normalize());
+    handle(
+        state,
+        Api::OpenAiCompletions,
+        &headers,
+        Value::Null,
+        parsed,
+        arrived,
+    )
+    .await
 }
 
 fn model_card(state: &AppState) -> Value {
@@ -675,7 +679,7 @@ mod tests {
         let parse = |v: Value| -> Result<NormalizedRequest, ApiError> {
             let r: ChatRequest =
                 serde_json::from_value(v).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-            r.normalize(&HeaderMap::new())
+            r.normalize()
         };
         let ok = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
         let r = parse(ok).unwrap();

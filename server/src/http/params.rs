@@ -25,6 +25,15 @@ pub fn parse_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<T, ApiError> {
+    parse_body_json(body, limit).map(|(t, _)| t)
+}
+
+/// Parses a JSON object body into `T` and also returns the JSON itself (what the router reads
+/// and what a remote tier is sent), mapping every failure to an [`ApiError`].
+pub fn parse_body_json<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<(T, Value), ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::BodyTooLarge { limit }
@@ -37,7 +46,7 @@ pub fn parse_body<T: DeserializeOwned>(
     if !v.is_object() {
         return Err(ApiError::NotAnObject);
     }
-    serde_path_to_error::deserialize(v).map_err(|e| {
+    let t = serde_path_to_error::deserialize(&v).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         if let Some(field) = missing_field(&msg) {
@@ -50,7 +59,8 @@ pub fn parse_body<T: DeserializeOwned>(
         } else {
             ApiError::field(path, msg)
         }
-    })
+    })?;
+    Ok((t, v))
 }
 
 /// The field of serde's "missing field `x`" message.

@@ -1,10 +1,10 @@
-//! The routing seam: every inference handler normalises its request, asks the [`RoutePolicy`]
-//! in the app state where it goes, and only then calls the local engine. This build has one
-//! policy, [`LocalOnly`]; the request router (`crates/router`) plugs in here by implementing
-//! the trait, and remote tiers by handling [`Target::Remote`] in the handlers.
+//! The request shapes the router and the engine share, and the routing headers.
 //!
-//! Every response carries the routing headers of DESIGN.md (`x-switchyard-tier`, `-action`,
-//! `-reason`, `-cost-usd`).
+//! Every inference handler normalises its request into a [`NormalizedRequest`] (what the local
+//! engine serves); [`super::routing`] turns the raw body into the router's `RouteRequest`,
+//! decides, and serves on the local engine or a remote tier. Every `/v1` response carries the
+//! routing headers of DESIGN.md (`x-switchyard-tier`, `-action`, `-reason`, `-cost-usd`), written
+//! by [`RouteHeaders::write_headers`].
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use switchyard_engine::chat::ChatMessage;
@@ -18,8 +18,6 @@ pub const ACTION_HEADER: HeaderName = HeaderName::from_static("x-switchyard-acti
 pub const REASON_HEADER: HeaderName = HeaderName::from_static("x-switchyard-reason");
 /// Header with the request's cost in US dollars.
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-switchyard-cost-usd");
-/// Request header that picks a tier by name.
-pub const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-route");
 
 /// Most bytes of the reason header (proxies cap header sizes; reasons are summaries).
 const MAX_REASON_BYTES: usize = 512;
@@ -71,8 +69,6 @@ pub struct NormalizedRequest {
     pub api: Api,
     /// The `model` field as sent (`local`, `auto`, the served id, or a tier name).
     pub model: String,
-    /// The `x-switchyard-route` header, if any.
-    pub route_header: Option<String>,
     /// Conversation (chat and messages); empty for completions.
     pub messages: Vec<ChatMessage>,
     /// Prompts (completions only; one choice set per prompt).
@@ -95,9 +91,8 @@ pub struct NormalizedRequest {
     pub ignore_eos: bool,
 }
 
-#[allow(dead_code)] // used by routers that classify content; none is wired yet
 impl NormalizedRequest {
-    /// All prompt text, for routers that classify content.
+    /// All prompt text (system, user and assistant), for routing a completions request.
     pub fn text(&self) -> String {
         let mut out = String::new();
         for m in &self.messages {
@@ -125,38 +120,23 @@ impl NormalizedRequest {
     }
 }
 
-/// Where a request goes.
-#[allow(dead_code)] // `Remote` and `Block` come from the router, once it is wired in
+/// What the routing headers of one response say.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Target {
-    /// The local engine.
-    Local,
-    /// A remote tier, by name.
-    Remote(String),
-    /// Refused, with the message for the client.
-    Block(String),
-}
-
-/// A routing decision, with what the response headers say about it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteDecision {
-    /// Where it goes.
-    pub target: Target,
-    /// Tier name (`local` for the engine).
+pub struct RouteHeaders {
+    /// Tier that served the request (`local` for the engine, `none` when refused).
     pub tier: String,
     /// `local`, `escalate`, `local-only` or `block`.
     pub action: String,
     /// Why, in evaluation order.
     pub reasons: Vec<String>,
-    /// Estimated cost in US dollars (0 locally).
+    /// Cost in US dollars (0 locally; an estimate for remote streams).
     pub cost_usd: f64,
 }
 
-impl RouteDecision {
+impl RouteHeaders {
     /// Served by the local engine for `reason`.
     pub fn local(reason: impl Into<String>) -> Self {
         Self {
-            target: Target::Local,
             tier: "local".into(),
             action: "local".into(),
             reasons: vec![reason.into()],
@@ -164,7 +144,7 @@ impl RouteDecision {
         }
     }
 
-    /// Writes the routing headers.
+    /// Writes the routing headers (ASCII only; the reasons at most [`MAX_REASON_BYTES`]).
     pub fn write_headers(&self, h: &mut HeaderMap) {
         let set = |h: &mut HeaderMap, k: HeaderName, v: &str| {
             if let Ok(v) = HeaderValue::from_str(&header_safe(v, MAX_REASON_BYTES)) {
@@ -178,29 +158,6 @@ impl RouteDecision {
     }
 }
 
-/// Chooses where a request is served. Implementations must be cheap or do their slow work off
-/// the async runtime: `route` is called on a request task.
-pub trait RoutePolicy: Send + Sync {
-    /// The decision for `req`.
-    fn route(&self, req: &NormalizedRequest) -> RouteDecision;
-}
-
-/// The policy of a server without a router: everything is served locally.
-#[derive(Debug, Default)]
-pub struct LocalOnly;
-
-impl RoutePolicy for LocalOnly {
-    fn route(&self, req: &NormalizedRequest) -> RouteDecision {
-        let why = match (req.route_header.as_deref(), req.model.as_str()) {
-            (Some(t), _) => format!("x-switchyard-route={t}; no router configured, served locally"),
-            (None, "auto") => "model=auto; no router configured, served locally".to_string(),
-            (None, "local") => "model=local".to_string(),
-            (None, _) => "served model requested".to_string(),
-        };
-        RouteDecision::local(why)
-    }
-}
-
 /// `0`, or the cost with up to 8 decimals and no trailing zeros.
 fn format_cost(c: f64) -> String {
     if c == 0.0 || !c.is_finite() {
@@ -210,7 +167,7 @@ fn format_cost(c: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-/// Printable ASCII only (header values), cut at `max` bytes.
+/// Printable ASCII only (header values), cut at `max` bytes with `...` when cut.
 fn header_safe(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
@@ -222,7 +179,11 @@ fn header_safe(s: &str, max: usize) -> String {
             }
         })
         .collect();
-    out.truncate(max);
+    if out.len() > max {
+        // Every char is ASCII now, so any byte index is a char boundary.
+        out.truncate(max.saturating_sub(3));
+        out.push_str("...");
+    }
     out
 }
 
@@ -233,11 +194,19 @@ mod tests {
     #[test]
     fn headers_are_written() {
         let mut h = HeaderMap::new();
-        RouteDecision::local("model=local\nwith newline é").write_headers(&mut h);
+        RouteHeaders::local("model=local\nwith newline é").write_headers(&mut h);
         assert_eq!(h[TIER_HEADER], "local");
         assert_eq!(h[ACTION_HEADER], "local");
         assert_eq!(h[COST_HEADER], "0");
         assert_eq!(h[REASON_HEADER], "model=local?with newline ?");
         assert_eq!(format_cost(0.00125), "0.00125");
+        let long = RouteHeaders {
+            reasons: vec!["x".repeat(2 * MAX_REASON_BYTES)],
+            ..RouteHeaders::local("")
+        };
+        long.write_headers(&mut h);
+        let r = h[REASON_HEADER].to_str().unwrap_or("");
+        assert_eq!(r.len(), MAX_REASON_BYTES);
+        assert!(r.ends_with("..."));
     }
 }
