@@ -99,33 +99,57 @@ fn row_portable(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn row_avx512_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
-    // SAFETY: selected only after run-time detection of avx512f.
-    unsafe { row_avx512(row, x, tokens, inp, d) }
+/// Dispatches a runtime token count to a kernel monomorphised for it, so the accumulators
+/// are a fixed-size array the compiler keeps in registers.
+macro_rules! by_tokens {
+    ($f:ident, $row:expr, $x:expr, $tokens:expr, $inp:expr, $d:expr) => {
+        match $tokens {
+            1 => $f::<1>($row, $x, $inp, $d),
+            2 => $f::<2>($row, $x, $inp, $d),
+            3 => $f::<3>($row, $x, $inp, $d),
+            4 => $f::<4>($row, $x, $inp, $d),
+            5 => $f::<5>($row, $x, $inp, $d),
+            6 => $f::<6>($row, $x, $inp, $d),
+            7 => $f::<7>($row, $x, $inp, $d),
+            _ => $f::<8>($row, $x, $inp, $d),
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
+fn row_avx512_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx512f; slices are checked by the
+    // caller (`row.len() == inp`, `x.len() >= tokens * inp`, `d.len() >= tokens`).
+    unsafe { by_tokens!(row_avx512, row, x, tokens, inp, d) }
+}
+
+/// One bf16 weight row against `N` activation rows. Two accumulator chains per token hide the
+/// FMA latency when `N` is small (decode).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn row_avx512(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+unsafe fn row_avx512<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
-    let n16 = inp / 16 * 16;
-    let mut accs = [_mm512_setzero_ps(); TOKEN_BLOCK];
+    let n32 = inp / 32 * 32;
+    let mut a0 = [_mm512_setzero_ps(); N];
+    let mut a1 = [_mm512_setzero_ps(); N];
     let wp = row.as_ptr() as *const u16;
+    let xp = x.as_ptr();
     let mut i = 0;
-    while i < n16 {
+    while i < n32 {
         // 16 bf16 → 16 f32: zero-extend to 32 bits and shift into the high half.
-        let h = _mm256_loadu_si256(wp.add(i) as *const __m256i);
-        let wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        for (t, acc) in accs.iter_mut().enumerate().take(tokens) {
-            let xv = _mm512_loadu_ps(x.as_ptr().add(t * inp + i));
-            *acc = _mm512_fmadd_ps(wv, xv, *acc);
+        let h0 = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let h1 = _mm256_loadu_si256(wp.add(i + 16) as *const __m256i);
+        let w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16));
+        let w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16));
+        for t in 0..N {
+            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a0[t]);
+            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a1[t]);
         }
-        i += 16;
+        i += 32;
     }
-    for t in 0..tokens {
-        let mut s = _mm512_reduce_add_ps(accs[t]);
-        for j in n16..inp {
+    for t in 0..N {
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+        for j in n32..inp {
             s += row[j].to_f32() * x[t * inp + j];
         }
         d[t] = s;
@@ -134,30 +158,30 @@ unsafe fn row_avx512(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut
 
 #[cfg(target_arch = "x86_64")]
 fn row_avx2_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
-    // SAFETY: selected only after run-time detection of avx2 and fma.
-    unsafe { row_avx2(row, x, tokens, inp, d) }
+    // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
+    unsafe { by_tokens!(row_avx2, row, x, tokens, inp, d) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+unsafe fn row_avx2<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
     let n8 = inp / 8 * 8;
-    let mut accs = [_mm256_setzero_ps(); TOKEN_BLOCK];
+    let mut acc = [_mm256_setzero_ps(); N];
     let wp = row.as_ptr() as *const u16;
+    let xp = x.as_ptr();
     let mut i = 0;
     while i < n8 {
         let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
         let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        for (t, acc) in accs.iter_mut().enumerate().take(tokens) {
-            let xv = _mm256_loadu_ps(x.as_ptr().add(t * inp + i));
-            *acc = _mm256_fmadd_ps(wv, xv, *acc);
+        for t in 0..N {
+            acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * inp + i)), acc[t]);
         }
         i += 8;
     }
-    for t in 0..tokens {
+    for t in 0..N {
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), accs[t]);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
         let mut s: f32 = lanes.iter().sum();
         for j in n8..inp {
             s += row[j].to_f32() * x[t * inp + j];
