@@ -174,8 +174,8 @@ unsafe fn row_avx2<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut 
     while i < n8 {
         let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
         let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        for t in 0..N {
-            acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * inp + i)), acc[t]);
+        for (t, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * inp + i)), *a);
         }
         i += 8;
     }
