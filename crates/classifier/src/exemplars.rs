@@ -121,6 +121,17 @@ pub struct CategoryScores {
     pub top: Option<(String, f64)>,
 }
 
+/// What [`ExemplarIndex::leave_one_out`] measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeaveOneOut {
+    /// Share of exemplars whose nearest other category is their own.
+    pub category_accuracy: f64,
+    /// Share whose nearest category maps to their action.
+    pub action_accuracy: f64,
+    /// `(true category, predicted)` for every category miss.
+    pub misses: Vec<(String, String)>,
+}
+
 /// Embedded exemplars, grouped by category.
 #[derive(Debug, Clone)]
 pub struct ExemplarIndex {
@@ -245,11 +256,13 @@ impl ExemplarIndex {
         }
     }
 
-    /// Leave-one-out accuracy of the top category over the index's own exemplars, and the
-    /// misses as `(true category, predicted)`.
-    pub fn leave_one_out(&self) -> (f64, Vec<(String, String)>) {
+    /// Leave-one-out evaluation over the index's own exemplars: the share whose nearest
+    /// category is their own, the share whose nearest category has their action, and the
+    /// category misses as `(true category, predicted)`.
+    pub fn leave_one_out(&self) -> LeaveOneOut {
         let mut total = 0;
         let mut right = 0;
+        let mut action_right = 0;
         let mut misses = Vec::new();
         for (ci, vs) in self.vectors.iter().enumerate() {
             for (ei, v) in vs.iter().enumerate() {
@@ -261,6 +274,9 @@ impl ExemplarIndex {
                     .max_by(|a, b| a.1.total_cmp(b.1))
                     .map(|(c, _)| c.clone())
                     .unwrap_or_default();
+                if self.action(&pred) == Some(self.categories[ci].1) {
+                    action_right += 1;
+                }
                 if pred == self.categories[ci].0 {
                     right += 1;
                 } else {
@@ -268,7 +284,12 @@ impl ExemplarIndex {
                 }
             }
         }
-        (right as f64 / total.max(1) as f64, misses)
+        let n = total.max(1) as f64;
+        LeaveOneOut {
+            category_accuracy: right as f64 / n,
+            action_accuracy: action_right as f64 / n,
+            misses,
+        }
     }
 }
 
