@@ -89,7 +89,9 @@ pub fn run(a: RouteEvalArgs) -> Result<()> {
 
 fn load_policy(a: &RouteEvalArgs) -> Result<Policy> {
     Ok(match &a.policy {
-        Some(p) => Policy::from_path(p).with_context(|| format!("loading policy {}", p.display()))?,
+        Some(p) => {
+            Policy::from_path(p).with_context(|| format!("loading policy {}", p.display()))?
+        }
         None => Policy::default_policy(),
     })
 }
@@ -99,15 +101,16 @@ fn router_dir(a: &RouteEvalArgs) -> PathBuf {
 }
 
 fn embedder(a: &RouteEvalArgs) -> Result<Arc<Embedder>> {
-    Ok(Arc::new(
-        Embedder::from_spec(a.minilm.as_deref()).context("loading the sentence-embedding model (run scripts/minilm.sh)")?,
-    ))
+    Ok(Arc::new(Embedder::from_spec(a.minilm.as_deref()).context(
+        "loading the sentence-embedding model (run scripts/minilm.sh)",
+    )?))
 }
 
 fn write_json(dir: &Path, name: &str, v: &impl Serialize) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let p = dir.join(name);
-    std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("writing {}", p.display()))?;
+    std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n")
+        .with_context(|| format!("writing {}", p.display()))?;
     Ok(p)
 }
 
@@ -116,8 +119,12 @@ fn write_json(dir: &Path, name: &str, v: &impl Serialize) -> Result<PathBuf> {
 fn run_routellm(a: &RouteEvalArgs, data: &Path) -> Result<()> {
     let e = embedder(a)?;
     let art = router_dir(a).join(switchyard_classifier::scorer::DIFFICULTY_FILE);
-    let model = DifficultyModel::load(&art).with_context(|| format!("loading {}", art.display()))?;
-    let cache = a.cache.clone().unwrap_or_else(|| PathBuf::from(".cache/routellm-minilm.safetensors"));
+    let model =
+        DifficultyModel::load(&art).with_context(|| format!("loading {}", art.display()))?;
+    let cache = a
+        .cache
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".cache/routellm-minilm.safetensors"));
     let t0 = Instant::now();
     let mut last = Instant::now();
     let summary = evaluate_routellm(data, a.split, &e, &model, Some(&cache), |done, todo| {
@@ -129,13 +136,20 @@ fn run_routellm(a: &RouteEvalArgs, data: &Path) -> Result<()> {
     .with_context(|| format!("evaluating on {}", data.display()))?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("route-eval"));
     write_outputs(&summary, &out)?;
-    println!("RouteLLM {:?} split ({:.1}s)", a.split, t0.elapsed().as_secs_f64());
+    println!(
+        "RouteLLM {:?} split ({:.1}s)",
+        a.split,
+        t0.elapsed().as_secs_f64()
+    );
     for (bench, b) in &summary.benchmarks {
         println!(
             "\n{bench}: n = {}, local accuracy {:.3}, frontier accuracy {:.3}",
             b.n, b.weak_accuracy, b.strong_accuracy
         );
-        println!("  {:<26} {:>6} {:>10} {:>10} {:>12} {:>12}", "router", "APGR", "CPT(80%)", "CPT(95%)", "80% quality", "95% quality");
+        println!(
+            "  {:<26} {:>6} {:>10} {:>10} {:>12} {:>12}",
+            "router", "APGR", "CPT(80%)", "CPT(95%)", "80% quality", "95% quality"
+        );
         for (name, r) in &b.routers {
             println!(
                 "  {:<26} {:>6.3} {:>9.1}% {:>9.1}% {:>11.1}% {:>11.1}%",
@@ -149,7 +163,11 @@ fn run_routellm(a: &RouteEvalArgs, data: &Path) -> Result<()> {
         }
     }
     println!("\nCPT(x%): fraction escalated to recover x% of the local→frontier accuracy gap.");
-    println!("wrote {} and {}", out.join("summary.json").display(), out.join("frontier.svg").display());
+    println!(
+        "wrote {} and {}",
+        out.join("summary.json").display(),
+        out.join("frontier.svg").display()
+    );
     Ok(())
 }
 
@@ -162,9 +180,17 @@ struct SuiteOut<'a> {
 }
 
 fn print_report(title: &str, r: &SuiteReport) {
-    println!("{title}: {}/{} = {:.1}%", r.correct, r.total, 100.0 * r.accuracy);
+    println!(
+        "{title}: {}/{} = {:.1}%",
+        r.correct,
+        r.total,
+        100.0 * r.accuracy
+    );
     let actions = ["local", "escalate", "local-only", "block"];
-    println!("  expected \\ got {:>10} {:>10} {:>10} {:>10}", actions[0], actions[1], actions[2], actions[3]);
+    println!(
+        "  expected \\ got {:>10} {:>10} {:>10} {:>10}",
+        actions[0], actions[1], actions[2], actions[3]
+    );
     for (exp, row) in &r.confusion {
         let cell = |name: &str| {
             row.iter()
@@ -182,7 +208,12 @@ fn print_report(title: &str, r: &SuiteReport) {
     }
     for m in &r.misses {
         let prompt: String = m.prompt.chars().take(100).collect();
-        println!("  miss line {}: expected {}, got {}: {prompt:?}", m.line, m.expect.as_str(), m.got.as_str());
+        println!(
+            "  miss line {}: expected {}, got {}: {prompt:?}",
+            m.line,
+            m.expect.as_str(),
+            m.got.as_str()
+        );
         for why in &m.reasons {
             println!("      - {why}");
         }
@@ -196,10 +227,15 @@ fn run_suite_mode(a: &RouteEvalArgs, suite: &Path) -> Result<()> {
     let with = if a.no_classifier {
         None
     } else {
-        let scorer = RouterScorer::load(&embedder(a)?, &router_dir(a)).context("loading the router classifier")?;
+        let scorer = RouterScorer::load(&embedder(a)?, &router_dir(a))
+            .context("loading the router classifier")?;
         let t0 = Instant::now();
         let r = run_suite(&policy, &cases, Some(&scorer as &dyn SemanticScorer));
-        eprintln!("{} decisions with the classifier in {:.2}s", cases.len(), t0.elapsed().as_secs_f64());
+        eprintln!(
+            "{} decisions with the classifier in {:.2}s",
+            cases.len(),
+            t0.elapsed().as_secs_f64()
+        );
         Some(r)
     };
     if let Some(w) = &with {
@@ -208,7 +244,14 @@ fn run_suite_mode(a: &RouteEvalArgs, suite: &Path) -> Result<()> {
     }
     print_report("rules only", &rules);
     if let Some(out) = &a.out {
-        let p = write_json(out, "suite.json", &SuiteOut { with_classifier: with.as_ref(), rules_only: &rules })?;
+        let p = write_json(
+            out,
+            "suite.json",
+            &SuiteOut {
+                with_classifier: with.as_ref(),
+                rules_only: &rules,
+            },
+        )?;
         println!("wrote {}", p.display());
     }
     Ok(())
@@ -255,12 +298,22 @@ fn schema_ok(schema: &serde_json::Value, v: &serde_json::Value) -> bool {
             return false;
         }
     }
-    if let (Some(req), Some(obj)) = (schema.get("required").and_then(Value::as_array), v.as_object()) {
-        if req.iter().filter_map(Value::as_str).any(|k| !obj.contains_key(k)) {
+    if let (Some(req), Some(obj)) = (
+        schema.get("required").and_then(Value::as_array),
+        v.as_object(),
+    ) {
+        if req
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|k| !obj.contains_key(k))
+        {
             return false;
         }
     }
-    if let (Some(props), Some(obj)) = (schema.get("properties").and_then(Value::as_object), v.as_object()) {
+    if let (Some(props), Some(obj)) = (
+        schema.get("properties").and_then(Value::as_object),
+        v.as_object(),
+    ) {
         for (k, s) in props {
             if let Some(x) = obj.get(k) {
                 if !schema_ok(s, x) {
@@ -280,8 +333,11 @@ fn schema_ok(schema: &serde_json::Value, v: &serde_json::Value) -> bool {
 fn passes(check: &Check, text: &str) -> Result<bool> {
     Ok(match check {
         Check::Exact(s) => text.trim() == s.trim(),
-        Check::Regex(r) => regex::Regex::new(r).with_context(|| format!("bad regex {r:?}"))?.is_match(text),
-        Check::JsonSchema(s) => switchyard_classifier::cascade::parse_json_answer(text).is_some_and(|v| schema_ok(s, &v)),
+        Check::Regex(r) => regex::Regex::new(r)
+            .with_context(|| format!("bad regex {r:?}"))?
+            .is_match(text),
+        Check::JsonSchema(s) => switchyard_classifier::cascade::parse_json_answer(text)
+            .is_some_and(|v| schema_ok(s, &v)),
     })
 }
 
@@ -296,7 +352,14 @@ struct Outcome {
     error: Option<String>,
 }
 
-async fn send(client: &reqwest::Client, a: &RouteEvalArgs, url: &str, model: &str, prompt: &str, check: &Check) -> Result<Outcome> {
+async fn send(
+    client: &reqwest::Client,
+    a: &RouteEvalArgs,
+    url: &str,
+    model: &str,
+    prompt: &str,
+    check: &Check,
+) -> Result<Outcome> {
     let body = serde_json::json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -311,19 +374,45 @@ async fn send(client: &reqwest::Client, a: &RouteEvalArgs, url: &str, model: &st
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            return Ok(Outcome { tier: "error".into(), pass: false, latency_ms: 0.0, prompt_tokens: 0, completion_tokens: 0, cost_usd: 0.0, error: Some(e.to_string()) })
+            return Ok(Outcome {
+                tier: "error".into(),
+                pass: false,
+                latency_ms: 0.0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_usd: 0.0,
+                error: Some(e.to_string()),
+            })
         }
     };
-    let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let tier = header("x-switchyard-tier").unwrap_or_else(|| "unknown".into());
-    let cost = header("x-switchyard-cost-usd").and_then(|c| c.parse().ok()).unwrap_or(0.0);
+    let cost = header("x-switchyard-cost-usd")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0.0);
     let status = resp.status();
     let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
     let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !status.is_success() {
-        return Ok(Outcome { tier, pass: false, latency_ms, prompt_tokens: 0, completion_tokens: 0, cost_usd: cost, error: Some(format!("HTTP {status}: {v}")) });
+        return Ok(Outcome {
+            tier,
+            pass: false,
+            latency_ms,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: cost,
+            error: Some(format!("HTTP {status}: {v}")),
+        });
     }
-    let text = v.pointer("/choices/0/message/content").and_then(|c| c.as_str()).unwrap_or("");
+    let text = v
+        .pointer("/choices/0/message/content")
+        .and_then(|c| c.as_str())
+        .unwrap_or("");
     let tok = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
     Ok(Outcome {
         tier,
@@ -357,9 +446,17 @@ fn stats(outcomes: &[&Outcome]) -> TierStats {
     TierStats {
         requests: n,
         passed,
-        pass_rate: if n == 0 { 0.0 } else { passed as f64 / n as f64 },
+        pass_rate: if n == 0 {
+            0.0
+        } else {
+            passed as f64 / n as f64
+        },
         median_latency_ms: lat.get(n / 2).copied().unwrap_or(0.0),
-        mean_latency_ms: if n == 0 { 0.0 } else { lat.iter().sum::<f64>() / n as f64 },
+        mean_latency_ms: if n == 0 {
+            0.0
+        } else {
+            lat.iter().sum::<f64>() / n as f64
+        },
         prompt_tokens: outcomes.iter().map(|o| o.prompt_tokens).sum(),
         completion_tokens: outcomes.iter().map(|o| o.completion_tokens).sum(),
         cost_usd: outcomes.iter().map(|o| o.cost_usd).sum(),
@@ -368,11 +465,14 @@ fn stats(outcomes: &[&Outcome]) -> TierStats {
 }
 
 fn load_tasks(path: &Path) -> Result<Vec<Task>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with("//"))
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -382,9 +482,16 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
         passes(&t.check, "")?; // reject bad regexes before sending anything
     }
     let base = a.server.clone().context("--replay needs --server URL")?;
-    let url = format!("{}/v1/chat/completions", base.trim_end_matches('/').trim_end_matches("/v1"));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+    let url = format!(
+        "{}/v1/chat/completions",
+        base.trim_end_matches('/').trim_end_matches("/v1")
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(600))
+        .build()?;
     if !a.calibrate {
         let outcomes: Vec<Outcome> = rt.block_on(async {
             let mut v = Vec::new();
@@ -398,8 +505,15 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
             by_tier.entry(o.tier.clone()).or_default().push(o);
         }
         let all = stats(&outcomes.iter().collect::<Vec<_>>());
-        let tiers: BTreeMap<String, TierStats> = by_tier.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
-        println!("{} tasks: pass rate {:.1}%, cost ${:.4}, median latency {:.0} ms", all.requests, 100.0 * all.pass_rate, all.cost_usd, all.median_latency_ms);
+        let tiers: BTreeMap<String, TierStats> =
+            by_tier.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
+        println!(
+            "{} tasks: pass rate {:.1}%, cost ${:.4}, median latency {:.0} ms",
+            all.requests,
+            100.0 * all.pass_rate,
+            all.cost_usd,
+            all.median_latency_ms
+        );
         for (tier, s) in &tiers {
             println!(
                 "  {tier:<12} {:>4} requests  pass {:>5.1}%  median {:>6.0} ms  tokens {}/{}  cost ${:.4}  errors {}",
@@ -407,7 +521,11 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
             );
         }
         if let Some(out) = &a.out {
-            let p = write_json(out, "replay.json", &serde_json::json!({"overall": all, "tiers": tiers, "outcomes": outcomes}))?;
+            let p = write_json(
+                out,
+                "replay.json",
+                &serde_json::json!({"overall": all, "tiers": tiers, "outcomes": outcomes}),
+            )?;
             println!("wrote {}", p.display());
         }
         return Ok(());
@@ -416,11 +534,17 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
     // Calibration: every task on both tiers, then sweep the difficulty threshold.
     let policy = load_policy(a)?;
     let local = policy.local_tier().name.clone();
-    let remote = policy.escalate_tier().map(|t| t.name.clone()).context("the policy has no remote tier to calibrate against")?;
+    let remote = policy
+        .escalate_tier()
+        .map(|t| t.name.clone())
+        .context("the policy has no remote tier to calibrate against")?;
     let scorer = RouterScorer::load(&embedder(a)?, &router_dir(a))?;
     let mut rows = Vec::new();
     for t in &tasks {
-        let d = scorer.score_text(&t.prompt)?.difficulty.context("no difficulty model (models/router/difficulty.safetensors)")?;
+        let d = scorer
+            .score_text(&t.prompt)?
+            .difficulty
+            .context("no difficulty model (models/router/difficulty.safetensors)")?;
         rows.push((d, t));
     }
     let results: Vec<(f64, Outcome, Outcome)> = rt.block_on(async {
@@ -438,16 +562,28 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
     thresholds.sort_by(f64::total_cmp);
     thresholds.dedup();
     let mut best: Option<(f64, f64, f64, f64)> = None; // (threshold, pass, escalated, cost)
-    println!("{:>10} {:>10} {:>10} {:>10}", "threshold", "pass", "escalated", "cost $");
+    println!(
+        "{:>10} {:>10} {:>10} {:>10}",
+        "threshold", "pass", "escalated", "cost $"
+    );
     for &t in thresholds.iter().rev() {
         let (mut pass, mut esc, mut cost) = (0.0, 0.0, 0.0);
         for (d, l, r) in &results {
-            let o = if *d >= t { esc += 1.0; r } else { l };
+            let o = if *d >= t {
+                esc += 1.0;
+                r
+            } else {
+                l
+            };
             pass += o.pass as u8 as f64;
             cost += o.cost_usd;
         }
         let (pass, esc) = (pass / n, esc / n);
-        println!("{t:>10.4} {:>9.1}% {:>9.1}% {cost:>10.4}", 100.0 * pass, 100.0 * esc);
+        println!(
+            "{t:>10.4} {:>9.1}% {:>9.1}% {cost:>10.4}",
+            100.0 * pass,
+            100.0 * esc
+        );
         if pass >= a.target_pass_rate && best.is_none() {
             best = Some((t, pass, esc, cost));
         }
@@ -474,7 +610,11 @@ mod tests {
         assert!(passes(&Check::Regex(r"\b42\b".into()), "it is 42.").unwrap());
         assert!(passes(&Check::Regex("(".into()), "").is_err());
         let schema = serde_json::json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}}});
-        assert!(passes(&Check::JsonSchema(schema.clone()), "{\"a\": 1, \"b\": \"x\"}").unwrap());
+        assert!(passes(
+            &Check::JsonSchema(schema.clone()),
+            "{\"a\": 1, \"b\": \"x\"}"
+        )
+        .unwrap());
         assert!(!passes(&Check::JsonSchema(schema.clone()), "{\"a\": 1.5}").unwrap());
         assert!(!passes(&Check::JsonSchema(schema.clone()), "{\"b\": \"x\"}").unwrap());
         assert!(!passes(&Check::JsonSchema(schema), "{\"a\": 1, \"b\": \"z\"}").unwrap());

@@ -43,7 +43,9 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("embed");
     g.sample_size(30);
     for (name, prompt) in PROMPTS {
-        g.bench_function(name, |b| b.iter(|| scorer.embedder().embed(prompt).expect("embed")));
+        g.bench_function(name, |b| {
+            b.iter(|| scorer.embedder().embed(prompt).expect("embed"))
+        });
     }
     g.finish();
 }

@@ -14,9 +14,10 @@ fn main() -> anyhow::Result<()> {
     let data = args
         .next()
         .map_or_else(|| root.join("../shared/data/routellm"), PathBuf::from);
-    let cache = args
-        .next()
-        .map_or_else(|| root.join(".cache/routellm-minilm.safetensors"), PathBuf::from);
+    let cache = args.next().map_or_else(
+        || root.join(".cache/routellm-minilm.safetensors"),
+        PathBuf::from,
+    );
     let benches = routellm::load(&data)?;
     let texts: Vec<&str> = benches
         .iter()
@@ -34,6 +35,11 @@ fn main() -> anyhow::Result<()> {
             );
         }
     })?;
-    eprintln!("{} embeddings in {} ({:.1}s)", out.len(), cache.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{} embeddings in {} ({:.1}s)",
+        out.len(),
+        cache.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }

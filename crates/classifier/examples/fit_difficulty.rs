@@ -22,14 +22,27 @@ fn main() -> anyhow::Result<()> {
     let mut cfg = FitConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        let mut val = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
         match a.as_str() {
             "--pca" => cfg.pca_dim = val()?.parse()?,
             "--out" => out = PathBuf::from(val()?),
             "--data" => data = PathBuf::from(val()?),
             "--cache" => cache = PathBuf::from(val()?),
-            "--ks" => cfg.ks = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
-            "--l2s" => cfg.l2s = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--ks" => {
+                cfg.ks = val()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--l2s" => {
+                cfg.l2s = val()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -50,17 +63,32 @@ fn main() -> anyhow::Result<()> {
             eprintln!("embedded {d}/{t}");
         }
     })?;
-    eprintln!("{} train embeddings ready in {:.1}s", embs.len(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "{} train embeddings ready in {:.1}s",
+        embs.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let t1 = Instant::now();
     let (model, report) = fit(&embs, &samples, &names, &cfg)?;
-    eprintln!("fitted in {:.1}s: {:?}", t1.elapsed().as_secs_f64(), model.info());
+    eprintln!(
+        "fitted in {:.1}s: {:?}",
+        t1.elapsed().as_secs_f64(),
+        model.info()
+    );
     let mut grid = report.grid.clone();
     grid.sort_by(|a, b| b.3.total_cmp(&a.3));
     for g in grid.iter().take(8) {
-        eprintln!("  k {:>3} l2 {:>5} alpha {:.1}: train mean APGR {:.4}", g.0, g.1, g.2, g.3);
+        eprintln!(
+            "  k {:>3} l2 {:>5} alpha {:.1}: train mean APGR {:.4}",
+            g.0, g.1, g.2, g.3
+        );
     }
     model.save(&out)?;
-    eprintln!("wrote {} ({} bytes)", out.display(), std::fs::metadata(&out)?.len());
+    eprintln!(
+        "wrote {} ({} bytes)",
+        out.display(),
+        std::fs::metadata(&out)?.len()
+    );
     let back = switchyard_classifier::DifficultyModel::load(&out)?;
     for split in [Split::Train, Split::Test] {
         let s = evaluate_routellm(&data, split, &e, &back, Some(&cache), |_, _| {})?;

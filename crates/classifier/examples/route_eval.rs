@@ -10,7 +10,10 @@ mod cmd_route_eval;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "route-eval", about = "Routing evaluation (RouteLLM, labelled suite, replay)")]
+#[command(
+    name = "route-eval",
+    about = "Routing evaluation (RouteLLM, labelled suite, replay)"
+)]
 struct Cli {
     #[command(flatten)]
     args: cmd_route_eval::RouteEvalArgs,

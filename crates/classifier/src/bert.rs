@@ -76,7 +76,7 @@ impl BertConfig {
                 self.position_embedding_type
             )));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size.checked_rem(self.num_attention_heads) != Some(0) {
             return Err(ClassifierError::Config(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -178,7 +178,9 @@ impl Layer {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h))?;
-        let x = self.attn_norm.forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+        let x = self
+            .attn_norm
+            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
         let up = self.up.forward(&x)?;
         let up = match self.act {
             Act::GeluErf => up.gelu_erf()?,

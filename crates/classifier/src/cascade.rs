@@ -258,9 +258,28 @@ mod tests {
         assert!(v.escalate);
         assert_eq!(v.reasons.len(), 3, "{:?}", v.reasons);
         // No logprobs given: those checks are skipped, not failed.
-        assert!(!check(&cfg, &Answer { text: "x", ..Answer::default() }).escalate);
+        assert!(
+            !check(
+                &cfg,
+                &Answer {
+                    text: "x",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
         // NaN logprobs are ignored.
-        assert!(!check(&cfg, &Answer { text: "x", logprobs: &[f64::NAN], ..Answer::default() }).escalate);
+        assert!(
+            !check(
+                &cfg,
+                &Answer {
+                    text: "x",
+                    logprobs: &[f64::NAN],
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
     }
 
     #[test]
@@ -270,17 +289,59 @@ mod tests {
             required_keys: vec!["name".into()],
             ..off()
         };
-        assert!(!check(&json, &Answer { text: "```json\n{\"name\": \"a\"}\n```", ..Answer::default() }).escalate);
-        let v = check(&json, &Answer { text: "{\"id\": 1}", ..Answer::default() });
+        assert!(
+            !check(
+                &json,
+                &Answer {
+                    text: "```json\n{\"name\": \"a\"}\n```",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
+        let v = check(
+            &json,
+            &Answer {
+                text: "{\"id\": 1}",
+                ..Answer::default()
+            },
+        );
         assert!(v.escalate && v.reasons[0].contains("name"));
-        assert!(check(&json, &Answer { text: "not json", ..Answer::default() }).escalate);
+        assert!(
+            check(
+                &json,
+                &Answer {
+                    text: "not json",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
 
         let re = CascadeConfig {
             must_match: Some(Regex::new(r"^\d{4}-\d{2}-\d{2}$").unwrap()),
             ..off()
         };
-        assert!(!check(&re, &Answer { text: "2024-03-01", ..Answer::default() }).escalate);
-        assert!(check(&re, &Answer { text: "March 1st", ..Answer::default() }).escalate);
+        assert!(
+            !check(
+                &re,
+                &Answer {
+                    text: "2024-03-01",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
+        assert!(
+            check(
+                &re,
+                &Answer {
+                    text: "March 1st",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
 
         assert!(is_refusal("I'm sorry, but I can't help with that."));
         assert!(is_refusal("As an AI language model, I cannot browse."));
@@ -288,9 +349,32 @@ mod tests {
         assert!(!is_refusal("Sorry for the delay! Here is the table:"));
         assert!(!is_refusal("The function can't return None because ..."));
 
-        let trunc = CascadeConfig { escalate_on_truncation: true, min_chars: 1, ..off() };
-        assert!(check(&trunc, &Answer { text: "a", finish_reason: Some("length"), ..Answer::default() }).escalate);
-        assert!(check(&trunc, &Answer { text: "  \n", ..Answer::default() }).escalate);
+        let trunc = CascadeConfig {
+            escalate_on_truncation: true,
+            min_chars: 1,
+            ..off()
+        };
+        assert!(
+            check(
+                &trunc,
+                &Answer {
+                    text: "a",
+                    finish_reason: Some("length"),
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
+        assert!(
+            check(
+                &trunc,
+                &Answer {
+                    text: "  \n",
+                    ..Answer::default()
+                }
+            )
+            .escalate
+        );
     }
 
     #[test]

@@ -233,7 +233,12 @@ impl DifficultyModel {
                 vec![self.labels.len(), self.key_dim()],
                 keys16,
             ),
-            ("knn.labels", Dtype::F32, vec![self.labels.len()], f32s(&self.labels)),
+            (
+                "knn.labels",
+                Dtype::F32,
+                vec![self.labels.len()],
+                f32s(&self.labels),
+            ),
             ("logistic.w", Dtype::F32, vec![self.dim], f32s(&self.w)),
             ("head", Dtype::F32, vec![head.len()], f32s(&head)),
             (
@@ -247,12 +252,16 @@ impl DifficultyModel {
         let bad = |e: safetensors::SafeTensorError| ClassifierError::data(&shown, e.to_string());
         let mut views = Vec::new();
         for (name, dt, shape, data) in &bufs {
-            views.push((*name, TensorView::new(*dt, shape.clone(), data).map_err(bad)?));
+            views.push((
+                *name,
+                TensorView::new(*dt, shape.clone(), data).map_err(bad)?,
+            ));
         }
         let mut meta = HashMap::new();
         meta.insert(
             "fit".to_string(),
-            serde_json::to_string(&self.info).map_err(|e| ClassifierError::data(&shown, e.to_string()))?,
+            serde_json::to_string(&self.info)
+                .map_err(|e| ClassifierError::data(&shown, e.to_string()))?,
         );
         meta.insert("k".to_string(), self.k.to_string());
         meta.insert("format".to_string(), "switchyard-difficulty-v1".to_string());
@@ -269,11 +278,13 @@ impl DifficultyModel {
     /// Parses an artifact from memory; `origin` names it in errors.
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
         let bad = |m: String| ClassifierError::data(origin, m);
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some("switchyard-difficulty-v1") {
-            return Err(bad("not a switchyard difficulty artifact (format metadata)".into()));
+            return Err(bad(
+                "not a switchyard difficulty artifact (format metadata)".into(),
+            ));
         }
         let info: FitInfo = serde_json::from_str(meta.get("fit").map_or("", String::as_str))
             .map_err(|e| bad(format!("fit metadata: {e}")))?;
@@ -300,7 +311,9 @@ impl DifficultyModel {
             Ok((t.shape().to_vec(), v))
         };
         let (ms, mean) = get("pca.mean")?;
-        let dim = *ms.first().ok_or_else(|| bad("pca.mean has no shape".into()))?;
+        let dim = *ms
+            .first()
+            .ok_or_else(|| bad("pca.mean has no shape".into()))?;
         let (cs, components) = get("pca.components")?;
         let r = cs.first().copied().unwrap_or(0);
         let (ks, keys) = get("knn.keys")?;
@@ -391,7 +404,12 @@ fn matmul_t(a: &[f32], n: usize, d: usize, b: &[f32], m: usize) -> Result<Vec<f3
 
 /// For every row of `keys` (`[m, d]`), the labels of its `max_k` nearest other rows, nearest
 /// first.
-fn loo_neighbour_labels(keys: &[f32], d: usize, labels: &[f32], max_k: usize) -> Result<Vec<Vec<f32>>> {
+fn loo_neighbour_labels(
+    keys: &[f32],
+    d: usize,
+    labels: &[f32],
+    max_k: usize,
+) -> Result<Vec<Vec<f32>>> {
     let m = labels.len();
     let mut out = Vec::with_capacity(m);
     let block = 512;
@@ -439,7 +457,12 @@ fn fit_logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<Logistic> {
         let mut xs = vec![0.0f32; n * p];
         for i in 0..n {
             let row = &x[i * d..(i + 1) * d];
-            let s: f64 = row.iter().zip(&beta).map(|(a, b)| *a as f64 * b).sum::<f64>() + beta[d];
+            let s: f64 = row
+                .iter()
+                .zip(&beta)
+                .map(|(a, b)| *a as f64 * b)
+                .sum::<f64>()
+                + beta[d];
             let pi = sigmoid(s);
             probs[i] = pi;
             let r = pi - y[i] as f64;
@@ -464,8 +487,9 @@ fn fit_logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<Logistic> {
             h[j * p + j] += l2;
         }
         h[d * p + d] += 1e-6;
-        let step = cholesky_solve(&h, &grad, p)
-            .ok_or_else(|| ClassifierError::Input("logistic Hessian is not positive definite".into()))?;
+        let step = cholesky_solve(&h, &grad, p).ok_or_else(|| {
+            ClassifierError::Input("logistic Hessian is not positive definite".into())
+        })?;
         let mut max_step = 0.0f64;
         for (b, s) in beta.iter_mut().zip(&step) {
             *b -= s;
@@ -484,7 +508,11 @@ fn fit_logistic(x: &[f32], d: usize, y: &[f32], l2: f64) -> Result<Logistic> {
 
 fn logistic_score(m: &Logistic, row: &[f32]) -> f64 {
     let d = m.w.len();
-    let s: f64 = row[..d].iter().zip(&m.w).map(|(a, b)| *a as f64 * b).sum::<f64>()
+    let s: f64 = row[..d]
+        .iter()
+        .zip(&m.w)
+        .map(|(a, b)| *a as f64 * b)
+        .sum::<f64>()
         + m.w_len * row[d] as f64
         + m.bias;
     sigmoid(s)
@@ -500,19 +528,28 @@ pub fn fit(
 ) -> Result<(DifficultyModel, FitReport)> {
     let n = samples.len();
     if n == 0 || embs.len() != n || bench.len() != n {
-        return Err(ClassifierError::Input("fit needs one embedding and benchmark per sample".into()));
+        return Err(ClassifierError::Input(
+            "fit needs one embedding and benchmark per sample".into(),
+        ));
     }
     let dim = embs[0].len();
     if embs.iter().any(|e| e.len() != dim) {
         return Err(ClassifierError::Input("embeddings differ in width".into()));
     }
-    let labels: Vec<f32> = samples.iter().map(|s| s.only_strong() as u8 as f32).collect();
+    let labels: Vec<f32> = samples
+        .iter()
+        .map(|s| s.only_strong() as u8 as f32)
+        .collect();
 
     // --- PCA memory
     let mean: Vec<f32> = (0..dim)
         .map(|j| embs.iter().map(|e| e[j] as f64).sum::<f64>() as f32 / n as f32)
         .collect();
-    let r = if cfg.pca_dim > 0 && cfg.pca_dim < dim { cfg.pca_dim } else { 0 };
+    let r = if cfg.pca_dim > 0 && cfg.pca_dim < dim {
+        cfg.pca_dim
+    } else {
+        0
+    };
     let components: Vec<f32> = if r > 0 {
         let centred: Vec<f32> = embs
             .iter()
@@ -522,7 +559,10 @@ pub fn fit(
         let cov32 = t.t()?.matmul(&t)?.flatten_all()?.to_vec1::<f32>()?;
         let cov: Vec<f64> = cov32.iter().map(|v| *v as f64 / n as f64).collect();
         let (_, vecs) = symmetric_eigen(&cov, dim);
-        vecs.iter().take(r).flat_map(|v| v.iter().map(|x| *x as f32)).collect()
+        vecs.iter()
+            .take(r)
+            .flat_map(|v| v.iter().map(|x| *x as f32))
+            .collect()
     } else {
         Vec::new()
     };
@@ -563,7 +603,10 @@ pub fn fit(
     model.keys = keys;
 
     // --- logistic features
-    let lens: Vec<f64> = samples.iter().map(|s| log_len(s.prompt.chars().count())).collect();
+    let lens: Vec<f64> = samples
+        .iter()
+        .map(|s| log_len(s.prompt.chars().count()))
+        .collect();
     let len_mean = lens.iter().sum::<f64>() / n as f64;
     let len_std = (lens.iter().map(|l| (l - len_mean).powi(2)).sum::<f64>() / n as f64)
         .sqrt()
@@ -587,7 +630,10 @@ pub fn fit(
         let mut oof = vec![0.0; n];
         for f in 0..folds {
             let tr: Vec<usize> = (0..n).filter(|i| fold_of[*i] != f).collect();
-            let xt: Vec<f32> = tr.iter().flat_map(|&i| x[i * xd..(i + 1) * xd].iter().copied()).collect();
+            let xt: Vec<f32> = tr
+                .iter()
+                .flat_map(|&i| x[i * xd..(i + 1) * xd].iter().copied())
+                .collect();
             let yt: Vec<f32> = tr.iter().map(|&i| labels[i]).collect();
             let m = fit_logistic(&xt, xd, &yt, l2)?;
             for i in (0..n).filter(|i| fold_of[*i] == f) {

@@ -315,7 +315,10 @@ mod tests {
         assert_eq!(parse_exemplars(ok, "t").unwrap().len(), 2);
         let bad = r#"{"text":"a","category":"x","action":"local"}
 {"text":"b","category":"x","action":"block"}"#;
-        assert!(parse_exemplars(bad, "t").unwrap_err().to_string().contains("line 2"));
+        assert!(parse_exemplars(bad, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
         assert!(parse_exemplars("{", "t").is_err());
         assert!(parse_exemplars("", "t").is_err());
         assert!(parse_exemplars(r#"{"text":" ","category":"x","action":"local"}"#, "t").is_err());

@@ -27,8 +27,8 @@ pub mod route_eval;
 pub mod routellm;
 pub mod scorer;
 
-pub use embed::{cosine, dot, locate_minilm, Embedder, MAX_TOKENS, MINILM_HUB_ID};
 pub use difficulty::DifficultyModel;
+pub use embed::{cosine, dot, locate_minilm, Embedder, MAX_TOKENS, MINILM_HUB_ID};
 pub use error::{ClassifierError, Result};
 pub use exemplars::{Exemplar, ExemplarIndex};
 pub use scorer::{default_router_dir, DifficultyScale, RouterScorer};

@@ -175,7 +175,12 @@ pub fn write_frontier_svg(summary: &RouteLlmSummary, path: &Path) -> Result<()> 
     root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
     let areas = root.split_evenly((1, panels));
     let style: [(&str, &str, RGBColor, u32); 4] = [
-        (ROUTER, "switchyard (MiniLM kNN + logistic)", RGBColor(0xd6, 0x27, 0x28), 3),
+        (
+            ROUTER,
+            "switchyard (MiniLM kNN + logistic)",
+            RGBColor(0xd6, 0x27, 0x28),
+            3,
+        ),
         (LENGTH, "prompt length", RGBColor(0x1f, 0x77, 0xb4), 2),
         (ROUTER_KNN, "kNN only", RGBColor(0xff, 0x9f, 0x40), 1),
         (RANDOM, "random", RGBColor(0x7f, 0x7f, 0x7f), 2),
@@ -237,7 +242,9 @@ pub fn write_frontier_svg(summary: &RouteLlmSummary, path: &Path) -> Result<()> 
                 .map_err(|e| plot_err(path, e))?;
         }
         for (key, label, color, width) in style {
-            let Some(r) = b.routers.get(key) else { continue };
+            let Some(r) = b.routers.get(key) else {
+                continue;
+            };
             let pts: Vec<(f64, f64)> = r.curve.iter().map(|p| (p.escalated, p.quality)).collect();
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(width)))

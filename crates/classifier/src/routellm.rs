@@ -274,7 +274,13 @@ pub fn evaluate(scores: &[f64], samples: &[&Sample]) -> RouterEval {
     let curve = quality_curve(scores, samples);
     let (weak, strong) = accuracies(samples);
     let gap = strong - weak;
-    let pgr = |q: f64| if gap.abs() < 1e-12 { 0.0 } else { (q - weak) / gap };
+    let pgr = |q: f64| {
+        if gap.abs() < 1e-12 {
+            0.0
+        } else {
+            (q - weak) / gap
+        }
+    };
     let mut apgr = 0.0;
     for w in curve.windows(2) {
         apgr += (w[1].escalated - w[0].escalated) * (pgr(w[0].quality) + pgr(w[1].quality)) / 2.0;
@@ -337,7 +343,12 @@ mod tests {
     #[test]
     fn oracle_random_and_inverse_routers() {
         // 4 prompts: two only-strong, one both, one neither.
-        let data = [s(false, true), s(true, true), s(false, false), s(false, true)];
+        let data = [
+            s(false, true),
+            s(true, true),
+            s(false, false),
+            s(false, true),
+        ];
         let refs: Vec<&Sample> = data.iter().collect();
         let oracle = [1.0, 0.0, 0.0, 1.0];
         let e = evaluate(&oracle, &refs);
@@ -345,7 +356,10 @@ mod tests {
         assert!((e.apgr - 0.75).abs() < 1e-9, "{}", e.apgr);
         assert!((e.escalated_for_95pct_pgr - 0.5).abs() < 1e-9);
         let flat = evaluate(&[0.3; 4], &refs);
-        assert!((flat.apgr - 0.5).abs() < 1e-9, "a constant score is the diagonal");
+        assert!(
+            (flat.apgr - 0.5).abs() < 1e-9,
+            "a constant score is the diagonal"
+        );
         let inverse = evaluate(&[0.0, 1.0, 1.0, 0.0], &refs);
         assert!(inverse.apgr < 0.5);
         assert_eq!(e.curve.first().unwrap().escalated, 0.0);

@@ -61,8 +61,14 @@ impl std::fmt::Debug for RouterScorer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouterScorer")
             .field("embedder", &self.embedder)
-            .field("categories", &self.categories.as_ref().map(|c| c.categories().len()))
-            .field("difficulty", &self.difficulty.as_ref().map(|d| d.info().clone()))
+            .field(
+                "categories",
+                &self.categories.as_ref().map(|c| c.categories().len()),
+            )
+            .field(
+                "difficulty",
+                &self.difficulty.as_ref().map(|d| d.info().clone()),
+            )
             .field("scale", &self.scale)
             .finish()
     }
@@ -169,6 +175,7 @@ impl RouterScorer {
 
 impl SemanticScorer for RouterScorer {
     fn score(&self, prompt: &str) -> std::result::Result<SemanticScores, ScorerError> {
-        self.score_text(prompt).map_err(|e| ScorerError(e.to_string()))
+        self.score_text(prompt)
+            .map_err(|e| ScorerError(e.to_string()))
     }
 }

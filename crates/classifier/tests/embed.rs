@@ -15,7 +15,8 @@ struct Reference {
 
 fn reference() -> Reference {
     let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm_reference.json"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/minilm_reference.json"),
     )
     .expect("fixture");
     serde_json::from_str(&text).expect("fixture parses")
@@ -31,13 +32,20 @@ fn matches_transformers_one_by_one_and_batched() {
     let batched = e.embed_batch(&texts).expect("batch");
     let mut worst = 1.0f32;
     for (i, s) in r.sentences.iter().enumerate() {
-        assert_eq!(e.tokenize(s).unwrap().len(), r.token_counts[i], "tokens of {s:?}");
+        assert_eq!(
+            e.tokenize(s).unwrap().len(),
+            r.token_counts[i],
+            "tokens of {s:?}"
+        );
         let one = e.embed(s).expect("embed");
         assert!((dot(&one, &one) - 1.0).abs() < 1e-4, "unit length");
         let c1 = cosine(&one, &r.embeddings[i]);
         let c2 = cosine(&batched[i], &r.embeddings[i]);
         assert!(c1 >= 0.999, "sentence {i} {s:?}: cosine {c1}");
-        assert!(c2 >= 0.999, "sentence {i} {s:?} (batched with padding): cosine {c2}");
+        assert!(
+            c2 >= 0.999,
+            "sentence {i} {s:?} (batched with padding): cosine {c2}"
+        );
         worst = worst.min(c1).min(c2);
     }
     eprintln!("worst cosine vs transformers: {worst:.6}");
@@ -47,8 +55,12 @@ fn matches_transformers_one_by_one_and_batched() {
 fn similar_prompts_are_closer_than_unrelated_ones() {
     let e = common::embedder();
     let a = e.embed("Translate this sentence into French.").unwrap();
-    let b = e.embed("Please translate the following text to French.").unwrap();
-    let c = e.embed("My kubernetes pod keeps crashing with OOMKilled.").unwrap();
+    let b = e
+        .embed("Please translate the following text to French.")
+        .unwrap();
+    let c = e
+        .embed("My kubernetes pod keeps crashing with OOMKilled.")
+        .unwrap();
     assert!(dot(&a, &b) > dot(&a, &c) + 0.3);
 }
 

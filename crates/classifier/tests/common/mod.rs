@@ -28,7 +28,13 @@ pub fn minilm_dir() -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(stdout.lines().last().expect("minilm.sh prints the folder").trim())
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("minilm.sh prints the folder")
+                .trim(),
+        )
     })
     .clone()
 }
