@@ -50,6 +50,20 @@ fn memory_bandwidth() -> f64 {
     best
 }
 
+/// A memory figure of this process from `/proc/self/status` (`VmHWM` peak, `VmRSS` current),
+/// in bytes; NaN where unknown.
+fn status_bytes(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb * 1024.0)
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_len > 0 && a.gen_len > 1 && a.batch > 0, "--prompt-len, --batch must be positive and --gen-len at least 2");
     let mut eargs = a.engine.clone();
@@ -102,6 +116,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     // Warm-up (page in weights, allocate).
     run_once(&mut rng, 2)?;
     let (ttft, prefill_done, total) = run_once(&mut rng, a.gen_len)?;
+    // Resident memory while serving, before the bandwidth probe allocates its buffers.
+    let rss_serving = status_bytes("VmRSS:");
+    let rss_peak = status_bytes("VmHWM:");
     let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_done;
     let decode_tok_s = (a.batch * (a.gen_len - 1)) as f64 / (total - prefill_done);
     let bw = memory_bandwidth();
@@ -111,6 +128,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => 2.0,
     };
     let roofline = bw / (active as f64 * bytes_per_param);
+    let (total_params, _) = cfg.parameter_counts();
+    let weights_bytes = total_params as f64 * bytes_per_param;
+    let kv_bytes = engine.info().kv_cache_bytes as f64;
     let out = serde_json::json!({
         "prefill_tok_s": prefill_tok_s,
         "decode_tok_s": decode_tok_s,
@@ -125,6 +145,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "decode_roofline_tok_s_batch1": roofline,
         "decode_roofline_ratio": decode_tok_s / a.batch as f64 / roofline,
         "threads": rayon::current_num_threads(),
+        "weights_bytes": weights_bytes,
+        "kv_cache_bytes": kv_bytes,
+        "rss_serving_bytes": rss_serving,
+        "rss_peak_bytes": rss_peak,
+        "rss_serving_over_weights_plus_kv": rss_serving / (weights_bytes + kv_bytes),
     });
     if a.json {
         println!("{out}");
