@@ -25,6 +25,7 @@ use axum::routing::post as axum_post;
 use common::{
     anthropic_error, client, metric_sum, model_dir, openai_error, parse_sse, Opts, Server,
 };
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
@@ -48,6 +49,8 @@ const FRONTIER_JSON_COST: f64 = 0.0047;
 enum Mode {
     Ok,
     Fail500,
+    /// Send the first two events of a stream, then reset the connection.
+    ResetMidStream,
 }
 
 /// A fake upstream that records what it was sent.
@@ -146,17 +149,30 @@ async fn fake_handler(fake: Arc<Fake>, headers: HeaderMap, body: Bytes) -> Respo
             .unwrap();
     }
     if req.get("stream").and_then(Value::as_bool) == Some(true) {
-        let events = if fake.anthropic {
+        let mut events = if fake.anthropic {
             anthropic_sse()
         } else {
             let usage = req.pointer("/stream_options/include_usage") == Some(&json!(true));
             openai_sse(usage)
         };
-        let s = futures_util::stream::iter(
+        let reset = mode == Mode::ResetMidStream;
+        if reset {
+            events.truncate(2);
+        }
+        let items = futures_util::stream::iter(
             events
                 .into_iter()
                 .map(|e| Ok::<Bytes, std::io::Error>(Bytes::from(e))),
         );
+        // The reset comes a moment later, once the head and first events are on the wire.
+        let tail = futures_util::stream::iter(reset.then_some(())).then(|()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err::<Bytes, _>(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected reset",
+            ))
+        });
+        let s = items.chain(tail);
         return Response::builder()
             .header("content-type", "text/event-stream")
             .body(Body::from_stream(s))
@@ -858,6 +874,75 @@ async fn a_failing_remote_tier_falls_back_to_local() {
 }
 
 #[tokio::test]
+async fn a_stream_that_breaks_after_output_ends_with_an_error_event() {
+    let su = setup("").await;
+    let s = &su.server;
+    su.frontier.set_mode(Mode::ResetMidStream);
+    let r = post(
+        s,
+        "/v1/chat/completions",
+        streaming(chat("auto", ESCALATE)),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_headers(&r, "frontier", "escalate");
+    let ev = parse_sse(&r.text);
+    let err = ev
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event: {}", r.text));
+    openai_error(&err);
+    assert_eq!(ev.last().map(|e| e.1.as_str()), Some("[DONE]"));
+
+    let r = post(
+        s,
+        "/v1/messages",
+        streaming(messages("auto", ESCALATE)),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let ev = parse_sse(&r.text);
+    let (name, data) = ev.last().cloned().unwrap_or_default();
+    assert_eq!(name.as_deref(), Some("error"), "{}", r.text);
+    anthropic_error(&serde_json::from_str(&data).unwrap());
+
+    let lines = telemetry(&su.telemetry, 2);
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["outcome"], "stream_error", "{l}");
+        assert_eq!(l["tier"], "frontier");
+        assert!(
+            l["error"].as_str().unwrap_or("").contains("frontier"),
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn features_the_engine_lacks_go_to_a_remote_tier_only() {
+    let su = setup("").await;
+    let s = &su.server;
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    let mut body = chat("auto", ESCALATE);
+    body["tools"] = tools.clone();
+    let r = post(s, "/v1/chat/completions", body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_headers(&r, "frontier", "escalate");
+    assert_eq!(su.frontier.hits()[0].1["tools"], tools);
+    // The same request decided local is refused by the engine, naming the field.
+    let mut body = chat("auto", LOW_RISK);
+    body["tools"] = tools;
+    let r = post(s, "/v1/chat/completions", body, &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(openai_error(&r.json())["param"], "tools");
+    assert_headers(&r, "local", "local");
+    assert_eq!(su.frontier.hits().len(), 1);
+}
+
+#[tokio::test]
 async fn disabled_tier_falls_back_and_the_log_says_why() {
     let frontier = Fake::new(false);
     let url = serve_fake(frontier.clone()).await;
@@ -964,5 +1049,8 @@ fn a_bad_policy_stops_startup_naming_file_and_field() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad-policy.toml"), "{err}");
-    assert!(err.contains("rules[0]") && err.contains("regex[0]"), "{err}");
+    assert!(
+        err.contains("rules[0]") && err.contains("regex[0]"),
+        "{err}"
+    );
 }
