@@ -666,6 +666,10 @@ async fn low_risk_prompts_stay_local() {
         ("/v1/messages", streaming(messages("auto", LOW_RISK))),
         ("/v1/chat/completions", chat("local", ESCALATE)),
         (
+            "/v1/chat/completions",
+            chat("switchyard-tiny-model", ESCALATE),
+        ),
+        (
             "/v1/completions",
             json!({"model": "auto", "prompt": ESCALATE, "max_tokens": 4}),
         ),
@@ -676,8 +680,8 @@ async fn low_risk_prompts_stay_local() {
         assert_eq!(r.cost(), 0.0);
     }
     assert!(su.frontier.hits().is_empty() && su.claude.hits().is_empty());
-    let lines = telemetry(&su.telemetry, 6);
-    assert_eq!(lines.len(), 6);
+    let lines = telemetry(&su.telemetry, 7);
+    assert_eq!(lines.len(), 7);
     assert_eq!(lines[0]["action"], "local");
     assert_eq!(lines[0]["tier"], "local");
     assert_eq!(lines[0]["outcome"], "ok");
@@ -686,9 +690,13 @@ async fn low_risk_prompts_stay_local() {
     assert_eq!(lines[0]["cost_usd"], 0.0);
     assert!(lines[1]["ttft_ms"].is_u64(), "{}", lines[1]);
     // Completions are routed but never leave the machine.
-    assert_eq!(lines[5]["endpoint"], "/v1/completions");
-    assert_eq!(lines[5]["action"], "escalate");
-    assert_eq!(lines[5]["tier"], "local");
+    assert_eq!(
+        lines[5]["action"], "local",
+        "the served id pins the local tier"
+    );
+    assert_eq!(lines[6]["endpoint"], "/v1/completions");
+    assert_eq!(lines[6]["action"], "escalate");
+    assert_eq!(lines[6]["tier"], "local");
 }
 
 #[tokio::test]
@@ -704,7 +712,8 @@ async fn local_only_content_never_reaches_a_remote_tier() {
             ("SY_TEST_CLAUDE_KEY", CLAUDE_KEY),
         ],
     });
-    let cases: Vec<(&str, Value, Vec<(&str, &str)>)> = vec![
+    type Case<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
         ("/v1/chat/completions", chat("frontier", SSN), vec![]),
         ("/v1/chat/completions", chat("gpt-test", SSN), vec![]),
         (

@@ -303,11 +303,12 @@ pub async fn messages(
         };
     match routing::route(&state, api, &headers, json, parsed, arrived).await {
         Routed::Done(resp) => resp,
-        Routed::Local {
-            req,
-            headers,
-            record,
-        } => {
+        Routed::Local(plan) => {
+            let routing::LocalServe {
+                req,
+                headers,
+                record,
+            } = *plan;
             let mut record = Some(record);
             let result = serve_local(&state, req, arrived, &mut record).await;
             routing::finish_local(api, result, &headers, record)

@@ -42,7 +42,7 @@ pub enum ApiError {
         message: String,
     },
     /// The model name is not served here.
-    #[error("The model '{model}' does not exist. This server serves '{served}' (also reachable as 'local' and 'auto').")]
+    #[error("The model '{model}' does not exist. This server serves '{served}' (also reachable as 'local', 'auto' and the router's tier names).")]
     ModelNotFound {
         /// The name asked for.
         model: String,

@@ -582,11 +582,12 @@ async fn handle(
 ) -> Response {
     match routing::route(&state, api, headers, body, parsed, arrived).await {
         Routed::Done(resp) => resp,
-        Routed::Local {
-            req,
-            headers,
-            record,
-        } => {
+        Routed::Local(plan) => {
+            let routing::LocalServe {
+                req,
+                headers,
+                record,
+            } = *plan;
             let mut record = Some(record);
             let result = serve_local(&state, req, arrived, &mut record).await;
             routing::finish_local(api, result, &headers, record)

@@ -24,8 +24,9 @@
 //! router metrics. A [`RequestRecord`] travels with the request and is written exactly once:
 //! explicitly when the request ends, or on drop (the client went away: `cancelled`).
 //!
-//! `/v1/completions` is routed too (blocks and local-only apply), but always served locally:
-//! remote tiers speak chat.
+//! `model` picks the tier as DESIGN.md says (`auto`, `local`, a tier name, or header
+//! `x-switchyard-route`); the served model's own id counts as `local`. `/v1/completions` is
+//! routed too (blocks and local-only apply), but always served locally: remote tiers speak chat.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -263,16 +264,19 @@ pub fn error_response(api: Api, e: ApiError) -> Response {
 pub enum Routed {
     /// Answered already (remote response, refusal or error), headers set.
     Done(Response),
-    /// The local engine serves `req`; write `headers` on its response and finish `record`
-    /// (hand it to the engine's tracker, or finish it on an error).
-    Local {
-        /// The request for the engine.
-        req: NormalizedRequest,
-        /// The routing headers.
-        headers: RouteHeaders,
-        /// The request's record.
-        record: RequestRecord,
-    },
+    /// The local engine serves it.
+    Local(Box<LocalServe>),
+}
+
+/// A request for the engine: write `headers` on its response and finish `record` (hand it to
+/// the engine's tracker, or finish it on an error).
+pub struct LocalServe {
+    /// The request for the engine.
+    pub req: NormalizedRequest,
+    /// The routing headers.
+    pub headers: RouteHeaders,
+    /// The request's record.
+    pub record: RequestRecord,
 }
 
 /// Finishes a locally served request: the error shape on failure, the routing headers, and the
@@ -393,6 +397,12 @@ pub async fn route(
             )
         }
     };
+    let r = &app.routing;
+    if model == app.model_id && r.policy.tier(&model).is_none() {
+        // Naming the served model is asking for it: the local tier, not the router's choice
+        // (`auto` is that). The safety floor still applies.
+        rreq = rreq.with_model(&r.policy.local_tier().name);
+    }
     for (name, value) in http_headers {
         if CREDENTIAL_HEADERS.contains(&name.as_str()) {
             continue;
@@ -402,7 +412,6 @@ pub async fn route(
         }
     }
 
-    let r = &app.routing;
     r.state.set_local_queue_depth(local_queue_depth(app));
     let (policy, state, scorer) = (r.policy.clone(), r.state.clone(), r.scorer.clone());
     let decided = tokio::task::spawn_blocking(move || {
@@ -596,11 +605,11 @@ fn serve_here(
     headers.cost_usd = 0.0;
     record.served_by(Some(tier));
     match local {
-        Ok(req) => Routed::Local {
+        Ok(req) => Routed::Local(Box::new(LocalServe {
             req,
             headers,
             record,
-        },
+        })),
         Err(e) => {
             record.finish(Outcome::Error, Some(e.to_string()));
             let mut resp = error_response(api, e);
