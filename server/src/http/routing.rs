@@ -460,7 +460,11 @@ pub async fn route(
     }
 
     if !wants_remote {
-        if decision.action == Action::Escalate {
+        let fell_back = decision
+            .reasons
+            .iter()
+            .any(|why| why.starts_with("falling back to"));
+        if decision.action == Action::Escalate && fell_back {
             // The escalate tier was skipped (disabled, breaker open, budget) inside `decide`.
             if let Some(t) = intended_remote(&r.policy, &rreq) {
                 record.fell_back_from(&t);
