@@ -325,11 +325,13 @@ fn rejected(app: &Arc<AppState>, api: Api, arrived: Instant, e: ApiError) -> Rou
     Routed::Done(error_response(api, e))
 }
 
-/// Requests waiting for or running on the local engine.
+/// Requests waiting for the local engine (queued, not yet running). Running sequences are not
+/// counted: a busy engine that keeps up is not overloaded, and the policy's overflow limit is
+/// about how long a new request would wait.
 fn local_queue_depth(app: &AppState) -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     let m = app.engine.metrics();
-    m.waiting.load(Relaxed) + m.pending.load(Relaxed) + m.running.load(Relaxed)
+    m.waiting.load(Relaxed) + m.pending.load(Relaxed)
 }
 
 /// The router's view of a completions request: its text prompts as one user message.
