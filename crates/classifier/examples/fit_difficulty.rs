@@ -47,42 +47,43 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let benches = routellm::load(&data)?;
-    let mut samples: Vec<&Sample> = Vec::new();
-    let mut names: Vec<&str> = Vec::new();
-    for b in &benches {
-        for s in b.split(Split::Train) {
-            samples.push(s);
-            names.push(&b.name);
-        }
-    }
     let e = Embedder::from_spec(None)?;
-    let texts: Vec<&str> = samples.iter().map(|s| s.prompt.as_str()).collect();
-    let t0 = Instant::now();
-    let embs = embed_cached(&e, &texts, &cache, |d, t| {
-        if d % 1024 == 0 || d == t {
-            eprintln!("embedded {d}/{t}");
-        }
-    })?;
-    eprintln!(
-        "{} train embeddings ready in {:.1}s",
-        embs.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    let t1 = Instant::now();
-    let (model, report) = fit(&embs, &samples, &names, &cfg)?;
-    eprintln!(
-        "fitted in {:.1}s: {:?}",
-        t1.elapsed().as_secs_f64(),
-        model.info()
-    );
-    let mut grid = report.grid.clone();
-    grid.sort_by(|a, b| b.3.total_cmp(&a.3));
-    for g in grid.iter().take(8) {
+    let mut parts = Vec::new();
+    for b in &benches {
+        let samples: Vec<&Sample> = b.split(Split::Train);
+        let names: Vec<&str> = vec![b.name.as_str(); samples.len()];
+        let texts: Vec<&str> = samples.iter().map(|s| s.prompt.as_str()).collect();
+        let t0 = Instant::now();
+        let embs = embed_cached(&e, &texts, &cache, |d, t| {
+            if d % 1024 == 0 || d == t {
+                eprintln!("embedded {d}/{t}");
+            }
+        })?;
         eprintln!(
-            "  k {:>3} l2 {:>5} alpha {:.1}: train mean APGR {:.4}",
-            g.0, g.1, g.2, g.3
+            "{}: {} train embeddings ready in {:.1}s",
+            b.name,
+            embs.len(),
+            t0.elapsed().as_secs_f64()
         );
+        let t1 = Instant::now();
+        let (part, report) = fit(&embs, &samples, &names, &cfg)?;
+        eprintln!(
+            "{}: fitted in {:.1}s: {:?}",
+            b.name,
+            t1.elapsed().as_secs_f64(),
+            part.info()
+        );
+        let mut grid = report.grid.clone();
+        grid.sort_by(|a, b| b.3.total_cmp(&a.3));
+        for g in grid.iter().take(5) {
+            eprintln!(
+                "  k {:>3} l2 {:>5} alpha {:.1}: train APGR {:.4}",
+                g.0, g.1, g.2, g.3
+            );
+        }
+        parts.push((b.name.clone(), part));
     }
+    let model = switchyard_classifier::DifficultyModel::new(parts)?;
     model.save(&out)?;
     eprintln!(
         "wrote {} ({} bytes)",

@@ -9,10 +9,11 @@
 //!
 //! `p = α·knn + (1 − α)·logistic`. `k`, the L2 strength and `α` are chosen on the train split
 //! alone: leave-one-out kNN scores and 5-fold out-of-fold logistic scores, maximising the mean
-//! per-benchmark APGR. The fit is joint over GSM8K and MMLU (one memory, one head), so a single
-//! artifact scores any prompt; APGR is reported per benchmark.
+//! per-benchmark APGR. Each benchmark family is fitted separately (a joint fit let MMLU's 11K
+//! prompts set the PCA basis and the head, and GSM8K fell to 0.60 test APGR); a prompt is
+//! scored by the part whose train prompts are nearest ([`DifficultyModel`]).
 //!
-//! [`DifficultyModel::percentile`] maps `p` onto its rank among the train prompts' out-of-fold
+//! [`DifficultyPart::percentile`] maps `p` onto its rank among the train prompts' out-of-fold
 //! scores, so a policy threshold reads as "escalate the hardest X%".
 //!
 //! The artifact is one safetensors file (`models/router/difficulty.safetensors`).
@@ -50,7 +51,7 @@ pub struct FitInfo {
 
 /// A fitted difficulty model.
 #[derive(Debug, Clone)]
-pub struct DifficultyModel {
+pub struct DifficultyPart {
     dim: usize,
     mean: Vec<f32>,
     /// `[r, dim]` rows; empty when the memory keeps full embeddings.
@@ -68,8 +69,14 @@ pub struct DifficultyModel {
     alpha: f32,
     /// 101 quantiles of the train out-of-fold blended scores.
     quantiles: Vec<f32>,
+    /// `[a, dim]` unit train embeddings (full width) that say which part a prompt belongs to.
+    anchors: Vec<f32>,
     info: FitInfo,
 }
+
+/// Train embeddings kept per part, at full width, to choose a prompt's part: up to 2048 spread over
+/// the train set (1.5 MB in f16 for MMLU; 256 sent 7% of MMLU-test APGR astray).
+pub const ANCHORS: usize = 2048;
 
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -86,7 +93,7 @@ fn normalize(v: &mut [f32]) {
     }
 }
 
-impl DifficultyModel {
+impl DifficultyPart {
     /// Embedding width the model expects.
     pub fn dim(&self) -> usize {
         self.dim
@@ -140,6 +147,12 @@ impl DifficultyModel {
 
     /// The kNN estimate: share of the `k` nearest train prompts only the strong model got right.
     pub fn knn(&self, emb: &[f32]) -> Result<f64> {
+        Ok(self.knn_with_similarity(emb)?.0)
+    }
+
+    /// [`knn`](Self::knn) and the mean cosine of those neighbours (how close the prompt is to
+    /// this part's train prompts).
+    pub fn knn_with_similarity(&self, emb: &[f32]) -> Result<(f64, f64)> {
         self.check(emb)?;
         let q = self.project(emb);
         let kd = self.key_dim();
@@ -151,12 +164,33 @@ impl DifficultyModel {
             .collect();
         let k = self.k.min(sims.len()).max(1);
         if sims.is_empty() {
-            return Ok(0.0);
+            return Ok((0.0, -1.0));
         }
         if k < sims.len() {
             sims.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
         }
-        Ok(sims[..k].iter().map(|s| s.1 as f64).sum::<f64>() / k as f64)
+        let top = &sims[..k];
+        Ok((
+            top.iter().map(|s| s.1 as f64).sum::<f64>() / k as f64,
+            top.iter().map(|s| s.0 as f64).sum::<f64>() / k as f64,
+        ))
+    }
+
+    /// How much a prompt looks like this part's train prompts: mean cosine of its 3 nearest
+    /// anchors (full-width embeddings, comparable across parts).
+    pub fn affinity(&self, emb: &[f32]) -> Result<f64> {
+        self.check(emb)?;
+        let mut sims: Vec<f32> = self
+            .anchors
+            .chunks_exact(self.dim)
+            .map(|a| crate::embed::dot(a, emb))
+            .collect();
+        sims.sort_by(|a, b| b.total_cmp(a));
+        let k = sims.len().min(3);
+        if k == 0 {
+            return Ok(crate::embed::cosine(emb, &self.mean) as f64);
+        }
+        Ok(sims[..k].iter().map(|s| *s as f64).sum::<f64>() / k as f64)
     }
 
     /// The logistic head's probability.
@@ -204,8 +238,13 @@ impl DifficultyModel {
         ((i - 1) as f64 + frac as f64) / (q.len() - 1) as f64
     }
 
-    /// Writes the artifact: f16 neighbour keys, f32 everything else, fit info in metadata.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// This part's tensors (named under `prefix`) and metadata entries.
+    #[allow(clippy::type_complexity)]
+    fn to_tensors(
+        &self,
+        prefix: &str,
+        meta: &mut HashMap<String, String>,
+    ) -> Result<Vec<(String, Dtype, Vec<usize>, Vec<u8>)>> {
         let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let keys16: Vec<u8> = self
             .keys
@@ -247,54 +286,46 @@ impl DifficultyModel {
                 vec![self.quantiles.len()],
                 f32s(&self.quantiles),
             ),
+            (
+                "anchors",
+                Dtype::F16,
+                vec![self.anchors.len() / self.dim.max(1), self.dim],
+                self.anchors
+                    .iter()
+                    .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            ),
         ];
-        let shown = path.display().to_string();
-        let bad = |e: safetensors::SafeTensorError| ClassifierError::data(&shown, e.to_string());
-        let mut views = Vec::new();
-        for (name, dt, shape, data) in &bufs {
-            views.push((
-                *name,
-                TensorView::new(*dt, shape.clone(), data).map_err(bad)?,
-            ));
-        }
-        let mut meta = HashMap::new();
         meta.insert(
-            "fit".to_string(),
+            format!("{prefix}fit"),
             serde_json::to_string(&self.info)
-                .map_err(|e| ClassifierError::data(&shown, e.to_string()))?,
+                .map_err(|e| ClassifierError::data(prefix, e.to_string()))?,
         );
-        meta.insert("k".to_string(), self.k.to_string());
-        meta.insert("format".to_string(), "switchyard-difficulty-v1".to_string());
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
-        std::fs::write(path, bytes).map_err(|e| ClassifierError::io(path, e))
+        meta.insert(format!("{prefix}k"), self.k.to_string());
+        Ok(bufs
+            .into_iter()
+            .map(|(n, d, sh, b)| (format!("{prefix}{n}"), d, sh, b))
+            .collect())
     }
 
-    /// Reads an artifact written by [`save`](Self::save).
-    pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| ClassifierError::io(path, e))?;
-        Self::from_bytes(&bytes, &path.display().to_string())
-    }
-
-    /// Parses an artifact from memory; `origin` names it in errors.
-    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
-        let bad = |m: String| ClassifierError::data(origin, m);
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some("switchyard-difficulty-v1") {
-            return Err(bad(
-                "not a switchyard difficulty artifact (format metadata)".into(),
-            ));
-        }
-        let info: FitInfo = serde_json::from_str(meta.get("fit").map_or("", String::as_str))
-            .map_err(|e| bad(format!("fit metadata: {e}")))?;
+    fn from_st(
+        st: &safetensors::SafeTensors<'_>,
+        meta: &HashMap<String, String>,
+        prefix: &str,
+        origin: &str,
+    ) -> Result<Self> {
+        let bad = |m: String| ClassifierError::data(origin, format!("part `{prefix}`: {m}"));
+        let info: FitInfo =
+            serde_json::from_str(meta.get(&format!("{prefix}fit")).map_or("", String::as_str))
+                .map_err(|e| bad(format!("fit metadata: {e}")))?;
         let k: usize = meta
-            .get("k")
+            .get(&format!("{prefix}k"))
             .and_then(|k| k.parse().ok())
             .ok_or_else(|| bad("k metadata missing".into()))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            let t = st
+                .tensor(&format!("{prefix}{name}"))
+                .map_err(|e| bad(format!("{name}: {e}")))?;
             let v = match t.dtype() {
                 Dtype::F32 => t
                     .data()
@@ -321,6 +352,7 @@ impl DifficultyModel {
         let (_, w) = get("logistic.w")?;
         let (_, head) = get("head")?;
         let (_, quantiles) = get("quantiles")?;
+        let (_, anchors) = get("anchors")?;
         let key_dim = if r > 0 { r } else { dim };
         let ok = mean.len() == dim
             && components.len() == r * dim
@@ -329,13 +361,23 @@ impl DifficultyModel {
             && keys.len() == labels.len() * key_dim
             && w.len() == dim
             && head.len() == 5
+            && anchors.len() % dim.max(1) == 0
             && k > 0;
         if !ok {
             return Err(bad("inconsistent tensor shapes".into()));
         }
-        let all_finite = [&mean, &components, &keys, &labels, &w, &head, &quantiles]
-            .iter()
-            .all(|v| v.iter().all(|x| x.is_finite()));
+        let all_finite = [
+            &mean,
+            &components,
+            &keys,
+            &labels,
+            &w,
+            &head,
+            &quantiles,
+            &anchors,
+        ]
+        .iter()
+        .all(|v| v.iter().all(|x| x.is_finite()));
         if !all_finite || head[3] <= 0.0 {
             return Err(bad("non-finite or invalid parameters".into()));
         }
@@ -354,8 +396,160 @@ impl DifficultyModel {
             len_std: head[3],
             alpha: head[4],
             quantiles,
+            anchors,
             info,
         })
+    }
+}
+
+/// The artifact format tag (safetensors metadata `format`).
+pub const FORMAT: &str = "switchyard-difficulty-v2";
+
+/// What the model says about one prompt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DifficultyScore {
+    /// The part (benchmark family) the prompt is nearest to.
+    pub part: String,
+    /// Estimated P(only the frontier tier is right).
+    pub probability: f64,
+    /// Its rank among that part's train prompts, `0..=1`.
+    pub percentile: f64,
+    /// The kNN half.
+    pub knn: f64,
+    /// The logistic half.
+    pub logistic: f64,
+}
+
+/// The difficulty model: one [`DifficultyPart`] per benchmark family (fitted separately,
+/// because what makes a math word problem hard is not what makes a multiple-choice question
+/// hard); a prompt is scored by the part whose anchors (sampled train prompts) are nearest.
+#[derive(Debug, Clone)]
+pub struct DifficultyModel {
+    parts: Vec<(String, DifficultyPart)>,
+}
+
+impl DifficultyModel {
+    /// Assembles fitted parts (at least one, all of one embedding width).
+    pub fn new(parts: Vec<(String, DifficultyPart)>) -> Result<Self> {
+        let Some(dim) = parts.first().map(|p| p.1.dim()) else {
+            return Err(ClassifierError::Input(
+                "a difficulty model needs a part".into(),
+            ));
+        };
+        if parts
+            .iter()
+            .any(|p| p.1.dim() != dim || p.0.is_empty() || p.0.contains('.'))
+        {
+            return Err(ClassifierError::Input(
+                "parts differ in width or have empty or dotted names".into(),
+            ));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Embedding width.
+    pub fn dim(&self) -> usize {
+        self.parts[0].1.dim()
+    }
+
+    /// The parts.
+    pub fn parts(&self) -> &[(String, DifficultyPart)] {
+        &self.parts
+    }
+
+    /// Part name → how it was fitted.
+    pub fn info(&self) -> BTreeMap<String, FitInfo> {
+        self.parts
+            .iter()
+            .map(|(n, p)| (n.clone(), p.info().clone()))
+            .collect()
+    }
+
+    /// Scores a unit embedding of a prompt of `chars` characters.
+    pub fn score(&self, emb: &[f32], chars: usize) -> Result<DifficultyScore> {
+        // Similarities in different parts' PCA spaces are not comparable, so the part is
+        // chosen in the full embedding space, by its nearest anchors (a centroid alone sends
+        // MMLU arithmetic questions to the GSM8K part).
+        let mut best: Option<(f64, &String, &DifficultyPart)> = None;
+        for (name, part) in &self.parts {
+            let sim = part.affinity(emb)?;
+            if best.as_ref().is_none_or(|b| sim > b.0) {
+                best = Some((sim, name, part));
+            }
+        }
+        let (_, name, part) = best.ok_or_else(|| ClassifierError::Input("no parts".into()))?;
+        let knn = part.knn(emb)?;
+        let logistic = part.logistic(emb, chars)?;
+        let a = part.alpha as f64;
+        let probability = a * knn + (1.0 - a) * logistic;
+        Ok(DifficultyScore {
+            part: name.clone(),
+            probability,
+            percentile: part.percentile(probability),
+            knn,
+            logistic,
+        })
+    }
+
+    /// Writes the artifact: every part's tensors under `<part>.`, f16 neighbour keys.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let shown = path.display().to_string();
+        let mut meta = HashMap::new();
+        let mut bufs = Vec::new();
+        for (name, part) in &self.parts {
+            bufs.extend(part.to_tensors(&format!("{name}."), &mut meta)?);
+        }
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert(
+            "parts".to_string(),
+            self.parts
+                .iter()
+                .map(|p| p.0.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        let bad = |e: safetensors::SafeTensorError| ClassifierError::data(&shown, e.to_string());
+        let mut views = Vec::new();
+        for (name, dt, shape, data) in &bufs {
+            views.push((
+                name.as_str(),
+                TensorView::new(*dt, shape.clone(), data).map_err(bad)?,
+            ));
+        }
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        std::fs::write(path, bytes).map_err(|e| ClassifierError::io(path, e))
+    }
+
+    /// Reads an artifact written by [`save`](Self::save).
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| ClassifierError::io(path, e))?;
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Parses an artifact from memory; `origin` names it in errors.
+    pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let bad = |m: String| ClassifierError::data(origin, m);
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!(
+                "not a switchyard difficulty artifact (format metadata is not {FORMAT})"
+            )));
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let names = meta.get("parts").cloned().unwrap_or_default();
+        let parts = names
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                Ok((
+                    n.to_string(),
+                    DifficultyPart::from_st(&st, &meta, &format!("{n}."), origin)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(parts).map_err(|e| bad(e.to_string()))
     }
 }
 
@@ -377,8 +571,8 @@ pub struct FitConfig {
 impl Default for FitConfig {
     fn default() -> Self {
         Self {
-            ks: vec![16, 32, 48, 64],
-            l2s: vec![1.0, 4.0, 16.0, 64.0],
+            ks: vec![16, 32, 48, 64, 96, 128],
+            l2s: vec![4.0, 16.0, 64.0, 256.0, 1024.0],
             alphas: (0..=10).map(|i| i as f64 / 10.0).collect(),
             pca_dim: 64,
             folds: 5,
@@ -525,7 +719,7 @@ pub fn fit(
     samples: &[&Sample],
     bench: &[&str],
     cfg: &FitConfig,
-) -> Result<(DifficultyModel, FitReport)> {
+) -> Result<(DifficultyPart, FitReport)> {
     let n = samples.len();
     if n == 0 || embs.len() != n || bench.len() != n {
         return Err(ClassifierError::Input(
@@ -566,7 +760,7 @@ pub fn fit(
     } else {
         Vec::new()
     };
-    let mut model = DifficultyModel {
+    let mut model = DifficultyPart {
         dim,
         mean,
         components,
@@ -581,6 +775,13 @@ pub fn fit(
         len_std: 1.0,
         alpha: 1.0,
         quantiles: Vec::new(),
+        anchors: (0..ANCHORS.min(n))
+            .flat_map(|i| {
+                embs[i * n / ANCHORS.min(n)]
+                    .iter()
+                    .map(|x| f16::from_f32(*x).to_f32())
+            })
+            .collect(),
         info: FitInfo {
             k: 0,
             pca_dim: r,
@@ -766,12 +967,16 @@ mod tests {
         assert!(hard > easy + 0.5, "{hard} vs {easy}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.safetensors");
-        m.save(&p).unwrap();
+        let set = DifficultyModel::new(vec![("toy".into(), m.clone())]).unwrap();
+        set.save(&p).unwrap();
         let back = DifficultyModel::load(&p).unwrap();
-        assert!((back.probability(&embs[0], 10).unwrap() - hard).abs() < 1e-3);
-        assert!(back.percentile(hard) > back.percentile(easy));
-        assert!(back.probability(&[0.0; 3], 1).is_err());
-        assert!(back.probability(&[f32::NAN; 8], 1).is_err());
+        let h = back.score(&embs[0], 10).unwrap();
+        assert_eq!(h.part, "toy");
+        assert!((h.probability - hard).abs() < 1e-3);
+        assert!(h.percentile > back.score(&embs[1], 11).unwrap().percentile);
+        assert!(back.score(&[0.0; 3], 1).is_err());
+        assert!(back.score(&[f32::NAN; 8], 1).is_err());
         assert!(DifficultyModel::from_bytes(b"garbage", "x").is_err());
+        assert!(DifficultyModel::new(Vec::new()).is_err());
     }
 }

@@ -46,8 +46,8 @@ pub struct BenchmarkEval {
 pub struct RouteLlmSummary {
     /// `train` or `test`.
     pub split: Split,
-    /// How the difficulty artifact was fitted.
-    pub fit: FitInfo,
+    /// How each part of the difficulty artifact was fitted.
+    pub fit: BTreeMap<String, FitInfo>,
     /// Benchmark → router → APGR (the headline numbers).
     pub apgr: BTreeMap<String, BTreeMap<String, f64>>,
     /// Benchmark → router → fraction escalated to reach 80% / 95% of the gap (CPT) and of the
@@ -90,7 +90,7 @@ pub fn evaluate_routellm(
     let benches = routellm::load(data_dir)?;
     let mut out = RouteLlmSummary {
         split,
-        fit: model.info().clone(),
+        fit: model.info(),
         apgr: BTreeMap::new(),
         escalation_needed: BTreeMap::new(),
         benchmarks: BTreeMap::new(),
@@ -109,10 +109,10 @@ pub fn evaluate_routellm(
         let mut knn = Vec::with_capacity(samples.len());
         let mut lr = Vec::with_capacity(samples.len());
         for (e, s) in embs.iter().zip(&samples) {
-            let chars = s.prompt.chars().count();
-            blend.push(model.probability(e, chars)?);
-            knn.push(model.knn(e)?);
-            lr.push(model.logistic(e, chars)?);
+            let sc = model.score(e, s.prompt.chars().count())?;
+            blend.push(sc.probability);
+            knn.push(sc.knn);
+            lr.push(sc.logistic);
         }
         let lengths: Vec<f64> = samples
             .iter()

@@ -157,10 +157,10 @@ impl RouterScorer {
             out.categories = c.score_embedding(emb).scores;
         }
         if let Some(d) = &self.difficulty {
-            let p = d.probability(emb, chars)?;
+            let sc = d.score(emb, chars)?;
             out.difficulty = Some(match self.scale {
-                DifficultyScale::Probability => p,
-                DifficultyScale::Percentile => d.percentile(p),
+                DifficultyScale::Probability => sc.probability,
+                DifficultyScale::Percentile => sc.percentile,
             });
         }
         Ok(out)
