@@ -7,6 +7,7 @@ mod cmd_convert;
 mod cmd_generate;
 mod cmd_make_test_model;
 mod cmd_route;
+mod cmd_route_eval;
 mod http;
 mod loading;
 mod serve;
@@ -34,6 +35,8 @@ enum Cmd {
     Bench(cmd_bench::BenchArgs),
     /// Explain the router's decision for a prompt or request without serving it.
     Route(cmd_route::RouteArgs),
+    /// Evaluate routing: RouteLLM APGR, a labelled suite, or a replay against a server.
+    RouteEval(cmd_route_eval::RouteEvalArgs),
     /// Upcycle a dense llama GGUF into a hy_v3 MoE checkpoint.
     ConvertGguf(cmd_convert::ConvertGgufArgs),
 }
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Bench(a) => cmd_bench::run(a),
         Cmd::Route(a) => cmd_route::run(a),
         Cmd::ConvertGguf(a) => cmd_convert::run(a),
+        Cmd::RouteEval(a) => cmd_route_eval::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,
