@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// outcome) to this file.
     #[arg(long)]
     telemetry: Option<PathBuf>,
+    /// Add the semantic signals to routing: MiniLM sentence embeddings for the exemplar
+    /// categories and the RouteLLM-trained difficulty score (`models/router/`). The MiniLM
+    /// files come from $SWITCHYARD_MINILM_DIR, the scripts/minilm.sh cache, or the hf-hub cache.
+    #[arg(long)]
+    classifier: bool,
     /// Largest request body accepted (bytes; suffixes like 4MiB work); larger gets HTTP 413.
     #[arg(long, default_value = "4MiB")]
     max_body_bytes: String,
@@ -94,7 +99,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let key = api_key(args.api_key_env.as_deref())?;
     let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
         .context("--max-body-bytes is too large")?;
-    let routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
+    let mut routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
+    if args.classifier {
+        let t = std::time::Instant::now();
+        let scorer = switchyard_classifier::RouterScorer::load_default()
+            .context("--classifier: loading MiniLM and the router models (run scripts/minilm.sh to fetch MiniLM)")?;
+        routing.scorer = Some(std::sync::Arc::new(scorer));
+        tracing::info!(secs = t.elapsed().as_secs_f32(), "semantic router classifier loaded");
+    }
     let model_id = served_name(&args);
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
     let tokenizer = engine.info().tokenizer.clone();
