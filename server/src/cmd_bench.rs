@@ -65,7 +65,10 @@ fn status_bytes(key: &str) -> f64 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    anyhow::ensure!(a.prompt_len > 0 && a.gen_len > 1 && a.batch > 0, "--prompt-len, --batch must be positive and --gen-len at least 2");
+    anyhow::ensure!(
+        a.prompt_len > 0 && a.gen_len > 1 && a.batch > 0,
+        "--prompt-len, --batch must be positive and --gen-len at least 2"
+    );
     let mut eargs = a.engine.clone();
     eargs.no_prefix_caching = true;
     eargs.max_num_seqs = eargs.max_num_seqs.max(a.batch);
@@ -79,8 +82,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut streams = Vec::new();
         for _ in 0..a.batch {
-            let prompt: Vec<u32> = (0..a.prompt_len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-            let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt, gen) };
+            let prompt: Vec<u32> = (0..a.prompt_len)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            let req = GenerateRequest {
+                ignore_eos: true,
+                ..GenerateRequest::greedy(prompt, gen)
+            };
             streams.push(engine.submit(req)?);
         }
         // One thread per stream so each first-token time is observed when it happens.
@@ -104,7 +112,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 })
                 .collect();
             hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("bench reader thread panicked"))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("bench reader thread panicked")))
+                })
                 .collect()
         });
         let times = times.into_iter().collect::<Result<Vec<_>>>()?;

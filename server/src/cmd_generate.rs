@@ -70,7 +70,10 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
             use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
             let t = ChatTemplate::from_model_dir(&dir)
                 .with_context(|| format!("loading the chat template of {}", dir.display()))?
-                .with_special_tokens(tok.bos_token().map(String::from), tok.eos_token().map(String::from));
+                .with_special_tokens(
+                    tok.bos_token().map(String::from),
+                    tok.eos_token().map(String::from),
+                );
             let mut opts = RenderOptions::generation();
             if let Some(r) = &a.reasoning_effort {
                 opts = opts.with_kwarg("reasoning_effort", r.clone());
@@ -99,7 +102,10 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let (ids, text, _c) = engine.generate_blocking(req).map_err(anyhow::Error::msg)?;
     if a.json {
-        println!("{}", serde_json::json!({"generated_ids": ids, "text": text}));
+        println!(
+            "{}",
+            serde_json::json!({"generated_ids": ids, "text": text})
+        );
     } else {
         println!("{text}");
     }
@@ -111,7 +117,13 @@ pub fn run_logits(a: LogitsArgs) -> Result<()> {
     let mut cache = l.model.new_cache();
     let logits = l.model.forward(&a.input_ids, &mut cache, Logits::All)?;
     let map = std::collections::HashMap::from([("logits".to_string(), logits)]);
-    candle_core::safetensors::save(&map, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!("wrote logits [{}, {}] to {}", a.input_ids.len(), l.model.config().vocab_size, a.out.display());
+    candle_core::safetensors::save(&map, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote logits [{}, {}] to {}",
+        a.input_ids.len(),
+        l.model.config().vocab_size,
+        a.out.display()
+    );
     Ok(())
 }

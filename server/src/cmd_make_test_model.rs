@@ -48,8 +48,11 @@ pub fn run(a: MakeTestModelArgs) -> Result<()> {
         "chat_template": CHATML,
         "model_max_length": cfg.max_position_embeddings,
     });
-    std::fs::write(a.out.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)?)
-        .context("writing tokenizer_config.json")?;
+    std::fs::write(
+        a.out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)?,
+    )
+    .context("writing tokenizer_config.json")?;
     std::fs::write(
         a.out.join("generation_config.json"),
         serde_json::to_string_pretty(&serde_json::json!({"eos_token_id": eos}))?,

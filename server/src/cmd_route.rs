@@ -30,10 +30,12 @@ pub fn run(a: RouteArgs) -> Result<()> {
     let req = match (&a.prompt, &a.request) {
         (Some(p), _) => RouteRequest::from_prompt(p),
         (None, Some(f)) => {
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", f.display()))?;
-            RouteRequest::from_json(&v).with_context(|| format!("{} is not a chat request", f.display()))?
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", f.display()))?;
+            RouteRequest::from_json(&v)
+                .with_context(|| format!("{} is not a chat request", f.display()))?
         }
         (None, None) => anyhow::bail!("give --prompt TEXT or --request FILE.json"),
     };
@@ -41,7 +43,11 @@ pub fn run(a: RouteArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&d)?);
     } else {
-        println!("{} → tier {}", d.action.as_str(), d.tier.as_deref().unwrap_or("none (refused)"));
+        println!(
+            "{} → tier {}",
+            d.action.as_str(),
+            d.tier.as_deref().unwrap_or("none (refused)")
+        );
         for r in &d.reasons {
             println!("  - {r}");
         }

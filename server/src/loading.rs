@@ -78,7 +78,10 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("invalid size {s:?}"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -115,8 +118,10 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(total as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:40}] {pos}/{len} layers ({elapsed})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:40}] {pos}/{len} layers ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.set_message(dir.display().to_string());
         b
@@ -149,9 +154,14 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         "model loaded"
     );
     let tokenizer = Arc::new(
-        Tokenizer::from_dir(&dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
+        Tokenizer::from_dir(&dir)
+            .with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
     );
-    Ok(Loaded { model, tokenizer, dir })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        dir,
+    })
 }
 
 /// Engine configuration from the flags and the model.
@@ -177,7 +187,11 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
             max_waiting: args.max_waiting,
         },
         block_size: args.block_size,
-        kv_cache_memory: args.kv_cache_memory.as_deref().map(parse_bytes).transpose()?,
+        kv_cache_memory: args
+            .kv_cache_memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()?,
         kv_dtype: match args.kv_dtype.as_str() {
             "f32" => KvDtype::F32,
             "bf16" => KvDtype::Bf16,

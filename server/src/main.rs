@@ -15,7 +15,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Inference server for sparse MoE models with a built-in request router")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Inference server for sparse MoE models with a built-in request router"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

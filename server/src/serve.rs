@@ -105,7 +105,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let scorer = switchyard_classifier::RouterScorer::load_default()
             .context("--classifier: loading MiniLM and the router models (run scripts/minilm.sh to fetch MiniLM)")?;
         routing.scorer = Some(std::sync::Arc::new(scorer));
-        tracing::info!(secs = t.elapsed().as_secs_f32(), "semantic router classifier loaded");
+        tracing::info!(
+            secs = t.elapsed().as_secs_f32(),
+            "semantic router classifier loaded"
+        );
     }
     let model_id = served_name(&args);
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
