@@ -325,6 +325,15 @@ fn rejected(app: &Arc<AppState>, api: Api, arrived: Instant, e: ApiError) -> Rou
     Routed::Done(error_response(api, e))
 }
 
+/// A stable, non-reversible id for an API key (`key-` + 12 hex digits of its SHA-256), used
+/// for per-key budgets and telemetry.
+fn api_key_id(key: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = d.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("key-{hex}")
+}
+
 /// Requests waiting for the local engine (queued, not yet running). Running sequences are not
 /// counted: a busy engine that keeps up is not overloaded, and the policy's overflow limit is
 /// about how long a new request would wait.
@@ -412,6 +421,10 @@ pub async fn route(
         if let Ok(v) = value.to_str() {
             rreq = rreq.with_header(name.as_str(), v);
         }
+    }
+    // Per-key budgets need a stable identity for the caller's key, never the key itself.
+    if let Some(k) = super::presented_key(http_headers).filter(|k| !k.is_empty()) {
+        rreq = rreq.with_api_key_id(&api_key_id(k));
     }
 
     r.state.set_local_queue_depth(local_queue_depth(app));
@@ -755,4 +768,18 @@ fn remote_sse(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_key_ids_are_stable_distinct_and_hide_the_key() {
+        let a = super::api_key_id("sk-secret-one");
+        assert_eq!(a, super::api_key_id("sk-secret-one"));
+        assert_ne!(a, super::api_key_id("sk-secret-two"));
+        assert!(
+            a.starts_with("key-") && a.len() == 16 && !a.contains("secret"),
+            "{a}"
+        );
+    }
 }
