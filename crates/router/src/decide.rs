@@ -316,7 +316,15 @@ pub fn decide(
     let task = req.last_user_text();
     scores.insert("difficulty".to_string(), round4(heuristic_difficulty(task)));
     let mut semantic = None;
-    if let Some(scorer) = scorer {
+    // The safety floor (block on injection, local-only on secrets, personal data or a
+    // keep-local ask) does not depend on the semantic scores, so skip the embedding (most of
+    // a decision's time) when a detector has already settled it.
+    let th = &cfg.detectors;
+    let settled = det.score(Signal::Injection) >= th.injection_threshold
+        || det.score(Signal::Secret) >= th.secret_threshold
+        || det.score(Signal::PersonalData) >= th.personal_data_threshold
+        || det.score(Signal::KeepLocal) >= th.keep_local_threshold;
+    if let Some(scorer) = scorer.filter(|_| !settled) {
         match scorer.score(task) {
             Ok(s) => {
                 for (k, v) in &s.categories {
@@ -353,7 +361,6 @@ pub fn decide(
     }
 
     // --- safety floor
-    let th = &cfg.detectors;
     let mut local_only_reasons: Vec<String> = Vec::new();
     for (signal, threshold, label) in [
         (Signal::Secret, th.secret_threshold, "secret"),
