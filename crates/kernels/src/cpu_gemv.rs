@@ -49,8 +49,15 @@ pub fn gemv_bf16(
     }
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
-    let mut acc = vec![0f32; out * tokens];
     let kernel = select_kernel();
+    // One token (decode): `[out, 1]` is already y's layout, so write it in place.
+    let mut scratch = Vec::new();
+    let acc: &mut [f32] = if tokens == 1 {
+        y
+    } else {
+        scratch.resize(out * tokens, 0f32);
+        &mut scratch
+    };
     acc.par_chunks_mut(ROWS_PER_TASK * tokens)
         .enumerate()
         .for_each(|(chunk, dst)| {
@@ -64,9 +71,11 @@ pub fn gemv_bf16(
                 }
             }
         });
-    for o in 0..out {
-        for t in 0..tokens {
-            y[t * out + o] = acc[o * tokens + t];
+    if tokens > 1 {
+        for o in 0..out {
+            for t in 0..tokens {
+                y[t * out + o] = scratch[o * tokens + t];
+            }
         }
     }
     Ok(())
