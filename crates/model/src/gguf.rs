@@ -717,35 +717,17 @@ impl safetensors::View for Entry {
 }
 
 fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<(safetensors::Dtype, Vec<u8>), ModelError> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ModelError::InvalidInput(format!(
+            "cannot write dtype {dtype:?}"
+        )));
+    }
+    // candle's safetensors `View` gives the little-endian bytes of a CPU tensor in its dtype.
     let t = t.to_dtype(dtype)?.flatten_all()?;
-    Ok(match dtype {
-        DType::F32 => (
-            safetensors::Dtype::F32,
-            t.to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            safetensors::Dtype::F16,
-            t.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::BF16 => (
-            safetensors::Dtype::BF16,
-            t.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        d => {
-            return Err(ModelError::InvalidInput(format!(
-                "cannot write dtype {d:?}"
-            )))
-        }
-    })
+    Ok((
+        safetensors::View::dtype(&t),
+        safetensors::View::data(&t).into_owned(),
+    ))
 }
 
 fn entry(t: &Tensor, dtype: DType) -> Result<Entry, ModelError> {
