@@ -96,18 +96,7 @@ fn blocks_text(v: Value, at: &str) -> Result<String, ApiError> {
 
 impl MessagesRequest {
     fn normalize(self) -> Result<NormalizedRequest, ApiError> {
-        if self.messages.is_empty() {
-            return Err(ApiError::field(
-                "messages",
-                "must contain at least one message",
-            ));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::Unsupported {
-                param: "tools".into(),
-                message: "tool use is not implemented yet; send the request without tools".into(),
-            });
-        }
+        params::check_conversation(self.messages.len(), self.tools.as_ref(), "tool use")?;
         let mut messages = Vec::with_capacity(self.messages.len() + 1);
         if let Some(s) = self.system {
             let text = blocks_text(s, "system")?;

@@ -154,19 +154,7 @@ fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageConte
 
 impl ChatRequest {
     fn normalize(self) -> Result<NormalizedRequest, ApiError> {
-        if self.messages.is_empty() {
-            return Err(ApiError::field(
-                "messages",
-                "must contain at least one message",
-            ));
-        }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::Unsupported {
-                param: "tools".into(),
-                message: "tool calling is not implemented yet; send the request without tools"
-                    .into(),
-            });
-        }
+        params::check_conversation(self.messages.len(), self.tools.as_ref(), "tool calling")?;
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
             let at = format!("messages[{i}]");
