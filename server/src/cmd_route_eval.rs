@@ -336,8 +336,9 @@ fn passes(check: &Check, text: &str) -> Result<bool> {
         Check::Regex(r) => regex::Regex::new(r)
             .with_context(|| format!("bad regex {r:?}"))?
             .is_match(text),
-        Check::JsonSchema(s) => switchyard_classifier::cascade::parse_json_answer(text)
-            .is_some_and(|v| schema_ok(s, &v)),
+        Check::JsonSchema(s) => {
+            switchyard_router::cascade::parse_json_answer(text).is_some_and(|v| schema_ok(s, &v))
+        }
     })
 }
 

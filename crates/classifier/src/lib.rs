@@ -7,7 +7,6 @@
 //!   RouteLLM train split (kNN over embeddings blended with a logistic head).
 //! - [`scorer`]: [`RouterScorer`], the `switchyard_router::SemanticScorer` that plugs both into
 //!   `switchyard_router::decide`.
-//! - [`cascade`]: checks on a local answer that say whether to escalate it after the fact.
 //! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines;
 //!   [`route_eval`] runs it for `switchyard route-eval --routellm` (summary JSON, SVG plot).
 //! - [`cache`]: an on-disk embedding cache keyed by `sha256(text)`.
@@ -17,7 +16,6 @@
 
 pub mod bert;
 pub mod cache;
-pub mod cascade;
 pub mod difficulty;
 pub mod embed;
 pub mod error;

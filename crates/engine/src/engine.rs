@@ -100,6 +100,8 @@ pub struct TokenEvent {
     pub logprob: Option<f32>,
     /// Most likely alternatives.
     pub top_logprobs: Vec<TokenLogprob>,
+    /// Entropy (nats) of the step's raw distribution, when logprobs were requested.
+    pub entropy: Option<f32>,
     /// Full logits of the step, when requested.
     pub logits: Option<Vec<f32>>,
 }
@@ -682,6 +684,7 @@ impl Loop {
             text: delta.text,
             logprob: pick.logprob,
             top_logprobs: pick.top_logprobs,
+            entropy: pick.entropy,
             logits: st.return_logits.then(|| row.clone()),
         };
         let _ = st.tx.send(Event::Token(ev));

@@ -218,6 +218,9 @@ pub struct SampledToken {
     /// The `logprobs` most likely tokens of the raw distribution, most likely first (ties: lowest
     /// id first); empty unless requested.
     pub top_logprobs: Vec<TokenLogprob>,
+    /// Entropy (nats) of the raw distribution at this position, when `logprobs` was requested:
+    /// the model's uncertainty, which the router's cascade checks.
+    pub entropy: Option<f32>,
 }
 
 /// Samples tokens for one sequence. Holds the RNG, the penalty counts and reusable buffers.
@@ -313,9 +316,10 @@ impl Sampler {
             self.draw(logits, raw_max)?
         };
 
-        let (logprob, top_logprobs) = match self.params.logprobs {
+        let (logprob, top_logprobs, entropy) = match self.params.logprobs {
             Some(n) => {
-                let norm = f64::from(raw_max) + log_sum_exp_shifted(logits, raw_max);
+                let z = sum_weights(logits, Scale::new(raw_max, 1.0));
+                let norm = f64::from(raw_max) + z.ln();
                 let logprob = |id: u32| (f64::from(logits[id as usize]) - norm) as f32;
                 self.select_head(logits, n);
                 let top = self
@@ -326,14 +330,15 @@ impl Sampler {
                         logprob: logprob(id),
                     })
                     .collect();
-                (Some(logprob(id)), top)
+                (Some(logprob(id)), top, Some(entropy(logits, raw_max, z)))
             }
-            None => (None, Vec::new()),
+            None => (None, Vec::new(), None),
         };
         Ok(SampledToken {
             id,
             logprob,
             top_logprobs,
+            entropy,
         })
     }
 
@@ -723,9 +728,18 @@ fn max_of(logits: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `ln Σ exp(l - max)`: f32 exponentials, summed in f64.
-fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f64 {
-    sum_weights(logits, Scale::new(max, 1.0)).ln()
+/// Entropy of softmax(`logits`) given its maximum and `z = Σ exp(l - max)`:
+/// `H = ln z − Σ exp(l − max)·(l − max) / z` (masked `-inf` logits add nothing).
+fn entropy(logits: &[f32], max: f32, z: f64) -> f32 {
+    let weighted = block_sum(logits, |l| {
+        let d = l - max;
+        if d == f32::NEG_INFINITY {
+            0.0
+        } else {
+            d.exp() * d
+        }
+    });
+    (z.ln() - weighted / z).max(0.0) as f32
 }
 
 /// Values per f32 partial sum before it is flushed to f64: 1024 terms of at most 1 keep the f32
@@ -1069,9 +1083,46 @@ mod tests {
         assert_eq!(out.top_logprobs[0].id, 1);
         assert!((out.top_logprobs[0].logprob - 0.75f32.ln()).abs() < 1e-6);
         assert_eq!(out.top_logprobs[1].id, 0);
+        // Entropy of (1/4, 3/4, 0), the masked token adding nothing.
+        let h = -(0.25f64 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+        assert!((f64::from(out.entropy.unwrap()) - h).abs() < 1e-6);
         let mut s = Sampler::new(params(|_| {})).unwrap();
         let out = s.sample(&logits, &[]).unwrap();
-        assert!(out.logprob.is_none() && out.top_logprobs.is_empty());
+        assert!(out.logprob.is_none() && out.top_logprobs.is_empty() && out.entropy.is_none());
+    }
+
+    #[test]
+    fn entropy_matches_a_direct_sum_on_a_large_vocabulary() {
+        let logits: Vec<f32> = (0..50_000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 97.0)
+            .collect();
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.logprobs = Some(0);
+        }))
+        .unwrap();
+        let out = s.sample(&logits, &[]).unwrap();
+        let m = logits
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, |a, b| a.max(f64::from(b)));
+        let z: f64 = logits.iter().map(|&l| (f64::from(l) - m).exp()).sum();
+        let h: f64 = logits
+            .iter()
+            .map(|&l| {
+                let p = (f64::from(l) - m).exp() / z;
+                -p * p.ln()
+            })
+            .sum();
+        assert!(
+            (f64::from(out.entropy.unwrap()) - h).abs() < 1e-4 * h,
+            "{:?} vs {h}",
+            out.entropy
+        );
+        // A one-hot distribution has no entropy.
+        let mut onehot = vec![f32::NEG_INFINITY; 10];
+        onehot[3] = 1.0;
+        assert_eq!(s.sample(&onehot, &[]).unwrap().entropy, Some(0.0));
     }
 
     #[test]

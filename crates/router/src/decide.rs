@@ -14,7 +14,9 @@
 //! The tier is then resolved from the action: remote tiers whose API key is unset are
 //! *disabled*, an open circuit breaker or a spent budget skips a tier, and the fallback chain
 //! ends on the local tier. A `local` decision may overflow to a remote tier when the local queue
-//! is over its limit. Every step that changed the outcome leaves a reason.
+//! is over its limit, and otherwise may be marked for the [cascade](crate::cascade) (checked
+//! after the fact, escalated if the answer fails). Every step that changed the outcome leaves a
+//! reason.
 
 use std::collections::BTreeMap;
 
@@ -26,7 +28,7 @@ use crate::breaker::BreakerPhase;
 use crate::budget::Period;
 use crate::detect::Signal;
 use crate::policy::{Action, OnExhausted, Policy, Rule, Scope, TierConfig};
-use crate::request::{Role, RouteRequest, ROUTE_HEADER};
+use crate::request::{Role, RouteRequest, CASCADE_HEADER, ROUTE_HEADER};
 use crate::secret::ApiKey;
 use crate::state::{RouterState, ANONYMOUS_KEY};
 
@@ -41,7 +43,8 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// The router's decision. Serialises as exactly `{"action", "tier", "reasons", "scores"}`.
+/// The router's decision. Serialises as `{"action", "tier", "reasons", "scores"}`, plus
+/// `"cascade"` when the local answer is to be checked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     /// What kind of request this is.
@@ -59,6 +62,10 @@ pub struct Decision {
     /// Set when the request must be refused rather than served.
     #[serde(skip)]
     pub refusal: Option<Refusal>,
+    /// The remote tier a cascade escalates to when the local answer fails its checks; set only
+    /// on `local` decisions (see [`crate::cascade`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<String>,
 }
 
 impl Decision {
@@ -297,6 +304,65 @@ fn remote_unavailable(
     }
 }
 
+/// Whether a `local` decision goes through the cascade, and to which remote tier: the policy's
+/// `cascade.enabled` unless the request's `x-switchyard-cascade: on | off` says otherwise (`on`
+/// only where explicit choices are allowed), and only while that tier is usable.
+fn cascade_tier(
+    policy: &Policy,
+    state: &RouterState,
+    req: &RouteRequest,
+    key: &str,
+    reasons: &mut Vec<String>,
+) -> Option<String> {
+    let enabled = policy.cascade().enabled;
+    let asked = req
+        .headers
+        .get(CASCADE_HEADER)
+        .map(|v| v.trim().to_ascii_lowercase());
+    let on = match asked.as_deref() {
+        None => enabled,
+        Some("on" | "true" | "1") if policy.spec().routing.allow_explicit => true,
+        Some("on" | "true" | "1") => {
+            reasons.push(format!(
+                "{CASCADE_HEADER} is ignored: the policy does not allow explicit choices"
+            ));
+            enabled
+        }
+        Some("off" | "false" | "0") => {
+            if enabled {
+                reasons.push("cascade turned off by the request".into());
+            }
+            false
+        }
+        Some(other) => {
+            reasons.push(format!(
+                "{CASCADE_HEADER}: `{other}` is not on or off; ignored"
+            ));
+            enabled
+        }
+    };
+    if !on {
+        return None;
+    }
+    let Some(tier) = policy.cascade_tier() else {
+        reasons.push("cascade: there is no remote tier to escalate to".into());
+        return None;
+    };
+    match remote_unavailable(policy, state, tier, key) {
+        None => {
+            reasons.push(format!(
+                "cascade: the local answer is checked and escalated to `{}` if it fails",
+                tier.name
+            ));
+            Some(tier.name.clone())
+        }
+        Some(Unavailable::Skip(why) | Unavailable::Refuse(why)) => {
+            reasons.push(format!("cascade: not possible ({why})"));
+            None
+        }
+    }
+}
+
 /// Decides with an optional semantic scorer.
 pub fn decide(
     policy: &Policy,
@@ -415,6 +481,7 @@ pub fn decide(
                     scores,
                     fallbacks: Vec::new(),
                     refusal: None,
+                    cascade: None,
                 }
             }
             None => {
@@ -436,6 +503,7 @@ pub fn decide(
                         code: "blocked_by_policy".into(),
                         message,
                     }),
+                    cascade: None,
                 }
             }
         };
@@ -464,6 +532,7 @@ pub fn decide(
             scores,
             fallbacks: Vec::new(),
             refusal: None,
+            cascade: None,
         };
     }
 
@@ -500,6 +569,7 @@ pub fn decide(
                     scores,
                     fallbacks: Vec::new(),
                     refusal: None,
+                    cascade: None,
                 };
             }
             Action::Block => Action::Local,
@@ -535,6 +605,7 @@ pub fn decide(
                             scores,
                             fallbacks: vec![target.name.clone()],
                             refusal: None,
+                            cascade: None,
                         };
                     }
                     Some(Unavailable::Skip(why) | Unavailable::Refuse(why)) => {
@@ -546,6 +617,11 @@ pub fn decide(
                 }
             }
         }
+        let cascade = if action == Action::Local && !explicit_local {
+            cascade_tier(policy, state, req, key, &mut reasons)
+        } else {
+            None
+        };
         return Decision {
             action,
             tier: Some(target.name.clone()),
@@ -553,6 +629,7 @@ pub fn decide(
             scores,
             fallbacks: Vec::new(),
             refusal: None,
+            cascade,
         };
     }
 
@@ -587,6 +664,7 @@ pub fn decide(
                             "{why}; try again in the next budget period or ask for `local`"
                         ),
                     }),
+                    cascade: None,
                 };
             }
         }
@@ -607,6 +685,7 @@ pub fn decide(
         scores,
         fallbacks: usable[1..].iter().map(|t| t.name.clone()).collect(),
         refusal: None,
+        cascade: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! State that changes between requests (spend against budgets, circuit breakers, the local
 //! queue depth) lives in a shared [`RouterState`] the server updates as requests finish.
+//! A policy may also [cascade](cascade): serve locally, check the answer, escalate it if it
+//! fails.
 //!
 //! ```
 //! use switchyard_router::{explain, Action, Policy, RouteRequest, RouterState};
@@ -27,6 +29,7 @@
 
 pub mod breaker;
 pub mod budget;
+pub mod cascade;
 pub mod cost;
 pub mod decide;
 pub mod detect;
@@ -40,6 +43,7 @@ pub mod upstream;
 
 pub use breaker::{BreakerConfig, BreakerPhase, CircuitBreaker};
 pub use budget::{BudgetLedger, Period};
+pub use cascade::{CascadeConfig, JsonExpectation, Verdict};
 pub use cost::{Prices, Usage};
 pub use decide::{
     decide, explain, heuristic_difficulty, Decision, Refusal, ScorerError, SemanticScorer,
@@ -47,7 +51,11 @@ pub use decide::{
 };
 pub use detect::{Detections, DetectorConfig, Detectors, Finding, Signal};
 pub use policy::{Action, Policy, PolicyError, PolicySpec, TierConfig, TierKind};
-pub use request::{Message, RequestError, Role, RouteRequest, WireFormat, ROUTE_HEADER};
+pub use request::{
+    Message, RequestError, Role, RouteRequest, WireFormat, CASCADE_HEADER, ROUTE_HEADER,
+};
 pub use secret::ApiKey;
 pub use state::{Clock, EnvSource, ManualClock, RouterState, SystemClock};
-pub use telemetry::{JsonlAppender, Outcome, TelemetryError, TelemetryRecord};
+pub use telemetry::{
+    Attempt, CascadeOutcome, JsonlAppender, Outcome, TelemetryError, TelemetryRecord,
+};

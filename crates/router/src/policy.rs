@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::breaker::BreakerConfig;
+use crate::cascade::{CascadeConfig, Checks, JsonExpectation};
 use crate::cost::Prices;
 use crate::detect::{DetectorConfig, Detectors};
 
@@ -361,6 +362,9 @@ pub struct PolicySpec {
     pub fallbacks: BTreeMap<String, Vec<String>>,
     /// Load overflow.
     pub overflow: OverflowConfig,
+    /// Serve locally, check the answer, escalate the ones that fail.
+    #[serde(default)]
+    pub cascade: CascadeConfig,
 }
 
 /// Why a policy could not be loaded. Every message names the file, and the field when known.
@@ -412,6 +416,7 @@ pub struct Policy {
     spec: PolicySpec,
     rules: Vec<Rule>,
     detectors: Detectors,
+    cascade_match: Option<Regex>,
     origin: String,
 }
 
@@ -456,6 +461,68 @@ struct PartialSpec {
     fallbacks: Option<BTreeMap<String, Vec<String>>>,
     #[serde(default)]
     overflow: Option<toml::Table>,
+    #[serde(default)]
+    cascade: Option<toml::Table>,
+}
+
+/// Checks that a field names a tier (remote when `Some(true)`, local when `Some(false)`).
+type NeedTier<'a> = dyn Fn(String, &str, Option<bool>) -> Result<(), PolicyError> + 'a;
+
+/// Checks `[cascade]`; returns its compiled `must_match`.
+fn validate_cascade(
+    spec: &PolicySpec,
+    origin: &str,
+    need_tier: &NeedTier<'_>,
+) -> Result<Option<Regex>, PolicyError> {
+    let c = &spec.cascade;
+    let invalid = |field: &str, message: String| PolicyError::Invalid {
+        origin: origin.to_string(),
+        field: format!("cascade.{field}"),
+        message,
+    };
+    if let Some(t) = &c.tier {
+        need_tier("cascade.tier".into(), t, Some(true))?;
+    }
+    let has_remote = c.tier.is_some()
+        || spec.routing.escalate_tier.is_some()
+        || spec.tiers.iter().any(TierConfig::is_remote);
+    if c.enabled && !has_remote {
+        return Err(invalid(
+            "enabled",
+            "needs a remote tier to escalate to; add one to [[tiers]] or set enabled = false"
+                .into(),
+        ));
+    }
+    for (name, v) in [
+        ("min_mean_logprob", c.min_mean_logprob),
+        ("min_token_logprob", c.min_token_logprob),
+    ] {
+        if let Some(v) = v {
+            if !v.is_finite() || v > 0.0 {
+                return Err(invalid(
+                    name,
+                    format!("must be a log-probability ≤ 0 (or \"off\"), got {v}"),
+                ));
+            }
+        }
+    }
+    if let Some(v) = c.max_mean_entropy {
+        if !v.is_finite() || v < 0.0 {
+            return Err(invalid(
+                "max_mean_entropy",
+                format!("must be an entropy ≥ 0 nats (or \"off\"), got {v}"),
+            ));
+        }
+    }
+    c.must_match
+        .as_deref()
+        .map(|p| {
+            RegexBuilder::new(p)
+                .size_limit(1 << 22)
+                .build()
+                .map_err(|e| invalid("must_match", format!("is not a valid regex: {e}")))
+        })
+        .transpose()
 }
 
 fn compile(field: &str, pattern: &str, origin: &str) -> Result<Regex, PolicyError> {
@@ -681,6 +748,8 @@ impl Policy {
         if let Some(t) = &spec.overflow.tier {
             need_tier("overflow.tier".into(), t, Some(true))?;
         }
+        // --- cascade
+        let cascade_match = validate_cascade(&spec, origin, &need_tier)?;
         // --- classifier
         for (name, v) in [
             (
@@ -830,8 +899,29 @@ impl Policy {
             spec,
             rules,
             detectors,
+            cascade_match,
             origin: origin.to_string(),
         })
+    }
+
+    /// The `[cascade]` table.
+    pub fn cascade(&self) -> &CascadeConfig {
+        &self.spec.cascade
+    }
+
+    /// The remote tier the cascade escalates to (whether or not it is enabled):
+    /// `cascade.tier`, else the escalate tier; `None` when there is no remote tier.
+    pub fn cascade_tier(&self) -> Option<&TierConfig> {
+        match &self.spec.cascade.tier {
+            Some(n) => self.tier(n),
+            None => self.escalate_tier(),
+        }
+        .filter(|t| t.is_remote())
+    }
+
+    /// The checks a local answer to a request that expects `json` goes through.
+    pub fn cascade_checks(&self, json: &JsonExpectation) -> Checks {
+        self.spec.cascade.checks(self.cascade_match.clone(), json)
     }
 
     /// The merged policy as written.

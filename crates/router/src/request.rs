@@ -15,6 +15,9 @@ use thiserror::Error;
 /// A header that picks a tier explicitly, like `model`.
 pub const ROUTE_HEADER: &str = "x-switchyard-route";
 
+/// Request header that turns the cascade on or off for one request (`on` / `off`).
+pub const CASCADE_HEADER: &str = "x-switchyard-cascade";
+
 /// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::budget::rfc3339_utc;
+use crate::cascade::Verdict;
 use crate::cost::Usage;
 use crate::decide::Decision;
 use crate::policy::Action;
@@ -69,6 +70,79 @@ pub struct TelemetryRecord {
     pub outcome: Outcome,
     /// The error shown to the client, if any.
     pub error: Option<String>,
+    /// What the cascade did, when the request went through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<CascadeOutcome>,
+    /// Each attempt at an answer, in order, when there was more than one way to answer (the
+    /// cascade: the local answer, then the remote one). The token and cost fields above are
+    /// then the sums over the attempts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+}
+
+/// What the cascade did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CascadeOutcome {
+    /// The local answer passed its checks and was served.
+    Passed,
+    /// The local answer failed; the remote tier's answer was served.
+    Escalated,
+    /// The local answer failed, the remote tier failed too; the local answer was served.
+    EscalationFailed,
+}
+
+impl CascadeOutcome {
+    /// The snake_case name (as in telemetry and the `x-switchyard-cascade` response header).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CascadeOutcome::Passed => "passed",
+            CascadeOutcome::Escalated => "escalated",
+            CascadeOutcome::EscalationFailed => "escalation_failed",
+        }
+    }
+}
+
+/// One attempt at answering a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The tier that tried.
+    pub tier: String,
+    /// How long the attempt took, in milliseconds.
+    pub latency_ms: u64,
+    /// Uncached prompt tokens.
+    pub tokens_in: u64,
+    /// Generated tokens.
+    pub tokens_out: u64,
+    /// Prompt tokens read from (or written to) a provider cache.
+    pub tokens_cached: u64,
+    /// Cost in USD.
+    pub cost_usd: f64,
+    /// `ok` when it produced an answer, else `error`.
+    pub outcome: Outcome,
+    /// The error, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cascade's checks on this attempt's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+}
+
+impl Attempt {
+    /// An attempt on `tier` that took `latency_ms` and used `usage` for `cost_usd`.
+    pub fn new(tier: &str, latency_ms: u64, usage: &Usage, cost_usd: f64) -> Self {
+        Self {
+            tier: tier.to_string(),
+            latency_ms,
+            tokens_in: usage.input_tokens,
+            tokens_out: usage.output_tokens,
+            tokens_cached: usage.cached_input_tokens + usage.cache_write_tokens,
+            cost_usd,
+            outcome: Outcome::Ok,
+            error: None,
+            verdict: None,
+        }
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -105,6 +179,8 @@ impl TelemetryRecord {
                 Outcome::Ok
             },
             error: None,
+            cascade: None,
+            attempts: Vec::new(),
         }
     }
 
@@ -114,6 +190,15 @@ impl TelemetryRecord {
         self.tokens_out = usage.output_tokens;
         self.tokens_cached = usage.cached_input_tokens + usage.cache_write_tokens;
         self.cost_usd = cost_usd;
+    }
+
+    /// Appends an attempt and adds its tokens and cost to the record's totals.
+    pub fn add_attempt(&mut self, a: Attempt) {
+        self.tokens_in += a.tokens_in;
+        self.tokens_out += a.tokens_out;
+        self.tokens_cached += a.tokens_cached;
+        self.cost_usd += a.cost_usd;
+        self.attempts.push(a);
     }
 }
 
@@ -190,6 +275,7 @@ mod tests {
             scores: BTreeMap::new(),
             fallbacks: vec!["local".into()],
             refusal: None,
+            cascade: None,
         };
         let mut r = TelemetryRecord::from_decision(
             new_request_id(1),

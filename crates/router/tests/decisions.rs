@@ -428,7 +428,7 @@ fn escalate_all_policy() -> &'static Policy {
     static P: OnceLock<Policy> = OnceLock::new();
     P.get_or_init(|| {
         Policy::from_toml_str(
-            "[[rules]]\nname = \"everything\"\naction = \"escalate\"\nregex = [\".\"]\n[overflow]\nmax_local_queue = 0\n[routing]\nblock_tier = \"frontier\"\n",
+            "[[rules]]\nname = \"everything\"\naction = \"escalate\"\nregex = [\".\"]\n[overflow]\nmax_local_queue = 0\n[routing]\nblock_tier = \"frontier\"\n[cascade]\nenabled = true\n",
             "p.toml",
         )
         .unwrap()
@@ -461,7 +461,7 @@ proptest! {
         let (state, _) = state_with_key();
         state.set_local_queue_depth(depth);
         state.record_spend("frontier", None, spend);
-        let mut req = RouteRequest::from_prompt(&text);
+        let mut req = RouteRequest::from_prompt(&text).with_header("x-switchyard-cascade", "on");
         if via_header {
             req = req.with_header("x-switchyard-route", choice);
         } else {
@@ -472,6 +472,8 @@ proptest! {
         let tier = d.tier.as_deref().unwrap_or("");
         prop_assert!(!policy.tier(tier).is_some_and(|t| t.is_remote()), "served on {}", tier);
         prop_assert!(d.fallbacks.iter().all(|f| !policy.tier(f).is_some_and(|t| t.is_remote())));
+        // Nor may its answer be escalated after the fact.
+        prop_assert_eq!(d.cascade, None);
     }
 
     /// Arbitrary text never panics, and a remote tier is never chosen for a blocked request
@@ -539,4 +541,157 @@ fn scorer_is_skipped_when_a_detector_settles_the_decision() {
         Some(&scorer),
     );
     assert_eq!(calls(), 1);
+}
+
+fn cascade_policy() -> Policy {
+    Policy::from_toml_str("[cascade]\nenabled = true\n", "cascade.toml").unwrap()
+}
+
+#[test]
+fn cascade_marks_router_decided_local_requests_only() {
+    let (state, _) = state_with_key();
+    let p = cascade_policy();
+    // Decided local by the router: checked afterwards, escalated to the escalate tier.
+    let d = explain(&p, &RouteRequest::from_prompt(ROUTINE), &state);
+    assert_eq!(d.action, Action::Local);
+    assert_eq!(d.cascade.as_deref(), Some("frontier"), "{:?}", d.reasons);
+    assert!(
+        d.reasons.iter().any(|r| r.starts_with("cascade:")),
+        "{:?}",
+        d.reasons
+    );
+    assert_eq!(serde_json::to_value(&d).unwrap()["cascade"], "frontier");
+    // An explicit `local` is a choice, not a guess.
+    let d = explain(
+        &p,
+        &RouteRequest::from_prompt(ROUTINE).with_model("local"),
+        &state,
+    );
+    assert_eq!((d.action, d.cascade.as_deref()), (Action::Local, None));
+    // Escalations go remote directly; local-only and blocked requests are never cascaded.
+    for text in [LEGAL, SECRET, INJECTION] {
+        let d = explain(&p, &RouteRequest::from_prompt(text), &state);
+        assert_eq!(d.cascade, None, "{text}: {:?}", d.reasons);
+    }
+    // The default policy has it off; the request header turns it on or off.
+    let d = explain(
+        &Policy::default_policy(),
+        &RouteRequest::from_prompt(ROUTINE),
+        &state,
+    );
+    assert_eq!(d.cascade, None);
+    assert!(serde_json::to_value(&d).unwrap().get("cascade").is_none());
+    let on = RouteRequest::from_prompt(ROUTINE).with_header("x-switchyard-cascade", "on");
+    assert_eq!(
+        explain(&Policy::default_policy(), &on, &state)
+            .cascade
+            .as_deref(),
+        Some("frontier")
+    );
+    let off = RouteRequest::from_prompt(ROUTINE).with_header("x-switchyard-cascade", "off");
+    let d = explain(&p, &off, &state);
+    assert_eq!(d.cascade, None);
+    assert!(
+        d.reasons.iter().any(|r| r.contains("turned off")),
+        "{:?}",
+        d.reasons
+    );
+    let odd = RouteRequest::from_prompt(ROUTINE).with_header("x-switchyard-cascade", "maybe");
+    let d = explain(&p, &odd, &state);
+    assert_eq!(d.cascade.as_deref(), Some("frontier"));
+    assert!(
+        d.reasons.iter().any(|r| r.contains("`maybe`")),
+        "{:?}",
+        d.reasons
+    );
+    // A policy without explicit choices ignores `on`.
+    let strict = Policy::from_toml_str("[routing]\nallow_explicit = false\n", "s.toml").unwrap();
+    assert_eq!(explain(&strict, &on, &state).cascade, None);
+}
+
+#[test]
+fn cascade_needs_a_usable_remote_tier() {
+    let p = cascade_policy();
+    // The key is unset: nothing to escalate to, and the reason names the variable.
+    let d = explain(
+        &p,
+        &RouteRequest::from_prompt(ROUTINE),
+        &state_without_key(),
+    );
+    assert_eq!((d.action, d.cascade.as_deref()), (Action::Local, None));
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| r.contains("cascade: not possible") && r.contains("FRONTIER_API_KEY")),
+        "{:?}",
+        d.reasons
+    );
+    // A spent budget stops it too.
+    let (state, _) = state_with_key();
+    state.record_spend("frontier", None, 1_000.0);
+    let d = explain(&p, &RouteRequest::from_prompt(ROUTINE), &state);
+    assert_eq!(d.cascade, None);
+    assert!(
+        d.reasons.iter().any(|r| r.contains("budget")),
+        "{:?}",
+        d.reasons
+    );
+}
+
+#[test]
+fn cascade_policy_errors_name_the_field() {
+    for (toml, field, words) in [
+        ("[cascade]\ntier = \"local\"\n", "cascade.tier", "remote"),
+        (
+            "[cascade]\ntier = \"nowhere\"\n",
+            "cascade.tier",
+            "not in [[tiers]]",
+        ),
+        (
+            "[cascade]\nmin_mean_logprob = 0.5\n",
+            "cascade.min_mean_logprob",
+            "≤ 0",
+        ),
+        (
+            "[cascade]\nmax_mean_entropy = -1\n",
+            "cascade.max_mean_entropy",
+            "≥ 0",
+        ),
+        (
+            "[cascade]\nmust_match = \"(\"\n",
+            "cascade.must_match",
+            "regex",
+        ),
+        (
+            "[cascade]\nmin_token_logprob = \"low\"\n",
+            "min_token_logprob",
+            "\"off\"",
+        ),
+        ("[cascade]\nthreshold = 1\n", "threshold", "unknown field"),
+    ] {
+        let e = Policy::from_toml_str(toml, "bad.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad.toml") && e.contains(field) && e.contains(words),
+            "{toml}: {e}"
+        );
+    }
+    // Enabled with no remote tier at all.
+    let only_local =
+        "inherit_default_rules = false\n[[tiers]]\nname = \"local\"\nkind = \"local\"\n";
+    let spec_err = Policy::from_toml_str(
+        &format!("{only_local}[cascade]\nenabled = true\n"),
+        "l.toml",
+    );
+    // A user [[tiers]] list replaces the default one, so only `local` is left.
+    if let Err(e) = spec_err {
+        assert!(e.to_string().contains("cascade.enabled"), "{e}");
+    } else {
+        panic!("a cascade without a remote tier must be refused");
+    }
+    // Thresholds may be switched off.
+    let p = Policy::from_toml_str("[cascade]\nmax_mean_entropy = \"off\"\n", "ok.toml").unwrap();
+    assert_eq!(p.cascade().max_mean_entropy, None);
+    assert_eq!(p.cascade().min_mean_logprob, Some(-1.0));
 }

@@ -278,6 +278,7 @@ fn decision(chain: &[&str]) -> Decision {
         scores: BTreeMap::new(),
         fallbacks: chain[1..].iter().map(|s| s.to_string()).collect(),
         refusal: None,
+        cascade: None,
     }
 }
 

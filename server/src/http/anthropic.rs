@@ -23,8 +23,9 @@ use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
 
+use super::cascade;
 use super::error::ApiError;
-use super::local::{self, SseFormat, Tracker, Usage};
+use super::local::{self, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
 use super::route::{Api, NormalizedRequest};
 use super::routing::{self, RequestRecord, Routed};
@@ -167,34 +168,47 @@ async fn serve_local(
     let prepared = local::prepare(state, &req).await?;
     let streams = local::submit(state, req.api, &prepared)?;
     let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
-    let id = new_id("msg_");
     if req.stream {
-        let fmt = EventFormat {
-            id,
-            model: state.model_id.clone(),
-            input_tokens: prepared.prompt_tokens(),
-            stop: None,
-        };
+        let fmt = EventFormat::new(state, prepared.prompt_tokens());
         return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
     }
     let outs = local::collect(streams, &mut tracker, false).await?;
+    Ok(json_response(state, outs, tracker.usage))
+}
+
+/// The response to a finished local answer: a message, or (a held-back stream) its events.
+fn render_local(
+    state: &AppState,
+    req: &NormalizedRequest,
+    outs: Vec<ChoiceOutput>,
+    usage: Usage,
+) -> Response {
+    if req.stream {
+        let fmt = EventFormat::new(state, usage.prompt_tokens);
+        return Sse::new(local::replay(outs, fmt, usage)).into_response();
+    }
+    json_response(state, outs, usage)
+}
+
+/// A Messages API message object.
+fn json_response(state: &AppState, outs: Vec<ChoiceOutput>, usage: Usage) -> Response {
     let out = outs.into_iter().next().unwrap_or_default();
     let (reason, seq) = out
         .completion
         .as_ref()
         .map(stop_reason)
         .unwrap_or(("end_turn", None));
-    Ok(Json(json!({
-        "id": id,
+    Json(json!({
+        "id": new_id("msg_"),
         "type": "message",
         "role": "assistant",
         "model": state.model_id,
         "content": [{"type": "text", "text": out.text}],
         "stop_reason": reason,
         "stop_sequence": seq,
-        "usage": usage_json(tracker.usage),
+        "usage": usage_json(usage),
     }))
-    .into_response())
+    .into_response()
 }
 
 /// Anthropic's streaming events.
@@ -203,6 +217,17 @@ struct EventFormat {
     model: String,
     input_tokens: usize,
     stop: Option<(&'static str, Option<String>)>,
+}
+
+impl EventFormat {
+    fn new(state: &AppState, input_tokens: usize) -> Self {
+        Self {
+            id: new_id("msg_"),
+            model: state.model_id.clone(),
+            input_tokens,
+            stop: None,
+        }
+    }
 }
 
 fn event(name: &'static str, data: Value) -> SseEvent {
@@ -297,7 +322,21 @@ pub async fn messages(
                 req,
                 headers,
                 record,
+                cascade,
             } = *plan;
+            if let Some(plan) = cascade {
+                let st = state.clone();
+                return cascade::serve(
+                    &state,
+                    req,
+                    headers,
+                    record,
+                    plan,
+                    arrived,
+                    move |r, o, u| render_local(&st, r, o, u),
+                )
+                .await;
+            }
             let mut record = Some(record);
             let result = serve_local(&state, req, arrived, &mut record).await;
             routing::finish_local(api, result, &headers, record)

@@ -342,6 +342,40 @@ pub async fn collect(
     Ok(out)
 }
 
+/// Runs a request to completion with every token event kept, leaving its record with the
+/// caller (the cascade writes it after checking the answer): the choices and the usage.
+pub async fn run(
+    state: &Arc<AppState>,
+    req: &NormalizedRequest,
+    arrived: Instant,
+) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
+    let prepared = prepare(state, req).await?;
+    let streams = submit(state, req.api, &prepared)?;
+    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, &mut None);
+    let outs = collect(streams, &mut tracker, true).await?;
+    Ok((outs, tracker.usage))
+}
+
+/// The SSE events of choices that already finished, as [`sse`] would have sent them live (a
+/// stream the cascade held back until the answer was checked).
+pub fn replay<F: SseFormat>(
+    outs: Vec<ChoiceOutput>,
+    mut format: F,
+    usage: Usage,
+) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let mut events = format.start();
+    for (i, o) in outs.into_iter().enumerate() {
+        for t in o.tokens {
+            events.extend(format.token(i, t));
+        }
+        if let Some(c) = &o.completion {
+            events.extend(format.finished(i, c));
+        }
+    }
+    events.extend(format.end(usage));
+    stream::iter(events.into_iter().map(Ok))
+}
+
 /// Turns choice events into a wire format's SSE events.
 pub trait SseFormat: Send + 'static {
     /// Events sent before any token.

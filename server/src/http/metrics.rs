@@ -53,6 +53,8 @@ pub struct Metrics {
     pub router_fallbacks: IntCounterVec,
     /// Retries of upstream calls, by the tier that finally served.
     pub router_retries: IntCounterVec,
+    /// Requests through the cascade, by result (`passed`, `escalated`, `escalation_failed`).
+    pub router_cascade: IntCounterVec,
     running: IntGauge,
     waiting: IntGauge,
     kv_used: IntGauge,
@@ -151,6 +153,11 @@ impl Metrics {
                 "router_upstream_retries_total",
                 "Upstream call retries, by the tier that finally served.",
                 &["tier"],
+            )?,
+            router_cascade: counter(
+                "router_cascade_total",
+                "Requests whose local answer the cascade checked, by result.",
+                &["result"],
             )?,
             running: gauge("num_requests_running", "Sequences the engine is running.")?,
             waiting: gauge("num_requests_waiting", "Requests waiting for the engine (queued or not yet seen).")?,

@@ -12,6 +12,7 @@
 //! size limit.
 
 pub mod anthropic;
+pub mod cascade;
 pub mod error;
 pub mod local;
 pub mod metrics;

@@ -23,8 +23,9 @@ use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 
+use super::cascade;
 use super::error::{ApiError, OpenAiError};
-use super::local::{self, token_text, SseFormat, Tracker, Usage};
+use super::local::{self, token_text, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
 use super::route::{Api, NormalizedRequest, PromptInput};
 use super::routing::{self, RequestRecord, Routed};
@@ -347,6 +348,21 @@ struct Meta {
     fingerprint: String,
 }
 
+impl Meta {
+    fn new(state: &AppState, api: Api) -> Self {
+        Self {
+            id: new_id(if api == Api::OpenAiChat {
+                "chatcmpl-"
+            } else {
+                "cmpl-"
+            }),
+            created: unix_now(),
+            model: state.model_id.clone(),
+            fingerprint: state.fingerprint.clone(),
+        }
+    }
+}
+
 fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
@@ -400,27 +416,41 @@ async fn serve_local(
     let prepared = local::prepare(state, &req).await?;
     let streams = local::submit(state, req.api, &prepared)?;
     let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
-    let chat = req.api == Api::OpenAiChat;
-    let meta = Meta {
-        id: new_id(if chat { "chatcmpl-" } else { "cmpl-" }),
-        created: unix_now(),
-        model: state.model_id.clone(),
-        fingerprint: state.fingerprint.clone(),
-    };
-    let logprobs = req.sampling.logprobs.is_some();
+    let meta = Meta::new(state, req.api);
     if req.stream {
-        let fmt = ChunkFormat {
-            state: state.clone(),
-            meta,
-            chat,
-            choices: streams.len(),
-            include_usage: req.include_usage,
-            logprobs,
-            offsets: vec![0; streams.len()],
-        };
+        let fmt = ChunkFormat::new(state, &req, meta, streams.len());
         return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
     }
+    let logprobs = req.sampling.logprobs.is_some();
     let outs = local::collect(streams, &mut tracker, logprobs).await?;
+    Ok(json_response(state, &req, meta, &outs, tracker.usage))
+}
+
+/// The response to finished local choices: JSON, or (a held-back stream) the SSE events.
+fn render_local(
+    state: &Arc<AppState>,
+    req: &NormalizedRequest,
+    outs: Vec<ChoiceOutput>,
+    usage: Usage,
+) -> Response {
+    let meta = Meta::new(state, req.api);
+    if req.stream {
+        let fmt = ChunkFormat::new(state, req, meta, outs.len());
+        return Sse::new(local::replay(outs, fmt, usage)).into_response();
+    }
+    json_response(state, req, meta, &outs, usage)
+}
+
+/// A chat completion or text completion object.
+fn json_response(
+    state: &AppState,
+    req: &NormalizedRequest,
+    meta: Meta,
+    outs: &[ChoiceOutput],
+    usage: Usage,
+) -> Response {
+    let chat = req.api == Api::OpenAiChat;
+    let logprobs = req.sampling.logprobs.is_some();
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
@@ -440,16 +470,16 @@ async fn serve_local(
             }
         })
         .collect();
-    Ok(Json(json!({
+    Json(json!({
         "id": meta.id,
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": meta.fingerprint,
         "choices": choices,
-        "usage": usage_json(tracker.usage),
+        "usage": usage_json(usage),
     }))
-    .into_response())
+    .into_response()
 }
 
 /// OpenAI chunk streams (chat and completions).
@@ -465,6 +495,18 @@ struct ChunkFormat {
 }
 
 impl ChunkFormat {
+    fn new(state: &Arc<AppState>, req: &NormalizedRequest, meta: Meta, choices: usize) -> Self {
+        Self {
+            state: state.clone(),
+            meta,
+            chat: req.api == Api::OpenAiChat,
+            choices,
+            include_usage: req.include_usage,
+            logprobs: req.sampling.logprobs.is_some(),
+            offsets: vec![0; choices],
+        }
+    }
+
     fn chunk(&self, choices: Vec<Value>) -> SseEvent {
         let mut c = json!({
             "id": self.meta.id,
@@ -575,7 +617,21 @@ async fn handle(
                 req,
                 headers,
                 record,
+                cascade,
             } = *plan;
+            if let Some(plan) = cascade {
+                let st = state.clone();
+                return cascade::serve(
+                    &state,
+                    req,
+                    headers,
+                    record,
+                    plan,
+                    arrived,
+                    move |r, o, u| render_local(&st, r, o, u),
+                )
+                .await;
+            }
             let mut record = Some(record);
             let result = serve_local(&state, req, arrived, &mut record).await;
             routing::finish_local(api, result, &headers, record)

@@ -18,6 +18,9 @@ pub const ACTION_HEADER: HeaderName = HeaderName::from_static("x-switchyard-acti
 pub const REASON_HEADER: HeaderName = HeaderName::from_static("x-switchyard-reason");
 /// Header with the request's cost in US dollars.
 pub const COST_HEADER: HeaderName = HeaderName::from_static("x-switchyard-cost-usd");
+/// Response header: what the cascade did (`passed`, `escalated`, `escalation_failed`); only
+/// on responses to requests that went through it.
+pub const CASCADE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-cascade");
 
 /// Most bytes of the reason header (proxies cap header sizes; reasons are summaries).
 const MAX_REASON_BYTES: usize = 512;
@@ -131,6 +134,8 @@ pub struct RouteHeaders {
     pub reasons: Vec<String>,
     /// Cost in US dollars (0 locally; an estimate for remote streams).
     pub cost_usd: f64,
+    /// What the cascade did, when the request went through it.
+    pub cascade: Option<&'static str>,
 }
 
 impl RouteHeaders {
@@ -141,6 +146,7 @@ impl RouteHeaders {
             action: "local".into(),
             reasons: vec![reason.into()],
             cost_usd: 0.0,
+            cascade: None,
         }
     }
 
@@ -155,6 +161,9 @@ impl RouteHeaders {
         set(h, ACTION_HEADER, &self.action);
         set(h, REASON_HEADER, &self.reasons.join("; "));
         set(h, COST_HEADER, &format_cost(self.cost_usd));
+        if let Some(c) = self.cascade {
+            set(h, CASCADE_HEADER, c);
+        }
     }
 }
 

@@ -38,14 +38,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use serde_json::Value;
+use switchyard_router::cascade::Checks;
 use switchyard_router::telemetry::new_request_id;
 use switchyard_router::upstream::{
     Dispatch, DispatchReport, StreamSummary, UpstreamBody, UpstreamError, UpstreamRequest,
     UpstreamStream, Upstreams,
 };
 use switchyard_router::{
-    decide, Action, ApiKey, Decision, JsonlAppender, Message, Outcome, Policy, Role, RouteRequest,
-    RouterState, SemanticScorer, TelemetryRecord, TierConfig, Usage, WireFormat, ROUTE_HEADER,
+    decide, Action, ApiKey, Attempt, CascadeOutcome, Decision, JsonExpectation, JsonlAppender,
+    Message, Outcome, Policy, Role, RouteRequest, RouterState, SemanticScorer, TelemetryRecord,
+    TierConfig, Usage, WireFormat, ROUTE_HEADER,
 };
 
 use super::error::{AnthropicError, ApiError, OpenAiError};
@@ -143,6 +145,7 @@ pub struct RequestRecord {
     app: Arc<AppState>,
     rec: TelemetryRecord,
     arrived: Instant,
+    attempt_started: Option<Instant>,
     written: bool,
 }
 
@@ -155,11 +158,12 @@ impl RequestRecord {
             app,
             rec,
             arrived,
+            attempt_started: None,
             written: false,
         }
     }
 
-    fn served_by(&mut self, tier: Option<&str>) {
+    pub(super) fn served_by(&mut self, tier: Option<&str>) {
         self.rec.tier = tier.map(str::to_string);
     }
 
@@ -169,7 +173,7 @@ impl RequestRecord {
         }
     }
 
-    fn report(&mut self, report: &DispatchReport) {
+    pub(super) fn report(&mut self, report: &DispatchReport) {
         self.rec.retries += report.retries;
         for t in &report.abandoned {
             self.fell_back_from(t);
@@ -178,18 +182,31 @@ impl RequestRecord {
 
     /// Token counts of a local generation (cost 0).
     pub fn set_local_usage(&mut self, u: local::Usage) {
-        let cached = u.cached_tokens as u64;
-        let usage = Usage {
-            input_tokens: (u.prompt_tokens as u64).saturating_sub(cached),
-            cached_input_tokens: cached,
-            cache_write_tokens: 0,
-            output_tokens: u.completion_tokens as u64,
-        };
-        self.rec.set_usage(&usage, 0.0);
+        self.rec.set_usage(&router_usage(u), 0.0);
     }
 
     fn set_remote_usage(&mut self, u: &Usage, cost_usd: f64) {
-        self.rec.set_usage(u, cost_usd);
+        if self.rec.cascade.is_some() {
+            // The cascade's remote attempt (streamed): one more attempt, totals summed.
+            let tier = self.rec.tier.clone().unwrap_or_default();
+            let ms = self
+                .attempt_started
+                .map_or(0, |t| t.elapsed().as_millis() as u64);
+            self.rec.add_attempt(Attempt::new(&tier, ms, u, cost_usd));
+        } else {
+            self.rec.set_usage(u, cost_usd);
+        }
+    }
+
+    /// Records a cascade attempt and what the cascade did so far.
+    pub fn cascade_attempt(&mut self, a: Attempt, outcome: CascadeOutcome) {
+        self.rec.cascade = Some(outcome);
+        self.rec.add_attempt(a);
+    }
+
+    /// Marks the start of the attempt a later [`Self::set_remote_usage`] completes.
+    pub(super) fn start_attempt(&mut self) {
+        self.attempt_started = Some(Instant::now());
     }
 
     /// Time from arrival to the first token (kept from the first call).
@@ -227,6 +244,9 @@ impl RequestRecord {
                 .with_label_values(&[from.as_str(), tier])
                 .inc();
         }
+        if let Some(c) = self.rec.cascade {
+            m.router_cascade.with_label_values(&[c.as_str()]).inc();
+        }
         if self.rec.retries > 0 {
             m.router_retries
                 .with_label_values(&[tier])
@@ -249,6 +269,17 @@ fn append(app: &AppState, rec: &TelemetryRecord) {
         if let Err(e) = t.append(rec) {
             tracing::warn!(target: "switchyard::router", error = %e, "telemetry record lost");
         }
+    }
+}
+
+/// A local generation's token counts in the router's terms.
+pub(super) fn router_usage(u: local::Usage) -> Usage {
+    let cached = u.cached_tokens as u64;
+    Usage {
+        input_tokens: (u.prompt_tokens as u64).saturating_sub(cached),
+        cached_input_tokens: cached,
+        cache_write_tokens: 0,
+        output_tokens: u.completion_tokens as u64,
     }
 }
 
@@ -277,6 +308,22 @@ pub struct LocalServe {
     pub headers: RouteHeaders,
     /// The request's record.
     pub record: RequestRecord,
+    /// Set when the local answer is to be checked and maybe escalated
+    /// ([`super::cascade::serve`]).
+    pub cascade: Option<CascadePlan>,
+}
+
+/// How to escalate a locally served request whose answer fails the cascade's checks.
+pub struct CascadePlan {
+    /// The checks, with the request's JSON expectation.
+    pub checks: Checks,
+    /// The escalation: action `escalate`, the cascade tier, then its remote fallbacks (never
+    /// the local tier: the local answer exists already).
+    pub decision: Decision,
+    /// The request as sent, for the remote tier.
+    pub upstream: UpstreamRequest,
+    /// The caller's API key id (budgets).
+    pub api_key_id: Option<String>,
 }
 
 /// Finishes a locally served request: the error shape on failure, the routing headers, and the
@@ -315,6 +362,7 @@ fn rejected(app: &Arc<AppState>, api: Api, arrived: Instant, e: ApiError) -> Rou
         scores: Default::default(),
         fallbacks: Vec::new(),
         refusal: None,
+        cascade: None,
     };
     let mut r = RequestRecord::new(app.clone(), api.endpoint(), &d, arrived);
     r.rec.outcome = Outcome::Error;
@@ -451,6 +499,7 @@ pub async fn route(
         action: decision.action.as_str().to_string(),
         reasons: decision.reasons.clone(),
         cost_usd: 0.0,
+        cascade: None,
     };
     let local_name = r.policy.local_tier().name.clone();
     let wants_remote = decision
@@ -485,13 +534,21 @@ pub async fn route(
                 record.fell_back_from(&t);
             }
         }
-        return serve_here(
+        let plan = decision
+            .cascade
+            .as_deref()
+            .and_then(|t| cascade_plan(r, api, t, &local, &body, &rreq, &mut headers));
+        let mut routed = serve_here(
             api,
             local,
             headers,
             record,
             decision.tier.as_deref().unwrap_or(&local_name),
         );
+        if let Routed::Local(serve) = &mut routed {
+            serve.cascade = plan;
+        }
+        return routed;
     }
     if decision.action == Action::LocalOnly {
         // `decide` never does this; the guarantee does not rest on it.
@@ -582,7 +639,60 @@ pub async fn route(
     }
 }
 
-fn tier_list(tiers: &[String]) -> String {
+/// The cascade for a request `decide` marked for it (escalating to `tier`), unless this
+/// request cannot go through it; then a reason says why.
+fn cascade_plan(
+    r: &Routing,
+    api: Api,
+    tier: &str,
+    local: &Result<NormalizedRequest, ApiError>,
+    body: &Value,
+    rreq: &RouteRequest,
+    headers: &mut RouteHeaders,
+) -> Option<CascadePlan> {
+    let req = local.as_ref().ok()?;
+    let skip = if api == Api::OpenAiCompletions {
+        Some("completions are served locally only".to_string())
+    } else if req.stream && !r.policy.cascade().buffer_streams {
+        Some("streamed requests are not held back (cascade.buffer_streams = false)".into())
+    } else if req.n > 1 {
+        Some(format!("n = {} choices", req.n))
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        headers.reasons.push(format!("cascade skipped: {why}"));
+        return None;
+    }
+    let mut fallbacks = Vec::new();
+    for t in r.policy.fallbacks_for(tier) {
+        if t.is_remote() && !fallbacks.contains(&t.name) {
+            fallbacks.push(t.name.clone());
+        }
+    }
+    Some(CascadePlan {
+        checks: r.policy.cascade_checks(&JsonExpectation::from_body(body)),
+        decision: Decision {
+            action: Action::Escalate,
+            tier: Some(tier.to_string()),
+            reasons: Vec::new(),
+            scores: Default::default(),
+            fallbacks,
+            refusal: None,
+            cascade: None,
+        },
+        upstream: UpstreamRequest {
+            body: body.clone(),
+            format: match api {
+                Api::AnthropicMessages => WireFormat::Anthropic,
+                _ => WireFormat::OpenAi,
+            },
+        },
+        api_key_id: rreq.api_key_id.clone(),
+    })
+}
+
+pub(super) fn tier_list(tiers: &[String]) -> String {
     if tiers.is_empty() {
         return "the remote tier".into();
     }
@@ -628,6 +738,7 @@ fn serve_here(
             req,
             headers,
             record,
+            cascade: None,
         })),
         Err(e) => {
             record.finish(Outcome::Error, Some(e.to_string()));
@@ -660,7 +771,7 @@ fn refuse(
     Routed::Done(resp)
 }
 
-fn sse_response<S>(body: S) -> Response
+pub(super) fn sse_response<S>(body: S) -> Response
 where
     S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
 {
@@ -713,7 +824,7 @@ impl Drop for RemoteStream {
 /// The client's SSE bytes from an upstream stream: events pass through as they come (already
 /// in the client's format); a failure after output started ends the stream with an error event
 /// in that format.
-fn remote_sse(
+pub(super) fn remote_sse(
     api: Api,
     inner: UpstreamStream,
     record: RequestRecord,
