@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, one PTX module each.
-const MODULES: &[&str] = &["moe_gate", "moe_dispatch", "moe_experts"];
+const MODULES: &[&str] = &["moe_gate", "moe_dispatch", "moe_experts", "paged_attention"];
 
 /// Must stay in step with scripts/build-ptx.sh. sm_90 (H100/H200): PTX for compute_90 that the
 /// driver JIT-compiles once per process; nvcc 13.0 emits PTX ISA 9.0, which driver 580 accepts.

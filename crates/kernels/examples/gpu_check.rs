@@ -1,15 +1,21 @@
-//! GPU check and benchmark of the CUDA MoE kernels (feature `cuda`; run by scripts/gpu-check.sh).
+//! GPU check and benchmark of the CUDA kernels (feature `cuda`; run by scripts/gpu-check.sh).
 //!
 //! 1. Checks every kernel against its CPU reference on fresh random inputs (seed printed; set
 //!    GPU_CHECK_SEED to repeat a run): gate top-k (ids identical, weights within 1e-5), dispatch
 //!    (a permutation grouped by expert with the reference's offsets, per-expert sets and tiles),
-//!    and both expert paths (‖out − ref‖ / ‖ref‖ ≤ 1e-2 against the crate's CPU `experts_forward`
-//!    in f32 on the same bf16-rounded inputs). Outputs are poisoned (0xFF bytes: NaN / u32::MAX)
+//!    both expert paths (‖out − ref‖ / ‖ref‖ ≤ 1e-2 against the crate's CPU `experts_forward`
+//!    in f32 on the same bf16-rounded inputs), and paged attention: the KV write bit-exact
+//!    against `paged::reshape_and_cache`, attention against `paged::paged_attention` (f32 and
+//!    bf16 KV, GQA 8:1, 16:1, 2:1 and 1:1, head_dim 128/64/12, blocks of 16/32/5, one batch of
+//!    decode rows at several contexts plus a prefill chunk and an uncovered row, at the tensor
+//!    op's partition size and forced ones). Outputs are poisoned (0xFF bytes: NaN / u32::MAX)
 //!    before each launch so an unwritten element fails the check.
-//! 2. Times the ops at Hy3 shapes (H 4096, I 1536, 192 routed experts top-8 + 1 shared expert)
-//!    with CUDA events after warm-up, median of many repetitions, rotating 8 input sets so the
-//!    caches do not serve repeated inputs; compares with a per-expert loop of candle ops (the
-//!    crate's CPU-reference code path run on CUDA tensors, as candle-nn-style MoE does).
+//! 2. Times the ops at Hy3 shapes (H 4096, I 1536, 192 routed experts top-8 + 1 shared expert;
+//!    paged decode with 64 query / 8 KV heads, head_dim 128, bf16 KV, contexts 4K and 32K)
+//!    with CUDA events after warm-up, median of many repetitions, rotating input sets so the
+//!    caches do not serve repeated inputs; compares the MoE layer with a per-expert loop of
+//!    candle ops (the crate's CPU-reference code path run on CUDA tensors, as candle-nn-style
+//!    MoE does).
 //!
 //! The results table is printed last. Exit status: 0 all checks passed, 1 a check failed,
 //! 2 the run could not proceed (no CUDA device, driver error).
@@ -32,6 +38,7 @@ use switchyard_kernels::cuda::{
 };
 use switchyard_kernels::gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
 use switchyard_kernels::moe::{dispatch, experts_forward, ExpertWeights};
+use switchyard_kernels::paged::{paged_attention, reshape_and_cache, KvElem, KvLayout, SeqAttn};
 
 /// H200 HBM3e bandwidth by the datasheet; the achieved figures are quoted against it.
 const HBM_BYTES_PER_S: f64 = 4.8e12;
@@ -76,6 +83,7 @@ struct Ctx {
     device: Device,
     stream: Arc<CudaStream>,
     kern: Arc<MoeKernels>,
+    kern_paged: Arc<kc::PagedKernels>,
     rng: StdRng,
     failures: usize,
     passes: usize,
@@ -115,6 +123,8 @@ fn run() -> Result<usize> {
     println!("gpu_check: device {name} (sm_{maj}{min}, {mem:.0} GiB), seed {seed}");
     let t0 = Instant::now();
     let kern = MoeKernels::for_device(&dev).context("loading the MoE kernels")?;
+    let kern_paged =
+        kc::PagedKernels::for_device(&dev).context("loading the paged-attention kernels")?;
     stream.synchronize()?;
     println!(
         "gpu_check: kernels loaded (PTX JIT) in {:.0} ms",
@@ -124,12 +134,14 @@ fn run() -> Result<usize> {
         device: Device::Cuda(dev.clone()),
         stream,
         kern,
+        kern_paged,
         rng: StdRng::seed_from_u64(seed),
         failures: 0,
         passes: 0,
         notes: Vec::new(),
     };
     if std::env::var_os("GPU_CHECK_PROFILE").is_some() {
+        profile_paged(&mut c)?;
         profile(&mut c)?;
         return Ok(0);
     }
@@ -138,6 +150,7 @@ fn run() -> Result<usize> {
     check_dispatch(&mut c)?;
     check_experts(&mut c)?;
     check_tensor_api(&mut c)?;
+    check_paged(&mut c)?;
     println!(
         "\ngpu_check: correctness {} passed, {} failed ({:.1} s)",
         c.passes,
@@ -148,10 +161,14 @@ fn run() -> Result<usize> {
         println!("gpu_check: quick mode, no benchmark");
         return Ok(c.failures);
     }
-    let table = bench(&mut c).unwrap_or_else(|e| {
+    let mut table = bench(&mut c).unwrap_or_else(|e| {
         c.failures += 1;
         format!("benchmark FAILED: {e:#}")
     });
+    table.push_str(&bench_paged(&mut c).unwrap_or_else(|e| {
+        c.failures += 1;
+        format!("\npaged-attention benchmark FAILED: {e:#}\n")
+    }));
     for n in &c.notes {
         println!("note: {n}");
     }
@@ -1465,4 +1482,613 @@ fn spot_check(
         bail!("{nan} non-finite outputs at the bench shape");
     }
     Ok(rel)
+}
+
+// ------------------------------------------------------------------------------------------
+// paged attention
+
+/// f32 KV: the GPU and the CPU reference read the same cache values, so only f32 summation
+/// order differs.
+const PAGED_REL_TOL_F32: f64 = 1e-4;
+/// bf16 KV (issue #7's bound; both sides read the same bf16 cache, so the error seen is far
+/// smaller).
+const PAGED_REL_TOL_BF16: f64 = 1e-2;
+/// Decode contexts checked (1, block edges, partial last blocks, several partitions).
+const PAGED_CONTEXTS: [usize; 8] = [1, 15, 16, 17, 100, 513, 1500, 4097];
+const PAGED_QUICK_CONTEXTS: [usize; 5] = [1, 16, 17, 100, 300];
+/// A prefill chunk in the same batch: `q_len` rows at the end of a `ctx`-token context.
+const PAGED_CHUNK: (usize, usize) = (7, 40);
+/// Partition sizes forced through the raw launcher (besides the tensor op's own choice): the
+/// smallest (many partitions to merge) and the largest.
+const PAGED_FORCED_PARTS: [usize; 2] = [32, 512];
+/// Bytes of KV the benchmark rotates over per shape, so repeated calls stream from HBM rather
+/// than the 50 MB L2 of an H200.
+const PAGED_ROTATE_BYTES: usize = 256 << 20;
+
+struct PagedCase {
+    name: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    /// Also run under GPU_CHECK_QUICK.
+    quick: bool,
+}
+
+fn paged_cases() -> Vec<PagedCase> {
+    let case = |name, heads, kv_heads, head_dim, block_size, quick| PagedCase {
+        name,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        quick,
+    };
+    vec![
+        case("GQA 8:1 hd128 bs16", 16, 2, 128, 16, true),
+        case("GQA 8:1 hd64 bs32", 16, 2, 64, 32, false),
+        case("1:1 hd128 bs32", 4, 4, 128, 32, true),
+        case("1:1 hd64 bs16", 4, 4, 64, 16, false),
+        case("GQA 16:1 hd128 bs16 (2 head chunks)", 32, 2, 128, 16, false),
+        case("GQA 2:1 hd12 bs5 (tiny oracle, scalar)", 4, 2, 12, 5, true),
+    ]
+}
+
+/// A device view of a contiguous CUDA tensor's elements (for the raw launchers).
+fn dview<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let candle_core::Storage::Cuda(cs) = s else {
+        bail!("not a CUDA tensor");
+    };
+    let slice = cs.as_cuda_slice::<T>()?;
+    let (off, n) = (l.start_offset(), l.shape().elem_count());
+    slice
+        .try_slice(off..off + n)
+        .ok_or_else(|| anyhow!("layout outside its storage"))
+}
+
+/// One random batch for a paged case: caches filled through the CPU reference write, the same
+/// writes through the GPU op, and the query rows.
+struct PagedProblem {
+    layout: KvLayout,
+    tables: Vec<Vec<u32>>,
+    /// (q_start, q_len, ctx_len) per sequence.
+    spans: Vec<(usize, usize, usize)>,
+    rows: usize,
+    q: Vec<f32>,
+}
+
+impl PagedProblem {
+    fn seqs(&self) -> Vec<SeqAttn<'_>> {
+        self.spans
+            .iter()
+            .zip(&self.tables)
+            .map(|(&(q_start, q_len, ctx_len), t)| SeqAttn {
+                q_start,
+                q_len,
+                ctx_len,
+                block_table: t,
+            })
+            .collect()
+    }
+}
+
+fn make_paged_problem(rng: &mut StdRng, case: &PagedCase, contexts: &[usize]) -> PagedProblem {
+    let bs = case.block_size;
+    // Rows: the prefill chunk first, one row that no sequence covers, then one decode row per
+    // context.
+    let (cq, cctx) = PAGED_CHUNK;
+    let mut spans = vec![(0, cq, cctx)];
+    let mut row = cq + 1;
+    for &ctx in contexts {
+        spans.push((row, 1, ctx));
+        row += 1;
+    }
+    let need: usize = spans.iter().map(|s| s.2.div_ceil(bs)).sum();
+    let num_blocks = need + need / 8 + 3;
+    // Scrambled block ids: a random permutation of the pool handed out in order.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = rng.random_range(0..=i);
+        ids.swap(i, j);
+    }
+    let mut next = 0;
+    let tables = spans
+        .iter()
+        .map(|s| {
+            let n = s.2.div_ceil(bs);
+            let t = ids[next..next + n].to_vec();
+            next += n;
+            t
+        })
+        .collect();
+    let q = (0..row * case.heads * case.head_dim)
+        .map(|_| normal(rng))
+        .collect();
+    PagedProblem {
+        layout: KvLayout {
+            num_blocks,
+            block_size: bs,
+            kv_heads: case.kv_heads,
+            head_dim: case.head_dim,
+        },
+        tables,
+        spans,
+        rows: row,
+        q,
+    }
+}
+
+/// Host cache contents of either dtype, as raw bits for exact comparison and as the CPU
+/// reference's element type.
+trait HostKv: KvElem + candle_core::WithDType + kc::CacheElem {
+    fn bits(v: &[Self]) -> Vec<u32>;
+}
+impl HostKv for f32 {
+    fn bits(v: &[Self]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
+impl HostKv for bf16 {
+    fn bits(v: &[Self]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits() as u32).collect()
+    }
+}
+
+fn check_paged(c: &mut Ctx) -> Result<()> {
+    println!(
+        "\n== paged attention (KV write bit-exact; attention ‖out−ref‖/‖ref‖ ≤ \
+         {PAGED_REL_TOL_F32:e} f32 KV, ≤ {PAGED_REL_TOL_BF16:e} bf16 KV, vs crates/kernels \
+         paged.rs)"
+    );
+    let contexts: &[usize] = if quick() {
+        &PAGED_QUICK_CONTEXTS
+    } else {
+        &PAGED_CONTEXTS
+    };
+    for case in paged_cases().into_iter().filter(|p| p.quick || !quick()) {
+        for kv in [DType::F32, DType::BF16] {
+            let res = match kv {
+                DType::F32 => check_paged_case::<f32>(c, &case, contexts),
+                _ => check_paged_case::<bf16>(c, &case, contexts),
+            };
+            if let Err(err) = res {
+                c.verdict(
+                    false,
+                    format!("paged {} {kv:?} KV: error: {err:#}", case.name),
+                );
+            }
+        }
+    }
+    // Bad input comes back as a sentence.
+    let q = Tensor::zeros((1, 3, 64), DType::F32, &c.device)?;
+    let cache = Tensor::zeros((2, 16, 2, 64), DType::BF16, &c.device)?;
+    let table = [0u32];
+    let seqs = [SeqAttn {
+        q_start: 0,
+        q_len: 1,
+        ctx_len: 1,
+        block_table: &table,
+    }];
+    let layout = KvLayout {
+        num_blocks: 2,
+        block_size: 16,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let batch = kc::PagedBatch::new(&c.device, &seqs, 1, &layout)?;
+    match kc::paged_attention(&q, &cache, &cache, &batch, 0.125) {
+        Err(e) => c.verdict(true, format!("3 query heads over 2 KV heads rejected: {e}")),
+        Ok(_) => c.verdict(false, "3 query heads over 2 KV heads were accepted".into()),
+    }
+    let bad_table = [5u32];
+    let bad = [SeqAttn {
+        block_table: &bad_table,
+        ..seqs[0].clone()
+    }];
+    match kc::PagedBatch::new(&c.device, &bad, 1, &layout) {
+        Err(e) => c.verdict(true, format!("block outside the pool rejected: {e}")),
+        Ok(_) => c.verdict(false, "a block outside the pool was accepted".into()),
+    }
+    Ok(())
+}
+
+fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]) -> Result<()> {
+    let kv_dt = <T as candle_core::WithDType>::DTYPE;
+    let p = make_paged_problem(&mut c.rng, case, contexts);
+    let (layout, te) = (p.layout, p.layout.token_elems());
+    let seqs = p.seqs();
+
+    // KV write: every cached token of every sequence, plus two rows with nothing to write.
+    let mut slots = Vec::new();
+    for (s, t) in p.spans.iter().zip(&p.tables) {
+        for pos in 0..s.2 {
+            slots.push(
+                t[pos / layout.block_size] as usize * layout.block_size + pos % layout.block_size,
+            );
+        }
+    }
+    let n_new = slots.len();
+    let k: Vec<f32> = (0..(n_new + 2) * te).map(|_| normal(&mut c.rng)).collect();
+    let v: Vec<f32> = (0..(n_new + 2) * te).map(|_| normal(&mut c.rng)).collect();
+    let init: Vec<T> = (0..layout.layer_elems())
+        .map(|_| T::from_f32(normal(&mut c.rng)))
+        .collect();
+    let (mut k_host, mut v_host) = (init.clone(), init.clone());
+    reshape_and_cache(
+        &k[..n_new * te],
+        &v[..n_new * te],
+        &slots,
+        &mut k_host,
+        &mut v_host,
+        &layout,
+    )?;
+    let cache_shape = (
+        layout.num_blocks,
+        layout.block_size,
+        layout.kv_heads,
+        layout.head_dim,
+    );
+    let mut dev_slots: Vec<u32> = slots.iter().map(|&s| s as u32).collect();
+    dev_slots.extend([
+        kc::PAGED_NO_SEQ,
+        (layout.num_blocks * layout.block_size) as u32,
+    ]);
+    let slots_t = Tensor::from_vec(dev_slots, n_new + 2, &c.device)?;
+    let input_dtypes: &[DType] = if kv_dt == DType::BF16 {
+        &[DType::F32, DType::BF16]
+    } else {
+        &[DType::F32]
+    };
+    let mut caches = None;
+    for &in_dt in input_dtypes {
+        let kc_t = Tensor::from_vec(init.clone(), cache_shape, &c.device)?;
+        let vc_t = Tensor::from_vec(init.clone(), cache_shape, &c.device)?;
+        let shape = (n_new + 2, layout.kv_heads, layout.head_dim);
+        let kt = Tensor::from_vec(k.clone(), shape, &c.device)?.to_dtype(in_dt)?;
+        let vt = Tensor::from_vec(v.clone(), shape, &c.device)?.to_dtype(in_dt)?;
+        kc::reshape_and_cache(&kt, &vt, &slots_t, &kc_t, &vc_t)?;
+        let kg: Vec<T> = kc_t.flatten_all()?.to_vec1()?;
+        let vg: Vec<T> = vc_t.flatten_all()?.to_vec1()?;
+        let diff = T::bits(&kg)
+            .iter()
+            .zip(T::bits(&k_host))
+            .filter(|(a, b)| **a != *b)
+            .count()
+            + T::bits(&vg)
+                .iter()
+                .zip(T::bits(&v_host))
+                .filter(|(a, b)| **a != *b)
+                .count();
+        c.verdict(
+            diff == 0,
+            format!(
+                "paged KV write {:<38} {in_dt:?}→{kv_dt:?} {n_new} tokens + 2 skipped slots: \
+                 {diff} elements differ from the CPU write",
+                case.name
+            ),
+        );
+        caches.get_or_insert((kc_t, vc_t));
+    }
+    let (kc_t, vc_t) = caches.ok_or_else(|| anyhow!("no cache written"))?;
+
+    // Attention: the CPU reference on the CPU-written cache, the GPU on the GPU-written one.
+    let (heads, hd) = (case.heads, case.head_dim);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut reference = vec![0f32; p.q.len()];
+    paged_attention(
+        &p.q,
+        &k_host,
+        &v_host,
+        &layout,
+        &seqs,
+        heads,
+        scale,
+        &mut reference,
+    )?;
+    let tol = if kv_dt == DType::BF16 {
+        PAGED_REL_TOL_BF16
+    } else {
+        PAGED_REL_TOL_F32
+    };
+    let batch = kc::PagedBatch::new(&c.device, &seqs, p.rows, &layout)?;
+    let qt = Tensor::from_vec(p.q.clone(), (p.rows, heads, hd), &c.device)?;
+    let max_ctx = batch.max_ctx;
+    let report = |c: &mut Ctx, how: String, out: &[f32]| {
+        let (rel, max_abs, nan) = rel_err(out, &reference);
+        let pad_row = PAGED_CHUNK.0;
+        let pad_zero = out[pad_row * heads * hd..(pad_row + 1) * heads * hd]
+            .iter()
+            .all(|&x| x == 0.0);
+        c.verdict(
+            rel <= tol && nan == 0 && pad_zero,
+            format!(
+                "paged attn {:<38} {kv_dt:?} KV {how:<14} {} rows, ctx ≤ {max_ctx}: rel \
+                 {rel:.2e} max|Δ| {max_abs:.2e} non-finite {nan}, uncovered row zero: {pad_zero}",
+                case.name, p.rows
+            ),
+        );
+    };
+    // The tensor op (its own partition size).
+    let d = batch.dims(heads);
+    let auto_part = c.kern_paged.partition_size(&d)?;
+    let out: Vec<f32> = kc::paged_attention(&qt, &kc_t, &vc_t, &batch, scale)?
+        .flatten_all()?
+        .to_vec1()?;
+    report(c, format!("op (part {auto_part})"), &out);
+    // The raw launcher at forced partition sizes, outputs and workspace poisoned.
+    for part in PAGED_FORCED_PARTS {
+        let (acc_len, stat_len) = kc::PagedKernels::workspace_lens(&d, part);
+        let mut acc = poisoned::<f32>(c, acc_len)?;
+        let mut mx = poisoned::<f32>(c, stat_len)?;
+        let mut sm = poisoned::<f32>(c, stat_len)?;
+        let mut out = poisoned::<f32>(c, p.q.len())?;
+        {
+            let (qs, ql) = qt.storage_and_layout();
+            let (ks, kl) = kc_t.storage_and_layout();
+            let (vs, vl) = vc_t.storage_and_layout();
+            let (rs, rl) = batch.row_seq.storage_and_layout();
+            let (ps, pl) = batch.row_pos.storage_and_layout();
+            let (bs, bl) = batch.block_tables.storage_and_layout();
+            let meta = kc::PagedMetaViews {
+                row_seq: dview(&rs, rl)?,
+                row_pos: dview(&ps, pl)?,
+                block_tables: dview(&bs, bl)?,
+            };
+            let mut ws = kc::PagedWorkspace {
+                acc: acc.slice_mut(..),
+                max: mx.slice_mut(..),
+                sum: sm.slice_mut(..),
+            };
+            c.kern_paged.launch_paged_attention::<T>(
+                &dview(&qs, ql)?,
+                &dview(&ks, kl)?,
+                &dview(&vs, vl)?,
+                &meta,
+                &d,
+                scale,
+                part,
+                &mut ws,
+                &mut out.slice_mut(..),
+            )?;
+        }
+        c.stream.synchronize().context("paged attention kernels")?;
+        let got = c.stream.clone_dtoh(&out)?;
+        report(c, format!("raw part {part}"), &got[..p.q.len()]);
+    }
+    Ok(())
+}
+
+struct PagedBenchRow {
+    ctx: usize,
+    batch: usize,
+    kernel_us: f64,
+    op_us: f64,
+    bytes: f64,
+    part: usize,
+    rel: f64,
+}
+
+/// Paged-attention decode at Hy3 shapes: 64 query heads over 8 KV heads, head_dim 128, bf16
+/// KV in blocks of 16, contexts 4K and 32K, batch 1 and 8.
+fn bench_paged(c: &mut Ctx) -> Result<String> {
+    let (heads, kvh, hd, bs) = (64usize, 8usize, 128usize, 16usize);
+    println!(
+        "\n== paged attention decode at Hy3 shapes: {heads} query heads, {kvh} KV heads, \
+         head_dim {hd}, bf16 KV, blocks of {bs}"
+    );
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut rows = Vec::new();
+    for &(ctx, batch) in &[(4096usize, 1usize), (4096, 8), (32768, 1), (32768, 8)] {
+        let res = (|| -> Result<()> {
+            let bytes = batch * ctx * kvh * hd * 2 * 2;
+            let sets = PAGED_ROTATE_BYTES.div_ceil(bytes).clamp(1, SETS);
+            let bps = ctx / bs;
+            let num_blocks = sets * batch * bps;
+            let layout = KvLayout {
+                num_blocks,
+                block_size: bs,
+                kv_heads: kvh,
+                head_dim: hd,
+            };
+            let shape = (num_blocks, bs, kvh, hd);
+            let kc_t = Tensor::randn(0f32, 1.0, shape, &c.device)?.to_dtype(DType::BF16)?;
+            let vc_t = Tensor::randn(0f32, 1.0, shape, &c.device)?.to_dtype(DType::BF16)?;
+            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+            for i in (1..ids.len()).rev() {
+                let j = c.rng.random_range(0..=i);
+                ids.swap(i, j);
+            }
+            let tables: Vec<Vec<u32>> = ids.chunks(bps).map(|ch| ch.to_vec()).collect();
+            let batches: Vec<kc::PagedBatch> = (0..sets)
+                .map(|s| {
+                    let seqs: Vec<SeqAttn<'_>> = (0..batch)
+                        .map(|b| SeqAttn {
+                            q_start: b,
+                            q_len: 1,
+                            ctx_len: ctx,
+                            block_table: &tables[s * batch + b],
+                        })
+                        .collect();
+                    kc::PagedBatch::new(&c.device, &seqs, batch, &layout)
+                })
+                .collect::<Result<_, _>>()?;
+            let qs: Vec<Tensor> = (0..sets)
+                .map(|_| Tensor::randn(0f32, 1.0, (batch, heads, hd), &c.device))
+                .collect::<Result<_, _>>()?;
+            let d = batches[0].dims(heads);
+            let part = c.kern_paged.partition_size(&d)?;
+            let op_us = time_events(c, 3, 7, 4, |it| {
+                let s = it % sets;
+                kc::paged_attention(&qs[s], &kc_t, &vc_t, &batches[s], scale)?;
+                Ok(())
+            })?;
+            // Kernels alone: preallocated output and workspace.
+            let (acc_len, stat_len) = kc::PagedKernels::workspace_lens(&d, part);
+            let mut acc = unsafe { c.stream.alloc::<f32>(acc_len.max(1)) }?;
+            let mut mx = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
+            let mut sm = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
+            let mut out = unsafe { c.stream.alloc::<f32>(batch * heads * hd) }?;
+            let kern = c.kern_paged.clone();
+            let kernel_us = time_events(c, 3, 7, 4, |it| {
+                let s = it % sets;
+                let (q_s, q_l) = qs[s].storage_and_layout();
+                let (ks, kl) = kc_t.storage_and_layout();
+                let (vs, vl) = vc_t.storage_and_layout();
+                let (rs, rl) = batches[s].row_seq.storage_and_layout();
+                let (ps, pl) = batches[s].row_pos.storage_and_layout();
+                let (bts, btl) = batches[s].block_tables.storage_and_layout();
+                let meta = kc::PagedMetaViews {
+                    row_seq: dview(&rs, rl)?,
+                    row_pos: dview(&ps, pl)?,
+                    block_tables: dview(&bts, btl)?,
+                };
+                let mut ws = kc::PagedWorkspace {
+                    acc: acc.slice_mut(..),
+                    max: mx.slice_mut(..),
+                    sum: sm.slice_mut(..),
+                };
+                kern.launch_paged_attention::<bf16>(
+                    &dview(&q_s, q_l)?,
+                    &dview(&ks, kl)?,
+                    &dview(&vs, vl)?,
+                    &meta,
+                    &d,
+                    scale,
+                    part,
+                    &mut ws,
+                    &mut out.slice_mut(..),
+                )?;
+                Ok(())
+            })?;
+            // Spot check at this shape: sequence 0 of set 0 against the CPU reference on its
+            // blocks copied to the host.
+            let rel = (|| -> Result<f64> {
+                let y: Vec<f32> = kc::paged_attention(&qs[0], &kc_t, &vc_t, &batches[0], scale)?
+                    .narrow(0, 0, 1)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let idx = Tensor::from_vec(tables[0].clone(), bps, &c.device)?;
+                let host = |t: &Tensor| -> Result<Vec<bf16>> {
+                    Ok(t.index_select(&idx, 0)?.flatten_all()?.to_vec1()?)
+                };
+                let (kh, vh) = (host(&kc_t)?, host(&vc_t)?);
+                let q0: Vec<f32> = qs[0].narrow(0, 0, 1)?.flatten_all()?.to_vec1()?;
+                let sub = KvLayout {
+                    num_blocks: bps,
+                    ..layout
+                };
+                let table: Vec<u32> = (0..bps as u32).collect();
+                let seq = [SeqAttn {
+                    q_start: 0,
+                    q_len: 1,
+                    ctx_len: ctx,
+                    block_table: &table,
+                }];
+                let mut reference = vec![0f32; heads * hd];
+                paged_attention(&q0, &kh, &vh, &sub, &seq, heads, scale, &mut reference)?;
+                let (rel, _, nan) = rel_err(&y, &reference);
+                if nan > 0 {
+                    bail!("{nan} non-finite outputs");
+                }
+                Ok(rel)
+            })()
+            .unwrap_or_else(|err| {
+                println!("  spot check failed: {err:#}");
+                f64::NAN
+            });
+            c.verdict(
+                rel <= PAGED_REL_TOL_BF16,
+                format!("paged bench-shape spot check ctx {ctx} batch {batch}: rel {rel:.2e}"),
+            );
+            println!(
+                "  ctx {ctx:<6} batch {batch}: kernels {kernel_us:8.1} µs, tensor op {op_us:8.1} \
+                 µs, partitions of {part}, {:.1} GB/s, {sets} rotating sets",
+                bytes as f64 / (kernel_us * 1e-6) / 1e9
+            );
+            rows.push(PagedBenchRow {
+                ctx,
+                batch,
+                kernel_us,
+                op_us,
+                bytes: bytes as f64,
+                part,
+                rel,
+            });
+            Ok(())
+        })();
+        if let Err(err) = res {
+            c.verdict(
+                false,
+                format!("paged bench ctx {ctx} batch {batch}: error: {err:#}"),
+            );
+        }
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nPaged attention decode ({heads} query heads / {kvh} KV heads, head_dim {hd}, bf16 KV, \
+         blocks of {bs})\n\n"
+    ));
+    out.push_str(
+        "| context | batch | µs (kernels) | µs (tensor op) | KV MB read | GB/s | % of 4.8 TB/s | partition | rel err |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        let gbs = r.bytes / (r.kernel_us * 1e-6) / 1e9;
+        out.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {} | {:.1e} |\n",
+            r.ctx,
+            r.batch,
+            r.kernel_us,
+            r.op_us,
+            r.bytes / 1e6,
+            gbs,
+            100.0 * r.bytes / (r.kernel_us * 1e-6) / HBM_BYTES_PER_S,
+            r.part,
+            r.rel
+        ));
+    }
+    out.push_str(
+        "\nKV MB read = K and V of every context token once (bf16), the least a decode step \
+         reads; µs (kernels) = partition + merge launches on preallocated buffers; µs (tensor \
+         op) adds the output and workspace allocations.\n",
+    );
+    Ok(out)
+}
+
+/// GPU_CHECK_PROFILE: paged-attention decode at 32K context (batch 1 and 8), once each.
+fn profile_paged(c: &mut Ctx) -> Result<()> {
+    let (heads, kvh, hd, bs, ctx) = (64usize, 8usize, 128usize, 16usize, 32768usize);
+    for batch in [1usize, 8] {
+        let bps = ctx / bs;
+        let layout = KvLayout {
+            num_blocks: batch * bps,
+            block_size: bs,
+            kv_heads: kvh,
+            head_dim: hd,
+        };
+        let shape = (layout.num_blocks, bs, kvh, hd);
+        let kc_t = Tensor::zeros(shape, DType::BF16, &c.device)?;
+        let vc_t = Tensor::zeros(shape, DType::BF16, &c.device)?;
+        let tables: Vec<Vec<u32>> = (0..batch)
+            .map(|b| ((b * bps) as u32..((b + 1) * bps) as u32).collect())
+            .collect();
+        let seqs: Vec<SeqAttn<'_>> = tables
+            .iter()
+            .enumerate()
+            .map(|(b, t)| SeqAttn {
+                q_start: b,
+                q_len: 1,
+                ctx_len: ctx,
+                block_table: t,
+            })
+            .collect();
+        let pb = kc::PagedBatch::new(&c.device, &seqs, batch, &layout)?;
+        let q = Tensor::randn(0f32, 1.0, (batch, heads, hd), &c.device)?;
+        kc::paged_attention(&q, &kc_t, &vc_t, &pb, 0.088)?;
+        c.stream.synchronize()?;
+        println!("profile: paged attention ctx {ctx} batch {batch} done");
+    }
+    Ok(())
 }

@@ -14,6 +14,10 @@
 //! - [`MoeKernels`], the launchers on raw device views, for callers that keep their own buffers
 //!   (no allocation per step) or capture CUDA graphs.
 //!
+//! Paged attention (`paged.rs`: [`paged_attention`], [`reshape_and_cache`], [`PagedKernels`])
+//! reads the block-pool layout of [`crate::paged`], split over context partitions as vLLM's
+//! paged attention v2 does.
+//!
 //! The expert compute follows the split used by vLLM's fused-MoE and llama.cpp's `mmvq`/`mmq`:
 //! a GEMV path for decode batches that reads every selected expert once and fuses the top-k
 //! reduction, and grouped tensor-core GEMMs over the dispatch permutation for prefill.
@@ -21,6 +25,7 @@
 mod dispatch;
 mod experts;
 mod gate;
+mod paged;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -38,6 +43,11 @@ pub use experts::{
     experts_forward, experts_forward_planned, ExpertPath, ExpertViews, MoeDims, PlanViews,
 };
 pub use gate::gate_topk;
+pub use paged::{
+    paged_attention, reshape_and_cache, CacheElem, PagedBatch, PagedDims, PagedKernels,
+    PagedMetaViews, PagedWorkspace, PAGED_HEAD_CHUNK, PAGED_MAX_HEAD_DIM, PAGED_MAX_PARTITIONS,
+    PAGED_MAX_ROWS, PAGED_NO_SEQ,
+};
 
 /// Most tokens the GEMV path takes: its kernels keep one accumulator per token in registers
 /// (`GEMV_MAX_TOKENS` in moe_experts.cu).
