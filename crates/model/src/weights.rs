@@ -1,6 +1,10 @@
 //! Checkpoint access: memory-mapped safetensors (one file or sharded through
 //! `model.safetensors.index.json`), tensor-name aliases, and hf-hub resolution.
 //!
+//! Each tensor is copied out of the mapping once, and the mapped pages are then handed back to
+//! the kernel (`madvise(MADV_DONTNEED)`; they stay in the page cache, not in this process), so
+//! loading peaks at the size of the weights plus one tensor, not twice the weights.
+//!
 //! [`Weights`] is a small VarBuilder: `w.pp("self_attn").pp("q_proj").get(shape, "weight")`
 //! walks the checkpoint by its own names, so layer code reads like the tensor list. Unlike
 //! candle-nn's VarBuilder its errors are typed and name the tensor, the file, and what was
@@ -10,8 +14,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorView};
 
 use crate::ModelError;
 
@@ -35,9 +40,17 @@ const ALIASES: &[(&str, &str)] = &[
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<PathBuf>,
-    st: MmapedSafetensors,
-    /// tensor name → index into `files`.
+    shards: Vec<Shard>,
+    /// tensor name → index into `files` / `shards`.
     owner: HashMap<String, usize>,
+}
+
+/// One mapped safetensors file and its parsed header.
+struct Shard {
+    mmap: Mmap,
+    /// Byte offset of the tensor data (after the 8-byte length and the JSON header).
+    data_start: usize,
+    meta: Metadata,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -105,31 +118,88 @@ impl Checkpoint {
                 });
             }
         }
-        // Map each file on its own first, so a corrupt or truncated file is named precisely.
+        // Map and parse each file on its own, so a corrupt or truncated file is named precisely.
         let mut owner = HashMap::new();
+        let mut shards = Vec::with_capacity(files.len());
         for (i, f) in files.iter().enumerate() {
+            let file = std::fs::File::open(f).map_err(|e| ModelError::Io {
+                path: f.clone(),
+                source: e,
+            })?;
             // SAFETY: the file is mapped read-only; modifying a checkpoint while it is being
             // served is outside what any inference server supports.
-            let one = unsafe { MmapedSafetensors::new(f) }.map_err(|e| ModelError::Checkpoint {
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io {
                 path: f.clone(),
-                message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                source: e,
             })?;
-            for (name, _) in one.tensors() {
+            let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                ModelError::Checkpoint {
+                    path: f.clone(),
+                    message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                }
+            })?;
+            for name in meta.tensors().into_keys() {
                 owner.insert(name, i);
             }
+            shards.push(Shard {
+                mmap,
+                data_start: 8 + header,
+                meta,
+            });
         }
-        // SAFETY: as above.
-        let st =
-            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Checkpoint {
-                path: dir.to_path_buf(),
-                message: e.to_string(),
-            })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             files,
-            st,
+            shards,
             owner,
         })
+    }
+
+    /// The stored tensor `stored`: its shard, a view of its bytes in the mapping, and their offset.
+    fn view(&self, stored: &str) -> Result<(usize, TensorView<'_>, usize), ModelError> {
+        let i = *self
+            .owner
+            .get(stored)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: stored.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        let shard = &self.shards[i];
+        let broken = |message: String| ModelError::Checkpoint {
+            path: self.files[i].clone(),
+            message,
+        };
+        let info = shard
+            .meta
+            .info(stored)
+            .ok_or_else(|| broken(format!("tensor {stored} is not in the header")))?;
+        let (a, b) = info.data_offsets;
+        let start = shard.data_start + a;
+        let bytes = shard
+            .mmap
+            .get(start..shard.data_start + b)
+            .ok_or_else(|| broken(format!("tensor {stored} lies outside the file")))?;
+        let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
+            .map_err(|e| broken(format!("tensor {stored}: {e}")))?;
+        Ok((i, view, start))
+    }
+
+    /// Gives the mapped pages of `len` bytes at `offset` of shard `i` back to the kernel once
+    /// they were copied (see the module docs). Failure only costs memory, so it is ignored.
+    fn release(&self, i: usize, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            use memmap2::UncheckedAdvice;
+            // SAFETY: the mapping is private and read-only: dropped pages read back from the
+            // file if touched again, so no reference into the mapping ever sees other bytes.
+            let _ = unsafe {
+                self.shards[i]
+                    .mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (i, offset, len);
     }
 
     /// The model folder.
@@ -178,10 +248,7 @@ impl Checkpoint {
                 name: name.to_string(),
                 dir: self.dir.clone(),
             })?;
-        let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
-            path: self.file_of(&stored),
-            message: e.to_string(),
-        })?;
+        let (_, view, _) = self.view(&stored)?;
         Ok(view.shape().to_vec())
     }
 
@@ -200,10 +267,7 @@ impl Checkpoint {
                 dir: self.dir.clone(),
             })?;
         let file = self.file_of(&stored);
-        let view = self.st.get(&stored).map_err(|e| ModelError::Checkpoint {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
+        let (shard, view, offset) = self.view(&stored)?;
         let st_dtype = view.dtype();
         use safetensors::Dtype as D;
         if !matches!(st_dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
@@ -227,6 +291,7 @@ impl Checkpoint {
                 message: format!("tensor {stored}: {e}"),
             }
         })?;
+        self.release(shard, offset, view.data().len());
         Ok(t.to_dtype(dtype)?)
     }
 }
