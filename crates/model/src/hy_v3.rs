@@ -6,8 +6,12 @@
 //! f32); final RMSNorm and an untied lm_head.
 //!
 //! Layers are built from [`Weights`] paths that mirror the checkpoint's tensor names. The MoE
-//! block calls the op layer (`switchyard_kernels`) for gating, dispatch and the expert GEMMs, so
-//! CUDA kernels replace the CPU ops without touching this file.
+//! block calls the op layer (`switchyard_kernels`) for gating, dispatch and the expert GEMMs.
+//! With the `cuda` feature and the weights on a CUDA device it calls the CUDA ops instead
+//! (`MoeExec`, decided once at load): bf16 models run gate, dispatch and experts as kernels;
+//! f32 models run the CUDA gate with the reference expert GEMMs. Everything else is candle ops
+//! with CUDA implementations, and a paged KV cache created on the device
+//! ([`HyV3Model::try_new_paged_cache`]) runs the CUDA paged-attention kernels.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -257,6 +261,10 @@ impl Attention {
         layer: usize,
         batch: &PagedBatchMeta<'_>,
     ) -> Result<Tensor, ModelError> {
+        #[cfg(feature = "cuda")]
+        if let Some(db) = &batch.device {
+            return self.forward_paged_cuda(x, cos, sin, kv, layer, db);
+        }
         let (t, _) = x.dims2()?;
         let (nh, hd) = (self.heads, self.head_dim);
         let (q, k, v) = self.qkv(x, cos, sin)?;
@@ -270,6 +278,40 @@ impl Attention {
         let mut out = vec![0f32; t * nh * hd];
         kv.write_and_attend(layer, &k, &v, batch, &q, nh, self.scale as f32, &mut out)?;
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
+        self.o_proj.forward(&out)
+    }
+
+    /// [`Self::forward_paged`] with the cache on a CUDA device: the KV write and paged
+    /// attention run as kernels over the batch's device-side block tables.
+    #[cfg(feature = "cuda")]
+    fn forward_paged_cuda(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        kv: &PagedKvCache,
+        layer: usize,
+        batch: &switchyard_kernels::cuda::PagedBatch,
+    ) -> Result<Tensor, ModelError> {
+        use switchyard_kernels::cuda::{paged_attention, reshape_and_cache};
+        let (t, _) = x.dims2()?;
+        let (nh, hd) = (self.heads, self.head_dim);
+        let (q, k, v) = self.qkv(x, cos, sin)?;
+        let (k_cache, v_cache) = kv.device_layer(layer)?;
+        // The write takes f32 or the cache's own dtype.
+        let kv_in = |x: Tensor| -> Result<Tensor, ModelError> {
+            let x = x.transpose(0, 1)?;
+            let x = if x.dtype() == k_cache.dtype() {
+                x
+            } else {
+                x.to_dtype(DType::F32)?
+            };
+            Ok(x.contiguous()?)
+        };
+        reshape_and_cache(&kv_in(k)?, &kv_in(v)?, &batch.slots, k_cache, v_cache)?;
+        let q = q.transpose(0, 1)?.to_dtype(DType::F32)?.contiguous()?;
+        let out = paged_attention(&q, k_cache, v_cache, batch, self.scale as f32)?;
+        let out = out.reshape((t, nh * hd))?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
     }
 
@@ -334,11 +376,74 @@ fn causal_mask(
 #[derive(Debug, Clone)]
 struct Moe {
     router: Tensor,
-    bias: Option<Vec<f32>>,
-    experts: ExpertWeights,
-    shared: Option<Mlp>,
     gate: GateConfig,
+    /// The shared expert, unless the CUDA path runs it as one more expert column.
+    shared: Option<Mlp>,
     fp32_combine: bool,
+    exec: MoeExec,
+}
+
+/// How an MoE block computes its routed experts. Chosen once at load by [`MoeExec::choose`]
+/// from the device, the compute dtype and the gate's shape.
+#[derive(Debug, Clone)]
+enum MoeExec {
+    /// The op layer's reference ops: gate top-k and dispatch on the host, one GEMM pair per
+    /// active expert through candle. Any device (on a GPU the router logits go to the host).
+    Reference {
+        bias: Option<Vec<f32>>,
+        experts: ExpertWeights,
+    },
+    /// CUDA, f32 compute (the expert kernels are bf16-only, and f32 is the exactness mode): the
+    /// CUDA gate, then the T×k routing copied to the host and the reference expert GEMMs on
+    /// the device.
+    #[cfg(feature = "cuda")]
+    CudaGate {
+        bias: Option<Tensor>,
+        experts: ExpertWeights,
+    },
+    /// CUDA, bf16 compute: gate top-k, dispatch and the expert kernels of
+    /// `switchyard_kernels::cuda`, no host synchronisation.
+    #[cfg(feature = "cuda")]
+    CudaKernels(cuda_moe::CudaMoe),
+}
+
+impl MoeExec {
+    /// Picks the execution for a layer whose weights are loaded; returns it with the shared
+    /// expert the caller still has to run (`None` when the CUDA kernels took it as a column).
+    fn choose(
+        experts: ExpertWeights,
+        bias: Option<Tensor>,
+        shared: Option<Mlp>,
+        gate: &GateConfig,
+        dtype: DType,
+    ) -> Result<(Self, Option<Mlp>), ModelError> {
+        #[cfg(feature = "cuda")]
+        if experts.gate_up.device().is_cuda()
+            && switchyard_kernels::cuda::MoeKernels::check_gate_config(gate).is_ok()
+        {
+            if dtype == DType::BF16 {
+                let (c, shared) = cuda_moe::CudaMoe::new(experts, bias, shared)?;
+                return Ok((MoeExec::CudaKernels(c), shared));
+            }
+            return Ok((MoeExec::CudaGate { bias, experts }, shared));
+        }
+        let _ = (gate, dtype);
+        let bias = match bias {
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok((MoeExec::Reference { bias, experts }, shared))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            MoeExec::Reference { .. } => "reference",
+            #[cfg(feature = "cuda")]
+            MoeExec::CudaGate { .. } => "cuda-gate+reference-experts",
+            #[cfg(feature = "cuda")]
+            MoeExec::CudaKernels(_) => "cuda-kernels",
+        }
+    }
 }
 
 impl Moe {
@@ -346,10 +451,7 @@ impl Moe {
         let (h, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
         let router = w.pp("gate").get_f32(&[e, h], "weight")?;
         let bias = if cfg.gate.expert_bias {
-            Some(
-                w.get_f32(&[e], "e_score_correction_bias")?
-                    .to_vec1::<f32>()?,
-            )
+            Some(w.get_f32(&[e], "e_score_correction_bias")?)
         } else {
             None
         };
@@ -384,22 +486,42 @@ impl Moe {
         } else {
             None
         };
+        let gate = cfg.gate_config();
+        let (exec, shared) = MoeExec::choose(experts, bias, shared, &gate, w.dtype())?;
         Ok(Self {
             router,
-            bias,
-            experts,
+            gate,
             shared,
-            gate: cfg.gate_config(),
             fp32_combine: cfg.moe_fp32_combine,
+            exec,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?;
-        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        let g = gate_topk(&logits, self.bias.as_deref(), &self.gate)?;
-        let plan = dispatch(&g, self.gate.num_experts)?;
-        let routed = experts_forward(x, &self.experts, &g, &plan)?;
+        let routed = match &self.exec {
+            MoeExec::Reference { bias, experts } => {
+                let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+                let g = gate_topk(&logits, bias.as_deref(), &self.gate)?;
+                let plan = dispatch(&g, self.gate.num_experts)?;
+                experts_forward(x, experts, &g, &plan)?
+            }
+            #[cfg(feature = "cuda")]
+            MoeExec::CudaGate { bias, experts } => {
+                let (ids, ws) =
+                    switchyard_kernels::cuda::gate_topk(&logits, bias.as_ref(), &self.gate)?;
+                let g = switchyard_kernels::GateOutput {
+                    tokens: x.dim(0)?,
+                    top_k: self.gate.top_k,
+                    ids: ids.flatten_all()?.to_vec1()?,
+                    weights: ws.flatten_all()?.to_vec1()?,
+                };
+                let plan = dispatch(&g, self.gate.num_experts)?;
+                experts_forward(x, experts, &g, &plan)?
+            }
+            #[cfg(feature = "cuda")]
+            MoeExec::CudaKernels(c) => c.forward(x, &logits, &self.gate)?,
+        };
         Ok(match &self.shared {
             None => routed,
             Some(s) => {
@@ -412,6 +534,123 @@ impl Moe {
                 }
             }
         })
+    }
+}
+
+/// The MoE block on the CUDA kernels (bf16).
+#[cfg(feature = "cuda")]
+mod cuda_moe {
+    use candle_core::{DType, Tensor};
+    use switchyard_kernels::cuda::{experts_forward, gate_topk, ExpertPath};
+    use switchyard_kernels::{ExpertWeights, GateConfig};
+
+    use super::Mlp;
+    use crate::ModelError;
+
+    /// The expert kernels take hidden and intermediate sizes that are multiples of this (their
+    /// K step; `MoeDims::check` in switchyard-kernels). Smaller models are zero-padded up to
+    /// it at load, which changes no result: padded inputs and weights are zero, SiLU(0)·0 = 0.
+    const KERNEL_DIM_MULTIPLE: usize = 32;
+
+    /// Routed experts laid out for the kernels.
+    #[derive(Debug, Clone)]
+    pub(super) struct CudaMoe {
+        /// `[E (+1), 2I', H']` and `[E (+1), H', I']` bf16, zero-padded to multiples of 32,
+        /// with the shared expert as expert `E` when `shared_column`.
+        experts: ExpertWeights,
+        bias: Option<Tensor>,
+        hidden: usize,
+        padded_hidden: usize,
+        routed_experts: usize,
+        /// The shared expert runs as one more column of the routing (id `E`, weight 1), so the
+        /// kernels sum it with the routed experts in f32 (transformers' fp32 combine).
+        shared_column: bool,
+    }
+
+    impl CudaMoe {
+        /// Lays the weights out for the kernels; returns the shared expert when it cannot be a
+        /// column (its intermediate size differs from the routed experts': more than one shared
+        /// expert).
+        pub(super) fn new(
+            experts: ExpertWeights,
+            bias: Option<Tensor>,
+            shared: Option<Mlp>,
+        ) -> Result<(Self, Option<Mlp>), ModelError> {
+            let (e, i, h) = experts.dims()?;
+            let fusable = shared
+                .as_ref()
+                .is_some_and(|s| s.gate_up.dims() == [2 * i, h] && s.down.dims() == [h, i]);
+            let (mut gate_up, mut down) = (experts.gate_up, experts.down);
+            let shared = match shared {
+                Some(s) if fusable => {
+                    gate_up = Tensor::cat(&[&gate_up, &s.gate_up.unsqueeze(0)?], 0)?;
+                    down = Tensor::cat(&[&down, &s.down.unsqueeze(0)?], 0)?;
+                    None
+                }
+                other => other,
+            };
+            let (pi, ph) = (
+                i.next_multiple_of(KERNEL_DIM_MULTIPLE),
+                h.next_multiple_of(KERNEL_DIM_MULTIPLE),
+            );
+            if pi != i {
+                let g = gate_up.narrow(1, 0, i)?.pad_with_zeros(1, 0, pi - i)?;
+                let u = gate_up.narrow(1, i, i)?.pad_with_zeros(1, 0, pi - i)?;
+                gate_up = Tensor::cat(&[g, u], 1)?;
+                down = down.pad_with_zeros(2, 0, pi - i)?;
+            }
+            if ph != h {
+                gate_up = gate_up.pad_with_zeros(2, 0, ph - h)?;
+                down = down.pad_with_zeros(1, 0, ph - h)?;
+            }
+            let experts = ExpertWeights {
+                gate_up: gate_up.to_dtype(DType::BF16)?.contiguous()?,
+                down: down.to_dtype(DType::BF16)?.contiguous()?,
+            };
+            Ok((
+                Self {
+                    experts,
+                    bias,
+                    hidden: h,
+                    padded_hidden: ph,
+                    routed_experts: e,
+                    shared_column: fusable,
+                },
+                shared,
+            ))
+        }
+
+        /// Routed experts (and the shared one when it is a column) for `x` (`[T, H]` bf16)
+        /// given its f32 router logits (`[T, E]`).
+        pub(super) fn forward(
+            &self,
+            x: &Tensor,
+            logits: &Tensor,
+            gate: &GateConfig,
+        ) -> Result<Tensor, ModelError> {
+            let (t, h) = x.dims2()?;
+            let (mut ids, mut ws) = gate_topk(&logits.contiguous()?, self.bias.as_ref(), gate)?;
+            if self.shared_column {
+                let dev = x.device();
+                let sid = Tensor::full(self.routed_experts as u32, (t, 1), dev)?;
+                let sw = Tensor::ones((t, 1), DType::F32, dev)?;
+                ids = Tensor::cat(&[&ids, &sid], 1)?;
+                ws = Tensor::cat(&[&ws, &sw], 1)?;
+            }
+            let xb = x.to_dtype(DType::BF16)?;
+            let xp = if self.padded_hidden != h {
+                xb.pad_with_zeros(1, 0, self.padded_hidden - h)?
+            } else {
+                xb.contiguous()?
+            };
+            let y = experts_forward(&xp, &self.experts, &ids, &ws, ExpertPath::Auto)?;
+            let y = if self.padded_hidden != self.hidden {
+                y.narrow(1, 0, self.hidden)?
+            } else {
+                y
+            };
+            Ok(y.to_dtype(x.dtype())?)
+        }
     }
 }
 
@@ -658,6 +897,17 @@ impl HyV3Model {
         let meta = PagedBatchMeta {
             seqs: &attn,
             slots: &slots,
+            #[cfg(feature = "cuda")]
+            device: if kv.is_on_device() {
+                Some(switchyard_kernels::cuda::PagedBatch::new(
+                    &self.device,
+                    &attn,
+                    ids.len(),
+                    kv.layout(),
+                )?)
+            } else {
+                None
+            },
         };
         let (cos, sin) = self
             .rope
@@ -710,7 +960,43 @@ impl HyV3Model {
         Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
     }
 
-    /// A paged KV cache for this model with `num_blocks` blocks of `block_size` tokens.
+    /// The execution each MoE layer uses (`reference`, `cuda-gate+reference-experts` or
+    /// `cuda-kernels`), in layer order: what a GPU run actually exercised.
+    pub fn moe_paths(&self) -> Vec<&'static str> {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.mlp {
+                FeedForward::Moe(m) => Some(m.exec.name()),
+                FeedForward::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// A paged KV cache on the model's device with `num_blocks` blocks of `block_size` tokens
+    /// (zeroed): device tensors read by the CUDA paged-attention kernels when the model is on a
+    /// CUDA device and this crate is built with `cuda`, host memory otherwise (as
+    /// [`Self::new_paged_cache`]).
+    pub fn try_new_paged_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> Result<PagedKvCache, ModelError> {
+        PagedKvCache::new_on(
+            self.cfg.num_hidden_layers,
+            switchyard_kernels::KvLayout {
+                num_blocks,
+                block_size,
+                kv_heads: self.cfg.num_key_value_heads,
+                head_dim: self.cfg.head_dim,
+            },
+            dtype,
+            &self.device,
+        )
+    }
+
+    /// A paged KV cache in host memory for this model with `num_blocks` blocks of `block_size`
+    /// tokens (any model device: on a GPU each layer copies its q/k/v to the host).
     pub fn new_paged_cache(
         &self,
         num_blocks: usize,

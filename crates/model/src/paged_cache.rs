@@ -2,7 +2,14 @@
 //! head_dim]` buffer for K and one for V per layer, in f32 or bf16. Which blocks belong to
 //! which sequence is the engine's business (its block manager hands out block tables); this
 //! type only stores and reads through them.
+//!
+//! The buffers live in host memory (the CPU paged attention of `switchyard_kernels`), or, with
+//! the `cuda` feature and a cache made by [`PagedKvCache::new_on`] for a CUDA device, as device
+//! tensors that the CUDA paged-attention kernels read in place.
 
+use candle_core::Device;
+#[cfg(feature = "cuda")]
+use candle_core::Tensor;
 use half::bf16;
 use switchyard_kernels::{paged_attention, reshape_and_cache, KvLayout, SeqAttn};
 
@@ -30,6 +37,9 @@ impl KvDtype {
 enum Buf {
     F32(Vec<f32>, Vec<f32>),
     Bf16(Vec<bf16>, Vec<bf16>),
+    /// K and V as `[num_blocks, block_size, kv_heads, head_dim]` tensors on a CUDA device.
+    #[cfg(feature = "cuda")]
+    Device(Tensor, Tensor),
 }
 
 /// Block-table positions of a batch, shared by all layers of one forward.
@@ -38,6 +48,9 @@ pub struct PagedBatchMeta<'a> {
     pub seqs: &'a [SeqAttn<'a>],
     /// Cache slot of every new token, in batch order.
     pub slots: &'a [usize],
+    /// The same batch uploaded for the CUDA kernels, when the cache is on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub device: Option<switchyard_kernels::cuda::PagedBatch>,
 }
 
 /// KV cache of every layer, addressed by block tables.
@@ -71,6 +84,67 @@ impl PagedKvCache {
             layout,
             dtype,
             layers,
+        }
+    }
+
+    /// Allocates zeroed storage for `layers` layers on `device`: host buffers for the CPU,
+    /// device tensors for a CUDA device when built with `cuda` (host buffers otherwise).
+    pub fn new_on(
+        layers: usize,
+        layout: KvLayout,
+        dtype: KvDtype,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let dt = match dtype {
+                KvDtype::F32 => candle_core::DType::F32,
+                KvDtype::Bf16 => candle_core::DType::BF16,
+            };
+            let shape = (
+                layout.num_blocks,
+                layout.block_size,
+                layout.kv_heads,
+                layout.head_dim,
+            );
+            let layers = (0..layers)
+                .map(|_| -> Result<Buf, ModelError> {
+                    Ok(Buf::Device(
+                        Tensor::zeros(shape, dt, device)?,
+                        Tensor::zeros(shape, dt, device)?,
+                    ))
+                })
+                .collect::<Result<_, _>>()?;
+            return Ok(Self {
+                layout,
+                dtype,
+                layers,
+            });
+        }
+        let _ = device;
+        Ok(Self::new(layers, layout, dtype))
+    }
+
+    /// Whether the buffers are device tensors (the CUDA kernels' path).
+    pub fn is_on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(Buf::Device(..)) = self.layers.first() {
+            return true;
+        }
+        false
+    }
+
+    /// K and V of `layer` when they are device tensors.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_layer(&self, layer: usize) -> Result<(&Tensor, &Tensor), ModelError> {
+        match self.layers.get(layer) {
+            Some(Buf::Device(k, v)) => Ok((k, v)),
+            Some(_) => Err(ModelError::InvalidInput(format!(
+                "the KV storage of layer {layer} is in host memory, not on the device"
+            ))),
+            None => Err(ModelError::InvalidInput(format!(
+                "no KV storage for layer {layer}"
+            ))),
         }
     }
 
@@ -125,6 +199,13 @@ impl PagedKvCache {
             Buf::Bf16(kc, vc) => {
                 reshape_and_cache(k, v, batch.slots, kc, vc, &layout)?;
                 paged_attention(q, kc, vc, &layout, batch.seqs, heads, scale, out)?;
+            }
+            #[cfg(feature = "cuda")]
+            Buf::Device(..) => {
+                return Err(ModelError::InvalidInput(format!(
+                    "the KV storage of layer {layer} is on the device; the host attention path \
+                     cannot use it"
+                )))
             }
         }
         Ok(())
