@@ -169,10 +169,25 @@ fn router(
     )
     .context("setting up the router's upstream clients")?;
     let tiers = routing.tier_summary();
+    let c = routing.policy.cascade();
+    let cascade = match (c.enabled, routing.policy.cascade_tier()) {
+        (false, _) => "off (x-switchyard-cascade: on enables it per request)".to_string(),
+        (true, Some(t)) => format!(
+            "on: local answers failing their checks go to `{}`{}",
+            t.name,
+            if c.buffer_streams {
+                ""
+            } else {
+                "; streams unchecked"
+            }
+        ),
+        (true, None) => "on, but there is no remote tier".to_string(),
+    };
     tracing::info!(
         target: "switchyard::router",
         policy = %routing.policy.origin(),
         remote_tiers = %if tiers.is_empty() { "none".to_string() } else { tiers.join("; ") },
+        cascade = %cascade,
         "router ready"
     );
     Ok(routing)
