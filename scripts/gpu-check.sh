@@ -1,65 +1,115 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA MoE kernels: every kernel against its CPU reference on fresh random
-# inputs, then the benchmark table at Hy3 shapes -- see crates/kernels/examples/gpu_check.rs.
+# GPU check of the CUDA kernels and the model on the GPU:
+#  - gpu_check (crates/kernels/examples/gpu_check.rs): every kernel (MoE gate/dispatch/experts,
+#    paged attention and the KV write) against its CPU reference on fresh random inputs, then
+#    the benchmark tables at Hy3 shapes;
+#  - gpu_oracle (crates/model/examples/gpu_oracle.rs): the tiny hy_v3 transformers oracles
+#    (crates/model/tests/fixtures/oracle, tracked files) run by HyV3Model on the GPU, f32 and
+#    bf16, contiguous and paged.
 #
-#   scripts/gpu-check.sh build    # here, no GPU needed: cross-build the stripped binary into
-#                                 # .gpu/gpu_check (ignored) with gpu-run.sh beside it
-#   scripts/gpu-check.sh run      # on a GPU machine: run .gpu/gpu_check, or build and run it
-#                                 # where cargo and nvcc are installed
-#   scripts/gpu-check.sh device   # on the lent GPU machine, one session: the full run into
-#                                 # $OUT/gpu-check.log, ncu on the expert kernels ($OUT/ncu.txt),
-#                                 # memcheck on the quick check ($OUT/memcheck.log)
-# The lent-GPU call used for docs/gpu-results.md:
-#   run(carry=[".gpu"], command="bash scripts/gpu-check.sh device", timeout_s=420)
-# Environment: GPU_CHECK_SEED (repeat a run), GPU_CHECK_QUICK (small T, no benchmark),
-# GPU_CHECK_PROFILE (just the expert kernels at Hy3 shapes, for a profiler).
+#   scripts/gpu-check.sh build    # here, no GPU needed: cross-build both binaries, strip and gzip
+#                                 # them into .gpu/ (ignored) with gpu-run.sh beside them. gzip:
+#                                 # the device tool carries 64 MiB with the tracked tree (~11 MB)
+#                                 # and the two stripped binaries are 43 + 47 MB, 11 + 12 MB
+#                                 # gzipped (most of it is candle's PTX text)
+#   scripts/gpu-check.sh run      # on a GPU machine: run .gpu/gpu_check and .gpu/gpu_oracle, or
+#                                 # build and run them where cargo and nvcc are installed
+#   scripts/gpu-check.sh device   # on the lent GPU machine, one session (~8 min at most): the
+#                                 # full check into $OUT/gpu-check.log, the oracle
+#                                 # ($OUT/gpu-oracle.log), ncu on the expert and paged-attention
+#                                 # kernels ($OUT/ncu.txt), memcheck on the quick check
+#                                 # ($OUT/memcheck.log); prints the results tables last
+# The lent-GPU call (its timeout covers the four steps' own timeouts, 480 s, plus start-up):
+#   run(carry=[".gpu"], command="bash scripts/gpu-check.sh device", timeout_s=570)
+# Environment: GPU_CHECK_SEED (repeat a run), GPU_CHECK_QUICK (small sizes, no benchmark),
+# GPU_CHECK_PROFILE (just paged attention at 32K and the expert kernels at Hy3 shapes, for a
+# profiler).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+BINS="gpu_check gpu_oracle"
+
+# Unpacks .gpu/*.gz into $BIN (outside the tree, which may be read-only or carried back).
+unpack() {
+  BIN=${TMPDIR:-/tmp}/switchyard-gpu
+  mkdir -p "$BIN"
+  for b in $BINS; do
+    gzip -dc ".gpu/$b.gz" > "$BIN/$b" && chmod +x "$BIN/$b" || return 1
+  done
+}
+
 case "${1:-run}" in
   build)
     set -e
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
     ../shared/tools/cuda-cross-build.sh --features cuda --example gpu_check -p switchyard-kernels
+    ../shared/tools/cuda-cross-build.sh --features cuda --example gpu_oracle -p switchyard-model
     mkdir -p .gpu
-    cp "$CARGO_TARGET_DIR/release/examples/gpu_check" .gpu/gpu_check
-    strip .gpu/gpu_check
+    for b in $BINS; do
+      cp "$CARGO_TARGET_DIR/release/examples/$b" ".gpu/$b"
+      strip ".gpu/$b"
+      ls -la ".gpu/$b"
+      gzip -9f ".gpu/$b"
+    done
     cp ../shared/tools/gpu-run.sh .gpu/gpu-run.sh
     ls -la .gpu/
+    du -sh .gpu
     ;;
   run)
-    if [ -x .gpu/gpu_check ]; then
-      exec bash .gpu/gpu-run.sh .gpu/gpu_check
+    if [ -f .gpu/gpu_check.gz ] && [ -f .gpu/gpu_oracle.gz ] && unpack; then
+      bash .gpu/gpu-run.sh "$BIN/gpu_check"; rc=$?
+      bash .gpu/gpu-run.sh "$BIN/gpu_oracle" crates/model/tests/fixtures/oracle || rc=$((rc ? rc : $?))
+      exit "$rc"
     fi
-    exec cargo run --release --features cuda --example gpu_check -p switchyard-kernels
+    cargo run --release --features cuda --example gpu_check -p switchyard-kernels; rc=$?
+    cargo run --release --features cuda --example gpu_oracle -p switchyard-model || rc=$((rc ? rc : $?))
+    exit "$rc"
     ;;
   device)
     OUT=${OUT:-/tmp/gpu-check-out}; mkdir -p "$OUT"
+    unpack || { echo "cannot unpack .gpu/*.gz (run scripts/gpu-check.sh build, carry .gpu)"; exit 2; }
     echo "== full run"
-    timeout 240 bash .gpu/gpu-run.sh .gpu/gpu_check > "$OUT/gpu-check.log" 2>&1
+    timeout 240 bash .gpu/gpu-run.sh "$BIN/gpu_check" > "$OUT/gpu-check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$OUT/gpu-check.log"
+    echo "== tiny hy_v3 oracle"
+    timeout 60 bash .gpu/gpu-run.sh "$BIN/gpu_oracle" crates/model/tests/fixtures/oracle \
+      > "$OUT/gpu-oracle.log" 2>&1
+    echo "gpu_oracle exit $?" | tee -a "$OUT/gpu-oracle.log"
     NVLIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1)
     export LD_LIBRARY_PATH="$NVLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$NCU" ]; then
       echo "== ncu (profile mode)"
-      GPU_CHECK_PROFILE=1 timeout 100 "$NCU" --clock-control none --kernel-name regex:"moe_gemm|moe_gemv" \
-        --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-        --section WarpStateStats --section LaunchStats .gpu/gpu_check > "$OUT/ncu.txt" 2>&1
+      # Profile mode launches paged attention first (2 matching launches), then the experts.
+      GPU_CHECK_PROFILE=1 timeout 100 "$NCU" --clock-control none \
+        --kernel-name regex:"moe_gemm|moe_gemv|paged_attn_bf16" --launch-count 14 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section WarpStateStats --section LaunchStats "$BIN/gpu_check" > "$OUT/ncu.txt" 2>&1
       echo "ncu exit $?" >> "$OUT/ncu.txt"
     fi
-    CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+    CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$CS" ]; then
       echo "== memcheck (quick mode)"
       GPU_CHECK_QUICK=1 GPU_CHECK_SEED=7 timeout 80 "$CS" --tool memcheck --print-limit 10 \
-        .gpu/gpu_check > "$OUT/memcheck.log" 2>&1
+        "$BIN/gpu_check" > "$OUT/memcheck.log" 2>&1
       echo "memcheck exit $?" >> "$OUT/memcheck.log"
     fi
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
       > "$OUT/smi.txt" 2>&1
+    # Summaries first, the results tables last (the device tool keeps the output's tail).
+    echo "== failures"
     grep -E "FAIL|error|cannot" "$OUT/gpu-check.log" | head -30
-    tail -45 "$OUT/gpu-check.log"
-    grep -E "moe_g|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu.txt" 2>/dev/null | head -60
+    echo "== oracle"
+    grep -E "PASS|FAIL|gpu_oracle|cannot" "$OUT/gpu-oracle.log" | cut -c1-170 | head -40
+    echo "== ncu"
+    grep -E "moe_g|paged_attn|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu.txt" 2>/dev/null | head -48
+    echo "== memcheck"
     tail -4 "$OUT/memcheck.log" 2>/dev/null
+    echo "== tables"
+    if grep -q "^Results (" "$OUT/gpu-check.log"; then
+      sed -n '/^Results (/,$p' "$OUT/gpu-check.log"
+    else
+      tail -45 "$OUT/gpu-check.log"
+    fi
     ;;
   *) echo "usage: $0 [build|run|device]" >&2; exit 2 ;;
 esac
