@@ -380,6 +380,9 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
         .await;
     assert_eq!(r.header("x-switchyard-cascade"), "escalated");
     assert_eq!(r.openai_text(), REMOTE_TEXT);
+    // The cost header of a stream is the prompt's estimate (its usage comes at the end).
+    let estimate: f64 = r.header("x-switchyard-cost-usd").parse().unwrap();
+    assert!(estimate > 0.0 && estimate < REMOTE_COST, "{estimate}");
     let rec = s.last_record();
     assert_eq!(rec["attempts"][1]["tokens_out"], 100, "{rec}");
     // A passing stream is replayed from the checked local answer: the same text as the

@@ -151,6 +151,11 @@ where
                 }
                 UpstreamBody::Stream(s) => {
                     // The stream's usage arrives with its end; the record adds the attempt then.
+                    headers.cost_usd = routing::prompt_cost_estimate(
+                        &app.routing.policy,
+                        &tier,
+                        plan.estimated_prompt_tokens,
+                    );
                     let mut resp =
                         routing::sse_response(routing::remote_sse(api, s, record, arrived));
                     headers.write_headers(resp.headers_mut());

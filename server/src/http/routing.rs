@@ -324,6 +324,8 @@ pub struct CascadePlan {
     pub upstream: UpstreamRequest,
     /// The caller's API key id (budgets).
     pub api_key_id: Option<String>,
+    /// The router's estimate of the prompt's tokens (a remote stream's cost header).
+    pub estimated_prompt_tokens: u64,
 }
 
 /// Finishes a locally served request: the error shape on failure, the routing headers, and the
@@ -594,17 +596,8 @@ pub async fn route(
                     Routed::Done(resp)
                 }
                 UpstreamBody::Stream(s) => {
-                    headers.cost_usd = r
-                        .policy
-                        .tier(&tier)
-                        .map(|t| {
-                            Usage {
-                                input_tokens: rreq.estimated_tokens() as u64,
-                                ..Usage::default()
-                            }
-                            .cost_usd(&t.prices())
-                        })
-                        .unwrap_or(0.0);
+                    headers.cost_usd =
+                        prompt_cost_estimate(&r.policy, &tier, rreq.estimated_tokens() as u64);
                     let mut resp = sse_response(remote_sse(api, s, record, arrived));
                     headers.write_headers(resp.headers_mut());
                     Routed::Done(resp)
@@ -689,7 +682,23 @@ fn cascade_plan(
             },
         },
         api_key_id: rreq.api_key_id.clone(),
+        estimated_prompt_tokens: rreq.estimated_tokens() as u64,
     })
+}
+
+/// What `prompt_tokens` of input cost on `tier`: the cost header of a remote stream, whose
+/// real cost is only known when it ends.
+pub(super) fn prompt_cost_estimate(policy: &Policy, tier: &str, prompt_tokens: u64) -> f64 {
+    policy
+        .tier(tier)
+        .map(|t| {
+            Usage {
+                input_tokens: prompt_tokens,
+                ..Usage::default()
+            }
+            .cost_usd(&t.prices())
+        })
+        .unwrap_or(0.0)
 }
 
 pub(super) fn tier_list(tiers: &[String]) -> String {
