@@ -12,8 +12,8 @@
 #                                 # the device tool carries 64 MiB with the tracked tree (~11 MB)
 #                                 # and the two stripped binaries are 43 + 47 MB, 11 + 12 MB
 #                                 # gzipped (most of it is candle's PTX text)
-#   scripts/gpu-check.sh run      # on a GPU machine: run .gpu/gpu_check and .gpu/gpu_oracle, or
-#                                 # build and run them where cargo and nvcc are installed
+#   scripts/gpu-check.sh run      # on a GPU machine: unpack and run both from .gpu/, or build and
+#                                 # run them where cargo and nvcc are installed
 #   scripts/gpu-check.sh device   # on the lent GPU machine, one session (~8 min at most): the
 #                                 # full check into $OUT/gpu-check.log, the oracle
 #                                 # ($OUT/gpu-oracle.log), ncu on the expert and paged-attention
