@@ -1,7 +1,11 @@
-//! An embedding cache on disk, keyed by `sha256(text)`, so fitting and evaluating over the
-//! ~15K RouteLLM prompts embeds each prompt once. One safetensors file: `digests` `[N, 32]` u8
-//! and `embeddings` `[N, D]` f32. Texts missing from it are embedded and the file is rewritten
-//! (to a temporary name, then renamed, so a killed run leaves the old file).
+//! An embedding cache on disk, so fitting and evaluating over the ~15K RouteLLM prompts embeds
+//! each prompt once. One safetensors file: `digests` `[N, 32]` u8 and `embeddings` `[N, D]`
+//! f32. Texts missing from it are embedded and the file is rewritten (to a temporary name, then
+//! renamed, so a killed run leaves the old file).
+//!
+//! The key is `sha256(text)` for a text shorter than the embedder's truncation limit (its
+//! embedding does not depend on the limit), and `sha256(text ‖ "\0max_tokens=N")` for one the
+//! limit cuts, so changing [`crate::MAX_TOKENS`] re-embeds exactly the texts it affects.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,8 +18,13 @@ use crate::error::{ClassifierError, Result};
 
 type Key = [u8; 32];
 
-fn key(text: &str) -> Key {
-    Sha256::digest(text.as_bytes()).into()
+fn key(embedder: &Embedder, text: &str) -> Result<Key> {
+    let mut h = Sha256::new();
+    h.update(text.as_bytes());
+    if embedder.tokenize(text)?.len() >= embedder.max_tokens() {
+        h.update(format!("\0max_tokens={}", embedder.max_tokens()).as_bytes());
+    }
+    Ok(h.finalize().into())
 }
 
 fn read(path: &Path) -> Result<(usize, HashMap<Key, Vec<f32>>)> {
@@ -96,12 +105,15 @@ pub fn embed_cached(
     } else {
         (HashMap::new(), false)
     };
-    let mut missing: Vec<&str> = Vec::new();
+    let keys = texts
+        .iter()
+        .map(|t| key(embedder, t))
+        .collect::<Result<Vec<_>>>()?;
+    let mut missing: Vec<(&str, Key)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for t in texts {
-        let k = key(t);
-        if !map.contains_key(&k) && seen.insert(k) {
-            missing.push(t);
+    for (t, k) in texts.iter().zip(&keys) {
+        if !map.contains_key(k) && seen.insert(*k) {
+            missing.push((t, *k));
         }
     }
     if !missing.is_empty() || stale {
@@ -110,9 +122,10 @@ pub fn embed_cached(
         let todo = missing.len();
         let mut done = 0;
         for chunk in missing.chunks(CHUNK) {
-            let embs = embedder.embed_batch_with(chunk, |d| progress(done + d, todo))?;
-            for (t, e) in chunk.iter().zip(embs) {
-                map.insert(key(t), e);
+            let chunk_texts: Vec<&str> = chunk.iter().map(|(t, _)| *t).collect();
+            let embs = embedder.embed_batch_with(&chunk_texts, |d| progress(done + d, todo))?;
+            for ((_, k), e) in chunk.iter().zip(embs) {
+                map.insert(*k, e);
             }
             done += chunk.len();
             write(path, embedder.dim(), &map)?;
@@ -121,10 +134,9 @@ pub fn embed_cached(
             write(path, embedder.dim(), &map)?;
         }
     }
-    texts
-        .iter()
-        .map(|t| {
-            map.get(&key(t))
+    keys.iter()
+        .map(|k| {
+            map.get(k)
                 .cloned()
                 .ok_or_else(|| ClassifierError::Input("embedding missing from cache".into()))
         })

@@ -1,6 +1,6 @@
 //! Sentence embeddings: all-MiniLM-L6-v2 as sentence-transformers runs it — WordPiece
-//! tokens (lower-cased, `[CLS] … [SEP]`, truncated at 256 tokens), the 6-layer BERT encoder,
-//! mean pooling over the attention mask, L2 normalisation. 384 dimensions.
+//! tokens (lower-cased, `[CLS] … [SEP]`, truncated at [`MAX_TOKENS`] = 128), the 6-layer BERT
+//! encoder, mean pooling over the attention mask, L2 normalisation. 384 dimensions.
 //!
 //! The model is a local folder (`config.json`, `model.safetensors`, `tokenizer.json`), found
 //! by [`locate_minilm`]: env `SWITCHYARD_MINILM_DIR`, else the folder `scripts/minilm.sh`
@@ -22,9 +22,13 @@ pub const MINILM_HUB_ID: &str = "sentence-transformers/all-MiniLM-L6-v2";
 pub const MINILM_DIR_ENV: &str = "SWITCHYARD_MINILM_DIR";
 /// The folder name `scripts/minilm.sh` unpacks into, under the cache.
 pub const MINILM_CACHE_NAME: &str = "all-MiniLM-L6-v2";
-/// Inputs are truncated to this many tokens (sentence-transformers' `max_seq_length` for this
-/// model; the checkpoint's tokenizer.json says 128, which sentence-transformers overrides).
-pub const MAX_TOKENS: usize = 256;
+/// Inputs are truncated to this many tokens (special tokens included). The model was trained on
+/// sequences of at most 128 word pieces and its tokenizer.json says 128; sentence-transformers
+/// raises its `max_seq_length` to 256, but past 128 the forward pass costs more than a routing
+/// decision may (a 256-token prompt took 50 ms of CPU, a 128-token one 22 ms) for positions the
+/// model never saw in training. The difficulty model is fitted on embeddings made with this
+/// limit (21% of the MMLU prompts are longer).
+pub const MAX_TOKENS: usize = 128;
 /// Texts embedded per forward pass by [`Embedder::embed_batch`]: past 32, padding waste and
 /// memory grow faster than the per-call overhead shrinks on a 2-core host.
 pub const BATCH: usize = 32;
@@ -115,20 +119,34 @@ impl Embedder {
         let t_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&t_path)
             .map_err(|e| ClassifierError::Tokenizer(format!("{}: {e}", t_path.display())))?;
-        let max_tokens = MAX_TOKENS.min(bert.max_positions());
-        tokenizer
+        tokenizer.with_padding(None);
+        Self {
+            bert,
+            tokenizer,
+            max_tokens: 0,
+            dir: dir.to_path_buf(),
+        }
+        .with_max_tokens(MAX_TOKENS)
+    }
+
+    /// Truncates inputs at `max_tokens` instead of [`MAX_TOKENS`] (capped by the model's
+    /// position table). Embeddings made with another limit differ for longer texts, so the
+    /// shipped difficulty model expects the default.
+    pub fn with_max_tokens(mut self, max_tokens: usize) -> Result<Self> {
+        let max_tokens = max_tokens.clamp(2, self.bert.max_positions());
+        self.tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
                 ..Default::default()
             }))
             .map_err(|e| ClassifierError::Tokenizer(e.to_string()))?;
-        tokenizer.with_padding(None);
-        Ok(Self {
-            bert,
-            tokenizer,
-            max_tokens,
-            dir: dir.to_path_buf(),
-        })
+        self.max_tokens = max_tokens;
+        Ok(self)
+    }
+
+    /// The truncation limit in tokens.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     /// Embedding width (384).
