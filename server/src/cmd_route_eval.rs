@@ -6,10 +6,16 @@
 //!   `frontier.svg`.
 //! - `--suite FILE.jsonl`: a labelled `{"prompt", "expect"}` suite through the policy, with and
 //!   without the semantic classifier: accuracy, confusion matrix, every miss with its reasons.
-//! - `--replay FILE.jsonl --server URL`: sends `{"prompt", "check"}` tasks to a running server
-//!   (`model: "auto"`) and reports pass rate, latency, tokens and cost per tier; with
-//!   `--calibrate --target-pass-rate X` it sends every task to the local and the escalation
-//!   tier instead and prints the difficulty threshold that meets the target at least cost.
+//! - `--replay FILE.jsonl --server URL`: sends `{"prompt", "check"}` tasks (format in
+//!   [`switchyard_classifier::replay`]) to a running server (`model: "auto"`, one at a time)
+//!   and reports pass rate, latency, tokens and cost per tier that answered. With
+//!   `--calibrate --target-pass-rate X` it decides each task locally with the server's policy
+//!   (`--policy`) and scorer (`--no-classifier` when the server runs without one): tasks a rule
+//!   settles are sent once as `auto`, tasks the difficulty threshold routes are sent to both
+//!   tiers by name; then it prints the `classifier.escalate_difficulty` that meets the target
+//!   at the least cost.
+//!
+//! `--json` prints the suite, replay or calibration report as JSON on stdout instead of tables.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,12 +23,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use switchyard_classifier::replay::{
+    calibrate, load_tasks, CalibrationRow, Outcome, ReplayReport, Route, Task, TierStats,
+};
 use switchyard_classifier::route_eval::{evaluate_routellm, write_outputs};
 use switchyard_classifier::routellm::Split;
 use switchyard_classifier::{default_router_dir, DifficultyModel, Embedder, RouterScorer};
 use switchyard_router::eval::{load_suite, run_suite, SuiteReport};
-use switchyard_router::{Policy, SemanticScorer};
+use switchyard_router::{
+    decide, EnvSource, Policy, RouteRequest, RouterState, SemanticScorer, SystemClock,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct RouteEvalArgs {
@@ -60,18 +71,33 @@ pub struct RouteEvalArgs {
     /// Embedding cache for the RouteLLM prompts (default: .cache/routellm-minilm.safetensors).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// Suite mode: rules only, without the semantic classifier.
+    /// Suite and calibration: rules and the heuristic difficulty only, without the semantic
+    /// classifier (as `serve` without --classifier).
     #[arg(long)]
     no_classifier: bool,
-    /// Replay mode: send every task to both tiers and print the threshold for a pass rate.
+    /// Replay mode: find the difficulty threshold that meets --target-pass-rate at least cost
+    /// (tasks the threshold routes are sent to both tiers).
     #[arg(long, requires = "replay")]
     calibrate: bool,
-    /// The pass rate `--calibrate` must reach.
-    #[arg(long, default_value_t = 0.9)]
+    /// The pass rate `--calibrate` must reach, in 0..=1.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
     target_pass_rate: f64,
     /// `max_tokens` for replayed requests.
     #[arg(long, default_value_t = 512)]
     max_tokens: u32,
+    /// Replay: seconds one request may take before it counts as failed.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// Print the suite, replay or calibration report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{s:?} is not a number in 0..=1")),
+    }
 }
 
 pub fn run(a: RouteEvalArgs) -> Result<()> {
@@ -238,388 +264,369 @@ fn run_suite_mode(a: &RouteEvalArgs, suite: &Path) -> Result<()> {
         );
         Some(r)
     };
-    if let Some(w) = &with {
-        print_report("with the semantic classifier", w);
-        println!();
+    let both = SuiteOut {
+        with_classifier: with.as_ref(),
+        rules_only: &rules,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&both)?);
+    } else {
+        if let Some(w) = &with {
+            print_report("with the semantic classifier", w);
+            println!();
+        }
+        print_report("rules only", &rules);
     }
-    print_report("rules only", &rules);
     if let Some(out) = &a.out {
-        let p = write_json(
-            out,
-            "suite.json",
-            &SuiteOut {
-                with_classifier: with.as_ref(),
-                rules_only: &rules,
-            },
-        )?;
-        println!("wrote {}", p.display());
+        let p = write_json(out, "suite.json", &both)?;
+        eprintln!("wrote {}", p.display());
     }
     Ok(())
 }
 
 // ----------------------------------------------------------------------------- replay
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum Check {
-    /// The answer, trimmed, equals this.
-    Exact(String),
-    /// The answer matches this regex.
-    Regex(String),
-    /// The answer is JSON valid against this schema (type, properties, required, items, enum).
-    JsonSchema(serde_json::Value),
+/// The server a replay talks to.
+struct Target {
+    client: reqwest::Client,
+    base: String,
+    chat_url: String,
+    api_key: Option<String>,
+    max_tokens: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-struct Task {
-    prompt: String,
-    check: Check,
-}
-
-fn schema_ok(schema: &serde_json::Value, v: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    if let Some(t) = schema.get("type").and_then(Value::as_str) {
-        let ok = match t {
-            "object" => v.is_object(),
-            "array" => v.is_array(),
-            "string" => v.is_string(),
-            "number" => v.is_number(),
-            "integer" => v.is_i64() || v.is_u64(),
-            "boolean" => v.is_boolean(),
-            "null" => v.is_null(),
-            _ => true,
-        };
-        if !ok {
-            return false;
+impl Target {
+    fn new(a: &RouteEvalArgs) -> Result<Self> {
+        let given = a.server.as_deref().context("--replay needs --server URL")?;
+        let url = reqwest::Url::parse(given).with_context(|| {
+            format!("--server {given:?} is not a URL (e.g. http://127.0.0.1:8080)")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            bail!("--server {given:?}: the scheme must be http or https");
         }
-    }
-    if let Some(e) = schema.get("enum").and_then(Value::as_array) {
-        if !e.contains(v) {
-            return false;
-        }
-    }
-    if let (Some(req), Some(obj)) = (
-        schema.get("required").and_then(Value::as_array),
-        v.as_object(),
-    ) {
-        if req
-            .iter()
-            .filter_map(Value::as_str)
-            .any(|k| !obj.contains_key(k))
-        {
-            return false;
-        }
-    }
-    if let (Some(props), Some(obj)) = (
-        schema.get("properties").and_then(Value::as_object),
-        v.as_object(),
-    ) {
-        for (k, s) in props {
-            if let Some(x) = obj.get(k) {
-                if !schema_ok(s, x) {
-                    return false;
-                }
-            }
-        }
-    }
-    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
-        if !arr.iter().all(|x| schema_ok(items, x)) {
-            return false;
-        }
-    }
-    true
-}
-
-fn passes(check: &Check, text: &str) -> Result<bool> {
-    Ok(match check {
-        Check::Exact(s) => text.trim() == s.trim(),
-        Check::Regex(r) => regex::Regex::new(r)
-            .with_context(|| format!("bad regex {r:?}"))?
-            .is_match(text),
-        Check::JsonSchema(s) => {
-            switchyard_router::cascade::parse_json_answer(text).is_some_and(|v| schema_ok(s, &v))
-        }
-    })
-}
-
-#[derive(Debug, Clone, Serialize)]
-struct Outcome {
-    tier: String,
-    pass: bool,
-    latency_ms: f64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    cost_usd: f64,
-    error: Option<String>,
-}
-
-async fn send(
-    client: &reqwest::Client,
-    a: &RouteEvalArgs,
-    url: &str,
-    model: &str,
-    prompt: &str,
-    check: &Check,
-) -> Result<Outcome> {
-    let body = serde_json::json!({
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": a.max_tokens,
-        "temperature": 0,
-    });
-    let mut req = client.post(url).json(&body);
-    if let Some(k) = &a.api_key {
-        req = req.bearer_auth(k);
-    }
-    let t0 = Instant::now();
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            return Ok(Outcome {
-                tier: "error".into(),
-                pass: false,
-                latency_ms: 0.0,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                cost_usd: 0.0,
-                error: Some(e.to_string()),
-            })
-        }
-    };
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let tier = header("x-switchyard-tier").unwrap_or_else(|| "unknown".into());
-    let cost = header("x-switchyard-cost-usd")
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0.0);
-    let status = resp.status();
-    let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-    let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if !status.is_success() {
-        return Ok(Outcome {
-            tier,
-            pass: false,
-            latency_ms,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cost_usd: cost,
-            error: Some(format!("HTTP {status}: {v}")),
-        });
-    }
-    let text = v
-        .pointer("/choices/0/message/content")
-        .and_then(|c| c.as_str())
-        .unwrap_or("");
-    let tok = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
-    Ok(Outcome {
-        tier,
-        pass: passes(check, text)?,
-        latency_ms,
-        prompt_tokens: tok("/usage/prompt_tokens"),
-        completion_tokens: tok("/usage/completion_tokens"),
-        cost_usd: cost,
-        error: None,
-    })
-}
-
-#[derive(Debug, Default, Serialize)]
-struct TierStats {
-    requests: usize,
-    passed: usize,
-    pass_rate: f64,
-    median_latency_ms: f64,
-    mean_latency_ms: f64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    cost_usd: f64,
-    errors: usize,
-}
-
-fn stats(outcomes: &[&Outcome]) -> TierStats {
-    let mut lat: Vec<f64> = outcomes.iter().map(|o| o.latency_ms).collect();
-    lat.sort_by(f64::total_cmp);
-    let n = outcomes.len();
-    let passed = outcomes.iter().filter(|o| o.pass).count();
-    TierStats {
-        requests: n,
-        passed,
-        pass_rate: if n == 0 {
-            0.0
-        } else {
-            passed as f64 / n as f64
-        },
-        median_latency_ms: lat.get(n / 2).copied().unwrap_or(0.0),
-        mean_latency_ms: if n == 0 {
-            0.0
-        } else {
-            lat.iter().sum::<f64>() / n as f64
-        },
-        prompt_tokens: outcomes.iter().map(|o| o.prompt_tokens).sum(),
-        completion_tokens: outcomes.iter().map(|o| o.completion_tokens).sum(),
-        cost_usd: outcomes.iter().map(|o| o.cost_usd).sum(),
-        errors: outcomes.iter().filter(|o| o.error.is_some()).count(),
-    }
-}
-
-fn load_tasks(path: &Path) -> Result<Vec<Task>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with("//"))
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
+        let base = url
+            .as_str()
+            .trim_end_matches('/')
+            .trim_end_matches("/v1")
+            .to_string();
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .timeout(std::time::Duration::from_secs(a.timeout_s.max(1)))
+                .build()?,
+            chat_url: format!("{base}/v1/chat/completions"),
+            base,
+            api_key: a.api_key.clone(),
+            max_tokens: a.max_tokens,
         })
-        .collect()
+    }
+
+    /// `GET /health`; the served model's id. Fails with a sentence when nothing answers.
+    async fn check_reachable(&self) -> Result<String> {
+        let url = format!("{}/health", self.base);
+        let resp = self.client.get(&url).send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the server at {}: {} (is `switchyard serve` running there?)",
+                self.base,
+                error_chain(&e)
+            )
+        })?;
+        let status = resp.status();
+        let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            bail!(
+                "{url} answered HTTP {status}; is {} a switchyard server?",
+                self.base
+            );
+        }
+        Ok(v["model"].as_str().unwrap_or("unknown model").to_string())
+    }
+
+    /// Sends `task` with `model`, judges the answer. An HTTP error or a timeout is an outcome
+    /// (the task failed); a server that cannot be reached any more is an error.
+    async fn send(&self, origin: &str, task: &Task, model: &str) -> Result<Outcome> {
+        let body = serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": task.prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0,
+        });
+        let mut req = self.client.post(&self.chat_url).json(&body);
+        if let Some(k) = &self.api_key {
+            req = req.bearer_auth(k);
+        }
+        let mut out = Outcome {
+            line: task.line,
+            id: task.id.clone(),
+            model: model.to_string(),
+            tier: "none".into(),
+            ..Outcome::default()
+        };
+        let t0 = Instant::now();
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => bail!(
+                "{origin}:{}: cannot reach {}: {}",
+                task.line,
+                self.chat_url,
+                error_chain(&e)
+            ),
+            Err(e) => {
+                out.latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+                out.error = Some(error_chain(&e));
+                out.why = out.error.clone();
+                return Ok(out);
+            }
+        };
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if let Some(t) = header("x-switchyard-tier") {
+            out.tier = t;
+        }
+        out.action = header("x-switchyard-action").unwrap_or_default();
+        out.cost_usd = header("x-switchyard-cost-usd")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0.0);
+        let status = resp.status();
+        let text = resp.text().await;
+        out.latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let v: serde_json::Value = match text {
+            Ok(t) => serde_json::from_str(&t).unwrap_or(serde_json::Value::String(t)),
+            Err(e) => serde_json::Value::String(error_chain(&e)),
+        };
+        if !status.is_success() {
+            let msg = v
+                .pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map_or_else(|| v.to_string(), str::to_string);
+            out.error = Some(format!("HTTP {}: {msg}", status.as_u16()));
+            out.why = out.error.clone();
+            return Ok(out);
+        }
+        let answer = v
+            .pointer("/choices/0/message/content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
+        let tok = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+        out.prompt_tokens = tok("/usage/prompt_tokens");
+        out.completion_tokens = tok("/usage/completion_tokens");
+        out.why = task.check.failure(answer);
+        out.pass = out.why.is_none();
+        Ok(out)
+    }
+}
+
+/// An error and its causes on one line (reqwest's own message is often just "error sending
+/// request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn print_stats(name: &str, s: &TierStats) {
+    println!(
+        "  {name:<12} {:>4} requests  pass {:>5.1}%  latency median {:>6.0} ms, mean {:>6.0} ms  tokens {}/{}  cost ${:.6}  errors {}",
+        s.requests,
+        100.0 * s.pass_rate,
+        s.median_latency_ms,
+        s.mean_latency_ms,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.cost_usd,
+        s.errors
+    );
 }
 
 fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
+    let origin = tasks_path.display().to_string();
     let tasks = load_tasks(tasks_path)?;
-    for t in &tasks {
-        passes(&t.check, "")?; // reject bad regexes before sending anything
-    }
-    let base = a.server.clone().context("--replay needs --server URL")?;
-    let url = format!(
-        "{}/v1/chat/completions",
-        base.trim_end_matches('/').trim_end_matches("/v1")
-    );
+    let target = Target::new(a)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(600))
-        .build()?;
-    if !a.calibrate {
-        let outcomes: Vec<Outcome> = rt.block_on(async {
-            let mut v = Vec::new();
-            for t in &tasks {
-                v.push(send(&client, a, &url, "auto", &t.prompt, &t.check).await?);
-            }
-            anyhow::Ok(v)
-        })?;
-        let mut by_tier: BTreeMap<String, Vec<&Outcome>> = BTreeMap::new();
-        for o in &outcomes {
-            by_tier.entry(o.tier.clone()).or_default().push(o);
+    let model = rt.block_on(target.check_reachable())?;
+    eprintln!(
+        "replaying {} tasks from {origin} against {} ({model})",
+        tasks.len(),
+        target.base
+    );
+    if a.calibrate {
+        return run_calibrate(a, &origin, &tasks, &target, &rt);
+    }
+    let outcomes = rt.block_on(async {
+        let mut v = Vec::with_capacity(tasks.len());
+        for t in &tasks {
+            v.push(target.send(&origin, t, "auto").await?);
         }
-        let all = stats(&outcomes.iter().collect::<Vec<_>>());
-        let tiers: BTreeMap<String, TierStats> =
-            by_tier.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
+        anyhow::Ok(v)
+    })?;
+    let report = ReplayReport::new(outcomes);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let all = &report.overall;
         println!(
-            "{} tasks: pass rate {:.1}%, cost ${:.4}, median latency {:.0} ms",
+            "{} tasks: pass rate {:.1}%, cost ${:.6}, latency median {:.0} ms",
             all.requests,
             100.0 * all.pass_rate,
             all.cost_usd,
             all.median_latency_ms
         );
-        for (tier, s) in &tiers {
+        for (tier, s) in &report.tiers {
+            print_stats(tier, s);
+        }
+        for o in report.outcomes.iter().filter(|o| !o.pass) {
             println!(
-                "  {tier:<12} {:>4} requests  pass {:>5.1}%  median {:>6.0} ms  tokens {}/{}  cost ${:.4}  errors {}",
-                s.requests, 100.0 * s.pass_rate, s.median_latency_ms, s.prompt_tokens, s.completion_tokens, s.cost_usd, s.errors
+                "  fail {}:{} ({}) on `{}`: {}",
+                origin,
+                o.line,
+                o.id,
+                o.tier,
+                o.why.as_deref().unwrap_or("")
             );
         }
-        if let Some(out) = &a.out {
-            let p = write_json(
-                out,
-                "replay.json",
-                &serde_json::json!({"overall": all, "tiers": tiers, "outcomes": outcomes}),
-            )?;
-            println!("wrote {}", p.display());
-        }
-        return Ok(());
     }
-
-    // Calibration: every task on both tiers, then sweep the difficulty threshold.
-    let policy = load_policy(a)?;
-    let local = policy.local_tier().name.clone();
-    let remote = policy
-        .escalate_tier()
-        .map(|t| t.name.clone())
-        .context("the policy has no remote tier to calibrate against")?;
-    let scorer = RouterScorer::load(&embedder(a)?, &router_dir(a))?;
-    let mut rows = Vec::new();
-    for t in &tasks {
-        let d = scorer
-            .score_text(&t.prompt)?
-            .difficulty
-            .context("no difficulty model (models/router/difficulty.safetensors)")?;
-        rows.push((d, t));
-    }
-    let results: Vec<(f64, Outcome, Outcome)> = rt.block_on(async {
-        let mut v = Vec::new();
-        for (d, t) in &rows {
-            let l = send(&client, a, &url, &local, &t.prompt, &t.check).await?;
-            let r = send(&client, a, &url, &remote, &t.prompt, &t.check).await?;
-            v.push((*d, l, r));
-        }
-        anyhow::Ok(v)
-    })?;
-    let n = results.len().max(1) as f64;
-    let mut thresholds: Vec<f64> = results.iter().map(|r| r.0).collect();
-    thresholds.push(f64::INFINITY);
-    thresholds.sort_by(f64::total_cmp);
-    thresholds.dedup();
-    let mut best: Option<(f64, f64, f64, f64)> = None; // (threshold, pass, escalated, cost)
-    println!(
-        "{:>10} {:>10} {:>10} {:>10}",
-        "threshold", "pass", "escalated", "cost $"
-    );
-    for &t in thresholds.iter().rev() {
-        let (mut pass, mut esc, mut cost) = (0.0, 0.0, 0.0);
-        for (d, l, r) in &results {
-            let o = if *d >= t {
-                esc += 1.0;
-                r
-            } else {
-                l
-            };
-            pass += o.pass as u8 as f64;
-            cost += o.cost_usd;
-        }
-        let (pass, esc) = (pass / n, esc / n);
-        println!(
-            "{t:>10.4} {:>9.1}% {:>9.1}% {cost:>10.4}",
-            100.0 * pass,
-            100.0 * esc
-        );
-        if pass >= a.target_pass_rate && best.is_none() {
-            best = Some((t, pass, esc, cost));
-        }
-    }
-    match best {
-        Some((t, pass, esc, cost)) if t.is_finite() => println!(
-            "\nescalate_difficulty = {t:.4}   # pass rate {:.1}% with {:.1}% escalated, ${cost:.4} for {} tasks",
-            100.0 * pass, 100.0 * esc, results.len()
-        ),
-        Some(_) => println!("\nthe local tier alone meets {:.1}%: escalate_difficulty = 1.0", 100.0 * a.target_pass_rate),
-        None => println!("\nno threshold reaches {:.1}% (the frontier tier alone does not)", 100.0 * a.target_pass_rate),
+    if let Some(out) = &a.out {
+        let p = write_json(out, "replay.json", &report)?;
+        eprintln!("wrote {}", p.display());
     }
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `policy` with `classifier.escalate_difficulty = t`.
+fn with_threshold(policy: &Policy, t: f64) -> Result<Policy> {
+    let mut spec = policy.spec().clone();
+    spec.classifier.escalate_difficulty = t;
+    Ok(Policy::from_spec(spec, policy.origin())?)
+}
 
-    #[test]
-    fn checks() {
-        assert!(passes(&Check::Exact("42".into()), " 42\n").unwrap());
-        assert!(!passes(&Check::Exact("42".into()), "41").unwrap());
-        assert!(passes(&Check::Regex(r"\b42\b".into()), "it is 42.").unwrap());
-        assert!(passes(&Check::Regex("(".into()), "").is_err());
-        let schema = serde_json::json!({"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}}});
-        assert!(passes(
-            &Check::JsonSchema(schema.clone()),
-            "{\"a\": 1, \"b\": \"x\"}"
+/// Calibration: each task is decided as the server would (same policy, same scorer), once with
+/// the threshold at 1 and once at 0. Where the two agree, a rule or the safety floor settles
+/// the task and it is sent once with `model: "auto"`; where they differ, the difficulty step
+/// decides it, and it is sent to both tiers by name. Then every threshold is scored.
+fn run_calibrate(
+    a: &RouteEvalArgs,
+    origin: &str,
+    tasks: &[Task],
+    target: &Target,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let policy = load_policy(a)?;
+    let local = policy.local_tier().name.clone();
+    let never = with_threshold(&policy, 1.0)?;
+    let always = with_threshold(&policy, 0.0)?;
+    // Decide as if every tier's key were set: the keys live with the server, not here.
+    let keys = policy
+        .tiers()
+        .iter()
+        .filter_map(|t| t.api_key_env.clone())
+        .map(|k| (k, "set".to_string()))
+        .collect();
+    let state = RouterState::new(Arc::new(SystemClock), EnvSource::Fixed(keys));
+    let scorer = if a.no_classifier {
+        None
+    } else {
+        Some(
+            RouterScorer::load(&embedder(a)?, &router_dir(a))
+                .context("loading the router classifier (--no-classifier for the heuristic difficulty, as `serve` without --classifier)")?,
         )
-        .unwrap());
-        assert!(!passes(&Check::JsonSchema(schema.clone()), "{\"a\": 1.5}").unwrap());
-        assert!(!passes(&Check::JsonSchema(schema.clone()), "{\"b\": \"x\"}").unwrap());
-        assert!(!passes(&Check::JsonSchema(schema), "{\"a\": 1, \"b\": \"z\"}").unwrap());
-        let t: Task = serde_json::from_str(r#"{"prompt": "p", "check": {"regex": "a+"}}"#).unwrap();
-        assert!(matches!(t.check, Check::Regex(_)));
+    };
+    let scorer = scorer.as_ref().map(|s| s as &dyn SemanticScorer);
+    let rows: Vec<CalibrationRow> = rt.block_on(async {
+        let mut rows = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let req = RouteRequest::from_prompt(&t.prompt);
+            let lo = decide(&never, &req, &state, scorer);
+            let hi = decide(&always, &req, &state, scorer);
+            let route = match (&lo.tier, &hi.tier) {
+                (Some(below), Some(above)) if below != above => Route::Threshold {
+                    difficulty: hi.scores.get("difficulty").copied().unwrap_or(0.0),
+                    below: below.clone(),
+                    above: above.clone(),
+                },
+                _ => Route::Fixed,
+            };
+            let models: Vec<String> = match &route {
+                Route::Fixed => vec!["auto".into()],
+                Route::Threshold { below, above, .. } => vec![below.clone(), above.clone()],
+            };
+            let mut outcomes = BTreeMap::new();
+            for m in models {
+                let mut o = target.send(origin, t, &m).await?;
+                if m != "auto" && o.error.is_none() && o.tier != m {
+                    o.pass = false;
+                    o.error = Some(format!(
+                        "asked for tier `{m}`, the server answered with `{}` (does the server run this policy, with routing.allow_explicit?)",
+                        o.tier
+                    ));
+                    o.why = o.error.clone();
+                }
+                outcomes.insert(m, o);
+            }
+            rows.push(CalibrationRow { route, outcomes });
+        }
+        anyhow::Ok(rows)
+    })?;
+    let c = calibrate(&rows, &local, a.target_pass_rate);
+    if let Some(out) = &a.out {
+        let p = write_json(
+            out,
+            "calibrate.json",
+            &serde_json::json!({"calibration": c, "tasks": rows}),
+        )?;
+        eprintln!("wrote {}", p.display());
     }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"calibration": c, "tasks": rows}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{} tasks: {} routed by the difficulty threshold, {} settled by rules or the safety floor",
+        rows.len(),
+        c.threshold_dependent,
+        c.fixed
+    );
+    println!(
+        "{:>10} {:>10} {:>10} {:>12}",
+        "threshold", "pass", "escalated", "cost $"
+    );
+    for p in &c.sweep {
+        println!(
+            "{:>10.4} {:>9.1}% {:>9.1}% {:>12.6}",
+            p.threshold,
+            100.0 * p.pass_rate,
+            100.0 * p.escalated,
+            p.cost_usd
+        );
+    }
+    match &c.chosen {
+        Some(p) => println!(
+            "\n[classifier]\nescalate_difficulty = {:.4}   # pass rate {:.1}% (target {:.1}%), {:.1}% escalated, ${:.6} for {} tasks",
+            p.threshold,
+            100.0 * p.pass_rate,
+            100.0 * a.target_pass_rate,
+            100.0 * p.escalated,
+            p.cost_usd,
+            rows.len()
+        ),
+        None => println!(
+            "\nno threshold reaches a pass rate of {:.1}% (best: {:.1}%)",
+            100.0 * a.target_pass_rate,
+            100.0 * c.sweep.iter().map(|p| p.pass_rate).fold(0.0, f64::max)
+        ),
+    }
+    Ok(())
 }

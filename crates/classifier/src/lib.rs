@@ -9,6 +9,8 @@
 //!   `switchyard_router::decide`.
 //! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines;
 //!   [`route_eval`] runs it for `switchyard route-eval --routellm` (summary JSON, SVG plot).
+//! - [`replay`]: `switchyard route-eval --replay`'s task file, answer checks, per-tier totals
+//!   and the difficulty-threshold sweep of `--calibrate`.
 //! - [`cache`]: an on-disk embedding cache keyed by `sha256(text)`.
 //!
 //! Words: the MoE *gate* picks experts inside the model; the request *router* picks a tier.
@@ -21,6 +23,7 @@ pub mod embed;
 pub mod error;
 pub mod exemplars;
 mod linalg;
+pub mod replay;
 pub mod route_eval;
 pub mod routellm;
 pub mod scorer;
