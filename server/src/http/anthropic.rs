@@ -23,12 +23,11 @@ use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
 
-use super::cascade;
 use super::error::ApiError;
 use super::local::{self, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
 use super::route::{Api, NormalizedRequest};
-use super::routing::{self, RequestRecord, Routed};
+use super::routing::{self, RequestRecord};
 use super::{new_id, AppState};
 
 /// Anthropic's temperature range is `[0, 1]`.
@@ -176,6 +175,29 @@ async fn serve_local(
     Ok(json_response(state, outs, tracker.usage))
 }
 
+/// The Anthropic Messages endpoint on the engine.
+pub struct Anthropic;
+
+impl routing::LocalEndpoint for Anthropic {
+    fn serve<'a>(
+        state: &'a Arc<AppState>,
+        req: NormalizedRequest,
+        arrived: Instant,
+        record: &'a mut Option<RequestRecord>,
+    ) -> impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'a {
+        serve_local(state, req, arrived, record)
+    }
+
+    fn render(
+        state: &Arc<AppState>,
+        req: &NormalizedRequest,
+        outs: Vec<ChoiceOutput>,
+        usage: Usage,
+    ) -> Response {
+        render_local(state, req, outs, usage)
+    }
+}
+
 /// The response to a finished local answer: a message, or (a held-back stream) its events.
 fn render_local(
     state: &AppState,
@@ -315,33 +337,8 @@ pub async fn messages(
             Ok((typed, json)) => (typed.normalize(), json),
             Err(e) => (Err(e), Value::Null),
         };
-    match routing::route(&state, api, &headers, json, parsed, arrived).await {
-        Routed::Done(resp) => resp,
-        Routed::Local(plan) => {
-            let routing::LocalServe {
-                req,
-                headers,
-                record,
-                cascade,
-            } = *plan;
-            if let Some(plan) = cascade {
-                let st = state.clone();
-                return cascade::serve(
-                    &state,
-                    req,
-                    headers,
-                    record,
-                    plan,
-                    arrived,
-                    move |r, o, u| render_local(&st, r, o, u),
-                )
-                .await;
-            }
-            let mut record = Some(record);
-            let result = serve_local(&state, req, arrived, &mut record).await;
-            routing::finish_local(api, result, &headers, record)
-        }
-    }
+    let routed = routing::route(&state, api, &headers, json, parsed, arrived).await;
+    routing::respond::<Anthropic>(&state, routed, arrived).await
 }
 
 #[cfg(test)]

@@ -166,39 +166,49 @@ where
         Dispatch::Local { report, .. } | Dispatch::Failed { report, .. } => {
             record.report(&report);
             let a = failed(&report, "no remote tier could serve".into());
-            headers.reasons.push(format!(
-                "cascade: escalation failed ({}); serving the local answer",
-                a.error.as_deref().unwrap_or_default()
-            ));
-            record.cascade_attempt(a, CascadeOutcome::EscalationFailed);
-            answer_locally(
-                &req,
-                outs,
-                usage,
-                headers,
-                record,
-                CascadeOutcome::EscalationFailed,
-                render,
+            let why = a.error.clone().unwrap_or_default();
+            escalation_failed(
+                &req, outs, usage, headers, record, a, "failed", &why, render,
             )
         }
         Dispatch::Refused(f) => {
             let a = failed(&DispatchReport::default(), f.message.clone());
-            headers.reasons.push(format!(
-                "cascade: escalation refused ({}); serving the local answer",
-                f.message
-            ));
-            record.cascade_attempt(a, CascadeOutcome::EscalationFailed);
-            answer_locally(
-                &req,
-                outs,
-                usage,
-                headers,
-                record,
-                CascadeOutcome::EscalationFailed,
-                render,
+            escalation_failed(
+                &req, outs, usage, headers, record, a, "refused", &f.message, render,
             )
         }
     }
+}
+
+/// The remote attempt `a` failed (`how`: failed or refused, `why`): the local answer after all.
+#[allow(clippy::too_many_arguments)]
+fn escalation_failed<R>(
+    req: &NormalizedRequest,
+    outs: Vec<ChoiceOutput>,
+    usage: local::Usage,
+    mut headers: RouteHeaders,
+    mut record: RequestRecord,
+    a: Attempt,
+    how: &str,
+    why: &str,
+    render: R,
+) -> Response
+where
+    R: FnOnce(&NormalizedRequest, Vec<ChoiceOutput>, local::Usage) -> Response,
+{
+    headers.reasons.push(format!(
+        "cascade: escalation {how} ({why}); serving the local answer"
+    ));
+    record.cascade_attempt(a, CascadeOutcome::EscalationFailed);
+    answer_locally(
+        req,
+        outs,
+        usage,
+        headers,
+        record,
+        CascadeOutcome::EscalationFailed,
+        render,
+    )
 }
 
 /// The local answer as the response, the record finished as served by the local tier.

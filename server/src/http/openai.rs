@@ -23,12 +23,11 @@ use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 
-use super::cascade;
 use super::error::{ApiError, OpenAiError};
 use super::local::{self, token_text, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
 use super::route::{Api, NormalizedRequest, PromptInput};
-use super::routing::{self, RequestRecord, Routed};
+use super::routing::{self, RequestRecord};
 use super::{new_id, unix_now, AppState};
 
 /// `stream_options`.
@@ -426,6 +425,29 @@ async fn serve_local(
     Ok(json_response(state, &req, meta, &outs, tracker.usage))
 }
 
+/// The OpenAI endpoints on the engine.
+pub struct OpenAi;
+
+impl routing::LocalEndpoint for OpenAi {
+    fn serve<'a>(
+        state: &'a Arc<AppState>,
+        req: NormalizedRequest,
+        arrived: Instant,
+        record: &'a mut Option<RequestRecord>,
+    ) -> impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'a {
+        serve_local(state, req, arrived, record)
+    }
+
+    fn render(
+        state: &Arc<AppState>,
+        req: &NormalizedRequest,
+        outs: Vec<ChoiceOutput>,
+        usage: Usage,
+    ) -> Response {
+        render_local(state, req, outs, usage)
+    }
+}
+
 /// The response to finished local choices: JSON, or (a held-back stream) the SSE events.
 fn render_local(
     state: &Arc<AppState>,
@@ -610,33 +632,8 @@ async fn handle(
     parsed: Result<NormalizedRequest, ApiError>,
     arrived: Instant,
 ) -> Response {
-    match routing::route(&state, api, headers, body, parsed, arrived).await {
-        Routed::Done(resp) => resp,
-        Routed::Local(plan) => {
-            let routing::LocalServe {
-                req,
-                headers,
-                record,
-                cascade,
-            } = *plan;
-            if let Some(plan) = cascade {
-                let st = state.clone();
-                return cascade::serve(
-                    &state,
-                    req,
-                    headers,
-                    record,
-                    plan,
-                    arrived,
-                    move |r, o, u| render_local(&st, r, o, u),
-                )
-                .await;
-            }
-            let mut record = Some(record);
-            let result = serve_local(&state, req, arrived, &mut record).await;
-            routing::finish_local(api, result, &headers, record)
-        }
-    }
+    let routed = routing::route(&state, api, headers, body, parsed, arrived).await;
+    routing::respond::<OpenAi>(&state, routed, arrived).await
 }
 
 /// `POST /v1/chat/completions`.

@@ -328,6 +328,56 @@ pub struct CascadePlan {
     pub estimated_prompt_tokens: u64,
 }
 
+/// How an endpoint serves a request on the engine and renders finished local choices.
+pub trait LocalEndpoint {
+    /// Serves `req` on the engine (JSON or SSE); the engine's tracker takes `record`.
+    fn serve<'a>(
+        state: &'a Arc<AppState>,
+        req: NormalizedRequest,
+        arrived: Instant,
+        record: &'a mut Option<RequestRecord>,
+    ) -> impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'a;
+
+    /// The response for choices that already finished (the cascade's local answer): JSON, or
+    /// the SSE events of a held-back stream.
+    fn render(
+        state: &Arc<AppState>,
+        req: &NormalizedRequest,
+        outs: Vec<local::ChoiceOutput>,
+        usage: local::Usage,
+    ) -> Response;
+}
+
+/// The response to a routed request: as decided remotely, or served by `E` on the engine
+/// (through the cascade when the decision asks for it).
+pub async fn respond<E: LocalEndpoint>(
+    state: &Arc<AppState>,
+    routed: Routed,
+    arrived: Instant,
+) -> Response {
+    let plan = match routed {
+        Routed::Done(resp) => return resp,
+        Routed::Local(plan) => *plan,
+    };
+    let LocalServe {
+        req,
+        headers,
+        record,
+        cascade,
+    } = plan;
+    if let Some(c) = cascade {
+        let st = state.clone();
+        return super::cascade::serve(state, req, headers, record, c, arrived, move |r, o, u| {
+            E::render(&st, r, o, u)
+        })
+        .await;
+    }
+    let api = req.api;
+    let mut record = Some(record);
+    let result = E::serve(state, req, arrived, &mut record).await;
+    finish_local(api, result, &headers, record)
+}
+
 /// Finishes a locally served request: the error shape on failure, the routing headers, and the
 /// record if the engine's tracker did not take it.
 pub fn finish_local(
