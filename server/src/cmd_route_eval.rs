@@ -388,6 +388,7 @@ impl Target {
             out.tier = t;
         }
         out.action = header("x-switchyard-action").unwrap_or_default();
+        out.reason = header("x-switchyard-reason").unwrap_or_default();
         out.cost_usd = header("x-switchyard-cost-usd")
             .and_then(|c| c.parse().ok())
             .unwrap_or(0.0);
@@ -564,10 +565,17 @@ fn run_calibrate(
             for m in models {
                 let mut o = target.send(origin, t, &m).await?;
                 if m != "auto" && o.error.is_none() && o.tier != m {
+                    // A fallback (the tier failed or is disabled on the server), or a server
+                    // that does not honour explicit tiers: either way not the tier's answer.
                     o.pass = false;
                     o.error = Some(format!(
-                        "asked for tier `{m}`, the server answered with `{}` (does the server run this policy, with routing.allow_explicit?)",
-                        o.tier
+                        "asked for tier `{m}`, answered by `{}`: {}",
+                        o.tier,
+                        if o.reason.is_empty() {
+                            "no reason given"
+                        } else {
+                            &o.reason
+                        }
                     ));
                     o.why = o.error.clone();
                 }

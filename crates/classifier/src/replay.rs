@@ -185,6 +185,8 @@ pub struct Outcome {
     pub tier: String,
     /// The router's action (`x-switchyard-action`).
     pub action: String,
+    /// The router's reasons (`x-switchyard-reason`).
+    pub reason: String,
     /// Whether the answer passed the task's check.
     pub pass: bool,
     /// Why it did not (the check's message, or the error).

@@ -287,3 +287,6 @@ pub fn chat_prompt_len(messages: &[(&str, &str)]) -> usize {
         .expect("render");
     tok.encode(&text, false).expect("encode").len()
 }
+
+/// Fake OpenAI / Anthropic upstream tiers and a server routing over them.
+pub mod upstream;
