@@ -55,7 +55,7 @@ pub fn gemv_bf16(
     }
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
-    let kernel = select_kernel();
+    let kernel = row_kernel();
     // One token (decode): `[out, 1]` is already y's layout, so write it in place.
     let mut scratch = Vec::new();
     let acc: &mut [f32] = if tokens == 1 {
@@ -87,7 +87,14 @@ pub fn gemv_bf16(
     Ok(())
 }
 
-type RowKernel = fn(&[bf16], &[f32], usize, usize, &mut [f32]);
+/// A kernel computing one weight row against `tokens` (≤ [`TOKEN_BLOCK`]) activation rows.
+pub(crate) type RowKernel = fn(&[bf16], &[f32], usize, usize, &mut [f32]);
+
+/// The fastest row kernel this CPU runs (detected once).
+pub(crate) fn row_kernel() -> RowKernel {
+    static K: std::sync::OnceLock<RowKernel> = std::sync::OnceLock::new();
+    *K.get_or_init(select_kernel)
+}
 
 fn select_kernel() -> RowKernel {
     #[cfg(target_arch = "x86_64")]

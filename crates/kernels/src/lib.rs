@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod cpu_gemv;
+pub mod cpu_moe;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gate;

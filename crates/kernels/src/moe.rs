@@ -114,6 +114,9 @@ pub fn experts_forward(
     }
     let dev = x.device();
     let dtype = x.dtype();
+    if let Some(y) = cpu_bf16_experts(x, w, gate, plan, (e, i, h))? {
+        return Ok(Tensor::from_vec(y, (t, h), dev)?.to_dtype(dtype)?);
+    }
     let mut outs = Vec::with_capacity(e);
     for ex in plan.active_experts() {
         let (lo, hi) = (plan.offsets[ex], plan.offsets[ex + 1]);
@@ -145,6 +148,38 @@ pub fn experts_forward(
     let ys = Tensor::cat(&outs, 0)?;
     let idx = Tensor::from_slice(&plan.token_of, plan.token_of.len(), dev)?;
     Ok(zeros.index_add(&idx, &ys, 0)?)
+}
+
+/// [`crate::cpu_moe::experts_forward_bf16`] when the weights are contiguous bf16 on the CPU;
+/// `None` otherwise.
+fn cpu_bf16_experts(
+    x: &Tensor,
+    w: &ExpertWeights,
+    gate: &GateOutput,
+    plan: &DispatchPlan,
+    (e, i, h): (usize, usize, usize),
+) -> Result<Option<Vec<f32>>, KernelError> {
+    use candle_core::{CpuStorage, Storage};
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (gu, gl) = w.gate_up.storage_and_layout();
+    let (dn, dl) = w.down.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::BF16(gu)), Storage::Cpu(CpuStorage::BF16(dn))) = (&*gu, &*dn)
+    else {
+        return Ok(None);
+    };
+    let (Some((g0, g1)), Some((d0, d1))) = (gl.contiguous_offsets(), dl.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let dims = crate::cpu_moe::ExpertDims {
+        experts: e,
+        inter: i,
+        hidden: h,
+    };
+    crate::cpu_moe::experts_forward_bf16(&xf, &gu[g0..g1], &dn[d0..d1], dims, gate, plan).map(Some)
 }
 
 /// `x · wᵀ`: the bf16 small-batch kernel when it applies, else candle's matmul.
