@@ -16,222 +16,67 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
-use axum::body::{Body, Bytes};
-use axum::response::Response;
-use axum::routing::post;
-use common::{client, metric_sum, parse_sse, Opts, Server};
+use common::upstream::{setup_model, Mode, Setup, FRONTIER_JSON_COST, FRONTIER_KEY};
+use common::{client, metric_sum, parse_sse, post, Reply};
 use serde_json::{json, Value};
 
-const FRONTIER_KEY: &str = "sk-test-cascade-5c4b3a";
 const PROMPT: &str = "Translate 'good morning' into Spanish";
-/// The fake's usage: 1000 prompt tokens (400 cached) and 100 completion tokens at $5 / $0.5 /
-/// $15 per Mtok: (600×5 + 400×0.5 + 100×15) / 1e6.
-const REMOTE_COST: f64 = 0.0047;
+/// What the fake frontier tier answers, and what it costs (`common::upstream`).
 const REMOTE_TEXT: &str = "Remote answer.";
+const REMOTE_COST: f64 = FRONTIER_JSON_COST;
 
-/// A fake OpenAI-compatible upstream that records the bodies it was sent.
-#[derive(Default)]
-struct Fake {
-    fail: AtomicBool,
-    hits: Mutex<Vec<Value>>,
-}
-
-impl Fake {
-    fn hits(&self) -> Vec<Value> {
-        self.hits.lock().unwrap().clone()
-    }
-}
-
-async fn fake_chat(fake: Arc<Fake>, body: Bytes) -> Response {
-    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    fake.hits.lock().unwrap().push(req.clone());
-    if fake.fail.load(Ordering::SeqCst) {
-        return Response::builder()
-            .status(500)
-            .header("content-type", "application/json")
-            .body(Body::from(r#"{"error": {"message": "injected failure"}}"#))
-            .unwrap();
-    }
-    let usage = json!({"prompt_tokens": 1000, "completion_tokens": 100,
-                       "prompt_tokens_details": {"cached_tokens": 400}});
-    if req["stream"] == json!(true) {
-        let chunk = |delta: Value, finish: Value| {
-            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        };
-        let mut events = vec![
-            chunk(json!({"role": "assistant", "content": ""}), Value::Null),
-            chunk(json!({"content": "Remote "}), Value::Null),
-            chunk(json!({"content": "answer."}), json!("stop")),
-            json!({"id": "c1", "object": "chat.completion.chunk", "created": 1,
-                   "model": "gpt-test", "choices": [], "usage": usage}),
-        ]
-        .into_iter()
-        .map(|c| format!("data: {c}\n\n"))
-        .collect::<Vec<_>>();
-        events.push("data: [DONE]\n\n".into());
-        return Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(Body::from(events.concat()))
-            .unwrap();
-    }
-    let v = json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
-                   "model": "gpt-test",
-                   "choices": [{"index": 0, "message": {"role": "assistant", "content": REMOTE_TEXT},
-                                "finish_reason": "stop"}],
-                   "usage": usage});
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Body::from(v.to_string()))
-        .unwrap()
-}
-
-/// Serves `fake` on a free port; returns its `/v1` base URL.
-async fn serve_fake(fake: Arc<Fake>) -> String {
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        post(move |b: Bytes| fake_chat(fake.clone(), b)),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://{addr}/v1")
-}
-
-struct Setup {
-    server: Server,
-    fake: Arc<Fake>,
-    telemetry: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// A server for `model` whose policy has the local tier, a `frontier` tier on the fake, and
-/// `[cascade]` with `cascade` in it.
+/// A server for `model` routing with the test policy plus `[cascade]` (enabled, and `cascade`).
 async fn setup(model: &Path, cascade: &str) -> Setup {
-    let fake = Arc::new(Fake::default());
-    let url = serve_fake(fake.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"
-[[tiers]]
-name = "local"
-kind = "local"
-
-[[tiers]]
-name = "frontier"
-kind = "openai"
-base_url = "{url}"
-api_key_env = "SY_TEST_FRONTIER_KEY"
-model = "gpt-test"
-input_usd_per_mtok = 5.0
-output_usd_per_mtok = 15.0
-cached_input_usd_per_mtok = 0.5
-max_retries = 0
-
-[cascade]
-enabled = true
-{cascade}
-"#
-        ),
-    )
-    .unwrap();
-    let telemetry = dir.path().join("telemetry.jsonl");
-    let (p, t) = (
-        policy.to_string_lossy().into_owned(),
-        telemetry.to_string_lossy().into_owned(),
-    );
-    let server = Server::start_model(
-        model,
-        Opts {
-            args: &["--router", &p, "--telemetry", &t],
-            env: &[("SY_TEST_FRONTIER_KEY", FRONTIER_KEY)],
-        },
-    );
-    Setup {
-        server,
-        fake,
-        telemetry,
-        _dir: dir,
-    }
+    setup_model(model, &format!("\n[cascade]\nenabled = true\n{cascade}")).await
 }
 
-impl Setup {
-    async fn post(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
-        let mut rb = client().post(self.server.url(path)).json(&body);
-        for (k, v) in headers {
-            rb = rb.header(*k, *v);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        Reply {
-            status,
-            headers,
-            text,
-        }
-    }
-
-    /// Telemetry records so far.
-    fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.telemetry)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn last_record(&self) -> Value {
-        self.records().pop().expect("a telemetry record")
-    }
+async fn send(s: &Setup, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+    post(&s.server, path, body, headers).await
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
+/// Telemetry records so far.
+fn records(s: &Setup) -> Vec<Value> {
+    std::fs::read_to_string(&s.telemetry)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
-    }
+fn last_record(s: &Setup) -> Value {
+    records(s).pop().expect("a telemetry record")
+}
 
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
+/// Requests the fake frontier tier received.
+fn frontier_hits(s: &Setup) -> Vec<Value> {
+    s.frontier.hits().into_iter().map(|(_, b)| b).collect()
+}
 
-    /// The assistant text of an OpenAI chat completion or chunk stream.
-    fn openai_text(&self) -> String {
-        if self.text.starts_with("data:") {
-            return parse_sse(&self.text)
-                .iter()
-                .filter(|(_, d)| d != "[DONE]")
-                .map(|(_, d)| {
-                    let v: Value = serde_json::from_str(d).unwrap();
-                    v.pointer("/choices/0/delta/content")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()
-                })
-                .collect();
-        }
-        self.json()["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no content: {}", self.text))
-            .to_string()
+/// What a response says about the cascade (`""` when it did not go through it).
+fn cascade_header(r: &Reply) -> &str {
+    r.header_opt("x-switchyard-cascade").unwrap_or("")
+}
+
+/// The assistant text of an OpenAI chat completion or chunk stream.
+fn openai_text(r: &Reply) -> String {
+    if r.text.starts_with("data:") {
+        return parse_sse(&r.text)
+            .iter()
+            .filter(|(_, d)| d != "[DONE]")
+            .map(|(_, d)| {
+                let v: Value = serde_json::from_str(d).unwrap();
+                v.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
     }
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content: {}", r.text))
+        .to_string()
 }
 
 fn chat(prompt: &str, extra: Value) -> Value {
@@ -257,19 +102,17 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
 
     // 1. A plain answer passes: served locally, nothing sent upstream, logprobs not shown
     //    (the client did not ask), one attempt with the verdict in telemetry.
-    let r = s
-        .post("/v1/chat/completions", chat(PROMPT, json!({})), &[])
-        .await;
+    let r = send(&s, "/v1/chat/completions", chat(PROMPT, json!({})), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-switchyard-tier"), "local");
-    assert_eq!(r.header("x-switchyard-cascade"), "passed");
+    assert_eq!(cascade_header(&r), "passed");
     assert!(r
         .header("x-switchyard-reason")
         .contains("passed its checks"));
-    let local_text = r.openai_text();
+    let local_text = openai_text(&r);
     assert!(r.json()["choices"][0]["logprobs"].is_null(), "{}", r.text);
-    assert!(s.fake.hits().is_empty());
-    let rec = s.last_record();
+    assert!(frontier_hits(&s).is_empty());
+    let rec = last_record(&s);
     assert_eq!(rec["cascade"], "passed");
     assert_eq!(rec["tier"], "local");
     assert_eq!(rec["attempts"].as_array().unwrap().len(), 1, "{rec}");
@@ -288,24 +131,28 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
     assert_eq!(a0["tokens_out"], rec["tokens_out"]);
 
     // The same request pinned to the local tier (no cascade) gives the same greedy answer.
-    let pinned = s
-        .post(
-            "/v1/chat/completions",
-            chat(PROMPT, json!({"model": "local"})),
-            &[],
-        )
-        .await;
-    assert_eq!(pinned.openai_text(), local_text);
-    assert_eq!(pinned.header("x-switchyard-cascade"), "");
+    let pinned = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, json!({"model": "local"})),
+        &[],
+    )
+    .await;
+    assert_eq!(openai_text(&pinned), local_text);
+    assert_eq!(cascade_header(&pinned), "");
 
     // 2. JSON asked for, gibberish answered: escalated to the frontier tier.
     let want_json = json!({"response_format": {"type": "json_object"}});
-    let r = s
-        .post("/v1/chat/completions", chat(PROMPT, want_json.clone()), &[])
-        .await;
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, want_json.clone()),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-switchyard-tier"), "frontier");
-    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    assert_eq!(cascade_header(&r), "escalated");
     assert_eq!(r.header("x-switchyard-action"), "local");
     assert!(
         r.header("x-switchyard-reason").contains("not valid JSON"),
@@ -313,14 +160,14 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
         r.header("x-switchyard-reason")
     );
     assert_eq!(r.header("x-switchyard-cost-usd"), REMOTE_COST.to_string());
-    assert_eq!(r.openai_text(), REMOTE_TEXT);
-    let hits = s.fake.hits();
+    assert_eq!(openai_text(&r), REMOTE_TEXT);
+    let hits = frontier_hits(&s);
     assert_eq!(hits.len(), 1);
     // The frontier tier got the request as sent (its model name swapped in).
     assert_eq!(hits[0]["messages"][0]["content"], PROMPT);
     assert_eq!(hits[0]["response_format"]["type"], "json_object");
     assert_eq!(hits[0]["model"], "gpt-test");
-    let rec = s.last_record();
+    let rec = last_record(&s);
     assert_eq!(rec["cascade"], "escalated");
     assert_eq!(rec["tier"], "frontier");
     assert_eq!(rec["action"], "local");
@@ -350,67 +197,71 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
     // 3. The same on the Anthropic endpoint, with a JSON schema: the answer comes back
     //    translated into a Messages object.
     let schema = json!({"type": "object", "required": ["greeting"]});
-    let r = s
-        .post(
-            "/v1/messages",
-            json!({"model": "auto", "max_tokens": 12, "temperature": 0,
+    let r = send(
+        &s,
+        "/v1/messages",
+        json!({"model": "auto", "max_tokens": 12, "temperature": 0,
                    "messages": [{"role": "user", "content": PROMPT}],
                    "output_format": {"type": "json_schema", "schema": schema}}),
-            &[],
-        )
-        .await;
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    assert_eq!(cascade_header(&r), "escalated");
     let v = r.json();
     assert_eq!(v["type"], "message");
     assert_eq!(v["content"][0]["text"], REMOTE_TEXT);
-    assert_eq!(s.fake.hits().len(), 2);
+    assert_eq!(frontier_hits(&s).len(), 2);
 
     // 4. A held-back stream: escalated, the remote stream passes through; its usage reaches
     //    telemetry when it ends.
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat(
-                PROMPT,
-                json!({"stream": true, "response_format": {"type": "json_object"}}),
-            ),
-            &[],
-        )
-        .await;
-    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
-    assert_eq!(r.openai_text(), REMOTE_TEXT);
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(
+            PROMPT,
+            json!({"stream": true, "response_format": {"type": "json_object"}}),
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(cascade_header(&r), "escalated");
+    assert_eq!(openai_text(&r), REMOTE_TEXT);
     // The cost header of a stream is the prompt's estimate (its usage comes at the end).
     let estimate: f64 = r.header("x-switchyard-cost-usd").parse().unwrap();
     assert!(estimate > 0.0 && estimate < REMOTE_COST, "{estimate}");
-    let rec = s.last_record();
+    let rec = last_record(&s);
     assert_eq!(rec["attempts"][1]["tokens_out"], 100, "{rec}");
     // A passing stream is replayed from the checked local answer: the same text as the
     //    JSON answer, as chunks.
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat(PROMPT, json!({"stream": true})),
-            &[],
-        )
-        .await;
-    assert_eq!(r.header("x-switchyard-cascade"), "passed");
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, json!({"stream": true})),
+        &[],
+    )
+    .await;
+    assert_eq!(cascade_header(&r), "passed");
     assert!(r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
-    assert_eq!(r.openai_text(), local_text);
+    assert_eq!(openai_text(&r), local_text);
 
     // 5. The frontier tier fails: the local answer is served after all, and the failed
     //    attempt is recorded.
-    s.fake.fail.store(true, Ordering::SeqCst);
-    let r = s
-        .post("/v1/chat/completions", chat(PROMPT, want_json.clone()), &[])
-        .await;
+    s.frontier.set_mode(Mode::Fail500);
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, want_json.clone()),
+        &[],
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-switchyard-tier"), "local");
-    assert_eq!(r.header("x-switchyard-cascade"), "escalation_failed");
+    assert_eq!(cascade_header(&r), "escalation_failed");
     assert!(r
         .header("x-switchyard-reason")
         .contains("escalation failed"));
-    let rec = s.last_record();
+    let rec = last_record(&s);
     assert_eq!(rec["cascade"], "escalation_failed");
     assert_eq!(rec["tier"], "local");
     assert_eq!(rec["attempts"][1]["outcome"], "error");
@@ -422,22 +273,22 @@ async fn tiny_model_cascade_passes_escalates_and_falls_back() {
         "{rec}"
     );
     assert_eq!(rec["cost_usd"].as_f64(), Some(0.0));
-    s.fake.fail.store(false, Ordering::SeqCst);
+    s.frontier.set_mode(Mode::Ok);
 
     // 6. The request turns the cascade off: no check, no header, nothing upstream.
-    let before = s.fake.hits().len();
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat(PROMPT, want_json),
-            &[("x-switchyard-cascade", "off")],
-        )
-        .await;
+    let before = frontier_hits(&s).len();
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, want_json),
+        &[("x-switchyard-cascade", "off")],
+    )
+    .await;
     assert_eq!(r.header("x-switchyard-tier"), "local");
-    assert_eq!(r.header("x-switchyard-cascade"), "");
+    assert_eq!(cascade_header(&r), "");
     assert!(r.header("x-switchyard-reason").contains("turned off"));
-    assert_eq!(s.fake.hits().len(), before);
-    assert!(s.last_record().get("attempts").is_none());
+    assert_eq!(frontier_hits(&s).len(), before);
+    assert!(last_record(&s).get("attempts").is_none());
 
     // Metrics count each result; the key never reaches logs or telemetry.
     let m = client()
@@ -470,31 +321,33 @@ async fn tiny_model_regex_refusal_and_unbuffered_streams() {
         "min_mean_logprob = \"off\"\nmax_mean_entropy = \"off\"\nescalate_on_truncation = false\nmust_match = \"^ANSWER:\"\n",
     )
     .await;
-    let r = s
-        .post("/v1/chat/completions", chat(PROMPT, json!({})), &[])
-        .await;
-    assert_eq!(r.header("x-switchyard-cascade"), "escalated");
+    let r = send(&s, "/v1/chat/completions", chat(PROMPT, json!({})), &[]).await;
+    assert_eq!(cascade_header(&r), "escalated");
     assert!(r
         .header("x-switchyard-reason")
         .contains("does not match /^ANSWER:/"));
     // Streams are not held back unless the policy says so: served locally, unchecked.
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat(PROMPT, json!({"stream": true})),
-            &[],
-        )
-        .await;
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, json!({"stream": true})),
+        &[],
+    )
+    .await;
     assert_eq!(r.header("x-switchyard-tier"), "local");
-    assert_eq!(r.header("x-switchyard-cascade"), "");
+    assert_eq!(cascade_header(&r), "");
     assert!(r.header("x-switchyard-reason").contains("cascade skipped"));
     // Several choices are not cascaded either.
-    let r = s
-        .post("/v1/chat/completions", chat(PROMPT, json!({"n": 2})), &[])
-        .await;
+    let r = send(
+        &s,
+        "/v1/chat/completions",
+        chat(PROMPT, json!({"n": 2})),
+        &[],
+    )
+    .await;
     assert_eq!(r.json()["choices"].as_array().unwrap().len(), 2);
     assert!(r.header("x-switchyard-reason").contains("n = 2"));
-    assert_eq!(s.fake.hits().len(), 1);
+    assert_eq!(frontier_hits(&s).len(), 1);
 }
 
 /// The demo model's folder: SmolLM2-135M-Instruct's GGUF upcycled once per test binary, or
@@ -526,16 +379,16 @@ fn smollm2_model() -> Option<&'static Path> {
 /// The mean logprob of the greedy local answer, from the OpenAI `logprobs` of a request
 /// pinned to the local tier (no cascade).
 async fn mean_logprob(s: &Setup, prompt: &str) -> f64 {
-    let r = s
-        .post(
-            "/v1/chat/completions",
-            chat(
-                prompt,
-                json!({"model": "local", "max_tokens": 24, "logprobs": true}),
-            ),
-            &[],
-        )
-        .await;
+    let r = send(
+        s,
+        "/v1/chat/completions",
+        chat(
+            prompt,
+            json!({"model": "local", "max_tokens": 24, "logprobs": true}),
+        ),
+        &[],
+    )
+    .await;
     let lps: Vec<f64> = r.json()["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
@@ -553,16 +406,16 @@ async fn smollm2_low_confidence_escalates_confident_stays_local() {
     let confident = "What is the capital of France?";
     let unsure = "Invent a name for a new color.";
     for (prompt, want) in [(confident, "passed"), (unsure, "escalated")] {
-        let r = s
-            .post(
-                "/v1/chat/completions",
-                chat(prompt, json!({"max_tokens": 24})),
-                &[],
-            )
-            .await;
+        let r = send(
+            &s,
+            "/v1/chat/completions",
+            chat(prompt, json!({"max_tokens": 24})),
+            &[],
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text);
-        let rec = s.last_record();
-        assert_eq!(r.header("x-switchyard-cascade"), want, "{prompt}: {rec}");
+        let rec = last_record(&s);
+        assert_eq!(cascade_header(&r), want, "{prompt}: {rec}");
         let verdict = &rec["attempts"][0]["verdict"];
         let recorded = verdict["mean_logprob"].as_f64().unwrap();
         // What the cascade measured is what the client would see as logprobs.
@@ -574,7 +427,7 @@ async fn smollm2_low_confidence_escalates_confident_stays_local() {
         if want == "passed" {
             assert!(recorded > -1.0, "{rec}");
             assert_eq!(r.header("x-switchyard-tier"), "local");
-            assert!(r.openai_text().contains("Paris"), "{}", r.text);
+            assert!(openai_text(&r).contains("Paris"), "{}", r.text);
         } else {
             assert!(recorded < -1.0, "{rec}");
             assert!(
@@ -584,8 +437,8 @@ async fn smollm2_low_confidence_escalates_confident_stays_local() {
                 "{rec}"
             );
             assert_eq!(r.header("x-switchyard-tier"), "frontier");
-            assert_eq!(r.openai_text(), REMOTE_TEXT);
+            assert_eq!(openai_text(&r), REMOTE_TEXT);
         }
     }
-    assert_eq!(s.fake.hits().len(), 1);
+    assert_eq!(frontier_hits(&s).len(), 1);
 }

@@ -21,7 +21,8 @@ use common::upstream::{
     policy_file, serve_fake, setup, Fake, Mode, CLAUDE_KEY, FRONTIER_JSON_COST, FRONTIER_KEY,
 };
 use common::{
-    anthropic_error, client, metric_sum, model_dir, openai_error, parse_sse, Opts, Server,
+    anthropic_error, client, metric_sum, model_dir, openai_error, parse_sse, post, Opts, Reply,
+    Server,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -68,45 +69,6 @@ async fn byte_counter() -> ByteCounter {
         url: format!("http://{addr}/v1"),
         connections,
         bytes,
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| panic!("no {name} header: {:?}", self.headers))
-    }
-
-    fn cost(&self) -> f64 {
-        self.header("x-switchyard-cost-usd").parse().unwrap()
-    }
-}
-
-async fn post(s: &Server, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
-    let mut rb = client().post(s.url(path)).json(&body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    let r = rb.send().await.expect("send");
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let text = r.text().await.expect("body");
-    Reply {
-        status,
-        headers,
-        text,
     }
 }
 

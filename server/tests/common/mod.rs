@@ -228,6 +228,56 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A response read to the end: status, headers and body text.
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// The body.
+    pub text: String,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("{e}: {}", self.text))
+    }
+
+    /// A header that must be present.
+    pub fn header(&self, name: &str) -> &str {
+        self.header_opt(name)
+            .unwrap_or_else(|| panic!("no {name} header: {:?}", self.headers))
+    }
+
+    /// A header, if present.
+    pub fn header_opt(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `x-switchyard-cost-usd` header.
+    pub fn cost(&self) -> f64 {
+        self.header("x-switchyard-cost-usd").parse().unwrap()
+    }
+}
+
+/// POSTs JSON `body` to `path` with extra `headers` and reads the whole reply.
+pub async fn post(s: &Server, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+    let mut rb = client().post(s.url(path)).json(&body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.expect("send");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.expect("body");
+    Reply {
+        status,
+        headers,
+        text,
+    }
+}
+
 /// Asserts the OpenAI error shape and returns the `error` object.
 pub fn openai_error(v: &Value) -> &Value {
     let e = &v["error"];

@@ -254,6 +254,11 @@ pub struct Setup {
 
 /// A server routing with the test policy over two fake upstreams, keys set, telemetry on.
 pub async fn setup(extra_policy: &str) -> Setup {
+    setup_model(super::model_dir(), extra_policy).await
+}
+
+/// [`setup`] serving the model in `model`.
+pub async fn setup_model(model: &Path, extra_policy: &str) -> Setup {
     let frontier = Fake::new(false);
     let claude = Fake::new(true);
     let (fu, cu) = (
@@ -267,13 +272,16 @@ pub async fn setup(extra_policy: &str) -> Setup {
         policy.to_string_lossy().into_owned(),
         telemetry.to_string_lossy().into_owned(),
     );
-    let server = Server::start_with(Opts {
-        args: &["--router", &p, "--telemetry", &t],
-        env: &[
-            ("SY_TEST_FRONTIER_KEY", FRONTIER_KEY),
-            ("SY_TEST_CLAUDE_KEY", CLAUDE_KEY),
-        ],
-    });
+    let server = Server::start_model(
+        model,
+        Opts {
+            args: &["--router", &p, "--telemetry", &t],
+            env: &[
+                ("SY_TEST_FRONTIER_KEY", FRONTIER_KEY),
+                ("SY_TEST_CLAUDE_KEY", CLAUDE_KEY),
+            ],
+        },
+    );
     Setup {
         server,
         frontier,
