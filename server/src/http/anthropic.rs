@@ -157,59 +157,42 @@ fn usage_json(u: Usage) -> Value {
     })
 }
 
-/// Serves a request on the local engine; the tracker takes `record` once the engine has it.
-async fn serve_local(
-    state: &Arc<AppState>,
-    req: NormalizedRequest,
-    arrived: Instant,
-    record: &mut Option<RequestRecord>,
-) -> Result<Response, ApiError> {
-    let prepared = local::prepare(state, &req).await?;
-    let streams = local::submit(state, req.api, &prepared)?;
-    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
-    if req.stream {
-        let fmt = EventFormat::new(state, prepared.prompt_tokens());
-        return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
-    }
-    let outs = local::collect(streams, &mut tracker, false).await?;
-    Ok(json_response(state, outs, tracker.usage))
-}
-
 /// The Anthropic Messages endpoint on the engine.
 pub struct Anthropic;
 
 impl routing::LocalEndpoint for Anthropic {
-    fn serve<'a>(
-        state: &'a Arc<AppState>,
+    /// Serves a request on the local engine; the tracker takes `record` once the engine has
+    /// it.
+    async fn serve(
+        state: &Arc<AppState>,
         req: NormalizedRequest,
         arrived: Instant,
-        record: &'a mut Option<RequestRecord>,
-    ) -> impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'a {
-        serve_local(state, req, arrived, record)
+        record: &mut Option<RequestRecord>,
+    ) -> Result<Response, ApiError> {
+        let prepared = local::prepare(state, &req).await?;
+        let streams = local::submit(state, req.api, &prepared)?;
+        let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
+        if req.stream {
+            let fmt = EventFormat::new(state, prepared.prompt_tokens());
+            return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
+        }
+        let outs = local::collect(streams, &mut tracker, false).await?;
+        Ok(json_response(state, outs, tracker.usage))
     }
 
+    /// The response to a finished local answer: a message, or (a held-back stream) its events.
     fn render(
         state: &Arc<AppState>,
         req: &NormalizedRequest,
         outs: Vec<ChoiceOutput>,
         usage: Usage,
     ) -> Response {
-        render_local(state, req, outs, usage)
+        if req.stream {
+            let fmt = EventFormat::new(state, usage.prompt_tokens);
+            return Sse::new(local::replay(outs, fmt, usage)).into_response();
+        }
+        json_response(state, outs, usage)
     }
-}
-
-/// The response to a finished local answer: a message, or (a held-back stream) its events.
-fn render_local(
-    state: &AppState,
-    req: &NormalizedRequest,
-    outs: Vec<ChoiceOutput>,
-    usage: Usage,
-) -> Response {
-    if req.stream {
-        let fmt = EventFormat::new(state, usage.prompt_tokens);
-        return Sse::new(local::replay(outs, fmt, usage)).into_response();
-    }
-    json_response(state, outs, usage)
 }
 
 /// A Messages API message object.

@@ -405,62 +405,45 @@ fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usiz
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
 }
 
-/// Serves a request on the local engine; the tracker takes `record` once the engine has it.
-async fn serve_local(
-    state: &Arc<AppState>,
-    req: NormalizedRequest,
-    arrived: Instant,
-    record: &mut Option<RequestRecord>,
-) -> Result<Response, ApiError> {
-    let prepared = local::prepare(state, &req).await?;
-    let streams = local::submit(state, req.api, &prepared)?;
-    let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
-    let meta = Meta::new(state, req.api);
-    if req.stream {
-        let fmt = ChunkFormat::new(state, &req, meta, streams.len());
-        return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
-    }
-    let logprobs = req.sampling.logprobs.is_some();
-    let outs = local::collect(streams, &mut tracker, logprobs).await?;
-    Ok(json_response(state, &req, meta, &outs, tracker.usage))
-}
-
 /// The OpenAI endpoints on the engine.
 pub struct OpenAi;
 
 impl routing::LocalEndpoint for OpenAi {
-    fn serve<'a>(
-        state: &'a Arc<AppState>,
+    /// Serves a request on the local engine; the tracker takes `record` once the engine has
+    /// it.
+    async fn serve(
+        state: &Arc<AppState>,
         req: NormalizedRequest,
         arrived: Instant,
-        record: &'a mut Option<RequestRecord>,
-    ) -> impl std::future::Future<Output = Result<Response, ApiError>> + Send + 'a {
-        serve_local(state, req, arrived, record)
+        record: &mut Option<RequestRecord>,
+    ) -> Result<Response, ApiError> {
+        let prepared = local::prepare(state, &req).await?;
+        let streams = local::submit(state, req.api, &prepared)?;
+        let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
+        let meta = Meta::new(state, req.api);
+        if req.stream {
+            let fmt = ChunkFormat::new(state, &req, meta, streams.len());
+            return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
+        }
+        let logprobs = req.sampling.logprobs.is_some();
+        let outs = local::collect(streams, &mut tracker, logprobs).await?;
+        Ok(json_response(state, &req, meta, &outs, tracker.usage))
     }
 
+    /// The response to finished local choices: JSON, or (a held-back stream) the SSE events.
     fn render(
         state: &Arc<AppState>,
         req: &NormalizedRequest,
         outs: Vec<ChoiceOutput>,
         usage: Usage,
     ) -> Response {
-        render_local(state, req, outs, usage)
+        let meta = Meta::new(state, req.api);
+        if req.stream {
+            let fmt = ChunkFormat::new(state, req, meta, outs.len());
+            return Sse::new(local::replay(outs, fmt, usage)).into_response();
+        }
+        json_response(state, req, meta, &outs, usage)
     }
-}
-
-/// The response to finished local choices: JSON, or (a held-back stream) the SSE events.
-fn render_local(
-    state: &Arc<AppState>,
-    req: &NormalizedRequest,
-    outs: Vec<ChoiceOutput>,
-    usage: Usage,
-) -> Response {
-    let meta = Meta::new(state, req.api);
-    if req.stream {
-        let fmt = ChunkFormat::new(state, req, meta, outs.len());
-        return Sse::new(local::replay(outs, fmt, usage)).into_response();
-    }
-    json_response(state, req, meta, &outs, usage)
 }
 
 /// A chat completion or text completion object.
