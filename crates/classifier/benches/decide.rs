@@ -5,9 +5,9 @@
 //! scripts/minilm.sh, or $SWITCHYARD_MINILM_DIR).
 //!
 //! Prompts: short (9 tokens), medium (41), an MMLU question (47), and a long one (about 330
-//! tokens, so the embedding sees the first [`switchyard_classifier::MAX_TOKENS`]). The `embed`
-//! group is the MiniLM forward alone, `score` the exemplar and difficulty scoring of a known
-//! embedding.
+//! tokens, so the embedding sees the first [`switchyard_classifier::MAX_TOKENS`]). The
+//! `decide_rules_only` group is the same decision without the classifier, `embed` the MiniLM
+//! forward alone, `score` the exemplar and difficulty scoring of a known embedding.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchyard_classifier::RouterScorer;
@@ -62,6 +62,13 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| decide(&policy, &req, &state, Some(&scorer as &dyn SemanticScorer)))
         });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("decide_rules_only");
+    g.sample_size(30);
+    for (name, prompt) in PROMPTS {
+        let req = RouteRequest::from_prompt(prompt);
+        g.bench_function(name, |b| b.iter(|| decide(&policy, &req, &state, None)));
     }
     g.finish();
     let mut g = c.benchmark_group("embed");
