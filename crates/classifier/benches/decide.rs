@@ -4,7 +4,7 @@
 //! `cargo bench -p switchyard-classifier --bench decide` (needs the MiniLM folder:
 //! scripts/minilm.sh, or $SWITCHYARD_MINILM_DIR).
 //!
-//! Prompts: short (9 tokens), medium (41), an MMLU question (47), and a long one (about 330
+//! Prompts: short (9 tokens), medium (41), an MMLU question (47), and a long one (307
 //! tokens, so the embedding sees the first [`switchyard_classifier::MAX_TOKENS`]). The
 //! `decide_rules_only` group is the same decision without the classifier, `embed` the MiniLM
 //! forward alone, `score` the exemplar and difficulty scoring of a known embedding.
