@@ -71,23 +71,29 @@ pub struct Decision {
 impl Decision {
     /// The reasons joined for an HTTP header: ASCII only, `; `-separated, at most `max` bytes.
     pub fn header_reason(&self, max: usize) -> String {
-        let joined = self.reasons.join("; ");
-        let mut out: String = joined
-            .chars()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect();
-        if out.len() > max {
-            out.truncate(max.saturating_sub(3));
-            out.push_str("...");
-        }
-        out
+        header_value(&self.reasons.join("; "), max)
     }
+}
+
+/// `s` as an HTTP header value: printable ASCII only (anything else becomes `?`), cut at `max`
+/// bytes with `...` when cut.
+pub fn header_value(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if out.len() > max {
+        // Every char is ASCII now, so any byte index is a char boundary.
+        out.truncate(max.saturating_sub(3));
+        out.push_str("...");
+    }
+    out
 }
 
 /// Scores a semantic classifier gives a prompt.

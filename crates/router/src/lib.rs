@@ -46,8 +46,8 @@ pub use budget::{BudgetLedger, Period};
 pub use cascade::{CascadeConfig, JsonExpectation, Verdict};
 pub use cost::{Prices, Usage};
 pub use decide::{
-    decide, explain, heuristic_difficulty, Decision, Refusal, ScorerError, SemanticScorer,
-    SemanticScores,
+    decide, explain, header_value, heuristic_difficulty, Decision, Refusal, ScorerError,
+    SemanticScorer, SemanticScores,
 };
 pub use detect::{Detections, DetectorConfig, Detectors, Finding, Signal};
 pub use policy::{Action, Policy, PolicyError, PolicySpec, TierConfig, TierKind};

@@ -153,7 +153,9 @@ impl RouteHeaders {
     /// Writes the routing headers (ASCII only; the reasons at most [`MAX_REASON_BYTES`]).
     pub fn write_headers(&self, h: &mut HeaderMap) {
         let set = |h: &mut HeaderMap, k: HeaderName, v: &str| {
-            if let Ok(v) = HeaderValue::from_str(&header_safe(v, MAX_REASON_BYTES)) {
+            if let Ok(v) =
+                HeaderValue::from_str(&switchyard_router::header_value(v, MAX_REASON_BYTES))
+            {
                 h.insert(k, v);
             }
         };
@@ -174,26 +176,6 @@ fn format_cost(c: f64) -> String {
     }
     let s = format!("{c:.8}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
-
-/// Printable ASCII only (header values), cut at `max` bytes with `...` when cut.
-fn header_safe(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect();
-    if out.len() > max {
-        // Every char is ASCII now, so any byte index is a char boundary.
-        out.truncate(max.saturating_sub(3));
-        out.push_str("...");
-    }
-    out
 }
 
 #[cfg(test)]
