@@ -333,6 +333,7 @@ impl EngineHandle {
                     tokenizer,
                     states: Default::default(),
                     metrics: m2,
+                    seen_since_publish: 0,
                 };
                 l.run(rx)
             })
@@ -379,20 +380,42 @@ impl EngineHandle {
             req.prompt.len(),
             req.max_tokens,
         )?;
-        let waiting = self.metrics.waiting.load(Ordering::Relaxed)
-            + self.metrics.pending.load(Ordering::Relaxed);
+        let waiting = self.queued();
         if waiting >= cfg.max_waiting {
             return Err(AdmissionError::QueueFull { waiting }.into());
         }
         Ok(())
     }
 
+    /// Requests queued: waiting in the scheduler plus submitted but not yet seen by it.
+    fn queued(&self) -> usize {
+        self.metrics.waiting.load(Ordering::Acquire) + self.metrics.pending.load(Ordering::Acquire)
+    }
+
+    /// Takes one place in the queue, or refuses with `QueueFull`. Check and take are one atomic
+    /// step, so a burst of concurrent submits cannot all pass the check and overfill the queue.
+    fn reserve_queue_slot(&self) -> Result<(), AdmissionError> {
+        let max = self.info.scheduler.max_waiting;
+        let pending = &self.metrics.pending;
+        let mut p = pending.load(Ordering::Acquire);
+        loop {
+            let waiting = self.metrics.waiting.load(Ordering::Acquire) + p;
+            if waiting >= max {
+                return Err(AdmissionError::QueueFull { waiting });
+            }
+            match pending.compare_exchange_weak(p, p + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(now) => p = now,
+            }
+        }
+    }
+
     /// Submits a request; its events arrive on the returned stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
         self.validate(&req)?;
+        self.reserve_queue_slot()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.metrics.pending.fetch_add(1, Ordering::Relaxed);
         self.cmd
             .send(Cmd::Submit(Box::new(Submission {
                 id,
@@ -400,7 +423,10 @@ impl EngineHandle {
                 tx,
                 at: Instant::now(),
             })))
-            .map_err(|_| SubmitError::Stopped)?;
+            .map_err(|_| {
+                self.metrics.pending.fetch_sub(1, Ordering::AcqRel);
+                SubmitError::Stopped
+            })?;
         Ok(RequestStream {
             id,
             rx,
@@ -466,6 +492,8 @@ struct Loop {
     tokenizer: Arc<Tokenizer>,
     states: std::collections::HashMap<SeqId, ReqState>,
     metrics: Arc<EngineMetrics>,
+    /// Submissions handled since the last [`Loop::publish`].
+    seen_since_publish: usize,
 }
 
 impl Loop {
@@ -510,7 +538,9 @@ impl Loop {
     fn handle(&mut self, c: Cmd) {
         match c {
             Cmd::Submit(s) => {
-                self.metrics.pending.fetch_sub(1, Ordering::Relaxed);
+                // `pending` drops in `publish`, after `waiting` counts this request, so the
+                // two never both miss it and the queue bound holds.
+                self.seen_since_publish += 1;
                 let Submission { id, req, tx, at } = *s;
                 let mut stop_ids = req.stop_token_ids.clone();
                 if !req.ignore_eos {
@@ -539,7 +569,7 @@ impl Loop {
                 let prompt_len = req.prompt.len();
                 if let Err(e) = self
                     .sched
-                    .add(id, req.prompt, req.max_tokens, req.cache_salt)
+                    .enqueue(id, req.prompt, req.max_tokens, req.cache_salt)
                 {
                     let _ = tx.send(Event::Error(e.to_string()));
                     return;
@@ -707,10 +737,14 @@ impl Loop {
         Ok(Some(pick.id))
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let m = &self.metrics;
         m.running.store(self.sched.num_running(), Ordering::Relaxed);
-        m.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        m.waiting.store(self.sched.num_waiting(), Ordering::Release);
+        m.pending.fetch_sub(
+            std::mem::take(&mut self.seen_since_publish),
+            Ordering::AcqRel,
+        );
         let st = self.sched.pool().lock().stats();
         m.kv_blocks_used.store(st.used, Ordering::Relaxed);
         m.prefix_queries.store(st.prefix_queries, Ordering::Relaxed);

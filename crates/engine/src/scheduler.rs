@@ -221,7 +221,7 @@ impl Scheduler {
         )
     }
 
-    /// Queues a request (FCFS) after checking it can ever run.
+    /// Queues a request (FCFS) after checking it can ever run and that the queue has room.
     pub fn add(
         &mut self,
         id: SeqId,
@@ -229,12 +229,26 @@ impl Scheduler {
         max_tokens: usize,
         cache_salt: u64,
     ) -> Result<(), AdmissionError> {
-        self.check_admissible(prompt.len(), max_tokens)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(AdmissionError::QueueFull {
                 waiting: self.waiting.len(),
             });
         }
+        self.enqueue(id, prompt, max_tokens, cache_salt)
+    }
+
+    /// Queues a request whose place in the queue was already granted (the engine reserves it
+    /// when the request is submitted), checking only that it can ever run. Preempted sequences
+    /// also sit in the waiting queue, so re-checking the bound here could refuse a request the
+    /// caller was already told is accepted.
+    pub fn enqueue(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        cache_salt: u64,
+    ) -> Result<(), AdmissionError> {
+        self.check_admissible(prompt.len(), max_tokens)?;
         self.waiting.push_back(Sequence {
             id,
             prompt_len: prompt.len(),

@@ -285,3 +285,66 @@ fn dropping_a_stream_cancels_and_frees_blocks() {
     assert_eq!(e.metrics().kv_blocks_used.load(Ordering::Relaxed), 0);
     assert!(e.metrics().tokens_generated.load(Ordering::Relaxed) < 80);
 }
+
+#[test]
+fn a_burst_is_either_refused_at_submit_or_served_to_the_end() {
+    // One running, two waiting: most of each burst must be refused synchronously, and every
+    // request that `submit` accepted must run to completion (never fail later as "queue full").
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let (m, t) = load(d.path());
+    let mut cfg = engine_cfg(2048, 4, None);
+    cfg.scheduler.max_num_seqs = 1;
+    cfg.scheduler.max_waiting = 2;
+    let e = Arc::new(EngineHandle::start(m, t, cfg).unwrap());
+    let (mut served, mut refused) = (0, 0);
+    for round in 0..20u32 {
+        let threads: Vec<_> = (0..6u32)
+            .map(|i| {
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    let r = GenerateRequest {
+                        ignore_eos: true,
+                        ..GenerateRequest::greedy(vec![1 + i + round, 2, 3], 2)
+                    };
+                    match e.submit(r) {
+                        Err(err) => {
+                            assert!(
+                                matches!(
+                                    err,
+                                    switchyard_engine::engine::SubmitError::Admission(
+                                        AdmissionError::QueueFull { .. }
+                                    )
+                                ),
+                                "{err}"
+                            );
+                            false
+                        }
+                        Ok(mut s) => loop {
+                            match s.blocking_recv() {
+                                Some(Event::Token(_)) => {}
+                                Some(Event::Finished(_)) => break true,
+                                Some(Event::Error(err)) => panic!("accepted, then failed: {err}"),
+                                None => panic!("accepted, then the stream closed"),
+                            }
+                        },
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            if t.join().unwrap() {
+                served += 1;
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        served >= 20 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    let m = e.metrics();
+    assert_eq!(m.pending.load(Ordering::Relaxed), 0);
+    assert_eq!(m.waiting.load(Ordering::Relaxed), 0);
+}
