@@ -58,16 +58,8 @@ pub struct ChatRequest {
     messages: Vec<InMessage>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    repetition_penalty: Option<f64>,
     n: Option<i64>,
     stop: Option<Value>,
-    seed: Option<serde_json::Number>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
     stream: Option<bool>,
@@ -84,23 +76,51 @@ pub struct CompletionRequest {
     model: String,
     prompt: Value,
     max_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    repetition_penalty: Option<f64>,
     n: Option<i64>,
     best_of: Option<i64>,
     stop: Option<Value>,
-    seed: Option<serde_json::Number>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
     logprobs: Option<i64>,
     echo: Option<bool>,
     suffix: Option<String>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     ignore_eos: Option<bool>,
+}
+
+/// The sampling fields both OpenAI endpoints accept. They are read from the request's JSON in a
+/// second pass ([`params::from_json`]) rather than `#[serde(flatten)]`ed into each request
+/// struct, because serde loses the field path of a type error inside a flattened struct.
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    seed: Option<serde_json::Number>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+}
+
+impl SamplingFields {
+    /// Range-checks the fields into the engine's parameters; every error names its field.
+    fn into_params(self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+        Ok(SamplingParams {
+            temperature: params::temperature(
+                self.temperature,
+                params::OPENAI_MAX_TEMPERATURE,
+                1.0,
+            )?,
+            top_k: params::top_k(self.top_k)?,
+            top_p: params::top_p(self.top_p)?,
+            min_p: params::min_p(self.min_p)?,
+            repetition_penalty: params::repetition_penalty(self.repetition_penalty)?,
+            frequency_penalty: params::penalty("frequency_penalty", self.frequency_penalty)?,
+            presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
+            seed: seed(self.seed)?,
+            logprobs,
+        })
+    }
 }
 
 fn seed(v: Option<serde_json::Number>) -> Result<Option<u64>, ApiError> {
@@ -153,7 +173,7 @@ fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageConte
 }
 
 impl ChatRequest {
-    fn normalize(self) -> Result<NormalizedRequest, ApiError> {
+    fn normalize(self, sampling: SamplingFields) -> Result<NormalizedRequest, ApiError> {
         params::check_conversation(self.messages.len(), self.tools.as_ref(), "tool calling")?;
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
@@ -203,21 +223,7 @@ impl ChatRequest {
             messages,
             prompts: vec![],
             max_tokens,
-            sampling: SamplingParams {
-                temperature: params::temperature(
-                    self.temperature,
-                    params::OPENAI_MAX_TEMPERATURE,
-                    1.0,
-                )?,
-                top_k: params::top_k(self.top_k)?,
-                top_p: params::top_p(self.top_p)?,
-                min_p: params::min_p(self.min_p)?,
-                repetition_penalty: params::repetition_penalty(self.repetition_penalty)?,
-                frequency_penalty: params::penalty("frequency_penalty", self.frequency_penalty)?,
-                presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
-                seed: seed(self.seed)?,
-                logprobs,
-            },
+            sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n: params::n(self.n)?,
             stream: self.stream.unwrap_or(false),
@@ -278,7 +284,7 @@ fn prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
 }
 
 impl CompletionRequest {
-    fn normalize(self) -> Result<NormalizedRequest, ApiError> {
+    fn normalize(self, sampling: SamplingFields) -> Result<NormalizedRequest, ApiError> {
         if self.echo.unwrap_or(false) {
             return Err(ApiError::Unsupported {
                 param: "echo".into(),
@@ -310,21 +316,7 @@ impl CompletionRequest {
             messages: vec![],
             prompts: prompts(self.prompt)?,
             max_tokens: params::max_tokens("max_tokens", self.max_tokens)?,
-            sampling: SamplingParams {
-                temperature: params::temperature(
-                    self.temperature,
-                    params::OPENAI_MAX_TEMPERATURE,
-                    1.0,
-                )?,
-                top_k: params::top_k(self.top_k)?,
-                top_p: params::top_p(self.top_p)?,
-                min_p: params::min_p(self.min_p)?,
-                repetition_penalty: params::repetition_penalty(self.repetition_penalty)?,
-                frequency_penalty: params::penalty("frequency_penalty", self.frequency_penalty)?,
-                presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
-                seed: seed(self.seed)?,
-                logprobs,
-            },
+            sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n,
             stream: self.stream.unwrap_or(false),
@@ -383,6 +375,11 @@ fn chat_logprob(state: &AppState, t: &TokenEvent) -> Value {
         .iter()
         .map(|a| entry(a.id, a.logprob))
         .collect();
+    // Not in OpenAI's schema: the entropy (nats) of the step's raw distribution, the number the
+    // cascade's `max_mean_entropy` checks; `route-eval --replay --calibrate` reads it.
+    if let Some(h) = t.entropy {
+        e["entropy"] = json!(h);
+    }
     e
 }
 
@@ -629,7 +626,10 @@ pub async fn chat_completions(
     // Every failure, parsing included, goes through the router's bookkeeping (one telemetry
     // record per request); it answers in this endpoint's error shape.
     let (parsed, json) = match params::parse_body_json::<ChatRequest>(body, state.max_body_bytes) {
-        Ok((typed, json)) => (typed.normalize(), json),
+        Ok((typed, json)) => {
+            let parsed = params::from_json(&json).and_then(|s| typed.normalize(s));
+            (parsed, json)
+        }
         Err(e) => (Err(e), Value::Null),
     };
     handle(state, Api::OpenAiChat, &headers, json, parsed, arrived).await
@@ -642,8 +642,8 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let parsed = params::parse_body::<CompletionRequest>(body, state.max_body_bytes)
-        .and_then(|r| r.normalize());
+    let parsed = params::parse_body_json::<CompletionRequest>(body, state.max_body_bytes)
+        .and_then(|(r, json)| r.normalize(params::from_json(&json)?));
     handle(
         state,
         Api::OpenAiCompletions,
@@ -700,11 +700,41 @@ mod tests {
     }
 
     #[test]
+    fn completions_sampling_fields_are_checked_and_named() {
+        let parse = |v: Value| -> Result<NormalizedRequest, ApiError> {
+            let r: CompletionRequest = params::from_json(&v)?;
+            r.normalize(params::from_json(&v)?)
+        };
+        let r = parse(
+            json!({"model": "m", "prompt": "hi", "temperature": 0.5, "top_k": 7,
+                             "seed": 3, "presence_penalty": 1.0}),
+        )
+        .unwrap();
+        assert_eq!(r.sampling.temperature, 0.5);
+        assert_eq!(r.sampling.top_k, Some(7));
+        assert_eq!(r.sampling.seed, Some(3));
+        assert_eq!(r.sampling.presence_penalty, 1.0);
+        for (body, field) in [
+            (
+                json!({"model": "m", "prompt": "hi", "top_k": "many"}),
+                "top_k",
+            ),
+            (json!({"model": "m", "prompt": "hi", "min_p": 2.0}), "min_p"),
+            (json!({"model": "m", "prompt": "hi", "seed": 1.5}), "seed"),
+            (
+                json!({"model": "m", "prompt": "hi", "frequency_penalty": 9.0}),
+                "frequency_penalty",
+            ),
+        ] {
+            assert_eq!(parse(body).unwrap_err().param(), Some(field));
+        }
+    }
+
+    #[test]
     fn chat_validation() {
         let parse = |v: Value| -> Result<NormalizedRequest, ApiError> {
-            let r: ChatRequest =
-                serde_json::from_value(v).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-            r.normalize()
+            let r: ChatRequest = params::from_json(&v)?;
+            r.normalize(params::from_json(&v)?)
         };
         let ok = json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
         let r = parse(ok).unwrap();
@@ -722,6 +752,8 @@ mod tests {
         );
         let top = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2});
         assert_eq!(parse(top).unwrap_err().param(), Some("top_logprobs"));
+        let hot = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"});
+        assert_eq!(parse(hot).unwrap_err().param(), Some("temperature"));
         let mt = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0});
         assert_eq!(
             parse(mt).unwrap_err().param(),

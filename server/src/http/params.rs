@@ -20,14 +20,6 @@ pub const MAX_STOP: usize = 16;
 /// Most prompts in one completions request.
 pub const MAX_PROMPTS: usize = 64;
 
-/// Parses a JSON object body into `T`, mapping every failure to an [`ApiError`].
-pub fn parse_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<T, ApiError> {
-    parse_body_json(body, limit).map(|(t, _)| t)
-}
-
 /// Parses a JSON object body into `T` and also returns the JSON itself (what the router reads
 /// and what a remote tier is sent), mapping every failure to an [`ApiError`].
 pub fn parse_body_json<T: DeserializeOwned>(
@@ -46,7 +38,13 @@ pub fn parse_body_json<T: DeserializeOwned>(
     if !v.is_object() {
         return Err(ApiError::NotAnObject);
     }
-    let t = serde_path_to_error::deserialize(&v).map_err(|e| {
+    Ok((from_json(&v)?, v))
+}
+
+/// Deserialises `T` from a parsed body; a type error names the failing field's path, a missing
+/// field is [`ApiError::MissingField`].
+pub fn from_json<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         if let Some(field) = missing_field(&msg) {
@@ -59,8 +57,7 @@ pub fn parse_body_json<T: DeserializeOwned>(
         } else {
             ApiError::field(path, msg)
         }
-    })?;
-    Ok((t, v))
+    })
 }
 
 /// The field of serde's "missing field `x`" message.
@@ -249,7 +246,7 @@ mod tests {
     }
 
     fn parse(s: &'static str) -> Result<T, ApiError> {
-        parse_body(Ok(Bytes::from_static(s.as_bytes())), 100)
+        parse_body_json(Ok(Bytes::from_static(s.as_bytes())), 100).map(|(t, _)| t)
     }
 
     #[test]
