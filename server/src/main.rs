@@ -1,11 +1,13 @@
 //! `switchyard`: the inference server for sparse MoE models with a request router built in.
 //! Subcommands: `serve` (the HTTP server), `generate`, `logits`, `make-test-model`, `bench`,
-//! `route`, `convert-gguf`. `main` prints the whole error chain and exits non-zero on failure.
+//! `route`, `route-eval`, `convert-gguf`, `plan`. `main` prints the whole error chain and exits
+//! non-zero on failure.
 
 mod cmd_bench;
 mod cmd_convert;
 mod cmd_generate;
 mod cmd_make_test_model;
+mod cmd_plan;
 mod cmd_route;
 mod cmd_route_eval;
 mod http;
@@ -43,6 +45,8 @@ enum Cmd {
     RouteEval(cmd_route_eval::RouteEvalArgs),
     /// Upcycle a dense llama GGUF into a hy_v3 MoE checkpoint.
     ConvertGguf(cmd_convert::ConvertGgufArgs),
+    /// Plan GPU memory: weights per device, KV cache left, whether a context fits.
+    Plan(cmd_plan::PlanArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Route(a) => cmd_route::run(a),
         Cmd::ConvertGguf(a) => cmd_convert::run(a),
         Cmd::RouteEval(a) => cmd_route_eval::run(a),
+        Cmd::Plan(a) => cmd_plan::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hy_v3;
 pub mod kv_cache;
 pub mod paged_cache;
+pub mod plan;
 pub mod presets;
 pub mod test_model;
 pub mod weights;
@@ -18,7 +19,7 @@ pub use config::{LayerKind, ModelConfig};
 pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
-pub use weights::{resolve_model, Checkpoint, Weights};
+pub use weights::{resolve_config, resolve_model, Checkpoint, Weights};
 
 /// Everything that can go wrong loading or running a model; messages name the file, tensor
 /// or field at fault.

@@ -381,43 +381,79 @@ const HUB_FILES: &[&str] = &[
     "special_tokens_map.json",
 ];
 
-/// Resolves `--model`: a local folder, or a hub id `owner/name` looked up in the hf-hub cache
-/// (`HF_HOME`, default `~/.cache/huggingface`) and downloaded when missing unless
-/// `HF_HUB_OFFLINE=1`. Returns the folder holding the files.
-pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+/// Finds the `config.json` of `spec` without touching weights: a folder's file, a path to a JSON
+/// file, or a hub id's config from the hf-hub cache (downloaded alone when missing unless
+/// `HF_HUB_OFFLINE=1`). What `switchyard plan` reads.
+pub fn resolve_config(spec: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
     let p = Path::new(spec);
-    if p.is_dir() {
+    if p.is_file() {
         return Ok(p.to_path_buf());
     }
+    if p.is_dir() {
+        let cfg = p.join("config.json");
+        if !cfg.is_file() {
+            return Err(ModelError::ModelNotFound {
+                spec: spec.to_string(),
+                message: "the folder has no config.json".into(),
+            });
+        }
+        return Ok(cfg);
+    }
+    check_hub_id(spec)?;
+    let rev = revision.unwrap_or("main");
+    let (cache, repo) = cached_repo(spec, rev);
+    if let Some(cfg) = repo.get("config.json") {
+        return Ok(cfg);
+    }
+    check_online_allowed(spec, rev, &cache)?;
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .build()
+        .map_err(|e| ModelError::ModelNotFound {
+            spec: spec.to_string(),
+            message: format!("hf-hub client: {e}"),
+        })?;
+    api.repo(hf_hub::Repo::with_revision(
+        spec.to_string(),
+        hf_hub::RepoType::Model,
+        rev.to_string(),
+    ))
+    .get("config.json")
+    .map_err(|e| ModelError::ModelNotFound {
+        spec: spec.to_string(),
+        message: format!("download config.json: {e}"),
+    })
+}
+
+/// Checks that `spec` has the form of a hub id `owner/name`.
+fn check_hub_id(spec: &str) -> Result<(), ModelError> {
     let looks_like_id = spec.split('/').count() == 2
         && !spec.starts_with('.')
         && !spec.starts_with('/')
         && spec.split('/').all(|s| !s.is_empty());
-    if !looks_like_id {
-        return Err(ModelError::ModelNotFound {
+    if looks_like_id {
+        Ok(())
+    } else {
+        Err(ModelError::ModelNotFound {
             spec: spec.to_string(),
             message: "no such folder, and not a hub id of the form owner/name".into(),
-        });
+        })
     }
-    let rev = revision.unwrap_or("main").to_string();
+}
+
+/// The hf-hub cache's view of `spec` at `rev`.
+fn cached_repo(spec: &str, rev: &str) -> (hf_hub::Cache, hf_hub::CacheRepo) {
     let cache = hf_hub::Cache::from_env();
     let repo = cache.repo(hf_hub::Repo::with_revision(
         spec.to_string(),
         hf_hub::RepoType::Model,
-        rev.clone(),
+        rev.to_string(),
     ));
-    if let Some(cfg) = repo.get("config.json") {
-        let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
-        if let Some(idx) = repo.get("model.safetensors.index.json") {
-            let _ = idx;
-            return Ok(dir);
-        }
-        if repo.get("model.safetensors").is_some() {
-            return Ok(dir);
-        }
-    }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-    if offline {
+    (cache, repo)
+}
+
+/// Refuses to go online when `HF_HUB_OFFLINE` is set and `spec` is not cached.
+fn check_online_allowed(spec: &str, rev: &str, cache: &hf_hub::Cache) -> Result<(), ModelError> {
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") {
         return Err(ModelError::ModelNotFound {
             spec: spec.to_string(),
             message: format!(
@@ -426,7 +462,30 @@ pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf, Mode
             ),
         });
     }
-    download(spec, &rev)
+    Ok(())
+}
+
+/// Resolves `--model`: a local folder, or a hub id `owner/name` looked up in the hf-hub cache
+/// (`HF_HOME`, default `~/.cache/huggingface`) and downloaded when missing unless
+/// `HF_HUB_OFFLINE=1`. Returns the folder holding the files.
+pub fn resolve_model(spec: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    check_hub_id(spec)?;
+    let rev = revision.unwrap_or("main");
+    let (cache, repo) = cached_repo(spec, rev);
+    if let Some(cfg) = repo.get("config.json") {
+        let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
+        if repo.get("model.safetensors.index.json").is_some()
+            || repo.get("model.safetensors").is_some()
+        {
+            return Ok(dir);
+        }
+    }
+    check_online_allowed(spec, rev, &cache)?;
+    download(spec, rev)
 }
 
 fn download(spec: &str, rev: &str) -> Result<PathBuf, ModelError> {

@@ -1,0 +1,144 @@
+//! The memory plan's weight bytes equal what real checkpoints store: the transformers-written
+//! oracle fixtures (f32, bf16 with an f32 gate, hub tensor names, an MTP layer, sharded) and
+//! random bf16/f32 test models, summed from their safetensors headers. One GPU holds everything,
+//! so the plan's total must match the files to the byte.
+
+use std::path::Path;
+
+use candle_core::DType;
+use switchyard_model::plan::{plan, KvFormat, PlanRequest, WeightFormat};
+use switchyard_model::ModelConfig;
+
+/// Sum of tensor bytes in every `*.safetensors` file of `dir`, read from the headers.
+fn stored_bytes(dir: &Path) -> (u64, bool) {
+    let (mut total, mut has_f32_only) = (0u64, true);
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors")
+            && !p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("oracle")
+        {
+            let bytes = std::fs::read(&p).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            for (_, info) in meta.tensors() {
+                total += (info.data_offsets.1 - info.data_offsets.0) as u64;
+                has_f32_only &= info.dtype == safetensors::Dtype::F32;
+            }
+        }
+    }
+    (total, has_f32_only)
+}
+
+fn one_gpu(format: WeightFormat, with_mtp: bool) -> PlanRequest {
+    PlanRequest {
+        gpus: 1,
+        gpu_memory_bytes: 80 << 30,
+        gpu_memory_utilization: 0.9,
+        weights: format,
+        kv: KvFormat::Bf16,
+        max_context: 4096,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 256,
+        block_size: 16,
+        with_mtp,
+    }
+}
+
+#[test]
+fn planned_weight_bytes_equal_the_oracle_checkpoints() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle");
+    let mut checked = 0;
+    for e in std::fs::read_dir(&root).unwrap() {
+        let dir = e.unwrap().path();
+        if !dir.join("config.json").exists() {
+            continue;
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let (stored, f32_only) = stored_bytes(&dir);
+        let format = if f32_only {
+            WeightFormat::F32
+        } else {
+            WeightFormat::Bf16
+        };
+        let p = plan(&cfg, &one_gpu(format, cfg.num_mtp_layers > 0)).unwrap();
+        assert_eq!(p.weights_total_bytes, stored, "{}", dir.display());
+        assert_eq!(p.devices[0].weights_bytes, stored, "{}", dir.display());
+        checked += 1;
+    }
+    assert!(
+        checked >= 7,
+        "only {checked} fixtures found in {}",
+        root.display()
+    );
+}
+
+#[test]
+fn planned_weight_bytes_equal_written_test_models() {
+    for (preset, dtype, format) in [
+        ("tiny", DType::F32, WeightFormat::F32),
+        ("tiny", DType::BF16, WeightFormat::Bf16),
+        ("small", DType::BF16, WeightFormat::Bf16),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = switchyard_model::presets::preset(preset).unwrap();
+        switchyard_model::test_model::write_random_checkpoint(&cfg, d.path(), 1, dtype).unwrap();
+        let p = plan(&cfg, &one_gpu(format, false)).unwrap();
+        assert_eq!(
+            p.weights_total_bytes,
+            stored_bytes(d.path()).0,
+            "{preset} {dtype:?}"
+        );
+    }
+}
+
+#[test]
+fn hy3_deployments() {
+    let cfg = switchyard_model::presets::preset("hy3").unwrap();
+    let req = |gpus: usize, gib: u64, weights, kv| PlanRequest {
+        gpus,
+        gpu_memory_bytes: gib << 30,
+        gpu_memory_utilization: 0.9,
+        weights,
+        kv,
+        max_context: 262_144,
+        max_num_seqs: 64,
+        max_num_batched_tokens: 8192,
+        block_size: 16,
+        with_mtp: false,
+    };
+    // bf16 Hy3 is about 2 bytes per parameter: 295B parameters need ~590 GB.
+    let bf16 = plan(&cfg, &req(8, 80, WeightFormat::Bf16, KvFormat::Bf16)).unwrap();
+    let params = bf16.parameters_total as f64;
+    assert!((290e9..300e9).contains(&params), "{params}");
+    let ratio = bf16.weights_total_bytes as f64 / params;
+    assert!((2.0..2.001).contains(&ratio), "{ratio}");
+    // Eight 80 GiB cards cannot hold bf16 weights with room to spare for a 256K sequence.
+    assert!(!bf16.fits);
+    assert!(
+        bf16.reason.as_deref().unwrap().contains("GPU"),
+        "{:?}",
+        bf16.reason
+    );
+    // FP8 halves the projections: eight H100s then hold the weights and several 256K sequences.
+    let fp8 = plan(&cfg, &req(8, 80, WeightFormat::Fp8, KvFormat::Bf16)).unwrap();
+    assert!(fp8.fits, "{:?}", fp8.reason);
+    assert!(fp8.weights_total_bytes < bf16.weights_total_bytes * 52 / 100);
+    assert!(fp8.max_concurrency_at_max_context >= 1.0);
+    // Every device's budget adds up: weights + activations + KV ≤ usable.
+    for d in &fp8.devices {
+        assert!(
+            d.weights_bytes + d.activation_bytes + d.kv_cache_bytes <= fp8.usable_bytes_per_device
+        );
+        assert_eq!(
+            d.kv_cache_bytes,
+            d.kv_tokens * fp8.kv_bytes_per_token_per_device
+        );
+        assert_eq!(d.kv_tokens % 16, 0);
+    }
+    // fp8 KV holds twice the tokens of bf16 KV in the same space (to within a block).
+    let fp8kv = plan(&cfg, &req(8, 80, WeightFormat::Fp8, KvFormat::Fp8)).unwrap();
+    assert!(fp8kv.kv_tokens.abs_diff(2 * fp8.kv_tokens) <= 32);
+}
