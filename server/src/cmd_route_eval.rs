@@ -13,7 +13,12 @@
 //!   (`--policy`) and scorer (`--no-classifier` when the server runs without one): tasks a rule
 //!   settles are sent once as `auto`, tasks the difficulty threshold routes are sent to both
 //!   tiers by name; then it prints the `classifier.escalate_difficulty` that meets the target
-//!   at the least cost.
+//!   at the least cost. The same `--calibrate` also sends every task to the local tier (the
+//!   served model id) with logprobs, records the confidence signals the cascade checks, and
+//!   prints per signal the threshold sweep, the threshold meeting `--target-kept-pass` (within
+//!   `--max-escalation`), and a `[cascade]` table
+//!   ([`switchyard_classifier::cascade_calibration`]). `--calibrate difficulty|cascade` runs
+//!   one of the two.
 //!
 //! `--json` prints the suite, replay or calibration report as JSON on stdout instead of tables.
 
@@ -24,6 +29,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use switchyard_classifier::cascade_calibration::{
+    calibrate_cascade, toml_threshold, CascadeCalibration, CascadeRecord, CurvePoint, LocalAnswer,
+    Target as CascadeTarget,
+};
 use switchyard_classifier::replay::{
     calibrate, load_tasks, CalibrationRow, Outcome, ReplayReport, Route, Task, TierStats,
 };
@@ -32,7 +41,8 @@ use switchyard_classifier::routellm::Split;
 use switchyard_classifier::{default_router_dir, DifficultyModel, Embedder, RouterScorer};
 use switchyard_router::eval::{load_suite, run_suite, SuiteReport};
 use switchyard_router::{
-    decide, EnvSource, Policy, RouteRequest, RouterState, SemanticScorer, SystemClock,
+    decide, EnvSource, JsonExpectation, Policy, RouteRequest, RouterState, SemanticScorer,
+    SystemClock,
 };
 
 #[derive(clap::Args, Debug)]
@@ -75,13 +85,33 @@ pub struct RouteEvalArgs {
     /// classifier (as `serve` without --classifier).
     #[arg(long)]
     no_classifier: bool,
-    /// Replay mode: find the difficulty threshold that meets --target-pass-rate at least cost
-    /// (tasks the threshold routes are sent to both tiers).
-    #[arg(long, requires = "replay")]
-    calibrate: bool,
-    /// The pass rate `--calibrate` must reach, in 0..=1.
+    /// Replay mode: calibrate thresholds. `difficulty`: the difficulty threshold that meets
+    /// --target-pass-rate at least cost (tasks the threshold routes are sent to both tiers).
+    /// `cascade`: the cascade's confidence thresholds (every task sent to the local tier with
+    /// logprobs). No value, or `both`: both.
+    #[arg(
+        long,
+        requires = "replay",
+        num_args = 0..=1,
+        default_missing_value = "both",
+        value_name = "WHAT"
+    )]
+    calibrate: Option<Calibrate>,
+    /// The pass rate `--calibrate` (difficulty) must reach, in 0..=1.
     #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
     target_pass_rate: f64,
+    /// `--calibrate` (cascade): the pass rate the answers kept local must reach, in 0..=1; the
+    /// threshold escalating least that reaches it is chosen.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
+    target_kept_pass: f64,
+    /// `--calibrate` (cascade): escalate at most this share of tasks, in 0..=1 (when the target
+    /// is out of reach within it, the threshold whose kept answers pass most is chosen).
+    #[arg(long, value_parser = parse_fraction)]
+    max_escalation: Option<f64>,
+    /// `--calibrate` (cascade): also send every task to the cascade's remote tier and score
+    /// escalated answers by its measured pass instead of assuming they pass.
+    #[arg(long, requires = "calibrate")]
+    measure_remote: bool,
     /// `max_tokens` for replayed requests.
     #[arg(long, default_value_t = 512)]
     max_tokens: u32,
@@ -91,6 +121,27 @@ pub struct RouteEvalArgs {
     /// Print the suite, replay or calibration report as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// What `--calibrate` calibrates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Calibrate {
+    /// The difficulty threshold and the cascade's thresholds.
+    Both,
+    /// `classifier.escalate_difficulty`.
+    Difficulty,
+    /// `[cascade]` `min_mean_logprob`, `min_token_logprob`, `max_mean_entropy`.
+    Cascade,
+}
+
+impl Calibrate {
+    fn difficulty(self) -> bool {
+        self != Calibrate::Cascade
+    }
+
+    fn cascade(self) -> bool {
+        self != Calibrate::Difficulty
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -286,6 +337,9 @@ fn run_suite_mode(a: &RouteEvalArgs, suite: &Path) -> Result<()> {
 
 // ----------------------------------------------------------------------------- replay
 
+/// What [`Target::check_reachable`] says when `/health` names no model.
+const UNKNOWN_MODEL: &str = "unknown model";
+
 /// The server a replay talks to.
 struct Target {
     client: reqwest::Client,
@@ -339,18 +393,33 @@ impl Target {
                 self.base
             );
         }
-        Ok(v["model"].as_str().unwrap_or("unknown model").to_string())
+        Ok(v["model"].as_str().unwrap_or(UNKNOWN_MODEL).to_string())
     }
 
     /// Sends `task` with `model`, judges the answer. An HTTP error or a timeout is an outcome
     /// (the task failed); a server that cannot be reached any more is an error.
     async fn send(&self, origin: &str, task: &Task, model: &str) -> Result<Outcome> {
-        let body = serde_json::json!({
+        Ok(self.request(origin, task, model, false).await?.0)
+    }
+
+    /// [`send`](Self::send), asking for `logprobs` when told to; also returns the response's
+    /// JSON when the request succeeded.
+    async fn request(
+        &self,
+        origin: &str,
+        task: &Task,
+        model: &str,
+        logprobs: bool,
+    ) -> Result<(Outcome, Option<serde_json::Value>)> {
+        let mut body = serde_json::json!({
             "model": model,
             "messages": [{"role": "user", "content": task.prompt}],
             "max_tokens": self.max_tokens,
             "temperature": 0,
         });
+        if logprobs {
+            body["logprobs"] = true.into();
+        }
         let mut req = self.client.post(&self.chat_url).json(&body);
         if let Some(k) = &self.api_key {
             req = req.bearer_auth(k);
@@ -375,7 +444,7 @@ impl Target {
                 out.latency_ms = t0.elapsed().as_secs_f64() * 1e3;
                 out.error = Some(error_chain(&e));
                 out.why = out.error.clone();
-                return Ok(out);
+                return Ok((out, None));
             }
         };
         let header = |n: &str| {
@@ -406,7 +475,7 @@ impl Target {
                 .map_or_else(|| v.to_string(), str::to_string);
             out.error = Some(format!("HTTP {}: {msg}", status.as_u16()));
             out.why = out.error.clone();
-            return Ok(out);
+            return Ok((out, None));
         }
         let answer = v
             .pointer("/choices/0/message/content")
@@ -417,8 +486,33 @@ impl Target {
         out.completion_tokens = tok("/usage/completion_tokens");
         out.why = task.check.failure(answer);
         out.pass = out.why.is_none();
-        Ok(out)
+        Ok((out, Some(v)))
     }
+
+    /// [`send`](Self::send) to the tier named `tier`; an answer from any other tier (a
+    /// fallback, or a server that does not honour explicit tiers) counts as failed.
+    async fn send_pinned(&self, origin: &str, task: &Task, tier: &str) -> Result<Outcome> {
+        let o = self.send(origin, task, tier).await?;
+        Ok(pinned(o, tier))
+    }
+}
+
+/// `o`, answered for a request that named tier `asked`, failed unless that tier answered.
+fn pinned(mut o: Outcome, asked: &str) -> Outcome {
+    if o.error.is_none() && o.tier != asked {
+        o.pass = false;
+        o.error = Some(format!(
+            "asked for tier `{asked}`, answered by `{}`: {}",
+            o.tier,
+            if o.reason.is_empty() {
+                "no reason given"
+            } else {
+                &o.reason
+            }
+        ));
+        o.why = o.error.clone();
+    }
+    o
 }
 
 /// An error and its causes on one line (reqwest's own message is often just "error sending
@@ -461,8 +555,8 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
         tasks.len(),
         target.base
     );
-    if a.calibrate {
-        return run_calibrate(a, &origin, &tasks, &target, &rt);
+    if let Some(what) = a.calibrate {
+        return run_calibrate(a, what, &origin, &tasks, &target, &model, &rt);
     }
     let outcomes = rt.block_on(async {
         let mut v = Vec::with_capacity(tasks.len());
@@ -504,6 +598,123 @@ fn run_replay(a: &RouteEvalArgs, tasks_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `--calibrate`: the cascade's thresholds (first, so that the difficulty sweep can reuse the
+/// local answers), then the difficulty threshold; reports both.
+fn run_calibrate(
+    a: &RouteEvalArgs,
+    what: Calibrate,
+    origin: &str,
+    tasks: &[Task],
+    target: &Target,
+    served_model: &str,
+    rt: &tokio::runtime::Runtime,
+) -> Result<()> {
+    let policy = load_policy(a)?;
+    let mut report = serde_json::Map::new();
+    let cascade = if what.cascade() {
+        let records = rt.block_on(cascade_records(
+            a,
+            origin,
+            tasks,
+            target,
+            &policy,
+            served_model,
+        ))?;
+        let base = policy.cascade_checks(&JsonExpectation::default());
+        let c = calibrate_cascade(
+            &records,
+            &base,
+            CascadeTarget {
+                kept_pass: a.target_kept_pass,
+                max_escalation: a.max_escalation,
+            },
+        );
+        let snippet = c.toml_snippet();
+        report.insert(
+            "cascade".into(),
+            serde_json::json!({"calibration": c, "snippet": snippet, "tasks": records}),
+        );
+        Some((c, records, snippet))
+    } else {
+        None
+    };
+    let difficulty = if what.difficulty() {
+        let reuse = cascade.as_ref().map(|(_, r, _)| r.as_slice());
+        let rows = difficulty_rows(a, origin, tasks, target, &policy, reuse, rt)?;
+        let c = calibrate(&rows, &policy.local_tier().name, a.target_pass_rate);
+        report.insert("calibration".into(), serde_json::to_value(&c)?);
+        report.insert("tasks".into(), serde_json::to_value(&rows)?);
+        Some((c, rows))
+    } else {
+        None
+    };
+    let report = serde_json::Value::Object(report);
+    if let Some(out) = &a.out {
+        let p = write_json(out, "calibrate.json", &report)?;
+        eprintln!("wrote {}", p.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if let Some((c, rows)) = &difficulty {
+        print_difficulty(a, c, rows.len());
+    }
+    if let Some((c, records, snippet)) = &cascade {
+        if difficulty.is_some() {
+            println!();
+        }
+        print_cascade(a, c, records, snippet.as_deref(), served_model, &policy);
+    }
+    Ok(())
+}
+
+/// Every task on the local tier (`model` = the served model id, which pins it) with logprobs,
+/// and with `--measure-remote` on the cascade's remote tier too.
+async fn cascade_records(
+    a: &RouteEvalArgs,
+    origin: &str,
+    tasks: &[Task],
+    target: &Target,
+    policy: &Policy,
+    served_model: &str,
+) -> Result<Vec<CascadeRecord>> {
+    if served_model == UNKNOWN_MODEL {
+        bail!(
+            "{}/health names no model; --calibrate needs the served model id to send tasks to the local tier",
+            target.base
+        );
+    }
+    let remote = if a.measure_remote {
+        let tier = policy.cascade_tier().with_context(|| {
+            format!(
+                "--measure-remote: the policy {} has no remote tier for the cascade to escalate to (set [cascade] tier, or [routing] escalate_tier)",
+                policy.origin()
+            )
+        })?;
+        Some(tier.name.clone())
+    } else {
+        None
+    };
+    let base = policy.cascade_checks(&JsonExpectation::default());
+    let mut records = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (out, body) = target.request(origin, t, served_model, true).await?;
+        let answer = match (&out.error, body) {
+            (None, Some(v)) => LocalAnswer::from_chat_response(&v)
+                .map_err(|e| anyhow::anyhow!("{origin}:{}: model `{served_model}`: {e}", t.line))?,
+            // No answer: recorded as failed and empty (the cascade would escalate it).
+            _ => LocalAnswer::default(),
+        };
+        let mut r = CascadeRecord::from_outcome(out, answer, &base);
+        if let Some(tier) = &remote {
+            r.remote = Some(target.send_pinned(origin, t, tier).await?);
+        }
+        records.push(r);
+    }
+    Ok(records)
+}
+
 /// `policy` with `classifier.escalate_difficulty = t`.
 fn with_threshold(policy: &Policy, t: f64) -> Result<Policy> {
     let mut spec = policy.spec().clone();
@@ -511,21 +722,22 @@ fn with_threshold(policy: &Policy, t: f64) -> Result<Policy> {
     Ok(Policy::from_spec(spec, policy.origin())?)
 }
 
-/// Calibration: each task is decided as the server would (same policy, same scorer), once with
-/// the threshold at 1 and once at 0. Where the two agree, a rule or the safety floor settles
-/// the task and it is sent once with `model: "auto"`; where they differ, the difficulty step
-/// decides it, and it is sent to both tiers by name. Then every threshold is scored.
-fn run_calibrate(
+/// Difficulty calibration: each task is decided as the server would (same policy, same
+/// scorer), once with the threshold at 1 and once at 0. Where the two agree, a rule or the
+/// safety floor settles the task and it is sent once with `model: "auto"`; where they differ,
+/// the difficulty step decides it, and it is sent to both tiers by name (the local tier's
+/// answer taken from `local_answers`, the cascade records, when there are some).
+fn difficulty_rows(
     a: &RouteEvalArgs,
     origin: &str,
     tasks: &[Task],
     target: &Target,
+    policy: &Policy,
+    local_answers: Option<&[CascadeRecord]>,
     rt: &tokio::runtime::Runtime,
-) -> Result<()> {
-    let policy = load_policy(a)?;
-    let local = policy.local_tier().name.clone();
-    let never = with_threshold(&policy, 1.0)?;
-    let always = with_threshold(&policy, 0.0)?;
+) -> Result<Vec<CalibrationRow>> {
+    let never = with_threshold(policy, 1.0)?;
+    let always = with_threshold(policy, 0.0)?;
     // Decide as if every tier's key were set: the keys live with the server, not here.
     let keys = policy
         .tiers()
@@ -543,9 +755,9 @@ fn run_calibrate(
         )
     };
     let scorer = scorer.as_ref().map(|s| s as &dyn SemanticScorer);
-    let rows: Vec<CalibrationRow> = rt.block_on(async {
+    rt.block_on(async {
         let mut rows = Vec::with_capacity(tasks.len());
-        for t in tasks {
+        for (i, t) in tasks.iter().enumerate() {
             let req = RouteRequest::from_prompt(&t.prompt);
             let lo = decide(&never, &req, &state, scorer);
             let hi = decide(&always, &req, &state, scorer);
@@ -563,49 +775,35 @@ fn run_calibrate(
             };
             let mut outcomes = BTreeMap::new();
             for m in models {
-                let mut o = target.send(origin, t, &m).await?;
-                if m != "auto" && o.error.is_none() && o.tier != m {
-                    // A fallback (the tier failed or is disabled on the server), or a server
-                    // that does not honour explicit tiers: either way not the tier's answer.
-                    o.pass = false;
-                    o.error = Some(format!(
-                        "asked for tier `{m}`, answered by `{}`: {}",
-                        o.tier,
-                        if o.reason.is_empty() {
-                            "no reason given"
-                        } else {
-                            &o.reason
-                        }
-                    ));
-                    o.why = o.error.clone();
-                }
+                let known = local_answers
+                    .and_then(|r| r.get(i))
+                    .and_then(|r| r.local.as_ref())
+                    .filter(|o| o.error.is_none() && o.tier == m);
+                let o = match known {
+                    // The same request at temperature 0, sent with logprobs: the same answer.
+                    Some(o) => Outcome {
+                        model: m.clone(),
+                        ..o.clone()
+                    },
+                    None if m == "auto" => target.send(origin, t, &m).await?,
+                    None => target.send_pinned(origin, t, &m).await?,
+                };
                 outcomes.insert(m, o);
             }
             rows.push(CalibrationRow { route, outcomes });
         }
         anyhow::Ok(rows)
-    })?;
-    let c = calibrate(&rows, &local, a.target_pass_rate);
-    if let Some(out) = &a.out {
-        let p = write_json(
-            out,
-            "calibrate.json",
-            &serde_json::json!({"calibration": c, "tasks": rows}),
-        )?;
-        eprintln!("wrote {}", p.display());
-    }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"calibration": c, "tasks": rows}))?
-        );
-        return Ok(());
-    }
+    })
+}
+
+fn print_difficulty(
+    a: &RouteEvalArgs,
+    c: &switchyard_classifier::replay::Calibration,
+    tasks: usize,
+) {
     println!(
         "{} tasks: {} routed by the difficulty threshold, {} settled by rules or the safety floor",
-        rows.len(),
-        c.threshold_dependent,
-        c.fixed
+        tasks, c.threshold_dependent, c.fixed
     );
     println!(
         "{:>10} {:>10} {:>10} {:>12}",
@@ -628,7 +826,7 @@ fn run_calibrate(
             100.0 * a.target_pass_rate,
             100.0 * p.escalated,
             p.cost_usd,
-            rows.len()
+            tasks
         ),
         None => println!(
             "\nno threshold reaches a pass rate of {:.1}% (best: {:.1}%)",
@@ -636,5 +834,125 @@ fn run_calibrate(
             100.0 * c.sweep.iter().map(|p| p.pass_rate).fold(0.0, f64::max)
         ),
     }
-    Ok(())
+}
+
+/// Curves longer than this are printed thinned (every 5% of escalation).
+const FULL_CURVE_ROWS: usize = 30;
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+fn print_cascade(
+    a: &RouteEvalArgs,
+    c: &CascadeCalibration,
+    records: &[CascadeRecord],
+    snippet: Option<&str>,
+    served_model: &str,
+    policy: &Policy,
+) {
+    let n = c.tasks.max(1) as f64;
+    println!(
+        "cascade: {} tasks answered on the local tier (model `{served_model}`, max_tokens {}): {} passed ({}); the policy's other checks escalate {} whatever the thresholds",
+        c.tasks,
+        a.max_tokens,
+        c.local_passed,
+        pct(c.local_passed as f64 / n),
+        c.escalated_by_other_checks
+    );
+    let remote = if c.remote_measured {
+        let passed = records
+            .iter()
+            .filter(|r| r.remote_pass() == Some(true))
+            .count();
+        format!(
+            "escalated answers scored by `{}`'s measured answers ({passed}/{} pass)",
+            policy.cascade_tier().map_or("remote", |t| t.name.as_str()),
+            c.tasks
+        )
+    } else {
+        "escalated answers assumed to pass (--measure-remote runs the remote tier)".into()
+    };
+    println!(
+        "target: answers kept local pass >= {}{}; {remote}",
+        pct(c.target.kept_pass),
+        c.target
+            .max_escalation
+            .map(|e| format!(", at most {} escalated", pct(e)))
+            .unwrap_or_default()
+    );
+    for s in &c.signals {
+        println!(
+            "\n{} ({}): AUROC {}, {} tasks with a value",
+            s.signal.label(),
+            s.field,
+            s.auroc.map_or("n/a".into(), |x| format!("{x:.3}")),
+            s.tasks_with_value
+        );
+        println!(
+            "{:>10} {:>10} {:>10} {:>13}{}",
+            "threshold",
+            "escalated",
+            "kept pass",
+            "overall pass",
+            if c.remote_measured {
+                format!(" {:>10}", "measured")
+            } else {
+                String::new()
+            }
+        );
+        let row = |p: &CurvePoint| {
+            println!(
+                "{:>10} {:>10} {:>10} {:>13}{}",
+                p.threshold
+                    .map_or("off".to_string(), |t| toml_threshold(Some(t))),
+                pct(p.escalation_rate),
+                p.kept_pass_rate.map_or("-".into(), pct),
+                pct(p.pass_rate_assumed),
+                p.pass_rate_measured
+                    .map(|m| format!(" {:>10}", pct(m)))
+                    .unwrap_or_default()
+            )
+        };
+        let thin = s.curve.len() > FULL_CURVE_ROWS;
+        let mut next_step = 0.0;
+        for (i, p) in s.curve.iter().enumerate() {
+            let keep = !thin
+                || i == 0
+                || i + 1 == s.curve.len()
+                || s.chosen.as_ref() == Some(p)
+                || p.escalation_rate + 1e-12 >= next_step;
+            if keep {
+                row(p);
+                next_step = (p.escalation_rate / 0.05).floor() * 0.05 + 0.05;
+            }
+        }
+        if thin {
+            println!(
+                "  ({} points, thinned to every 5% of escalation; --json has all)",
+                s.curve.len()
+            );
+        }
+        match &s.chosen {
+            Some(p) if s.meets_target => println!(
+                "  chosen: {} = {}: {} escalated, kept answers pass {}",
+                s.field,
+                toml_threshold(p.threshold),
+                pct(p.escalation_rate),
+                p.kept_pass_rate.map_or("-".into(), pct)
+            ),
+            Some(p) => println!(
+                "  no threshold reaches the target within the budget; best: {} = {}: {} escalated, kept answers pass {}",
+                s.field,
+                toml_threshold(p.threshold),
+                pct(p.escalation_rate),
+                p.kept_pass_rate.map_or("-".into(), pct)
+            ),
+            None => println!("  no threshold reaches the target"),
+        }
+    }
+    match snippet {
+        Some(t) => println!("\n{t}"),
+        None => println!("\nno [cascade] thresholds reach the target; lower --target-kept-pass or give --max-escalation"),
+    }
 }

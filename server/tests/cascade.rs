@@ -8,10 +8,10 @@
 //!   and held-back SSE, OpenAI and Anthropic endpoints); a failing frontier tier leaves the
 //!   local answer in place; `x-switchyard-cascade: off` skips the check.
 //! - `smollm2_low_confidence_escalates_confident_stays_local`: the real demo model
-//!   (SmolLM2-135M-Instruct upcycled) with the default thresholds: a question it answers
-//!   confidently stays local, an open-ended one it is unsure about is escalated, and the mean
-//!   logprob the cascade recorded equals the one the OpenAI `logprobs` of the same greedy
-//!   answer give.
+//!   (SmolLM2-135M-Instruct upcycled) with the default thresholds (mean entropy above 1.29
+//!   nats, from `docs/cascade-calibration.md`): a question it answers confidently stays local,
+//!   an open-ended one it is unsure about is escalated, and the mean logprob and entropy the
+//!   cascade recorded equal the ones the OpenAI `logprobs` of the same greedy answer give.
 
 mod common;
 
@@ -376,9 +376,9 @@ fn smollm2_model() -> Option<&'static Path> {
     .as_deref()
 }
 
-/// The mean logprob of the greedy local answer, from the OpenAI `logprobs` of a request
-/// pinned to the local tier (no cascade).
-async fn mean_logprob(s: &Setup, prompt: &str) -> f64 {
+/// Mean token logprob and mean entropy of the greedy answer to `prompt`, from the OpenAI
+/// `logprobs` of a request pinned to the local tier (no cascade).
+async fn confidence(s: &Setup, prompt: &str) -> (f64, f64) {
     let r = send(
         s,
         "/v1/chat/completions",
@@ -389,19 +389,22 @@ async fn mean_logprob(s: &Setup, prompt: &str) -> f64 {
         &[],
     )
     .await;
-    let lps: Vec<f64> = r.json()["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["logprob"].as_f64().unwrap())
-        .collect();
-    lps.iter().sum::<f64>() / lps.len() as f64
+    let mean = |k: &str| {
+        let xs: Vec<f64> = r.json()["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t[k].as_f64().unwrap())
+            .collect();
+        xs.iter().sum::<f64>() / xs.len() as f64
+    };
+    (mean("logprob"), mean("entropy"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_low_confidence_escalates_confident_stays_local() {
     let Some(model) = smollm2_model() else { return };
-    // The default thresholds: mean logprob −1.0, mean entropy 2.5 nats.
+    // The default thresholds: mean entropy 1.29 nats, the logprob thresholds off.
     let s = setup(model, "").await;
     let confident = "What is the capital of France?";
     let unsure = "Invent a name for a new color.";
@@ -418,22 +421,27 @@ async fn smollm2_low_confidence_escalates_confident_stays_local() {
         assert_eq!(cascade_header(&r), want, "{prompt}: {rec}");
         let verdict = &rec["attempts"][0]["verdict"];
         let recorded = verdict["mean_logprob"].as_f64().unwrap();
+        let entropy = verdict["mean_entropy"].as_f64().unwrap();
         // What the cascade measured is what the client would see as logprobs.
-        let measured = mean_logprob(&s, prompt).await;
+        let (measured, measured_entropy) = confidence(&s, prompt).await;
         assert!(
             (recorded - measured).abs() < 1e-4,
             "{prompt}: recorded {recorded}, logprobs say {measured}"
         );
+        assert!(
+            (entropy - measured_entropy).abs() < 1e-4,
+            "{prompt}: recorded entropy {entropy}, logprobs say {measured_entropy}"
+        );
         if want == "passed" {
-            assert!(recorded > -1.0, "{rec}");
+            assert!(entropy < 1.29, "{rec}");
             assert_eq!(r.header("x-switchyard-tier"), "local");
             assert!(openai_text(&r).contains("Paris"), "{}", r.text);
         } else {
-            assert!(recorded < -1.0, "{rec}");
+            assert!(entropy > 1.29, "{rec}");
             assert!(
                 verdict["reasons"]
                     .to_string()
-                    .contains("mean token logprob"),
+                    .contains("mean token entropy"),
                 "{rec}"
             );
             assert_eq!(r.header("x-switchyard-tier"), "frontier");

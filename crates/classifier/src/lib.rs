@@ -10,7 +10,8 @@
 //! - [`routellm`]: the RouteLLM data, its fixed split, and the APGR metric with baselines;
 //!   [`route_eval`] runs it for `switchyard route-eval --routellm` (summary JSON, SVG plot).
 //! - [`replay`]: `switchyard route-eval --replay`'s task file, answer checks, per-tier totals
-//!   and the difficulty-threshold sweep of `--calibrate`.
+//!   and the difficulty-threshold sweep of `--calibrate`;
+//!   [`cascade_calibration`] sets the cascade's confidence thresholds from the same replay.
 //! - [`cache`]: an on-disk embedding cache keyed by `sha256(text)`.
 //!
 //! Words: the MoE *gate* picks experts inside the model; the request *router* picks a tier.
@@ -18,6 +19,7 @@
 
 pub mod bert;
 pub mod cache;
+pub mod cascade_calibration;
 pub mod difficulty;
 pub mod embed;
 pub mod error;

@@ -690,8 +690,14 @@ fn cascade_policy_errors_name_the_field() {
     } else {
         panic!("a cascade without a remote tier must be refused");
     }
-    // Thresholds may be switched off.
+    // Thresholds may be switched off, and the ones not given keep their defaults.
     let p = Policy::from_toml_str("[cascade]\nmax_mean_entropy = \"off\"\n", "ok.toml").unwrap();
     assert_eq!(p.cascade().max_mean_entropy, None);
-    assert_eq!(p.cascade().min_mean_logprob, Some(-1.0));
+    assert_eq!(
+        p.cascade().min_mean_logprob,
+        switchyard_router::CascadeConfig::default().min_mean_logprob
+    );
+    let p = Policy::from_toml_str("[cascade]\nmin_mean_logprob = -0.5\n", "ok.toml").unwrap();
+    assert_eq!(p.cascade().min_mean_logprob, Some(-0.5));
+    assert_eq!(p.cascade().max_mean_entropy, Some(1.29));
 }
