@@ -58,6 +58,9 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::RouteEval(_)) {
+        exit_quietly_on_closed_stdout();
+    }
     let r = match cli.cmd {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Generate(a) => cmd_generate::run_generate(a),
@@ -78,5 +81,17 @@ fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a command whose output is piped into `head` end the way `cat` does (killed by SIGPIPE,
+/// silently) instead of panicking in `println!`. Rust ignores SIGPIPE by default so that
+/// writing to a closed socket is an error rather than death, so this is done only for the
+/// offline commands: `serve` and `route-eval` talk to sockets.
+fn exit_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal, before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

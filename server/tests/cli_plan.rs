@@ -121,3 +121,18 @@ fn bad_flags_are_named() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    // `switchyard plan --json | head -c0`: the reader is gone before the plan is printed.
+    let mut child = Command::new(BIN)
+        .args(["plan", "--preset", "hy3", "--gpus", "8", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
