@@ -27,6 +27,21 @@ const PREFETCH_AHEAD: usize = 1024;
 /// amortise scheduling while leaving many tasks for load balance.
 const ROWS_PER_TASK: usize = 64;
 
+/// Runs `f` on a rayon worker thread (the caller blocks until it returns).
+///
+/// A parallel loop started outside the pool injects its job and parks the caller on a latch:
+/// two thread hand-offs per loop, and a decode step runs about eight loops per layer. Inside
+/// the pool a loop splits by work stealing: the worker that started it runs every part no
+/// other worker has taken, so a busy or sleeping sibling never holds it up. Call this around a
+/// whole forward pass.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `t < tokens`; `w` is `[out, inp]`
 /// row-major bf16, `x` is `[tokens, inp]` f32, `y` is `[tokens, out]` f32.
 pub fn gemv_bf16(

@@ -844,6 +844,25 @@ impl HyV3Model {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Tensor, ModelError> {
+        self.on_cpu_worker(|| self.forward_contiguous(ids, cache, which))
+    }
+
+    /// Runs a forward pass on a rayon worker when the model is on the CPU, so the kernels'
+    /// parallel loops start inside the pool ([`switchyard_kernels::cpu_gemv::on_worker`]).
+    fn on_cpu_worker<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.device.is_cpu() {
+            switchyard_kernels::cpu_gemv::on_worker(f)
+        } else {
+            f()
+        }
+    }
+
+    fn forward_contiguous(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<Tensor, ModelError> {
         self.validate_input(ids, cache.len())?;
         let t = ids.len();
         let pos0 = cache.len();
@@ -861,6 +880,14 @@ impl HyV3Model {
     /// Returns one f32 logits tensor per sequence: `[1, vocab]` for [`Logits::Last`], or
     /// `[tokens, vocab]` for [`Logits::All`].
     pub fn forward_paged(
+        &self,
+        seqs: &[PagedSeq<'_>],
+        kv: &mut PagedKvCache,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv))
+    }
+
+    fn forward_paged_batch(
         &self,
         seqs: &[PagedSeq<'_>],
         kv: &mut PagedKvCache,
