@@ -17,11 +17,17 @@ use crate::KernelError;
 /// 32 AVX-512 registers with room for the weights and activations.
 pub const TOKEN_BLOCK: usize = 8;
 
-/// bf16 weights (2 KiB) the AVX-512 kernel prefetches ahead of its loads. Interleaved A/B runs
-/// on the 2-core dev VM (4096×4096, 1536×576, 768×1024, 1024×384 at one token): 512 / 1024 /
-/// 2048 elements gave +13…+38% mean bytes/s over no prefetch, 1024 the best; the hardware
+/// bf16 weights (4 KiB, two 1024-wide rows) the AVX-512 kernel prefetches ahead of its loads.
+/// Session 2 (T0 hint, 2 KiB) measured +13…+38% bytes/s over no prefetch; the hardware
 /// prefetcher alone leaves the two cores at about a quarter of the measured bandwidth.
-const PREFETCH_AHEAD: usize = 1024;
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Prefetch into L2, not L1: L2 keeps more misses in flight than L1's fill buffers, and a
+/// weight is read once. A 1024×1024 bf16 gemv streamed from 128 MiB and 1 GiB working sets on
+/// the dev VM, two threads under load, medians of 5 in four runs: T1 at 4 KiB 15.3–21.3 GB/s,
+/// T0 at 4 KiB 8.1–19.8, T0 at 2 KiB 9.6–13.8, no prefetch 7.4–14.2.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T1;
 
 /// Output rows per rayon task: 64 rows × 4096 inputs × 2 B = 512 KiB of weights, enough work to
 /// amortise scheduling while leaving many tasks for load balance.
@@ -68,9 +74,12 @@ pub fn gemv_bf16(
             tokens * out
         )));
     }
+    let kernel = row_kernel();
+    let mut xp = vec![0f32; x.len()];
+    kernel.pack(x, inp, &mut xp);
+    let xp = &xp[..];
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
-    let kernel = row_kernel();
     // One token (decode): `[out, 1]` is already y's layout, so write it in place.
     let mut scratch = Vec::new();
     let acc: &mut [f32] = if tokens == 1 {
@@ -85,10 +94,10 @@ pub fn gemv_bf16(
             let r0 = chunk * ROWS_PER_TASK;
             for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
                 let n = TOKEN_BLOCK.min(tokens - t0);
-                let xs = &x[t0 * inp..(t0 + n) * inp];
+                let xs = &xp[t0 * inp..(t0 + n) * inp];
                 for (j, d) in dst.chunks_mut(tokens).enumerate() {
                     let row = &w[(r0 + j) * inp..(r0 + j + 1) * inp];
-                    kernel(row, xs, n, inp, &mut d[t0..t0 + n]);
+                    kernel.run(row, xs, n, inp, &mut d[t0..t0 + n]);
                 }
             }
         });
@@ -102,8 +111,70 @@ pub fn gemv_bf16(
     Ok(())
 }
 
-/// A kernel computing one weight row against `tokens` (≤ [`TOKEN_BLOCK`]) activation rows.
-pub(crate) type RowKernel = fn(&[bf16], &[f32], usize, usize, &mut [f32]);
+/// The fastest row kernel this CPU runs, and the activation layout it reads.
+///
+/// The SIMD kernels widen bf16 pairs in place: a 32-bit lane holding weights `2j` (low half)
+/// and `2j + 1` (high half) becomes weight `2j` as f32 after a left shift by 16 and weight
+/// `2j + 1` after masking off the low half. One full-width load and two single-cycle ops widen
+/// a vector of pairs (zero-extending each half instead costs two loads, two cross-lane
+/// shuffles and two shifts), so the activations they multiply are stored split the same way:
+/// each block of `2 · lanes` values as its `lanes` even-indexed values, then its odd-indexed
+/// ones ([`RowKernel::pack`]). Values past the last whole block stay in order.
+#[derive(Clone, Copy)]
+pub(crate) struct RowKernel {
+    run: fn(&[bf16], &[f32], usize, usize, &mut [f32]),
+    /// f32 lanes of one vector; 0 for the portable kernel, which reads activations in order.
+    lanes: usize,
+}
+
+impl RowKernel {
+    /// One weight row against `n` (≤ [`TOKEN_BLOCK`]) packed activation rows of `inp` values:
+    /// `d[t] = row · x[t]`. `row.len() == inp`, `x.len() >= n * inp`, `d.len() >= n`.
+    #[inline]
+    pub(crate) fn run(&self, row: &[bf16], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+        assert!(row.len() == inp && x.len() >= n * inp && d.len() >= n && n <= TOKEN_BLOCK);
+        (self.run)(row, x, n, inp, d)
+    }
+
+    /// Copies activation rows of `inp` values from `src` into this kernel's layout in `dst`
+    /// (same length).
+    pub(crate) fn pack(&self, src: &[f32], inp: usize, dst: &mut [f32]) {
+        debug_assert_eq!(src.len(), dst.len());
+        for (s, d) in src.chunks(inp).zip(dst.chunks_mut(inp)) {
+            self.pack_row(s, d);
+        }
+    }
+
+    /// [`Self::pack`] for one row.
+    pub(crate) fn pack_row(&self, src: &[f32], dst: &mut [f32]) {
+        let l = self.lanes;
+        if l == 0 {
+            dst.copy_from_slice(src);
+            return;
+        }
+        let whole = src.len() / (2 * l) * (2 * l);
+        for (s, d) in src[..whole]
+            .chunks_exact(2 * l)
+            .zip(dst[..whole].chunks_exact_mut(2 * l))
+        {
+            for j in 0..l {
+                d[j] = s[2 * j];
+                d[l + j] = s[2 * j + 1];
+            }
+        }
+        dst[whole..].copy_from_slice(&src[whole..]);
+    }
+
+    /// Where logical element `i` of a row of `inp` values sits once packed.
+    pub(crate) fn packed_index(&self, i: usize, inp: usize) -> usize {
+        let l = self.lanes;
+        if l == 0 || i >= inp / (2 * l) * (2 * l) {
+            return i;
+        }
+        let (b, k) = (i / (2 * l), i % (2 * l));
+        b * 2 * l + (k % 2) * l + k / 2
+    }
+}
 
 /// The fastest row kernel this CPU runs (detected once).
 pub(crate) fn row_kernel() -> RowKernel {
@@ -115,16 +186,25 @@ fn select_kernel() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            return row_avx512_entry;
+            return RowKernel {
+                run: row_avx512_entry,
+                lanes: 16,
+            };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return row_avx2_entry;
+            return RowKernel {
+                run: row_avx2_entry,
+                lanes: 8,
+            };
         }
     }
-    row_portable
+    RowKernel {
+        run: row_portable,
+        lanes: 0,
+    }
 }
 
-/// Reference: one weight row against every token.
+/// Reference: one weight row against every token, activations in order.
 fn row_portable(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
     for t in 0..tokens {
         let xs = &x[t * inp..(t + 1) * inp];
@@ -155,39 +235,38 @@ macro_rules! by_tokens {
 
 #[cfg(target_arch = "x86_64")]
 fn row_avx512_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
-    // SAFETY: selected only after run-time detection of avx512f; slices are checked by the
-    // caller (`row.len() == inp`, `x.len() >= tokens * inp`, `d.len() >= tokens`).
+    // SAFETY: selected only after run-time detection of avx512f; `RowKernel::run` checks
+    // `row.len() == inp`, `x.len() >= tokens * inp` and `d.len() >= tokens`.
     unsafe { by_tokens!(row_avx512, row, x, tokens, inp, d) }
 }
 
-/// One bf16 weight row against `N` activation rows. Two accumulator chains per token hide the
-/// FMA latency when `N` is small (decode).
+/// One bf16 weight row against `N` packed activation rows: 32 weights per step, the even and
+/// odd ones in separate accumulator chains (which hides the FMA latency at one token).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn row_avx512<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
     let n32 = inp / 32 * 32;
-    let mut a0 = [_mm512_setzero_ps(); N];
-    let mut a1 = [_mm512_setzero_ps(); N];
+    let mut ae = [_mm512_setzero_ps(); N];
+    let mut ao = [_mm512_setzero_ps(); N];
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let wp = row.as_ptr() as *const u16;
     let xp = x.as_ptr();
     let mut i = 0;
     while i < n32 {
         // A hint, never a fault: the address may lie past the matrix.
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
-        // 16 bf16 → 16 f32: zero-extend to 32 bits and shift into the high half.
-        let h0 = _mm256_loadu_si256(wp.add(i) as *const __m256i);
-        let h1 = _mm256_loadu_si256(wp.add(i + 16) as *const __m256i);
-        let w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16));
-        let w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16));
+        _mm_prefetch::<PREFETCH_HINT>(wp.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
+        let v = _mm512_loadu_si512(wp.add(i) as *const __m512i);
+        let we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        let wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
         for t in 0..N {
-            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a0[t]);
-            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a1[t]);
+            ae[t] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xp.add(t * inp + i)), ae[t]);
+            ao[t] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xp.add(t * inp + i + 16)), ao[t]);
         }
         i += 32;
     }
     for t in 0..N {
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(ae[t], ao[t]));
         for j in n32..inp {
             s += row[j].to_f32() * x[t * inp + j];
         }
@@ -201,28 +280,33 @@ fn row_avx2_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f
     unsafe { by_tokens!(row_avx2, row, x, tokens, inp, d) }
 }
 
+/// [`row_avx512`] with 8-lane vectors: 16 weights per step.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
-    let n8 = inp / 8 * 8;
-    let mut acc = [_mm256_setzero_ps(); N];
+    let n16 = inp / 16 * 16;
+    let mut ae = [_mm256_setzero_ps(); N];
+    let mut ao = [_mm256_setzero_ps(); N];
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let wp = row.as_ptr() as *const u16;
     let xp = x.as_ptr();
     let mut i = 0;
-    while i < n8 {
-        let h = _mm_loadu_si128(wp.add(i) as *const __m128i);
-        let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        for (t, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp.add(t * inp + i)), *a);
+    while i < n16 {
+        let v = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        let wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for t in 0..N {
+            ae[t] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xp.add(t * inp + i)), ae[t]);
+            ao[t] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xp.add(t * inp + i + 8)), ao[t]);
         }
-        i += 8;
+        i += 16;
     }
     for t in 0..N {
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(ae[t], ao[t]));
         let mut s: f32 = lanes.iter().sum();
-        for j in n8..inp {
+        for j in n16..inp {
             s += row[j].to_f32() * x[t * inp + j];
         }
         d[t] = s;
@@ -299,5 +383,59 @@ mod tests {
         }
         assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
         assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
+    }
+
+    /// Every kernel this CPU can run (not only the one selected), on packed activations, for
+    /// every token count and lengths around the vector steps.
+    #[test]
+    fn every_kernel_matches_reference() {
+        let mut kernels = vec![RowKernel {
+            run: row_portable,
+            lanes: 0,
+        }];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                kernels.push(RowKernel {
+                    run: row_avx2_entry,
+                    lanes: 8,
+                });
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                kernels.push(RowKernel {
+                    run: row_avx512_entry,
+                    lanes: 16,
+                });
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for k in &kernels {
+            for inp in [1, 15, 16, 17, 31, 32, 33, 64, 100, 1024] {
+                for n in 1..=TOKEN_BLOCK {
+                    let w: Vec<bf16> = (0..inp)
+                        .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                        .collect();
+                    let x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let mut xp = vec![0f32; x.len()];
+                    k.pack(&x, inp, &mut xp);
+                    for i in 0..inp {
+                        assert_eq!(xp[k.packed_index(i, inp)], x[i]);
+                    }
+                    let mut d = [f32::NAN; TOKEN_BLOCK];
+                    k.run(&w, &xp, n, inp, &mut d);
+                    for t in 0..n {
+                        let want: f64 = (0..inp)
+                            .map(|i| w[i].to_f64() * x[t * inp + i] as f64)
+                            .sum();
+                        assert!(
+                            (d[t] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "lanes {} inp {inp} n {n} t {t}: {} vs {want}",
+                            k.lanes,
+                            d[t]
+                        );
+                    }
+                }
+            }
+        }
     }
 }

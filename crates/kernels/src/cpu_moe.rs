@@ -66,11 +66,11 @@ pub fn experts_forward_bf16(
     let entries = plan.token_of.len();
     let kernel = row_kernel();
 
-    // Each entry's activation row, grouped by expert.
+    // Each entry's activation row, grouped by expert, in the kernel's layout.
     let mut xs = vec![0f32; entries * h];
     for (p, &tok) in plan.token_of.iter().enumerate() {
         let tok = tok as usize;
-        xs[p * h..(p + 1) * h].copy_from_slice(&x[tok * h..(tok + 1) * h]);
+        kernel.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
     }
 
     // Pass 1: act = silu(gate · x) * (up · x), per expert `[I, n]` (row-major over rows).
@@ -87,8 +87,8 @@ pub fn experts_forward_bf16(
             for t0 in (0..n).step_by(TOKEN_BLOCK) {
                 let nb = TOKEN_BLOCK.min(n - t0);
                 let xb = &xe[t0 * h..(t0 + nb) * h];
-                kernel(grow, xb, nb, h, &mut g[..nb]);
-                kernel(urow, xb, nb, h, &mut u[..nb]);
+                kernel.run(grow, xb, nb, h, &mut g[..nb]);
+                kernel.run(urow, xb, nb, h, &mut u[..nb]);
                 for j in 0..nb {
                     dst[t0 + j] = silu(g[j]) * u[j];
                 }
@@ -96,16 +96,17 @@ pub fn experts_forward_bf16(
         }
     });
 
-    // Token-major activations for the down projection's row kernel.
+    // Token-major activations in the kernel's layout for the down projection.
     let mut act_t = vec![0f32; entries * i];
+    let slot: Vec<usize> = (0..i).map(|r| kernel.packed_index(r, i)).collect();
     for ex in 0..e {
         let (lo, hi) = (plan.offsets[ex], plan.offsets[ex + 1]);
         let n = hi - lo;
         let blk = &act[lo * i..hi * i];
         let dst = &mut act_t[lo * i..hi * i];
-        for r in 0..i {
+        for (r, &pr) in slot.iter().enumerate() {
             for tk in 0..n {
-                dst[tk * i + r] = blk[r * n + tk];
+                dst[tk * i + pr] = blk[r * n + tk];
             }
         }
     }
@@ -121,7 +122,7 @@ pub fn experts_forward_bf16(
             let row = &down[base + r * i..base + (r + 1) * i];
             for t0 in (0..n).step_by(TOKEN_BLOCK) {
                 let nb = TOKEN_BLOCK.min(n - t0);
-                kernel(
+                kernel.run(
                     row,
                     &ae[t0 * i..(t0 + nb) * i],
                     nb,
