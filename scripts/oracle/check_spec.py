@@ -62,14 +62,23 @@ def normalise_config(c: dict) -> dict:
 def load_weights(d: Path, cfg: dict) -> dict:
     idx = d / "model.safetensors.index.json"
     files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
-    raw = {}
+    raw, fp8 = {}, []
     for f in files:
         with safe_open(str(d / f), "pt") as fh:
             for k in fh.keys():
                 m = re.match(r"model\.layers\.(\d+)\.", k)
                 if m and int(m.group(1)) >= cfg["layers"]:
                     continue  # MTP layer(s): model.layers.{>= num_hidden_layers}.*
-                raw[k] = fh.get_tensor(k).float().numpy()
+                t = fh.get_tensor(k)
+                if str(t.dtype) == "torch.float8_e4m3fn":
+                    fp8.append(k)
+                raw[k] = t.float().numpy()
+    # FP8 (README §5): per-tensor e4m3 weights times their f32 weight_scale; input_scale unused.
+    for k in fp8:
+        scale = raw[k[: -len("weight")] + "weight_scale"]
+        assert scale.size == 1, (k, scale.shape)
+        raw[k] = raw[k] * np.float32(scale.reshape(()))
+    raw = {k: v for k, v in raw.items() if not k.endswith(("weight_scale", "input_scale"))}
     w = {}
     for k, v in raw.items():  # hub names -> canonical (fused) names
         k = k.replace(".mlp.router.gate.weight", ".mlp.gate.weight")

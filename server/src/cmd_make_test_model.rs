@@ -24,14 +24,18 @@ pub struct MakeTestModelArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Weight dtype: f32 or bf16 (router and expert bias stay f32).
+    /// Weight dtype: f32, bf16 or fp8 (router and expert bias stay f32; fp8: per-tensor e4m3
+    /// projections with weight_scale and input_scale, embeddings and norms bf16).
     #[arg(long, default_value = "f32")]
     dtype: String,
 }
 
 pub fn run(a: MakeTestModelArgs) -> Result<()> {
     let mut cfg = switchyard_model::presets::preset(&a.preset)?;
-    let dtype = parse_dtype(&a.dtype)?;
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "fp8" | "e4m3" | "f8e4m3" => candle_core::DType::F8E4M3,
+        _ => parse_dtype(&a.dtype)?,
+    };
     let tok = switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, SPECIALS)?;
     let eos: Vec<u32> = ["<|endoftext|>", "<|im_end|>"]
         .iter()

@@ -107,6 +107,117 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token id.
     pub bos_token_id: Option<u32>,
+    /// How the checkpoint's weights are quantized (`quantization_config`); `None` for plain
+    /// f32/bf16 checkpoints.
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
+}
+
+/// A checkpoint's `quantization_config`, as far as the loader needs it.
+///
+/// Only what Hy3's released FP8 variant uses is accepted: per-tensor float8 e4m3 weights with an
+/// f32 `weight_scale` beside each (see [`crate::weights`]). The loader dequantizes them into the
+/// compute dtype, so the activation scheme is recorded but not applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Quantization {
+    /// `quant_method: "fp8"`.
+    Fp8 {
+        /// `activation_scheme` (`static`: an `input_scale` per projection; `dynamic`: none).
+        activation_scheme: ActivationScheme,
+        /// Modules left unquantized (`ignored_layers` and `modules_to_not_convert`).
+        not_converted: Vec<String>,
+    },
+}
+
+/// How an FP8 checkpoint scales activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActivationScheme {
+    /// A calibrated `input_scale` is stored beside each quantized projection.
+    Static,
+    /// Scales computed per batch at run time; nothing stored.
+    Dynamic,
+}
+
+/// `quant_method` values the loader accepts.
+pub const SUPPORTED_QUANT_METHODS: &[&str] = &["fp8"];
+
+/// Parses `quantization_config` (absent or null: not quantized).
+fn quantization(o: &Map<String, Value>) -> Result<Option<Quantization>, ModelError> {
+    const KEY: &str = "quantization_config";
+    let Some(q) = o.get(KEY).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = |field: &str, message: String| ModelError::Config {
+        field: format!("{KEY}.{field}"),
+        message,
+    };
+    let q = q
+        .as_object()
+        .ok_or_else(|| bad("", "expected an object".into()))?;
+    let r = Reader(q);
+    let nested = |e: ModelError| match e {
+        ModelError::Config { field, message } => bad(&field, message),
+        e => e,
+    };
+    let method = r
+        .string("quant_method")
+        .map_err(nested)?
+        .ok_or_else(|| bad("quant_method", "required field is missing".into()))?;
+    if !method.eq_ignore_ascii_case("fp8") {
+        return Err(bad(
+            "quant_method",
+            format!(
+                "unsupported quantization method {method:?}; supported: {} (per-tensor e4m3 \
+                 weights with weight_scale)",
+                SUPPORTED_QUANT_METHODS.join(", ")
+            ),
+        ));
+    }
+    if r.get("weight_block_size").is_some() {
+        return Err(bad(
+            "weight_block_size",
+            "block-wise FP8 scales are not supported; only per-tensor weight_scale".into(),
+        ));
+    }
+    if let Some(fmt) = r.string("fmt").map_err(nested)? {
+        if !matches!(fmt.to_ascii_lowercase().as_str(), "e4m3" | "float8_e4m3fn") {
+            return Err(bad(
+                "fmt",
+                format!("FP8 format {fmt:?} is not supported; only e4m3"),
+            ));
+        }
+    }
+    // transformers' FP8 configs default to dynamic activation scales.
+    let activation_scheme = match r.string("activation_scheme").map_err(nested)? {
+        None => ActivationScheme::Dynamic,
+        Some(s) if s.eq_ignore_ascii_case("static") => ActivationScheme::Static,
+        Some(s) if s.eq_ignore_ascii_case("dynamic") => ActivationScheme::Dynamic,
+        Some(s) => {
+            return Err(bad(
+                "activation_scheme",
+                format!("expected \"static\" or \"dynamic\", found {s:?}"),
+            ))
+        }
+    };
+    let mut not_converted = Vec::new();
+    for key in ["ignored_layers", "modules_to_not_convert"] {
+        match r.get(key) {
+            None => {}
+            Some(Value::Array(a)) => {
+                for x in a {
+                    let s = x
+                        .as_str()
+                        .ok_or_else(|| bad(key, format!("entries must be strings, found {x}")))?;
+                    not_converted.push(s.to_string());
+                }
+            }
+            Some(v) => return Err(bad(key, format!("expected a list of names, found {v}"))),
+        }
+    }
+    Ok(Some(Quantization::Fp8 {
+        activation_scheme,
+        not_converted,
+    }))
 }
 
 impl ModelConfig {
@@ -316,6 +427,7 @@ impl ModelConfig {
                 .unwrap_or(0),
             eos_token_ids,
             bos_token_id: r.usize("bos_token_id")?.map(|x| x as u32),
+            quantization: quantization(o)?,
         };
         cfg.gate_config()
             .validate()
@@ -394,6 +506,21 @@ impl ModelConfig {
         }
         if !self.gate.renormalize {
             v["route_norm"] = Value::Bool(false);
+        }
+        if let Some(Quantization::Fp8 {
+            activation_scheme,
+            not_converted,
+        }) = &self.quantization
+        {
+            v["quantization_config"] = serde_json::json!({
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": match activation_scheme {
+                    ActivationScheme::Static => "static",
+                    ActivationScheme::Dynamic => "dynamic",
+                },
+                "ignored_layers": not_converted,
+            });
         }
         v
     }

@@ -682,6 +682,7 @@ impl LlamaParams {
             num_mtp_layers: 0,
             eos_token_ids: self.eos_id.into_iter().collect(),
             bos_token_id: self.bos_id,
+            quantization: None,
         }
     }
 }

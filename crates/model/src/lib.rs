@@ -15,7 +15,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use config::{LayerKind, ModelConfig};
+pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
 pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
@@ -80,7 +80,9 @@ pub enum ModelError {
         path: PathBuf,
     },
     /// A tensor's dtype cannot be used.
-    #[error("tensor `{name}` in {path} has dtype {dtype}; supported: F32, F16, BF16")]
+    #[error(
+        "tensor `{name}` in {path} has dtype {dtype}; supported: F32, F16, BF16, and F8_E4M3 with a weight_scale"
+    )]
     UnsupportedDtype {
         /// Tensor name.
         name: String,
@@ -88,6 +90,16 @@ pub enum ModelError {
         dtype: String,
         /// File holding it.
         path: PathBuf,
+    },
+    /// An FP8 tensor's scales are missing or unusable.
+    #[error("tensor `{name}` in {path} {message}")]
+    Quantization {
+        /// The quantized tensor.
+        name: String,
+        /// File holding it.
+        path: PathBuf,
+        /// What is wrong, naming the scale tensor.
+        message: String,
     },
     /// A checkpoint file is unreadable, corrupt or inconsistent.
     #[error("{path}: {message}")]

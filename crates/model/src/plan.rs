@@ -14,7 +14,11 @@
 //!
 //! Stored sizes follow real Hy3 checkpoints: the gate weight and expert bias are f32 in every
 //! format; in FP8 checkpoints the projection matrices are e4m3 with an f32 `weight_scale` and
-//! `input_scale` each, while embeddings, lm_head and norms stay bf16.
+//! `input_scale` each, while embeddings, lm_head and norms stay bf16. The FP8 figures are the
+//! checkpoint's bytes (`tests/plan.rs` checks them against the `fp8_hub` fixture and FP8 test
+//! models to the byte), that is what an FP8-compute engine holds. Switchyard's loader today
+//! dequantizes FP8 weights into the compute dtype (see [`crate::weights`]), so what it holds in
+//! memory is the `bf16` plan (per-expert scales of fused expert tensors are not modelled either).
 
 use serde::Serialize;
 

@@ -67,6 +67,7 @@ fn shape(
         num_mtp_layers: 0,
         eos_token_ids: vec![],
         bos_token_id: None,
+        quantization: None,
     }
 }
 

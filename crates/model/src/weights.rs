@@ -9,6 +9,20 @@
 //! walks the checkpoint by its own names, so layer code reads like the tensor list. Unlike
 //! candle-nn's VarBuilder its errors are typed and name the tensor, the file, and what was
 //! expected versus found.
+//!
+//! FP8 checkpoints (the form of Hy3's released FP8 variant; `quant_method: "fp8"` in
+//! `config.json`): a projection stored as `F8_E4M3` has an f32 `<prefix>.weight_scale` beside it
+//! and, with static activation scales, an `<prefix>.input_scale`. [`Checkpoint::get`]
+//! dequantizes such a tensor as it copies it out, `w = f32(q) × weight_scale` (exact in f32),
+//! then converts it to the compute dtype, so every layer and kernel sees an ordinary f32/bf16
+//! weight. This is weight-only dequantization: `input_scale` is read and must be finite and
+//! positive, but activations are not quantized, and the weights take the compute dtype's room
+//! in memory (FP8 compute is not implemented). Scales are per tensor (shape `[]` or `[1]`) or,
+//! for fused expert tensors `[E, rows, cols]` (`experts.gate_up_proj`, read from
+//! `gate_up_proj_weight_scale`, `gate_up_proj.weight_scale` or `gate_up_proj_scale`), one per
+//! expert (`[E]`, `[E, 1]` or `[E, 1, 1]`); block-wise (`weight_scale_inv`) and per-channel
+//! scales are refused with an error naming the tensor. Which tensors are quantized is read from
+//! the file's dtypes, so `ignored_layers` need no handling here: those tensors are stored bf16.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -270,6 +284,19 @@ impl Checkpoint {
         let (shard, view, offset) = self.view(&stored)?;
         let st_dtype = view.dtype();
         use safetensors::Dtype as D;
+        if st_dtype == D::F8_E4M3 {
+            if view.shape() != shape {
+                return Err(ModelError::ShapeMismatch {
+                    name: stored,
+                    expected: shape.to_vec(),
+                    found: view.shape().to_vec(),
+                    path: file,
+                });
+            }
+            let w = self.dequantize(&stored, &file, &view, dtype)?;
+            self.release(shard, offset, view.data().len());
+            return Ok(w.to_device(device)?);
+        }
         if !matches!(st_dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
             return Err(ModelError::UnsupportedDtype {
                 name: stored,
@@ -293,6 +320,124 @@ impl Checkpoint {
         })?;
         self.release(shard, offset, view.data().len());
         Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Where the scales of an FP8 tensor may be stored, in the order they are looked for: beside
+/// `X.weight` as `X.weight_scale`; beside a fused parameter `X` (no `.weight` suffix) as
+/// `X_weight_scale`, `X.weight_scale` or `X_scale`. `kind` is `weight` or `input`.
+fn scale_names(stored: &str, kind: &str) -> Vec<String> {
+    match stored.strip_suffix(".weight") {
+        Some(prefix) => vec![format!("{prefix}.{kind}_scale")],
+        None => {
+            let mut v = vec![
+                format!("{stored}_{kind}_scale"),
+                format!("{stored}.{kind}_scale"),
+            ];
+            if kind == "weight" {
+                v.push(format!("{stored}_scale"));
+            }
+            v
+        }
+    }
+}
+
+impl Checkpoint {
+    /// Dequantizes the `F8_E4M3` tensor `stored` into `dtype` on the CPU (see the module docs).
+    /// 3-D (fused expert) tensors go one expert at a time, so the f32 intermediate never holds
+    /// more than one expert.
+    fn dequantize(
+        &self,
+        stored: &str,
+        file: &Path,
+        view: &TensorView<'_>,
+        dtype: DType,
+    ) -> Result<Tensor, ModelError> {
+        let shape = view.shape().to_vec();
+        let err = |message: String| ModelError::Quantization {
+            name: stored.to_string(),
+            path: file.to_path_buf(),
+            message,
+        };
+        let names = scale_names(stored, "weight");
+        let Some(scale_name) = names.iter().find(|n| self.owner.contains_key(*n)) else {
+            let inv = format!("{}_inv", names[0]);
+            return Err(err(if self.owner.contains_key(&inv) {
+                format!(
+                    "is float8 e4m3 with block-wise scales ({inv}); only per-tensor \
+                     weight_scale is supported"
+                )
+            } else {
+                format!(
+                    "is float8 e4m3 but has no weight scale (looked for {})",
+                    names.join(", ")
+                )
+            }));
+        };
+        // Per expert only for 3-D (fused expert) tensors, and only when there are several.
+        let experts = if shape.len() == 3 { shape[0] } else { 1 };
+        let scales = self.scales(scale_name, experts, &err)?;
+        if let Some(input) = scale_names(stored, "input")
+            .into_iter()
+            .find(|n| self.owner.contains_key(n))
+        {
+            self.scales(&input, experts, &err)?;
+        }
+        let q = candle_core::safetensors::Load::load(view, &Device::Cpu)
+            .map_err(|e| err(format!("cannot be read: {e}")))?;
+        let scaled = |q: &Tensor, s: f32| -> Result<Tensor, ModelError> {
+            let s = Tensor::new(s, &Device::Cpu)?;
+            Ok(q.to_dtype(DType::F32)?.broadcast_mul(&s)?.to_dtype(dtype)?)
+        };
+        if shape.len() != 3 {
+            return scaled(&q, scales[0]);
+        }
+        let mut parts = Vec::with_capacity(experts);
+        for j in 0..experts {
+            parts.push(scaled(&q.get(j)?, scales[j.min(scales.len() - 1)])?);
+        }
+        Ok(Tensor::stack(&parts, 0)?)
+    }
+
+    /// Reads the scale tensor `name` as f32 values: one (per tensor) or `experts` (per expert,
+    /// shape `[E]`, `[E, 1]` or `[E, 1, 1]`), each finite and positive.
+    fn scales(
+        &self,
+        name: &str,
+        experts: usize,
+        err: &dyn Fn(String) -> ModelError,
+    ) -> Result<Vec<f32>, ModelError> {
+        let (_, view, _) = self.view(name)?;
+        let shape = view.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let per_expert = experts > 1 && n == experts && shape[0] == experts;
+        if n != 1 && !per_expert {
+            return Err(err(format!(
+                "has a scale {name} of shape {shape:?}; only per-tensor scales ([] or [1]){} are supported \
+                 (block-wise and per-channel scales are not)",
+                if experts > 1 {
+                    format!(" or one per expert ([{experts}])")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        use safetensors::Dtype as D;
+        if !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
+            return Err(err(format!(
+                "has a scale {name} of dtype {:?}; scales must be floating point",
+                view.dtype()
+            )));
+        }
+        let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+            .map_err(|e| err(format!("has a scale {name} that cannot be read: {e}")))?;
+        let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = v.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+            return Err(err(format!(
+                "has a scale {name} holding {bad}; scales must be finite and greater than zero"
+            )));
+        }
+        Ok(v)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The memory plan's weight bytes equal what real checkpoints store: the transformers-written
-//! oracle fixtures (f32, bf16 with an f32 gate, hub tensor names, an MTP layer, sharded) and
-//! random bf16/f32 test models, summed from their safetensors headers. One GPU holds everything,
+//! oracle fixtures (f32, bf16 with an f32 gate, hub tensor names, an MTP layer, sharded, FP8
+//! with per-tensor scales) and random bf16/f32 test models, summed from their safetensors
+//! headers. One GPU holds everything,
 //! so the plan's total must match the files to the byte.
 
 use std::path::Path;
@@ -9,9 +10,10 @@ use candle_core::DType;
 use switchyard_model::plan::{plan, KvFormat, PlanRequest, WeightFormat};
 use switchyard_model::ModelConfig;
 
-/// Sum of tensor bytes in every `*.safetensors` file of `dir`, read from the headers.
-fn stored_bytes(dir: &Path) -> (u64, bool) {
-    let (mut total, mut has_f32_only) = (0u64, true);
+/// Sum of tensor bytes in every `*.safetensors` file of `dir`, read from the headers, and the
+/// weight format they are stored in.
+fn stored_bytes(dir: &Path) -> (u64, WeightFormat) {
+    let (mut total, mut has_f32_only, mut has_fp8) = (0u64, true, false);
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "safetensors")
@@ -26,10 +28,18 @@ fn stored_bytes(dir: &Path) -> (u64, bool) {
             for (_, info) in meta.tensors() {
                 total += (info.data_offsets.1 - info.data_offsets.0) as u64;
                 has_f32_only &= info.dtype == safetensors::Dtype::F32;
+                has_fp8 |= info.dtype == safetensors::Dtype::F8_E4M3;
             }
         }
     }
-    (total, has_f32_only)
+    let format = if has_fp8 {
+        WeightFormat::Fp8
+    } else if has_f32_only {
+        WeightFormat::F32
+    } else {
+        WeightFormat::Bf16
+    };
+    (total, format)
 }
 
 fn one_gpu(format: WeightFormat, with_mtp: bool) -> PlanRequest {
@@ -57,19 +67,14 @@ fn planned_weight_bytes_equal_the_oracle_checkpoints() {
             continue;
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-        let (stored, f32_only) = stored_bytes(&dir);
-        let format = if f32_only {
-            WeightFormat::F32
-        } else {
-            WeightFormat::Bf16
-        };
+        let (stored, format) = stored_bytes(&dir);
         let p = plan(&cfg, &one_gpu(format, cfg.num_mtp_layers > 0)).unwrap();
         assert_eq!(p.weights_total_bytes, stored, "{}", dir.display());
         assert_eq!(p.devices[0].weights_bytes, stored, "{}", dir.display());
         checked += 1;
     }
     assert!(
-        checked >= 7,
+        checked >= 8,
         "only {checked} fixtures found in {}",
         root.display()
     );
@@ -81,6 +86,7 @@ fn planned_weight_bytes_equal_written_test_models() {
         ("tiny", DType::F32, WeightFormat::F32),
         ("tiny", DType::BF16, WeightFormat::Bf16),
         ("small", DType::BF16, WeightFormat::Bf16),
+        ("tiny", DType::F8E4M3, WeightFormat::Fp8),
     ] {
         let d = tempfile::tempdir().unwrap();
         let cfg = switchyard_model::presets::preset(preset).unwrap();
@@ -91,6 +97,7 @@ fn planned_weight_bytes_equal_written_test_models() {
             stored_bytes(d.path()).0,
             "{preset} {dtype:?}"
         );
+        assert_eq!(stored_bytes(d.path()).1, format, "{preset} {dtype:?}");
     }
 }
 
