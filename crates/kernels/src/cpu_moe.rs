@@ -9,6 +9,11 @@
 //! rows, so work spreads over the cores whether one expert or all of them are active, and
 //! each task writes its own `[rows, tokens]` block. Accumulation is f32 throughout (the
 //! SiLU·mul activations are not rounded to bf16 in between).
+//!
+//! The shared expert joins the same two passes ([`experts_forward_bf16`] with `shared`), and
+//! a dense MLP runs through them alone ([`mlp_forward_bf16`]): two parallel loops instead of
+//! two matmuls plus candle's SiLU and mul. Those two are rounded to bf16 exactly where the
+//! unfused bf16 tensor ops round, so fusing them changes no result.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -34,6 +39,10 @@ pub struct ExpertDims {
 
 /// `out[t] = Σ_j w_j · down_e(silu(gate_e(x_t)) · up_e(x_t))` over the gate's choices, for
 /// `x` `[T, H]` f32, `gate_up` `[E, 2I, H]` and `down` `[E, H, I]` bf16; returns `[T, H]` f32.
+/// With `shared`, an ungated shared expert runs in the same two passes, rounded as
+/// [`mlp_forward_bf16`] rounds, and is added as the unfused bf16 path adds it: the routed sum
+/// and the shared output each rounded to bf16, then summed in f32 (transformers' fp32
+/// combine).
 pub fn experts_forward_bf16(
     x: &[f32],
     gate_up: &[bf16],
@@ -41,6 +50,7 @@ pub fn experts_forward_bf16(
     dims: ExpertDims,
     gate: &GateOutput,
     plan: &DispatchPlan,
+    shared: Option<MlpWeights<'_>>,
 ) -> Result<Vec<f32>, KernelError> {
     let ExpertDims {
         experts: e,
@@ -63,124 +73,274 @@ pub fn experts_forward_bf16(
             plan.num_experts
         )));
     }
+    if let Some(s) = &shared {
+        s.check(h, "experts_forward_bf16 shared expert")?;
+    }
     let entries = plan.token_of.len();
-    let kernel = row_kernel();
+    let mut groups: Vec<Group<'_>> = plan
+        .active_experts()
+        .map(|ex| Group {
+            w: MlpWeights {
+                gate_up: &gate_up[ex * 2 * i * h..(ex + 1) * 2 * i * h],
+                down: &down[ex * h * i..(ex + 1) * h * i],
+                inter: i,
+            },
+            lo: plan.offsets[ex],
+            n: plan.count(ex),
+            bf16_ops: false,
+        })
+        .collect();
+    let mut token_of = plan.token_of.clone();
+    let mut weight: Vec<f32> = plan
+        .slot_of
+        .iter()
+        .map(|&s| gate.weights[s as usize])
+        .collect();
+    if let Some(w) = shared {
+        groups.push(Group {
+            w,
+            lo: entries,
+            n: t,
+            bf16_ops: true,
+        });
+        token_of.extend(0..t as u32);
+        weight.resize(entries + t, 1.0);
+    }
+    Ok(run_groups(x, t, h, &groups, &token_of, &weight))
+}
 
-    // Each entry's activation row, grouped by expert, in the kernel's layout.
+/// One SwiGLU MLP's bf16 weights: gate+up `[2·inter, H]` (gate rows first) and down
+/// `[H, inter]`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct MlpWeights<'a> {
+    /// `[2·inter, H]`.
+    pub gate_up: &'a [bf16],
+    /// `[H, inter]`.
+    pub down: &'a [bf16],
+    /// Intermediate size.
+    pub inter: usize,
+}
+
+impl MlpWeights<'_> {
+    fn check(&self, h: usize, what: &str) -> Result<(), KernelError> {
+        if self.gate_up.len() != 2 * self.inter * h || self.down.len() != h * self.inter {
+            return Err(KernelError::InvalidArgument(format!(
+                "{what}: gate_up {} for [{}, {h}], down {} for [{h}, {}]",
+                self.gate_up.len(),
+                2 * self.inter,
+                self.down.len(),
+                self.inter
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `out[t] = mlp(x_t)` for `x` `[T, H]` f32: a dense SwiGLU MLP (a dense layer, or a shared
+/// expert on its own) in the same two passes. Rounded as candle's bf16 ops round (projections,
+/// SiLU and product to bf16): the same result as `gate_up` matmul, SiLU, mul and `down`
+/// matmul on bf16 tensors, once the caller rounds it to bf16.
+pub fn mlp_forward_bf16(
+    x: &[f32],
+    tokens: usize,
+    hidden: usize,
+    mlp: MlpWeights<'_>,
+) -> Result<Vec<f32>, KernelError> {
+    mlp.check(hidden, "mlp_forward_bf16")?;
+    if x.len() != tokens * hidden {
+        return Err(KernelError::InvalidArgument(format!(
+            "mlp_forward_bf16: x {} for [{tokens}, {hidden}]",
+            x.len()
+        )));
+    }
+    let groups = [Group {
+        w: mlp,
+        lo: 0,
+        n: tokens,
+        bf16_ops: true,
+    }];
+    let token_of: Vec<u32> = (0..tokens as u32).collect();
+    Ok(run_groups(
+        x,
+        tokens,
+        hidden,
+        &groups,
+        &token_of,
+        &vec![1.0; tokens],
+    ))
+}
+
+/// One MLP and the entries (rows of the gathered activations) it runs on: `lo..lo + n`.
+struct Group<'a> {
+    w: MlpWeights<'a>,
+    lo: usize,
+    n: usize,
+    /// Round as the unfused bf16 candle ops do (see [`silu_mul_bf16`]) and add the output
+    /// to the bf16-rounded sum so far, so the fused path changes no result. Off for routed
+    /// experts, whose activations have always stayed in f32 here.
+    bf16_ops: bool,
+}
+
+/// Runs every group over its entries and returns `out[t] = Σ weight_p · group_p(x[token_p])`
+/// over the entries `p` of token `t` (`[T, H]` f32). `token_of`/`weight` are per entry; the
+/// groups cover the entries in order.
+fn run_groups(
+    x: &[f32],
+    t: usize,
+    h: usize,
+    groups: &[Group<'_>],
+    token_of: &[u32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let kernel = row_kernel();
+    let entries = token_of.len();
+
+    // Each entry's activation row in the kernel's layout.
     let mut xs = vec![0f32; entries * h];
-    for (p, &tok) in plan.token_of.iter().enumerate() {
+    for (p, &tok) in token_of.iter().enumerate() {
         let tok = tok as usize;
         kernel.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
     }
+    // Group g's `[inter, n]` activation block starts at `act_at[g]`.
+    let mut act_at = Vec::with_capacity(groups.len() + 1);
+    act_at.push(0);
+    for g in groups {
+        act_at.push(act_at.last().unwrap() + g.w.inter * g.n);
+    }
+    let act_len = *act_at.last().unwrap();
 
-    // Pass 1: act = silu(gate · x) * (up · x), per expert `[I, n]` (row-major over rows).
-    let mut act = vec![0f32; entries * i];
-    tasks(&mut act, plan, i).into_par_iter().for_each(|task| {
-        let (lo, n) = (plan.offsets[task.expert], task.tokens);
-        let xe = &xs[lo * h..(lo + n) * h];
-        let base = task.expert * 2 * i * h;
-        let (mut g, mut u) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
-        for (k, dst) in task.out.chunks_mut(n).enumerate() {
-            let r = task.row0 + k;
-            let grow = &gate_up[base + r * h..base + (r + 1) * h];
-            let urow = &gate_up[base + (i + r) * h..base + (i + r + 1) * h];
-            for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                let nb = TOKEN_BLOCK.min(n - t0);
-                let xb = &xe[t0 * h..(t0 + nb) * h];
-                kernel.run(grow, xb, nb, h, &mut g[..nb]);
-                kernel.run(urow, xb, nb, h, &mut u[..nb]);
-                for j in 0..nb {
-                    dst[t0 + j] = silu(g[j]) * u[j];
+    // Pass 1: act = silu(gate · x) * (up · x), per group `[I, n]` (row-major over rows).
+    let mut act = vec![0f32; act_len];
+    tasks(&mut act, groups, |g| g.w.inter)
+        .into_par_iter()
+        .for_each(|task| {
+            let g = &groups[task.group];
+            let (n, i) = (g.n, g.w.inter);
+            let xe = &xs[g.lo * h..(g.lo + n) * h];
+            let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
+            for (k, dst) in task.out.chunks_mut(n).enumerate() {
+                let r = task.row0 + k;
+                let grow = &g.w.gate_up[r * h..(r + 1) * h];
+                let urow = &g.w.gate_up[(i + r) * h..(i + r + 1) * h];
+                for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                    let nb = TOKEN_BLOCK.min(n - t0);
+                    let xb = &xe[t0 * h..(t0 + nb) * h];
+                    kernel.run(grow, xb, nb, h, &mut gv[..nb]);
+                    kernel.run(urow, xb, nb, h, &mut uv[..nb]);
+                    for j in 0..nb {
+                        dst[t0 + j] = if g.bf16_ops {
+                            silu_mul_bf16(gv[j], uv[j])
+                        } else {
+                            silu(gv[j]) * uv[j]
+                        };
+                    }
                 }
             }
-        }
-    });
+        });
 
     // Token-major activations in the kernel's layout for the down projection.
-    let mut act_t = vec![0f32; entries * i];
-    let slot: Vec<usize> = (0..i).map(|r| kernel.packed_index(r, i)).collect();
-    for ex in 0..e {
-        let (lo, hi) = (plan.offsets[ex], plan.offsets[ex + 1]);
-        let n = hi - lo;
-        let blk = &act[lo * i..hi * i];
-        let dst = &mut act_t[lo * i..hi * i];
-        for (r, &pr) in slot.iter().enumerate() {
+    let mut act_t = vec![0f32; act_len];
+    for (gi, g) in groups.iter().enumerate() {
+        let (n, i) = (g.n, g.w.inter);
+        let blk = &act[act_at[gi]..act_at[gi + 1]];
+        let dst = &mut act_t[act_at[gi]..act_at[gi + 1]];
+        for r in 0..i {
+            let pr = kernel.packed_index(r, i);
             for tk in 0..n {
                 dst[tk * i + pr] = blk[r * n + tk];
             }
         }
     }
 
-    // Pass 2: y = down · act, per expert `[H, n]`.
+    // Pass 2: y = down · act, per group `[H, n]` at its entries' rows.
     let mut ys = vec![0f32; entries * h];
-    tasks(&mut ys, plan, h).into_par_iter().for_each(|task| {
-        let (lo, n) = (plan.offsets[task.expert], task.tokens);
-        let ae = &act_t[lo * i..(lo + n) * i];
-        let base = task.expert * h * i;
-        for (k, dst) in task.out.chunks_mut(n).enumerate() {
-            let r = task.row0 + k;
-            let row = &down[base + r * i..base + (r + 1) * i];
-            for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                let nb = TOKEN_BLOCK.min(n - t0);
-                kernel.run(
-                    row,
-                    &ae[t0 * i..(t0 + nb) * i],
-                    nb,
-                    i,
-                    &mut dst[t0..t0 + nb],
-                );
+    tasks(&mut ys, groups, |_| h)
+        .into_par_iter()
+        .for_each(|task| {
+            let g = &groups[task.group];
+            let (n, i) = (g.n, g.w.inter);
+            let ae = &act_t[act_at[task.group]..act_at[task.group + 1]];
+            for (k, dst) in task.out.chunks_mut(n).enumerate() {
+                let r = task.row0 + k;
+                let row = &g.w.down[r * i..(r + 1) * i];
+                for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                    let nb = TOKEN_BLOCK.min(n - t0);
+                    kernel.run(
+                        row,
+                        &ae[t0 * i..(t0 + nb) * i],
+                        nb,
+                        i,
+                        &mut dst[t0..t0 + nb],
+                    );
+                }
             }
-        }
-    });
+        });
 
-    // Weighted sum into the tokens (the top-k reduction).
+    // Weighted sum into the tokens (the top-k reduction), in group order.
     let mut out = vec![0f32; t * h];
-    for ex in 0..e {
-        let (lo, hi) = (plan.offsets[ex], plan.offsets[ex + 1]);
-        let n = hi - lo;
-        let blk = &ys[lo * h..hi * h];
-        for tk in 0..n {
-            let p = lo + tk;
-            let tok = plan.token_of[p] as usize;
-            let wgt = gate.weights[plan.slot_of[p] as usize];
+    for g in groups {
+        let blk = &ys[g.lo * h..(g.lo + g.n) * h];
+        for tk in 0..g.n {
+            let p = g.lo + tk;
+            let (tok, wgt) = (token_of[p] as usize, weight[p]);
             let o = &mut out[tok * h..(tok + 1) * h];
             for (r, v) in o.iter_mut().enumerate() {
-                *v += wgt * blk[r * n + tk];
+                let y = blk[r * g.n + tk];
+                *v = if g.bf16_ops {
+                    round_bf16(*v) + wgt * round_bf16(y)
+                } else {
+                    *v + wgt * y
+                };
             }
         }
     }
-    Ok(out)
+    out
 }
 
 fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 
-/// A block of output rows of one expert: rows `row0..row0 + out.len() / tokens`, each holding
-/// the expert's `tokens` values.
+fn round_bf16(v: f32) -> f32 {
+    bf16::from_f32(v).to_f32()
+}
+
+/// `silu(g) · u` rounded step by step as candle's bf16 ops compute it on bf16 tensors: the
+/// projections rounded to bf16, then `g / (1 + exp(-g))` with each operation rounded, then
+/// the product rounded.
+fn silu_mul_bf16(g: f32, u: f32) -> f32 {
+    let (g, u) = (round_bf16(g), round_bf16(u));
+    let e = round_bf16((-g).exp());
+    let s = round_bf16(g / round_bf16(1.0 + e));
+    round_bf16(s * u)
+}
+
+/// A block of output rows of one group: rows `row0..row0 + out.len() / n`, each holding the
+/// group's `n` values.
 struct Task<'a> {
-    expert: usize,
-    tokens: usize,
+    group: usize,
     row0: usize,
     out: &'a mut [f32],
 }
 
-/// Splits `buf` (every active expert's `[rows, n]` block, in expert order) into tasks of at
-/// most [`ROWS_PER_TASK`] rows.
-fn tasks<'a>(buf: &'a mut [f32], plan: &DispatchPlan, rows: usize) -> Vec<Task<'a>> {
+/// Splits `buf` (every group's `[rows(g), n]` block, in group order) into tasks of at most
+/// [`ROWS_PER_TASK`] rows.
+fn tasks<'a>(
+    buf: &'a mut [f32],
+    groups: &[Group<'_>],
+    rows: impl Fn(&Group<'_>) -> usize,
+) -> Vec<Task<'a>> {
     let mut out = Vec::new();
     let mut rest = buf;
-    for ex in 0..plan.num_experts {
-        let n = plan.count(ex);
-        if n == 0 {
+    for (gi, g) in groups.iter().enumerate() {
+        if g.n == 0 {
             continue;
         }
-        let (blk, tail) = rest.split_at_mut(rows * n);
+        let (blk, tail) = rest.split_at_mut(rows(g) * g.n);
         rest = tail;
-        for (c, chunk) in blk.chunks_mut(ROWS_PER_TASK * n).enumerate() {
+        for (c, chunk) in blk.chunks_mut(ROWS_PER_TASK * g.n).enumerate() {
             out.push(Task {
-                expert: ex,
-                tokens: n,
+                group: gi,
                 row0: c * ROWS_PER_TASK,
                 out: chunk,
             });
@@ -195,6 +355,31 @@ mod tests {
     use crate::gate::{gate_topk, GateConfig, ScoreFunction};
     use crate::moe::dispatch;
     use rand::{Rng, SeedableRng};
+
+    /// `down · (silu(gate · x) * (up · x))` in f64 for one activation row, and per output the
+    /// sum of the magnitudes of its terms (what bf16 rounding errors scale with).
+    fn mlp_f64(gate_up: &[bf16], down: &[bf16], inter: usize, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let h = x.len();
+        let dot = |row: usize| -> f64 {
+            (0..h)
+                .map(|c| gate_up[row * h + c].to_f64() * x[c] as f64)
+                .sum()
+        };
+        let act: Vec<f64> = (0..inter)
+            .map(|r| {
+                let (a, b) = (dot(r), dot(inter + r));
+                a / (1.0 + (-a).exp()) * b
+            })
+            .collect();
+        let term = |c: usize, r: usize| down[c * inter + r].to_f64() * act[r];
+        let y = (0..h)
+            .map(|c| (0..inter).map(|r| term(c, r)).sum())
+            .collect();
+        let mag = (0..h)
+            .map(|c| (0..inter).map(|r| term(c, r).abs()).sum())
+            .collect();
+        (y, mag)
+    }
 
     /// Against plain f64 arithmetic per token and choice, on bf16 weights: decode (one token),
     /// a prefill batch where some experts get no token, and sizes off the kernels' steps.
@@ -240,38 +425,57 @@ mod tests {
                 inter: i,
                 hidden: h,
             };
-            let got = experts_forward_bf16(&x, &gu, &dn, dims, &g, &plan).unwrap();
+            // A shared expert with its own intermediate size, and the same MLP run dense.
+            let si = i + 3;
+            let sgu: Vec<bf16> = rnd(&mut rng, 2 * si * h)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let sdn: Vec<bf16> = rnd(&mut rng, h * si)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let shared = MlpWeights {
+                gate_up: &sgu,
+                down: &sdn,
+                inter: si,
+            };
+            let got = experts_forward_bf16(&x, &gu, &dn, dims, &g, &plan, None).unwrap();
+            let got_sh = experts_forward_bf16(&x, &gu, &dn, dims, &g, &plan, Some(shared)).unwrap();
+            let got_dense = mlp_forward_bf16(&x, t, h, shared).unwrap();
+            // The shared and dense paths round to bf16 along the way (exactness against the
+            // unfused ops is `moe::tests`); here only a bound of bf16 size relative to the
+            // magnitude of the parts summed (`scale`).
+            let close = |a: f32, b: f64, scale: f64, what: &str, tok: usize, c: usize| {
+                let tol = if what == "routed" { 1e-3 } else { 2e-2 };
+                assert!(
+                    (a as f64 - b).abs() <= tol * (1.0 + scale),
+                    "{what} {t}x{h}x{i}x{e}: t{tok} c{c}: {a} vs {b}"
+                );
+            };
             for tok in 0..t {
+                let xr = &x[tok * h..(tok + 1) * h];
                 let mut want = vec![0f64; h];
                 for j in 0..k {
                     let ex = g.ids[tok * k + j] as usize;
                     let wt = g.weights[tok * k + j] as f64;
-                    let dot = |row: usize| -> f64 {
-                        (0..h)
-                            .map(|c| {
-                                gu[(ex * 2 * i + row) * h + c].to_f64() * x[tok * h + c] as f64
-                            })
-                            .sum()
-                    };
-                    let act: Vec<f64> = (0..i)
-                        .map(|r| {
-                            let (a, b) = (dot(r), dot(i + r));
-                            a / (1.0 + (-a).exp()) * b
-                        })
-                        .collect();
-                    for (c, o) in want.iter_mut().enumerate() {
-                        let d: f64 = (0..i)
-                            .map(|r| dn[(ex * h + c) * i + r].to_f64() * act[r])
-                            .sum();
-                        *o += wt * d;
+                    let (y, _) = mlp_f64(
+                        &gu[ex * 2 * i * h..(ex + 1) * 2 * i * h],
+                        &dn[ex * h * i..(ex + 1) * h * i],
+                        i,
+                        xr,
+                    );
+                    for (o, v) in want.iter_mut().zip(y) {
+                        *o += wt * v;
                     }
                 }
+                let (sy, smag) = mlp_f64(&sgu, &sdn, si, xr);
                 for c in 0..h {
-                    let (a, b) = (got[tok * h + c] as f64, want[c]);
-                    assert!(
-                        (a - b).abs() <= 1e-3 * (1.0 + b.abs()),
-                        "{t}x{h}x{i}x{e}: t{tok} c{c}: {a} vs {b}"
-                    );
+                    let (w, y) = (want[c], sy[c]);
+                    close(got[tok * h + c], w, w.abs(), "routed", tok, c);
+                    let both = w.abs() + smag[c];
+                    close(got_sh[tok * h + c], w + y, both, "routed+shared", tok, c);
+                    close(got_dense[tok * h + c], y, smag[c], "dense", tok, c);
                 }
             }
         }
@@ -294,7 +498,8 @@ mod tests {
             &[bf16::ZERO; 16],
             dims,
             &g,
-            &plan
+            &plan,
+            None
         )
         .is_err());
     }

@@ -114,7 +114,7 @@ pub fn experts_forward(
     }
     let dev = x.device();
     let dtype = x.dtype();
-    if let Some(y) = cpu_bf16_experts(x, w, gate, plan, (e, i, h))? {
+    if let Some(y) = cpu_bf16_experts(x, w, None, gate, plan, (e, i, h))? {
         return Ok(Tensor::from_vec(y, (t, h), dev)?.to_dtype(dtype)?);
     }
     let mut outs = Vec::with_capacity(e);
@@ -150,36 +150,116 @@ pub fn experts_forward(
     Ok(zeros.index_add(&idx, &ys, 0)?)
 }
 
-/// [`crate::cpu_moe::experts_forward_bf16`] when the weights are contiguous bf16 on the CPU;
-/// `None` otherwise.
+/// [`experts_forward`] with an ungated shared expert (`shared_gate_up` `[2·Is, H]`,
+/// `shared_down` `[H, Is]`) run in the same two parallel passes and summed in f32 (transformers'
+/// fp32 combine). Only where the CPU bf16 kernels apply (bf16 weights, contiguous, on the CPU);
+/// `None` tells the caller to run the two separately. Returns `[T, H]` f32.
+pub fn experts_forward_with_shared(
+    x: &Tensor,
+    w: &ExpertWeights,
+    shared_gate_up: &Tensor,
+    shared_down: &Tensor,
+    gate: &GateOutput,
+    plan: &DispatchPlan,
+) -> Result<Option<Tensor>, KernelError> {
+    let (t, h) = x.dims2()?;
+    let (e, i, hw) = w.dims()?;
+    let (si2, sh) = shared_gate_up.dims2()?;
+    if h != hw || sh != h || e != plan.num_experts || gate.tokens != t {
+        return Err(KernelError::InvalidArgument(format!(
+            "experts_forward_with_shared shapes: x [{t}, {h}], experts [{e}, _, {hw}], shared gate_up [{si2}, {sh}], plan for {} experts, gate for {} tokens",
+            plan.num_experts, gate.tokens
+        )));
+    }
+    let shared = Some((shared_gate_up, shared_down, si2 / 2));
+    Ok(cpu_bf16_experts(x, w, shared, gate, plan, (e, i, h))?
+        .map(|y| Tensor::from_vec(y, (t, h), x.device()))
+        .transpose()?)
+}
+
+/// A dense SwiGLU MLP (`gate_up` `[2·I, H]` with the gate rows first, `down` `[H, I]`) through
+/// the CPU bf16 kernels' two parallel passes, activations in f32
+/// ([`crate::cpu_moe::mlp_forward_bf16`]); `None` where they do not apply (not bf16, not
+/// contiguous, not on the CPU). Returns `[T, H]` f32.
+pub fn mlp_forward_cpu_bf16(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+) -> Result<Option<Tensor>, KernelError> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (t, h) = x.dims2()?;
+    let (i2, gh) = gate_up.dims2()?;
+    let (dh, i) = down.dims2()?;
+    if gh != h || dh != h || i2 != 2 * i {
+        return Err(KernelError::InvalidArgument(format!(
+            "mlp_forward_cpu_bf16 shapes: x [{t}, {h}], gate_up [{i2}, {gh}], down [{dh}, {i}]"
+        )));
+    }
+    let y = with_cpu_bf16(&[gate_up, down], |s| {
+        let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mlp = crate::cpu_moe::MlpWeights {
+            gate_up: s[0],
+            down: s[1],
+            inter: i,
+        };
+        crate::cpu_moe::mlp_forward_bf16(&xf, t, h, mlp)
+    })?;
+    Ok(y.map(|y| Tensor::from_vec(y, (t, h), x.device()))
+        .transpose()?)
+}
+
+/// [`crate::cpu_moe::experts_forward_bf16`] (with the shared expert `(gate_up, down, inter)`
+/// when given) when every weight is contiguous bf16 on the CPU; `None` otherwise.
 fn cpu_bf16_experts(
     x: &Tensor,
     w: &ExpertWeights,
+    shared: Option<(&Tensor, &Tensor, usize)>,
     gate: &GateOutput,
     plan: &DispatchPlan,
     (e, i, h): (usize, usize, usize),
 ) -> Result<Option<Vec<f32>>, KernelError> {
-    use candle_core::{CpuStorage, Storage};
     if !x.device().is_cpu() {
         return Ok(None);
     }
-    let (gu, gl) = w.gate_up.storage_and_layout();
-    let (dn, dl) = w.down.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::BF16(gu)), Storage::Cpu(CpuStorage::BF16(dn))) = (&*gu, &*dn)
-    else {
-        return Ok(None);
-    };
-    let (Some((g0, g1)), Some((d0, d1))) = (gl.contiguous_offsets(), dl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let dims = crate::cpu_moe::ExpertDims {
-        experts: e,
-        inter: i,
-        hidden: h,
-    };
-    crate::cpu_moe::experts_forward_bf16(&xf, &gu[g0..g1], &dn[d0..d1], dims, gate, plan).map(Some)
+    let mut ts = vec![&w.gate_up, &w.down];
+    if let Some((gu, dn, _)) = shared {
+        ts.extend([gu, dn]);
+    }
+    with_cpu_bf16(&ts, |s| {
+        let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let dims = crate::cpu_moe::ExpertDims {
+            experts: e,
+            inter: i,
+            hidden: h,
+        };
+        let shared = shared.map(|(_, _, inter)| crate::cpu_moe::MlpWeights {
+            gate_up: s[2],
+            down: s[3],
+            inter,
+        });
+        crate::cpu_moe::experts_forward_bf16(&xf, s[0], s[1], dims, gate, plan, shared)
+    })
+}
+
+/// Calls `f` with the data of each tensor in `ts` when every one is contiguous bf16 on the
+/// CPU; `None` otherwise.
+fn with_cpu_bf16<R>(
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[half::bf16]]) -> Result<R, KernelError>,
+) -> Result<Option<R>, KernelError> {
+    use candle_core::{CpuStorage, Storage};
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        let (Storage::Cpu(CpuStorage::BF16(d)), Some((a, b))) = (&**st, l.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        slices.push(&d[a..b]);
+    }
+    f(&slices).map(Some)
 }
 
 /// `x · wᵀ`: the bf16 small-batch kernel when it applies, else candle's matmul.
@@ -282,6 +362,81 @@ mod tests {
             for c in 0..h {
                 assert!((got[tok][c] as f64 - acc[c]).abs() < 1e-4);
             }
+        }
+    }
+
+    /// The fused CPU bf16 paths equal the unfused bf16 tensor ops bit for bit: a dense MLP
+    /// (`gate_up` matmul, SiLU, mul, `down` matmul), and routed experts plus a shared expert
+    /// added in f32 from two bf16 tensors.
+    #[test]
+    fn fused_bf16_paths_equal_unfused_ops() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let dev = Device::Cpu;
+        let rnd = |rng: &mut rand::rngs::StdRng, dims: &[usize], scale: f32| -> Tensor {
+            let n = dims.iter().product::<usize>();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+            Tensor::from_vec(v, dims, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        for &(t, h, i, si, e, k) in &[
+            (1, 64, 32, 32, 8, 2),
+            (9, 48, 20, 40, 6, 3),
+            (3, 33, 7, 14, 4, 4),
+        ] {
+            let x = rnd(&mut rng, &[t, h], 2.0);
+            let experts = ExpertWeights {
+                gate_up: rnd(&mut rng, &[e, 2 * i, h], 0.5),
+                down: rnd(&mut rng, &[e, h, i], 0.5),
+            };
+            let (sgu, sdn) = (
+                rnd(&mut rng, &[2 * si, h], 0.5),
+                rnd(&mut rng, &[h, si], 0.5),
+            );
+            let unfused_mlp = |x: &Tensor| -> Tensor {
+                let gu = linear(x, &sgu).unwrap();
+                let act = (candle_nn_silu(&gu.narrow(1, 0, si).unwrap()).unwrap()
+                    * gu.narrow(1, si, si).unwrap())
+                .unwrap();
+                linear(&act, &sdn).unwrap()
+            };
+            let bits = |t: &Tensor| -> Vec<u16> {
+                t.to_dtype(DType::BF16)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<half::bf16>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            let dense = mlp_forward_cpu_bf16(&x, &sgu, &sdn).unwrap().unwrap();
+            assert_eq!(dense.dtype(), DType::F32);
+            assert_eq!(bits(&dense), bits(&unfused_mlp(&x)), "dense {t}x{h}x{si}");
+
+            let logits: Vec<f32> = (0..t * e).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let cfg = GateConfig {
+                num_experts: e,
+                top_k: k,
+                score: ScoreFunction::Sigmoid,
+                n_group: 1,
+                topk_group: 1,
+                renormalize: true,
+                scaling: 2.5,
+                renorm_eps: 1e-20,
+            };
+            let gate = gate_topk(&logits, None, &cfg).unwrap();
+            let plan = dispatch(&gate, e).unwrap();
+            let fused = experts_forward_with_shared(&x, &experts, &sgu, &sdn, &gate, &plan)
+                .unwrap()
+                .unwrap();
+            let routed = experts_forward(&x, &experts, &gate, &plan).unwrap();
+            let unfused = (routed.to_dtype(DType::F32).unwrap()
+                + unfused_mlp(&x).to_dtype(DType::F32).unwrap())
+            .unwrap();
+            assert_eq!(bits(&fused), bits(&unfused), "moe {t}x{h}x{i}x{e}");
         }
     }
 }
