@@ -137,7 +137,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        // bf16 on the CPU: both projections in two parallel passes, SiLU·mul in f32.
+        // bf16 on the CPU: both projections in two parallel passes, rounded as the ops below.
         if let Some(y) =
             switchyard_kernels::moe::mlp_forward_cpu_bf16(x, &self.gate_up, &self.down)?
         {
