@@ -595,7 +595,9 @@ impl Scale {
     fn new(max: f32, temperature: f32) -> Self {
         Self {
             max,
-            inv_t: 1.0 / temperature,
+            // Below ~3e-39 `1/T` overflows, and `0 * inf` would make the top token's weight NaN
+            // (no candidates); f32::MAX keeps the limit T -> 0, the argmax.
+            inv_t: (1.0 / temperature).min(f32::MAX),
         }
     }
 
@@ -659,7 +661,14 @@ fn penalize(
     if rep != 1.0 {
         let mut apply = |id: u32| {
             if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l > 0.0 { *l / rep } else { *l * rep };
+                let v = if *l > 0.0 { *l / rep } else { *l * rep };
+                // A tiny or huge penalty must not turn a finite logit infinite (+inf leaves
+                // nothing to sample, -inf masks the token).
+                *l = if l.is_finite() {
+                    v.clamp(f32::MIN, f32::MAX)
+                } else {
+                    v
+                };
             }
         };
         for &id in prompt_tokens {
@@ -1028,6 +1037,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.sample(&[3.0, 2.0, 0.0], &[]).unwrap().id, 1);
+    }
+
+    #[test]
+    fn extreme_temperatures_and_penalties_still_sample() {
+        // Found by server/tests/http_fuzz.rs: temperature 1e-45 overflowed 1/T and a
+        // repetition penalty of 1e-45 turned a positive logit into +inf; both left no
+        // candidate and failed the request mid-stream.
+        let logits = [0.5f32, 2.0, -1.0, 1.0];
+        for t in [1e-45f32, 1e-39, 1e-30] {
+            let mut s = Sampler::new(params(|p| p.temperature = t)).unwrap();
+            assert_eq!(s.sample(&logits, &[]).unwrap().id, 1, "temperature {t}");
+            let mut s = Sampler::new(params(|p| {
+                p.temperature = t;
+                p.top_p = 0.9;
+            }))
+            .unwrap();
+            assert_eq!(
+                s.sample(&logits, &[]).unwrap().id,
+                1,
+                "temperature {t}, top_p"
+            );
+        }
+        for rep in [1e-45f32, 1e-30, 1e30, f32::MAX] {
+            let mut s = Sampler::with_prompt(params(|p| p.repetition_penalty = rep), &[0, 1, 2, 3])
+                .unwrap();
+            let mut out = vec![];
+            for _ in 0..4 {
+                out.push(s.sample(&logits, &out).unwrap().id);
+            }
+        }
     }
 
     #[test]

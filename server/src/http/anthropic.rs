@@ -123,6 +123,7 @@ impl MessagesRequest {
             messages,
             prompts: vec![],
             max_tokens: params::max_tokens("max_tokens", Some(self.max_tokens))?,
+            max_tokens_param: "max_tokens",
             sampling: SamplingParams {
                 temperature: params::temperature(self.temperature, ANTHROPIC_MAX_TEMPERATURE, 1.0)?,
                 top_k: params::top_k(self.top_k)?,

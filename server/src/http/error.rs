@@ -9,6 +9,8 @@ use serde_json::json;
 use switchyard_engine::engine::SubmitError;
 use switchyard_engine::scheduler::AdmissionError;
 
+use super::route::Api;
+
 /// Seconds a client is told to wait after a queue-full refusal: one engine step on a loaded
 /// server is tens of milliseconds, so a second is enough for the queue to move.
 const RETRY_AFTER_SECS: u64 = 1;
@@ -251,8 +253,10 @@ impl ApiError {
         )
     }
 
-    /// Maps an engine refusal; `prompt_param` names the field holding the prompt.
-    pub fn from_submit(e: SubmitError, prompt_param: &str) -> Self {
+    /// Maps an engine refusal of a request in format `api`; `max_tokens_param` names the field
+    /// holding the token limit.
+    pub fn from_submit(e: SubmitError, api: Api, max_tokens_param: &str) -> Self {
+        let prompt_param = api.prompt_param();
         match e {
             SubmitError::Admission(a) => match a {
                 AdmissionError::QueueFull { waiting } => ApiError::QueueFull { waiting },
@@ -261,7 +265,10 @@ impl ApiError {
                 | AdmissionError::CacheTooSmall { .. }
                 | AdmissionError::PromptOverBudget { .. }) => ApiError::ContextLength {
                     param: prompt_param.to_string(),
-                    message: format!("{a}. Shorten the prompt or lower max_tokens."),
+                    message: format!(
+                        "{a}. Shorten the prompt ({}) or lower {max_tokens_param}.",
+                        api.prompt_fields()
+                    ),
                 },
             },
             SubmitError::InvalidToken { id, vocab } => ApiError::field(
@@ -359,9 +366,14 @@ mod tests {
                 needed: 610,
                 limit: 512,
             }),
-            "messages",
+            Api::OpenAiChat,
+            "max_completion_tokens",
         );
         assert_eq!(e.code(), Some("context_length_exceeded"));
+        assert!(
+            e.to_string().ends_with("lower max_completion_tokens."),
+            "{e}"
+        );
         assert_eq!(e.param(), Some("messages"));
     }
 }

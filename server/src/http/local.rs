@@ -42,6 +42,8 @@ pub struct Prepared {
     pub requests: Vec<GenerateRequest>,
     /// Choices per prompt.
     pub n: usize,
+    /// The request field holding the token limit, for a context-length refusal.
+    pub max_tokens_param: &'static str,
 }
 
 impl Prepared {
@@ -59,8 +61,23 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     let prompts = tokio::task::spawn_blocking(move || tokenize(&st, &r))
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
-    let max_model_len = state.engine.info().scheduler.max_model_len;
-    let mut requests = Vec::with_capacity(prompts.len() * req.n);
+    let info = state.engine.info();
+    let (max_model_len, max_waiting) = (info.scheduler.max_model_len, info.scheduler.max_waiting);
+    let choices = prompts.len() * req.n;
+    if choices > max_waiting {
+        // Each choice takes a queue place; more than the queue holds would be refused with
+        // 429 however long the client waited.
+        let (param, what) = if req.n > 1 {
+            ("n", format!("{} prompt(s) x n={}", prompts.len(), req.n))
+        } else {
+            (req.api.prompt_param(), format!("{} prompts", prompts.len()))
+        };
+        return Err(ApiError::field(
+            param,
+            format!("the request asks for {choices} choices ({what}) but this server queues at most {max_waiting} at a time; send fewer prompts or a smaller n"),
+        ));
+    }
+    let mut requests = Vec::with_capacity(choices);
     for ids in &prompts {
         let max_tokens = match req.max_tokens {
             Some(m) => m,
@@ -71,8 +88,9 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                     return Err(ApiError::ContextLength {
                         param: req.api.prompt_param().into(),
                         message: format!(
-                            "The prompt has {} tokens but the maximum context length is {max_model_len} tokens, which leaves no room to generate. Shorten the prompt.",
-                            ids.len()
+                            "The prompt has {} tokens but the maximum context length is {max_model_len} tokens, which leaves no room to generate. Shorten the prompt ({}).",
+                            ids.len(),
+                            req.api.prompt_fields()
                         ),
                     });
                 }
@@ -100,6 +118,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
         prompts,
         requests,
         n: req.n,
+        max_tokens_param: req.max_tokens_param,
     })
 }
 
@@ -139,7 +158,7 @@ pub fn submit(state: &AppState, api: Api, p: &Prepared) -> Result<Vec<RequestStr
             state
                 .engine
                 .submit(r.clone())
-                .map_err(|e| ApiError::from_submit(e, api.prompt_param()))
+                .map_err(|e| ApiError::from_submit(e, api, p.max_tokens_param))
         })
         .collect()
 }

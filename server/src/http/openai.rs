@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -209,10 +209,15 @@ impl ChatRequest {
             }
             (false, _) => None,
         };
-        let max_tokens = match self.max_completion_tokens {
-            Some(m) => params::max_tokens("max_completion_tokens", Some(m))?,
-            None => params::max_tokens("max_tokens", self.max_tokens)?,
+        let max_tokens_param = if self.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
         };
+        let max_tokens = params::max_tokens(
+            max_tokens_param,
+            self.max_completion_tokens.or(self.max_tokens),
+        )?;
         let mut kwargs = self.chat_template_kwargs.unwrap_or_default();
         if let Some(r) = self.reasoning_effort {
             kwargs.insert("reasoning_effort".into(), Value::String(r));
@@ -223,6 +228,7 @@ impl ChatRequest {
             messages,
             prompts: vec![],
             max_tokens,
+            max_tokens_param,
             sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n: params::n(self.n)?,
@@ -316,6 +322,7 @@ impl CompletionRequest {
             messages: vec![],
             prompts: prompts(self.prompt)?,
             max_tokens: params::max_tokens("max_tokens", self.max_tokens)?,
+            max_tokens_param: "max_tokens",
             sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n,
@@ -671,8 +678,18 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({"object": "list", "data": [model_card(&state)]})).into_response()
 }
 
-/// `GET /v1/models/{id}`.
-pub async fn get_model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+/// `GET /v1/models/{id}`. An id that is not UTF-8 once percent-decoded is a 400 in the OpenAI
+/// shape (axum's own rejection is plain text).
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => {
+            return OpenAiError(ApiError::field("model", e.body_text())).into_response();
+        }
+    };
     match state.check_model(&id) {
         Ok(()) => Json(model_card(&state)).into_response(),
         Err(e) => OpenAiError(e).into_response(),

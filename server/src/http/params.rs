@@ -106,10 +106,10 @@ pub fn temperature(v: Option<f64>, max: f64, default: f32) -> Result<f32, ApiErr
 /// The OpenAI temperature bound.
 pub const OPENAI_MAX_TEMPERATURE: f64 = MAX_TEMPERATURE as f64;
 
-/// `top_p` in `(0, 1]`.
+/// `top_p` in `(0, 1]` (checked as the engine's f32: a positive value below f32's range is 0).
 pub fn top_p(v: Option<f64>) -> Result<f32, ApiError> {
     let Some(p) = v else { return Ok(1.0) };
-    if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+    if !(p.is_finite() && p as f32 > 0.0 && p <= 1.0) {
         return Err(ApiError::field(
             "top_p",
             format!("must be greater than 0 and at most 1, got {p}"),
@@ -142,10 +142,11 @@ pub fn min_p(v: Option<f64>) -> Result<f32, ApiError> {
     Ok(p as f32)
 }
 
-/// `repetition_penalty` > 0.
+/// `repetition_penalty` > 0, checked as the engine's f32 (outside f32's range a value becomes
+/// 0 or infinite, which the engine refuses).
 pub fn repetition_penalty(v: Option<f64>) -> Result<f32, ApiError> {
     let Some(p) = v else { return Ok(1.0) };
-    if !(p.is_finite() && p > 0.0) {
+    if !((p as f32).is_finite() && p as f32 > 0.0) {
         return Err(ApiError::field(
             "repetition_penalty",
             format!("must be greater than 0 (1 disables it), got {p}"),
@@ -270,6 +271,9 @@ mod tests {
         assert!(temperature(Some(-0.1), 2.0, 1.0).is_err());
         assert!(top_p(Some(0.0)).is_err());
         assert!(top_p(Some(1.0)).is_ok());
+        assert!(top_p(Some(1e-308)).is_err());
+        assert!(repetition_penalty(Some(1e-308)).is_err());
+        assert!(repetition_penalty(Some(1e308)).is_err());
         assert!(n(Some(0)).is_err());
         assert!(n(Some(17)).is_err());
         assert!(max_tokens("max_tokens", Some(0)).is_err());

@@ -53,6 +53,16 @@ impl Api {
             _ => "messages",
         }
     }
+
+    /// Every request field the prompt is made of, for error messages (the Anthropic shape has
+    /// no `param`, so its messages name the fields).
+    pub fn prompt_fields(self) -> &'static str {
+        match self {
+            Api::OpenAiChat => "messages",
+            Api::OpenAiCompletions => "prompt",
+            Api::AnthropicMessages => "system and messages",
+        }
+    }
 }
 
 /// A completions prompt: text, or token ids.
@@ -78,6 +88,9 @@ pub struct NormalizedRequest {
     pub prompts: Vec<PromptInput>,
     /// Tokens to generate; `None`: the rest of the context (OpenAI endpoints only).
     pub max_tokens: Option<usize>,
+    /// The request field `max_tokens` came from (`max_tokens` or `max_completion_tokens`),
+    /// named when prompt plus completion does not fit the context.
+    pub max_tokens_param: &'static str,
     /// Sampling settings (validated).
     pub sampling: SamplingParams,
     /// Stop strings.
