@@ -118,6 +118,13 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
 }
 
 /// SwiGLU MLP with gate and up fused into one `[2·I, H]` matrix at load time.
+/// Most tokens for which a dense MLP or the shared expert runs in `cpu_moe`'s fused two-pass
+/// path (bf16 on the CPU). The fusion saves parallel loops, which is what decode pays for; at
+/// prefill sizes the per-projection GEMV path is faster (small preset bf16, batch 16 × 128
+/// prompt tokens: prefill 208–232 tok/s fused for every size vs 272–284 with this limit;
+/// batch 4: 251–263 vs 287–302; decode unchanged).
+const MAX_FUSED_MLP_TOKENS: usize = 64;
+
 #[derive(Debug, Clone)]
 struct Mlp {
     gate_up: Tensor,
@@ -137,11 +144,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        // bf16 on the CPU: both projections in two parallel passes, rounded as the ops below.
-        if let Some(y) =
-            switchyard_kernels::moe::mlp_forward_cpu_bf16(x, &self.gate_up, &self.down)?
-        {
-            return Ok(y.to_dtype(x.dtype())?);
+        // bf16 on the CPU at decode sizes: both projections in two parallel passes, rounded as
+        // the ops below round.
+        if x.dim(0)? <= MAX_FUSED_MLP_TOKENS {
+            if let Some(y) =
+                switchyard_kernels::moe::mlp_forward_cpu_bf16(x, &self.gate_up, &self.down)?
+            {
+                return Ok(y.to_dtype(x.dtype())?);
+            }
         }
         let gu = matmul_t(x, &self.gate_up)?;
         let act = (gu.narrow(D::Minus1, 0, self.inter)?.silu()?
@@ -523,7 +533,8 @@ impl Moe {
                 let plan = dispatch(&g, self.gate.num_experts)?;
                 // bf16 on the CPU: the shared expert joins the routed experts' two parallel
                 // passes and the sum stays in f32 (so only with the fp32 combine).
-                if let (Some(s), true) = (&self.shared, self.fp32_combine) {
+                let fuse = self.fp32_combine && x.dim(0)? <= MAX_FUSED_MLP_TOKENS;
+                if let (Some(s), true) = (&self.shared, fuse) {
                     if let Some(y) = switchyard_kernels::moe::experts_forward_with_shared(
                         x, experts, &s.gate_up, &s.down, &g, &plan,
                     )? {
