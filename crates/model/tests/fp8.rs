@@ -14,6 +14,9 @@ use switchyard_model::{
     ActivationScheme, Checkpoint, HyV3Model, LoadOptions, Logits, ModelConfig, Quantization,
 };
 
+mod common;
+use common::{argmax, max_abs};
+
 /// f32 compute against transformers' f32 logits on the same dequantized weights.
 const F32_TOL: f32 = 1e-4;
 /// bf16 compute against the f32 reference (the bf16 oracle fixtures' bound, see oracle.rs).
@@ -34,29 +37,6 @@ fn load(dir: &Path, dtype: DType) -> Result<HyV3Model, switchyard_model::ModelEr
         load_mtp: false,
     };
     HyV3Model::load_dir(dir, &opts)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[test]

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use switchyard_model::{HyV3Model, LoadOptions, Logits};
 
+mod common;
+use common::{argmax, max_abs};
+
 /// f32 compute must agree with transformers' f32 logits to this (acceptance bound).
 const F32_TOL: f32 = 1e-4;
 
@@ -53,29 +56,6 @@ fn load(case: &str, dtype: DType) -> HyV3Model {
         load_mtp: false,
     };
     HyV3Model::load_dir(&fixtures().join(case), &opts).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn check_case(case: &str) {

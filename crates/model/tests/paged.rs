@@ -7,18 +7,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits, PagedSeq};
 
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+mod common;
+use common::max_abs;
 
 #[test]
 fn paged_batch_matches_contiguous_per_sequence() {
