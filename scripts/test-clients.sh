@@ -11,7 +11,7 @@ cd "$root"
 
 echo "== building switchyard"
 cargo build -p switchyard-server --bin switchyard
-bin="$root/target/debug/switchyard"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/switchyard"
 
 work="$(mktemp -d)"
 pid=""
