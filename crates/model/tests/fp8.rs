@@ -15,7 +15,7 @@ use switchyard_model::{
 };
 
 mod common;
-use common::{argmax, max_abs};
+use common::{argmax, greedy_ids, input_ids, max_abs};
 
 /// f32 compute against transformers' f32 logits on the same dequantized weights.
 const F32_TOL: f32 = 1e-4;
@@ -42,21 +42,8 @@ fn load(dir: &Path, dtype: DType) -> Result<HyV3Model, switchyard_model::ModelEr
 #[test]
 fn fp8_checkpoint_matches_transformers_on_dequantized_weights() {
     let o = oracle();
-    let ids: Vec<u32> = o["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("oracle.json")).unwrap())
-            .unwrap();
-    let greedy: Vec<u32> = j["greedy_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
+    let ids = input_ids(&o);
+    let greedy = greedy_ids(&fixture());
     let m = load(&fixture(), DType::F32).unwrap();
 
     let mut cache = m.new_cache();
@@ -93,12 +80,7 @@ fn fp8_checkpoint_matches_transformers_on_dequantized_weights() {
 fn fp8_checkpoint_in_bf16_compute() {
     const NEAR_TIE: f32 = 1e-3;
     let o = oracle();
-    let ids: Vec<u32> = o["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
+    let ids = input_ids(&o);
     let gaps = o["router_margin_per_token"].to_vec1::<f32>().unwrap();
     let m = load(&fixture(), DType::BF16).unwrap();
     let mut cache = m.new_cache();
@@ -614,12 +596,7 @@ fn fused_fp8_experts_match_the_reference() {
         }
     });
     let o = oracle();
-    let ids: Vec<u32> = o["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
+    let ids = input_ids(&o);
     let m = load(d.path(), DType::F32).unwrap();
     let mut cache = m.new_cache();
     let logits = m.forward(&ids, &mut cache, Logits::All).unwrap();

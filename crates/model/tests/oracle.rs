@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use switchyard_model::{HyV3Model, LoadOptions, Logits};
 
 mod common;
-use common::{argmax, max_abs};
+use common::{argmax, greedy_ids, input_ids, max_abs};
 
 /// f32 compute must agree with transformers' f32 logits to this (acceptance bound).
 const F32_TOL: f32 = 1e-4;
@@ -27,25 +27,11 @@ struct Oracle {
 fn oracle(case: &str) -> Oracle {
     let dir = fixtures().join(case);
     let t = candle_core::safetensors::load(dir.join("oracle.safetensors"), &Device::Cpu).unwrap();
-    let ids: Vec<u32> = t["input_ids"]
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("oracle.json")).unwrap()).unwrap();
-    let greedy = j["greedy_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect();
     Oracle {
-        ids,
+        ids: input_ids(&t),
         logits: t["logits"].clone(),
         logits_bf16: t.get("logits_bf16").cloned(),
-        greedy,
+        greedy: greedy_ids(&dir),
     }
 }
 

@@ -27,3 +27,25 @@ pub fn argmax(row: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// The prompt of an oracle fixture (`input_ids` in its `oracle.safetensors`).
+pub fn input_ids(oracle: &std::collections::HashMap<String, Tensor>) -> Vec<u32> {
+    oracle["input_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// transformers' greedy continuation of an oracle fixture (`greedy_ids` in `dir/oracle.json`).
+pub fn greedy_ids(dir: &std::path::Path) -> Vec<u32> {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("oracle.json")).unwrap()).unwrap();
+    j["greedy_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
