@@ -134,10 +134,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let decode_tok_s = (a.batch * (a.gen_len - 1)) as f64 / (total - prefill_done);
     let bw = memory_bandwidth();
     let (_, active) = cfg.parameter_counts();
-    let bytes_per_param = match loading::parse_dtype(&a.model.dtype)? {
-        candle_core::DType::F32 => 4.0,
-        _ => 2.0,
-    };
+    let dtype = engine.info().dtype;
+    let bytes_per_param = dtype.size_in_bytes() as f64;
     let roofline = bw / (active as f64 * bytes_per_param);
     let (total_params, _) = cfg.parameter_counts();
     let weights_bytes = total_params as f64 * bytes_per_param;
@@ -150,7 +148,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "batch": a.batch,
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,
-        "dtype": a.model.dtype,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "device": engine.info().device,
         "memory_bandwidth_gb_s": bw / 1e9,
         "active_params": active,
         "decode_roofline_tok_s_batch1": roofline,

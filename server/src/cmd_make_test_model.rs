@@ -34,7 +34,7 @@ pub fn run(a: MakeTestModelArgs) -> Result<()> {
     let mut cfg = switchyard_model::presets::preset(&a.preset)?;
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "fp8" | "e4m3" | "f8e4m3" => candle_core::DType::F8E4M3,
-        _ => parse_dtype(&a.dtype)?,
+        _ => parse_dtype(&a.dtype, &candle_core::Device::Cpu)?,
     };
     let tok = switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, SPECIALS)?;
     let eos: Vec<u32> = ["<|endoftext|>", "<|im_end|>"]

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use switchyard_engine::engine::{EngineConfig, EngineHandle};
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{Checkpoint, HyV3Model, KvDtype, LoadOptions, ModelConfig};
+use switchyard_model::{Checkpoint, DeviceSpec, HyV3Model, KvDtype, LoadOptions, ModelConfig};
 
 /// Where the model comes from and how to compute.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,9 +22,14 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) when `--model` is a hub id.
     #[arg(long)]
     pub revision: Option<String>,
-    /// Compute dtype: f32 (exact, default on CPU) or bf16.
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: f32, bf16 or f16; `auto` is f32 on the CPU (exact) and bf16 on a GPU
+    /// (what the CUDA expert kernels run).
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Where to run: `cpu`, `cuda`, `cuda:N`, or `auto` (the first GPU when this build has CUDA
+    /// and one answers, otherwise the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Engine sizing (vLLM's flag names).
@@ -63,13 +68,15 @@ pub struct EngineArgs {
 /// cache for sequences nobody runs on a laptop.
 const DEFAULT_MAX_MODEL_LEN_CAP: usize = 32768;
 
-/// Parses `f32` / `bf16` / `f16`.
-pub fn parse_dtype(s: &str) -> Result<DType> {
+/// Parses `f32` / `bf16` / `f16`, or `auto`: bf16 on a GPU, f32 elsewhere.
+pub fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
     match s {
+        "auto" if device.is_cuda() => Ok(DType::BF16),
+        "auto" => Ok(DType::F32),
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        o => anyhow::bail!("unknown dtype {o:?}; use f32, bf16 or f16"),
+        o => anyhow::bail!("unknown --dtype {o:?}; use auto, f32, bf16 or f16"),
     }
 }
 
@@ -109,7 +116,8 @@ pub struct Loaded {
 
 /// Resolves and loads the model and tokenizer.
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = DeviceSpec::parse(&args.device)?.open()?;
+    let dtype = parse_dtype(&args.dtype, &device)?;
     let dir = switchyard_model::resolve_model(&args.model, args.revision.as_deref())?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Arc::new(Checkpoint::open(&dir)?);
@@ -129,7 +137,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let t0 = std::time::Instant::now();
     let opts = LoadOptions {
         dtype,
-        device: Device::Cpu,
+        device: device.clone(),
         load_mtp: false,
     };
     let log_every = (total / 10).max(1);

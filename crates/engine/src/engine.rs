@@ -204,6 +204,10 @@ pub struct EngineInfo {
     pub num_blocks: usize,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
+    /// Compute dtype of the model.
+    pub dtype: candle_core::DType,
+    /// Where the model and its KV cache live (`cpu`, `cuda:0`).
+    pub device: String,
 }
 
 enum Cmd {
@@ -288,16 +292,25 @@ impl EngineHandle {
         let want_tokens = cfg.scheduler.max_num_seqs * cfg.scheduler.max_model_len;
         let bytes = match cfg.kv_cache_memory {
             Some(b) => b as usize,
-            None => (available_memory() / 4).min(want_tokens * per_token),
+            None => default_kv_bytes(model.device())?.min(want_tokens * per_token),
         };
         let num_blocks = bytes / (per_token * cfg.block_size);
         if num_blocks == 0 {
+            let source = if cfg.kv_cache_memory.is_some() {
+                "--kv-cache-memory"
+            } else {
+                "the memory left after loading the model"
+            };
             return Err(format!(
-                "--kv-cache-memory {bytes} bytes holds no block of {} tokens ({} bytes per token)",
+                "the KV cache budget of {bytes} bytes ({source}) holds no block of {} tokens \
+                 ({} bytes per token)",
                 cfg.block_size, per_token
             ));
         }
-        let kv = model.new_paged_cache(num_blocks, cfg.block_size, cfg.kv_dtype);
+        // On a GPU the cache lives in device memory, where the paged-attention kernels read it.
+        let kv = model
+            .try_new_paged_cache(num_blocks, cfg.block_size, cfg.kv_dtype)
+            .map_err(|e| format!("allocating the KV cache ({num_blocks} blocks): {e}"))?;
         tracing::info!(
             blocks = num_blocks,
             block_size = cfg.block_size,
@@ -320,6 +333,8 @@ impl EngineHandle {
             block_size: cfg.block_size,
             num_blocks,
             kv_cache_bytes: kv.bytes(),
+            dtype: model.dtype(),
+            device: device_name(model.device()),
         });
         let (tx, rx) = mpsc::channel();
         let m2 = metrics.clone();
@@ -457,6 +472,35 @@ impl EngineHandle {
             }
         }
         Err("the engine stopped before the request finished".into())
+    }
+}
+
+/// `cpu` or `cuda:N`, as `--device` spells it.
+fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Share of host memory the KV cache takes when `--kv-cache-memory` is not given: the weights
+/// are already loaded, and the rest stays for activations, the tokenizer, the HTTP server and
+/// whatever else runs on the machine.
+const DEFAULT_KV_SHARE_OF_HOST_MEMORY: usize = 4;
+
+/// KV cache bytes when the user gives no size. On a GPU, vLLM's rule: the cache gets what is left
+/// of `gpu_memory_utilization × total` after the weights and the CUDA context (free memory is
+/// read after loading); on the CPU a quarter of the available host memory.
+fn default_kv_bytes(device: &candle_core::Device) -> Result<usize, String> {
+    match switchyard_model::gpu_memory(device).map_err(|e| e.to_string())? {
+        Some((free, total)) => {
+            let budget =
+                (total as f64 * switchyard_model::plan::DEFAULT_GPU_MEMORY_UTILIZATION) as usize;
+            let used = total.saturating_sub(free);
+            Ok(budget.saturating_sub(used))
+        }
+        None => Ok(available_memory() / DEFAULT_KV_SHARE_OF_HOST_MEMORY),
     }
 }
 

@@ -4,10 +4,12 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod device;
 pub mod gguf;
 pub mod hy_v3;
 pub mod kv_cache;
 pub mod paged_cache;
+pub mod parallel;
 pub mod plan;
 pub mod presets;
 pub mod test_model;
@@ -16,9 +18,11 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
+pub use device::{gpu_memory, DeviceSpec};
 pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
+pub use parallel::{CommError, Communicator, InProcessComm, InProcessGroup, Shard};
 pub use weights::{resolve_config, resolve_model, Checkpoint, Weights};
 
 /// Everything that can go wrong loading or running a model; messages name the file, tensor
@@ -120,6 +124,17 @@ pub enum ModelError {
     /// Bad input to the forward pass.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The model cannot be split over the requested number of ranks as planned.
+    #[error("config field `{field}`: {message}")]
+    Sharding {
+        /// The config field (or setting) at fault.
+        field: String,
+        /// What is wrong, naming the `--tensor-parallel-size` flag.
+        message: String,
+    },
+    /// A collective of a tensor-parallel forward pass failed.
+    #[error(transparent)]
+    Comm(#[from] crate::parallel::CommError),
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),

@@ -263,3 +263,17 @@ fn grid_u32(n: usize, what: &str) -> Result<u32, KernelError> {
 fn dim_i32(n: usize, what: &str) -> Result<i32, KernelError> {
     i32::try_from(n).map_err(|_| invalid(format!("{what} = {n} does not fit the kernels' i32")))
 }
+
+/// Free and total memory of the GPU behind `device`, in bytes (`cuMemGetInfo` in its context);
+/// an error for a non-CUDA device.
+pub fn memory_info(device: &Device) -> Result<(usize, usize), KernelError> {
+    let Device::Cuda(dev) = device else {
+        return Err(invalid(format!(
+            "memory_info needs a CUDA device, got {device:?}"
+        )));
+    };
+    dev.cuda_stream()
+        .context()
+        .mem_get_info()
+        .map_err(|e| KernelError::Cuda(format!("querying the device's free memory failed: {e}")))
+}
