@@ -5,13 +5,15 @@
 #    the benchmark tables at Hy3 shapes;
 #  - gpu_oracle (crates/model/examples/gpu_oracle.rs): the tiny hy_v3 transformers oracles
 #    (crates/model/tests/fixtures/oracle, tracked files) run by HyV3Model on the GPU, f32 and
-#    bf16, contiguous and paged.
+#    bf16, contiguous and paged;
+#  - the `switchyard` binary itself on the GPU (scripts/gpu-serve-check.sh): generate vs the CPU,
+#    serve (chat, SSE, 16 concurrent requests), bench tok/s.
 #
-#   scripts/gpu-check.sh build    # here, no GPU needed: cross-build both binaries, strip and gzip
-#                                 # them into .gpu/ (ignored) with gpu-run.sh beside them. gzip:
-#                                 # the device tool carries 64 MiB with the tracked tree (~11 MB)
-#                                 # and the two stripped binaries are 43 + 47 MB, 11 + 12 MB
-#                                 # gzipped (most of it is candle's PTX text)
+#   scripts/gpu-check.sh build    # here, no GPU needed: cross-build the three binaries, strip and
+#                                 # gzip them into .gpu/ (ignored) with gpu-run.sh beside them.
+#                                 # gzip: the device tool carries 64 MiB with the tracked tree
+#                                 # (~11 MB); gpu_check and gpu_oracle are 43 + 47 MB stripped,
+#                                 # 11 + 12 MB gzipped (most of it is candle's PTX text)
 #   scripts/gpu-check.sh run      # on a GPU machine: unpack and run both from .gpu/, or build and
 #                                 # run them where cargo and nvcc are installed
 #   scripts/gpu-check.sh device   # on the lent GPU machine, one session (~8 min at most): the
@@ -19,14 +21,14 @@
 #                                 # ($OUT/gpu-oracle.log), ncu on the expert and paged-attention
 #                                 # kernels ($OUT/ncu.txt), memcheck on the quick check
 #                                 # ($OUT/memcheck.log); prints the results tables last
-# The lent-GPU call (its timeout covers the four steps' own timeouts, 480 s, plus start-up):
+# The lent-GPU call (its timeout covers the five steps' own timeouts, 540 s, plus start-up):
 #   run(carry=[".gpu"], command="bash scripts/gpu-check.sh device", timeout_s=570)
 # Environment: GPU_CHECK_SEED (repeat a run), GPU_CHECK_QUICK (small sizes, no benchmark),
 # GPU_CHECK_PROFILE (just paged attention at 32K and the expert kernels at Hy3 shapes, for a
 # profiler).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BINS="gpu_check gpu_oracle"
+BINS="gpu_check gpu_oracle switchyard"
 
 # Unpacks .gpu/*.gz into $BIN (outside the tree, which may be read-only or carried back).
 unpack() {
@@ -43,9 +45,12 @@ case "${1:-run}" in
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
     ../shared/tools/cuda-cross-build.sh --features cuda --example gpu_check -p switchyard-kernels
     ../shared/tools/cuda-cross-build.sh --features cuda --example gpu_oracle -p switchyard-model
+    ../shared/tools/cuda-cross-build.sh --features cuda --bin switchyard -p switchyard-server
     mkdir -p .gpu
     for b in $BINS; do
-      cp "$CARGO_TARGET_DIR/release/examples/$b" ".gpu/$b"
+      src="$CARGO_TARGET_DIR/release/examples/$b"
+      [ -f "$src" ] || src="$CARGO_TARGET_DIR/release/$b"
+      cp "$src" ".gpu/$b"
       strip ".gpu/$b"
       ls -la ".gpu/$b"
       gzip -9f ".gpu/$b"
@@ -55,13 +60,16 @@ case "${1:-run}" in
     du -sh .gpu
     ;;
   run)
-    if [ -f .gpu/gpu_check.gz ] && [ -f .gpu/gpu_oracle.gz ] && unpack; then
+    if [ -f .gpu/gpu_check.gz ] && [ -f .gpu/gpu_oracle.gz ] && [ -f .gpu/switchyard.gz ] && unpack; then
       bash .gpu/gpu-run.sh "$BIN/gpu_check"; rc=$?
       bash .gpu/gpu-run.sh "$BIN/gpu_oracle" crates/model/tests/fixtures/oracle || rc=$((rc ? rc : $?))
+      bash scripts/gpu-serve-check.sh "$BIN/switchyard" || rc=$((rc ? rc : $?))
       exit "$rc"
     fi
     cargo run --release --features cuda --example gpu_check -p switchyard-kernels; rc=$?
     cargo run --release --features cuda --example gpu_oracle -p switchyard-model || rc=$((rc ? rc : $?))
+    cargo build --release --features cuda -p switchyard-server || rc=$((rc ? rc : $?))
+    bash scripts/gpu-serve-check.sh target/release/switchyard || rc=$((rc ? rc : $?))
     exit "$rc"
     ;;
   device)
@@ -74,13 +82,17 @@ case "${1:-run}" in
     timeout 60 bash .gpu/gpu-run.sh "$BIN/gpu_oracle" crates/model/tests/fixtures/oracle \
       > "$OUT/gpu-oracle.log" 2>&1
     echo "gpu_oracle exit $?" | tee -a "$OUT/gpu-oracle.log"
+    echo "== switchyard on the GPU"
+    WORK=${TMPDIR:-/tmp}/switchyard-serve-check timeout 100 bash scripts/gpu-serve-check.sh \
+      "$BIN/switchyard" > "$OUT/gpu-serve.log" 2>&1
+    echo "gpu-serve-check exit $?" | tee -a "$OUT/gpu-serve.log"
     NVLIB=$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1)
     export LD_LIBRARY_PATH="$NVLIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$NCU" ]; then
       echo "== ncu (profile mode)"
       # Profile mode launches paged attention first (2 matching launches), then the experts.
-      GPU_CHECK_PROFILE=1 timeout 100 "$NCU" --clock-control none \
+      GPU_CHECK_PROFILE=1 timeout 80 "$NCU" --clock-control none \
         --kernel-name regex:"moe_gemm|moe_gemv|paged_attn_bf16" --launch-count 14 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section WarpStateStats --section LaunchStats "$BIN/gpu_check" > "$OUT/ncu.txt" 2>&1
@@ -89,7 +101,7 @@ case "${1:-run}" in
     CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$CS" ]; then
       echo "== memcheck (quick mode)"
-      GPU_CHECK_QUICK=1 GPU_CHECK_SEED=7 timeout 80 "$CS" --tool memcheck --print-limit 10 \
+      GPU_CHECK_QUICK=1 GPU_CHECK_SEED=7 timeout 60 "$CS" --tool memcheck --print-limit 10 \
         "$BIN/gpu_check" > "$OUT/memcheck.log" 2>&1
       echo "memcheck exit $?" >> "$OUT/memcheck.log"
     fi
@@ -104,6 +116,8 @@ case "${1:-run}" in
     grep -E "moe_g|paged_attn|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu.txt" 2>/dev/null | head -48
     echo "== memcheck"
     tail -4 "$OUT/memcheck.log" 2>/dev/null
+    echo "== switchyard on the GPU"
+    cut -c1-200 "$OUT/gpu-serve.log"
     echo "== tables"
     if grep -q "^Results (" "$OUT/gpu-check.log"; then
       sed -n '/^Results (/,$p' "$OUT/gpu-check.log"
