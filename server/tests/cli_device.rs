@@ -4,22 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{model_dir, BIN};
+use common::{model_dir, run_cli as run};
 use serde_json::Value;
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run switchyard");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn generate(extra: &[&str]) -> (bool, String, String) {
     let dir = model_dir().to_str().expect("utf-8 path").to_string();

@@ -2,24 +2,18 @@
 //! per-device bytes, `kv_tokens`, `fits`), weight bytes equal to the checkpoint's tensor bytes,
 //! and bad flags refused with a message naming the flag.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
+use common::BIN;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-
 fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("plan")
-        .args(args)
-        .output()
-        .expect("run switchyard");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["plan"];
+    all.extend_from_slice(args);
+    common::run_cli(&all)
 }
 
 /// Tensor bytes of a single-file safetensors checkpoint: the file minus its 8-byte length

@@ -52,6 +52,19 @@ pub fn model_dir() -> &'static Path {
     })
 }
 
+/// Runs the switchyard binary with `args`: (exit success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run switchyard");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running `switchyard serve`.
 pub struct Server {
     child: Child,
