@@ -12,17 +12,30 @@
 //! f32 models run the CUDA gate with the reference expert GEMMs. Everything else is candle ops
 //! with CUDA implementations, and a paged KV cache created on the device
 //! ([`HyV3Model::try_new_paged_cache`]) runs the CUDA paged-attention kernels.
+//!
+//! Tensor/expert parallel ([`HyV3Model::load_parallel`], [`crate::parallel`]): a rank loads only
+//! its slices (the layout of [`crate::plan`]) and its forward pass adds the collectives:
+//! attention over its heads then a row-parallel `o_proj` and one all-reduce (the `o_proj` bias
+//! after it); dense MLPs and the shared expert column- then row-parallel; routed experts by
+//! whole experts: the gate runs on every rank (same input bits, same choices) and each rank
+//! runs only the (token, expert) pairs of its experts, adding its shared-expert slice, then one
+//! all-reduce per MoE layer; the embedding is a masked lookup of the rank's vocabulary rows
+//! plus an all-reduce, the lm_head the rank's vocabulary columns plus an all-gather. One rank
+//! (world 1) takes none of these paths: no collective, no extra copy.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use switchyard_kernels::{dispatch, experts_forward, gate_topk, ExpertWeights, GateConfig};
+use switchyard_kernels::{
+    dispatch, experts_forward, gate_topk, DispatchPlan, ExpertWeights, GateConfig,
+};
 
 use crate::config::{LayerKind, ModelConfig};
 use crate::kv_cache::KvCache;
 use crate::paged_cache::{KvDtype, PagedBatchMeta, PagedKvCache};
+use crate::parallel::{Communicator, Shard, TP_FLAG};
 use crate::weights::{Checkpoint, Weights};
 use crate::ModelError;
 
@@ -99,6 +112,25 @@ impl Linear {
         })
     }
 
+    /// Loads entries `start..start + len` of the weight along `dim` (0: output rows,
+    /// column-parallel, with the bias rows; 1: input columns, row-parallel, bias left to the
+    /// caller to add once after the all-reduce).
+    fn load_split(
+        w: &Weights,
+        (out, inp): (usize, usize),
+        bias: bool,
+        dim: usize,
+        (start, len): (usize, usize),
+    ) -> Result<Self, ModelError> {
+        let weight = w.get_narrow(&[out, inp], "weight", dim, start, len)?;
+        let bias = if bias && dim == 0 {
+            Some(w.get_narrow(&[out], "bias", 0, start, len)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let y = matmul_t(x, &self.weight)?;
         Ok(match &self.bias {
@@ -141,6 +173,36 @@ impl Mlp {
             down: w.pp("down_proj").get(&[hidden, inter], "weight")?,
             inter,
         })
+    }
+
+    /// This rank's slice along the intermediate size (gate/up rows, down columns); `None`
+    /// when the slice is empty (more ranks than intermediate rows).
+    fn load_shard(
+        w: &Weights,
+        hidden: usize,
+        inter: usize,
+        shard: &Shard,
+    ) -> Result<Option<Self>, ModelError> {
+        if shard.is_single() {
+            return Self::load(w, hidden, inter).map(Some);
+        }
+        let (i0, il) = shard.split(inter);
+        if il == 0 {
+            return Ok(None);
+        }
+        let g = w
+            .pp("gate_proj")
+            .get_narrow(&[inter, hidden], "weight", 0, i0, il)?;
+        let u = w
+            .pp("up_proj")
+            .get_narrow(&[inter, hidden], "weight", 0, i0, il)?;
+        Ok(Some(Self {
+            gate_up: Tensor::cat(&[g, u], 0)?,
+            down: w
+                .pp("down_proj")
+                .get_narrow(&[hidden, inter], "weight", 1, i0, il)?,
+            inter: il,
+        }))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
@@ -206,7 +268,10 @@ struct Attention {
     /// `q_proj`, `k_proj` and `v_proj` stacked at load into one `[(nh + 2·nkv)·hd, H]`
     /// projection: one pass over the input, one parallel loop at decode instead of three.
     qkv_proj: Linear,
+    /// Row-parallel on a rank of several: its bias is then in `o_bias`.
     o_proj: Linear,
+    /// `o_proj`'s bias when `o_proj` is row-parallel: added once, after the all-reduce.
+    o_bias: Option<Tensor>,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     heads: usize,
@@ -216,7 +281,10 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    fn load(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
+        if !shard.is_single() {
+            return Self::load_shard(w, cfg, shard);
+        }
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let b = cfg.attention_bias;
@@ -240,12 +308,62 @@ impl Attention {
                 bias,
             },
             o_proj: Linear::load(&w.pp("o_proj"), h, nh * hd, b)?,
+            o_bias: None,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             heads: nh,
             kv_heads: nkv,
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
+        })
+    }
+
+    /// This rank's heads: its query heads' rows of `q_proj`, its KV heads' rows of `k_proj`
+    /// and `v_proj`, the matching columns of `o_proj`; QK-norms replicated.
+    fn load_shard(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (q0, qh) = shard.query_heads(cfg);
+        let (k0, kh) = shard.kv_heads(cfg);
+        let b = cfg.attention_bias;
+        let norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(&w.pp(name), hd, cfg.rms_norm_eps)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let q = Linear::load_split(&w.pp("q_proj"), (nh * hd, h), b, 0, (q0 * hd, qh * hd))?;
+        let kv_rows = (k0 * hd, kh * hd);
+        let k = Linear::load_split(&w.pp("k_proj"), (nkv * hd, h), b, 0, kv_rows)?;
+        let v = Linear::load_split(&w.pp("v_proj"), (nkv * hd, h), b, 0, kv_rows)?;
+        let bias = match (q.bias, k.bias, v.bias) {
+            (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?),
+            _ => None,
+        };
+        let o = w.pp("o_proj");
+        Ok(Self {
+            qkv_proj: Linear {
+                weight: Tensor::cat(&[q.weight, k.weight, v.weight], 0)?,
+                bias,
+            },
+            o_proj: Linear::load_split(&o, (h, nh * hd), b, 1, (q0 * hd, qh * hd))?,
+            o_bias: if b { Some(o.get(&[h], "bias")?) } else { None },
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            heads: qh,
+            kv_heads: kh,
+            head_dim: hd,
+            scale: 1.0 / (hd as f64).sqrt(),
+        })
+    }
+
+    /// Adds the row-parallel `o_proj`'s bias to the all-reduced output (nothing on one rank,
+    /// where `o_proj` carries its own bias).
+    fn add_o_bias(&self, y: Tensor) -> Result<Tensor, ModelError> {
+        Ok(match &self.o_bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
         })
     }
 
@@ -408,6 +526,10 @@ struct Moe {
     shared: Option<Mlp>,
     fp32_combine: bool,
     exec: MoeExec,
+    /// First routed expert this rank holds (0 on one rank).
+    expert_start: usize,
+    /// Routed experts this rank holds (all of them on one rank).
+    local_experts: usize,
 }
 
 /// How an MoE block computes its routed experts. Chosen once at load by [`MoeExec::choose`]
@@ -474,8 +596,9 @@ impl MoeExec {
 }
 
 impl Moe {
-    fn load(w: &Weights, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    fn load(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
         let (h, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
+        let (e0, el) = shard.split(e);
         let router = w.pp("gate").get_f32(&[e, h], "weight")?;
         let bias = if cfg.gate.expert_bias {
             Some(w.get_f32(&[e], "e_score_correction_bias")?)
@@ -483,16 +606,28 @@ impl Moe {
             None
         };
         let ex = w.pp("experts");
-        let experts = if ex.contains("gate_up_proj") {
+        let experts = if el == 0 {
+            let (dt, dev) = (w.dtype(), w.device());
+            ExpertWeights {
+                gate_up: Tensor::zeros((0, 2 * i, h), dt, dev)?,
+                down: Tensor::zeros((0, h, i), dt, dev)?,
+            }
+        } else if !shard.is_single() && ex.contains("gate_up_proj") {
+            // This rank's whole experts: a contiguous run of the fused tensors.
+            ExpertWeights {
+                gate_up: ex.get_narrow(&[e, 2 * i, h], "gate_up_proj", 0, e0, el)?,
+                down: ex.get_narrow(&[e, h, i], "down_proj", 0, e0, el)?,
+            }
+        } else if ex.contains("gate_up_proj") {
             ExpertWeights {
                 gate_up: ex.get(&[e, 2 * i, h], "gate_up_proj")?,
                 down: ex.get(&[e, h, i], "down_proj")?,
             }
         } else {
             // Per-expert tensors (hub dialect): stack into the fused layout once, at load.
-            let mut gu = Vec::with_capacity(e);
-            let mut dn = Vec::with_capacity(e);
-            for j in 0..e {
+            let mut gu = Vec::with_capacity(el);
+            let mut dn = Vec::with_capacity(el);
+            for j in e0..e0 + el {
                 let x = ex.pp(j);
                 let g = x.pp("gate_proj").get(&[i, h], "weight")?;
                 let u = x.pp("up_proj").get(&[i, h], "weight")?;
@@ -505,11 +640,12 @@ impl Moe {
             }
         };
         let shared = if cfg.num_shared_experts > 0 {
-            Some(Mlp::load(
+            Mlp::load_shard(
                 &w.pp("shared_experts"),
                 h,
                 i * cfg.num_shared_experts,
-            )?)
+                shard,
+            )?
         } else {
             None
         };
@@ -521,7 +657,25 @@ impl Moe {
             shared,
             fp32_combine: cfg.moe_fp32_combine,
             exec,
+            expert_start: e0,
+            local_experts: el,
         })
+    }
+
+    /// The part of `plan` whose experts this rank holds, renumbered from 0 (the gate output
+    /// it indexes is unchanged). `plan` itself when the rank holds every expert.
+    fn local_plan(&self, plan: DispatchPlan) -> DispatchPlan {
+        if self.local_experts == plan.num_experts {
+            return plan;
+        }
+        let (e0, el) = (self.expert_start, self.local_experts);
+        let (a, b) = (plan.offsets[e0], plan.offsets[e0 + el]);
+        DispatchPlan {
+            num_experts: el,
+            offsets: plan.offsets[e0..=e0 + el].iter().map(|o| o - a).collect(),
+            token_of: plan.token_of[a..b].to_vec(),
+            slot_of: plan.slot_of[a..b].to_vec(),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
@@ -530,18 +684,23 @@ impl Moe {
             MoeExec::Reference { bias, experts } => {
                 let logits = logits.flatten_all()?.to_vec1::<f32>()?;
                 let g = gate_topk(&logits, bias.as_deref(), &self.gate)?;
-                let plan = dispatch(&g, self.gate.num_experts)?;
+                // Expert parallel: only the pairs whose expert this rank holds.
+                let plan = self.local_plan(dispatch(&g, self.gate.num_experts)?);
                 // bf16 on the CPU: the shared expert joins the routed experts' two parallel
                 // passes and the sum stays in f32 (so only with the fp32 combine).
                 let fuse = self.fp32_combine && x.dim(0)? <= MAX_FUSED_MLP_TOKENS;
-                if let (Some(s), true) = (&self.shared, fuse) {
-                    if let Some(y) = switchyard_kernels::moe::experts_forward_with_shared(
-                        x, experts, &s.gate_up, &s.down, &g, &plan,
-                    )? {
-                        return Ok(y.to_dtype(x.dtype())?);
+                if self.local_experts == 0 {
+                    Tensor::zeros(x.dims(), x.dtype(), x.device())?
+                } else {
+                    if let (Some(s), true) = (&self.shared, fuse) {
+                        if let Some(y) = switchyard_kernels::moe::experts_forward_with_shared(
+                            x, experts, &s.gate_up, &s.down, &g, &plan,
+                        )? {
+                            return Ok(y.to_dtype(x.dtype())?);
+                        }
                     }
+                    experts_forward(x, experts, &g, &plan)?
                 }
-                experts_forward(x, experts, &g, &plan)?
             }
             #[cfg(feature = "cuda")]
             MoeExec::CudaGate { bias, experts } => {
@@ -657,6 +816,12 @@ mod cuda_moe {
             ))
         }
 
+        /// Bytes of the padded kernel weights and the expert bias.
+        pub(super) fn weight_bytes(&self) -> u64 {
+            let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+            b(&self.experts.gate_up) + b(&self.experts.down) + self.bias.as_ref().map_or(0, b)
+        }
+
         /// Routed experts (and the shared one when it is a column) for `x` (`[T, H]` bf16)
         /// given its f32 router logits (`[T, E]`).
         pub(super) fn forward(
@@ -706,21 +871,32 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, cfg: &ModelConfig, kind: LayerKind) -> Result<Self, ModelError> {
+    fn load(
+        w: &Weights,
+        cfg: &ModelConfig,
+        kind: LayerKind,
+        shard: &Shard,
+    ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg, shard)?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
                 h,
                 cfg.rms_norm_eps,
             )?,
             mlp: match kind {
-                LayerKind::Dense => {
-                    FeedForward::Dense(Mlp::load(&w.pp("mlp"), h, cfg.intermediate_size)?)
-                }
-                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg)?),
+                LayerKind::Dense => FeedForward::Dense(
+                    // `Shard::validate` keeps every rank's slice non-empty.
+                    Mlp::load_shard(&w.pp("mlp"), h, cfg.intermediate_size, shard)?.ok_or_else(
+                        || ModelError::Sharding {
+                            field: "intermediate_size".into(),
+                            message: format!("an empty slice for rank {}", shard.rank),
+                        },
+                    )?,
+                ),
+                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg, shard)?),
             },
         })
     }
@@ -751,6 +927,16 @@ pub struct HyV3Model {
     dtype: DType,
     device: Device,
     mtp: Option<HashMap<String, Tensor>>,
+    /// Which part of the model this is (rank 0 of 1 for the whole model).
+    shard: Shard,
+    /// The group's communicator; `None` on one rank (no collectives at all).
+    comm: Option<Arc<dyn Communicator>>,
+    /// `(first id, ids)` of the vocabulary rows held by `embed_tokens` and `lm_head`.
+    vocab: (usize, usize),
+    /// KV heads this rank's attention (and paged cache) holds.
+    kv_heads: usize,
+    /// Whether `lm_head` is the embedding's tensor (tied and not stored).
+    tied_head: bool,
 }
 
 impl HyV3Model {
@@ -767,23 +953,96 @@ impl HyV3Model {
         cfg: ModelConfig,
         ckpt: Arc<Checkpoint>,
         opts: &LoadOptions,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        Self::load_inner(cfg, ckpt, opts, None, progress)
+    }
+
+    /// Loads `config.json` and this rank's slices of the weights of a model folder
+    /// ([`Self::load_parallel`]).
+    pub fn load_dir_parallel(
+        dir: &Path,
+        opts: &LoadOptions,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self, ModelError> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        Self::load_parallel(cfg, ckpt, opts, comm, |_, _| {})
+    }
+
+    /// Loads rank `comm.rank()` of `comm.world_size()`: only this rank's slices are read from
+    /// the checkpoint (the layout of [`crate::plan`]; see the module docs), and the forward
+    /// passes run the collectives over `comm`. Every rank of the group must be loaded from the
+    /// same checkpoint and be driven with the same inputs. A world of 1 is [`Self::load`].
+    /// Refused, naming the config field and `--tensor-parallel-size`, when the heads do not
+    /// split; refused on a CUDA device (the expert-parallel CUDA MoE path and an NCCL
+    /// communicator are not implemented) and with `load_mtp`.
+    pub fn load_parallel(
+        cfg: ModelConfig,
+        ckpt: Arc<Checkpoint>,
+        opts: &LoadOptions,
+        comm: Arc<dyn Communicator>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        Self::load_inner(cfg, ckpt, opts, Some(comm), progress)
+    }
+
+    fn load_inner(
+        cfg: ModelConfig,
+        ckpt: Arc<Checkpoint>,
+        opts: &LoadOptions,
+        comm: Option<Arc<dyn Communicator>>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
+        let shard = comm.as_ref().map_or(Shard::single(), |c| Shard {
+            rank: c.rank(),
+            world: c.world_size(),
+        });
+        shard.validate(&cfg)?;
+        let comm = if shard.is_single() { None } else { comm };
+        if !shard.is_single() {
+            let n = shard.world;
+            if !opts.device.is_cpu() {
+                return Err(ModelError::Sharding {
+                    field: "device".into(),
+                    message: format!(
+                        "{TP_FLAG} {n} runs on the CPU only: expert-parallel MoE on the CUDA \
+                         kernels and an NCCL communicator are not implemented"
+                    ),
+                });
+            }
+            if opts.load_mtp {
+                return Err(ModelError::Sharding {
+                    field: "num_nextn_predict_layers".into(),
+                    message: format!("MTP layers cannot be loaded with {TP_FLAG} {n}"),
+                });
+            }
+        }
         let root = Weights::new(ckpt.clone(), opts.dtype, opts.device.clone());
         let m = root.pp("model");
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = m.pp("embed_tokens").get(&[v, h], "weight")?;
+        let vocab = shard.split(v);
+        let embed = m
+            .pp("embed_tokens")
+            .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?;
         let total = cfg.num_hidden_layers;
         let mut layers = Vec::with_capacity(total);
         for (i, kind) in cfg.layer_kinds.iter().enumerate() {
-            layers.push(DecoderLayer::load(&m.pp("layers").pp(i), &cfg, *kind)?);
+            layers.push(DecoderLayer::load(
+                &m.pp("layers").pp(i),
+                &cfg,
+                *kind,
+                &shard,
+            )?);
             progress(i + 1, total);
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !root.contains("lm_head.weight") {
+        let tied_head = cfg.tie_word_embeddings && !root.contains("lm_head.weight");
+        let lm_head = if tied_head {
             embed.clone()
         } else {
-            root.pp("lm_head").get(&[v, h], "weight")?
+            root.pp("lm_head")
+                .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?
         };
         let mtp = if opts.load_mtp {
             let mut map = HashMap::new();
@@ -818,8 +1077,87 @@ impl HyV3Model {
             dtype: opts.dtype,
             device: opts.device.clone(),
             mtp,
+            shard,
+            comm,
+            vocab,
+            kv_heads: shard.kv_heads(&cfg).1,
+            tied_head,
             cfg,
         })
+    }
+
+    /// Which part of the model this is (rank 0 of 1 for the whole model).
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// KV heads this rank holds (all of them on one rank): the `kv_heads` of its paged cache.
+    pub fn local_kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    /// Bytes of weights this rank holds (every tensor once; a tied lm_head is the embedding).
+    /// Equals the plan's per-device weight bytes ([`crate::plan`]) for f32 and bf16 models.
+    pub fn weight_bytes(&self) -> u64 {
+        let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let ob = |t: &Option<Tensor>| t.as_ref().map_or(0, b);
+        let mlp = |m: &Mlp| b(&m.gate_up) + b(&m.down);
+        let mut n = b(self.embed_tokens.embeddings()) + b(&self.norm.weight);
+        if !self.tied_head {
+            n += b(&self.lm_head);
+        }
+        for l in &self.layers {
+            n += b(&l.input_layernorm.weight) + b(&l.post_attention_layernorm.weight);
+            let a = &l.self_attn;
+            n += b(&a.qkv_proj.weight) + ob(&a.qkv_proj.bias);
+            n += b(&a.o_proj.weight) + ob(&a.o_proj.bias) + ob(&a.o_bias);
+            for q in [&a.q_norm, &a.k_norm].into_iter().flatten() {
+                n += b(&q.weight);
+            }
+            n += match &l.mlp {
+                FeedForward::Dense(m) => mlp(m),
+                FeedForward::Moe(m) => {
+                    let experts = match &m.exec {
+                        MoeExec::Reference { bias, experts } => {
+                            bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
+                                + b(&experts.gate_up)
+                                + b(&experts.down)
+                        }
+                        #[cfg(feature = "cuda")]
+                        MoeExec::CudaGate { bias, experts } => {
+                            ob(bias) + b(&experts.gate_up) + b(&experts.down)
+                        }
+                        #[cfg(feature = "cuda")]
+                        MoeExec::CudaKernels(c) => c.weight_bytes(),
+                    };
+                    b(&m.router) + experts + m.shared.as_ref().map_or(0, mlp)
+                }
+            };
+        }
+        if let Some(mtp) = &self.mtp {
+            n += mtp.values().map(b).sum::<u64>();
+        }
+        n
+    }
+
+    /// All-reduces a row-parallel partial result over the group; `x` itself on one rank.
+    fn all_reduce(&self, x: Tensor) -> Result<Tensor, ModelError> {
+        match &self.comm {
+            None => Ok(x),
+            Some(c) => Ok(c.all_reduce_sum(&x)?),
+        }
+    }
+
+    /// Fails the group when a forward pass failed after it may have entered a collective, so
+    /// no other rank waits for this one. Input validation errors are the same on every rank
+    /// (same inputs) and come before any collective, so they leave the group usable.
+    fn abort_on_error<R>(&self, r: Result<R, ModelError>) -> Result<R, ModelError> {
+        if let (Err(e), Some(c)) = (&r, &self.comm) {
+            if !matches!(e, ModelError::InvalidInput(_)) {
+                c.abort(&e.to_string());
+            }
+        }
+        r
     }
 
     /// The model's configuration.
@@ -881,13 +1219,18 @@ impl HyV3Model {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Tensor, ModelError> {
-        self.on_cpu_worker(|| self.forward_contiguous(ids, cache, which))
+        let r = self.on_cpu_worker(|| self.forward_contiguous(ids, cache, which));
+        self.abort_on_error(r)
     }
 
     /// Runs a forward pass on a rayon worker when the model is on the CPU, so the kernels'
     /// parallel loops start inside the pool ([`switchyard_kernels::cpu_gemv::on_worker`]).
+    ///
+    /// Not on a rank of several: a rank waits inside collectives, and a rank parked on one of
+    /// the pool's few workers would keep the other ranks' work (queued behind it) from ever
+    /// running. Such a rank runs on its own thread and its parallel loops join the pool.
     fn on_cpu_worker<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        if self.device.is_cpu() {
+        if self.device.is_cpu() && self.comm.is_none() {
             switchyard_kernels::cpu_gemv::on_worker(f)
         } else {
             f()
@@ -921,7 +1264,8 @@ impl HyV3Model {
         seqs: &[PagedSeq<'_>],
         kv: &mut PagedKvCache,
     ) -> Result<Vec<Tensor>, ModelError> {
-        self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv))
+        let r = self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv));
+        self.abort_on_error(r)
     }
 
     fn forward_paged_batch(
@@ -1003,25 +1347,51 @@ impl HyV3Model {
         ids: &[u32],
         mut attend: impl FnMut(usize, &Attention, &Tensor) -> Result<Tensor, ModelError>,
     ) -> Result<Tensor, ModelError> {
-        let input = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        let mut x = self.embed_tokens.forward(&input)?;
+        let mut x = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer.input_layernorm.forward(&x)?;
             let a = attend(i, &layer.self_attn, &hn)?;
+            let a = layer.self_attn.add_o_bias(self.all_reduce(a)?)?;
             let x1 = (x + a)?;
             let hn = layer.post_attention_layernorm.forward(&x1)?;
             let f = match &layer.mlp {
                 FeedForward::Dense(m) => m.forward(&hn)?,
                 FeedForward::Moe(m) => m.forward(&hn)?,
             };
-            x = (x1 + f)?;
+            x = (x1 + self.all_reduce(f)?)?;
         }
         Ok(x)
     }
 
+    /// Embedding lookup. On a rank of several: the rows of ids in this rank's vocabulary
+    /// slice, zeros for the others, summed over the group (exact: every id has one owner).
+    fn embed(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
+        let Some(comm) = &self.comm else {
+            let input = Tensor::from_slice(ids, ids.len(), &self.device)?;
+            return Ok(self.embed_tokens.forward(&input)?);
+        };
+        let (v0, vl) = self.vocab;
+        let owned = |t: u32| (v0..v0 + vl).contains(&(t as usize));
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&t| if owned(t) { t - v0 as u32 } else { 0 })
+            .collect();
+        let mask: Vec<f32> = ids.iter().map(|&t| f32::from(u8::from(owned(t)))).collect();
+        let input = Tensor::from_vec(local, ids.len(), &self.device)?;
+        let mask = Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.dtype)?;
+        let x = self.embed_tokens.forward(&input)?.broadcast_mul(&mask)?;
+        Ok(comm.all_reduce_sum(&x)?)
+    }
+
+    /// Final norm and lm_head, f32 logits over the whole vocabulary (on a rank of several,
+    /// this rank's vocabulary columns gathered from every rank).
     fn head(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let x = self.norm.forward(x)?;
-        Ok(matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?)
+        let logits = matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        match &self.comm {
+            None => Ok(logits),
+            Some(c) => Ok(c.all_gather(&logits, 1)?),
+        }
     }
 
     /// The execution each MoE layer uses (`reference`, `cuda-gate+reference-experts` or
@@ -1036,7 +1406,8 @@ impl HyV3Model {
             .collect()
     }
 
-    /// A paged KV cache on the model's device with `num_blocks` blocks of `block_size` tokens
+    /// A paged KV cache (this rank's KV heads) on the model's device with `num_blocks` blocks
+    /// of `block_size` tokens
     /// (zeroed): device tensors read by the CUDA paged-attention kernels when the model is on a
     /// CUDA device and this crate is built with `cuda`, host memory otherwise (as
     /// [`Self::new_paged_cache`]).
@@ -1051,7 +1422,7 @@ impl HyV3Model {
             switchyard_kernels::KvLayout {
                 num_blocks,
                 block_size,
-                kv_heads: self.cfg.num_key_value_heads,
+                kv_heads: self.kv_heads,
                 head_dim: self.cfg.head_dim,
             },
             dtype,
@@ -1072,7 +1443,7 @@ impl HyV3Model {
             switchyard_kernels::KvLayout {
                 num_blocks,
                 block_size,
-                kv_heads: self.cfg.num_key_value_heads,
+                kv_heads: self.kv_heads,
                 head_dim: self.cfg.head_dim,
             },
             dtype,

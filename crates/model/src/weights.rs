@@ -321,6 +321,84 @@ impl Checkpoint {
         self.release(shard, offset, view.data().len());
         Ok(t.to_dtype(dtype)?)
     }
+
+    /// Loads `len` entries from `start` along `dim` of the tensor `name`, whose full shape must
+    /// be `shape`: one rank's slice of a sharded weight ([`crate::parallel`]). Only the slice's
+    /// bytes are copied out of the mapping (row by row when `dim > 0`), so a rank never holds
+    /// the full tensor; FP8 tensors are the exception, dequantized whole and then narrowed
+    /// (one tensor at a time).
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_narrow(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dim: usize,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        if dim >= shape.len() || start + len > shape[dim] {
+            return Err(ModelError::InvalidInput(format!(
+                "slice {start}..{} of dimension {dim} is outside tensor `{name}` of shape {shape:?}",
+                start + len
+            )));
+        }
+        if start == 0 && len == shape[dim] {
+            return self.get(name, shape, dtype, device);
+        }
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        let file = self.file_of(&stored);
+        let (shard, view, offset) = self.view(&stored)?;
+        use safetensors::Dtype as D;
+        if view.dtype() == D::F8_E4M3 {
+            let full = self.get(name, shape, dtype, device)?;
+            return Ok(full.narrow(dim, start, len)?.contiguous()?);
+        }
+        if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
+            return Err(ModelError::UnsupportedDtype {
+                name: stored,
+                dtype: format!("{:?}", view.dtype()),
+                path: file,
+            });
+        }
+        if view.shape() != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: stored,
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+                path: file,
+            });
+        }
+        let elem = view.dtype().bitsize() / 8;
+        let outer: usize = shape[..dim].iter().product();
+        let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
+        let row = shape[dim] * inner;
+        let data = view.data();
+        let mut bytes = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            let a = o * row + start * inner;
+            bytes.extend_from_slice(&data[a..a + len * inner]);
+        }
+        let mut part = shape.to_vec();
+        part[dim] = len;
+        let broken = |e: String| ModelError::Checkpoint {
+            path: file.clone(),
+            message: format!("tensor {stored}: {e}"),
+        };
+        let sliced =
+            TensorView::new(view.dtype(), part, &bytes).map_err(|e| broken(e.to_string()))?;
+        let t = candle_core::safetensors::Load::load(&sliced, device)
+            .map_err(|e| broken(e.to_string()))?;
+        drop(bytes);
+        self.release(shard, offset, view.data().len());
+        Ok(t.to_dtype(dtype)?)
+    }
 }
 
 /// Where the scales of an FP8 tensor may be stored, in the order they are looked for: beside
@@ -487,6 +565,27 @@ impl Weights {
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
         self.ckpt
             .get(&self.path(name), shape, self.dtype, &self.device)
+    }
+
+    /// Loads entries `start..start + len` along `dim` of `name` (full shape `shape`) in this
+    /// builder's dtype: a rank's slice ([`Checkpoint::get_narrow`]).
+    pub fn get_narrow(
+        &self,
+        shape: &[usize],
+        name: &str,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor, ModelError> {
+        self.ckpt.get_narrow(
+            &self.path(name),
+            shape,
+            dim,
+            start,
+            len,
+            self.dtype,
+            &self.device,
+        )
     }
 
     /// Loads `name` in f32 regardless of the compute dtype (router weights, expert bias).

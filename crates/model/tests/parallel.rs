@@ -1,0 +1,359 @@
+//! Tensor + expert parallel execution (`HyV3Model::load_parallel` over an in-process
+//! communicator, one thread per rank) against transformers' logits and against one rank:
+//! prefill logits within the single-device bound, decode equal to prefill, greedy
+//! continuations equal; the paged batched forward equal to one rank's; the bytes each rank
+//! holds equal to `switchyard plan`'s per-device bytes; a rank that goes away makes the others
+//! fail instead of hang; and configurations that cannot be split are refused naming the field.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use switchyard_model::plan::{plan, KvFormat, PlanRequest, WeightFormat};
+use switchyard_model::{
+    Checkpoint, HyV3Model, InProcessGroup, KvDtype, LoadOptions, Logits, ModelConfig, PagedSeq,
+};
+
+mod common;
+use common::{argmax, greedy_ids, input_ids, max_abs};
+
+/// The single-device oracle test's bound (tests/oracle.rs).
+const F32_TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracle")
+}
+
+fn opts(dtype: DType) -> LoadOptions {
+    LoadOptions {
+        dtype,
+        device: Device::Cpu,
+        load_mtp: false,
+    }
+}
+
+/// Loads every rank of `dir` split over `world` ranks, each on its own thread, runs `f` on
+/// each and returns what every rank returned, in rank order.
+fn on_ranks<R: Send>(
+    dir: &Path,
+    world: usize,
+    dtype: DType,
+    f: impl Fn(&HyV3Model) -> R + Sync,
+) -> Vec<R> {
+    let comms = InProcessGroup::new(world)
+        .with_timeout(Duration::from_secs(300))
+        .build();
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let m = HyV3Model::load_dir_parallel(dir, &opts(dtype), Arc::new(c)).unwrap();
+                    f(&m)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Prefill logits, decode-step logits, and a greedy continuation of `steps` tokens.
+fn run_case(m: &HyV3Model, ids: &[u32], steps: usize) -> (Tensor, Tensor, Vec<u32>) {
+    let mut cache = m.new_cache();
+    let prefill = m.forward(ids, &mut cache, Logits::All).unwrap();
+    let mut cache = m.new_cache();
+    let rows: Vec<Tensor> = ids
+        .iter()
+        .map(|&id| m.forward(&[id], &mut cache, Logits::Last).unwrap())
+        .collect();
+    let decode = Tensor::cat(&rows, 0).unwrap();
+    let mut cache = m.new_cache();
+    let mut last = m.forward(ids, &mut cache, Logits::Last).unwrap();
+    let mut greedy = Vec::new();
+    for _ in 0..steps {
+        let next = argmax(&last.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        greedy.push(next);
+        last = m.forward(&[next], &mut cache, Logits::Last).unwrap();
+    }
+    (prefill, decode, greedy)
+}
+
+/// Every rank returns the same logits (bit for bit) and tokens.
+fn check_ranks_agree(case: &str, out: &[(Tensor, Tensor, Vec<u32>)]) {
+    for (r, o) in out.iter().enumerate().skip(1) {
+        assert_eq!(max_abs(&o.0, &out[0].0), 0.0, "{case}: rank {r} prefill");
+        assert_eq!(o.2, out[0].2, "{case}: rank {r} greedy");
+    }
+}
+
+fn check_oracle_case(case: &str, world: usize) {
+    let dir = fixtures().join(case);
+    let t = candle_core::safetensors::load(dir.join("oracle.safetensors"), &Device::Cpu).unwrap();
+    let ids = input_ids(&t);
+    let want = t["logits"].clone();
+    let greedy = greedy_ids(&dir);
+    let out = on_ranks(&dir, world, DType::F32, |m| run_case(m, &ids, greedy.len()));
+    check_ranks_agree(case, &out);
+    let (prefill, decode, got) = &out[0];
+    let d = max_abs(prefill, &want);
+    let d2 = max_abs(decode, prefill);
+    println!("{case} tp={world}: prefill max|Δ| = {d:.2e}, decode-vs-prefill {d2:.2e}");
+    assert!(
+        d <= F32_TOL,
+        "{case} tp={world}: prefill logits differ by {d}"
+    );
+    assert!(d2 <= F32_TOL, "{case} tp={world}: decode differs by {d2}");
+    assert_eq!(
+        got, &greedy,
+        "{case} tp={world}: greedy continuation differs"
+    );
+}
+
+// Every fixture has 4 query heads, so 2 and 4 ranks are the splits there are; with 2 KV heads
+// (1 in e192_k8) 4 ranks replicate each KV head on 2 (4) ranks.
+
+#[test]
+fn tp_f32_basic_matches_oracle() {
+    for n in [2, 4] {
+        check_oracle_case("f32_basic", n);
+    }
+}
+
+#[test]
+fn tp_e192_top8_with_dense_layers_matches_oracle() {
+    for n in [2, 4] {
+        check_oracle_case("e192_k8", n);
+    }
+}
+
+#[test]
+fn tp_hub_dialect_per_expert_tensors_and_dense_layer_match_oracle() {
+    for n in [2, 4] {
+        check_oracle_case("hub_dialect", n);
+    }
+}
+
+#[test]
+fn tp_head_dim_ne_two_shared_experts_matches_oracle() {
+    for n in [2, 4] {
+        check_oracle_case("head_dim_ne", n);
+    }
+}
+
+#[test]
+fn tp_sharded_checkpoint_matches_oracle() {
+    check_oracle_case("sharded", 2);
+}
+
+/// A random model whose every split is uneven: 7 experts, vocabulary 509, shared expert 33 and
+/// dense 130 wide, tied embeddings; 2 and 4 ranks against one.
+#[test]
+fn tp_uneven_splits_equal_one_rank() {
+    let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
+    cfg.num_experts = 7;
+    cfg.vocab_size = 509;
+    cfg.moe_intermediate_size = 33;
+    cfg.intermediate_size = 130;
+    cfg.tie_word_embeddings = true;
+    cfg.gate.n_group = 1;
+    cfg.gate.topk_group = 1;
+    let tmp = tempfile::tempdir().unwrap();
+    switchyard_model::test_model::write_random_checkpoint(&cfg, tmp.path(), 7, DType::F32).unwrap();
+    let ids: Vec<u32> = (0..13).map(|i| (i * 37 + 11) % 509).collect();
+    let one = on_ranks(tmp.path(), 1, DType::F32, |m| run_case(m, &ids, 12));
+    for n in [2, 4] {
+        let out = on_ranks(tmp.path(), n, DType::F32, |m| {
+            let s = m.shard();
+            assert_eq!(s.world, n);
+            run_case(m, &ids, 12)
+        });
+        check_ranks_agree("uneven", &out);
+        let d = max_abs(&out[0].0, &one[0].0);
+        let d2 = max_abs(&out[0].1, &one[0].1);
+        println!("uneven tp={n}: prefill max|Δ| vs tp=1 = {d:.2e}, decode {d2:.2e}");
+        assert!(d <= F32_TOL && d2 <= F32_TOL, "tp={n}: {d} {d2}");
+        assert_eq!(out[0].2, one[0].2, "tp={n}: greedy differs");
+    }
+}
+
+/// The paged batched forward (chunked prefill of three prompts, then decode, scattered
+/// blocks; each rank has its own cache of its KV heads) equals one rank's.
+#[test]
+fn tp_paged_batch_equals_one_rank() {
+    let dir = fixtures().join("e192_k8");
+    let prompts: Vec<Vec<u32>> = vec![
+        (0..11).map(|i| (i * 7 + 3) % 200).collect(),
+        (0..4).map(|i| (i * 13 + 5) % 200).collect(),
+        (0..17).map(|i| (i * 29 + 1) % 200).collect(),
+    ];
+    let paged = |m: &HyV3Model| -> Vec<Tensor> {
+        let bs = 3;
+        let mut kv = m.new_paged_cache(64, bs, KvDtype::F32);
+        assert_eq!(kv.layout().kv_heads, m.local_kv_heads());
+        let mut free: Vec<u32> = (0..64u32).rev().collect();
+        let mut tables: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+        let mut seqs: Vec<Vec<u32>> = prompts.clone();
+        let mut done = vec![0usize; prompts.len()];
+        let mut out = Vec::new();
+        for _step in 0..8 {
+            let mut toks: Vec<(usize, Vec<u32>)> = Vec::new();
+            for (i, s) in seqs.iter().enumerate() {
+                let n = (s.len() - done[i]).min(5);
+                let t = s[done[i]..done[i] + n].to_vec();
+                while tables[i].len() * bs < done[i] + n {
+                    tables[i].push(free.pop().unwrap());
+                }
+                toks.push((i, t));
+            }
+            let batch: Vec<PagedSeq<'_>> = toks
+                .iter()
+                .map(|(i, t)| PagedSeq {
+                    tokens: t,
+                    pos0: done[*i],
+                    block_table: &tables[*i],
+                    logits: Logits::All,
+                })
+                .collect();
+            let l = m.forward_paged(&batch, &mut kv).unwrap();
+            for ((i, t), l) in toks.iter().zip(&l) {
+                done[*i] += t.len();
+                if done[*i] == seqs[*i].len() {
+                    let rows = l.dim(0).unwrap();
+                    let last = l.narrow(0, rows - 1, 1).unwrap();
+                    let next = argmax(&last.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    seqs[*i].push(next);
+                }
+                out.push(l.clone());
+            }
+        }
+        out
+    };
+    let one = on_ranks(&dir, 1, DType::F32, paged).remove(0);
+    for n in [2, 4] {
+        let got = on_ranks(&dir, n, DType::F32, paged).remove(0);
+        assert_eq!(got.len(), one.len());
+        let d = got
+            .iter()
+            .zip(&one)
+            .map(|(a, b)| max_abs(a, b))
+            .fold(0f32, f32::max);
+        println!("paged e192_k8 tp={n}: max|Δ| vs tp=1 = {d:.2e}");
+        assert!(d <= F32_TOL, "tp={n}: paged logits differ by {d}");
+    }
+}
+
+/// The bytes each rank holds equal the plan's per-device weight bytes (f32 and bf16 compute;
+/// the plan's `bf16` format keeps the gate weight and expert bias in f32, as the loader does).
+#[test]
+fn rank_weight_bytes_equal_the_plan() {
+    let mut checked = 0;
+    for case in [
+        "f32_basic",
+        "bf16_f32router",
+        "e192_k8",
+        "hub_dialect",
+        "head_dim_ne",
+    ] {
+        let dir = fixtures().join(case);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let ckpt = Arc::new(Checkpoint::open(&dir).unwrap());
+        for (dtype, format) in [
+            (DType::F32, WeightFormat::F32),
+            (DType::BF16, WeightFormat::Bf16),
+        ] {
+            for n in [1, 2, 4] {
+                let p = plan(
+                    &cfg,
+                    &PlanRequest {
+                        gpus: n,
+                        gpu_memory_bytes: 80 << 30,
+                        gpu_memory_utilization: 0.9,
+                        weights: format,
+                        kv: KvFormat::Bf16,
+                        max_context: 4096,
+                        max_num_seqs: 8,
+                        max_num_batched_tokens: 256,
+                        block_size: 16,
+                        with_mtp: false,
+                    },
+                )
+                .unwrap();
+                // Loading needs no forward pass: build the ranks one after another.
+                for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
+                    let m = if n == 1 {
+                        HyV3Model::load(cfg.clone(), ckpt.clone(), &opts(dtype), |_, _| {})
+                    } else {
+                        HyV3Model::load_parallel(
+                            cfg.clone(),
+                            ckpt.clone(),
+                            &opts(dtype),
+                            Arc::new(c),
+                            |_, _| {},
+                        )
+                    }
+                    .unwrap();
+                    assert_eq!(
+                        m.weight_bytes(),
+                        p.devices[r].weights_bytes,
+                        "{case} {dtype:?} tp={n} rank {r}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 5 * 2 * 7);
+}
+
+/// A rank that leaves the group (its thread ends) makes the others' forward fail promptly.
+#[test]
+fn a_rank_leaving_makes_the_others_fail_not_hang() {
+    let dir = fixtures().join("f32_basic");
+    let comms = InProcessGroup::new(2).build(); // no timeout: only the abort can free rank 0
+    let t0 = Instant::now();
+    let out: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let dir = &dir;
+                s.spawn(move || {
+                    let rank = switchyard_model::Communicator::rank(&c);
+                    let m = HyV3Model::load_dir_parallel(dir, &opts(DType::F32), Arc::new(c))
+                        .map_err(|e| e.to_string())?;
+                    if rank == 1 {
+                        return Err("rank 1 went away".to_string());
+                    }
+                    let mut cache = m.new_cache();
+                    for _ in 0..3 {
+                        m.forward(&[1, 2, 3], &mut cache, Logits::Last)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let e = out[0].as_ref().unwrap_err();
+    assert!(e.contains("rank 1 left the group"), "{e}");
+}
+
+/// Splits the plan cannot make are refused before loading, naming the field and the flag.
+#[test]
+fn bad_tensor_parallel_sizes_name_the_field_and_flag() {
+    let dir = fixtures().join("f32_basic");
+    for n in [3, 8] {
+        let c = InProcessGroup::new(n).build().remove(0);
+        let e = HyV3Model::load_dir_parallel(&dir, &opts(DType::F32), Arc::new(c)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "num_attention_heads 4 is not divisible by --tensor-parallel-size {n}"
+            )),
+            "{msg}"
+        );
+    }
+}
