@@ -390,13 +390,17 @@ pub fn decide(
     let mut semantic = None;
     // The safety floor (block on injection, local-only on secrets, personal data or a
     // keep-local ask) does not depend on the semantic scores, so skip the embedding (most of
-    // a decision's time) when a detector has already settled it.
+    // a decision's time) when a detector has already settled it. A request that names its
+    // tier (`model: "local"`, the served model's id, the route header) only needs them when a
+    // block or local-only rule reads them: routing rules and the classifier never run for it.
     let th = &cfg.detectors;
     let settled = det.score(Signal::Injection) >= th.injection_threshold
         || det.score(Signal::Secret) >= th.secret_threshold
         || det.score(Signal::PersonalData) >= th.personal_data_threshold
         || det.score(Signal::KeepLocal) >= th.keep_local_threshold;
-    if let Some(scorer) = scorer.filter(|_| !settled) {
+    let explicit = explicit_choice(policy, req, &mut reasons);
+    let pinned = matches!(explicit, Explicit::Tier(_)) && !policy.safety_rules_read_scores();
+    if let Some(scorer) = scorer.filter(|_| !settled && !pinned) {
         match scorer.score(task) {
             Ok(s) => {
                 for (k, v) in &s.categories {
@@ -451,7 +455,6 @@ pub fn decide(
     }
     local_only_reasons.extend(local_only_rules.iter().map(|r| rule_reason(r)));
     let local_only = !local_only_reasons.is_empty();
-    let explicit = explicit_choice(policy, req, &mut reasons);
 
     let injection = det.score(Signal::Injection) >= th.injection_threshold;
     if injection || !block_rules.is_empty() {

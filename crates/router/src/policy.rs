@@ -939,6 +939,19 @@ impl Policy {
         &self.rules
     }
 
+    /// Whether a block or local-only rule reads a score the semantic scorer sets
+    /// (`scorer.<category>`, or `difficulty`, which the scorer refines): only then does a
+    /// request that names its tier need an embedding.
+    pub fn safety_rules_read_scores(&self) -> bool {
+        self.rules.iter().any(|r| {
+            matches!(r.spec.action, Action::Block | Action::LocalOnly)
+                && r.spec
+                    .min_scores
+                    .keys()
+                    .any(|k| k.starts_with("scorer.") || k == "difficulty")
+        })
+    }
+
     /// Compiled detectors.
     pub fn detectors(&self) -> &Detectors {
         &self.detectors

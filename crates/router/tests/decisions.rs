@@ -701,3 +701,34 @@ fn cascade_policy_errors_name_the_field() {
     assert_eq!(p.cascade().min_mean_logprob, Some(-0.5));
     assert_eq!(p.cascade().max_mean_entropy, Some(1.29));
 }
+
+#[test]
+fn scorer_is_skipped_for_a_named_tier_unless_a_safety_rule_reads_its_scores() {
+    let (state, _) = state_with_key();
+    let scorer = CountingScorer(Default::default());
+    let calls = || scorer.0.load(std::sync::atomic::Ordering::Relaxed);
+    let pinned = RouteRequest::from_prompt(ROUTINE).with_model("local");
+    let d = decide(&Policy::default_policy(), &pinned, &state, Some(&scorer));
+    assert_eq!(d.action, Action::Local);
+    assert_eq!(d.tier.as_deref(), Some("local"));
+    assert_eq!(
+        calls(),
+        0,
+        "a request naming its tier must not pay for an embedding"
+    );
+    // The same request with `auto` asks the classifier.
+    let auto = RouteRequest::from_prompt(ROUTINE).with_model("auto");
+    decide(&Policy::default_policy(), &auto, &state, Some(&scorer));
+    assert_eq!(calls(), 1);
+    // A local-only rule on a semantic score must still see it for a pinned request.
+    let p = Policy::from_toml_str(
+        "[[rules]]\nname = \"legal stays here\"\naction = \"local-only\"\n\
+         min_scores = { \"scorer.legal\" = 0.5 }\n",
+        "p.toml",
+    )
+    .unwrap();
+    assert!(p.safety_rules_read_scores());
+    assert!(!Policy::default_policy().safety_rules_read_scores());
+    decide(&p, &pinned, &state, Some(&scorer));
+    assert_eq!(calls(), 2);
+}
