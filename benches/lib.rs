@@ -47,11 +47,6 @@ pub fn test_mode() -> bool {
     has("--test") || !has("--bench")
 }
 
-/// Whether criterion only lists the benchmarks (`-- --list`): the benches skip their setup.
-pub fn list_mode() -> bool {
-    std::env::args().any(|a| a == "--list")
-}
-
 /// A comma-separated list of numbers from `var`, or `default` when unset.
 ///
 /// # Panics
