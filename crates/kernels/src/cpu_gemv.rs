@@ -27,7 +27,7 @@ const PREFETCH_AHEAD: usize = 2048;
 /// the dev VM, two threads under load, medians of 5 in four runs: T1 at 4 KiB 15.3–21.3 GB/s,
 /// T0 at 4 KiB 8.1–19.8, T0 at 2 KiB 9.6–13.8, no prefetch 7.4–14.2.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T1;
+pub(crate) const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T1;
 
 /// Output rows per rayon task: 64 rows × 4096 inputs × 2 B = 512 KiB of weights, enough work to
 /// amortise scheduling while leaving many tasks for load balance.
@@ -58,26 +58,126 @@ pub fn gemv_bf16(
     inp: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
+    check_gemv(
+        "gemv_bf16",
+        x.len(),
+        tokens,
+        (w.len(), out * inp),
+        out,
+        inp,
+        y.len(),
+    )?;
+    gemv_rows(x, tokens, &Bf16Rows::new(w, inp), y);
+    Ok(())
+}
+
+/// The shape checks every `gemv_*` entry point makes: at least one token, `x` `[tokens, inp]`,
+/// the weights `(have, want)` elements and `y` `[tokens, out]`.
+pub(crate) fn check_gemv(
+    what: &str,
+    x: usize,
+    tokens: usize,
+    (w, want_w): (usize, usize),
+    out: usize,
+    inp: usize,
+    y: usize,
+) -> Result<(), KernelError> {
     if tokens == 0 {
-        return Err(KernelError::InvalidArgument(
-            "gemv_bf16 needs at least one token".into(),
-        ));
-    }
-    if x.len() != tokens * inp || w.len() != out * inp || y.len() != tokens * out {
         return Err(KernelError::InvalidArgument(format!(
-            "gemv_bf16 shapes: x {} (want {}), w {} (want {}), y {} (want {})",
-            x.len(),
+            "{what} needs at least one token"
+        )));
+    }
+    if x != tokens * inp || w != want_w || y != tokens * out {
+        return Err(KernelError::InvalidArgument(format!(
+            "{what} shapes: x {x} (want {}), w {w} (want {want_w}), y {y} (want {})",
             tokens * inp,
-            w.len(),
-            out * inp,
-            y.len(),
             tokens * out
         )));
     }
-    let kernel = row_kernel();
-    let mut xp = vec![0f32; x.len()];
-    kernel.pack(x, inp, &mut xp);
-    let xp = &xp[..];
+    Ok(())
+}
+
+/// A `[rows, cols]` weight matrix the row kernels stream, whatever its storage (bf16 here,
+/// int8 blocks in [`crate::cpu_q8`]). [`gemv_rows`] and `cpu_moe`'s two passes are written
+/// once over this.
+pub(crate) trait WeightRows: Sync {
+    /// Output rows.
+    fn rows(&self) -> usize;
+    /// Inputs per row.
+    fn cols(&self) -> usize;
+    /// The activation layout [`Self::dot`] reads.
+    fn packing() -> Packing;
+    /// `d[t] = row r · x[t]` for `t < n` (≤ [`TOKEN_BLOCK`]); `x` holds `n` activation rows of
+    /// [`Self::cols`] values in [`Self::packing`]'s layout.
+    fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]);
+}
+
+impl<T: WeightRows> WeightRows for &T {
+    fn rows(&self) -> usize {
+        (**self).rows()
+    }
+    fn cols(&self) -> usize {
+        (**self).cols()
+    }
+    fn packing() -> Packing {
+        T::packing()
+    }
+    #[inline]
+    fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
+        (**self).dot(r, x, n, d)
+    }
+}
+
+/// A row-major bf16 `[rows, cols]` matrix under this CPU's [`RowKernel`].
+pub(crate) struct Bf16Rows<'a> {
+    w: &'a [bf16],
+    cols: usize,
+    kernel: RowKernel,
+}
+
+impl<'a> Bf16Rows<'a> {
+    /// `w.len()` must be a multiple of `cols` (callers check shapes first).
+    pub(crate) fn new(w: &'a [bf16], cols: usize) -> Self {
+        debug_assert!(cols > 0 && w.len().is_multiple_of(cols));
+        Self {
+            w,
+            cols,
+            kernel: row_kernel(),
+        }
+    }
+}
+
+impl WeightRows for Bf16Rows<'_> {
+    fn rows(&self) -> usize {
+        self.w.len() / self.cols
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn packing() -> Packing {
+        row_kernel().packing
+    }
+    #[inline]
+    fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
+        let c = self.cols;
+        self.kernel.run(&self.w[r * c..(r + 1) * c], x, n, c, d)
+    }
+}
+
+/// `y[t, o] = w[o] · x[t]`: [`gemv_bf16`]'s driver for any weight storage. Shapes must have
+/// been checked ([`check_gemv`]).
+pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
+    let (out, inp) = (w.rows(), w.cols());
+    let packing = W::packing();
+    let packed;
+    let xp: &[f32] = if packing.in_order() {
+        x
+    } else {
+        let mut v = vec![0f32; x.len()];
+        packing.pack(x, inp, &mut v);
+        packed = v;
+        &packed
+    };
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
     // One token (decode): `[out, 1]` is already y's layout, so write it in place.
@@ -96,8 +196,7 @@ pub fn gemv_bf16(
                 let n = TOKEN_BLOCK.min(tokens - t0);
                 let xs = &xp[t0 * inp..(t0 + n) * inp];
                 for (j, d) in dst.chunks_mut(tokens).enumerate() {
-                    let row = &w[(r0 + j) * inp..(r0 + j + 1) * inp];
-                    kernel.run(row, xs, n, inp, &mut d[t0..t0 + n]);
+                    w.dot(r0 + j, xs, n, &mut d[t0..t0 + n]);
                 }
             }
         });
@@ -108,36 +207,29 @@ pub fn gemv_bf16(
             }
         }
     }
-    Ok(())
 }
 
-/// The fastest row kernel this CPU runs, and the activation layout it reads.
+/// How a row kernel wants each activation row laid out.
 ///
-/// The SIMD kernels widen bf16 pairs in place: a 32-bit lane holding weights `2j` (low half)
-/// and `2j + 1` (high half) becomes weight `2j` as f32 after a left shift by 16 and weight
-/// `2j + 1` after masking off the low half. One full-width load and two single-cycle ops widen
-/// a vector of pairs (zero-extending each half instead costs two loads, two cross-lane
-/// shuffles and two shifts), so the activations they multiply are stored split the same way:
-/// each block of `2 · lanes` values as its `lanes` even-indexed values, then its odd-indexed
-/// ones ([`RowKernel::pack`]). Values past the last whole block stay in order.
-#[derive(Clone, Copy)]
-pub(crate) struct RowKernel {
-    run: fn(&[bf16], &[f32], usize, usize, &mut [f32]),
-    /// f32 lanes of one vector; 0 for the portable kernel, which reads activations in order.
+/// The bf16 SIMD kernels widen bf16 pairs in place (see [`RowKernel`]) and read each block of
+/// `2 · lanes` activations as its `lanes` even-indexed values, then its odd-indexed ones;
+/// values past the last whole block stay in order. `lanes == 0` means in order throughout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Packing {
     lanes: usize,
 }
 
-impl RowKernel {
-    /// One weight row against `n` (≤ [`TOKEN_BLOCK`]) packed activation rows of `inp` values:
-    /// `d[t] = row · x[t]`. `row.len() == inp`, `x.len() >= n * inp`, `d.len() >= n`.
-    #[inline]
-    pub(crate) fn run(&self, row: &[bf16], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
-        assert!(row.len() == inp && x.len() >= n * inp && d.len() >= n && n <= TOKEN_BLOCK);
-        (self.run)(row, x, n, inp, d)
+impl Packing {
+    /// Activations in their logical order.
+    pub(crate) const IN_ORDER: Packing = Packing { lanes: 0 };
+
+    /// Whether packing is a plain copy.
+    pub(crate) fn in_order(&self) -> bool {
+        self.lanes == 0
     }
 
-    /// Copies activation rows of `inp` values from `src` into this kernel's layout in `dst`
-    /// (same length).
+    /// Copies activation rows of `inp` values from `src` into this layout in `dst` (same
+    /// length).
     pub(crate) fn pack(&self, src: &[f32], inp: usize, dst: &mut [f32]) {
         debug_assert_eq!(src.len(), dst.len());
         for (s, d) in src.chunks(inp).zip(dst.chunks_mut(inp)) {
@@ -176,6 +268,32 @@ impl RowKernel {
     }
 }
 
+/// The fastest bf16 row kernel this CPU runs, and the activation layout it reads.
+///
+/// The SIMD kernels widen bf16 pairs in place: a 32-bit lane holding weights `2j` (low half)
+/// and `2j + 1` (high half) becomes weight `2j` as f32 after a left shift by 16 and weight
+/// `2j + 1` after masking off the low half. One full-width load and two single-cycle ops widen
+/// a vector of pairs (zero-extending each half instead costs two loads, two cross-lane
+/// shuffles and two shifts), so the activations they multiply are stored split the same way
+/// ([`Packing`]).
+#[derive(Clone, Copy)]
+pub(crate) struct RowKernel {
+    run: fn(&[bf16], &[f32], usize, usize, &mut [f32]),
+    /// The activation layout `run` reads: pairs split even/odd per vector of f32 lanes, in
+    /// order for the portable kernel.
+    packing: Packing,
+}
+
+impl RowKernel {
+    /// One weight row against `n` (≤ [`TOKEN_BLOCK`]) packed activation rows of `inp` values:
+    /// `d[t] = row · x[t]`. `row.len() == inp`, `x.len() >= n * inp`, `d.len() >= n`.
+    #[inline]
+    pub(crate) fn run(&self, row: &[bf16], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+        assert!(row.len() == inp && x.len() >= n * inp && d.len() >= n && n <= TOKEN_BLOCK);
+        (self.run)(row, x, n, inp, d)
+    }
+}
+
 /// The fastest row kernel this CPU runs (detected once).
 pub(crate) fn row_kernel() -> RowKernel {
     static K: std::sync::OnceLock<RowKernel> = std::sync::OnceLock::new();
@@ -188,19 +306,19 @@ fn select_kernel() -> RowKernel {
         if std::is_x86_feature_detected!("avx512f") {
             return RowKernel {
                 run: row_avx512_entry,
-                lanes: 16,
+                packing: Packing { lanes: 16 },
             };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return RowKernel {
                 run: row_avx2_entry,
-                lanes: 8,
+                packing: Packing { lanes: 8 },
             };
         }
     }
     RowKernel {
         run: row_portable,
-        lanes: 0,
+        packing: Packing::IN_ORDER,
     }
 }
 
@@ -217,27 +335,29 @@ fn row_portable(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32
 }
 
 /// Dispatches a runtime token count to a kernel monomorphised for it, so the accumulators
-/// are a fixed-size array the compiler keeps in registers.
+/// are a fixed-size array the compiler keeps in registers. The arguments after the count are
+/// passed through.
 macro_rules! by_tokens {
-    ($f:ident, $row:expr, $x:expr, $tokens:expr, $inp:expr, $d:expr) => {
+    ($f:ident, $tokens:expr, $($arg:expr),+) => {
         match $tokens {
-            1 => $f::<1>($row, $x, $inp, $d),
-            2 => $f::<2>($row, $x, $inp, $d),
-            3 => $f::<3>($row, $x, $inp, $d),
-            4 => $f::<4>($row, $x, $inp, $d),
-            5 => $f::<5>($row, $x, $inp, $d),
-            6 => $f::<6>($row, $x, $inp, $d),
-            7 => $f::<7>($row, $x, $inp, $d),
-            _ => $f::<8>($row, $x, $inp, $d),
+            1 => $f::<1>($($arg),+),
+            2 => $f::<2>($($arg),+),
+            3 => $f::<3>($($arg),+),
+            4 => $f::<4>($($arg),+),
+            5 => $f::<5>($($arg),+),
+            6 => $f::<6>($($arg),+),
+            7 => $f::<7>($($arg),+),
+            _ => $f::<8>($($arg),+),
         }
     };
 }
+pub(crate) use by_tokens;
 
 #[cfg(target_arch = "x86_64")]
 fn row_avx512_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
     // SAFETY: selected only after run-time detection of avx512f; `RowKernel::run` checks
     // `row.len() == inp`, `x.len() >= tokens * inp` and `d.len() >= tokens`.
-    unsafe { by_tokens!(row_avx512, row, x, tokens, inp, d) }
+    unsafe { by_tokens!(row_avx512, tokens, row, x, inp, d) }
 }
 
 /// One bf16 weight row against `N` packed activation rows: 32 weights per step, the even and
@@ -277,7 +397,7 @@ unsafe fn row_avx512<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mu
 #[cfg(target_arch = "x86_64")]
 fn row_avx2_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
     // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
-    unsafe { by_tokens!(row_avx2, row, x, tokens, inp, d) }
+    unsafe { by_tokens!(row_avx2, tokens, row, x, inp, d) }
 }
 
 /// [`row_avx512`] with 8-lane vectors: 16 weights per step.
@@ -391,20 +511,20 @@ mod tests {
     fn every_kernel_matches_reference() {
         let mut kernels = vec![RowKernel {
             run: row_portable,
-            lanes: 0,
+            packing: Packing::IN_ORDER,
         }];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 kernels.push(RowKernel {
                     run: row_avx2_entry,
-                    lanes: 8,
+                    packing: Packing { lanes: 8 },
                 });
             }
             if std::is_x86_feature_detected!("avx512f") {
                 kernels.push(RowKernel {
                     run: row_avx512_entry,
-                    lanes: 16,
+                    packing: Packing { lanes: 16 },
                 });
             }
         }
@@ -417,9 +537,9 @@ mod tests {
                         .collect();
                     let x: Vec<f32> = (0..n * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let mut xp = vec![0f32; x.len()];
-                    k.pack(&x, inp, &mut xp);
+                    k.packing.pack(&x, inp, &mut xp);
                     for i in 0..inp {
-                        assert_eq!(xp[k.packed_index(i, inp)], x[i]);
+                        assert_eq!(xp[k.packing.packed_index(i, inp)], x[i]);
                     }
                     let mut d = [f32::NAN; TOKEN_BLOCK];
                     k.run(&w, &xp, n, inp, &mut d);
@@ -429,8 +549,8 @@ mod tests {
                             .sum();
                         assert!(
                             (d[t] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "lanes {} inp {inp} n {n} t {t}: {} vs {want}",
-                            k.lanes,
+                            "{:?} inp {inp} n {n} t {t}: {} vs {want}",
+                            k.packing,
                             d[t]
                         );
                     }

@@ -18,7 +18,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu_gemv::{row_kernel, TOKEN_BLOCK};
+use crate::cpu_gemv::{Bf16Rows, WeightRows, TOKEN_BLOCK};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
 use crate::KernelError;
@@ -76,18 +76,36 @@ pub fn experts_forward_bf16(
     if let Some(s) = &shared {
         s.check(h, "experts_forward_bf16 shared expert")?;
     }
+    let expert = |ex: usize| {
+        let w = MlpWeights {
+            gate_up: &gate_up[ex * 2 * i * h..(ex + 1) * 2 * i * h],
+            down: &down[ex * h * i..(ex + 1) * h * i],
+            inter: i,
+        };
+        w.group(h, false)
+    };
+    let shared = shared.map(|w| w.group(h, true));
+    Ok(run_routed(x, h, gate, plan, expert, shared))
+}
+
+/// The routed experts (`expert(e)` is expert `e`'s group) over `plan`'s entries and an
+/// optional shared expert over one more entry per token, through [`run_groups`].
+pub(crate) fn run_routed<W: WeightRows>(
+    x: &[f32],
+    h: usize,
+    gate: &GateOutput,
+    plan: &DispatchPlan,
+    expert: impl Fn(usize) -> Group<W>,
+    shared: Option<Group<W>>,
+) -> Vec<f32> {
+    let t = gate.tokens;
     let entries = plan.token_of.len();
-    let mut groups: Vec<Group<'_>> = plan
+    let mut groups: Vec<Group<W>> = plan
         .active_experts()
         .map(|ex| Group {
-            w: MlpWeights {
-                gate_up: &gate_up[ex * 2 * i * h..(ex + 1) * 2 * i * h],
-                down: &down[ex * h * i..(ex + 1) * h * i],
-                inter: i,
-            },
             lo: plan.offsets[ex],
             n: plan.count(ex),
-            bf16_ops: false,
+            ..expert(ex)
         })
         .collect();
     let mut token_of = plan.token_of.clone();
@@ -96,17 +114,16 @@ pub fn experts_forward_bf16(
         .iter()
         .map(|&s| gate.weights[s as usize])
         .collect();
-    if let Some(w) = shared {
+    if let Some(g) = shared {
         groups.push(Group {
-            w,
             lo: entries,
             n: t,
-            bf16_ops: true,
+            ..g
         });
         token_of.extend(0..t as u32);
         weight.resize(entries + t, 1.0);
     }
-    Ok(run_groups(x, t, h, &groups, &token_of, &weight))
+    run_groups(x, t, h, &groups, &token_of, &weight)
 }
 
 /// One SwiGLU MLP's bf16 weights: gate+up `[2·inter, H]` (gate rows first) and down
@@ -121,7 +138,19 @@ pub struct MlpWeights<'a> {
     pub inter: usize,
 }
 
-impl MlpWeights<'_> {
+impl<'a> MlpWeights<'a> {
+    /// This MLP as a [`Group`] (entries set by the caller).
+    fn group(&self, h: usize, bf16_ops: bool) -> Group<Bf16Rows<'a>> {
+        Group {
+            gate_up: Bf16Rows::new(self.gate_up, h),
+            down: Bf16Rows::new(self.down, self.inter),
+            inter: self.inter,
+            lo: 0,
+            n: 0,
+            bf16_ops,
+        }
+    }
+
     fn check(&self, h: usize, what: &str) -> Result<(), KernelError> {
         if self.gate_up.len() != 2 * self.inter * h || self.down.len() != h * self.inter {
             return Err(KernelError::InvalidArgument(format!(
@@ -153,80 +182,83 @@ pub fn mlp_forward_bf16(
             x.len()
         )));
     }
-    let groups = [Group {
-        w: mlp,
-        lo: 0,
-        n: tokens,
-        bf16_ops: true,
-    }];
-    let token_of: Vec<u32> = (0..tokens as u32).collect();
-    Ok(run_groups(
-        x,
-        tokens,
-        hidden,
-        &groups,
-        &token_of,
-        &vec![1.0; tokens],
-    ))
+    Ok(run_dense(x, tokens, hidden, mlp.group(hidden, true)))
 }
 
-/// One MLP and the entries (rows of the gathered activations) it runs on: `lo..lo + n`.
-struct Group<'a> {
-    w: MlpWeights<'a>,
-    lo: usize,
-    n: usize,
+/// One MLP over every token: entries are the tokens in order, each weighted 1.
+pub(crate) fn run_dense<W: WeightRows>(
+    x: &[f32],
+    tokens: usize,
+    hidden: usize,
+    g: Group<W>,
+) -> Vec<f32> {
+    let groups = [Group {
+        lo: 0,
+        n: tokens,
+        ..g
+    }];
+    let token_of: Vec<u32> = (0..tokens as u32).collect();
+    run_groups(x, tokens, hidden, &groups, &token_of, &vec![1.0; tokens])
+}
+
+/// One MLP (gate+up `[2·inter, H]`, gate rows first, and down `[H, inter]`, in any weight
+/// storage) and the entries (rows of the gathered activations) it runs on: `lo..lo + n`.
+pub(crate) struct Group<W> {
+    pub(crate) gate_up: W,
+    pub(crate) down: W,
+    pub(crate) inter: usize,
+    pub(crate) lo: usize,
+    pub(crate) n: usize,
     /// Round as the unfused bf16 candle ops do (see [`silu_mul_bf16`]) and add the output
     /// to the bf16-rounded sum so far, so the fused path changes no result. Off for routed
     /// experts, whose activations have always stayed in f32 here.
-    bf16_ops: bool,
+    pub(crate) bf16_ops: bool,
 }
 
 /// Runs every group over its entries and returns `out[t] = Σ weight_p · group_p(x[token_p])`
 /// over the entries `p` of token `t` (`[T, H]` f32). `token_of`/`weight` are per entry; the
 /// groups cover the entries in order.
-fn run_groups(
+fn run_groups<W: WeightRows>(
     x: &[f32],
     t: usize,
     h: usize,
-    groups: &[Group<'_>],
+    groups: &[Group<W>],
     token_of: &[u32],
     weight: &[f32],
 ) -> Vec<f32> {
-    let kernel = row_kernel();
+    let packing = W::packing();
     let entries = token_of.len();
 
     // Each entry's activation row in the kernel's layout.
     let mut xs = vec![0f32; entries * h];
     for (p, &tok) in token_of.iter().enumerate() {
         let tok = tok as usize;
-        kernel.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
+        packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
     }
     // Group g's `[inter, n]` activation block starts at `act_at[g]`.
     let mut act_at = Vec::with_capacity(groups.len() + 1);
     act_at.push(0);
     for g in groups {
-        act_at.push(act_at.last().unwrap() + g.w.inter * g.n);
+        act_at.push(act_at.last().unwrap() + g.inter * g.n);
     }
     let act_len = *act_at.last().unwrap();
 
     // Pass 1: act = silu(gate · x) * (up · x), per group `[I, n]` (row-major over rows).
     let mut act = vec![0f32; act_len];
-    tasks(&mut act, groups, |g| g.w.inter)
+    tasks(&mut act, groups, |g| g.inter)
         .into_par_iter()
         .for_each(|task| {
             let g = &groups[task.group];
-            let (n, i) = (g.n, g.w.inter);
+            let (n, i) = (g.n, g.inter);
             let xe = &xs[g.lo * h..(g.lo + n) * h];
             let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
                 let r = task.row0 + k;
-                let grow = &g.w.gate_up[r * h..(r + 1) * h];
-                let urow = &g.w.gate_up[(i + r) * h..(i + r + 1) * h];
                 for t0 in (0..n).step_by(TOKEN_BLOCK) {
                     let nb = TOKEN_BLOCK.min(n - t0);
                     let xb = &xe[t0 * h..(t0 + nb) * h];
-                    kernel.run(grow, xb, nb, h, &mut gv[..nb]);
-                    kernel.run(urow, xb, nb, h, &mut uv[..nb]);
+                    g.gate_up.dot(r, xb, nb, &mut gv[..nb]);
+                    g.gate_up.dot(i + r, xb, nb, &mut uv[..nb]);
                     for j in 0..nb {
                         dst[t0 + j] = if g.bf16_ops {
                             silu_mul_bf16(gv[j], uv[j])
@@ -241,11 +273,11 @@ fn run_groups(
     // Token-major activations in the kernel's layout for the down projection.
     let mut act_t = vec![0f32; act_len];
     for (gi, g) in groups.iter().enumerate() {
-        let (n, i) = (g.n, g.w.inter);
+        let (n, i) = (g.n, g.inter);
         let blk = &act[act_at[gi]..act_at[gi + 1]];
         let dst = &mut act_t[act_at[gi]..act_at[gi + 1]];
         for r in 0..i {
-            let pr = kernel.packed_index(r, i);
+            let pr = packing.packed_index(r, i);
             for tk in 0..n {
                 dst[tk * i + pr] = blk[r * n + tk];
             }
@@ -258,20 +290,14 @@ fn run_groups(
         .into_par_iter()
         .for_each(|task| {
             let g = &groups[task.group];
-            let (n, i) = (g.n, g.w.inter);
+            let (n, i) = (g.n, g.inter);
             let ae = &act_t[act_at[task.group]..act_at[task.group + 1]];
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
                 let r = task.row0 + k;
-                let row = &g.w.down[r * i..(r + 1) * i];
                 for t0 in (0..n).step_by(TOKEN_BLOCK) {
                     let nb = TOKEN_BLOCK.min(n - t0);
-                    kernel.run(
-                        row,
-                        &ae[t0 * i..(t0 + nb) * i],
-                        nb,
-                        i,
-                        &mut dst[t0..t0 + nb],
-                    );
+                    g.down
+                        .dot(r, &ae[t0 * i..(t0 + nb) * i], nb, &mut dst[t0..t0 + nb]);
                 }
             }
         });
@@ -325,10 +351,10 @@ struct Task<'a> {
 
 /// Splits `buf` (every group's `[rows(g), n]` block, in group order) into tasks of at most
 /// [`ROWS_PER_TASK`] rows.
-fn tasks<'a>(
+fn tasks<'a, W>(
     buf: &'a mut [f32],
-    groups: &[Group<'_>],
-    rows: impl Fn(&Group<'_>) -> usize,
+    groups: &[Group<W>],
+    rows: impl Fn(&Group<W>) -> usize,
 ) -> Vec<Task<'a>> {
     let mut out = Vec::new();
     let mut rest = buf;

@@ -6,6 +6,7 @@
 
 pub mod cpu_gemv;
 pub mod cpu_moe;
+pub mod cpu_q8;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gate;

@@ -1,0 +1,882 @@
+//! 8-bit weight-only quantization (Q8) for the CPU kernels: int8 weights with one f32 scale
+//! per block of [`Q8_BLOCK`] consecutive inputs of a row, f32 activations, f32 accumulation.
+//! mistral.rs calls quantizing at load "in-situ quantization" (ISQ); this is its op layer.
+//!
+//! Decode reads every active weight once per token, so it runs at memory bandwidth over the
+//! weight bytes; int8 halves the bytes of bf16. The scheme is symmetric like llama.cpp's
+//! Q8_0 (`scale = max|w| / 127`, `q = round(w / scale)`, `w ≈ q · scale`), but laid out for
+//! the AVX-512 kernel rather than interleaved `{scale, 32 × q}` records: a row's int8 values
+//! are contiguous and every row starts on a 64-byte line ([`Q8Matrix`]), and the scales are a
+//! separate `[rows, cols / block]` f32 array. The kernel then streams one run of int8 lines
+//! per row (one prefetch per line, no unaligned records), and a block's scale is one
+//! broadcast load.
+//!
+//! The row kernel ([`WeightRows::dot`]) sign-extends 16 int8 weights to i32, converts them to
+//! f32 and multiplies by the block's scale once, then multiplies that weight vector into up to
+//! [`TOKEN_BLOCK`] activation rows with FMAs — the same structure as `cpu_gemv`'s bf16 kernel,
+//! whose driver ([`crate::cpu_gemv`]'s row-block split over rayon) and whose MoE/MLP passes
+//! ([`crate::cpu_moe`]) run Q8 weights unchanged. Activations are read in order (no packing).
+//!
+//! Error: per weight `|w − q·scale| ≤ scale / 2`, so a product `y = Σ w_i x_i` is off by at
+//! most `Σ_blocks (scale_b / 2) Σ_{i∈b} |x_i|` (plus f32 summation rounding); `scale_b =
+//! max_b|w| / 127`, so relative to `Σ |w_i x_i|` that is at most `1/254` when weights in a
+//! block are of like size, and about `1/(2·127·√3)`·(max/rms) in RMS for random rounding.
+
+use candle_core::Tensor;
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu_gemv::{
+    by_tokens, check_gemv, gemv_rows, Packing, WeightRows, PREFETCH_HINT, TOKEN_BLOCK,
+};
+use crate::cpu_moe::{run_dense, run_routed, ExpertDims, Group};
+use crate::gate::GateOutput;
+use crate::moe::DispatchPlan;
+use crate::KernelError;
+
+/// Inputs per scale. 64 with an f32 scale is 1.0625 bytes per weight, the same as llama.cpp's
+/// Q8_0 (32 per f16 scale); 32 with an f32 scale would be 1.125. Both are supported
+/// ([`Q8Matrix::quantize_blocks`]); `cpu_q8` bench, see the module's commit message for the
+/// measurement that chose 64.
+pub const Q8_BLOCK: usize = 64;
+
+/// Bytes of one cache line; each row's int8 values start on one.
+const LINE: usize = 64;
+
+/// int8 weights the AVX-512 kernel prefetches ahead of its loads (into L2, like the bf16
+/// kernel): the bf16 kernel's 4 KiB distance in bytes.
+const Q8_PREFETCH_AHEAD: usize = 4096;
+
+/// One 64-byte-aligned line of int8 weights (the allocation unit that aligns rows).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; LINE]);
+
+/// Element types [`Q8Matrix::quantize`] reads.
+pub trait Q8Source: Copy + Send + Sync {
+    /// The value as f32 (exact for bf16, f16 and f32).
+    fn to_f32(self) -> f32;
+}
+
+impl Q8Source for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Q8Source for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+impl Q8Source for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// A `[rows, cols]` weight matrix in Q8: int8 values, row-major, each row padded to a whole
+/// number of 64-byte lines and starting on one, and f32 scales `[rows, cols / block]`.
+/// Memory is `rows · (cols + 4 · cols / block)` bytes plus the row padding.
+#[derive(Clone)]
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    block: usize,
+    /// Bytes from one row's int8 values to the next (`cols` rounded up to [`LINE`]).
+    stride: usize,
+    data: Vec<Line>,
+    scales: Vec<f32>,
+}
+
+impl std::fmt::Debug for Q8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Q8Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("block", &self.block)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Q8Matrix {
+    /// Quantizes a row-major `[rows, cols]` matrix with [`Q8_BLOCK`] inputs per scale.
+    /// Errors name the problem: an empty shape, `cols` not a multiple of the block, a length
+    /// that is not `rows · cols`, or a non-finite weight (its row and column).
+    pub fn quantize<T: Q8Source>(w: &[T], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        Self::quantize_blocks(w, rows, cols, Q8_BLOCK)
+    }
+
+    /// [`Self::quantize`] with `block` (32 or 64) inputs per scale.
+    pub fn quantize_blocks<T: Q8Source>(
+        w: &[T],
+        rows: usize,
+        cols: usize,
+        block: usize,
+    ) -> Result<Self, KernelError> {
+        let bad = |m: String| KernelError::InvalidArgument(format!("Q8 quantize: {m}"));
+        if block != 32 && block != 64 {
+            return Err(bad(format!("block {block} is not supported (32 or 64)")));
+        }
+        if rows == 0 || cols == 0 {
+            return Err(bad(format!("empty matrix [{rows}, {cols}]")));
+        }
+        if !cols.is_multiple_of(block) {
+            return Err(bad(format!(
+                "{cols} inputs per row is not a multiple of the block of {block}"
+            )));
+        }
+        if w.len() != rows * cols {
+            return Err(bad(format!(
+                "{} values for a [{rows}, {cols}] matrix (want {})",
+                w.len(),
+                rows * cols
+            )));
+        }
+        let stride = cols.div_ceil(LINE) * LINE;
+        let nb = cols / block;
+        let mut data = vec![Line([0; LINE]); rows * stride / LINE];
+        let mut scales = vec![0f32; rows * nb];
+        data.par_chunks_mut(stride / LINE)
+            .zip(scales.par_chunks_mut(nb))
+            .enumerate()
+            .try_for_each(|(r, (lines, sc))| {
+                quantize_row(
+                    &w[r * cols..(r + 1) * cols],
+                    block,
+                    lines_bytes_mut(lines),
+                    sc,
+                )
+                .map_err(|c| (r, c))
+            })
+            .map_err(|(r, c)| bad(format!("weight [{r}, {c}] is not finite")))?;
+        Ok(Self {
+            rows,
+            cols,
+            block,
+            stride,
+            data,
+            scales,
+        })
+    }
+
+    /// Quantizes a 2-D CPU tensor `[rows, cols]` (bf16 read in place; other dtypes through
+    /// f32).
+    pub fn from_tensor(w: &Tensor) -> Result<Self, KernelError> {
+        let (rows, cols) = w.dims2()?;
+        with_values(w, |v| match v {
+            Values::Bf16(s) => Self::quantize(s, rows, cols),
+            Values::F32(s) => Self::quantize(s, rows, cols),
+        })
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Inputs per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Inputs per scale.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Bytes this matrix holds (int8 lines and scales).
+    pub fn memory_bytes(&self) -> usize {
+        self.data.len() * LINE + self.scales.len() * 4
+    }
+
+    /// Row `r`'s int8 values (`cols` of them, starting on a 64-byte boundary).
+    pub fn row_q(&self, r: usize) -> &[i8] {
+        &self.bytes()[r * self.stride..r * self.stride + self.cols]
+    }
+
+    /// Row `r`'s scales, one per block of inputs.
+    pub fn row_scales(&self, r: usize) -> &[f32] {
+        let nb = self.cols / self.block;
+        &self.scales[r * nb..(r + 1) * nb]
+    }
+
+    /// The weights the kernels multiply: `q · scale` rounded to f32, `[rows, cols]` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            let s = self.row_scales(r);
+            out.extend(
+                self.row_q(r)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| q as f32 * s[i / self.block]),
+            );
+        }
+        out
+    }
+
+    fn bytes(&self) -> &[i8] {
+        // SAFETY: `Line` is `repr(C)` over `[i8; LINE]` (size LINE, no padding), so the vector
+        // is `data.len() * LINE` initialised bytes.
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr() as *const i8, self.data.len() * LINE)
+        }
+    }
+}
+
+fn lines_bytes_mut(lines: &mut [Line]) -> &mut [i8] {
+    // SAFETY: as in `Q8Matrix::bytes`, with the unique borrow of `lines` carried over.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut i8, lines.len() * LINE) }
+}
+
+/// Quantizes one row into `q` (at least `w.len()` bytes) and `s` (one scale per block); on a
+/// non-finite weight returns its column. Scales and quotients are computed in f64 so that
+/// `|w − q·scale| ≤ scale / 2` holds for every weight (the scale is rounded up to f32 when
+/// rounding down would leave `max|w| / scale` above 127.5).
+fn quantize_row<T: Q8Source>(
+    w: &[T],
+    block: usize,
+    q: &mut [i8],
+    s: &mut [f32],
+) -> Result<(), usize> {
+    for (b, (wb, qb)) in w
+        .chunks_exact(block)
+        .zip(q.chunks_exact_mut(block))
+        .enumerate()
+    {
+        let mut m = 0f64;
+        for (j, &v) in wb.iter().enumerate() {
+            let v = v.to_f32();
+            if !v.is_finite() {
+                return Err(b * block + j);
+            }
+            m = m.max(v.abs() as f64);
+        }
+        let mut scale = (m / 127.0) as f32;
+        if m > 0.0 && (scale as f64) * 127.5 < m {
+            scale = f32::from_bits(scale.to_bits() + 1);
+        }
+        s[b] = scale;
+        if m == 0.0 {
+            continue;
+        }
+        let sc = scale as f64;
+        for (&v, q) in wb.iter().zip(qb) {
+            *q = (v.to_f32() as f64 / sc).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    Ok(())
+}
+
+/// A weight tensor's values: bf16 in place, anything else converted to f32.
+enum Values<'a> {
+    Bf16(&'a [bf16]),
+    F32(&'a [f32]),
+}
+
+/// Calls `f` with `w`'s values in row-major order (CPU tensors only).
+fn with_values<R>(
+    w: &Tensor,
+    f: impl FnOnce(Values<'_>) -> Result<R, KernelError>,
+) -> Result<R, KernelError> {
+    use candle_core::{CpuStorage, DType, Storage};
+    if !w.device().is_cpu() {
+        return Err(KernelError::InvalidArgument(
+            "Q8 quantize: the weight tensor is not on the CPU".into(),
+        ));
+    }
+    {
+        let (st, l) = w.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::BF16(d)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return f(Values::Bf16(&d[a..b]));
+        }
+    }
+    let v = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    f(Values::F32(&v))
+}
+
+impl WeightRows for Q8Matrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn packing() -> Packing {
+        Packing::IN_ORDER
+    }
+    #[inline]
+    fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
+        q8_kernel().run(self.row_q(r), self.row_scales(r), self.block, x, n, d)
+    }
+}
+
+/// `y[t, o] = Σ_i x[t, i] · deq(w)[o, i]` for `t < tokens`: `x` is `[tokens, w.cols()]` f32,
+/// `y` is `[tokens, w.rows()]` f32. [`crate::cpu_gemv::gemv_bf16`]'s contract and threading
+/// with Q8 weights.
+pub fn gemv_q8(x: &[f32], tokens: usize, w: &Q8Matrix, y: &mut [f32]) -> Result<(), KernelError> {
+    check_gemv("gemv_q8", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
+    gemv_rows(x, tokens, w, y);
+    Ok(())
+}
+
+/// `x · deq(w)ᵀ` for a CPU tensor `x` `[T, cols]` of any float dtype; the result
+/// `[T, rows]` has `x`'s dtype. What a model's `Linear` calls with a Q8 weight.
+pub fn linear_q8(x: &Tensor, w: &Q8Matrix) -> Result<Tensor, KernelError> {
+    let (tokens, inp) = x.dims2()?;
+    if !x.device().is_cpu() || inp != w.cols {
+        return Err(KernelError::InvalidArgument(format!(
+            "linear_q8: x [{tokens}, {inp}] on {:?} for a Q8 weight [{}, {}] (CPU only)",
+            x.device(),
+            w.rows,
+            w.cols
+        )));
+    }
+    if tokens == 0 {
+        return Ok(Tensor::zeros((0, w.rows), x.dtype(), x.device())?);
+    }
+    let xv = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut y = vec![0f32; tokens * w.rows];
+    gemv_q8(&xv, tokens, w, &mut y)?;
+    let t = Tensor::from_vec(y, (tokens, w.rows), x.device())?;
+    Ok(t.to_dtype(x.dtype())?)
+}
+
+/// A SwiGLU MLP in Q8: gate+up `[2·inter, hidden]` (gate rows first) and down
+/// `[hidden, inter]`, as [`crate::cpu_moe::MlpWeights`] holds them in bf16.
+#[derive(Debug, Clone)]
+pub struct Q8Mlp {
+    gate_up: Q8Matrix,
+    down: Q8Matrix,
+}
+
+impl Q8Mlp {
+    /// Pairs two quantized matrices; errors unless `gate_up` is `[2·I, H]` and `down` `[H, I]`.
+    pub fn new(gate_up: Q8Matrix, down: Q8Matrix) -> Result<Self, KernelError> {
+        if gate_up.rows != 2 * down.cols || gate_up.cols != down.rows {
+            return Err(KernelError::InvalidArgument(format!(
+                "Q8 MLP: gate_up [{}, {}] and down [{}, {}] are not [2·I, H] and [H, I]",
+                gate_up.rows, gate_up.cols, down.rows, down.cols
+            )));
+        }
+        Ok(Self { gate_up, down })
+    }
+
+    /// Quantizes `gate_up` `[2·inter, hidden]` and `down` `[hidden, inter]` (row-major).
+    pub fn quantize<T: Q8Source>(
+        gate_up: &[T],
+        down: &[T],
+        inter: usize,
+        hidden: usize,
+    ) -> Result<Self, KernelError> {
+        Self::new(
+            Q8Matrix::quantize(gate_up, 2 * inter, hidden)?,
+            Q8Matrix::quantize(down, hidden, inter)?,
+        )
+    }
+
+    /// Quantizes 2-D CPU tensors `gate_up` `[2·I, H]` and `down` `[H, I]`.
+    pub fn from_tensors(gate_up: &Tensor, down: &Tensor) -> Result<Self, KernelError> {
+        Self::new(
+            Q8Matrix::from_tensor(gate_up)?,
+            Q8Matrix::from_tensor(down)?,
+        )
+    }
+
+    /// Intermediate size.
+    pub fn inter(&self) -> usize {
+        self.down.cols
+    }
+
+    /// Hidden size.
+    pub fn hidden(&self) -> usize {
+        self.down.rows
+    }
+
+    /// The fused gate+up matrix `[2·I, H]`.
+    pub fn gate_up(&self) -> &Q8Matrix {
+        &self.gate_up
+    }
+
+    /// The down matrix `[H, I]`.
+    pub fn down(&self) -> &Q8Matrix {
+        &self.down
+    }
+
+    /// Bytes both matrices hold.
+    pub fn memory_bytes(&self) -> usize {
+        self.gate_up.memory_bytes() + self.down.memory_bytes()
+    }
+
+    fn group(&self) -> Group<&Q8Matrix> {
+        Group {
+            gate_up: &self.gate_up,
+            down: &self.down,
+            inter: self.inter(),
+            lo: 0,
+            n: 0,
+            bf16_ops: false,
+        }
+    }
+}
+
+/// A layer's routed experts in Q8, one [`Q8Mlp`] per expert (all the same shape).
+#[derive(Debug, Clone)]
+pub struct Q8Experts {
+    experts: Vec<Q8Mlp>,
+}
+
+impl Q8Experts {
+    /// Collects per-expert MLPs (e.g. quantized one by one while loading); errors when there
+    /// are none or their shapes differ.
+    pub fn new(experts: Vec<Q8Mlp>) -> Result<Self, KernelError> {
+        let Some(first) = experts.first() else {
+            return Err(KernelError::InvalidArgument(
+                "Q8 experts: no experts".into(),
+            ));
+        };
+        let (i, h) = (first.inter(), first.hidden());
+        if let Some(e) = experts
+            .iter()
+            .position(|m| (m.inter(), m.hidden()) != (i, h))
+        {
+            return Err(KernelError::InvalidArgument(format!(
+                "Q8 experts: expert {e} is [inter {}, hidden {}], expert 0 is [{i}, {h}]",
+                experts[e].inter(),
+                experts[e].hidden()
+            )));
+        }
+        Ok(Self { experts })
+    }
+
+    /// Quantizes stacked expert weights as [`crate::cpu_moe::experts_forward_bf16`] takes
+    /// them: `gate_up` `[E, 2I, H]` and `down` `[E, H, I]`.
+    pub fn quantize<T: Q8Source>(
+        gate_up: &[T],
+        down: &[T],
+        dims: ExpertDims,
+    ) -> Result<Self, KernelError> {
+        let ExpertDims {
+            experts: e,
+            inter: i,
+            hidden: h,
+        } = dims;
+        if gate_up.len() != e * 2 * i * h || down.len() != e * h * i {
+            return Err(KernelError::InvalidArgument(format!(
+                "Q8 experts: gate_up {} for [{e}, {}, {h}], down {} for [{e}, {h}, {i}]",
+                gate_up.len(),
+                2 * i,
+                down.len()
+            )));
+        }
+        Self::new(
+            gate_up
+                .chunks_exact(2 * i * h)
+                .zip(down.chunks_exact(h * i))
+                .map(|(gu, dn)| Q8Mlp::quantize(gu, dn, i, h))
+                .collect::<Result<_, _>>()?,
+        )
+    }
+
+    /// Quantizes stacked 3-D CPU tensors `gate_up` `[E, 2I, H]` and `down` `[E, H, I]`.
+    pub fn from_tensors(gate_up: &Tensor, down: &Tensor) -> Result<Self, KernelError> {
+        let (e, i2, h) = gate_up.dims3()?;
+        let dims = ExpertDims {
+            experts: e,
+            inter: i2 / 2,
+            hidden: h,
+        };
+        with_values(gate_up, |gu| {
+            with_values(down, |dn| match (gu, dn) {
+                (Values::Bf16(a), Values::Bf16(b)) => Self::quantize(a, b, dims),
+                (Values::F32(a), Values::F32(b)) => Self::quantize(a, b, dims),
+                _ => Err(KernelError::InvalidArgument(
+                    "Q8 experts: gate_up and down have different dtypes".into(),
+                )),
+            })
+        })
+    }
+
+    /// `E`, `I` and `H`.
+    pub fn dims(&self) -> ExpertDims {
+        ExpertDims {
+            experts: self.experts.len(),
+            inter: self.experts[0].inter(),
+            hidden: self.experts[0].hidden(),
+        }
+    }
+
+    /// Expert `e`.
+    pub fn expert(&self, e: usize) -> &Q8Mlp {
+        &self.experts[e]
+    }
+
+    /// Bytes every expert holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.experts.iter().map(Q8Mlp::memory_bytes).sum()
+    }
+}
+
+/// [`crate::cpu_moe::experts_forward_bf16`] with Q8 experts (and shared expert): `x` `[T, H]`
+/// f32, returns `[T, H]` f32 = `Σ_j w_j · expert_j(x_t)` (+ `shared(x_t)`). Unlike the bf16
+/// path, nothing is rounded to bf16 on the way (there is no unfused Q8 path to agree with):
+/// activations and sums stay f32.
+pub fn experts_forward_q8(
+    x: &[f32],
+    experts: &Q8Experts,
+    gate: &GateOutput,
+    plan: &DispatchPlan,
+    shared: Option<&Q8Mlp>,
+) -> Result<Vec<f32>, KernelError> {
+    let ExpertDims {
+        experts: e,
+        hidden: h,
+        ..
+    } = experts.dims();
+    let t = gate.tokens;
+    if x.len() != t * h || plan.num_experts != e || plan.offsets.len() != e + 1 {
+        return Err(KernelError::InvalidArgument(format!(
+            "experts_forward_q8 shapes: x {} for [{t}, {h}], plan for {} experts, layer has {e}",
+            x.len(),
+            plan.num_experts
+        )));
+    }
+    if let Some(s) = shared {
+        if s.hidden() != h {
+            return Err(KernelError::InvalidArgument(format!(
+                "experts_forward_q8: shared expert hidden {} for experts' {h}",
+                s.hidden()
+            )));
+        }
+    }
+    let expert = |ex: usize| experts.experts[ex].group();
+    Ok(run_routed(
+        x,
+        h,
+        gate,
+        plan,
+        expert,
+        shared.map(Q8Mlp::group),
+    ))
+}
+
+/// [`crate::cpu_moe::mlp_forward_bf16`] with Q8 weights: `x` `[tokens, H]` f32 → `[tokens, H]`
+/// f32, activations in f32 throughout.
+pub fn mlp_forward_q8(x: &[f32], tokens: usize, mlp: &Q8Mlp) -> Result<Vec<f32>, KernelError> {
+    let h = mlp.hidden();
+    if x.len() != tokens * h {
+        return Err(KernelError::InvalidArgument(format!(
+            "mlp_forward_q8: x {} for [{tokens}, {h}]",
+            x.len()
+        )));
+    }
+    Ok(run_dense(x, tokens, h, mlp.group()))
+}
+
+/// [`mlp_forward_q8`] on a CPU tensor `x` `[T, H]` (any float dtype); returns `[T, H]` f32.
+pub fn mlp_q8(x: &Tensor, mlp: &Q8Mlp) -> Result<Tensor, KernelError> {
+    let (t, _) = x.dims2()?;
+    let xf = cpu_f32(x, "mlp_q8")?;
+    let y = mlp_forward_q8(&xf, t, mlp)?;
+    Ok(Tensor::from_vec(y, (t, mlp.hidden()), x.device())?)
+}
+
+/// [`experts_forward_q8`] on a CPU tensor `x` `[T, H]` (any float dtype); returns `[T, H]` f32.
+pub fn experts_q8(
+    x: &Tensor,
+    experts: &Q8Experts,
+    gate: &GateOutput,
+    plan: &DispatchPlan,
+    shared: Option<&Q8Mlp>,
+) -> Result<Tensor, KernelError> {
+    let (t, h) = x.dims2()?;
+    let xf = cpu_f32(x, "experts_q8")?;
+    let y = experts_forward_q8(&xf, experts, gate, plan, shared)?;
+    Ok(Tensor::from_vec(y, (t, h), x.device())?)
+}
+
+fn cpu_f32(x: &Tensor, what: &str) -> Result<Vec<f32>, KernelError> {
+    if !x.device().is_cpu() {
+        return Err(KernelError::InvalidArgument(format!(
+            "{what}: x is not on the CPU (Q8 kernels are CPU only)"
+        )));
+    }
+    Ok(x.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// A Q8 row kernel's entry point: `(q, scales, log2(block), x, n, inp, d)`.
+type Q8RowFn = fn(&[i8], &[f32], u32, &[f32], usize, usize, &mut [f32]);
+
+/// One Q8 row kernel: `d[t] = Σ_i q[i] · s[i / block] · x[t·inp + i]` for `t < n`.
+#[derive(Clone, Copy)]
+struct Q8Kernel {
+    run: Q8RowFn,
+    name: &'static str,
+}
+
+impl Q8Kernel {
+    /// `q` is one row (`inp` values, `inp` a multiple of `block`), `s` its `inp / block`
+    /// scales, `x` `n` (≤ [`TOKEN_BLOCK`]) activation rows of `inp` values in order.
+    #[inline]
+    fn run(&self, q: &[i8], s: &[f32], block: usize, x: &[f32], n: usize, d: &mut [f32]) {
+        let inp = q.len();
+        assert!(
+            (block == 32 || block == 64)
+                && inp.is_multiple_of(block)
+                && s.len() == inp / block
+                && x.len() >= n * inp
+                && d.len() >= n
+                && n <= TOKEN_BLOCK
+        );
+        (self.run)(q, s, block.trailing_zeros(), x, n, inp, d)
+    }
+}
+
+/// Which Q8 row kernel this CPU runs: `avx512`, `avx2` or `portable` (benches print it).
+pub fn q8_kernel_name() -> &'static str {
+    q8_kernel().name
+}
+
+/// The fastest Q8 kernel this CPU runs (detected once).
+fn q8_kernel() -> Q8Kernel {
+    static K: std::sync::OnceLock<Q8Kernel> = std::sync::OnceLock::new();
+    *K.get_or_init(|| *q8_kernels().last().expect("the portable kernel"))
+}
+
+/// Every Q8 kernel this CPU runs, slowest (the portable reference) first.
+fn q8_kernels() -> Vec<Q8Kernel> {
+    let mut k = vec![Q8Kernel {
+        run: q8_portable,
+        name: "portable",
+    }];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            k.push(Q8Kernel {
+                run: q8_avx2_entry,
+                name: "avx2",
+            });
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            k.push(Q8Kernel {
+                run: q8_avx512_entry,
+                name: "avx512",
+            });
+        }
+    }
+    k
+}
+
+/// Reference: per token, `Σ (q · scale) · x` in input order, each weight dequantized to f32 as
+/// [`Q8Matrix::dequantize`] does.
+fn q8_portable(q: &[i8], s: &[f32], shift: u32, x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+    for t in 0..n {
+        let xs = &x[t * inp..(t + 1) * inp];
+        let mut acc = 0f32;
+        for (i, (&w, &v)) in q.iter().zip(xs).enumerate() {
+            acc += (w as f32 * s[i >> shift]) * v;
+        }
+        d[t] = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q8_avx512_entry(
+    q: &[i8],
+    s: &[f32],
+    shift: u32,
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    d: &mut [f32],
+) {
+    // SAFETY: selected only after run-time detection of avx512f; `Q8Kernel::run` checks
+    // `q.len() == inp` (a multiple of 32), `s.len() == inp >> shift`, `x.len() >= n * inp`
+    // and `d.len() >= n`.
+    unsafe { by_tokens!(q8_avx512, n, q, s, shift, x, inp, d) }
+}
+
+/// One Q8 row against `N` activation rows, 64 weights (one line) per step: four vectors of 16
+/// int8 sign-extended to i32, converted to f32 and scaled (once for all tokens), then one FMA
+/// per vector and token. Up to 4 tokens keep four accumulator chains per token (at one token,
+/// two chains would leave the loop bound by FMA latency); more keep two (registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn q8_avx512<const N: usize>(
+    q: &[i8],
+    s: &[f32],
+    shift: u32,
+    x: &[f32],
+    inp: usize,
+    d: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let chains = if N <= 4 { 4 } else { 2 };
+    let mut acc = [[_mm512_setzero_ps(); 4]; N];
+    let qp = q.as_ptr();
+    let sp = s.as_ptr();
+    let xp = x.as_ptr();
+    // The scales of the rows this prefetch distance reaches (a hint, never a fault).
+    _mm_prefetch::<PREFETCH_HINT>(sp.wrapping_add(Q8_PREFETCH_AHEAD >> shift) as *const i8);
+    // 16 weights from `qp + i`, dequantized with scale vector `sv`.
+    macro_rules! weights {
+        ($i:expr, $sv:expr) => {
+            _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    qp.add($i) as *const __m128i
+                ))),
+                $sv,
+            )
+        };
+    }
+    // 32 weights from `i` into accumulator chains `c` and `c + 1`.
+    macro_rules! step32 {
+        ($i:expr, $c:expr) => {{
+            let i = $i;
+            let sv = _mm512_set1_ps(*sp.add(i >> shift));
+            let w0 = weights!(i, sv);
+            let w1 = weights!(i + 16, sv);
+            for t in 0..N {
+                let a = &mut acc[t];
+                a[$c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a[$c]);
+                a[$c + 1] =
+                    _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a[$c + 1]);
+            }
+        }};
+    }
+    let n64 = inp / 64 * 64;
+    let mut i = 0;
+    while i < n64 {
+        _mm_prefetch::<PREFETCH_HINT>(qp.wrapping_add(i + Q8_PREFETCH_AHEAD));
+        step32!(i, 0);
+        step32!(i + 32, chains - 2);
+        i += 64;
+    }
+    if i < inp {
+        step32!(i, 0);
+    }
+    for t in 0..N {
+        let a = &acc[t];
+        let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        d[t] = _mm512_reduce_add_ps(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn q8_avx2_entry(q: &[i8], s: &[f32], shift: u32, x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
+    unsafe { by_tokens!(q8_avx2, n, q, s, shift, x, inp, d) }
+}
+
+/// [`q8_avx512`] with 8-lane vectors: 32 weights (one block of 32, half of one of 64) per
+/// step as four vectors of 8, two accumulator chains per token.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_avx2<const N: usize>(
+    q: &[i8],
+    s: &[f32],
+    shift: u32,
+    x: &[f32],
+    inp: usize,
+    d: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    let qp = q.as_ptr();
+    let xp = x.as_ptr();
+    let mut i = 0;
+    while i < inp {
+        let sv = _mm256_set1_ps(s[i >> shift]);
+        for k in 0..4 {
+            let j = i + 8 * k;
+            let w = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    qp.add(j) as *const __m128i
+                ))),
+                sv,
+            );
+            for (t, at) in acc.iter_mut().enumerate() {
+                let a = &mut at[k % 2];
+                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(t * inp + j)), *a);
+            }
+        }
+        i += 32;
+    }
+    for (dt, at) in d.iter_mut().zip(&acc) {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(at[0], at[1]));
+        *dt = lanes.iter().sum();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rnd(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// Bound on |a − b| for two f32 sums of the same `n` terms in different orders: each is
+    /// within γ_n · Σ|terms| of the exact sum (γ_n = n·u / (1 − n·u), u = 2⁻²⁴), plus one
+    /// rounding of each product.
+    fn order_bound(n: usize, abs_sum: f64) -> f64 {
+        let u = f32::EPSILON as f64 / 2.0;
+        let g = (n + 1) as f64 * u / (1.0 - (n + 1) as f64 * u);
+        2.0 * g * abs_sum + 1e-30
+    }
+
+    /// Every kernel this CPU runs against the portable reference on the same quantized row,
+    /// for every token count and both block sizes, lengths around the 32/64 steps.
+    #[test]
+    fn every_kernel_matches_the_portable_reference() {
+        let kernels = q8_kernels();
+        let reference = kernels[0];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for k in &kernels[1..] {
+            for block in [32, 64] {
+                for inp in [block, 2 * block, 3 * block, 5 * block, 1024, 1024 + block] {
+                    for n in 1..=TOKEN_BLOCK {
+                        let w =
+                            Q8Matrix::quantize_blocks(&rnd(&mut rng, inp), 1, inp, block).unwrap();
+                        let x = rnd(&mut rng, n * inp);
+                        let (mut got, mut want) = ([f32::NAN; 8], [f32::NAN; 8]);
+                        k.run(w.row_q(0), w.row_scales(0), block, &x, n, &mut got);
+                        reference.run(w.row_q(0), w.row_scales(0), block, &x, n, &mut want);
+                        let deq = w.dequantize();
+                        for t in 0..n {
+                            let abs: f64 = (0..inp)
+                                .map(|i| (deq[i] as f64 * x[t * inp + i] as f64).abs())
+                                .sum();
+                            assert!(
+                                ((got[t] - want[t]) as f64).abs() <= order_bound(inp, abs),
+                                "{} block {block} inp {inp} n {n} t {t}: {} vs {}",
+                                k.name,
+                                got[t],
+                                want[t]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_start_on_cache_lines_and_memory_is_about_one_byte_per_weight() {
+        let w = Q8Matrix::quantize(&vec![0.5f32; 3 * 1088], 3, 1088).unwrap();
+        for r in 0..3 {
+            assert_eq!(w.row_q(r).as_ptr() as usize % 64, 0);
+        }
+        let big = Q8Matrix::quantize(&vec![bf16::ONE; 256 * 1024], 256, 1024).unwrap();
+        assert_eq!(big.memory_bytes(), 256 * 1024 * 17 / 16);
+    }
+}
