@@ -8,6 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use switchyard_benches::{Rng, SEED};
+use switchyard_kernels::cpu_gemv::on_worker;
 use switchyard_kernels::gate_topk;
 
 /// Tokens per gate call: decode (1, 64) and prefill chunk (256, 1024) sizes.
@@ -30,7 +31,8 @@ fn gate(c: &mut Criterion) {
         g.throughput(Throughput::Elements(t as u64));
         g.bench_function(
             BenchmarkId::new(format!("e{e}_k{}_sigmoid_bias", cfg.top_k), format!("t{t}")),
-            |b| b.iter(|| gate_topk(&logits, Some(&bias), &cfg).expect("gate")),
+            // On a rayon worker, as the model's forward calls it.
+            |b| on_worker(|| b.iter(|| gate_topk(&logits, Some(&bias), &cfg).expect("gate"))),
         );
     }
     g.finish();
