@@ -114,15 +114,24 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 
 pub fn run_logits(a: LogitsArgs) -> Result<()> {
     let l = loading::load(&a.model)?;
-    let mut cache = l.model.new_cache();
-    let logits = l.model.forward(&a.input_ids, &mut cache, Logits::All)?;
+    let vocab = l.model().config().vocab_size;
+    let logits = if l.ranks.len() == 1 {
+        let mut cache = l.model().new_cache();
+        l.model().forward(&a.input_ids, &mut cache, Logits::All)?
+    } else {
+        // Every rank runs the same ids; rank 0's gathered logits are the output.
+        let g = switchyard_engine::parallel::RankGroup::start(l.ranks, None)
+            .map_err(anyhow::Error::msg)?;
+        g.forward_fresh(&a.input_ids, Logits::All)
+            .map_err(anyhow::Error::msg)?
+    };
     let map = std::collections::HashMap::from([("logits".to_string(), logits)]);
     candle_core::safetensors::save(&map, &a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
         "wrote logits [{}, {}] to {}",
         a.input_ids.len(),
-        l.model.config().vocab_size,
+        vocab,
         a.out.display()
     );
     Ok(())

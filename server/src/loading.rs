@@ -9,6 +9,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use switchyard_engine::engine::{EngineConfig, EngineHandle};
+use switchyard_engine::parallel::load_ranks;
+#[cfg(doc)]
+use switchyard_engine::parallel::RankGroup;
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{Checkpoint, DeviceSpec, HyV3Model, KvDtype, LoadOptions, ModelConfig};
@@ -30,6 +33,23 @@ pub struct ModelArgs {
     /// and one answers, otherwise the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Ranks to split the model over (vLLM's flag; alias `-tp`): attention and dense MLPs
+    /// tensor parallel, routed experts expert parallel, as `switchyard plan` lays them out.
+    /// On the CPU the ranks are threads of this process sharing its cores: useful to verify
+    /// the sharded execution, not faster. On a GPU only 1 is supported for now.
+    #[arg(long = "tensor-parallel-size", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+}
+
+/// vLLM's short form of `--tensor-parallel-size`: `-tp N` or `-tp=N` (clap's short flags are
+/// one letter, so the argument list is rewritten before parsing).
+pub fn expand_tp_alias(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-tp") => "--tensor-parallel-size".into(),
+        Some(s) if s.starts_with("-tp=") => format!("--tensor-parallel-size={}", &s[4..]).into(),
+        _ => a,
+    })
+    .collect()
 }
 
 /// Engine sizing (vLLM's flag names).
@@ -106,22 +126,34 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 
 /// A loaded model with its tokenizer and folder.
 pub struct Loaded {
-    /// The model.
-    pub model: HyV3Model,
+    /// The model: one entry, or the ranks of `--tensor-parallel-size N` in rank order (each
+    /// holding only its slices; run them with the engine or [`RankGroup`]).
+    pub ranks: Vec<HyV3Model>,
     /// Its tokenizer.
     pub tokenizer: Arc<Tokenizer>,
     /// The model folder.
     pub dir: PathBuf,
 }
 
+impl Loaded {
+    /// The model (rank 0 of a split).
+    pub fn model(&self) -> &HyV3Model {
+        &self.ranks[0]
+    }
+}
+
 /// Resolves and loads the model and tokenizer.
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let tp = args.tensor_parallel_size;
+    if tp == 0 {
+        anyhow::bail!("--tensor-parallel-size must be at least 1");
+    }
     let device = DeviceSpec::parse(&args.device)?.open()?;
     let dtype = parse_dtype(&args.dtype, &device)?;
     let dir = switchyard_model::resolve_model(&args.model, args.revision.as_deref())?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let ckpt = Arc::new(Checkpoint::open(&dir)?);
-    let total = cfg.num_hidden_layers;
+    let total = cfg.num_hidden_layers * tp;
     let tty = std::io::stderr().is_terminal();
     let bar = tty.then(|| {
         let b = indicatif::ProgressBar::new(total as u64);
@@ -141,7 +173,18 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         load_mtp: false,
     };
     let log_every = (total / 10).max(1);
-    let model = HyV3Model::load(cfg, ckpt, &opts, |done, total| match &bar {
+    if tp > 1 {
+        tracing::info!(
+            ranks = tp,
+            "tensor parallel: {tp} ranks on {}",
+            if device.is_cpu() {
+                "threads sharing the CPU (verifies the sharded execution; not faster)"
+            } else {
+                "the device"
+            }
+        );
+    }
+    let ranks = load_ranks(&cfg, ckpt, &opts, tp, |done, total| match &bar {
         Some(b) => b.set_position(done as u64),
         None => {
             if done % log_every == 0 || done == total {
@@ -153,7 +196,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let (params, active) = model.config().parameter_counts();
+    let (params, active) = cfg.parameter_counts();
     tracing::info!(
         dir = %dir.display(),
         params,
@@ -166,7 +209,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
     );
     Ok(Loaded {
-        model,
+        ranks,
         tokenizer,
         dir,
     })
@@ -212,8 +255,8 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
 /// Loads the model and starts the engine.
 pub fn start_engine(m: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, PathBuf)> {
     let l = load(m)?;
-    let cfg = engine_config(e, l.model.config())?;
-    let h = EngineHandle::start(l.model, l.tokenizer, cfg).map_err(anyhow::Error::msg)?;
+    let cfg = engine_config(e, l.model().config())?;
+    let h = EngineHandle::start(l.ranks, l.tokenizer, cfg).map_err(anyhow::Error::msg)?;
     Ok((h, l.dir))
 }
 

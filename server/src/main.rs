@@ -57,7 +57,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(loading::expand_tp_alias(std::env::args_os()));
     if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::RouteEval(_)) {
         exit_quietly_on_closed_stdout();
     }

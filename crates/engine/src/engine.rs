@@ -11,10 +11,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use switchyard_model::{HyV3Model, KvDtype, Logits, ModelConfig, PagedKvCache, PagedSeq};
+use switchyard_model::{KvDtype, Logits, ModelConfig, PagedSeq};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::block_pool::{BlockPool, SharedPool};
+use crate::parallel::{EngineModel, Runner};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{AdmissionError, Scheduler, SchedulerConfig, SeqId};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
@@ -276,23 +277,24 @@ impl Drop for RequestStream {
 
 impl EngineHandle {
     /// Starts the engine thread. Fails if the KV cache cannot hold one full-length sequence.
+    ///
+    /// `model` is a [`switchyard_model::HyV3Model`], or the ranks of a tensor-parallel split
+    /// ([`crate::parallel::load_ranks`]): then every rank runs on its own thread with its own
+    /// KV cache, driven in lockstep by the engine thread ([`crate::parallel`]), and the KV
+    /// budget (`kv_cache_memory`) is for all ranks together.
     pub fn start(
-        model: HyV3Model,
+        model: impl Into<EngineModel>,
         tokenizer: Arc<Tokenizer>,
         mut cfg: EngineConfig,
     ) -> Result<Self, String> {
-        let mc = model.config().clone();
+        let model: EngineModel = model.into();
+        let (mc, dtype, device) = model.facts()?;
         cfg.scheduler.max_model_len = cfg.scheduler.max_model_len.min(mc.max_position_embeddings);
-        let per_token = PagedKvCache::bytes_per_token(
-            mc.num_hidden_layers,
-            mc.num_key_value_heads,
-            mc.head_dim,
-            cfg.kv_dtype,
-        );
+        let per_token = model.kv_bytes_per_token(cfg.kv_dtype)?;
         let want_tokens = cfg.scheduler.max_num_seqs * cfg.scheduler.max_model_len;
         let bytes = match cfg.kv_cache_memory {
             Some(b) => b as usize,
-            None => default_kv_bytes(model.device())?.min(want_tokens * per_token),
+            None => default_kv_bytes(&device)?.min(want_tokens * per_token),
         };
         let num_blocks = bytes / (per_token * cfg.block_size);
         if num_blocks == 0 {
@@ -307,15 +309,12 @@ impl EngineHandle {
                 cfg.block_size, per_token
             ));
         }
-        // On a GPU the cache lives in device memory, where the paged-attention kernels read it.
-        let kv = model
-            .try_new_paged_cache(num_blocks, cfg.block_size, cfg.kv_dtype)
-            .map_err(|e| format!("allocating the KV cache ({num_blocks} blocks): {e}"))?;
+        let runner = model.into_runner(num_blocks, cfg.block_size, cfg.kv_dtype)?;
         tracing::info!(
             blocks = num_blocks,
             block_size = cfg.block_size,
             tokens = num_blocks * cfg.block_size,
-            mib = kv.bytes() / (1 << 20),
+            mib = runner.kv_bytes() / (1 << 20),
             "KV cache allocated"
         );
         let pool = SharedPool::new(BlockPool::new(
@@ -332,9 +331,9 @@ impl EngineHandle {
             scheduler: cfg.scheduler.clone(),
             block_size: cfg.block_size,
             num_blocks,
-            kv_cache_bytes: kv.bytes(),
-            dtype: model.dtype(),
-            device: device_name(model.device()),
+            kv_cache_bytes: runner.kv_bytes(),
+            dtype,
+            device: device_name(&device),
         });
         let (tx, rx) = mpsc::channel();
         let m2 = metrics.clone();
@@ -342,8 +341,7 @@ impl EngineHandle {
             .name("switchyard-engine".into())
             .spawn(move || {
                 let mut l = Loop {
-                    model,
-                    kv,
+                    runner,
                     sched,
                     tokenizer,
                     states: Default::default(),
@@ -530,8 +528,8 @@ struct ReqState {
 }
 
 struct Loop {
-    model: HyV3Model,
-    kv: PagedKvCache,
+    /// The model (or its ranks) and the paged KV cache(s).
+    runner: Runner,
     sched: Scheduler,
     tokenizer: Arc<Tokenizer>,
     states: std::collections::HashMap<SeqId, ReqState>,
@@ -672,7 +670,7 @@ impl Loop {
             })
             .collect();
         let t0 = Instant::now();
-        let out = self.model.forward_paged(&seqs, &mut self.kv);
+        let out = self.runner.forward_paged(&seqs);
         self.metrics
             .busy_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 pub mod block_pool;
 pub mod chat;
 pub mod engine;
+pub mod parallel;
 pub mod sampling;
 pub mod scheduler;
 pub mod stop;

@@ -1,0 +1,115 @@
+//! `--tensor-parallel-size` (alias `-tp`) on the real binary: `generate` and `logits` split over
+//! 2 and 4 CPU ranks give the tokens (and logits within 1e-4) of one rank, `bench` runs, and a
+//! size the model cannot be split by is refused naming the flag and the config field.
+
+mod common;
+
+use common::{model_dir, run_cli as run};
+use serde_json::Value;
+
+fn generate(extra: &[&str]) -> (bool, String, String) {
+    let dir = model_dir().to_str().expect("utf-8 path").to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        &dir,
+        "--input-ids",
+        "5,9,13,2,77,300",
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn ids(stdout: &str) -> Vec<u64> {
+    let v: Value = serde_json::from_str(stdout.trim()).expect("generate --json prints JSON");
+    v["generated_ids"]
+        .as_array()
+        .expect("generated_ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+#[test]
+fn generate_split_over_ranks_equals_one_rank() {
+    let (ok, one, err) = generate(&["--tensor-parallel-size", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&one).len(), 12);
+    let (ok, two, err) = generate(&["--tensor-parallel-size", "2"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("tensor parallel: 2 ranks"), "{err}");
+    assert_eq!(ids(&two), ids(&one));
+    let (ok, four, err) = generate(&["-tp", "4"]);
+    assert!(ok, "{err}");
+    assert_eq!(ids(&four), ids(&one));
+}
+
+#[test]
+fn logits_split_over_ranks_equal_one_rank() {
+    let dir = model_dir().to_str().expect("utf-8 path").to_string();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut outs = Vec::new();
+    for tp in ["1", "2"] {
+        let out = tmp.path().join(format!("logits-{tp}.safetensors"));
+        let (ok, _, err) = run(&[
+            "logits",
+            "--model",
+            &dir,
+            "--input-ids",
+            "1,2,3,400,17",
+            "--tensor-parallel-size",
+            tp,
+            "--out",
+            out.to_str().expect("utf-8 path"),
+        ]);
+        assert!(ok, "{err}");
+        let t = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).expect("load");
+        outs.push(t["logits"].clone());
+    }
+    assert_eq!(outs[0].dims(), outs[1].dims());
+    let d = (&outs[0] - &outs[1])
+        .and_then(|t| t.abs())
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>())
+        .expect("diff");
+    assert!(d <= 1e-4, "logits differ by {d}");
+}
+
+#[test]
+fn bench_runs_split_over_ranks() {
+    let dir = model_dir().to_str().expect("utf-8 path").to_string();
+    let (ok, out, err) = run(&[
+        "bench",
+        "--model",
+        &dir,
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "3",
+        "--tensor-parallel-size",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("bench --json prints JSON");
+    assert!(v["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{out}");
+}
+
+#[test]
+fn a_size_the_model_cannot_split_by_names_the_flag_and_field() {
+    // The tiny model has 4 query heads.
+    let (ok, _, err) = generate(&["--tensor-parallel-size", "3"]);
+    assert!(!ok);
+    assert!(
+        err.contains("num_attention_heads 4 is not divisible by --tensor-parallel-size 3"),
+        "{err}"
+    );
+    let (ok, _, err) = generate(&["--tensor-parallel-size", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--tensor-parallel-size"), "{err}");
+}
