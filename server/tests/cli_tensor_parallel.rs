@@ -1,11 +1,12 @@
 //! `--tensor-parallel-size` (alias `-tp`) on the real binary: `generate` and `logits` split over
-//! 2 and 4 CPU ranks give the tokens (and logits within 1e-4) of one rank, `bench` runs, and a
-//! size the model cannot be split by is refused naming the flag and the config field.
+//! 2 and 4 CPU ranks give the tokens (and logits within 1e-4) of one rank, `serve` answers a
+//! chat completion with the content of one rank, `bench` runs, and a size the model cannot be
+//! split by is refused naming the flag and the config field.
 
 mod common;
 
-use common::{model_dir, run_cli as run};
-use serde_json::Value;
+use common::{client, model_dir, run_cli as run, Opts, Server};
+use serde_json::{json, Value};
 
 fn generate(extra: &[&str]) -> (bool, String, String) {
     let dir = model_dir().to_str().expect("utf-8 path").to_string();
@@ -112,4 +113,33 @@ fn a_size_the_model_cannot_split_by_names_the_flag_and_field() {
     let (ok, _, err) = generate(&["--tensor-parallel-size", "0"]);
     assert!(!ok);
     assert!(err.contains("--tensor-parallel-size"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_split_over_ranks_answers_as_one_rank() {
+    let body = json!({"model": "local", "max_tokens": 10, "temperature": 0, "ignore_eos": true,
+                      "messages": [{"role": "user", "content": "hello there"}]});
+    let mut contents = Vec::new();
+    for tp in ["1", "2"] {
+        let s = Server::start_with(Opts {
+            args: &["--tensor-parallel-size", tp],
+            ..Default::default()
+        });
+        let v: Value = client()
+            .post(s.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        let c = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("tp={tp}: {v}"))
+            .to_string();
+        assert_eq!(v["usage"]["completion_tokens"], 10, "tp={tp}: {v}");
+        contents.push(c);
+    }
+    assert_eq!(contents[0], contents[1]);
 }

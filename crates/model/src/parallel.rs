@@ -520,6 +520,65 @@ mod tests {
     }
 
     #[test]
+    fn validation_names_the_field_and_the_flag() {
+        let mut cfg = crate::presets::preset("tiny").unwrap(); // 4 heads, 2 KV heads
+        let s = |n| Shard { rank: 0, world: n };
+        assert!(s(1).validate(&cfg).is_ok());
+        assert!(s(2).validate(&cfg).is_ok());
+        assert!(s(4).validate(&cfg).is_ok());
+        let e = s(3).validate(&cfg).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "config field `num_attention_heads`: num_attention_heads 4 is not divisible by \
+             --tensor-parallel-size 3"
+        );
+        assert!(s(0)
+            .validate(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains(TP_FLAG));
+        cfg.num_attention_heads = 12;
+        cfg.num_key_value_heads = 3;
+        let e = s(2).validate(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("num_key_value_heads 3 is not divisible by --tensor-parallel-size 2"),
+            "{e}"
+        );
+        let e = s(4).validate(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("--tensor-parallel-size 4 is not a multiple of num_key_value_heads 3"),
+            "{e}"
+        );
+        assert!(s(6).validate(&cfg).is_ok());
+    }
+
+    /// Every query head a rank holds reads a KV head the rank holds (GQA groups never straddle
+    /// ranks), with KV heads split or replicated as the plan counts them.
+    #[test]
+    fn query_heads_find_their_kv_heads_on_their_rank() {
+        let mut cfg = crate::presets::preset("tiny").unwrap();
+        for (nh, nkv) in [(4, 2), (4, 1), (64, 8), (12, 3), (8, 8)] {
+            cfg.num_attention_heads = nh;
+            cfg.num_key_value_heads = nkv;
+            for n in 1..=16 {
+                if (Shard { rank: 0, world: n }).validate(&cfg).is_err() {
+                    continue;
+                }
+                for rank in 0..n {
+                    let sh = Shard { rank, world: n };
+                    let (q0, qh) = sh.query_heads(&cfg);
+                    let (k0, kh) = sh.kv_heads(&cfg);
+                    assert_eq!(kh, if nkv >= n { nkv / n } else { 1 });
+                    for j in q0..q0 + qh {
+                        let kv = j / (nh / nkv);
+                        assert!((k0..k0 + kh).contains(&kv), "{nh}/{nkv} tp={n} rank {rank}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn all_reduce_sums_in_rank_order_and_every_rank_gets_the_same_bits() {
         for world in [1, 2, 3, 4] {
             let out = run(world, move |c| {
