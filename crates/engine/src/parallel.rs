@@ -227,7 +227,11 @@ impl RankGroup {
             .iter()
             .find(|(_, e)| !e.contains("group failed"))
             .unwrap_or(&errors[0]);
-        Err(format!("tensor-parallel rank {r}: {e}"))
+        if e.starts_with("rank ") {
+            Err(format!("tensor parallel: {e}"))
+        } else {
+            Err(format!("tensor parallel: rank {r}: {e}"))
+        }
     }
 }
 
@@ -411,5 +415,51 @@ impl Runner {
             }
             Runner::Parallel(g) => g.forward_paged(seqs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use std::time::{Duration, Instant};
+
+    /// Two ranks whose shards disagree (different hidden sizes: a broken deployment) fail their
+    /// first collective; the group reports the error instead of hanging, stays failed, and
+    /// its threads end when it is dropped.
+    #[test]
+    fn a_failing_rank_fails_the_step_and_never_hangs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dirs = Vec::new();
+        for (i, hidden) in [64usize, 32].into_iter().enumerate() {
+            let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
+            cfg.hidden_size = hidden;
+            let d = tmp.path().join(format!("m{i}"));
+            switchyard_model::test_model::write_random_checkpoint(&cfg, &d, 1, DType::F32).unwrap();
+            dirs.push(d);
+        }
+        let models: Vec<HyV3Model> = InProcessGroup::new(2)
+            .build()
+            .into_iter()
+            .zip(&dirs)
+            .map(|(c, d)| {
+                HyV3Model::load_dir_parallel(d, &LoadOptions::default(), Arc::new(c)).unwrap()
+            })
+            .collect();
+        let g = RankGroup::start(models, Some((8, 4, KvDtype::F32))).unwrap();
+        let t0 = Instant::now();
+        let e = g.forward_fresh(&[1, 2, 3], Logits::Last).unwrap_err();
+        println!("first step: {e}");
+        assert!(e.contains("rank"), "{e}");
+        let seq = PagedSeq {
+            tokens: &[1, 2],
+            pos0: 0,
+            block_table: &[0],
+            logits: Logits::Last,
+        };
+        let e2 = g.forward_paged(&[seq]).unwrap_err();
+        assert!(e2.contains("group failed"), "{e2}");
+        drop(g);
+        assert!(t0.elapsed() < Duration::from_secs(30));
     }
 }

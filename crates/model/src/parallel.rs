@@ -365,7 +365,8 @@ impl InProcessComm {
                 }
                 Err(message) => {
                     drop(s);
-                    sh.fail(format!("rank {rank}: {}: {message}", op.name()));
+                    let message = format!("ranks disagree in {}: {message}", op.name());
+                    sh.fail(format!("rank {rank}: {message}"));
                     Err(CommError::Mismatch { rank, message })
                 }
             };
