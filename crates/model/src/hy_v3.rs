@@ -205,20 +205,22 @@ impl Mlp {
         }))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    /// The MLP's output in `out` (the input's dtype, or f32 for a rank's partial result that
+    /// is all-reduced before rounding).
+    fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor, ModelError> {
         // bf16 on the CPU at decode sizes: both projections in two parallel passes, rounded as
         // the ops below round.
         if x.dim(0)? <= MAX_FUSED_MLP_TOKENS {
             if let Some(y) =
                 switchyard_kernels::moe::mlp_forward_cpu_bf16(x, &self.gate_up, &self.down)?
             {
-                return Ok(y.to_dtype(x.dtype())?);
+                return Ok(y.to_dtype(out)?);
             }
         }
         let gu = matmul_t(x, &self.gate_up)?;
         let act = (gu.narrow(D::Minus1, 0, self.inter)?.silu()?
             * gu.narrow(D::Minus1, self.inter, self.inter)?)?;
-        matmul_t(&act, &self.down)
+        Ok(matmul_t(&act, &self.down)?.to_dtype(out)?)
     }
 }
 
@@ -678,7 +680,9 @@ impl Moe {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    /// The block's output in `out`: the input's dtype, or f32 on a rank of several, whose
+    /// partial sum (its experts plus its shared-expert slice) is all-reduced before rounding.
+    fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor, ModelError> {
         let logits = x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?;
         let routed = match &self.exec {
             MoeExec::Reference { bias, experts } => {
@@ -696,7 +700,7 @@ impl Moe {
                         if let Some(y) = switchyard_kernels::moe::experts_forward_with_shared(
                             x, experts, &s.gate_up, &s.down, &g, &plan,
                         )? {
-                            return Ok(y.to_dtype(x.dtype())?);
+                            return Ok(y.to_dtype(out)?);
                         }
                     }
                     experts_forward(x, experts, &g, &plan)?
@@ -719,14 +723,13 @@ impl Moe {
             MoeExec::CudaKernels(c) => c.forward(x, &logits, &self.gate)?,
         };
         Ok(match &self.shared {
-            None => routed,
+            None => routed.to_dtype(out)?,
             Some(s) => {
-                let sh = s.forward(x)?;
+                let sh = s.forward(x, x.dtype())?;
                 if self.fp32_combine {
-                    (routed.to_dtype(DType::F32)? + sh.to_dtype(DType::F32)?)?
-                        .to_dtype(x.dtype())?
+                    (routed.to_dtype(DType::F32)? + sh.to_dtype(DType::F32)?)?.to_dtype(out)?
                 } else {
-                    (routed + sh)?
+                    (routed + sh)?.to_dtype(out)?
                 }
             }
         })
@@ -1348,6 +1351,13 @@ impl HyV3Model {
         mut attend: impl FnMut(usize, &Attention, &Tensor) -> Result<Tensor, ModelError>,
     ) -> Result<Tensor, ModelError> {
         let mut x = self.embed(ids)?;
+        // A rank's MLP/MoE partials stay f32 until the all-reduce has summed them (they are
+        // f32 already where the CPU kernels combine in f32); one rank rounds as it always did.
+        let partial = if self.comm.is_some() {
+            DType::F32
+        } else {
+            self.dtype
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer.input_layernorm.forward(&x)?;
             let a = attend(i, &layer.self_attn, &hn)?;
@@ -1355,10 +1365,10 @@ impl HyV3Model {
             let x1 = (x + a)?;
             let hn = layer.post_attention_layernorm.forward(&x1)?;
             let f = match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(&hn)?,
-                FeedForward::Moe(m) => m.forward(&hn)?,
+                FeedForward::Dense(m) => m.forward(&hn, partial)?,
+                FeedForward::Moe(m) => m.forward(&hn, partial)?,
             };
-            x = (x1 + self.all_reduce(f)?)?;
+            x = (x1 + self.all_reduce(f)?.to_dtype(self.dtype)?)?;
         }
         Ok(x)
     }

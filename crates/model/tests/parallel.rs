@@ -357,3 +357,49 @@ fn bad_tensor_parallel_sizes_name_the_field_and_flag() {
         );
     }
 }
+
+/// bf16 compute split over ranks (the CPU bf16 kernels: fused routed + shared expert passes
+/// over a rank's local experts and intermediate slices) against the f32 oracle, with the
+/// single-device bf16 test's bound and argmax agreement (tests/oracle.rs), and against one
+/// bf16 rank.
+#[test]
+fn tp_bf16_compute_within_the_single_device_bound() {
+    const BF16_TOL: f32 = 0.25;
+    for case in ["bf16_f32router", "e192_k8", "hub_dialect"] {
+        let dir = fixtures().join(case);
+        let t =
+            candle_core::safetensors::load(dir.join("oracle.safetensors"), &Device::Cpu).unwrap();
+        let ids = input_ids(&t);
+        let want = t["logits"].clone();
+        let prefill = |m: &HyV3Model| {
+            let mut cache = m.new_cache();
+            m.forward(&ids, &mut cache, Logits::All).unwrap()
+        };
+        let one = on_ranks(&dir, 1, DType::BF16, prefill).remove(0);
+        for n in [2, 4] {
+            let got = on_ranks(&dir, n, DType::BF16, prefill).remove(0);
+            let d32 = max_abs(&got, &want);
+            let d1 = max_abs(&got, &one);
+            let rows = got.to_vec2::<f32>().unwrap();
+            let refs = want.to_vec2::<f32>().unwrap();
+            let agree = rows
+                .iter()
+                .zip(&refs)
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count();
+            println!(
+                "{case} bf16 tp={n}: max|Δ| vs f32 oracle {d32:.3}, vs bf16 tp=1 {d1:.3}, \
+                 argmax agree {agree}/{}",
+                rows.len()
+            );
+            assert!(
+                d32 <= BF16_TOL,
+                "{case} tp={n}: bf16 logits differ by {d32}"
+            );
+            assert!(
+                agree * 10 >= rows.len() * 8,
+                "{case} tp={n}: argmax {agree}"
+            );
+        }
+    }
+}
