@@ -1009,8 +1009,8 @@ impl HyV3Model {
                 return Err(ModelError::Sharding {
                     field: "device".into(),
                     message: format!(
-                        "{TP_FLAG} {n} runs on the CPU only: expert-parallel MoE on the CUDA \
-                         kernels and an NCCL communicator are not implemented"
+                        "{TP_FLAG} {n} runs on the CPU only (--device cpu): expert-parallel \
+                         MoE on the CUDA kernels and an NCCL communicator are not implemented"
                     ),
                 });
             }

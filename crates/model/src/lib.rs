@@ -125,11 +125,11 @@ pub enum ModelError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// The model cannot be split over the requested number of ranks as planned.
-    #[error("config field `{field}`: {message}")]
+    #[error("cannot split the model: {message}")]
     Sharding {
-        /// The config field (or setting) at fault.
+        /// The config field (or load setting, e.g. `device`) at fault.
         field: String,
-        /// What is wrong, naming the `--tensor-parallel-size` flag.
+        /// What is wrong, naming the field and the `--tensor-parallel-size` flag.
         message: String,
     },
     /// A collective of a tensor-parallel forward pass failed.

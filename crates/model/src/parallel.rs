@@ -530,7 +530,7 @@ mod tests {
         let e = s(3).validate(&cfg).unwrap_err().to_string();
         assert_eq!(
             e,
-            "config field `num_attention_heads`: num_attention_heads 4 is not divisible by \
+            "cannot split the model: num_attention_heads 4 is not divisible by \
              --tensor-parallel-size 3"
         );
         assert!(s(0)
