@@ -38,6 +38,7 @@ pub fn criterion() -> Criterion {
 /// Whether criterion runs in test mode (each benchmark once): `cargo bench -- --test`, or the
 /// bench binary run by `cargo test --benches` (no `--bench` argument). The benches then use
 /// small shapes (the `tiny` preset, fewer experts) so a CI check costs seconds, not minutes.
+/// `SWITCHYARD_BENCH_QUICK=1` asks for the small shapes in a timed run too.
 pub fn test_mode() -> bool {
     if std::env::var_os("SWITCHYARD_BENCH_QUICK").is_some_and(|v| v != "0") {
         return true;

@@ -7,6 +7,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 cargo test --workspace --no-fail-fast
+# Every criterion bench once, in test mode on small shapes (README "Benchmarks"): catches a
+# broken bench cheaply, reusing the test-profile build above (~30 s of build, ~20 s of run).
+cargo test --workspace --bench '*'
 if [ -x scripts/test-clients.sh ]; then
   scripts/test-clients.sh
 fi
