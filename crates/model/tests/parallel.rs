@@ -147,12 +147,15 @@ fn tp_sharded_checkpoint_matches_oracle() {
     check_oracle_case("sharded", 2);
 }
 
-/// A random model whose every split is uneven: 7 experts, vocabulary 509, shared expert 33 and
-/// dense 130 wide, tied embeddings; 2 and 4 ranks against one.
-#[test]
-fn tp_uneven_splits_equal_one_rank() {
+/// A random model whose every split is uneven: 7 experts (so with 8 ranks one rank holds no
+/// expert), vocabulary 509, shared expert 33 and dense 130 wide, tied embeddings; 8 query heads
+/// over 2 KV heads (4 and 8 ranks replicate each KV head on 2 and 4 ranks). Written to a
+/// temporary folder.
+fn uneven_model() -> (ModelConfig, tempfile::TempDir) {
     let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
     cfg.num_experts = 7;
+    cfg.num_attention_heads = 8;
+    cfg.num_key_value_heads = 2;
     cfg.vocab_size = 509;
     cfg.moe_intermediate_size = 33;
     cfg.intermediate_size = 130;
@@ -161,9 +164,16 @@ fn tp_uneven_splits_equal_one_rank() {
     cfg.gate.topk_group = 1;
     let tmp = tempfile::tempdir().unwrap();
     switchyard_model::test_model::write_random_checkpoint(&cfg, tmp.path(), 7, DType::F32).unwrap();
+    (cfg, tmp)
+}
+
+/// [`uneven_model`] over 2, 4 and 8 ranks gives the logits and greedy tokens of one rank.
+#[test]
+fn tp_uneven_splits_equal_one_rank() {
+    let (_, tmp) = uneven_model();
     let ids: Vec<u32> = (0..13).map(|i| (i * 37 + 11) % 509).collect();
     let one = on_ranks(tmp.path(), 1, DType::F32, |m| run_case(m, &ids, 12));
-    for n in [2, 4] {
+    for n in [2, 4, 8] {
         let out = on_ranks(tmp.path(), n, DType::F32, |m| {
             let s = m.shard();
             assert_eq!(s.world, n);
@@ -264,22 +274,7 @@ fn rank_weight_bytes_equal_the_plan() {
             (DType::BF16, WeightFormat::Bf16),
         ] {
             for n in [1, 2, 4] {
-                let p = plan(
-                    &cfg,
-                    &PlanRequest {
-                        gpus: n,
-                        gpu_memory_bytes: 80 << 30,
-                        gpu_memory_utilization: 0.9,
-                        weights: format,
-                        kv: KvFormat::Bf16,
-                        max_context: 4096,
-                        max_num_seqs: 8,
-                        max_num_batched_tokens: 256,
-                        block_size: 16,
-                        with_mtp: false,
-                    },
-                )
-                .unwrap();
+                let p = plan(&cfg, &plan_request(n, format)).unwrap();
                 // Loading needs no forward pass: build the ranks one after another.
                 for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
                     let m = if n == 1 {
@@ -305,6 +300,48 @@ fn rank_weight_bytes_equal_the_plan() {
         }
     }
     assert_eq!(checked, 5 * 2 * 7);
+    // Uneven splits everywhere, a rank without experts at 8, tied embeddings.
+    let (cfg, tmp) = uneven_model();
+    let ckpt = Arc::new(Checkpoint::open(tmp.path()).unwrap());
+    for (dtype, format) in [
+        (DType::F32, WeightFormat::F32),
+        (DType::BF16, WeightFormat::Bf16),
+    ] {
+        for n in [2, 4, 8] {
+            let p = plan(&cfg, &plan_request(n, format)).unwrap();
+            for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
+                let m = HyV3Model::load_parallel(
+                    cfg.clone(),
+                    ckpt.clone(),
+                    &opts(dtype),
+                    Arc::new(c),
+                    |_, _| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    m.weight_bytes(),
+                    p.devices[r].weights_bytes,
+                    "uneven {dtype:?} tp={n} rank {r}"
+                );
+            }
+            assert_eq!(p.devices[n - 1].routed_experts, 7 / n);
+        }
+    }
+}
+
+fn plan_request(gpus: usize, weights: WeightFormat) -> PlanRequest {
+    PlanRequest {
+        gpus,
+        gpu_memory_bytes: 80 << 30,
+        gpu_memory_utilization: 0.9,
+        weights,
+        kv: KvFormat::Bf16,
+        max_context: 4096,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 256,
+        block_size: 16,
+        with_mtp: false,
+    }
 }
 
 /// A rank that leaves the group (its thread ends) makes the others' forward fail promptly.
