@@ -7,7 +7,7 @@
 //! `Q8_AB=7 cargo bench -p switchyard-kernels --bench cpu_q8` runs 7 rounds, each timing bf16
 //! and q8 back to back per shape (order alternating per round), and prints every pair's ratio
 //! and the medians. `Q8_AB_MIB` sets the working set per format (default 512 MiB; e.g. 16 for
-//! cache-resident weights), `Q8_AB_BLOCK` the Q8 block (32 or 64).
+//! cache-resident weights).
 
 use std::time::Instant;
 
@@ -44,13 +44,6 @@ fn mib() -> usize {
         .unwrap_or(MIB)
 }
 
-fn block() -> usize {
-    std::env::var("Q8_AB_BLOCK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(switchyard_kernels::cpu_q8::Q8_BLOCK)
-}
-
 /// Weights like a trained layer's: roughly normal, std 0.02.
 fn weights(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<bf16> {
     (0..n)
@@ -68,21 +61,31 @@ struct Case {
     weights: usize,
     /// Bytes read per call: bf16, q8.
     bytes: [usize; 2],
+    /// Relative RMS difference of the q8 product from the bf16 one.
+    rel_err: f64,
     run: Box<dyn FnMut(usize, usize) + Send>,
 }
 
-fn gemv_case(out: usize, inp: usize, blk: usize) -> Case {
+fn gemv_case(out: usize, inp: usize) -> Case {
     let mut rng = rand::rngs::StdRng::seed_from_u64(out as u64);
     let copies = (mib() << 20).div_ceil(out * inp * 2).max(1);
     let wb: Vec<Vec<bf16>> = (0..copies).map(|_| weights(&mut rng, out * inp)).collect();
     let qcopies = (mib() << 20).div_ceil(out * inp).max(1);
     let wq: Vec<Q8Matrix> = (0..qcopies)
-        .map(|k| Q8Matrix::quantize_blocks(&wb[k % copies], out, inp, blk).unwrap())
+        .map(|k| Q8Matrix::quantize(&wb[k % copies], out, inp).unwrap())
         .collect();
     let x: Vec<f32> = (0..inp).map(|_| rng.random_range(-1.0..1.0)).collect();
     let mut y = vec![0f32; out];
     let qbytes = wq[0].memory_bytes();
+    // The quantization error of the product: relative RMS of q8 against bf16 weights.
+    let mut yq = vec![0f32; out];
+    gemv_bf16(&x, 1, &wb[0], out, inp, &mut y).unwrap();
+    gemv_q8(&x, 1, &wq[0], &mut yq).unwrap();
+    let (e2, y2) = y.iter().zip(&yq).fold((0f64, 0f64), |(e, s), (a, b)| {
+        (e + (*a as f64 - *b as f64).powi(2), s + (*a as f64).powi(2))
+    });
     Case {
+        rel_err: (e2 / y2).sqrt(),
         name: format!("{out}x{inp}_t1"),
         weights: out * inp,
         bytes: [out * inp * 2, qbytes],
@@ -99,7 +102,7 @@ fn gemv_case(out: usize, inp: usize, blk: usize) -> Case {
 /// Stacked layer weights `(gate_up [E, 2I, H], down [E, H, I])` plus a shared expert.
 type Layer = (Vec<bf16>, Vec<bf16>, Vec<bf16>, Vec<bf16>);
 
-fn moe_case(blk: usize) -> Case {
+fn moe_case() -> Case {
     let ExpertDims {
         experts: e,
         inter: i,
@@ -126,16 +129,15 @@ fn moe_case(blk: usize) -> Case {
             let ex = (0..e)
                 .map(|x| {
                     Q8Mlp::new(
-                        Q8Matrix::quantize_blocks(&gu[x * 2 * i * h..][..2 * i * h], 2 * i, h, blk)
-                            .unwrap(),
-                        Q8Matrix::quantize_blocks(&dn[x * h * i..][..h * i], h, i, blk).unwrap(),
+                        Q8Matrix::quantize(&gu[x * 2 * i * h..][..2 * i * h], 2 * i, h).unwrap(),
+                        Q8Matrix::quantize(&dn[x * h * i..][..h * i], h, i).unwrap(),
                     )
                     .unwrap()
                 })
                 .collect();
             let sh = Q8Mlp::new(
-                Q8Matrix::quantize_blocks(sgu, 2 * i, h, blk).unwrap(),
-                Q8Matrix::quantize_blocks(sdn, h, i, blk).unwrap(),
+                Q8Matrix::quantize(sgu, 2 * i, h).unwrap(),
+                Q8Matrix::quantize(sdn, h, i).unwrap(),
             )
             .unwrap();
             (Q8Experts::new(ex).unwrap(), sh)
@@ -163,6 +165,7 @@ fn moe_case(blk: usize) -> Case {
     let active = (TOP_K + 1) * 3 * i * h;
     let qbytes = q8[0].1.memory_bytes() * (TOP_K + 1);
     Case {
+        rel_err: f64::NAN,
         name: format!("moe_small_E{e}k{TOP_K}_t1"),
         weights: active,
         bytes: [active * 2, qbytes],
@@ -185,9 +188,8 @@ fn moe_case(blk: usize) -> Case {
 }
 
 fn cases() -> Vec<Case> {
-    let blk = block();
-    let mut c: Vec<Case> = SHAPES.iter().map(|&(o, i)| gemv_case(o, i, blk)).collect();
-    c.push(moe_case(blk));
+    let mut c: Vec<Case> = SHAPES.iter().map(|&(o, i)| gemv_case(o, i)).collect();
+    c.push(moe_case());
     c
 }
 
@@ -232,8 +234,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn interleaved(rounds: usize) {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "bf16 vs q8 (block {}, kernel {}), one token, {} MiB per format, {rounds} rounds; load {}",
-        block(),
+        "bf16 vs q8 (kernel {}), one token, {} MiB per format, {rounds} rounds; load {}",
         q8_kernel_name(),
         mib(),
         load.split_whitespace()
@@ -242,8 +243,8 @@ fn interleaved(rounds: usize) {
             .join(" ")
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>9} {:>9} {:>7}  pair ratios (q8/bf16 weights/s)",
-        "case", "bf16 Gw/s", "q8 Gw/s", "bf16 GB/s", "q8 GB/s", "ratio"
+        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>7} {:>8}  pair ratios (q8/bf16 weights/s)",
+        "case", "bf16 Gw/s", "q8 Gw/s", "bf16 GB/s", "q8 GB/s", "ratio", "q8 err"
     );
     for mut case in cases() {
         // Calls per timed run: about 40 ms of bf16 work.
@@ -266,13 +267,14 @@ fn interleaved(rounds: usize) {
         let (mb, mq) = (median(&mut sb), median(&mut sq));
         let w = case.weights as f64;
         println!(
-            "{:<22} {:>12.2} {:>12.2} {:>9.1} {:>9.1} {:>7.2}  {}",
+            "{:<22} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>7.2} {:>8.1e}  {}",
             case.name,
             w / mb / 1e9,
             w / mq / 1e9,
             case.bytes[0] as f64 / mb / 1e9,
             case.bytes[1] as f64 / mq / 1e9,
             median(&mut ratios),
+            case.rel_err,
             list.join(" ")
         );
     }

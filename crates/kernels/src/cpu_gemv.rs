@@ -209,23 +209,24 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
     }
 }
 
-/// How a row kernel wants each activation row laid out.
-///
-/// The bf16 SIMD kernels widen bf16 pairs in place (see [`RowKernel`]) and read each block of
-/// `2 · lanes` activations as its `lanes` even-indexed values, then its odd-indexed ones;
-/// values past the last whole block stay in order. `lanes == 0` means in order throughout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Packing {
-    lanes: usize,
+/// How a row kernel wants each activation row laid out (same length as the row).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Packing {
+    /// In logical order (the portable bf16 kernel, anything else that reads f32 in order).
+    InOrder,
+    /// The bf16 SIMD kernels widen bf16 pairs in place (see [`RowKernel`]) and read each block
+    /// of `2 · lanes` activations as its `lanes` even-indexed values, then its odd-indexed
+    /// ones; values past the last whole block stay in order.
+    EvenOdd(usize),
+    /// A weight format's own transform of one row (`src` and `dst` the same length), e.g.
+    /// `cpu_q8`'s 16-bit fixed-point activations.
+    Rows(fn(&[f32], &mut [f32])),
 }
 
 impl Packing {
-    /// Activations in their logical order.
-    pub(crate) const IN_ORDER: Packing = Packing { lanes: 0 };
-
     /// Whether packing is a plain copy.
     pub(crate) fn in_order(&self) -> bool {
-        self.lanes == 0
+        matches!(self, Packing::InOrder)
     }
 
     /// Copies activation rows of `inp` values from `src` into this layout in `dst` (same
@@ -239,11 +240,17 @@ impl Packing {
 
     /// [`Self::pack`] for one row.
     pub(crate) fn pack_row(&self, src: &[f32], dst: &mut [f32]) {
-        let l = self.lanes;
-        if l == 0 {
-            dst.copy_from_slice(src);
-            return;
-        }
+        let l = match *self {
+            Packing::InOrder => {
+                dst.copy_from_slice(src);
+                return;
+            }
+            Packing::Rows(f) => {
+                f(src, dst);
+                return;
+            }
+            Packing::EvenOdd(l) => l,
+        };
         let whole = src.len() / (2 * l) * (2 * l);
         for (s, d) in src[..whole]
             .chunks_exact(2 * l)
@@ -255,16 +262,6 @@ impl Packing {
             }
         }
         dst[whole..].copy_from_slice(&src[whole..]);
-    }
-
-    /// Where logical element `i` of a row of `inp` values sits once packed.
-    pub(crate) fn packed_index(&self, i: usize, inp: usize) -> usize {
-        let l = self.lanes;
-        if l == 0 || i >= inp / (2 * l) * (2 * l) {
-            return i;
-        }
-        let (b, k) = (i / (2 * l), i % (2 * l));
-        b * 2 * l + (k % 2) * l + k / 2
     }
 }
 
@@ -306,19 +303,19 @@ fn select_kernel() -> RowKernel {
         if std::is_x86_feature_detected!("avx512f") {
             return RowKernel {
                 run: row_avx512_entry,
-                packing: Packing { lanes: 16 },
+                packing: Packing::EvenOdd(16),
             };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             return RowKernel {
                 run: row_avx2_entry,
-                packing: Packing { lanes: 8 },
+                packing: Packing::EvenOdd(8),
             };
         }
     }
     RowKernel {
         run: row_portable,
-        packing: Packing::IN_ORDER,
+        packing: Packing::InOrder,
     }
 }
 
@@ -505,26 +502,38 @@ mod tests {
         assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
     }
 
+    /// Where logical element `i` of a row of `inp` values sits once packed.
+    fn packed_index(p: Packing, i: usize, inp: usize) -> usize {
+        let Packing::EvenOdd(l) = p else {
+            return i;
+        };
+        if i >= inp / (2 * l) * (2 * l) {
+            return i;
+        }
+        let (b, k) = (i / (2 * l), i % (2 * l));
+        b * 2 * l + (k % 2) * l + k / 2
+    }
+
     /// Every kernel this CPU can run (not only the one selected), on packed activations, for
     /// every token count and lengths around the vector steps.
     #[test]
     fn every_kernel_matches_reference() {
         let mut kernels = vec![RowKernel {
             run: row_portable,
-            packing: Packing::IN_ORDER,
+            packing: Packing::InOrder,
         }];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 kernels.push(RowKernel {
                     run: row_avx2_entry,
-                    packing: Packing { lanes: 8 },
+                    packing: Packing::EvenOdd(8),
                 });
             }
             if std::is_x86_feature_detected!("avx512f") {
                 kernels.push(RowKernel {
                     run: row_avx512_entry,
-                    packing: Packing { lanes: 16 },
+                    packing: Packing::EvenOdd(16),
                 });
             }
         }
@@ -539,7 +548,7 @@ mod tests {
                     let mut xp = vec![0f32; x.len()];
                     k.packing.pack(&x, inp, &mut xp);
                     for i in 0..inp {
-                        assert_eq!(xp[k.packing.packed_index(i, inp)], x[i]);
+                        assert_eq!(xp[packed_index(k.packing, i, inp)], x[i]);
                     }
                     let mut d = [f32::NAN; TOKEN_BLOCK];
                     k.run(&w, &xp, n, inp, &mut d);

@@ -270,17 +270,23 @@ fn run_groups<W: WeightRows>(
             }
         });
 
-    // Token-major activations in the kernel's layout for the down projection.
+    // Token-major activations (`[n, I]` per group), then in the kernel's layout for the down
+    // projection.
     let mut act_t = vec![0f32; act_len];
+    let mut row = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
         let (n, i) = (g.n, g.inter);
+        if n == 0 || i == 0 {
+            continue;
+        }
         let blk = &act[act_at[gi]..act_at[gi + 1]];
         let dst = &mut act_t[act_at[gi]..act_at[gi + 1]];
-        for r in 0..i {
-            let pr = packing.packed_index(r, i);
-            for tk in 0..n {
-                dst[tk * i + pr] = blk[r * n + tk];
+        row.resize(i, 0f32);
+        for (tk, d) in dst.chunks_exact_mut(i).enumerate() {
+            for (r, v) in row.iter_mut().enumerate() {
+                *v = blk[r * n + tk];
             }
+            packing.pack_row(&row, d);
         }
     }
 

@@ -1,44 +1,64 @@
-//! 8-bit weight-only quantization (Q8) for the CPU kernels: int8 weights with one f32 scale
-//! per block of [`Q8_BLOCK`] consecutive inputs of a row, f32 activations, f32 accumulation.
-//! mistral.rs calls quantizing at load "in-situ quantization" (ISQ); this is its op layer.
+//! 8-bit weight quantization (Q8) for the CPU kernels: int8 weights with one f32 scale per
+//! block of [`Q8_BLOCK`] consecutive inputs of a row; activations come in and results go out
+//! as f32. mistral.rs calls quantizing at load "in-situ quantization" (ISQ); this is its op
+//! layer.
 //!
 //! Decode reads every active weight once per token, so it runs at memory bandwidth over the
 //! weight bytes; int8 halves the bytes of bf16. The scheme is symmetric like llama.cpp's
 //! Q8_0 (`scale = max|w| / 127`, `q = round(w / scale)`, `w ≈ q · scale`), but laid out for
 //! the AVX-512 kernel rather than interleaved `{scale, 32 × q}` records: a row's int8 values
 //! are contiguous and every row starts on a 64-byte line ([`Q8Matrix`]), and the scales are a
-//! separate `[rows, cols / block]` f32 array. The kernel then streams one run of int8 lines
-//! per row (one prefetch per line, no unaligned records), and a block's scale is one
-//! broadcast load.
+//! separate `[rows, cols / 64]` f32 array. The kernel streams one run of int8 lines per row
+//! (one prefetch per line, no unaligned records), and a block's scale is one broadcast load.
 //!
-//! The row kernel ([`WeightRows::dot`]) sign-extends 16 int8 weights to i32, converts them to
-//! f32 and multiplies by the block's scale once, then multiplies that weight vector into up to
-//! [`TOKEN_BLOCK`] activation rows with FMAs — the same structure as `cpu_gemv`'s bf16 kernel,
-//! whose driver ([`crate::cpu_gemv`]'s row-block split over rayon) and whose MoE/MLP passes
-//! ([`crate::cpu_moe`]) run Q8 weights unchanged. Activations are read in order (no packing).
+//! Integer products. Converting int8 weights to f32 costs a sign extension, a conversion and
+//! a scaling per 16 weights before the FMA: 16 vector ops per 64 weights at one token against
+//! 8 for bf16's in-place widening, and on the dev VM that f32 kernel read cache-resident
+//! weights no faster than DRAM ones (compute-bound). So activations are rounded, per token,
+//! to 16-bit fixed point with one f32 scale per block of 64 (`xs = max|x| / 32767`,
+//! [`round_activations`]), and a block's dot product is exact integer arithmetic: 32 weights
+//! widen to i16 in one op and `vpdpwssd` (AVX-512 VNNI) multiplies and adds 32 pairs into i32
+//! lanes. Per 64 weights and token: two widenings (shared by all tokens), two integer
+//! multiply-adds, one conversion and two f32 ops for both scales — 7 at one token. The
+//! activation rounding is at most `xs / 2 = max_b|x| / 65534` per value, 256× finer than the
+//! weights' step and below the bf16 rounding the model's activations already carry.
 //!
-//! Error: per weight `|w − q·scale| ≤ scale / 2`, so a product `y = Σ w_i x_i` is off by at
-//! most `Σ_blocks (scale_b / 2) Σ_{i∈b} |x_i|` (plus f32 summation rounding); `scale_b =
-//! max_b|w| / 127`, so relative to `Σ |w_i x_i|` that is at most `1/254` when weights in a
-//! block are of like size, and about `1/(2·127·√3)`·(max/rms) in RMS for random rounding.
+//! Error: `|w − q·scale| ≤ scale / 2` per weight, so against f32 weights and activations a
+//! product `y = Σ w_i x_i` is off by at most `Σ_b (scale_b / 2) Σ_{i∈b} |x_i|` (weights) `+
+//! Σ_b (xs_b / 2) Σ_{i∈b} |w_i|` (activations) plus f32 rounding of the per-block sums. Relative
+//! to `Σ |w_i x_i|` the weight term is at most `1/254` when a block's weights are of like
+//! size; on normally distributed weights the measured relative RMS error of a product is
+//! 5.5e-3 (block 64; 5.0e-3 with blocks of 32).
+//!
+//! The driver (`cpu_gemv`'s row-block split over rayon, [`TOKEN_BLOCK`] tokens per pass) and
+//! the MoE/MLP passes (`cpu_moe`) are the bf16 ones, written over
+//! `cpu_gemv::WeightRows`; only the row kernel and the activation layout differ.
 
 use candle_core::Tensor;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu_gemv::{
-    by_tokens, check_gemv, gemv_rows, Packing, WeightRows, PREFETCH_HINT, TOKEN_BLOCK,
-};
+#[cfg(target_arch = "x86_64")]
+use crate::cpu_gemv::{by_tokens, PREFETCH_HINT};
+use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, WeightRows, TOKEN_BLOCK};
 use crate::cpu_moe::{run_dense, run_routed, ExpertDims, Group};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
 use crate::KernelError;
 
-/// Inputs per scale. 64 with an f32 scale is 1.0625 bytes per weight, the same as llama.cpp's
-/// Q8_0 (32 per f16 scale); 32 with an f32 scale would be 1.125. Both are supported
-/// ([`Q8Matrix::quantize_blocks`]); `cpu_q8` bench, see the module's commit message for the
-/// measurement that chose 64.
+/// Inputs per weight scale and per activation scale. 64 with an f32 scale is 1.0625 bytes per
+/// weight, as llama.cpp's Q8_0 (32 per f16 scale); 32 with an f32 scale is 1.125. Measured
+/// with the f32-activation kernel (`cpu_q8` bench, 2026-11-28, load 4–7): weights/s of the two
+/// were within the run-to-run noise (pair ratios over bf16 1.1–1.9 for both), the product's
+/// relative RMS error 5.0e-3 (32) vs 5.5e-3 (64). Decode pays for bytes, so 64: 6% fewer bytes
+/// for 10% more error, one scale per cache line of weights, and whole 64-value blocks for the
+/// integer kernel's activation scales.
 pub const Q8_BLOCK: usize = 64;
+
+/// Largest magnitude of a 16-bit fixed-point activation (`i16::MAX`): a block's 4 products
+/// per i32 lane stay below 2²⁴ (4 · 127 · 32767 < 16 777 216), so converting a lane to f32 is
+/// exact.
+const ACT_MAX: f32 = 32767.0;
 
 /// Bytes of one cache line; each row's int8 values start on one.
 const LINE: usize = 64;
@@ -76,16 +96,13 @@ impl Q8Source for half::f16 {
     }
 }
 
-/// A `[rows, cols]` weight matrix in Q8: int8 values, row-major, each row padded to a whole
-/// number of 64-byte lines and starting on one, and f32 scales `[rows, cols / block]`.
-/// Memory is `rows · (cols + 4 · cols / block)` bytes plus the row padding.
+/// A `[rows, cols]` weight matrix in Q8: int8 values, row-major, each row a whole number of
+/// 64-byte lines and starting on one, and f32 scales `[rows, cols / 64]`. Memory is
+/// `rows · cols · 17 / 16` bytes.
 #[derive(Clone)]
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    block: usize,
-    /// Bytes from one row's int8 values to the next (`cols` rounded up to [`LINE`]).
-    stride: usize,
     data: Vec<Line>,
     scales: Vec<f32>,
 }
@@ -95,7 +112,6 @@ impl std::fmt::Debug for Q8Matrix {
         f.debug_struct("Q8Matrix")
             .field("rows", &self.rows)
             .field("cols", &self.cols)
-            .field("block", &self.block)
             .finish_non_exhaustive()
     }
 }
@@ -105,20 +121,8 @@ impl Q8Matrix {
     /// Errors name the problem: an empty shape, `cols` not a multiple of the block, a length
     /// that is not `rows · cols`, or a non-finite weight (its row and column).
     pub fn quantize<T: Q8Source>(w: &[T], rows: usize, cols: usize) -> Result<Self, KernelError> {
-        Self::quantize_blocks(w, rows, cols, Q8_BLOCK)
-    }
-
-    /// [`Self::quantize`] with `block` (32 or 64) inputs per scale.
-    pub fn quantize_blocks<T: Q8Source>(
-        w: &[T],
-        rows: usize,
-        cols: usize,
-        block: usize,
-    ) -> Result<Self, KernelError> {
         let bad = |m: String| KernelError::InvalidArgument(format!("Q8 quantize: {m}"));
-        if block != 32 && block != 64 {
-            return Err(bad(format!("block {block} is not supported (32 or 64)")));
-        }
+        let block = Q8_BLOCK;
         if rows == 0 || cols == 0 {
             return Err(bad(format!("empty matrix [{rows}, {cols}]")));
         }
@@ -134,11 +138,10 @@ impl Q8Matrix {
                 rows * cols
             )));
         }
-        let stride = cols.div_ceil(LINE) * LINE;
         let nb = cols / block;
-        let mut data = vec![Line([0; LINE]); rows * stride / LINE];
+        let mut data = vec![Line([0; LINE]); rows * cols / LINE];
         let mut scales = vec![0f32; rows * nb];
-        data.par_chunks_mut(stride / LINE)
+        data.par_chunks_mut(cols / LINE)
             .zip(scales.par_chunks_mut(nb))
             .enumerate()
             .try_for_each(|(r, (lines, sc))| {
@@ -154,8 +157,6 @@ impl Q8Matrix {
         Ok(Self {
             rows,
             cols,
-            block,
-            stride,
             data,
             scales,
         })
@@ -181,11 +182,6 @@ impl Q8Matrix {
         self.cols
     }
 
-    /// Inputs per scale.
-    pub fn block(&self) -> usize {
-        self.block
-    }
-
     /// Bytes this matrix holds (int8 lines and scales).
     pub fn memory_bytes(&self) -> usize {
         self.data.len() * LINE + self.scales.len() * 4
@@ -193,12 +189,12 @@ impl Q8Matrix {
 
     /// Row `r`'s int8 values (`cols` of them, starting on a 64-byte boundary).
     pub fn row_q(&self, r: usize) -> &[i8] {
-        &self.bytes()[r * self.stride..r * self.stride + self.cols]
+        &self.bytes()[r * self.cols..(r + 1) * self.cols]
     }
 
     /// Row `r`'s scales, one per block of inputs.
     pub fn row_scales(&self, r: usize) -> &[f32] {
-        let nb = self.cols / self.block;
+        let nb = self.cols / Q8_BLOCK;
         &self.scales[r * nb..(r + 1) * nb]
     }
 
@@ -211,7 +207,7 @@ impl Q8Matrix {
                 self.row_q(r)
                     .iter()
                     .enumerate()
-                    .map(|(i, &q)| q as f32 * s[i / self.block]),
+                    .map(|(i, &q)| q as f32 * s[i / Q8_BLOCK]),
             );
         }
         out
@@ -305,17 +301,64 @@ impl WeightRows for Q8Matrix {
         self.cols
     }
     fn packing() -> Packing {
-        Packing::IN_ORDER
+        Packing::Rows(pack_activations)
     }
     #[inline]
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
-        q8_kernel().run(self.row_q(r), self.row_scales(r), self.block, x, n, d)
+        q8_kernel().run(self.row_q(r), self.row_scales(r), x, n, d)
     }
 }
 
-/// `y[t, o] = Σ_i x[t, i] · deq(w)[o, i]` for `t < tokens`: `x` is `[tokens, w.cols()]` f32,
-/// `y` is `[tokens, w.rows()]` f32. [`crate::cpu_gemv::gemv_bf16`]'s contract and threading
-/// with Q8 weights.
+/// One activation row of `inp` f32 values (a multiple of [`Q8_BLOCK`]) in the kernels' layout,
+/// written over the same length: per block of 64, `xs = max|x| / 32767` and the values
+/// `round(x / xs)` as i16, two per 32-bit slot (the first in the low half) in the first
+/// `inp / 2` slots, then the `inp / 64` scales, then zeros. A block holding a NaN or infinity
+/// gets a NaN scale, so the products it enters are NaN as they would be in f32.
+fn pack_activations(src: &[f32], dst: &mut [f32]) {
+    let inp = src.len();
+    assert!(inp.is_multiple_of(Q8_BLOCK) && dst.len() == inp);
+    let (vals, rest) = dst.split_at_mut(inp / 2);
+    let (scales, zeros) = rest.split_at_mut(inp / Q8_BLOCK);
+    zeros.fill(0.0);
+    for ((xb, vb), sc) in src
+        .chunks_exact(Q8_BLOCK)
+        .zip(vals.chunks_exact_mut(Q8_BLOCK / 2))
+        .zip(scales.iter_mut())
+    {
+        let (m, finite) = xb.iter().fold((0f32, true), |(m, ok), v| {
+            (m.max(v.abs()), ok && v.is_finite())
+        });
+        *sc = if !finite { f32::NAN } else { m / ACT_MAX };
+        let inv = if m > 0.0 && finite { ACT_MAX / m } else { 0.0 };
+        let q = |v: f32| (v * inv).round().clamp(-ACT_MAX, ACT_MAX) as i16 as u16 as u32;
+        for (pair, slot) in xb.chunks_exact(2).zip(vb.iter_mut()) {
+            *slot = f32::from_bits(q(pair[0]) | (q(pair[1]) << 16));
+        }
+    }
+}
+
+/// The activations the Q8 kernels multiply for an input row `x` (a multiple of [`Q8_BLOCK`]
+/// values): each rounded to its block's 16-bit fixed-point grid, `round(x / xs) · xs` with
+/// `xs = max_block|x| / 32767`. For references and error bounds.
+pub fn round_activations(x: &[f32]) -> Vec<f32> {
+    let mut packed = vec![0f32; x.len()];
+    pack_activations(x, &mut packed);
+    let inp = x.len();
+    (0..inp)
+        .map(|i| act_value(&packed, inp, i) as f32 * packed[inp / 2 + i / Q8_BLOCK])
+        .collect()
+}
+
+/// Fixed-point activation `i` of a packed row of `inp` values.
+fn act_value(packed: &[f32], inp: usize, i: usize) -> i16 {
+    debug_assert!(i < inp);
+    (packed[i / 2].to_bits() >> (16 * (i % 2))) as u16 as i16
+}
+
+/// `y[t, o] = Σ_i x̂[t, i] · deq(w)[o, i]` for `t < tokens`: `x` is `[tokens, w.cols()]` f32,
+/// `y` is `[tokens, w.rows()]` f32, `x̂` the activations rounded to 16 bits per block of 64
+/// ([`round_activations`]). [`crate::cpu_gemv::gemv_bf16`]'s contract and threading with Q8
+/// weights.
 pub fn gemv_q8(x: &[f32], tokens: usize, w: &Q8Matrix, y: &mut [f32]) -> Result<(), KernelError> {
     check_gemv("gemv_q8", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
     gemv_rows(x, tokens, w, y);
@@ -525,7 +568,8 @@ impl Q8Experts {
 /// [`crate::cpu_moe::experts_forward_bf16`] with Q8 experts (and shared expert): `x` `[T, H]`
 /// f32, returns `[T, H]` f32 = `Σ_j w_j · expert_j(x_t)` (+ `shared(x_t)`). Unlike the bf16
 /// path, nothing is rounded to bf16 on the way (there is no unfused Q8 path to agree with):
-/// activations and sums stay f32.
+/// sums and SiLU·mul stay f32, and each projection's input is rounded to 16 bits per block
+/// as in [`gemv_q8`].
 pub fn experts_forward_q8(
     x: &[f32],
     experts: &Q8Experts,
@@ -566,7 +610,7 @@ pub fn experts_forward_q8(
 }
 
 /// [`crate::cpu_moe::mlp_forward_bf16`] with Q8 weights: `x` `[tokens, H]` f32 → `[tokens, H]`
-/// f32, activations in f32 throughout.
+/// f32, rounded as [`experts_forward_q8`] rounds.
 pub fn mlp_forward_q8(x: &[f32], tokens: usize, mlp: &Q8Mlp) -> Result<Vec<f32>, KernelError> {
     let h = mlp.hidden();
     if x.len() != tokens * h {
@@ -611,10 +655,11 @@ fn cpu_f32(x: &Tensor, what: &str) -> Result<Vec<f32>, KernelError> {
         .to_vec1::<f32>()?)
 }
 
-/// A Q8 row kernel's entry point: `(q, scales, log2(block), x, n, inp, d)`.
-type Q8RowFn = fn(&[i8], &[f32], u32, &[f32], usize, usize, &mut [f32]);
+/// A Q8 row kernel's entry point: `(q, scales, packed x, n, inp, d)`.
+type Q8RowFn = fn(&[i8], &[f32], &[f32], usize, usize, &mut [f32]);
 
-/// One Q8 row kernel: `d[t] = Σ_i q[i] · s[i / block] · x[t·inp + i]` for `t < n`.
+/// One Q8 row kernel: `d[t] = Σ_b s[b] · xs[t, b] · Σ_{i∈b} q[i] · xq[t, i]` for `t < n`,
+/// activations packed by [`pack_activations`].
 #[derive(Clone, Copy)]
 struct Q8Kernel {
     run: Q8RowFn,
@@ -622,24 +667,23 @@ struct Q8Kernel {
 }
 
 impl Q8Kernel {
-    /// `q` is one row (`inp` values, `inp` a multiple of `block`), `s` its `inp / block`
-    /// scales, `x` `n` (≤ [`TOKEN_BLOCK`]) activation rows of `inp` values in order.
+    /// `q` is one row (`inp` values, a multiple of [`Q8_BLOCK`]), `s` its `inp / 64` scales,
+    /// `x` `n` (≤ [`TOKEN_BLOCK`]) packed activation rows of `inp` slots.
     #[inline]
-    fn run(&self, q: &[i8], s: &[f32], block: usize, x: &[f32], n: usize, d: &mut [f32]) {
+    fn run(&self, q: &[i8], s: &[f32], x: &[f32], n: usize, d: &mut [f32]) {
         let inp = q.len();
         assert!(
-            (block == 32 || block == 64)
-                && inp.is_multiple_of(block)
-                && s.len() == inp / block
+            inp.is_multiple_of(Q8_BLOCK)
+                && s.len() == inp / Q8_BLOCK
                 && x.len() >= n * inp
                 && d.len() >= n
                 && n <= TOKEN_BLOCK
         );
-        (self.run)(q, s, block.trailing_zeros(), x, n, inp, d)
+        (self.run)(q, s, x, n, inp, d)
     }
 }
 
-/// Which Q8 row kernel this CPU runs: `avx512`, `avx2` or `portable` (benches print it).
+/// Which Q8 row kernel this CPU runs: `avx512-vnni`, `avx2` or `portable` (benches print it).
 pub fn q8_kernel_name() -> &'static str {
     q8_kernel().name
 }
@@ -664,154 +708,134 @@ fn q8_kernels() -> Vec<Q8Kernel> {
                 name: "avx2",
             });
         }
-        if std::is_x86_feature_detected!("avx512f") {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
+        {
             k.push(Q8Kernel {
                 run: q8_avx512_entry,
-                name: "avx512",
+                name: "avx512-vnni",
             });
         }
     }
     k
 }
 
-/// Reference: per token, `Σ (q · scale) · x` in input order, each weight dequantized to f32 as
-/// [`Q8Matrix::dequantize`] does.
-fn q8_portable(q: &[i8], s: &[f32], shift: u32, x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+/// Reference: per token and block, the exact integer dot product, times both scales, summed
+/// over blocks in f32.
+fn q8_portable(q: &[i8], s: &[f32], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
     for t in 0..n {
-        let xs = &x[t * inp..(t + 1) * inp];
+        let xt = &x[t * inp..(t + 1) * inp];
         let mut acc = 0f32;
-        for (i, (&w, &v)) in q.iter().zip(xs).enumerate() {
-            acc += (w as f32 * s[i >> shift]) * v;
+        for (b, (qb, &sw)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
+            let dot: i32 = qb
+                .iter()
+                .enumerate()
+                .map(|(j, &w)| w as i32 * act_value(xt, inp, b * Q8_BLOCK + j) as i32)
+                .sum();
+            acc += dot as f32 * (sw * xt[inp / 2 + b]);
         }
         d[t] = acc;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_avx512_entry(
-    q: &[i8],
-    s: &[f32],
-    shift: u32,
-    x: &[f32],
-    n: usize,
-    inp: usize,
-    d: &mut [f32],
-) {
-    // SAFETY: selected only after run-time detection of avx512f; `Q8Kernel::run` checks
-    // `q.len() == inp` (a multiple of 32), `s.len() == inp >> shift`, `x.len() >= n * inp`
-    // and `d.len() >= n`.
-    unsafe { by_tokens!(q8_avx512, n, q, s, shift, x, inp, d) }
+fn q8_avx512_entry(q: &[i8], s: &[f32], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx512f, avx512bw and avx512vnni;
+    // `Q8Kernel::run` checks `q.len() == inp` (a multiple of 64), `s.len() == inp / 64`,
+    // `x.len() >= n * inp` and `d.len() >= n`.
+    unsafe { by_tokens!(q8_avx512, n, q, s, x, inp, d) }
 }
 
-/// One Q8 row against `N` activation rows, 64 weights (one line) per step: four vectors of 16
-/// int8 sign-extended to i32, converted to f32 and scaled (once for all tokens), then one FMA
-/// per vector and token. Up to 4 tokens keep four accumulator chains per token (at one token,
-/// two chains would leave the loop bound by FMA latency); more keep two (registers).
+/// One Q8 row against `N` packed activation rows, one block of 64 weights per step: the
+/// block's 64 int8 weights widen to i16 in two ops (shared by every token); per token,
+/// `vpmaddwd` and `vpdpwssd` sum the 64 products into 16 i32 lanes (exact), which convert to
+/// f32 and are added times `weight scale · activation scale`. Two f32 accumulator chains
+/// per token (even and odd blocks) hide the FMA latency.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn q8_avx512<const N: usize>(
-    q: &[i8],
-    s: &[f32],
-    shift: u32,
-    x: &[f32],
-    inp: usize,
-    d: &mut [f32],
-) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn q8_avx512<const N: usize>(q: &[i8], s: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
-    let chains = if N <= 4 { 4 } else { 2 };
-    let mut acc = [[_mm512_setzero_ps(); 4]; N];
+    let mut acc = [[_mm512_setzero_ps(); 2]; N];
     let qp = q.as_ptr();
     let sp = s.as_ptr();
     let xp = x.as_ptr();
     // The scales of the rows this prefetch distance reaches (a hint, never a fault).
-    _mm_prefetch::<PREFETCH_HINT>(sp.wrapping_add(Q8_PREFETCH_AHEAD >> shift) as *const i8);
-    // 16 weights from `qp + i`, dequantized with scale vector `sv`.
-    macro_rules! weights {
-        ($i:expr, $sv:expr) => {
-            _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                    qp.add($i) as *const __m128i
-                ))),
-                $sv,
-            )
-        };
-    }
-    // 32 weights from `i` into accumulator chains `c` and `c + 1`.
-    macro_rules! step32 {
-        ($i:expr, $c:expr) => {{
-            let i = $i;
-            let sv = _mm512_set1_ps(*sp.add(i >> shift));
-            let w0 = weights!(i, sv);
-            let w1 = weights!(i + 16, sv);
-            for t in 0..N {
-                let a = &mut acc[t];
-                a[$c] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a[$c]);
-                a[$c + 1] =
-                    _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a[$c + 1]);
+    _mm_prefetch::<PREFETCH_HINT>(sp.wrapping_add(Q8_PREFETCH_AHEAD / Q8_BLOCK) as *const i8);
+    // Block `b` (weights `64·b..`) into accumulator chain `c`.
+    macro_rules! block {
+        ($b:expr, $c:expr) => {{
+            let b = $b;
+            let i = b * Q8_BLOCK;
+            _mm_prefetch::<PREFETCH_HINT>(qp.wrapping_add(i + Q8_PREFETCH_AHEAD));
+            let w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(qp.add(i) as *const __m256i));
+            let w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(qp.add(i + 32) as *const __m256i));
+            let sw = _mm512_set1_ps(*sp.add(b));
+            for (t, at) in acc.iter_mut().enumerate() {
+                let xt = xp.add(t * inp);
+                let xq = xt as *const i16;
+                let p = _mm512_madd_epi16(w0, _mm512_loadu_si512(xq.add(i) as *const __m512i));
+                let p = _mm512_dpwssd_epi32(
+                    p,
+                    w1,
+                    _mm512_loadu_si512(xq.add(i + 32) as *const __m512i),
+                );
+                let sc = _mm512_mul_ps(sw, _mm512_set1_ps(*xt.add(inp / 2 + b)));
+                at[$c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, at[$c]);
             }
         }};
     }
-    let n64 = inp / 64 * 64;
-    let mut i = 0;
-    while i < n64 {
-        _mm_prefetch::<PREFETCH_HINT>(qp.wrapping_add(i + Q8_PREFETCH_AHEAD));
-        step32!(i, 0);
-        step32!(i + 32, chains - 2);
-        i += 64;
+    let nb = inp / Q8_BLOCK;
+    let mut b = 0;
+    while b + 2 <= nb {
+        block!(b, 0);
+        block!(b + 1, 1);
+        b += 2;
     }
-    if i < inp {
-        step32!(i, 0);
+    if b < nb {
+        block!(b, 0);
     }
-    for t in 0..N {
-        let a = &acc[t];
-        let v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        d[t] = _mm512_reduce_add_ps(v);
+    for (dt, at) in d.iter_mut().zip(&acc) {
+        *dt = _mm512_reduce_add_ps(_mm512_add_ps(at[0], at[1]));
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn q8_avx2_entry(q: &[i8], s: &[f32], shift: u32, x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
+fn q8_avx2_entry(q: &[i8], s: &[f32], x: &[f32], n: usize, inp: usize, d: &mut [f32]) {
     // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
-    unsafe { by_tokens!(q8_avx2, n, q, s, shift, x, inp, d) }
+    unsafe { by_tokens!(q8_avx2, n, q, s, x, inp, d) }
 }
 
-/// [`q8_avx512`] with 8-lane vectors: 32 weights (one block of 32, half of one of 64) per
-/// step as four vectors of 8, two accumulator chains per token.
+/// [`q8_avx512`] with 256-bit vectors and without VNNI: per block, four widenings of 16
+/// weights, and per token four `vpmaddwd` summed into 8 i32 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn q8_avx2<const N: usize>(
-    q: &[i8],
-    s: &[f32],
-    shift: u32,
-    x: &[f32],
-    inp: usize,
-    d: &mut [f32],
-) {
+unsafe fn q8_avx2<const N: usize>(q: &[i8], s: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    let mut acc = [_mm256_setzero_ps(); N];
     let qp = q.as_ptr();
     let xp = x.as_ptr();
-    let mut i = 0;
-    while i < inp {
-        let sv = _mm256_set1_ps(s[i >> shift]);
-        for k in 0..4 {
-            let j = i + 8 * k;
-            let w = _mm256_mul_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    qp.add(j) as *const __m128i
-                ))),
-                sv,
-            );
-            for (t, at) in acc.iter_mut().enumerate() {
-                let a = &mut at[k % 2];
-                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(t * inp + j)), *a);
+    for (b, &swf) in s.iter().enumerate() {
+        let i = b * Q8_BLOCK;
+        let w: [__m256i; 4] = std::array::from_fn(|k| {
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(i + 16 * k) as *const __m128i))
+        });
+        let sw = _mm256_set1_ps(swf);
+        for (t, at) in acc.iter_mut().enumerate() {
+            let xt = xp.add(t * inp);
+            let xq = xt as *const i16;
+            let mut p = _mm256_setzero_si256();
+            for (k, wk) in w.iter().enumerate() {
+                let xv = _mm256_loadu_si256(xq.add(i + 16 * k) as *const __m256i);
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(*wk, xv));
             }
+            let sc = _mm256_mul_ps(sw, _mm256_set1_ps(*xt.add(inp / 2 + b)));
+            *at = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, *at);
         }
-        i += 32;
     }
     for (dt, at) in d.iter_mut().zip(&acc) {
         let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(at[0], at[1]));
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *at);
         *dt = lanes.iter().sum();
     }
 }
@@ -825,49 +849,77 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
-    /// Bound on |a − b| for two f32 sums of the same `n` terms in different orders: each is
-    /// within γ_n · Σ|terms| of the exact sum (γ_n = n·u / (1 − n·u), u = 2⁻²⁴), plus one
-    /// rounding of each product.
+    /// Bound on |a − b| for two f32 sums of the same `n` terms in different orders and
+    /// groupings: each is within γ_n · Σ|terms| of the exact sum (γ_n = n·u / (1 − n·u),
+    /// u = 2⁻²⁴), with one more rounding for the product of the scales.
     fn order_bound(n: usize, abs_sum: f64) -> f64 {
         let u = f32::EPSILON as f64 / 2.0;
         let g = (n + 1) as f64 * u / (1.0 - (n + 1) as f64 * u);
         2.0 * g * abs_sum + 1e-30
     }
 
-    /// Every kernel this CPU runs against the portable reference on the same quantized row,
-    /// for every token count and both block sizes, lengths around the 32/64 steps.
+    /// Every kernel this CPU runs against the portable reference on the same quantized row
+    /// and packed activations, for every token count, lengths around the two-block step, and
+    /// activations with an outlier, a zero block and tiny values.
     #[test]
     fn every_kernel_matches_the_portable_reference() {
         let kernels = q8_kernels();
         let reference = kernels[0];
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for k in &kernels[1..] {
-            for block in [32, 64] {
-                for inp in [block, 2 * block, 3 * block, 5 * block, 1024, 1024 + block] {
-                    for n in 1..=TOKEN_BLOCK {
-                        let w =
-                            Q8Matrix::quantize_blocks(&rnd(&mut rng, inp), 1, inp, block).unwrap();
-                        let x = rnd(&mut rng, n * inp);
-                        let (mut got, mut want) = ([f32::NAN; 8], [f32::NAN; 8]);
-                        k.run(w.row_q(0), w.row_scales(0), block, &x, n, &mut got);
-                        reference.run(w.row_q(0), w.row_scales(0), block, &x, n, &mut want);
-                        let deq = w.dequantize();
-                        for t in 0..n {
-                            let abs: f64 = (0..inp)
-                                .map(|i| (deq[i] as f64 * x[t * inp + i] as f64).abs())
-                                .sum();
-                            assert!(
-                                ((got[t] - want[t]) as f64).abs() <= order_bound(inp, abs),
-                                "{} block {block} inp {inp} n {n} t {t}: {} vs {}",
-                                k.name,
-                                got[t],
-                                want[t]
-                            );
-                        }
+            for inp in [64, 128, 192, 320, 1024, 1088] {
+                for n in 1..=TOKEN_BLOCK {
+                    let w = Q8Matrix::quantize(&rnd(&mut rng, inp), 1, inp).unwrap();
+                    let mut x = rnd(&mut rng, n * inp);
+                    x[3] = 40.0;
+                    x[inp * n - 64..].fill(0.0);
+                    if inp * n >= 128 {
+                        x[inp * n - 70] *= 1e-20;
+                    }
+                    let mut xp = vec![0f32; x.len()];
+                    for (s, d) in x.chunks(inp).zip(xp.chunks_mut(inp)) {
+                        pack_activations(s, d);
+                    }
+                    let (mut got, mut want) = ([f32::NAN; 8], [f32::NAN; 8]);
+                    k.run(w.row_q(0), w.row_scales(0), &xp, n, &mut got);
+                    reference.run(w.row_q(0), w.row_scales(0), &xp, n, &mut want);
+                    let deq = w.dequantize();
+                    for t in 0..n {
+                        let xr = round_activations(&x[t * inp..(t + 1) * inp]);
+                        let abs: f64 = (0..inp).map(|i| (deq[i] as f64 * xr[i] as f64).abs()).sum();
+                        assert!(
+                            ((got[t] - want[t]) as f64).abs() <= order_bound(inp, abs),
+                            "{} inp {inp} n {n} t {t}: {} vs {}",
+                            k.name,
+                            got[t],
+                            want[t]
+                        );
                     }
                 }
             }
         }
+    }
+
+    /// The packed layout round-trips through [`round_activations`] within half a step, and a
+    /// non-finite value makes its block's scale NaN.
+    #[test]
+    fn activations_round_to_half_a_step() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let mut x = rnd(&mut rng, 192);
+        x[70] = -1e3;
+        x[128..].iter_mut().for_each(|v| *v *= 1e-30);
+        let r = round_activations(&x);
+        for b in 0..3 {
+            let xb = &x[b * 64..(b + 1) * 64];
+            let step = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 32767.0;
+            for (i, (&v, &q)) in xb.iter().zip(&r[b * 64..]).enumerate() {
+                let err = (v as f64 - q as f64).abs();
+                assert!(err <= 0.51 * step, "block {b} value {i}: {v} -> {q}");
+            }
+        }
+        x[5] = f32::NAN;
+        let r = round_activations(&x);
+        assert!(r[..64].iter().all(|v| v.is_nan()) && r[64..].iter().all(|v| v.is_finite()));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use switchyard_kernels::cpu_moe::ExpertDims;
 use switchyard_kernels::cpu_q8::{
-    experts_forward_q8, experts_q8, gemv_q8, linear_q8, mlp_forward_q8, mlp_q8, Q8Experts,
-    Q8Matrix, Q8Mlp, Q8_BLOCK,
+    experts_forward_q8, experts_q8, gemv_q8, linear_q8, mlp_forward_q8, mlp_q8, round_activations,
+    Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK,
 };
 use switchyard_kernels::{dispatch, gate_topk, GateConfig, ScoreFunction};
 
@@ -31,7 +31,7 @@ fn gamma(n: usize) -> f64 {
 /// Checks `|w − q·scale| ≤ scale / 2` (in f64, where `q·scale` is exact) and that each
 /// block's scale is its `max|w| / 127` rounded to f32 (or one ulp up).
 fn check_round_trip(w: &[f32], m: &Q8Matrix) {
-    let (rows, cols, b) = (m.rows(), m.cols(), m.block());
+    let (rows, cols, b) = (m.rows(), m.cols(), Q8_BLOCK);
     for r in 0..rows {
         let (q, s) = (m.row_q(r), m.row_scales(r));
         for (blk, sc) in s.iter().enumerate() {
@@ -59,35 +59,27 @@ fn check_round_trip(w: &[f32], m: &Q8Matrix) {
 #[test]
 fn quantize_round_trip_is_within_half_a_step() {
     let mut rng = Rng64::seed_from_u64(1);
-    for block in [32, 64] {
-        for &(rows, cols) in &[
-            (1, block),
-            (3, 3 * block),
-            (70, 1024),
-            (5, 1088 / block * block),
-        ] {
-            let mut w = rnd(&mut rng, rows * cols, 0.05);
-            // An all-zero block, a block of tiny values, an outlier and subnormals.
-            w[..block].fill(0.0);
-            if rows * cols >= 4 * block {
-                w[block..2 * block].iter_mut().for_each(|v| *v *= 1e-30);
-                w[2 * block + 5] = 3.0;
-                w[3 * block] = f32::from_bits(3);
-            }
-            let m = Q8Matrix::quantize_blocks(&w, rows, cols, block).unwrap();
-            check_round_trip(&w, &m);
-            // From bf16: the same as quantizing the widened values.
-            let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-            let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            let mb = Q8Matrix::quantize_blocks(&wb, rows, cols, block).unwrap();
-            check_round_trip(&wf, &mb);
-            assert_eq!(
-                mb.dequantize(),
-                Q8Matrix::quantize_blocks(&wf, rows, cols, block)
-                    .unwrap()
-                    .dequantize()
-            );
+    let block = Q8_BLOCK;
+    for &(rows, cols) in &[(1, 64), (3, 192), (70, 1024), (5, 1088)] {
+        let mut w = rnd(&mut rng, rows * cols, 0.05);
+        // An all-zero block, a block of tiny values, an outlier and subnormals.
+        w[..block].fill(0.0);
+        if rows * cols >= 4 * block {
+            w[block..2 * block].iter_mut().for_each(|v| *v *= 1e-30);
+            w[2 * block + 5] = 3.0;
+            w[3 * block] = f32::from_bits(3);
         }
+        let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
+        check_round_trip(&w, &m);
+        // From bf16: the same as quantizing the widened values.
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+        let mb = Q8Matrix::quantize(&wb, rows, cols).unwrap();
+        check_round_trip(&wf, &mb);
+        assert_eq!(
+            mb.dequantize(),
+            Q8Matrix::quantize(&wf, rows, cols).unwrap().dequantize()
+        );
     }
 }
 
@@ -97,7 +89,6 @@ fn quantize_errors_name_the_problem() {
     assert!(msg(Q8Matrix::quantize::<f32>(&[], 0, 64)).contains("empty"));
     assert!(msg(Q8Matrix::quantize(&[0f32; 96], 1, 96)).contains("not a multiple of the block"));
     assert!(msg(Q8Matrix::quantize(&[0f32; 100], 2, 64)).contains("100 values"));
-    assert!(msg(Q8Matrix::quantize_blocks(&[0f32; 48], 1, 48, 48)).contains("block 48"));
     let mut w = vec![0.5f32; 3 * 64];
     w[64 + 7] = f32::NAN;
     assert!(msg(Q8Matrix::quantize(&w, 3, 64)).contains("[1, 7] is not finite"));
@@ -109,38 +100,48 @@ fn quantize_errors_name_the_problem() {
     assert!(gemv_q8(&[0.0; 64], 1, &m, &mut [0.0; 3]).is_err());
 }
 
-/// `gemv_q8` against the product with the unquantized f32 weights, in f64. Per output the
-/// bound is Σ_i (scale_b(i) / 2)·|x_i| (quantization) + (γ_n + u)·Σ_i |deq_i·x_i| (f32
-/// dequantization and summation); and against the dequantized weights only the second term.
-fn check_gemv(rng: &mut Rng64, tokens: usize, out: usize, inp: usize, block: usize) {
+/// `gemv_q8` against the product with the unquantized f32 weights and activations, in f64.
+/// Per output the bound is Σ_i (scale_b(i) / 2)·|x_i| (weights) + Σ_i |deq_i|·0.51·xs_b(i)
+/// (activations rounded to 16 bits, `xs = max_b|x| / 32767`, half a step plus the rounding of
+/// `x / xs`) + (γ_n + u)·Σ_i |deq_i·x_i| (f32 sums and scale products). Against the
+/// dequantized weights times the rounded activations ([`round_activations`]) only the last
+/// term remains.
+fn check_gemv(rng: &mut Rng64, tokens: usize, out: usize, inp: usize) {
     let w = rnd(rng, out * inp, 0.1);
-    let x = rnd(rng, tokens * inp, 1.0);
-    let m = Q8Matrix::quantize_blocks(&w, out, inp, block).unwrap();
+    let mut x = rnd(rng, tokens * inp, 1.0);
+    x[0] = 8.0; // an outlier coarsens its block's activation grid
+    let m = Q8Matrix::quantize(&w, out, inp).unwrap();
     let deq = m.dequantize();
     let mut y = vec![f32::NAN; tokens * out];
     gemv_q8(&x, tokens, &m, &mut y).unwrap();
     for t in 0..tokens {
         let xt = &x[t * inp..(t + 1) * inp];
+        let xr = round_activations(xt);
+        let step: Vec<f64> = xt
+            .chunks(Q8_BLOCK)
+            .map(|b| b.iter().fold(0f64, |a, v| a.max(v.abs() as f64)) / 32767.0)
+            .collect();
         for o in 0..out {
             let s = m.row_scales(o);
             let (mut exact, mut on_deq, mut quant, mut mag) = (0f64, 0f64, 0f64, 0f64);
             for i in 0..inp {
                 let (wi, di, xi) = (w[o * inp + i] as f64, deq[o * inp + i] as f64, xt[i] as f64);
+                let b = i / Q8_BLOCK;
                 exact += wi * xi;
-                on_deq += di * xi;
-                quant += s[i / block] as f64 / 2.0 * xi.abs();
+                on_deq += di * xr[i] as f64;
+                quant += s[b] as f64 / 2.0 * xi.abs() + di.abs() * 0.51 * step[b];
                 mag += (di * xi).abs();
             }
             let got = y[t * out + o] as f64;
-            let round = (gamma(inp) + U) * mag;
+            let round = (gamma(inp) + 2.0 * U) * mag;
             assert!(
                 (got - exact).abs() <= quant + round,
-                "{tokens}x{out}x{inp} block {block} t{t} o{o}: {got} vs unquantized {exact}, bound {}",
+                "{tokens}x{out}x{inp} t{t} o{o}: {got} vs unquantized {exact}, bound {}",
                 quant + round
             );
             assert!(
-                (got - on_deq).abs() <= gamma(inp) * mag + 1e-30,
-                "{tokens}x{out}x{inp} block {block} t{t} o{o}: {got} vs dequantized {on_deq}"
+                (got - on_deq).abs() <= (gamma(inp) + 2.0 * U) * mag + 1e-30,
+                "{tokens}x{out}x{inp} t{t} o{o}: {got} vs dequantized {on_deq}"
             );
         }
     }
@@ -150,12 +151,10 @@ fn check_gemv(rng: &mut Rng64, tokens: usize, out: usize, inp: usize, block: usi
 fn gemv_q8_is_within_the_q8_bound_of_the_f32_product() {
     let mut rng = Rng64::seed_from_u64(2);
     // Partial row blocks (out not a multiple of the 64-row tasks), every token count to 20.
-    for block in [32, 64] {
-        for tokens in 1..=20 {
-            let out = [1, 63, 65, 130, 200][tokens % 5];
-            let inp = [block, 2 * block, 1024, 5 * block][tokens % 4];
-            check_gemv(&mut rng, tokens, out, inp, block);
-        }
+    for tokens in 1..=20 {
+        let out = [1, 63, 65, 130, 200][tokens % 5];
+        let inp = [64, 128, 1024, 320][tokens % 4];
+        check_gemv(&mut rng, tokens, out, inp);
     }
 }
 
@@ -167,12 +166,10 @@ proptest! {
         seed in any::<u64>(),
         tokens in 1usize..=20,
         out in 1usize..=150,
-        blocks in 1usize..=24,
-        big in any::<bool>(),
+        blocks in 1usize..=20,
     ) {
-        let block = if big { 64 } else { 32 };
         let mut rng = Rng64::seed_from_u64(seed);
-        check_gemv(&mut rng, tokens, out, blocks * block, block);
+        check_gemv(&mut rng, tokens, out, blocks * Q8_BLOCK);
     }
 
     #[test]
@@ -189,10 +186,11 @@ proptest! {
     }
 }
 
-/// `down · (silu(gate · x) ⊙ (up · x))` in f64 on dequantized weights for one token, and per
-/// output a bound on the f32 kernels' rounding error: each dot product of `n` terms is off by
-/// at most γ_n · Σ|terms|, carried through SiLU (slope ≤ 1.1) and the product, plus a few
-/// roundings of the activation itself (exp, division, product).
+/// `down · (silu(gate · x) ⊙ (up · x))` in f64 on dequantized weights for one token (`x` as
+/// the kernel rounds it, [`round_activations`]), and per output a bound on the kernels'
+/// rounding error: each dot product of `n` terms is off by at most γ_n · Σ|terms|, carried
+/// through SiLU (slope ≤ 1.1) and the product, plus a few roundings of the activation itself
+/// (exp, division, product) and its rounding to 16 bits before `down`.
 fn mlp_f64(m: &Q8Mlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     let (gu, dn) = (m.gate_up().dequantize(), m.down().dequantize());
     let (h, i) = (m.hidden(), m.inter());
@@ -211,6 +209,11 @@ fn mlp_f64(m: &Q8Mlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
         let (eg, eu) = (gamma(h) * gm, gamma(h) * um);
         act_err[r] = 1.1 * eg * (u.abs() + eu) + sg.abs() * eu + 8.0 * U * act[r].abs();
     }
+    // The kernel rounds the activations to 16 bits per block of 64 before `down`.
+    let step: Vec<f64> = act
+        .chunks(Q8_BLOCK)
+        .map(|b| b.iter().fold(0f64, |m, v| m.max(v.abs())) / 32767.0)
+        .collect();
     let y = (0..h)
         .map(|c| (0..i).map(|r| dn[c * i + r] as f64 * act[r]).sum())
         .collect();
@@ -219,7 +222,8 @@ fn mlp_f64(m: &Q8Mlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
             (0..i)
                 .map(|r| {
                     let d = (dn[c * i + r] as f64).abs();
-                    d * act_err[r] + gamma(i) * d * act[r].abs()
+                    let e = act_err[r] + 0.52 * step[r / Q8_BLOCK];
+                    d * e + gamma(i) * d * act[r].abs()
                 })
                 .sum()
         })
@@ -241,12 +245,11 @@ fn close(got: f32, want: f64, err: f64, what: &str) {
 #[test]
 fn moe_and_mlp_match_dequantized_f64_loops() {
     let mut rng = Rng64::seed_from_u64(3);
-    // Block 32 cases have row counts that leave partial 64-row tasks (H 96 and 160).
-    for &(t, h, i, e, k, block) in &[
-        (1, 128, 64, 8, 2, 64),
-        (37, 128, 192, 16, 4, 64),
-        (5, 96, 64, 6, 6, 32),
-        (20, 160, 96, 4, 1, 32),
+    for &(t, h, i, e, k) in &[
+        (1, 128, 64, 8, 2),
+        (37, 128, 192, 16, 4),
+        (5, 64, 128, 6, 6),
+        (20, 192, 64, 4, 1),
     ] {
         let dims = ExpertDims {
             experts: e,
@@ -261,7 +264,7 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        let q = |w: &[bf16], r, c| Q8Matrix::quantize_blocks(w, r, c, block).unwrap();
+        let q = |w: &[bf16], r, c| Q8Matrix::quantize(w, r, c).unwrap();
         let experts = Q8Experts::new(
             (0..e)
                 .map(|x| {
@@ -271,14 +274,12 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
                 .collect(),
         )
         .unwrap();
-        if block == Q8_BLOCK {
-            let stacked = Q8Experts::quantize(&gu, &dn, dims).unwrap();
-            assert_eq!(
-                stacked.expert(e - 1).down().dequantize(),
-                experts.expert(e - 1).down().dequantize()
-            );
-        }
-        let si = i + block;
+        let stacked = Q8Experts::quantize(&gu, &dn, dims).unwrap();
+        assert_eq!(
+            stacked.expert(e - 1).down().dequantize(),
+            experts.expert(e - 1).down().dequantize()
+        );
+        let si = i + Q8_BLOCK;
         let sgu: Vec<bf16> = rnd(&mut rng, 2 * si * h, 0.2)
             .into_iter()
             .map(bf16::from_f32)
@@ -289,6 +290,7 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
             .collect();
         let shared = Q8Mlp::new(q(&sgu, 2 * si, h), q(&sdn, h, si)).unwrap();
         let x = rnd(&mut rng, t * h, 1.0);
+        let xr: Vec<f32> = x.chunks(h).flat_map(round_activations).collect();
         let logits: Vec<f32> = (0..t * e)
             .map(|j| rng.random_range(-1.0..1.0) + if j % e < 2 { 3.0 } else { 0.0 })
             .collect();
@@ -309,11 +311,11 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
         let dense = mlp_forward_q8(&x, t, &shared).unwrap();
         let what = format!("T{t} H{h} I{i} E{e} k{k}");
         // Besides the worst-case bound per value: the relative RMS error of each output is
-        // that of f32 rounding (~1e-6 here), far below the worst case, which a small
-        // systematic error (1e-4 in the activations) would pass.
+        // that of the 16-bit activations and f32 rounding (~1e-5 here), far below the worst
+        // case, which a small systematic error (1e-3 in the activations) would pass.
         let mut rms = [[0f64; 2]; 3];
         for tok in 0..t {
-            let xr = &x[tok * h..(tok + 1) * h];
+            let xr = &xr[tok * h..(tok + 1) * h];
             let (mut want, mut mag) = (vec![0f64; h], vec![0f64; h]);
             for j in 0..k {
                 let ex = g.ids[tok * k + j] as usize;
@@ -353,7 +355,7 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
         }
         for (acc, name) in rms.iter().zip(["routed", "routed+shared", "dense"]) {
             let rel = (acc[0] / acc[1]).sqrt();
-            assert!(rel <= 1e-5, "{name} {what}: relative RMS error {rel:e}");
+            assert!(rel <= 1e-4, "{name} {what}: relative RMS error {rel:e}");
         }
         // The tensor entry points give the same values.
         let xt = Tensor::from_vec(x.clone(), (t, h), &Device::Cpu).unwrap();
