@@ -7,7 +7,7 @@
 //! `Q8_AB=7 cargo bench -p switchyard-kernels --bench cpu_q8` runs 7 rounds, each timing bf16
 //! and q8 back to back per shape (order alternating per round), and prints every pair's ratio
 //! and the medians. `Q8_AB_MIB` sets the working set per format (default 512 MiB; e.g. 16 for
-//! cache-resident weights).
+//! cache-resident weights), `Q8_AB_TOKENS` the tokens per matrix product (default 1).
 
 use std::time::Instant;
 
@@ -36,6 +36,14 @@ const MOE: ExpertDims = ExpertDims {
     hidden: 1024,
 };
 const TOP_K: usize = 8;
+
+/// Tokens per gemv call (`Q8_AB_TOKENS`, default 1 = decode; the MoE case is always 1).
+fn tokens() -> usize {
+    std::env::var("Q8_AB_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
 
 fn mib() -> usize {
     std::env::var("Q8_AB_MIB")
@@ -74,26 +82,27 @@ fn gemv_case(out: usize, inp: usize) -> Case {
     let wq: Vec<Q8Matrix> = (0..qcopies)
         .map(|k| Q8Matrix::quantize(&wb[k % copies], out, inp).unwrap())
         .collect();
-    let x: Vec<f32> = (0..inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut y = vec![0f32; out];
+    let t = tokens();
+    let x: Vec<f32> = (0..t * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut y = vec![0f32; t * out];
     let qbytes = wq[0].memory_bytes();
     // The quantization error of the product: relative RMS of q8 against bf16 weights.
-    let mut yq = vec![0f32; out];
-    gemv_bf16(&x, 1, &wb[0], out, inp, &mut y).unwrap();
-    gemv_q8(&x, 1, &wq[0], &mut yq).unwrap();
+    let mut yq = vec![0f32; t * out];
+    gemv_bf16(&x, t, &wb[0], out, inp, &mut y).unwrap();
+    gemv_q8(&x, t, &wq[0], &mut yq).unwrap();
     let (e2, y2) = y.iter().zip(&yq).fold((0f64, 0f64), |(e, s), (a, b)| {
         (e + (*a as f64 - *b as f64).powi(2), s + (*a as f64).powi(2))
     });
     Case {
         rel_err: (e2 / y2).sqrt(),
-        name: format!("{out}x{inp}_t1"),
+        name: format!("{out}x{inp}_t{t}"),
         weights: out * inp,
         bytes: [out * inp * 2, qbytes],
         run: Box::new(move |fmt, k| {
             if fmt == 0 {
-                gemv_bf16(&x, 1, &wb[k % copies], out, inp, &mut y).unwrap();
+                gemv_bf16(&x, t, &wb[k % copies], out, inp, &mut y).unwrap();
             } else {
-                gemv_q8(&x, 1, &wq[k % qcopies], &mut y).unwrap();
+                gemv_q8(&x, t, &wq[k % qcopies], &mut y).unwrap();
             }
         }),
     }
@@ -234,8 +243,9 @@ fn median(v: &mut [f64]) -> f64 {
 fn interleaved(rounds: usize) {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "bf16 vs q8 (kernel {}), one token, {} MiB per format, {rounds} rounds; load {}",
+        "bf16 vs q8 (kernel {}), {} token(s), {} MiB per format, {rounds} rounds; load {}",
         q8_kernel_name(),
+        tokens(),
         mib(),
         load.split_whitespace()
             .take(3)
