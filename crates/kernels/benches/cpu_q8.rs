@@ -7,7 +7,8 @@
 //! `Q8_AB=7 cargo bench -p switchyard-kernels --bench cpu_q8` runs 7 rounds, each timing bf16
 //! and q8 back to back per shape (order alternating per round), and prints every pair's ratio
 //! and the medians. `Q8_AB_MIB` sets the working set per format (default 512 MiB; e.g. 16 for
-//! cache-resident weights), `Q8_AB_TOKENS` the tokens per matrix product (default 1).
+//! cache-resident weights), `Q8_AB_TOKENS` the tokens per matrix product (default 1),
+//! `Q8_AB_CASE` a substring of the cases to run.
 
 use std::time::Instant;
 
@@ -197,8 +198,17 @@ fn moe_case() -> Case {
 }
 
 fn cases() -> Vec<Case> {
-    let mut c: Vec<Case> = SHAPES.iter().map(|&(o, i)| gemv_case(o, i)).collect();
-    c.push(moe_case());
+    // `Q8_AB_CASE=moe` (a substring of the names) runs only the matching cases, e.g. to
+    // profile one of them.
+    let only = std::env::var("Q8_AB_CASE").unwrap_or_default();
+    let mut c: Vec<Case> = SHAPES
+        .iter()
+        .filter(|(o, i)| format!("{o}x{i}").contains(&only))
+        .map(|&(o, i)| gemv_case(o, i))
+        .collect();
+    if "moe_small".contains(&only) {
+        c.push(moe_case());
+    }
     c
 }
 
