@@ -329,8 +329,11 @@ fn pack_activations(src: &[f32], dst: &mut [f32]) {
             (m.max(v.abs()), ok && v.is_finite())
         });
         *sc = if !finite { f32::NAN } else { m / ACT_MAX };
-        let inv = if m > 0.0 && finite { ACT_MAX / m } else { 0.0 };
-        let q = |v: f32| (v * inv).round().clamp(-ACT_MAX, ACT_MAX) as i16 as u16 as u32;
+        // `v / m` rather than `v · (32767 / m)`: the reciprocal overflows for blocks of tiny
+        // values (m < 1e-34; their scale is subnormal, so their grid is coarser than half a
+        // step, at magnitudes no product notices).
+        let m = if m > 0.0 && finite { m } else { f32::INFINITY };
+        let q = |v: f32| ((v / m) * ACT_MAX).round().clamp(-ACT_MAX, ACT_MAX) as i16 as u16 as u32;
         for (pair, slot) in xb.chunks_exact(2).zip(vb.iter_mut()) {
             *slot = f32::from_bits(q(pair[0]) | (q(pair[1]) << 16));
         }
