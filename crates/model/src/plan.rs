@@ -12,6 +12,10 @@
 //! - the embedding and lm_head are vocabulary parallel;
 //! - norms, the MoE gate's weight and its expert bias are replicated.
 //!
+//! [`crate::HyV3Model::load_parallel`] runs exactly this layout ([`crate::parallel`]; CPU ranks
+//! for now), splitting by the same rule ([`crate::parallel::split`]); `tests/parallel.rs`
+//! checks that every rank holds the bytes planned here for it, in f32 and bf16.
+//!
 //! Stored sizes follow real Hy3 checkpoints: the gate weight and expert bias are f32 in every
 //! format; in FP8 checkpoints the projection matrices are e4m3 with an f32 `weight_scale` and
 //! `input_scale` each, while embeddings, lm_head and norms stay bf16. The FP8 figures are the
