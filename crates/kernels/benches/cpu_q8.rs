@@ -80,9 +80,17 @@ fn gemv_case(out: usize, inp: usize) -> Case {
     let copies = (mib() << 20).div_ceil(out * inp * 2).max(1);
     let wb: Vec<Vec<bf16>> = (0..copies).map(|_| weights(&mut rng, out * inp)).collect();
     let qcopies = (mib() << 20).div_ceil(out * inp).max(1);
+    let t0 = Instant::now();
     let wq: Vec<Q8Matrix> = (0..qcopies)
         .map(|k| Q8Matrix::quantize(&wb[k % copies], out, inp).unwrap())
         .collect();
+    if std::env::var_os("Q8_AB").is_some() {
+        let rate = (qcopies * out * inp) as f64 / t0.elapsed().as_secs_f64();
+        eprintln!(
+            "quantize {out}x{inp} from bf16: {:.0} M weights/s",
+            rate / 1e6
+        );
+    }
     let t = tokens();
     let x: Vec<f32> = (0..t * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
     let mut y = vec![0f32; t * out];

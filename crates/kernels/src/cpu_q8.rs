@@ -782,6 +782,8 @@ unsafe fn q8_avx512<const N: usize>(q: &[i8], s: &[f32], x: &[f32], inp: usize, 
                 let x1 = _mm512_loadu_si512(xq.add(i + 32) as *const __m512i);
                 // LLVM splits `_mm512_dpwssd_epi32` into `vpmaddwd` + `vpaddd` (one op more
                 // per block and token); written out, it stays one instruction.
+                // SAFETY: registers only (no memory, no stack); this function is compiled
+                // with avx512vnni and runs only where it was detected.
                 std::arch::asm!(
                     "vpdpwssd {p}, {w}, {x}",
                     p = inout(zmm_reg) p,
