@@ -20,8 +20,9 @@
 //! widen to i16 in one op and `vpdpwssd` (AVX-512 VNNI) multiplies and adds 32 pairs into i32
 //! lanes. Per 64 weights and token: two widenings (shared by all tokens), two integer
 //! multiply-adds, one conversion and two f32 ops for both scales — 7 at one token. The
-//! activation rounding is at most `xs / 2 = max_b|x| / 65534` per value, 256× finer than the
-//! weights' step and below the bf16 rounding the model's activations already carry.
+//! activation rounding is at most `xs / 2 = max_b|x| / 65534` per value: relative to the
+//! block's largest value 258× finer than the weights' step, and finer than bf16's rounding
+//! (which the model's activations already carry) for every value above 1/128 of it.
 //!
 //! Error: `|w − q·scale| ≤ scale / 2` per weight, so against f32 weights and activations a
 //! product `y = Σ w_i x_i` is off by at most `Σ_b (scale_b / 2) Σ_{i∈b} |x_i|` (weights) `+
