@@ -164,6 +164,10 @@ pub struct SeqAttn<'a> {
 /// the passes over them. The per-tile softmax bookkeeping (max, rescale) is amortised over this
 /// many tokens.
 const TILE: usize = 32;
+const _: () = assert!(
+    TILE.is_multiple_of(16),
+    "the softmax loops take 16-wide chunks"
+);
 
 /// Queries one unit serves: up to 16 query heads of one KV head (or fewer heads times
 /// consecutive prefill rows). Hy3 has 8 query heads per KV head, so a decode unit covers its
@@ -738,14 +742,20 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
             let head_off = unit.head0 / cx.group * hd;
             let nq = task.rows * unit.heads;
             let q = s.q.as_ptr().add(u * MAX_QUERIES * hd);
+            // The rows the next unit reads (the next KV head on this tile, or the first on
+            // the next tile): one unit's tile (16 KiB of bf16 K/V at Hy3's shapes) ahead stays
+            // in L1 until it is used and is still far enough ahead to hide DRAM latency.
+            let (pf_rows, pf_head) = match cx.units.get(u + 1) {
+                Some(nu) => (&cur[..n], nu.head0 / cx.group * hd),
+                None => (&next[..nn], cx.units[0].head0 / cx.group * hd),
+            };
             // Scores: each K row once, against every query of the unit.
             for (t, &o) in cur[..n].iter().enumerate() {
-                if t < nn {
-                    // A hint, never a fault: this head's rows of the next tile, spread over
-                    // this tile's work.
+                if let Some(&pf) = pf_rows.get(t) {
+                    // A hint, never a fault; spread over this unit's work.
                     for b in (0..row_bytes).step_by(64) {
-                        S::prefetch((kp.add(next[t] + head_off) as *const u8).add(b));
-                        S::prefetch((vp.add(next[t] + head_off) as *const u8).add(b));
+                        S::prefetch((kp.add(pf + pf_head) as *const u8).add(b));
+                        S::prefetch((vp.add(pf + pf_head) as *const u8).add(b));
                     }
                 }
                 let kr = kp.add(o + head_off);
@@ -771,13 +781,22 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
                     *row = [0.0; TILE];
                     continue;
                 }
-                // Lane-wise max and sum so the loops vectorise; tokens past `valid` are masked.
-                let mut maxes = [f32::NEG_INFINITY; 16];
-                for (t, &x) in row.iter().enumerate() {
-                    let x = if t < valid { x } else { f32::NEG_INFINITY };
-                    maxes[t % 16] = maxes[t % 16].max(x);
+                // Lane-wise max and sum over 16-wide chunks so the loops vectorise (`>` rather
+                // than `f32::max`, whose NaN rule does not); tokens past `valid` are masked.
+                for (t, x) in row.iter_mut().enumerate() {
+                    if t >= valid {
+                        *x = f32::NEG_INFINITY;
+                    }
                 }
-                let mx = maxes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut maxes = [f32::NEG_INFINITY; 16];
+                for c in row.chunks_exact(16) {
+                    for (m, &x) in maxes.iter_mut().zip(c) {
+                        *m = if x > *m { x } else { *m };
+                    }
+                }
+                let mx = maxes
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
                 if mx > s.m[i] {
                     if s.l[i] > 0.0 {
                         let c = (s.m[i] - mx).exp();
@@ -789,15 +808,15 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
                     s.m[i] = mx;
                 }
                 let m = s.m[i];
+                // Masked scores are −∞, so their weights are exactly 0.
                 for x in row.iter_mut() {
                     *x = exp_nonpositive(*x - m);
                 }
                 let mut sums = [0f32; 16];
-                for (t, x) in row.iter_mut().enumerate() {
-                    if t >= valid {
-                        *x = 0.0;
+                for c in row.chunks_exact(16) {
+                    for (s, &x) in sums.iter_mut().zip(c) {
+                        *s += x;
                     }
-                    sums[t % 16] += *x;
                 }
                 s.l[i] += sums.iter().sum::<f32>();
             }
