@@ -702,13 +702,16 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
                 let j = jb + jj;
                 let (r, h) = (j / unit.heads, j % unit.heads);
                 let src = &cx.q[((task.row0 + r) * cx.heads + unit.head0 + h) * hd..][..hd];
-                for (d, x) in src.iter().enumerate() {
-                    let at = if d < vec_end {
-                        (d / S::LANES * nb + jj) * S::LANES + d % S::LANES
-                    } else {
-                        vec_end * nb + jj * (hd - vec_end) + d - vec_end
-                    };
-                    dst[at] = x * cx.scale;
+                let (body, tail) = src.split_at(vec_end);
+                for (c, chunk) in body.chunks_exact(S::LANES).enumerate() {
+                    let at = (c * nb + jj) * S::LANES;
+                    for (d, x) in dst[at..at + S::LANES].iter_mut().zip(chunk) {
+                        *d = x * cx.scale;
+                    }
+                }
+                let at = vec_end * nb + jj * tail.len();
+                for (d, x) in dst[at..at + tail.len()].iter_mut().zip(tail) {
+                    *d = x * cx.scale;
                 }
             }
         }
