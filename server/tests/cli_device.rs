@@ -4,33 +4,10 @@
 
 mod common;
 
-use common::{model_dir, run_cli as run};
-use serde_json::Value;
+use common::{bench_json, generate_json, generated_ids as ids};
 
 fn generate(extra: &[&str]) -> (bool, String, String) {
-    let dir = model_dir().to_str().expect("utf-8 path").to_string();
-    let mut args = vec![
-        "generate",
-        "--model",
-        &dir,
-        "--input-ids",
-        "5,9,13,2",
-        "--max-tokens",
-        "6",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
-}
-
-fn ids(stdout: &str) -> Vec<u64> {
-    let v: Value = serde_json::from_str(stdout.trim()).expect("generate --json prints JSON");
-    v["generated_ids"]
-        .as_array()
-        .expect("generated_ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id"))
-        .collect()
+    generate_json(&[&["--input-ids", "5,9,13,2", "--max-tokens", "6"], extra].concat())
 }
 
 #[test]
@@ -48,21 +25,7 @@ fn auto_runs_on_the_cpu_in_f32_like_the_explicit_flags() {
 
 #[test]
 fn bench_reports_the_device_and_dtype_it_ran() {
-    let dir = model_dir().to_str().expect("utf-8 path").to_string();
-    let (ok, out, err) = run(&[
-        "bench",
-        "--model",
-        &dir,
-        "--prompt-len",
-        "8",
-        "--gen-len",
-        "3",
-        "--dtype",
-        "bf16",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: Value = serde_json::from_str(out.trim()).expect("bench --json prints JSON");
+    let v = bench_json(&["--dtype", "bf16"]);
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["dtype"], "bf16");
     assert!(v["decode_tok_s"].as_f64().expect("decode_tok_s") > 0.0);

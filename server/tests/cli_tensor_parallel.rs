@@ -5,34 +5,20 @@
 
 mod common;
 
-use common::{client, model_dir, run_cli as run, Opts, Server};
-use serde_json::{json, Value};
+use common::{
+    bench_json, generate_json, generated_ids as ids, model_arg, post, run_cli as run, Opts, Server,
+};
+use serde_json::json;
 
 fn generate(extra: &[&str]) -> (bool, String, String) {
-    let dir = model_dir().to_str().expect("utf-8 path").to_string();
-    let mut args = vec![
-        "generate",
-        "--model",
-        &dir,
+    let fixed = [
         "--input-ids",
         "5,9,13,2,77,300",
         "--max-tokens",
         "12",
         "--ignore-eos",
-        "--json",
     ];
-    args.extend_from_slice(extra);
-    run(&args)
-}
-
-fn ids(stdout: &str) -> Vec<u64> {
-    let v: Value = serde_json::from_str(stdout.trim()).expect("generate --json prints JSON");
-    v["generated_ids"]
-        .as_array()
-        .expect("generated_ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id"))
-        .collect()
+    generate_json(&[&fixed[..], extra].concat())
 }
 
 #[test]
@@ -51,7 +37,7 @@ fn generate_split_over_ranks_equals_one_rank() {
 
 #[test]
 fn logits_split_over_ranks_equal_one_rank() {
-    let dir = model_dir().to_str().expect("utf-8 path").to_string();
+    let dir = model_arg();
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut outs = Vec::new();
     for tp in ["1", "2"] {
@@ -83,22 +69,8 @@ fn logits_split_over_ranks_equal_one_rank() {
 
 #[test]
 fn bench_runs_split_over_ranks() {
-    let dir = model_dir().to_str().expect("utf-8 path").to_string();
-    let (ok, out, err) = run(&[
-        "bench",
-        "--model",
-        &dir,
-        "--prompt-len",
-        "8",
-        "--gen-len",
-        "3",
-        "--tensor-parallel-size",
-        "2",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: Value = serde_json::from_str(out.trim()).expect("bench --json prints JSON");
-    assert!(v["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{out}");
+    let v = bench_json(&["--tensor-parallel-size", "2"]);
+    assert!(v["decode_tok_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }
 
 #[test]
@@ -125,15 +97,9 @@ async fn serve_split_over_ranks_answers_as_one_rank() {
             args: &["--tensor-parallel-size", tp],
             ..Default::default()
         });
-        let v: Value = client()
-            .post(s.url("/v1/chat/completions"))
-            .json(&body)
-            .send()
+        let v = post(&s, "/v1/chat/completions", body.clone(), &[])
             .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+            .json();
         let c = v["choices"][0]["message"]["content"]
             .as_str()
             .unwrap_or_else(|| panic!("tp={tp}: {v}"))

@@ -65,6 +65,54 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The tiny test model's folder as a command-line argument.
+pub fn model_arg() -> String {
+    model_dir().to_str().expect("utf-8 path").to_string()
+}
+
+/// Runs `switchyard generate --model <tiny model> --json` with `args` (input ids, limits, flags):
+/// (exit success, stdout, stderr).
+pub fn generate_json(args: &[&str]) -> (bool, String, String) {
+    let dir = model_arg();
+    run_cli(&[&["generate", "--model", dir.as_str(), "--json"], args].concat())
+}
+
+/// The `generated_ids` of what `generate --json` printed.
+pub fn generated_ids(stdout: &str) -> Vec<u64> {
+    let v: Value = serde_json::from_str(stdout.trim()).expect("generate --json prints JSON");
+    v["generated_ids"]
+        .as_array()
+        .expect("generated_ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+/// Runs `switchyard bench --model <tiny model> --prompt-len 8 --gen-len 3 --json` with extra
+/// `args`, asserts it succeeded and returns its JSON report.
+pub fn bench_json(args: &[&str]) -> Value {
+    let dir = model_arg();
+    let (ok, out, err) = run_cli(
+        &[
+            &[
+                "bench",
+                "--model",
+                dir.as_str(),
+                "--prompt-len",
+                "8",
+                "--gen-len",
+                "3",
+                "--json",
+            ],
+            args,
+        ]
+        .concat(),
+    );
+    assert!(ok, "{err}");
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("bench --json prints JSON: {e}: {out}"))
+}
+
 /// A running `switchyard serve`.
 pub struct Server {
     child: Child,
