@@ -161,16 +161,7 @@ fn moe_case() -> Case {
             (Q8Experts::new(ex).unwrap(), sh)
         })
         .collect();
-    let cfg = GateConfig {
-        num_experts: e,
-        top_k: TOP_K,
-        score: switchyard_kernels::ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    };
+    let cfg = GateConfig::sigmoid(e, TOP_K, 2.826);
     let gates: Vec<(GateOutput, DispatchPlan)> = (0..97)
         .map(|_| {
             let logits: Vec<f32> = (0..e).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -384,7 +384,7 @@ fn tasks<'a, W>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{gate_topk, GateConfig, ScoreFunction};
+    use crate::gate::{gate_topk, GateConfig};
     use crate::moe::dispatch;
     use rand::{Rng, SeedableRng};
 
@@ -440,16 +440,7 @@ mod tests {
             let logits: Vec<f32> = (0..t * e)
                 .map(|j| rng.random_range(-1.0..1.0) + if j % e < 2 { 3.0 } else { 0.0 })
                 .collect();
-            let cfg = GateConfig {
-                num_experts: e,
-                top_k: k,
-                score: ScoreFunction::Sigmoid,
-                n_group: 1,
-                topk_group: 1,
-                renormalize: true,
-                scaling: 1.5,
-                renorm_eps: 1e-20,
-            };
+            let cfg = GateConfig::sigmoid(e, k, 1.5);
             let g = gate_topk(&logits, None, &cfg).unwrap();
             let plan = dispatch(&g, e).unwrap();
             let dims = ExpertDims {

@@ -42,6 +42,21 @@ pub struct GateConfig {
 }
 
 impl GateConfig {
+    /// Hy3's kind of routing: sigmoid scores, no expert groups, the chosen scores renormalised
+    /// (with transformers' `renorm_eps` of 1e-20) and multiplied by `scaling` (Hy3: 2.826).
+    pub fn sigmoid(num_experts: usize, top_k: usize, scaling: f32) -> Self {
+        GateConfig {
+            num_experts,
+            top_k,
+            score: ScoreFunction::Sigmoid,
+            n_group: 1,
+            topk_group: 1,
+            renormalize: true,
+            scaling,
+            renorm_eps: 1e-20,
+        }
+    }
+
     /// Checks that the configuration can be executed.
     pub fn validate(&self) -> Result<(), KernelError> {
         if self.num_experts == 0 || self.top_k == 0 || self.top_k > self.num_experts {
@@ -265,16 +280,7 @@ mod tests {
     use super::*;
 
     fn hy3(e: usize, k: usize) -> GateConfig {
-        GateConfig {
-            num_experts: e,
-            top_k: k,
-            score: ScoreFunction::Sigmoid,
-            n_group: 1,
-            topk_group: 1,
-            renormalize: true,
-            scaling: 2.826,
-            renorm_eps: 1e-20,
-        }
+        GateConfig::sigmoid(e, k, 2.826)
     }
 
     /// Reference written the slow, obvious way: full sort of (score+bias, id).

@@ -278,7 +278,7 @@ fn candle_nn_silu(x: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{gate_topk, GateConfig, ScoreFunction};
+    use crate::gate::{gate_topk, GateConfig};
     use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
@@ -315,16 +315,7 @@ mod tests {
         let guv = rnd(&mut rng, e * 2 * i * h);
         let dv = rnd(&mut rng, e * h * i);
         let logits = rnd(&mut rng, t * e);
-        let cfg = GateConfig {
-            num_experts: e,
-            top_k: k,
-            score: ScoreFunction::Sigmoid,
-            n_group: 1,
-            topk_group: 1,
-            renormalize: true,
-            scaling: 1.5,
-            renorm_eps: 1e-20,
-        };
+        let cfg = GateConfig::sigmoid(e, k, 1.5);
         let gate = gate_topk(&logits, None, &cfg).unwrap();
         let plan = dispatch(&gate, e).unwrap();
         let x = Tensor::from_vec(xv.clone(), (t, h), &dev).unwrap();
@@ -417,16 +408,7 @@ mod tests {
             assert_eq!(bits(&dense), bits(&unfused_mlp(&x)), "dense {t}x{h}x{si}");
 
             let logits: Vec<f32> = (0..t * e).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let cfg = GateConfig {
-                num_experts: e,
-                top_k: k,
-                score: ScoreFunction::Sigmoid,
-                n_group: 1,
-                topk_group: 1,
-                renormalize: true,
-                scaling: 2.5,
-                renorm_eps: 1e-20,
-            };
+            let cfg = GateConfig::sigmoid(e, k, 2.5);
             let gate = gate_topk(&logits, None, &cfg).unwrap();
             let plan = dispatch(&gate, e).unwrap();
             let fused = experts_forward_with_shared(&x, &experts, &sgu, &sdn, &gate, &plan)

@@ -5,20 +5,11 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use switchyard_kernels::{
-    dispatch, experts_forward, gate_topk, ExpertWeights, GateConfig, GateOutput, ScoreFunction,
+    dispatch, experts_forward, gate_topk, ExpertWeights, GateConfig, GateOutput,
 };
 
 fn cfg(e: usize, k: usize) -> GateConfig {
-    GateConfig {
-        num_experts: e,
-        top_k: k,
-        score: ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    }
+    GateConfig::sigmoid(e, k, 2.826)
 }
 
 fn rnd(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {

@@ -11,12 +11,22 @@ use switchyard_kernels::cpu_q8::{
     experts_forward_q8, experts_q8, gemv_q8, linear_q8, mlp_forward_q8, mlp_q8, round_activations,
     Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK,
 };
-use switchyard_kernels::{dispatch, gate_topk, GateConfig, ScoreFunction};
+use switchyard_kernels::{dispatch, gate_topk, GateConfig};
 
 type Rng64 = rand::rngs::StdRng;
 
 fn rnd(rng: &mut Rng64, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A tensor's values as f32, in row-major order.
+fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Unit roundoff of f32.
@@ -294,16 +304,7 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
         let logits: Vec<f32> = (0..t * e)
             .map(|j| rng.random_range(-1.0..1.0) + if j % e < 2 { 3.0 } else { 0.0 })
             .collect();
-        let cfg = GateConfig {
-            num_experts: e,
-            top_k: k,
-            score: ScoreFunction::Sigmoid,
-            n_group: 1,
-            topk_group: 1,
-            renormalize: true,
-            scaling: 2.826,
-            renorm_eps: 1e-20,
-        };
+        let cfg = GateConfig::sigmoid(e, k, 2.826);
         let g = gate_topk(&logits, None, &cfg).unwrap();
         let plan = dispatch(&g, e).unwrap();
         let routed = experts_forward_q8(&x, &experts, &g, &plan, None).unwrap();
@@ -360,9 +361,9 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
         // The tensor entry points give the same values.
         let xt = Tensor::from_vec(x.clone(), (t, h), &Device::Cpu).unwrap();
         let yt = experts_q8(&xt, &experts, &g, &plan, Some(&shared)).unwrap();
-        assert_eq!(yt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), both);
+        assert_eq!(f32_values(&yt), both);
         let yd = mlp_q8(&xt, &shared).unwrap();
-        assert_eq!(yd.flatten_all().unwrap().to_vec1::<f32>().unwrap(), dense);
+        assert_eq!(f32_values(&yd), dense);
     }
 }
 
@@ -421,22 +422,10 @@ fn tensor_entry_points_match_the_slices() {
         .unwrap();
     let y = linear_q8(&xb, &m).unwrap();
     assert_eq!((y.dims(), y.dtype()), (&[t, out][..], DType::BF16));
-    let xr: Vec<f32> = xb
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let xr = f32_values(&xb);
     let mut want = vec![0f32; t * out];
     gemv_q8(&xr, t, &m, &mut want).unwrap();
-    let got: Vec<f32> = y
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let got = f32_values(&y);
     let want: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     assert_eq!(got, want);
     // Stacked expert tensors quantize per expert.
