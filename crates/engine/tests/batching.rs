@@ -7,21 +7,14 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use candle_core::DType;
 use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::scheduler::{AdmissionError, SchedulerConfig};
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits};
 
-fn make_model(dir: &Path, max_pos: usize) {
-    let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
-    cfg.max_position_embeddings = max_pos;
-    switchyard_model::test_model::write_random_checkpoint(&cfg, dir, 5, DType::F32).unwrap();
-    let tok =
-        switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"])
-            .unwrap();
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
-}
+mod common;
+
+use common::{make_model, max_logit_diff, prompts, together};
 
 fn load(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
     let m = HyV3Model::load_dir(dir, &LoadOptions::default()).unwrap();
@@ -49,18 +42,6 @@ fn alone(m: &HyV3Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
     (ids, rows)
 }
 
-fn prompts() -> Vec<Vec<u32>> {
-    [9usize, 23, 4, 31, 16]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            (0..n as u32)
-                .map(|i| (i * 37 + k as u32 * 101 + 7) % 500)
-                .collect()
-        })
-        .collect()
-}
-
 fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfig {
     let per_token = 2 * 4 * 2 * 16 * 4; // layers × kv heads × head_dim × f32, K and V
     EngineConfig {
@@ -78,37 +59,6 @@ fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfi
     }
 }
 
-/// Submits every prompt at once and collects tokens, logits and completions.
-fn together(e: &EngineHandle, ps: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Vec<Vec<f32>>, u32)> {
-    let mut streams: Vec<_> = ps
-        .iter()
-        .map(|p| {
-            let r = GenerateRequest {
-                ignore_eos: true,
-                return_logits: true,
-                ..GenerateRequest::greedy(p.clone(), n)
-            };
-            e.submit(r).unwrap()
-        })
-        .collect();
-    streams
-        .iter_mut()
-        .map(|s| {
-            let (mut ids, mut rows) = (vec![], vec![]);
-            loop {
-                match s.blocking_recv().unwrap() {
-                    Event::Token(t) => {
-                        ids.push(t.id);
-                        rows.push(t.logits.unwrap());
-                    }
-                    Event::Finished(c) => return (ids, rows, c.preemptions),
-                    Event::Error(err) => panic!("{err}"),
-                }
-            }
-        })
-        .collect()
-}
-
 fn check(budget: usize, block: usize, blocks: Option<usize>) -> u32 {
     let d = tempfile::tempdir().unwrap();
     make_model(d.path(), 4096);
@@ -121,11 +71,7 @@ fn check(budget: usize, block: usize, blocks: Option<usize>) -> u32 {
     let mut preemptions = 0;
     for (i, ((gi, gr, pre), (wi, wr))) in got.iter().zip(&want).enumerate() {
         assert_eq!(gi, wi, "sequence {i}: tokens differ when batched");
-        for (a, b) in gr.iter().zip(wr) {
-            for (x, y) in a.iter().zip(b) {
-                worst = worst.max((x - y).abs());
-            }
-        }
+        worst = worst.max(max_logit_diff(gr, wr));
         preemptions += pre;
     }
     println!("budget {budget} block {block} blocks {blocks:?}: max|Δlogit| {worst:.2e}, preemptions {preemptions}");

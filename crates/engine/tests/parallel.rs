@@ -10,22 +10,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::parallel::load_ranks;
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{Checkpoint, KvDtype, LoadOptions, ModelConfig};
 
-fn make_model(dir: &Path) {
-    let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
-    cfg.max_position_embeddings = 4096;
-    switchyard_model::test_model::write_random_checkpoint(&cfg, dir, 5, DType::F32).unwrap();
-    let tok =
-        switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"])
-            .unwrap();
-    tok.save(dir.join("tokenizer.json"), false).unwrap();
-}
+mod common;
+
+use common::{make_model, max_logit_diff, prompts, together};
 
 fn start(dir: &Path, world: usize) -> EngineHandle {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
@@ -49,46 +42,11 @@ fn start(dir: &Path, world: usize) -> EngineHandle {
     EngineHandle::start(ranks, tok, ecfg).unwrap()
 }
 
-fn prompts() -> Vec<Vec<u32>> {
-    [9usize, 23, 4, 31, 16]
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            (0..n as u32)
-                .map(|i| (i * 37 + k as u32 * 101 + 7) % 500)
-                .collect()
-        })
-        .collect()
-}
-
 /// Every prompt submitted at once; greedy tokens and per-step logits of each.
 fn generate(e: &EngineHandle, n: usize) -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {
-    let mut streams: Vec<_> = prompts()
+    together(e, &prompts(), n)
         .into_iter()
-        .map(|p| {
-            e.submit(GenerateRequest {
-                ignore_eos: true,
-                return_logits: true,
-                ..GenerateRequest::greedy(p, n)
-            })
-            .unwrap()
-        })
-        .collect();
-    streams
-        .iter_mut()
-        .map(|s| {
-            let (mut ids, mut rows) = (vec![], vec![]);
-            loop {
-                match s.blocking_recv().unwrap() {
-                    Event::Token(t) => {
-                        ids.push(t.id);
-                        rows.push(t.logits.unwrap());
-                    }
-                    Event::Finished(_) => return (ids, rows),
-                    Event::Error(err) => panic!("{err}"),
-                }
-            }
-        })
+        .map(|(ids, rows, _)| (ids, rows))
         .collect()
 }
 
@@ -109,7 +67,7 @@ fn rank_threads() -> usize {
 #[test]
 fn tensor_parallel_engine_generates_the_tokens_of_one_rank_and_shuts_down_cleanly() {
     let d = tempfile::tempdir().unwrap();
-    make_model(d.path());
+    make_model(d.path(), 4096);
     let n = 12;
     let one = {
         let e = start(d.path(), 1);
@@ -123,11 +81,7 @@ fn tensor_parallel_engine_generates_the_tokens_of_one_rank_and_shuts_down_cleanl
         let mut worst = 0f32;
         for (i, ((gi, gr), (wi, wr))) in got.iter().zip(&one).enumerate() {
             assert_eq!(gi, wi, "tp={world} sequence {i}: tokens differ from tp=1");
-            for (a, b) in gr.iter().zip(wr) {
-                for (x, y) in a.iter().zip(b) {
-                    worst = worst.max((x - y).abs());
-                }
-            }
+            worst = worst.max(max_logit_diff(gr, wr));
         }
         println!("engine tp={world}: tokens equal to tp=1, logits max|Δ| {worst:.2e}");
         assert!(worst <= 1e-4, "tp={world}: logits differ by {worst}");

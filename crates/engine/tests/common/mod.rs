@@ -1,0 +1,81 @@
+//! Shared by the engine's integration tests: the tiny random model on disk, the batch of prompts
+//! they generate from, and collecting a batch's greedy tokens and logits from the engine.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use candle_core::DType;
+use switchyard_engine::engine::{EngineHandle, Event, GenerateRequest};
+
+/// Writes the `tiny` preset with random f32 weights (seed 5) and a byte-level BPE tokenizer into
+/// `dir`, with `max_pos` positions.
+pub fn make_model(dir: &Path, max_pos: usize) {
+    let mut cfg = switchyard_model::presets::preset("tiny").unwrap();
+    cfg.max_position_embeddings = max_pos;
+    switchyard_model::test_model::write_random_checkpoint(&cfg, dir, 5, DType::F32).unwrap();
+    let tok =
+        switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"])
+            .unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+}
+
+/// Five prompts of 4 to 31 tokens.
+pub fn prompts() -> Vec<Vec<u32>> {
+    [9usize, 23, 4, 31, 16]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n as u32)
+                .map(|i| (i * 37 + k as u32 * 101 + 7) % 500)
+                .collect()
+        })
+        .collect()
+}
+
+/// Submits every prompt at once (greedy, `n` tokens, EOS ignored) and collects each one's
+/// tokens, per-step logits and preemption count.
+pub fn together(
+    e: &EngineHandle,
+    ps: &[Vec<u32>],
+    n: usize,
+) -> Vec<(Vec<u32>, Vec<Vec<f32>>, u32)> {
+    let mut streams: Vec<_> = ps
+        .iter()
+        .map(|p| {
+            let r = GenerateRequest {
+                ignore_eos: true,
+                return_logits: true,
+                ..GenerateRequest::greedy(p.clone(), n)
+            };
+            e.submit(r).unwrap()
+        })
+        .collect();
+    streams
+        .iter_mut()
+        .map(|s| {
+            let (mut ids, mut rows) = (vec![], vec![]);
+            loop {
+                match s.blocking_recv().unwrap() {
+                    Event::Token(t) => {
+                        ids.push(t.id);
+                        rows.push(t.logits.unwrap());
+                    }
+                    Event::Finished(c) => return (ids, rows, c.preemptions),
+                    Event::Error(err) => panic!("{err}"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The largest |a − b| over two sequences' logit rows.
+pub fn max_logit_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(b) {
+        for (x, y) in ra.iter().zip(rb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
