@@ -254,14 +254,17 @@ impl Checkpoint {
             .unwrap_or_else(|| self.dir.clone())
     }
 
+    /// The stored name `name` resolves to, or [`ModelError::MissingTensor`].
+    fn stored(&self, name: &str) -> Result<String, ModelError> {
+        self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })
+    }
+
     /// Shape of a stored tensor (aliases allowed).
     pub fn shape_of(&self, name: &str) -> Result<Vec<usize>, ModelError> {
-        let stored = self
-            .resolve(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let stored = self.stored(name)?;
         let (_, view, _) = self.view(&stored)?;
         Ok(view.shape().to_vec())
     }
@@ -274,44 +277,19 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
-        let stored = self
-            .resolve(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let stored = self.stored(name)?;
         let file = self.file_of(&stored);
         let (shard, view, offset) = self.view(&stored)?;
         let st_dtype = view.dtype();
         use safetensors::Dtype as D;
         if st_dtype == D::F8_E4M3 {
-            if view.shape() != shape {
-                return Err(ModelError::ShapeMismatch {
-                    name: stored,
-                    expected: shape.to_vec(),
-                    found: view.shape().to_vec(),
-                    path: file,
-                });
-            }
+            check_shape(&stored, &view, shape, &file)?;
             let w = self.dequantize(&stored, &file, &view, dtype)?;
             self.release(shard, offset, view.data().len());
             return Ok(w.to_device(device)?);
         }
-        if !matches!(st_dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
-            return Err(ModelError::UnsupportedDtype {
-                name: stored,
-                dtype: format!("{st_dtype:?}"),
-                path: file,
-            });
-        }
-        if view.shape() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: stored,
-                expected: shape.to_vec(),
-                found: view.shape().to_vec(),
-                path: file,
-            });
-        }
+        check_float(&stored, &view, &file)?;
+        check_shape(&stored, &view, shape, &file)?;
         let t = candle_core::safetensors::Load::load(&view, device).map_err(|e| {
             ModelError::Checkpoint {
                 path: file.clone(),
@@ -347,12 +325,7 @@ impl Checkpoint {
         if start == 0 && len == shape[dim] {
             return self.get(name, shape, dtype, device);
         }
-        let stored = self
-            .resolve(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let stored = self.stored(name)?;
         let file = self.file_of(&stored);
         let (shard, view, offset) = self.view(&stored)?;
         use safetensors::Dtype as D;
@@ -360,21 +333,8 @@ impl Checkpoint {
             let full = self.get(name, shape, dtype, device)?;
             return Ok(full.narrow(dim, start, len)?.contiguous()?);
         }
-        if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
-            return Err(ModelError::UnsupportedDtype {
-                name: stored,
-                dtype: format!("{:?}", view.dtype()),
-                path: file,
-            });
-        }
-        if view.shape() != shape {
-            return Err(ModelError::ShapeMismatch {
-                name: stored,
-                expected: shape.to_vec(),
-                found: view.shape().to_vec(),
-                path: file,
-            });
-        }
+        check_float(&stored, &view, &file)?;
+        check_shape(&stored, &view, shape, &file)?;
         let elem = view.dtype().bitsize() / 8;
         let outer: usize = shape[..dim].iter().product();
         let inner: usize = shape[dim + 1..].iter().product::<usize>() * elem;
@@ -399,6 +359,38 @@ impl Checkpoint {
         self.release(shard, offset, view.data().len());
         Ok(t.to_dtype(dtype)?)
     }
+}
+
+/// [`ModelError::ShapeMismatch`] unless the stored tensor `stored` (in `file`) has `shape`.
+fn check_shape(
+    stored: &str,
+    view: &TensorView<'_>,
+    shape: &[usize],
+    file: &Path,
+) -> Result<(), ModelError> {
+    if view.shape() != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: stored.to_string(),
+            expected: shape.to_vec(),
+            found: view.shape().to_vec(),
+            path: file.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// [`ModelError::UnsupportedDtype`] unless the stored tensor `stored` (in `file`) is f32, f16,
+/// bf16 or f64 (what loads without dequantizing).
+fn check_float(stored: &str, view: &TensorView<'_>, file: &Path) -> Result<(), ModelError> {
+    use safetensors::Dtype as D;
+    if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
+        return Err(ModelError::UnsupportedDtype {
+            name: stored.to_string(),
+            dtype: format!("{:?}", view.dtype()),
+            path: file.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Where the scales of an FP8 tensor may be stored, in the order they are looked for: beside
