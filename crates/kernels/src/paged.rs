@@ -43,8 +43,6 @@
 //!   pre-multiplied by `scale`; exponentials use `exp_nonpositive` (a polynomial good to
 //!   a few ulp). Arithmetic is f32 throughout.
 
-use std::any::TypeId;
-
 use half::bf16;
 use rayon::prelude::*;
 
@@ -990,8 +988,10 @@ trait Simd {
 }
 
 /// Whether `T` is `U` (folded at compile time).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn is<T: 'static, U: 'static>() -> bool {
+    use std::any::TypeId;
     TypeId::of::<T>() == TypeId::of::<U>()
 }
 
