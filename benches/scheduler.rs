@@ -78,19 +78,7 @@ impl Server {
     fn step(&mut self) -> usize {
         let plan = self.sched.schedule();
         // The engine's owned copies of the step's inputs (engine.rs `step`).
-        let work: Vec<(Vec<u32>, usize, Vec<u32>)> = plan
-            .scheduled
-            .iter()
-            .map(|s| {
-                let seq = self.sched.get(s.id).expect("scheduled sequence is running");
-                (
-                    seq.tokens[s.start..s.start + s.len].to_vec(),
-                    s.start,
-                    seq.blocks.blocks().to_vec(),
-                )
-            })
-            .collect();
-        std::hint::black_box(&work);
+        std::hint::black_box(self.sched.step_inputs(&plan));
         let mut tokens = 0;
         for s in &plan.scheduled {
             tokens += s.len;

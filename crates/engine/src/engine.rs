@@ -647,25 +647,13 @@ impl Loop {
         if plan.scheduled.is_empty() {
             return;
         }
-        // Owned copies of the step's inputs (small: this step's tokens and block ids).
-        let work: Vec<(Vec<u32>, usize, Vec<u32>)> = plan
-            .scheduled
-            .iter()
-            .map(|s| {
-                let seq = self.sched.get(s.id).expect("scheduled sequence is running");
-                (
-                    seq.tokens[s.start..s.start + s.len].to_vec(),
-                    s.start,
-                    seq.blocks.blocks().to_vec(),
-                )
-            })
-            .collect();
+        let work = self.sched.step_inputs(&plan);
         let seqs: Vec<PagedSeq<'_>> = work
             .iter()
-            .map(|(t, p, b)| PagedSeq {
-                tokens: t,
-                pos0: *p,
-                block_table: b,
+            .map(|w| PagedSeq {
+                tokens: &w.tokens,
+                pos0: w.pos0,
+                block_table: &w.block_table,
                 logits: Logits::Last,
             })
             .collect();

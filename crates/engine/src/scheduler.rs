@@ -172,6 +172,18 @@ pub struct StepPlan {
     pub preempted: Vec<SeqId>,
 }
 
+/// Owned copies of one scheduled sequence's inputs to a step's forward (small: the step's
+/// tokens and the block ids), so the forward can run while the scheduler stays borrowable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepInput {
+    /// The tokens computed this step.
+    pub tokens: Vec<u32>,
+    /// Position of the first of them.
+    pub pos0: usize,
+    /// The sequence's KV block table.
+    pub block_table: Vec<u32>,
+}
+
 /// Waiting and running queues plus the block pool.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -400,6 +412,24 @@ impl Scheduler {
                 s.tokens.push(t);
             }
         }
+    }
+
+    /// The inputs of `plan`'s scheduled sequences, in batch order.
+    ///
+    /// # Panics
+    /// When a scheduled sequence is no longer running (the plan is from an earlier step).
+    pub fn step_inputs(&self, plan: &StepPlan) -> Vec<StepInput> {
+        plan.scheduled
+            .iter()
+            .map(|s| {
+                let seq = self.get(s.id).expect("scheduled sequence is running");
+                StepInput {
+                    tokens: seq.tokens[s.start..s.start + s.len].to_vec(),
+                    pos0: s.start,
+                    block_table: seq.blocks.blocks().to_vec(),
+                }
+            })
+            .collect()
     }
 
     /// Token list of a running sequence.
