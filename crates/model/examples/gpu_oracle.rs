@@ -128,6 +128,7 @@ impl Ctx {
             dtype,
             device: self.device.clone(),
             load_mtp: false,
+            quantize: None,
         };
         HyV3Model::load_dir(&self.root.join(case), &opts)
             .with_context(|| format!("loading {case} in {dtype:?}"))

@@ -22,17 +22,24 @@
 //! all-reduce per MoE layer; the embedding is a masked lookup of the rank's vocabulary rows
 //! plus an all-reduce, the lm_head the rank's vocabulary columns plus an all-gather. One rank
 //! (world 1) takes none of these paths: no collective, no extra copy.
+//!
+//! In-situ quantization ([`LoadOptions::quantize`], [`crate::isq`]): projections are
+//! quantized to Q8 while loading (after q/k/v stacking and a rank's narrowing) and run in
+//! `switchyard_kernels::cpu_q8`; MoE blocks take `MoeExec::Q8`, and activations are f32
+//! throughout ([`HyV3Model::activation_dtype`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
+use switchyard_kernels::cpu_q8::{Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK};
 use switchyard_kernels::{
     dispatch, experts_forward, gate_topk, DispatchPlan, ExpertWeights, GateConfig,
 };
 
 use crate::config::{LayerKind, ModelConfig};
+use crate::isq::{self, IsqType};
 use crate::kv_cache::KvCache;
 use crate::paged_cache::{KvDtype, PagedBatchMeta, PagedKvCache};
 use crate::parallel::{Communicator, Shard, TP_FLAG};
@@ -48,6 +55,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Load the MTP (next-n prediction) layers stored after the decoder layers.
     pub load_mtp: bool,
+    /// Quantize the projection weights while loading ([`crate::isq`]; CPU only). The model
+    /// then computes in f32 (see [`HyV3Model::activation_dtype`]) and `dtype` is the stored
+    /// dtype of what stays dense: the embedding and MTP tensors.
+    pub quantize: Option<IsqType>,
 }
 
 impl Default for LoadOptions {
@@ -56,6 +67,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             load_mtp: false,
+            quantize: None,
         }
     }
 }
@@ -93,17 +105,62 @@ impl RmsNorm {
     }
 }
 
-/// `y = x · Wᵀ (+ b)` with the weight kept as stored (`[out, in]`).
+/// A projection's `[out, in]` weight: as loaded, or quantized at load ([`crate::isq`]).
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Dense(Tensor),
+    /// Inputs zero-padded to whole blocks when `in` is not a multiple of [`Q8_BLOCK`].
+    Q8(Arc<Q8Matrix>),
+}
+
+impl LinearWeight {
+    /// Quantizes a dense weight when `isq` asks for it; the dense tensor is dropped.
+    fn quantize(w: Tensor, isq: Option<IsqType>) -> Result<Self, ModelError> {
+        Ok(match isq {
+            None => LinearWeight::Dense(w),
+            Some(IsqType::Q8) => {
+                let w = isq::pad_last(&w, isq::padded(w.dim(1)?))?;
+                LinearWeight::Q8(Arc::new(Q8Matrix::from_tensor(&w)?))
+            }
+        })
+    }
+
+    /// `x · wᵀ` for `x` `[T, in]`.
+    fn matmul_t(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            LinearWeight::Dense(w) => matmul_t(x, w),
+            LinearWeight::Q8(q) => Ok(switchyard_kernels::cpu_q8::linear_q8(
+                &isq::pad_last(x, q.cols())?,
+                q,
+            )?),
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> u64 {
+        match self {
+            LinearWeight::Dense(w) => tensor_bytes(w),
+            LinearWeight::Q8(q) => q.memory_bytes() as u64,
+        }
+    }
+}
+
+/// Bytes of a tensor's elements.
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// `y = x · Wᵀ (+ b)` with the weight kept as stored (`[out, in]`) or quantized.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     fn load(w: &Weights, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: w.get(&[out, inp], "weight")?,
+            weight: LinearWeight::Dense(w.get(&[out, inp], "weight")?),
             bias: if bias {
                 Some(w.get(&[out], "bias")?)
             } else {
@@ -122,7 +179,7 @@ impl Linear {
         dim: usize,
         (start, len): (usize, usize),
     ) -> Result<Self, ModelError> {
-        let weight = w.get_narrow(&[out, inp], "weight", dim, start, len)?;
+        let weight = LinearWeight::Dense(w.get_narrow(&[out, inp], "weight", dim, start, len)?);
         let bias = if bias && dim == 0 {
             Some(w.get_narrow(&[out], "bias", 0, start, len)?)
         } else {
@@ -131,8 +188,47 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// q/k/v stacked into one projection (their weights and, when all have one, biases),
+    /// quantized after stacking when `isq` asks for it.
+    fn stack_qkv([q, k, v]: [Linear; 3], isq: Option<IsqType>) -> Result<Self, ModelError> {
+        let bias = match (q.bias, k.bias, v.bias) {
+            (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?),
+            _ => None,
+        };
+        let dense = |l: LinearWeight| match l {
+            LinearWeight::Dense(t) => Ok(t),
+            LinearWeight::Q8(_) => Err(ModelError::InvalidInput(
+                "q/k/v are stacked before quantizing".into(),
+            )),
+        };
+        let w = Tensor::cat(&[dense(q.weight)?, dense(k.weight)?, dense(v.weight)?], 0)?;
+        Ok(Self {
+            weight: LinearWeight::quantize(w, isq)?,
+            bias,
+        })
+    }
+
+    /// This projection with its weight quantized when `isq` asks for it.
+    fn quantized(self, isq: Option<IsqType>) -> Result<Self, ModelError> {
+        Ok(match self.weight {
+            LinearWeight::Dense(w) => Self {
+                weight: LinearWeight::quantize(w, isq)?,
+                bias: self.bias,
+            },
+            q8 => Self {
+                weight: q8,
+                bias: self.bias,
+            },
+        })
+    }
+
+    /// Bytes of the weight and bias.
+    fn bytes(&self) -> u64 {
+        self.weight.bytes() + self.bias.as_ref().map_or(0, tensor_bytes)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let y = matmul_t(x, &self.weight)?;
+        let y = self.weight.matmul_t(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -154,25 +250,64 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
 /// path (bf16 on the CPU). The fusion saves parallel loops, which is what decode pays for; at
 /// prefill sizes the per-projection GEMV path is faster (small preset bf16, batch 16 × 128
 /// prompt tokens: prefill 208–232 tok/s fused for every size vs 272–284 with this limit;
-/// batch 4: 251–263 vs 287–302; decode unchanged).
+/// batch 4: 251–263 vs 287–302; decode unchanged). Q8 weights take their fused path at any
+/// size (there is no unfused Q8 path).
 const MAX_FUSED_MLP_TOKENS: usize = 64;
+
+/// A SwiGLU MLP's weights, gate and up fused: as loaded, or quantized at load.
+#[derive(Debug, Clone)]
+enum MlpWeights {
+    /// `gate_up` `[2·I, H]` (gate rows first) and `down` `[H, I]`.
+    Dense { gate_up: Tensor, down: Tensor },
+    /// Zero-padded to whole blocks ([`isq::pad_swiglu`]); its output is `H'` wide.
+    Q8(Q8Mlp),
+}
+
+/// Quantizes SwiGLU weights `gate_up` `[2·I, H]` and `down` `[H, I]` to Q8, padded to whole
+/// blocks; the dense tensors are dropped.
+fn q8_mlp(gate_up: Tensor, down: Tensor) -> Result<Q8Mlp, ModelError> {
+    let (gate_up, down) = isq::pad_swiglu(gate_up, down, Q8_BLOCK)?;
+    Ok(Q8Mlp::from_tensors(&gate_up, &down)?)
+}
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_up: Tensor,
-    down: Tensor,
+    weights: MlpWeights,
     inter: usize,
+    hidden: usize,
 }
 
 impl Mlp {
-    fn load(w: &Weights, hidden: usize, inter: usize) -> Result<Self, ModelError> {
+    /// Fuses gate and up (`[I, H]` each) and quantizes when `isq` asks for it.
+    fn new(
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
+        let (inter, hidden) = gate.dims2()?;
+        let gate_up = Tensor::cat(&[gate, up], 0)?;
+        let weights = match isq {
+            None => MlpWeights::Dense { gate_up, down },
+            Some(IsqType::Q8) => MlpWeights::Q8(q8_mlp(gate_up, down)?),
+        };
+        Ok(Self {
+            weights,
+            inter,
+            hidden,
+        })
+    }
+
+    fn load(
+        w: &Weights,
+        hidden: usize,
+        inter: usize,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
         let g = w.pp("gate_proj").get(&[inter, hidden], "weight")?;
         let u = w.pp("up_proj").get(&[inter, hidden], "weight")?;
-        Ok(Self {
-            gate_up: Tensor::cat(&[g, u], 0)?,
-            down: w.pp("down_proj").get(&[hidden, inter], "weight")?,
-            inter,
-        })
+        let d = w.pp("down_proj").get(&[hidden, inter], "weight")?;
+        Self::new(g, u, d, isq)
     }
 
     /// This rank's slice along the intermediate size (gate/up rows, down columns); `None`
@@ -182,9 +317,10 @@ impl Mlp {
         hidden: usize,
         inter: usize,
         shard: &Shard,
+        isq: Option<IsqType>,
     ) -> Result<Option<Self>, ModelError> {
         if shard.is_single() {
-            return Self::load(w, hidden, inter).map(Some);
+            return Self::load(w, hidden, inter, isq).map(Some);
         }
         let (i0, il) = shard.split(inter);
         if il == 0 {
@@ -196,32 +332,70 @@ impl Mlp {
         let u = w
             .pp("up_proj")
             .get_narrow(&[inter, hidden], "weight", 0, i0, il)?;
-        Ok(Some(Self {
-            gate_up: Tensor::cat(&[g, u], 0)?,
-            down: w
-                .pp("down_proj")
-                .get_narrow(&[hidden, inter], "weight", 1, i0, il)?,
-            inter: il,
-        }))
+        let d = w
+            .pp("down_proj")
+            .get_narrow(&[hidden, inter], "weight", 1, i0, il)?;
+        Self::new(g, u, d, isq).map(Some)
+    }
+
+    /// `(gate_up, down)` when the weights are dense.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn dense(&self) -> Option<(&Tensor, &Tensor)> {
+        match &self.weights {
+            MlpWeights::Dense { gate_up, down } => Some((gate_up, down)),
+            MlpWeights::Q8(_) => None,
+        }
+    }
+
+    /// The quantized weights, when quantized.
+    fn q8(&self) -> Option<&Q8Mlp> {
+        match &self.weights {
+            MlpWeights::Q8(q) => Some(q),
+            MlpWeights::Dense { .. } => None,
+        }
+    }
+
+    /// Bytes held.
+    fn bytes(&self) -> u64 {
+        match &self.weights {
+            MlpWeights::Dense { gate_up, down } => tensor_bytes(gate_up) + tensor_bytes(down),
+            MlpWeights::Q8(q) => q.memory_bytes() as u64,
+        }
     }
 
     /// The MLP's output in `out` (the input's dtype, or f32 for a rank's partial result that
     /// is all-reduced before rounding).
     fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor, ModelError> {
+        let (gate_up, down) = match &self.weights {
+            // Q8: both projections in the kernels' two parallel passes at any token count
+            // (there is no unfused Q8 path to fall back to), f32 out.
+            MlpWeights::Q8(q) => {
+                let y = switchyard_kernels::cpu_q8::mlp_q8(&isq::pad_last(x, q.hidden())?, q)?;
+                return Ok(narrow_hidden(y, self.hidden)?.to_dtype(out)?);
+            }
+            MlpWeights::Dense { gate_up, down } => (gate_up, down),
+        };
         // bf16 on the CPU at decode sizes: both projections in two parallel passes, rounded as
         // the ops below round.
         if x.dim(0)? <= MAX_FUSED_MLP_TOKENS {
-            if let Some(y) =
-                switchyard_kernels::moe::mlp_forward_cpu_bf16(x, &self.gate_up, &self.down)?
-            {
+            if let Some(y) = switchyard_kernels::moe::mlp_forward_cpu_bf16(x, gate_up, down)? {
                 return Ok(y.to_dtype(out)?);
             }
         }
-        let gu = matmul_t(x, &self.gate_up)?;
+        let gu = matmul_t(x, gate_up)?;
         let act = (gu.narrow(D::Minus1, 0, self.inter)?.silu()?
             * gu.narrow(D::Minus1, self.inter, self.inter)?)?;
-        Ok(matmul_t(&act, &self.down)?.to_dtype(out)?)
+        Ok(matmul_t(&act, down)?.to_dtype(out)?)
     }
+}
+
+/// The first `hidden` columns of a `[T, H']` result computed with zero-padded weights.
+fn narrow_hidden(y: Tensor, hidden: usize) -> Result<Tensor, ModelError> {
+    Ok(if y.dim(1)? == hidden {
+        y
+    } else {
+        y.narrow(1, 0, hidden)?.contiguous()?
+    })
 }
 
 /// Rotary embedding tables computed on demand for the positions of a step.
@@ -283,9 +457,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
+    fn load(
+        w: &Weights,
+        cfg: &ModelConfig,
+        shard: &Shard,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
         if !shard.is_single() {
-            return Self::load_shard(w, cfg, shard);
+            return Self::load_shard(w, cfg, shard, isq);
         }
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -300,16 +479,9 @@ impl Attention {
         let q = Linear::load(&w.pp("q_proj"), nh * hd, h, b)?;
         let k = Linear::load(&w.pp("k_proj"), nkv * hd, h, b)?;
         let v = Linear::load(&w.pp("v_proj"), nkv * hd, h, b)?;
-        let bias = match (q.bias, k.bias, v.bias) {
-            (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?),
-            _ => None,
-        };
         Ok(Self {
-            qkv_proj: Linear {
-                weight: Tensor::cat(&[q.weight, k.weight, v.weight], 0)?,
-                bias,
-            },
-            o_proj: Linear::load(&w.pp("o_proj"), h, nh * hd, b)?,
+            qkv_proj: Linear::stack_qkv([q, k, v], isq)?,
+            o_proj: Linear::load(&w.pp("o_proj"), h, nh * hd, b)?.quantized(isq)?,
             o_bias: None,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -322,7 +494,12 @@ impl Attention {
 
     /// This rank's heads: its query heads' rows of `q_proj`, its KV heads' rows of `k_proj`
     /// and `v_proj`, the matching columns of `o_proj`; QK-norms replicated.
-    fn load_shard(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
+    fn load_shard(
+        w: &Weights,
+        cfg: &ModelConfig,
+        shard: &Shard,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q0, qh) = shard.query_heads(cfg);
@@ -339,17 +516,11 @@ impl Attention {
         let kv_rows = (k0 * hd, kh * hd);
         let k = Linear::load_split(&w.pp("k_proj"), (nkv * hd, h), b, 0, kv_rows)?;
         let v = Linear::load_split(&w.pp("v_proj"), (nkv * hd, h), b, 0, kv_rows)?;
-        let bias = match (q.bias, k.bias, v.bias) {
-            (Some(qb), Some(kb), Some(vb)) => Some(Tensor::cat(&[qb, kb, vb], 0)?),
-            _ => None,
-        };
         let o = w.pp("o_proj");
         Ok(Self {
-            qkv_proj: Linear {
-                weight: Tensor::cat(&[q.weight, k.weight, v.weight], 0)?,
-                bias,
-            },
-            o_proj: Linear::load_split(&o, (h, nh * hd), b, 1, (q0 * hd, qh * hd))?,
+            qkv_proj: Linear::stack_qkv([q, k, v], isq)?,
+            o_proj: Linear::load_split(&o, (h, nh * hd), b, 1, (q0 * hd, qh * hd))?
+                .quantized(isq)?,
             o_bias: if b { Some(o.get(&[h], "bias")?) } else { None },
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -556,6 +727,18 @@ enum MoeExec {
     /// `switchyard_kernels::cuda`, no host synchronisation.
     #[cfg(feature = "cuda")]
     CudaKernels(cuda_moe::CudaMoe),
+    /// Experts quantized at load (`--quantize q8`, CPU): gate top-k and dispatch on the host,
+    /// then `cpu_q8::experts_q8`'s two parallel passes over the active experts, with a Q8
+    /// shared expert in the same passes; f32 out. Weights zero-padded to whole blocks.
+    Q8 {
+        bias: Option<Vec<f32>>,
+        experts: Q8Experts,
+    },
+}
+
+/// The expert bias as the host-side gate takes it.
+fn host_bias(bias: Option<Tensor>) -> Result<Option<Vec<f32>>, ModelError> {
+    Ok(bias.map(|b| b.to_vec1::<f32>()).transpose()?)
 }
 
 impl MoeExec {
@@ -579,10 +762,7 @@ impl MoeExec {
             return Ok((MoeExec::CudaGate { bias, experts }, shared));
         }
         let _ = (gate, dtype);
-        let bias = match bias {
-            Some(b) => Some(b.to_vec1::<f32>()?),
-            None => None,
-        };
+        let bias = host_bias(bias)?;
         Ok((MoeExec::Reference { bias, experts }, shared))
     }
 
@@ -593,12 +773,18 @@ impl MoeExec {
             MoeExec::CudaGate { .. } => "cuda-gate+reference-experts",
             #[cfg(feature = "cuda")]
             MoeExec::CudaKernels(_) => "cuda-kernels",
+            MoeExec::Q8 { .. } => "q8",
         }
     }
 }
 
 impl Moe {
-    fn load(w: &Weights, cfg: &ModelConfig, shard: &Shard) -> Result<Self, ModelError> {
+    fn load(
+        w: &Weights,
+        cfg: &ModelConfig,
+        shard: &Shard,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
         let (h, e, i) = (cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size);
         let (e0, el) = shard.split(e);
         let router = w.pp("gate").get_f32(&[e, h], "weight")?;
@@ -607,52 +793,74 @@ impl Moe {
         } else {
             None
         };
-        let ex = w.pp("experts");
-        let experts = if el == 0 {
-            let (dt, dev) = (w.dtype(), w.device());
-            ExpertWeights {
-                gate_up: Tensor::zeros((0, 2 * i, h), dt, dev)?,
-                down: Tensor::zeros((0, h, i), dt, dev)?,
-            }
-        } else if !shard.is_single() && ex.contains("gate_up_proj") {
-            // This rank's whole experts: a contiguous run of the fused tensors.
-            ExpertWeights {
-                gate_up: ex.get_narrow(&[e, 2 * i, h], "gate_up_proj", 0, e0, el)?,
-                down: ex.get_narrow(&[e, h, i], "down_proj", 0, e0, el)?,
-            }
-        } else if ex.contains("gate_up_proj") {
-            ExpertWeights {
-                gate_up: ex.get(&[e, 2 * i, h], "gate_up_proj")?,
-                down: ex.get(&[e, h, i], "down_proj")?,
-            }
-        } else {
-            // Per-expert tensors (hub dialect): stack into the fused layout once, at load.
-            let mut gu = Vec::with_capacity(el);
-            let mut dn = Vec::with_capacity(el);
-            for j in e0..e0 + el {
-                let x = ex.pp(j);
-                let g = x.pp("gate_proj").get(&[i, h], "weight")?;
-                let u = x.pp("up_proj").get(&[i, h], "weight")?;
-                gu.push(Tensor::cat(&[g, u], 0)?);
-                dn.push(x.pp("down_proj").get(&[h, i], "weight")?);
-            }
-            ExpertWeights {
-                gate_up: Tensor::stack(&gu, 0)?,
-                down: Tensor::stack(&dn, 0)?,
-            }
-        };
         let shared = if cfg.num_shared_experts > 0 {
             Mlp::load_shard(
                 &w.pp("shared_experts"),
                 h,
                 i * cfg.num_shared_experts,
                 shard,
+                isq,
             )?
         } else {
             None
         };
+        let ex = w.pp("experts");
+        let fused = ex.contains("gate_up_proj");
+        // Expert `j`'s `[2I, H]` and `[H, I]` weights from either layout.
+        let expert = |j: usize| -> Result<(Tensor, Tensor), ModelError> {
+            if fused {
+                let gu = ex.get_narrow(&[e, 2 * i, h], "gate_up_proj", 0, j, 1)?;
+                let dn = ex.get_narrow(&[e, h, i], "down_proj", 0, j, 1)?;
+                return Ok((gu.squeeze(0)?, dn.squeeze(0)?));
+            }
+            let x = ex.pp(j);
+            let g = x.pp("gate_proj").get(&[i, h], "weight")?;
+            let u = x.pp("up_proj").get(&[i, h], "weight")?;
+            let dn = x.pp("down_proj").get(&[h, i], "weight")?;
+            Ok((Tensor::cat(&[g, u], 0)?, dn))
+        };
         let gate = cfg.gate_config();
-        let (exec, shared) = MoeExec::choose(experts, bias, shared, &gate, w.dtype())?;
+        let (exec, shared) = if isq == Some(IsqType::Q8) && el > 0 {
+            // One expert at a time: the dense copy of one expert is the peak beyond the
+            // quantized weights.
+            let experts = (e0..e0 + el)
+                .map(|j| expert(j).and_then(|(gu, dn)| q8_mlp(gu, dn)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let experts = Q8Experts::new(experts)?;
+            let bias = host_bias(bias)?;
+            (MoeExec::Q8 { bias, experts }, shared)
+        } else {
+            let experts = if el == 0 {
+                let (dt, dev) = (w.dtype(), w.device());
+                ExpertWeights {
+                    gate_up: Tensor::zeros((0, 2 * i, h), dt, dev)?,
+                    down: Tensor::zeros((0, h, i), dt, dev)?,
+                }
+            } else if !shard.is_single() && fused {
+                // This rank's whole experts: a contiguous run of the fused tensors.
+                ExpertWeights {
+                    gate_up: ex.get_narrow(&[e, 2 * i, h], "gate_up_proj", 0, e0, el)?,
+                    down: ex.get_narrow(&[e, h, i], "down_proj", 0, e0, el)?,
+                }
+            } else if fused {
+                ExpertWeights {
+                    gate_up: ex.get(&[e, 2 * i, h], "gate_up_proj")?,
+                    down: ex.get(&[e, h, i], "down_proj")?,
+                }
+            } else {
+                // Per-expert tensors (hub dialect): stack into the fused layout once, at load.
+                let (gu, dn): (Vec<_>, Vec<_>) = (e0..e0 + el)
+                    .map(expert)
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .unzip();
+                ExpertWeights {
+                    gate_up: Tensor::stack(&gu, 0)?,
+                    down: Tensor::stack(&dn, 0)?,
+                }
+            };
+            MoeExec::choose(experts, bias, shared, &gate, w.dtype())?
+        };
         Ok(Self {
             router,
             gate,
@@ -696,9 +904,11 @@ impl Moe {
                 if self.local_experts == 0 {
                     Tensor::zeros(x.dims(), x.dtype(), x.device())?
                 } else {
-                    if let (Some(s), true) = (&self.shared, fuse) {
+                    if let (Some((sg, sd)), true) =
+                        (self.shared.as_ref().and_then(Mlp::dense), fuse)
+                    {
                         if let Some(y) = switchyard_kernels::moe::experts_forward_with_shared(
-                            x, experts, &s.gate_up, &s.down, &g, &plan,
+                            x, experts, sg, sd, &g, &plan,
                         )? {
                             return Ok(y.to_dtype(out)?);
                         }
@@ -721,6 +931,22 @@ impl Moe {
             }
             #[cfg(feature = "cuda")]
             MoeExec::CudaKernels(c) => c.forward(x, &logits, &self.gate)?,
+            MoeExec::Q8 { bias, experts } => {
+                let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+                let g = gate_topk(&logits, bias.as_deref(), &self.gate)?;
+                let plan = self.local_plan(dispatch(&g, self.gate.num_experts)?);
+                // The shared expert joins the two passes and the sum is f32: the fp32
+                // combine, which f32 activations make the only combine.
+                let fuse = self.fp32_combine || x.dtype() == DType::F32;
+                let shared = self.shared.as_ref().and_then(Mlp::q8).filter(|_| fuse);
+                let xp = isq::pad_last(x, experts.dims().hidden)?;
+                let y = switchyard_kernels::cpu_q8::experts_q8(&xp, experts, &g, &plan, shared)?;
+                let y = narrow_hidden(y, x.dim(1)?)?;
+                if shared.is_some() || self.shared.is_none() {
+                    return Ok(y.to_dtype(out)?);
+                }
+                y.to_dtype(x.dtype())?
+            }
         };
         Ok(match &self.shared {
             None => routed.to_dtype(out)?,
@@ -778,30 +1004,19 @@ mod cuda_moe {
             let (e, i, h) = experts.dims()?;
             let fusable = shared
                 .as_ref()
-                .is_some_and(|s| s.gate_up.dims() == [2 * i, h] && s.down.dims() == [h, i]);
+                .and_then(Mlp::dense)
+                .is_some_and(|(g, d)| g.dims() == [2 * i, h] && d.dims() == [h, i]);
             let (mut gate_up, mut down) = (experts.gate_up, experts.down);
-            let shared = match shared {
-                Some(s) if fusable => {
-                    gate_up = Tensor::cat(&[&gate_up, &s.gate_up.unsqueeze(0)?], 0)?;
-                    down = Tensor::cat(&[&down, &s.down.unsqueeze(0)?], 0)?;
+            let shared = match shared.as_ref().and_then(Mlp::dense) {
+                Some((sg, sd)) if fusable => {
+                    gate_up = Tensor::cat(&[&gate_up, &sg.unsqueeze(0)?], 0)?;
+                    down = Tensor::cat(&[&down, &sd.unsqueeze(0)?], 0)?;
                     None
                 }
-                other => other,
+                _ => shared,
             };
-            let (pi, ph) = (
-                i.next_multiple_of(KERNEL_DIM_MULTIPLE),
-                h.next_multiple_of(KERNEL_DIM_MULTIPLE),
-            );
-            if pi != i {
-                let g = gate_up.narrow(1, 0, i)?.pad_with_zeros(1, 0, pi - i)?;
-                let u = gate_up.narrow(1, i, i)?.pad_with_zeros(1, 0, pi - i)?;
-                gate_up = Tensor::cat(&[g, u], 1)?;
-                down = down.pad_with_zeros(2, 0, pi - i)?;
-            }
-            if ph != h {
-                gate_up = gate_up.pad_with_zeros(2, 0, ph - h)?;
-                down = down.pad_with_zeros(1, 0, ph - h)?;
-            }
+            let ph = h.next_multiple_of(KERNEL_DIM_MULTIPLE);
+            let (gate_up, down) = crate::isq::pad_swiglu(gate_up, down, KERNEL_DIM_MULTIPLE)?;
             let experts = ExpertWeights {
                 gate_up: gate_up.to_dtype(DType::BF16)?.contiguous()?,
                 down: down.to_dtype(DType::BF16)?.contiguous()?,
@@ -879,11 +1094,12 @@ impl DecoderLayer {
         cfg: &ModelConfig,
         kind: LayerKind,
         shard: &Shard,
+        isq: Option<IsqType>,
     ) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg, shard)?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg, shard, isq)?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
                 h,
@@ -892,14 +1108,13 @@ impl DecoderLayer {
             mlp: match kind {
                 LayerKind::Dense => FeedForward::Dense(
                     // `Shard::validate` keeps every rank's slice non-empty.
-                    Mlp::load_shard(&w.pp("mlp"), h, cfg.intermediate_size, shard)?.ok_or_else(
-                        || ModelError::Sharding {
+                    Mlp::load_shard(&w.pp("mlp"), h, cfg.intermediate_size, shard, isq)?
+                        .ok_or_else(|| ModelError::Sharding {
                             field: "intermediate_size".into(),
                             message: format!("an empty slice for rank {}", shard.rank),
-                        },
-                    )?,
+                        })?,
                 ),
-                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg, shard)?),
+                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg, shard, isq)?),
             },
         })
     }
@@ -925,9 +1140,13 @@ pub struct HyV3Model {
     embed_tokens: candle_nn::Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: LinearWeight,
     rope: Rope,
+    /// `LoadOptions::dtype`: the weights' dtype (of what stays dense, when quantized).
     dtype: DType,
+    /// The dtype activations are computed in: `dtype`, or f32 with quantized weights.
+    act_dtype: DType,
+    quantize: Option<IsqType>,
     device: Device,
     mtp: Option<HashMap<String, Tensor>>,
     /// Which part of the model this is (rank 0 of 1 for the whole model).
@@ -1002,6 +1221,7 @@ impl HyV3Model {
             world: c.world_size(),
         });
         shard.validate(&cfg)?;
+        isq::check_device(opts.quantize, &opts.device)?;
         let comm = if shard.is_single() { None } else { comm };
         if !shard.is_single() {
             let n = shard.world;
@@ -1021,11 +1241,27 @@ impl HyV3Model {
                 });
             }
         }
-        let root = Weights::new(ckpt.clone(), opts.dtype, opts.device.clone());
+        let isq = opts.quantize;
+        let act_dtype = Self::activation_dtype_for(opts);
+        if isq.is_some() {
+            let unaligned = isq::unaligned_inputs(&cfg);
+            if !unaligned.is_empty() {
+                tracing::info!(
+                    "{} {}: zero-padding projection inputs to whole blocks of {Q8_BLOCK}                      ({}); results are unchanged, memory and time grow with the padding",
+                    isq::QUANTIZE_FLAG,
+                    isq.map_or("", IsqType::name),
+                    unaligned.join(", ")
+                );
+            }
+        }
+        // Layers load in the activation dtype (norms, biases; projections are quantized from
+        // it); the embedding stays in the requested dtype.
+        let root = Weights::new(ckpt.clone(), act_dtype, opts.device.clone());
         let m = root.pp("model");
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let vocab = shard.split(v);
-        let embed = m
+        let embed = Weights::new(ckpt.clone(), opts.dtype, opts.device.clone())
+            .pp("model")
             .pp("embed_tokens")
             .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?;
         let total = cfg.num_hidden_layers;
@@ -1036,17 +1272,20 @@ impl HyV3Model {
                 &cfg,
                 *kind,
                 &shard,
+                isq,
             )?);
             progress(i + 1, total);
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let tied_head = cfg.tie_word_embeddings && !root.contains("lm_head.weight");
         let lm_head = if tied_head {
-            embed.clone()
+            embed.to_dtype(act_dtype)?
         } else {
             root.pp("lm_head")
                 .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?
         };
+        // Tied and dense: the embedding's own tensor (the conversion above is a no-op then).
+        let lm_head = LinearWeight::quantize(lm_head, isq)?;
         let mtp = if opts.load_mtp {
             let mut map = HashMap::new();
             for l in 0..cfg.num_mtp_layers.max(1) {
@@ -1078,6 +1317,8 @@ impl HyV3Model {
             norm,
             lm_head,
             dtype: opts.dtype,
+            act_dtype,
+            quantize: isq,
             device: opts.device.clone(),
             mtp,
             shard,
@@ -1101,19 +1342,21 @@ impl HyV3Model {
 
     /// Bytes of weights this rank holds (every tensor once; a tied lm_head is the embedding).
     /// Equals the plan's per-device weight bytes ([`crate::plan`]) for f32 and bf16 models.
+    /// With quantized weights these are the bytes they really hold (int8 values and scales,
+    /// padding included), so the figure falls to about 1.06/2 of bf16's for the projections.
     pub fn weight_bytes(&self) -> u64 {
-        let b = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let b = tensor_bytes;
         let ob = |t: &Option<Tensor>| t.as_ref().map_or(0, b);
-        let mlp = |m: &Mlp| b(&m.gate_up) + b(&m.down);
+        let mlp = Mlp::bytes;
         let mut n = b(self.embed_tokens.embeddings()) + b(&self.norm.weight);
-        if !self.tied_head {
-            n += b(&self.lm_head);
+        // A tied dense head is the embedding's tensor; a quantized one is its own copy.
+        if !self.tied_head || self.quantize.is_some() {
+            n += self.lm_head.bytes();
         }
         for l in &self.layers {
             n += b(&l.input_layernorm.weight) + b(&l.post_attention_layernorm.weight);
             let a = &l.self_attn;
-            n += b(&a.qkv_proj.weight) + ob(&a.qkv_proj.bias);
-            n += b(&a.o_proj.weight) + ob(&a.o_proj.bias) + ob(&a.o_bias);
+            n += a.qkv_proj.bytes() + a.o_proj.bytes() + ob(&a.o_bias);
             for q in [&a.q_norm, &a.k_norm].into_iter().flatten() {
                 n += b(&q.weight);
             }
@@ -1132,6 +1375,10 @@ impl HyV3Model {
                         }
                         #[cfg(feature = "cuda")]
                         MoeExec::CudaKernels(c) => c.weight_bytes(),
+                        MoeExec::Q8 { bias, experts } => {
+                            bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
+                                + experts.memory_bytes() as u64
+                        }
                     };
                     b(&m.router) + experts + m.shared.as_ref().map_or(0, mlp)
                 }
@@ -1168,9 +1415,29 @@ impl HyV3Model {
         &self.cfg
     }
 
-    /// Compute dtype.
+    /// The dtype of the weights as loaded (`LoadOptions::dtype`; with quantization, of the
+    /// parts that stay dense).
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype activations are computed in: [`Self::dtype`], or f32 when the weights are
+    /// quantized (the Q8 kernels take and give f32, so f32 activations skip a bf16 rounding
+    /// and a conversion at every projection; see [`crate::isq`]).
+    pub fn activation_dtype(&self) -> DType {
+        self.act_dtype
+    }
+
+    fn activation_dtype_for(opts: &LoadOptions) -> DType {
+        match opts.quantize {
+            Some(_) => DType::F32,
+            None => opts.dtype,
+        }
+    }
+
+    /// The in-situ quantization the weights were loaded with.
+    pub fn quantization(&self) -> Option<IsqType> {
+        self.quantize
     }
 
     /// Device the weights live on.
@@ -1249,7 +1516,9 @@ impl HyV3Model {
         self.validate_input(ids, cache.len())?;
         let t = ids.len();
         let pos0 = cache.len();
-        let (cos, sin) = self.rope.tables(pos0..pos0 + t, self.dtype, &self.device)?;
+        let (cos, sin) = self
+            .rope
+            .tables(pos0..pos0 + t, self.act_dtype, &self.device)?;
         let x = self.run_layers(ids, |i, attn, hn| attn.forward(hn, &cos, &sin, cache, i))?;
         cache.advance(t);
         let x = match which {
@@ -1320,9 +1589,9 @@ impl HyV3Model {
                 None
             },
         };
-        let (cos, sin) = self
-            .rope
-            .tables(positions.iter().copied(), self.dtype, &self.device)?;
+        let (cos, sin) =
+            self.rope
+                .tables(positions.iter().copied(), self.act_dtype, &self.device)?;
         let x = self.run_layers(&ids, |i, a, hn| {
             a.forward_paged(hn, &cos, &sin, kv, i, &meta)
         })?;
@@ -1356,7 +1625,7 @@ impl HyV3Model {
         let partial = if self.comm.is_some() {
             DType::F32
         } else {
-            self.dtype
+            self.act_dtype
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let hn = layer.input_layernorm.forward(&x)?;
@@ -1368,7 +1637,7 @@ impl HyV3Model {
                 FeedForward::Dense(m) => m.forward(&hn, partial)?,
                 FeedForward::Moe(m) => m.forward(&hn, partial)?,
             };
-            x = (x1 + self.all_reduce(f)?.to_dtype(self.dtype)?)?;
+            x = (x1 + self.all_reduce(f)?.to_dtype(self.act_dtype)?)?;
         }
         Ok(x)
     }
@@ -1378,7 +1647,10 @@ impl HyV3Model {
     fn embed(&self, ids: &[u32]) -> Result<Tensor, ModelError> {
         let Some(comm) = &self.comm else {
             let input = Tensor::from_slice(ids, ids.len(), &self.device)?;
-            return Ok(self.embed_tokens.forward(&input)?);
+            return Ok(self
+                .embed_tokens
+                .forward(&input)?
+                .to_dtype(self.act_dtype)?);
         };
         let (v0, vl) = self.vocab;
         let owned = |t: u32| (v0..v0 + vl).contains(&(t as usize));
@@ -1388,8 +1660,13 @@ impl HyV3Model {
             .collect();
         let mask: Vec<f32> = ids.iter().map(|&t| f32::from(u8::from(owned(t)))).collect();
         let input = Tensor::from_vec(local, ids.len(), &self.device)?;
-        let mask = Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.dtype)?;
-        let x = self.embed_tokens.forward(&input)?.broadcast_mul(&mask)?;
+        let mask =
+            Tensor::from_vec(mask, (ids.len(), 1), &self.device)?.to_dtype(self.act_dtype)?;
+        let x = self
+            .embed_tokens
+            .forward(&input)?
+            .to_dtype(self.act_dtype)?
+            .broadcast_mul(&mask)?;
         Ok(comm.all_reduce_sum(&x)?)
     }
 
@@ -1397,7 +1674,7 @@ impl HyV3Model {
     /// this rank's vocabulary columns gathered from every rank).
     fn head(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         let x = self.norm.forward(x)?;
-        let logits = matmul_t(&x, &self.lm_head)?.to_dtype(DType::F32)?;
+        let logits = self.lm_head.matmul_t(&x)?.to_dtype(DType::F32)?;
         match &self.comm {
             None => Ok(logits),
             Some(c) => Ok(c.all_gather(&logits, 1)?),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod gguf;
 pub mod hy_v3;
+pub mod isq;
 pub mod kv_cache;
 pub mod paged_cache;
 pub mod parallel;
@@ -20,6 +21,7 @@ use std::path::PathBuf;
 pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
 pub use device::{gpu_memory, DeviceSpec};
 pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
+pub use isq::{IsqType, QUANTIZE_FLAG};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
 pub use parallel::{CommError, Communicator, InProcessComm, InProcessGroup, Shard};
@@ -130,6 +132,14 @@ pub enum ModelError {
         /// The config field (or load setting, e.g. `device`) at fault.
         field: String,
         /// What is wrong, naming the field and the `--tensor-parallel-size` flag.
+        message: String,
+    },
+    /// A load setting cannot be used as given (e.g. quantization on a GPU).
+    #[error("{flag}: {message}")]
+    LoadOption {
+        /// The command-line flag (or `LoadOptions` field) at fault.
+        flag: String,
+        /// What is wrong.
         message: String,
     },
     /// A collective of a tensor-parallel forward pass failed.

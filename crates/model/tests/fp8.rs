@@ -35,6 +35,7 @@ fn load(dir: &Path, dtype: DType) -> Result<HyV3Model, switchyard_model::ModelEr
         dtype,
         device: Device::Cpu,
         load_mtp: false,
+        quantize: None,
     };
     HyV3Model::load_dir(dir, &opts)
 }

@@ -40,6 +40,7 @@ fn load(case: &str, dtype: DType) -> HyV3Model {
         dtype,
         device: Device::Cpu,
         load_mtp: false,
+        quantize: None,
     };
     HyV3Model::load_dir(&fixtures().join(case), &opts).unwrap()
 }

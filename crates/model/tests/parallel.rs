@@ -30,6 +30,7 @@ fn opts(dtype: DType) -> LoadOptions {
         dtype,
         device: Device::Cpu,
         load_mtp: false,
+        quantize: None,
     }
 }
 
