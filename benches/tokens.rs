@@ -82,36 +82,30 @@ impl Setup {
         }
     }
 
-    fn prefill(&mut self, batch: usize) {
+    /// One [`HyV3Model::forward_paged`] step over the first `batch` sequences: their whole
+    /// prompts (prefill), or one token after them (decode).
+    fn step(&mut self, batch: usize, decode: bool) {
         let seqs: Vec<PagedSeq<'_>> = (0..batch)
-            .map(|s| PagedSeq {
-                tokens: &self.prompts[s],
-                pos0: 0,
-                block_table: &self.tables[s],
-                logits: Logits::Last,
+            .map(|s| {
+                let prompt = &self.prompts[s];
+                let (tokens, pos0) = if decode {
+                    // The first prompt token as the "sampled" one: any id costs the same.
+                    (&prompt[..1], prompt.len())
+                } else {
+                    (&prompt[..], 0)
+                };
+                PagedSeq {
+                    tokens,
+                    pos0,
+                    block_table: &self.tables[s],
+                    logits: Logits::Last,
+                }
             })
             .collect();
         let out = self
             .model
             .forward_paged(&seqs, &mut self.kv)
-            .expect("prefill");
-        std::hint::black_box(out);
-    }
-
-    fn decode(&mut self, batch: usize) {
-        let seqs: Vec<PagedSeq<'_>> = (0..batch)
-            .map(|s| PagedSeq {
-                // The first prompt token as the "sampled" one: any id costs the same.
-                tokens: &self.prompts[s][..1],
-                pos0: self.prompts[s].len(),
-                block_table: &self.tables[s],
-                logits: Logits::Last,
-            })
-            .collect();
-        let out = self
-            .model
-            .forward_paged(&seqs, &mut self.kv)
-            .expect("decode");
+            .expect(if decode { "decode" } else { "prefill" });
         std::hint::black_box(out);
     }
 }
@@ -138,34 +132,26 @@ fn tokens(c: &mut Criterion) {
         // excludes them, or with `--list`), dropped before the next dtype loads.
         let mut setup: Option<Setup> = None;
         let load = || Setup::load(&dtype, max_batch, prompt_len);
-        {
-            let mut g = c.benchmark_group("prefill");
+        let groups = [
+            ("prefill", &prefill_batches, false),
+            ("decode", &decode_batches, true),
+        ];
+        for (group, batches, decode) in groups {
+            let mut g = c.benchmark_group(group);
             // A step takes 0.5–3 s: one iteration per sample instead of criterion's 1..=10.
             g.sampling_mode(SamplingMode::Flat);
-            for &b in &prefill_batches {
-                g.throughput(Throughput::Elements((b * prompt_len) as u64));
-                g.bench_function(
-                    BenchmarkId::new(&dtype, format!("b{b}_p{prompt_len}")),
-                    |bch| {
-                        let s = setup.get_or_insert_with(load);
-                        bch.iter(|| s.prefill(b))
-                    },
-                );
-            }
-            g.finish();
-        }
-        {
-            let mut g = c.benchmark_group("decode");
-            g.sampling_mode(SamplingMode::Flat);
-            for &b in &decode_batches {
-                g.throughput(Throughput::Elements(b as u64));
-                g.bench_function(
-                    BenchmarkId::new(&dtype, format!("b{b}_ctx{prompt_len}")),
-                    |bch| {
-                        let s = setup.get_or_insert_with(load);
-                        bch.iter(|| s.decode(b))
-                    },
-                );
+            for &b in batches {
+                // B·P prompt tokens, or one new token for each of B sequences after P.
+                let (tokens, id) = if decode {
+                    (b, format!("b{b}_ctx{prompt_len}"))
+                } else {
+                    (b * prompt_len, format!("b{b}_p{prompt_len}"))
+                };
+                g.throughput(Throughput::Elements(tokens as u64));
+                g.bench_function(BenchmarkId::new(&dtype, id), |bch| {
+                    let s = setup.get_or_insert_with(load);
+                    bch.iter(|| s.step(b, decode))
+                });
             }
             g.finish();
         }
