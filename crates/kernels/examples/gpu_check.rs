@@ -292,16 +292,7 @@ struct GateCase {
 }
 
 fn gate_cases() -> Vec<GateCase> {
-    let hy3 = |e: usize, k: usize| GateConfig {
-        num_experts: e,
-        top_k: k,
-        score: ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    };
+    let hy3 = |e: usize, k: usize| GateConfig::sigmoid(e, k, 2.826);
     vec![
         GateCase {
             name: "E192/k8 sigmoid+bias (Hy3)",
@@ -484,16 +475,7 @@ fn check_dispatch(c: &mut Ctx) -> Result<()> {
     ] {
         for &t in std::iter::once(&0).chain(check_tokens().iter()) {
             let res = (|| -> Result<()> {
-                let cfg = GateConfig {
-                    num_experts: e,
-                    top_k: k,
-                    score: ScoreFunction::Sigmoid,
-                    n_group: 1,
-                    topk_group: 1,
-                    renormalize: true,
-                    scaling: 1.0,
-                    renorm_eps: 1e-20,
-                };
+                let cfg = GateConfig::sigmoid(e, k, 1.0);
                 // Skewed routing so some experts are crowded and others empty.
                 let mut logits = make_logits(&mut c.rng, t, e, dead);
                 for (i, v) in logits.iter_mut().enumerate() {
@@ -638,16 +620,7 @@ fn make_problem(rng: &mut StdRng, case: &ExpertCase) -> Problem {
 
 /// Routing for `t` tokens from the CPU gate, with the shared expert appended (id E, weight 1).
 fn make_routing(rng: &mut StdRng, case: &ExpertCase, t: usize) -> Result<GateOutput> {
-    let cfg = GateConfig {
-        num_experts: case.e,
-        top_k: case.k,
-        score: ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    };
+    let cfg = GateConfig::sigmoid(case.e, case.k, 2.826);
     let logits = make_logits(rng, t, case.e, 3);
     let bias = make_bias(rng, case.e);
     let g = gate_topk(&logits, Some(&bias), &cfg)?;
@@ -884,16 +857,7 @@ fn check_tensor_api(c: &mut Ctx) -> Result<()> {
         shared: false,
     };
     let p = make_problem(&mut c.rng, &case);
-    let cfg = GateConfig {
-        num_experts: 64,
-        top_k: 8,
-        score: ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    };
+    let cfg = GateConfig::sigmoid(64, 8, 2.826);
     let w = ExpertWeights {
         gate_up: Tensor::from_vec(p.gate_up.clone(), (64, 256, 256), &c.device)?,
         down: Tensor::from_vec(p.down.clone(), (64, 256, 128), &c.device)?,
@@ -1052,16 +1016,7 @@ fn bench(c: &mut Ctx) -> Result<String> {
         "\n== benchmark at Hy3 shapes: H {h}, I {i}, {e} experts top-{k} + 1 shared \
          (expert {e}, weight 1)"
     );
-    let cfg = GateConfig {
-        num_experts: e,
-        top_k: k,
-        score: ScoreFunction::Sigmoid,
-        n_group: 1,
-        topk_group: 1,
-        renormalize: true,
-        scaling: 2.826,
-        renorm_eps: 1e-20,
-    };
+    let cfg = GateConfig::sigmoid(e, k, 2.826);
     let t0 = Instant::now();
     let w = hy3_weights(c, e_tot, h, i)?;
     let expert_bytes = (3 * h * i * 2) as f64;
