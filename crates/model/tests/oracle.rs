@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use switchyard_model::{HyV3Model, LoadOptions, Logits};
 
 mod common;
-use common::{argmax, greedy_ids, input_ids, max_abs};
+use common::{argmax, argmax_agreement, greedy_ids, input_ids, max_abs};
 
 /// f32 compute must agree with transformers' f32 logits to this (acceptance bound).
 const F32_TOL: f32 = 1e-4;
@@ -142,22 +142,14 @@ fn bf16_compute_within_measured_tolerance() {
             .as_ref()
             .map(|r| max_abs(&logits, r))
             .unwrap_or(f32::NAN);
-        let rows = logits.to_vec2::<f32>().unwrap();
-        let refs = o.logits.to_vec2::<f32>().unwrap();
-        let agree = rows
-            .iter()
-            .zip(&refs)
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
+        let (agree, rows) = argmax_agreement(&logits, &o.logits);
         println!(
-            "{case}: bf16 compute max|Δ| vs f32 oracle {d32:.3}, vs bf16 oracle {dbf:.3}, argmax agree {agree}/{}",
-            rows.len()
+            "{case}: bf16 compute max|Δ| vs f32 oracle {d32:.3}, vs bf16 oracle {dbf:.3}, argmax agree {agree}/{rows}"
         );
         assert!(d32 <= BF16_TOL, "{case}: bf16 logits differ by {d32}");
         assert!(
-            agree * 10 >= rows.len() * 8,
-            "{case}: argmax agrees on only {agree}/{}",
-            rows.len()
+            agree * 10 >= rows * 8,
+            "{case}: argmax agrees on only {agree}/{rows}"
         );
     }
 }

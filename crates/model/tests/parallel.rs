@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use switchyard_model::plan::{plan, KvFormat, PlanRequest, WeightFormat};
+use switchyard_model::plan::{plan, KvFormat, MemoryPlan, PlanRequest, WeightFormat};
 use switchyard_model::{
     Checkpoint, HyV3Model, InProcessGroup, KvDtype, LoadOptions, Logits, ModelConfig, PagedSeq,
 };
 
 mod common;
-use common::{argmax, greedy_ids, input_ids, max_abs};
+use common::{argmax, argmax_agreement, greedy_ids, input_ids, max_abs};
 
 /// The single-device oracle test's bound (tests/oracle.rs).
 const F32_TOL: f32 = 1e-4;
@@ -275,28 +275,8 @@ fn rank_weight_bytes_equal_the_plan() {
             (DType::BF16, WeightFormat::Bf16),
         ] {
             for n in [1, 2, 4] {
-                let p = plan(&cfg, &plan_request(n, format)).unwrap();
-                // Loading needs no forward pass: build the ranks one after another.
-                for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
-                    let m = if n == 1 {
-                        HyV3Model::load(cfg.clone(), ckpt.clone(), &opts(dtype), |_, _| {})
-                    } else {
-                        HyV3Model::load_parallel(
-                            cfg.clone(),
-                            ckpt.clone(),
-                            &opts(dtype),
-                            Arc::new(c),
-                            |_, _| {},
-                        )
-                    }
-                    .unwrap();
-                    assert_eq!(
-                        m.weight_bytes(),
-                        p.devices[r].weights_bytes,
-                        "{case} {dtype:?} tp={n} rank {r}"
-                    );
-                    checked += 1;
-                }
+                check_rank_bytes(&cfg, &ckpt, dtype, format, n, case);
+                checked += n;
             }
         }
     }
@@ -309,25 +289,44 @@ fn rank_weight_bytes_equal_the_plan() {
         (DType::BF16, WeightFormat::Bf16),
     ] {
         for n in [2, 4, 8] {
-            let p = plan(&cfg, &plan_request(n, format)).unwrap();
-            for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
-                let m = HyV3Model::load_parallel(
-                    cfg.clone(),
-                    ckpt.clone(),
-                    &opts(dtype),
-                    Arc::new(c),
-                    |_, _| {},
-                )
-                .unwrap();
-                assert_eq!(
-                    m.weight_bytes(),
-                    p.devices[r].weights_bytes,
-                    "uneven {dtype:?} tp={n} rank {r}"
-                );
-            }
+            let p = check_rank_bytes(&cfg, &ckpt, dtype, format, n, "uneven");
             assert_eq!(p.devices[n - 1].routed_experts, 7 / n);
         }
     }
+}
+
+/// Loads each of `n` ranks of `cfg` (one rank through the plain loader when `n` is 1), one
+/// after another since loading needs no forward pass, and checks that it holds the weight bytes
+/// `switchyard plan` gives its device. Returns the plan.
+fn check_rank_bytes(
+    cfg: &ModelConfig,
+    ckpt: &Arc<Checkpoint>,
+    dtype: DType,
+    format: WeightFormat,
+    n: usize,
+    what: &str,
+) -> MemoryPlan {
+    let p = plan(cfg, &plan_request(n, format)).unwrap();
+    for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
+        let m = if n == 1 {
+            HyV3Model::load(cfg.clone(), ckpt.clone(), &opts(dtype), |_, _| {})
+        } else {
+            HyV3Model::load_parallel(
+                cfg.clone(),
+                ckpt.clone(),
+                &opts(dtype),
+                Arc::new(c),
+                |_, _| {},
+            )
+        }
+        .unwrap();
+        assert_eq!(
+            m.weight_bytes(),
+            p.devices[r].weights_bytes,
+            "{what} {dtype:?} tp={n} rank {r}"
+        );
+    }
+    p
 }
 
 fn plan_request(gpus: usize, weights: WeightFormat) -> PlanRequest {
@@ -418,26 +417,16 @@ fn tp_bf16_compute_within_the_single_device_bound() {
             let got = on_ranks(&dir, n, DType::BF16, prefill).remove(0);
             let d32 = max_abs(&got, &want);
             let d1 = max_abs(&got, &one);
-            let rows = got.to_vec2::<f32>().unwrap();
-            let refs = want.to_vec2::<f32>().unwrap();
-            let agree = rows
-                .iter()
-                .zip(&refs)
-                .filter(|(a, b)| argmax(a) == argmax(b))
-                .count();
+            let (agree, rows) = argmax_agreement(&got, &want);
             println!(
                 "{case} bf16 tp={n}: max|Δ| vs f32 oracle {d32:.3}, vs bf16 tp=1 {d1:.3}, \
-                 argmax agree {agree}/{}",
-                rows.len()
+                 argmax agree {agree}/{rows}"
             );
             assert!(
                 d32 <= BF16_TOL,
                 "{case} tp={n}: bf16 logits differ by {d32}"
             );
-            assert!(
-                agree * 10 >= rows.len() * 8,
-                "{case} tp={n}: argmax {agree}"
-            );
+            assert!(agree * 10 >= rows * 8, "{case} tp={n}: argmax {agree}");
         }
     }
 }

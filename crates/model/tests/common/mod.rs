@@ -28,6 +28,18 @@ pub fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// How many rows of two `[T, V]` logit tensors pick the same greedy token, and `T`.
+pub fn argmax_agreement(got: &Tensor, want: &Tensor) -> (usize, usize) {
+    let rows = got.to_vec2::<f32>().unwrap();
+    let refs = want.to_vec2::<f32>().unwrap();
+    let agree = rows
+        .iter()
+        .zip(&refs)
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    (agree, rows.len())
+}
+
 /// The prompt of an oracle fixture (`input_ids` in its `oracle.safetensors`).
 pub fn input_ids(oracle: &std::collections::HashMap<String, Tensor>) -> Vec<u32> {
     oracle["input_ids"]
