@@ -75,7 +75,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if eargs.max_model_len.is_none() {
         eargs.max_model_len = Some(a.prompt_len + a.gen_len);
     }
-    let (engine, _) = loading::start_engine(&a.model, &eargs)?;
+    let loaded = loading::load(&a.model)?;
+    // What the ranks really hold (quantized weights at their int8 + scale size).
+    let weights_bytes = loaded.weight_bytes() as f64;
+    let engine = loading::start_loaded(loaded, &eargs)?;
     let cfg = engine.info().model.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let run_once = |rng: &mut rand::rngs::StdRng, gen: usize| -> Result<(f64, f64, f64)> {
@@ -135,10 +138,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let bw = memory_bandwidth();
     let (_, active) = cfg.parameter_counts();
     let dtype = engine.info().dtype;
-    let bytes_per_param = dtype.size_in_bytes() as f64;
-    let roofline = bw / (active as f64 * bytes_per_param);
     let (total_params, _) = cfg.parameter_counts();
-    let weights_bytes = total_params as f64 * bytes_per_param;
+    // Bytes per parameter as held (below the dtype's with --quantize).
+    let bytes_per_param = weights_bytes / total_params as f64;
+    let roofline = bw / (active as f64 * bytes_per_param);
     let kv_bytes = engine.info().kv_cache_bytes as f64;
     let out = serde_json::json!({
         "prefill_tok_s": prefill_tok_s,
@@ -149,6 +152,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "quantize": a.model.quantize.map(|q| q.name()),
         "device": engine.info().device,
         "memory_bandwidth_gb_s": bw / 1e9,
         "active_params": active,

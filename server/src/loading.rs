@@ -14,7 +14,9 @@ use switchyard_engine::parallel::load_ranks;
 use switchyard_engine::parallel::RankGroup;
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{Checkpoint, DeviceSpec, HyV3Model, KvDtype, LoadOptions, ModelConfig};
+use switchyard_model::{
+    Checkpoint, DeviceSpec, HyV3Model, IsqType, KvDtype, LoadOptions, ModelConfig,
+};
 
 /// Where the model comes from and how to compute.
 #[derive(clap::Args, Debug, Clone)]
@@ -39,6 +41,12 @@ pub struct ModelArgs {
     /// the sharded execution, not faster. On a GPU only 1 is supported for now.
     #[arg(long = "tensor-parallel-size", default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Quantize the weights while loading (in-situ quantization; alias `--isq`): `q8` (or
+    /// `q8_0`) stores every projection as int8 with an f32 scale per 64 inputs, about half of
+    /// bf16's bytes, and computes in f32; `--dtype` then sets what stays dense (the
+    /// embedding). CPU only.
+    #[arg(long, visible_alias = "isq", value_name = "TYPE")]
+    pub quantize: Option<IsqType>,
 }
 
 /// vLLM's short form of `--tensor-parallel-size`: `-tp N` or `-tp=N` (clap's short flags are
@@ -140,6 +148,11 @@ impl Loaded {
     pub fn model(&self) -> &HyV3Model {
         &self.ranks[0]
     }
+
+    /// Bytes of weights every rank holds together (quantized weights at their real size).
+    pub fn weight_bytes(&self) -> u64 {
+        self.ranks.iter().map(HyV3Model::weight_bytes).sum()
+    }
 }
 
 /// Resolves and loads the model and tokenizer.
@@ -171,6 +184,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         dtype,
         device: device.clone(),
         load_mtp: false,
+        quantize: args.quantize,
     };
     let log_every = (total / 10).max(1);
     if tp > 1 {
@@ -197,10 +211,13 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         b.finish_and_clear();
     }
     let (params, active) = cfg.parameter_counts();
+    let weight_bytes: u64 = ranks.iter().map(HyV3Model::weight_bytes).sum();
     tracing::info!(
         dir = %dir.display(),
         params,
         active,
+        weights = format!("{:.1} MiB", weight_bytes as f64 / (1u64 << 20) as f64),
+        quantize = args.quantize.map_or("none", IsqType::name),
         secs = t0.elapsed().as_secs_f32(),
         "model loaded"
     );
@@ -255,9 +272,14 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
 /// Loads the model and starts the engine.
 pub fn start_engine(m: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, PathBuf)> {
     let l = load(m)?;
+    let dir = l.dir.clone();
+    Ok((start_loaded(l, e)?, dir))
+}
+
+/// Starts the engine on a loaded model.
+pub fn start_loaded(l: Loaded, e: &EngineArgs) -> Result<EngineHandle> {
     let cfg = engine_config(e, l.model().config())?;
-    let h = EngineHandle::start(l.ranks, l.tokenizer, cfg).map_err(anyhow::Error::msg)?;
-    Ok((h, l.dir))
+    EngineHandle::start(l.ranks, l.tokenizer, cfg).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

@@ -1247,7 +1247,8 @@ impl HyV3Model {
             let unaligned = isq::unaligned_inputs(&cfg);
             if !unaligned.is_empty() {
                 tracing::info!(
-                    "{} {}: zero-padding projection inputs to whole blocks of {Q8_BLOCK}                      ({}); results are unchanged, memory and time grow with the padding",
+                    "{} {}: zero-padding projection inputs to whole blocks of {Q8_BLOCK} ({}); \
+                     results are unchanged, memory and time grow with the padding",
                     isq::QUANTIZE_FLAG,
                     isq.map_or("", IsqType::name),
                     unaligned.join(", ")
