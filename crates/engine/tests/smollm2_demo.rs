@@ -107,9 +107,8 @@ fn gguf_vocabulary_becomes_a_working_tokenizer() {
     assert_eq!(tok.encode(" the", false).unwrap().len(), 1);
 }
 
-#[test]
-fn upcycled_smollm2_answers_paris() {
-    let Some(dir) = demo_dir() else { return };
+/// The greedy answer (up to 20 tokens) to "What is the capital of France?" with `opts`.
+fn answer_capital_of_france(dir: &Path, opts: &LoadOptions) -> String {
     let tok = Tokenizer::from_dir(dir).unwrap();
     let prompt = render_chat(dir, "What is the capital of France?");
     assert!(
@@ -118,11 +117,7 @@ fn upcycled_smollm2_answers_paris() {
     let ids = tok.encode(&prompt, false).unwrap();
 
     let t = Instant::now();
-    let opts = LoadOptions {
-        dtype: DType::F32,
-        ..LoadOptions::default()
-    };
-    let model = HyV3Model::load_dir(dir, &opts).unwrap();
+    let model = HyV3Model::load_dir(dir, opts).unwrap();
     eprintln!("loaded in {:.1}s", t.elapsed().as_secs_f64());
     let mut cache = model.new_cache();
     let t = Instant::now();
@@ -147,5 +142,29 @@ fn upcycled_smollm2_answers_paris() {
         out.len(),
         out.len() as f64 / decode.as_secs_f64()
     );
+    text
+}
+
+#[test]
+fn upcycled_smollm2_answers_paris() {
+    let Some(dir) = demo_dir() else { return };
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        ..LoadOptions::default()
+    };
+    let text = answer_capital_of_france(dir, &opts);
     assert!(text.contains("Paris"), "answer: {text:?}");
+}
+
+/// In-situ Q8 quantization (`--quantize q8`) keeps the answer.
+#[test]
+fn upcycled_smollm2_answers_paris_with_q8_weights() {
+    let Some(dir) = demo_dir() else { return };
+    let opts = LoadOptions {
+        dtype: DType::BF16,
+        quantize: Some(switchyard_model::IsqType::Q8),
+        ..LoadOptions::default()
+    };
+    let text = answer_capital_of_france(dir, &opts);
+    assert!(text.contains("Paris"), "q8 answer: {text:?}");
 }

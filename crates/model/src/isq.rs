@@ -13,6 +13,14 @@
 //! path pads its expert weights the same way). Real checkpoints' sizes are multiples of 64;
 //! the padding is for small test models, whose projections would otherwise stay unquantized
 //! and leave the quantized path untested. The load log says when it happens.
+//!
+//! Activations are f32 with quantized weights (`HyV3Model::activation_dtype`), whatever
+//! `--dtype` says (it sets the embedding's stored dtype). The Q8 kernels take f32 in and give
+//! f32 out, so bf16 activations would only add a rounding and two conversions per projection.
+//! Measured 2026-11-28 against a build computing in bf16 around the same Q8 weights: on the
+//! SmolLM2 demo model, logits vs f32 compute RMS 0.263 (f32 activations) vs 0.276 (bf16),
+//! max 1.31 vs 1.64 (bf16 compute with bf16 weights: 0.210, 1.41); on the small preset,
+//! decode the same within noise (batch 1: 72–78 tok/s both) and prefill 7–26% faster in f32.
 
 use std::str::FromStr;
 
