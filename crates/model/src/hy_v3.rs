@@ -339,7 +339,6 @@ impl Mlp {
     }
 
     /// `(gate_up, down)` when the weights are dense.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn dense(&self) -> Option<(&Tensor, &Tensor)> {
         match &self.weights {
             MlpWeights::Dense { gate_up, down } => Some((gate_up, down)),
