@@ -34,30 +34,14 @@ fn opts(dtype: DType) -> LoadOptions {
     }
 }
 
-/// Loads every rank of `dir` split over `world` ranks, each on its own thread, runs `f` on
-/// each and returns what every rank returned, in rank order.
+/// Every rank of `dir` over `world` ranks in `dtype`; `f` on each, results in rank order.
 fn on_ranks<R: Send>(
     dir: &Path,
     world: usize,
     dtype: DType,
     f: impl Fn(&HyV3Model) -> R + Sync,
 ) -> Vec<R> {
-    let comms = InProcessGroup::new(world)
-        .with_timeout(Duration::from_secs(300))
-        .build();
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    let m = HyV3Model::load_dir_parallel(dir, &opts(dtype), Arc::new(c)).unwrap();
-                    f(&m)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::on_ranks(dir, world, &opts(dtype), f)
 }
 
 /// Prefill logits, decode-step logits, and a greedy continuation of `steps` tokens.

@@ -8,13 +8,9 @@
 //! tests exercise the quantized path in every layer, not a dense fallback.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use switchyard_model::{
-    HyV3Model, InProcessGroup, IsqType, KvDtype, LoadOptions, Logits, PagedSeq,
-};
+use switchyard_model::{HyV3Model, IsqType, KvDtype, LoadOptions, Logits, PagedSeq};
 
 mod common;
 use common::{argmax, argmax_agreement, input_ids, max_abs};
@@ -218,25 +214,9 @@ fn q8_paged_batch_equals_single_sequences() {
     assert!(worst <= SAME_WEIGHTS_TOL, "q8 paged differs by {worst}");
 }
 
-/// Every rank of `world` (threads over an in-process group) loaded from `dir` with q8; `f`
-/// on each.
+/// Every rank of `world` loaded from `dir` with q8 (bf16 embedding); `f` on each.
 fn q8_ranks<R: Send>(dir: &Path, world: usize, f: impl Fn(&HyV3Model) -> R + Sync) -> Vec<R> {
-    let comms = InProcessGroup::new(world)
-        .with_timeout(Duration::from_secs(300))
-        .build();
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                s.spawn(move || {
-                    let opts = q8_opts(DType::BF16);
-                    f(&HyV3Model::load_dir_parallel(dir, &opts, Arc::new(c)).unwrap())
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::on_ranks(dir, world, &q8_opts(DType::BF16), f)
 }
 
 /// The `tiny` preset resized so every projection input, and every tensor-parallel slice of

@@ -61,3 +61,35 @@ pub fn greedy_ids(dir: &std::path::Path) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// Loads every rank of `dir` split over `world` ranks with `opts`, each on its own thread
+/// (ranks meet in the communicator's collectives, so they cannot share one), runs `f` on each
+/// and returns what every rank returned, in rank order.
+pub fn on_ranks<R: Send>(
+    dir: &std::path::Path,
+    world: usize,
+    opts: &switchyard_model::LoadOptions,
+    f: impl Fn(&switchyard_model::HyV3Model) -> R + Sync,
+) -> Vec<R> {
+    let comms = switchyard_model::parallel::InProcessGroup::new(world)
+        .with_timeout(std::time::Duration::from_secs(300))
+        .build();
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let m = switchyard_model::HyV3Model::load_dir_parallel(
+                        dir,
+                        opts,
+                        std::sync::Arc::new(c),
+                    )
+                    .unwrap();
+                    f(&m)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
