@@ -22,7 +22,7 @@
 #                                 # kernels ($OUT/ncu.txt), memcheck on the quick check
 #                                 # ($OUT/memcheck.log); prints the results tables last
 # The lent-GPU call (its timeout covers the five steps' own timeouts, 540 s, plus start-up):
-#   run(carry=[".gpu"], command="bash scripts/gpu-check.sh device", timeout_s=570)
+#   run(carry=[".gpu"], command="bash scripts/gpu-check.sh device", timeout_s=590)
 # Environment: GPU_CHECK_SEED (repeat a run), GPU_CHECK_QUICK (small sizes, no benchmark),
 # GPU_CHECK_PROFILE (just paged attention at 32K and the expert kernels at Hy3 shapes, for a
 # profiler).
