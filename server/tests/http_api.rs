@@ -343,9 +343,63 @@ async fn anthropic_messages_plain_and_stream() {
         assert_eq!(out, 6);
     }
     let start: Value = serde_json::from_str(&events[0].1).expect("json");
+    let su = &start["message"]["usage"];
     assert_eq!(
-        start["message"]["usage"]["input_tokens"],
-        chat_prompt_len(&[("user", "go")])
+        su["input_tokens"].as_u64().unwrap() + su["cache_read_input_tokens"].as_u64().unwrap(),
+        chat_prompt_len(&[("user", "go")]) as u64
+    );
+}
+
+/// Anthropic counts prompt tokens read from the cache apart from `input_tokens`, in
+/// `message_start` as in the final usage; a repeated prompt is served from the prefix cache.
+#[tokio::test]
+async fn anthropic_stream_reports_cached_input_tokens_at_message_start() {
+    let s = Server::start();
+    let c = client();
+    let text = "Tell me about the history of the Rust programming language, its ownership \
+                model, and how borrowing works in practice, with short examples.";
+    let prompt = chat_prompt_len(&[("user", text)]) as u64;
+    let mut starts = Vec::new();
+    for _ in 0..2 {
+        let body = c
+            .post(s.url("/v1/messages"))
+            .json(
+                &json!({"model": "local", "max_tokens": 3, "stream": true, "temperature": 0,
+                          "messages": [{"role": "user", "content": text}]}),
+            )
+            .send()
+            .await
+            .expect("send")
+            .text()
+            .await
+            .expect("body");
+        let events = parse_sse(&body);
+        let data = |name: &str| -> Value {
+            let (_, d) = events
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no {name} in {body}"));
+            serde_json::from_str(d).expect("json")
+        };
+        let start = data("message_start")["message"]["usage"].clone();
+        let end = data("message_delta")["usage"].clone();
+        for u in [&start, &end] {
+            assert_eq!(
+                u["input_tokens"].as_u64().unwrap()
+                    + u["cache_read_input_tokens"].as_u64().unwrap(),
+                prompt,
+                "{u}"
+            );
+        }
+        assert_eq!(
+            start["cache_read_input_tokens"], end["cache_read_input_tokens"],
+            "message_start and the final usage agree"
+        );
+        starts.push(start["cache_read_input_tokens"].as_u64().unwrap());
+    }
+    assert!(
+        starts[1] > 0 && starts[1] >= starts[0],
+        "the repeated prompt reads the cache: {starts:?} of {prompt} tokens"
     );
 }
 

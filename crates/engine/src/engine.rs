@@ -105,6 +105,10 @@ pub struct TokenEvent {
     pub entropy: Option<f32>,
     /// Full logits of the step, when requested.
     pub logits: Option<Vec<f32>>,
+    /// On a request's first token only: prompt tokens served from the prefix cache (what
+    /// [`Completion::cached_tokens`] reports at the end), so a stream can report its input
+    /// usage before the answer is done (Anthropic's `message_start`).
+    pub cached_tokens: Option<usize>,
 }
 
 /// How a request ended.
@@ -716,7 +720,8 @@ impl Loop {
             .sampler
             .sample(&row, generated)
             .map_err(|e| e.to_string())?;
-        if st.ttft.is_none() {
+        let first = st.ttft.is_none();
+        if first {
             st.ttft = Some(st.submitted.elapsed());
         }
         self.metrics
@@ -746,6 +751,7 @@ impl Loop {
             top_logprobs: pick.top_logprobs,
             entropy: pick.entropy,
             logits: st.return_logits.then(|| row.clone()),
+            cached_tokens: first.then(|| self.sched.get(id).map_or(0, |s| s.num_cached)),
         };
         let _ = st.tx.send(Event::Token(ev));
         if let Some(reason) = delta.finish_reason {

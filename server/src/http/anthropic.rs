@@ -223,6 +223,8 @@ struct EventFormat {
     model: String,
     input_tokens: usize,
     stop: Option<(&'static str, Option<String>)>,
+    /// `message_start` has been sent.
+    started: bool,
 }
 
 impl EventFormat {
@@ -232,6 +234,7 @@ impl EventFormat {
             model: state.model_id.clone(),
             input_tokens,
             stop: None,
+            started: false,
         }
     }
 }
@@ -247,8 +250,17 @@ fn text_delta(text: &str) -> SseEvent {
     )
 }
 
-impl SseFormat for EventFormat {
-    fn start(&mut self) -> Vec<SseEvent> {
+impl EventFormat {
+    /// `message_start`, `content_block_start` and `ping`, once: sent with the first event of
+    /// the answer rather than before it, because the input usage `message_start` reports
+    /// (`cache_read_input_tokens` apart from `input_tokens`, as Anthropic counts them) is only
+    /// known once the engine has looked the prompt up in its prefix cache.
+    fn open(&mut self, cached_tokens: usize) -> Vec<SseEvent> {
+        if self.started {
+            return vec![];
+        }
+        self.started = true;
+        let cached = cached_tokens.min(self.input_tokens);
         vec![
             event(
                 "message_start",
@@ -260,7 +272,12 @@ impl SseFormat for EventFormat {
                     "content": [],
                     "stop_reason": null,
                     "stop_sequence": null,
-                    "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+                    "usage": {
+                        "input_tokens": self.input_tokens - cached,
+                        "output_tokens": 0,
+                        "cache_read_input_tokens": cached,
+                        "cache_creation_input_tokens": 0,
+                    },
                 }}),
             ),
             event(
@@ -270,23 +287,32 @@ impl SseFormat for EventFormat {
             event("ping", json!({"type": "ping"})),
         ]
     }
+}
+
+impl SseFormat for EventFormat {
+    fn start(&mut self) -> Vec<SseEvent> {
+        vec![]
+    }
 
     fn token(&mut self, _choice: usize, t: TokenEvent) -> Vec<SseEvent> {
-        vec![text_delta(&t.text)]
+        let mut out = self.open(t.cached_tokens.unwrap_or(0));
+        out.push(text_delta(&t.text));
+        out
     }
 
     fn finished(&mut self, _choice: usize, c: &Completion) -> Vec<SseEvent> {
         self.stop = Some(stop_reason(c));
-        if c.text.is_empty() {
-            vec![]
-        } else {
-            vec![text_delta(&c.text)]
+        let mut out = self.open(c.cached_tokens);
+        if !c.text.is_empty() {
+            out.push(text_delta(&c.text));
         }
+        out
     }
 
     fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
         let (reason, seq) = self.stop.take().unwrap_or(("end_turn", None));
-        vec![
+        let mut out = self.open(usage.cached_tokens);
+        out.extend([
             event(
                 "content_block_stop",
                 json!({"type": "content_block_stop", "index": 0}),
@@ -298,7 +324,8 @@ impl SseFormat for EventFormat {
                        "usage": usage_json(usage)}),
             ),
             event("message_stop", json!({"type": "message_stop"})),
-        ]
+        ]);
+        out
     }
 
     fn error(&mut self, e: ApiError) -> Vec<SseEvent> {
