@@ -157,6 +157,39 @@ pub struct SeqAttn<'a> {
     pub block_table: &'a [u32],
 }
 
+impl SeqAttn<'_> {
+    /// Checks that sequence `index` fits a batch of `rows` query rows and names only blocks
+    /// of `layout`'s pool (the CPU op and the CUDA batch builder both check this up front, so
+    /// their kernels cannot index out of bounds).
+    pub fn check(&self, index: usize, rows: usize, layout: &KvLayout) -> Result<(), KernelError> {
+        if self.q_len > self.ctx_len
+            || self.q_start + self.q_len > rows
+            || self.block_table.len() * layout.block_size < self.ctx_len
+        {
+            return Err(KernelError::InvalidArgument(format!(
+                "paged attention: sequence {index} (q {}+{}, ctx {}, {} blocks of {}) does not \
+                 fit the batch of {rows} rows",
+                self.q_start,
+                self.q_len,
+                self.ctx_len,
+                self.block_table.len(),
+                layout.block_size
+            )));
+        }
+        if let Some(&b) = self
+            .block_table
+            .iter()
+            .find(|&&b| b as usize >= layout.num_blocks)
+        {
+            return Err(KernelError::InvalidArgument(format!(
+                "paged attention: sequence {index} names block {b}, outside the pool of {}",
+                layout.num_blocks
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Tokens per tile: the scores of a tile for every query sit on the stack (`MAX_QUERIES · TILE`
 /// f32, 2 KiB), and the tile's K or V rows (32 KiB at head_dim 256 in f32) stay in L1 between
 /// the passes over them. The per-tile softmax bookkeeping (max, rescale) is amortised over this
@@ -296,28 +329,7 @@ fn attend<T: KvElem>(
     // Row → (sequence, position) map; checked up front so the parallel loop cannot fail.
     let mut row_pos = vec![(usize::MAX, 0usize); t];
     for (si, s) in seqs.iter().enumerate() {
-        if s.q_len > s.ctx_len
-            || s.q_start + s.q_len > t
-            || s.block_table.len() * layout.block_size < s.ctx_len
-        {
-            return Err(KernelError::InvalidArgument(format!(
-                "paged_attention: sequence {si} (q {}+{}, ctx {}, {} blocks) does not fit the batch of {t} rows",
-                s.q_start,
-                s.q_len,
-                s.ctx_len,
-                s.block_table.len()
-            )));
-        }
-        if let Some(&b) = s
-            .block_table
-            .iter()
-            .find(|&&b| b as usize >= layout.num_blocks)
-        {
-            return Err(KernelError::InvalidArgument(format!(
-                "paged_attention: block {b} outside the pool of {}",
-                layout.num_blocks
-            )));
-        }
+        s.check(si, t, layout)?;
         for i in 0..s.q_len {
             row_pos[s.q_start + i] = (si, s.ctx_len - s.q_len + i);
         }

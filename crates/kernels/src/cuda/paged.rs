@@ -559,29 +559,7 @@ impl PagedBatch {
         let mut tables = vec![0u32; seqs.len() * max_blocks];
         let mut max_ctx = 0;
         for (si, s) in seqs.iter().enumerate() {
-            if s.q_len > s.ctx_len
-                || s.q_start + s.q_len > rows
-                || s.block_table.len() * bs < s.ctx_len
-            {
-                return Err(invalid(format!(
-                    "paged attention: sequence {si} (q {}+{}, ctx {}, {} blocks of {bs}) does \
-                     not fit the batch of {rows} rows",
-                    s.q_start,
-                    s.q_len,
-                    s.ctx_len,
-                    s.block_table.len()
-                )));
-            }
-            if let Some(&b) = s
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= layout.num_blocks)
-            {
-                return Err(invalid(format!(
-                    "paged attention: sequence {si} names block {b}, outside the pool of {}",
-                    layout.num_blocks
-                )));
-            }
+            s.check(si, rows, layout)?;
             tables[si * max_blocks..si * max_blocks + s.block_table.len()]
                 .copy_from_slice(s.block_table);
             let si_u32 = u32::try_from(si)
