@@ -13,6 +13,7 @@ use switchyard_engine::parallel::load_ranks;
 #[cfg(doc)]
 use switchyard_engine::parallel::RankGroup;
 use switchyard_engine::scheduler::SchedulerConfig;
+use switchyard_engine::speculative::SpeculativeConfig;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{
     Checkpoint, DeviceSpec, HyV3Model, IsqType, KvDtype, LoadOptions, ModelConfig,
@@ -90,6 +91,11 @@ pub struct EngineArgs {
     /// Most requests queued before new ones get HTTP 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
+    /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": 4,
+    /// "prompt_lookup_min": 2, "prompt_lookup_max": 4}` (prompt lookup: drafts copied from
+    /// earlier in the sequence, checked by the model in one step).
+    #[arg(long, value_name = "JSON")]
+    pub speculative_config: Option<String>,
 }
 
 /// CPU-default cap on the context when the user gives none: a 256K default would size the KV
@@ -266,6 +272,11 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
             o => anyhow::bail!("unknown --kv-dtype {o:?}; use f32 or bf16"),
         },
         prefix_caching: !args.no_prefix_caching,
+        speculative: args
+            .speculative_config
+            .as_deref()
+            .map(SpeculativeConfig::parse_json)
+            .transpose()?,
     })
 }
 

@@ -17,7 +17,8 @@ use tokio::sync::mpsc as tmpsc;
 use crate::block_pool::{BlockPool, SharedPool};
 use crate::parallel::{EngineModel, Runner};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
-use crate::scheduler::{AdmissionError, Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
+use crate::speculative::SpeculativeConfig;
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
 use crate::tokenizer::Tokenizer;
 
@@ -36,6 +37,8 @@ pub struct EngineConfig {
     pub kv_dtype: KvDtype,
     /// Reuse cached KV blocks across requests with a common prefix.
     pub prefix_caching: bool,
+    /// Speculative decoding (`--speculative-config`); `None` decodes one token per step.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +49,7 @@ impl Default for EngineConfig {
             kv_cache_memory: None,
             kv_dtype: KvDtype::F32,
             prefix_caching: true,
+            speculative: None,
         }
     }
 }
@@ -190,6 +194,10 @@ pub struct EngineMetrics {
     pub steps: AtomicU64,
     /// Preemptions.
     pub preemptions: AtomicU64,
+    /// Speculative tokens proposed and checked by the model.
+    pub spec_draft_tokens: AtomicU64,
+    /// Of which accepted (each one a token generated without a step of its own).
+    pub spec_accepted_tokens: AtomicU64,
     /// Nanoseconds spent in model forwards.
     pub busy_ns: AtomicU64,
 }
@@ -347,6 +355,7 @@ impl EngineHandle {
                 let mut l = Loop {
                     runner,
                     sched,
+                    speculative: cfg.speculative,
                     tokenizer,
                     states: Default::default(),
                     metrics: m2,
@@ -535,6 +544,8 @@ struct Loop {
     /// The model (or its ranks) and the paged KV cache(s).
     runner: Runner,
     sched: Scheduler,
+    /// Draft proposer, when speculative decoding is on.
+    speculative: Option<SpeculativeConfig>,
     tokenizer: Arc<Tokenizer>,
     states: std::collections::HashMap<SeqId, ReqState>,
     metrics: Arc<EngineMetrics>,
@@ -644,7 +655,12 @@ impl Loop {
     }
 
     fn step(&mut self) {
-        let plan = self.sched.schedule();
+        let plan = match &self.speculative {
+            Some(spec) => self
+                .sched
+                .schedule_with_drafts(|tokens, max| spec.propose(tokens, max)),
+            None => self.sched.schedule(),
+        };
         self.metrics
             .preemptions
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
@@ -654,11 +670,17 @@ impl Loop {
         let work = self.sched.step_inputs(&plan);
         let seqs: Vec<PagedSeq<'_>> = work
             .iter()
-            .map(|w| PagedSeq {
+            .zip(&plan.scheduled)
+            .map(|(w, s)| PagedSeq {
                 tokens: &w.tokens,
                 pos0: w.pos0,
                 block_table: &w.block_table,
-                logits: Logits::Last,
+                // A drafted sequence needs the logits of its draft positions too.
+                logits: if s.draft.is_empty() {
+                    Logits::Last
+                } else {
+                    Logits::All
+                },
             })
             .collect();
         let t0 = Instant::now();
@@ -667,7 +689,7 @@ impl Loop {
             .busy_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
-        let total: usize = plan.scheduled.iter().map(|s| s.len).sum();
+        let total: usize = plan.scheduled.iter().map(|s| s.len + s.draft.len()).sum();
         self.metrics
             .tokens_computed
             .fetch_add(total as u64, Ordering::Relaxed);
@@ -691,9 +713,8 @@ impl Loop {
                 self.sched.complete(s.id, s.len, None);
                 continue;
             }
-            match self.sample(s.id, &lg) {
-                Ok(Some(tok)) => self.sched.complete(s.id, s.len, Some(tok)),
-                Ok(None) => {}
+            match self.sample_step(s, &lg) {
+                Ok(()) => {}
                 Err(e) => {
                     if let Some(st) = self.states.get(&s.id) {
                         let _ = st.tx.send(Event::Error(e));
@@ -704,22 +725,72 @@ impl Loop {
         }
     }
 
-    /// Samples the next token of `id`, streams it, and finishes the request when it stops.
-    /// Returns the token when the sequence continues.
-    fn sample(&mut self, id: SeqId, logits: &Tensor) -> Result<Option<u32>, String> {
-        let row = logits
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| e.to_string())?;
-        let tokens = self.sched.tokens(id).unwrap_or(&[]).to_vec();
+    /// Samples what a sampling step `s` produced from its logits `lg` (one row, or one per
+    /// position when it carried a draft) and records it with the scheduler.
+    fn sample_step(&mut self, s: &Scheduled, lg: &Tensor) -> Result<(), String> {
+        let err = |e: candle_core::Error| e.to_string();
+        if s.draft.is_empty() {
+            let row = lg
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(err)?;
+            if let Some(tok) = self.sample(s.id, row, &[], None)? {
+                self.sched.complete(s.id, s.len, Some(tok));
+            }
+            return Ok(());
+        }
+        // Row i is the distribution after the known tokens and the first i drafts: sample it,
+        // keep going while the sample is the draft, stop at the first disagreement (that
+        // sample replaces the draft) or after the last row (a bonus token).
+        let rows = lg.to_vec2::<f32>().map_err(err)?;
+        self.metrics
+            .spec_draft_tokens
+            .fetch_add(s.draft.len() as u64, Ordering::Relaxed);
+        let mut accepted = Vec::with_capacity(s.draft.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            let draft = s.draft.get(i).copied();
+            let Some(tok) = self.sample(s.id, row, &accepted, draft)? else {
+                return Ok(()); // finished
+            };
+            if Some(tok) == draft {
+                self.metrics
+                    .spec_accepted_tokens
+                    .fetch_add(1, Ordering::Relaxed);
+                accepted.push(tok);
+            } else {
+                self.sched.complete_draft(s.id, s.len, &accepted, Some(tok));
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the model returned {} logit rows for a step of 1 + {} tokens",
+            accepted.len(),
+            s.draft.len()
+        ))
+    }
+
+    /// Samples the next token of `id` from `row`, streams it, and finishes the request when it
+    /// stops. `accepted` are draft tokens already taken this step (not yet in the scheduler's
+    /// sequence); `draft` is this position's draft, if any. Returns the token when the
+    /// sequence continues.
+    fn sample(
+        &mut self,
+        id: SeqId,
+        row: Vec<f32>,
+        accepted: &[u32],
+        draft: Option<u32>,
+    ) -> Result<Option<u32>, String> {
+        let mut tokens = self.sched.tokens(id).unwrap_or(&[]).to_vec();
+        tokens.extend_from_slice(accepted);
         let Some(st) = self.states.get_mut(&id) else {
             return Ok(None);
         };
         let generated = &tokens[st.prompt_len..];
-        let pick = st
-            .sampler
-            .sample(&row, generated)
-            .map_err(|e| e.to_string())?;
+        let pick = match draft {
+            Some(d) => st.sampler.sample_draft(&row, generated, d),
+            None => st.sampler.sample(&row, generated),
+        }
+        .map_err(|e| e.to_string())?;
         let first = st.ttft.is_none();
         if first {
             st.ttft = Some(st.submitted.elapsed());
@@ -750,7 +821,7 @@ impl Loop {
             logprob: pick.logprob,
             top_logprobs: pick.top_logprobs,
             entropy: pick.entropy,
-            logits: st.return_logits.then(|| row.clone()),
+            logits: st.return_logits.then_some(row),
             cached_tokens: first.then(|| self.sched.get(id).map_or(0, |s| s.num_cached)),
         };
         let _ = st.tx.send(Event::Token(ev));

@@ -1,4 +1,5 @@
-//! placeholder
+//! The generation engine: tokenizer and chat templates, sampling, speculative drafts, KV block
+//! management, the continuous-batching scheduler and the loop that owns the model.
 
 pub mod block_pool;
 pub mod chat;
@@ -6,5 +7,6 @@ pub mod engine;
 pub mod parallel;
 pub mod sampling;
 pub mod scheduler;
+pub mod speculative;
 pub mod stop;
 pub mod tokenizer;

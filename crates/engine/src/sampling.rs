@@ -288,6 +288,30 @@ impl Sampler {
     /// Chooses the next token from one position's logits. `generated` is the sequence's output so
     /// far (it grows by one token per call; the penalty counts are updated incrementally).
     pub fn sample(&mut self, logits: &[f32], generated: &[u32]) -> Result<SampledToken> {
+        self.sample_with_draft(logits, generated, None)
+    }
+
+    /// [`Sampler::sample`] at a position where a speculative proposer guessed `draft`
+    /// ([`crate::speculative`]): returns `draft` itself when it is accepted, otherwise another
+    /// token. The result has exactly the distribution [`Sampler::sample`] draws from (the
+    /// speculative-sampling rule for a proposer that puts all its mass on one token: accept
+    /// with probability p(draft), else draw from p with the draft removed), so drafts change
+    /// speed, never output statistics. Greedy sampling ignores the draft.
+    pub fn sample_draft(
+        &mut self,
+        logits: &[f32],
+        generated: &[u32],
+        draft: u32,
+    ) -> Result<SampledToken> {
+        self.sample_with_draft(logits, generated, Some(draft))
+    }
+
+    fn sample_with_draft(
+        &mut self,
+        logits: &[f32],
+        generated: &[u32],
+        draft: Option<u32>,
+    ) -> Result<SampledToken> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
@@ -306,14 +330,14 @@ impl Sampler {
             let drawn = if greedy {
                 Ok(argmax(&work, max_of(&work)))
             } else {
-                self.draw(&work, max_of(&work))
+                self.draw(&work, max_of(&work), draft)
             };
             self.work = work;
             drawn?
         } else if greedy {
             argmax(logits, raw_max)
         } else {
-            self.draw(logits, raw_max)?
+            self.draw(logits, raw_max, draft)?
         };
 
         let (logprob, top_logprobs, entropy) = match self.params.logprobs {
@@ -369,8 +393,9 @@ impl Sampler {
         self.last_counted = generated.last().copied();
     }
 
-    /// Temperature, truncation and the random draw; `max` is the largest logit (finite).
-    fn draw(&mut self, logits: &[f32], max: f32) -> Result<u32> {
+    /// Temperature, truncation and the random draw; `max` is the largest logit (finite). With a
+    /// `draft`, the draft is kept with its probability and otherwise the draw excludes it.
+    fn draw(&mut self, logits: &[f32], max: f32, draft: Option<u32>) -> Result<u32> {
         if max == f32::NEG_INFINITY {
             return Err(SamplingError::NoCandidates);
         }
@@ -384,12 +409,22 @@ impl Sampler {
             let mut weights = std::mem::take(&mut self.weights);
             weights.clear();
             weights.extend(logits.iter().map(|&l| scale.weight(l)));
-            let total = sum_f64(&weights);
+            let mut total = sum_f64(&weights);
+            let mut skip = u32::MAX;
+            if let Some(d) = draft {
+                let wd = weights.get(d as usize).map_or(0.0, |&w| f64::from(w));
+                if self.keeps_draft(wd, total) {
+                    self.weights = weights;
+                    return Ok(d);
+                }
+                total -= wd;
+                skip = d;
+            }
             let target = self.rng.random::<f64>() * total;
             let mut acc = 0.0;
             let mut chosen = None;
             for (i, &w) in weights.iter().enumerate() {
-                if w > 0.0 {
+                if w > 0.0 && i as u32 != skip {
                     acc += f64::from(w);
                     chosen = Some(i as u32);
                     if acc > target {
@@ -402,19 +437,41 @@ impl Sampler {
         }
 
         self.truncate(logits, scale, top_k, top_p, min_p);
-        let total: f64 = self.candidates.iter().map(|&(_, w)| w).sum();
+        let mut total: f64 = self.candidates.iter().map(|&(_, w)| w).sum();
+        let mut skip = u32::MAX;
+        if let Some(d) = draft {
+            let wd = self
+                .candidates
+                .iter()
+                .find(|&&(id, _)| id == d)
+                .map_or(0.0, |&(_, w)| w);
+            if self.keeps_draft(wd, total) {
+                return Ok(d);
+            }
+            total -= wd;
+            skip = d;
+        }
         let target = self.rng.random::<f64>() * total;
         let mut acc = 0.0;
-        for &(id, w) in &self.candidates {
+        for &(id, w) in self.candidates.iter().filter(|c| c.0 != skip) {
             acc += w;
             if acc > target {
                 return Ok(id);
             }
         }
         self.candidates
-            .last()
+            .iter()
+            .rev()
+            .find(|c| c.0 != skip)
             .map(|&(id, _)| id)
             .ok_or(SamplingError::NoCandidates)
+    }
+
+    /// The accept step of speculative sampling: keeps a draft of weight `w` out of `total`
+    /// with probability `w / total`. Also keeps it when nothing else is left to draw (the
+    /// rest of the mass rounded to zero).
+    fn keeps_draft(&mut self, w: f64, total: f64) -> bool {
+        w > 0.0 && (self.rng.random::<f64>() * total < w || total - w <= 0.0)
     }
 
     /// Fills `self.candidates` with the tokens that survive top-k, top-p and min-p, most likely
@@ -861,10 +918,25 @@ mod tests {
     /// Draws `n` samples and checks each token's frequency against `expected` within 5 standard
     /// deviations of a binomial proportion.
     fn check_frequencies(p: SamplingParams, logits: &[f32], expected: &[f64], n: usize) {
+        check_draft_frequencies(p, logits, None, expected, n)
+    }
+
+    /// [`check_frequencies`] for [`Sampler::sample_draft`] when `draft` is given.
+    fn check_draft_frequencies(
+        p: SamplingParams,
+        logits: &[f32],
+        draft: Option<u32>,
+        expected: &[f64],
+        n: usize,
+    ) {
         let mut s = Sampler::new(p).unwrap();
         let mut counts = vec![0usize; logits.len()];
         for _ in 0..n {
-            counts[s.sample(logits, &[]).unwrap().id as usize] += 1;
+            let t = match draft {
+                Some(d) => s.sample_draft(logits, &[], d),
+                None => s.sample(logits, &[]),
+            };
+            counts[t.unwrap().id as usize] += 1;
         }
         for (i, (&c, &e)) in counts.iter().zip(expected).enumerate() {
             let freq = c as f64 / n as f64;
@@ -907,6 +979,41 @@ mod tests {
             &[2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0],
             20_000,
         );
+    }
+
+    #[test]
+    fn drafts_do_not_change_the_sampled_distribution() {
+        // Whatever the draft (likely, unlikely, truncated away, outside the vocabulary), the
+        // accept-or-redraw rule must give exactly the distribution of a plain draw.
+        let probs = [0.5, 0.25, 0.15, 0.1];
+        for draft in [0, 1, 3, 7] {
+            check_draft_frequencies(params(|_| {}), &ln(&probs), Some(draft), &probs, 20_000);
+        }
+        let sq: Vec<f64> = probs.iter().map(|p| p * p).collect();
+        let z: f64 = sq.iter().sum();
+        let sharp: Vec<f64> = sq.iter().map(|q| q / z).collect();
+        check_draft_frequencies(
+            params(|p| p.temperature = 0.5),
+            &ln(&probs),
+            Some(2),
+            &sharp,
+            20_000,
+        );
+        // Truncated: a draft outside the top-k is never returned.
+        for draft in [1, 2] {
+            check_draft_frequencies(
+                params(|p| p.top_k = Some(2)),
+                &ln(&probs),
+                Some(draft),
+                &[2.0 / 3.0, 1.0 / 3.0, 0.0, 0.0],
+                20_000,
+            );
+        }
+        // A draft holding all the mass is always kept; greedy ignores the draft.
+        let mut s = Sampler::new(params(|p| p.top_k = Some(1))).unwrap();
+        assert_eq!(s.sample_draft(&ln(&probs), &[], 0).unwrap().id, 0);
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample_draft(&ln(&probs), &[], 2).unwrap().id, 0);
     }
 
     #[test]

@@ -161,6 +161,9 @@ pub struct Scheduled {
     pub len: usize,
     /// Whether this step computes the last known token, so a new one will be sampled.
     pub samples: bool,
+    /// Speculative tokens computed after the known ones ([`crate::speculative`]); the step
+    /// samples at each of them too, and keeps them while they agree.
+    pub draft: Vec<u32>,
 }
 
 /// The plan for one step.
@@ -316,6 +319,17 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> StepPlan {
+        self.schedule_with_drafts(|_, _| Vec::new())
+    }
+
+    /// Plans the next step, asking `propose(tokens, max)` for up to `max` draft tokens to follow
+    /// each decoding sequence's `tokens`. Drafts use budget and KV blocks left over after the
+    /// sequence's own token: they never preempt anyone, and they stop where the sequence must
+    /// (its `max_tokens`, `max_model_len`).
+    pub fn schedule_with_drafts(
+        &mut self,
+        mut propose: impl FnMut(&[u32], usize) -> Vec<u32>,
+    ) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
         // 1. Running sequences, oldest first: decodes and continuing prefill chunks.
@@ -350,14 +364,32 @@ impl Scheduler {
             if i >= self.running.len() {
                 break; // preempted itself
             }
-            let s = &self.running[i];
+            let max_model_len = self.cfg.max_model_len;
+            let s = &mut self.running[i];
+            let mut draft = Vec::new();
+            if remaining == 1 && budget > 1 {
+                // Room for the draft: each accepted token is one more output token, and the
+                // step always adds one sampled token after them.
+                let room = (s.max_tokens.saturating_sub(s.num_generated()))
+                    .min(max_model_len.saturating_sub(s.tokens.len()))
+                    .saturating_sub(1)
+                    .min(budget - 1);
+                if room > 0 {
+                    draft = propose(&s.tokens, room);
+                    draft.truncate(room);
+                    if !draft.is_empty() && !s.blocks.ensure_capacity(computed + 1 + draft.len()) {
+                        draft.clear();
+                    }
+                }
+            }
+            budget -= n + draft.len();
             plan.scheduled.push(Scheduled {
                 id: s.id,
                 start: s.num_computed,
                 len: n,
                 samples: s.num_computed + n == s.tokens.len(),
+                draft,
             });
-            budget -= n;
             i += 1;
         }
         // Budget given back by sequences preempted after being scheduled is not reused this
@@ -394,6 +426,7 @@ impl Scheduler {
                 start: cached,
                 len: n,
                 samples: cached + n == s.tokens.len(),
+                draft: Vec::new(),
             });
             budget -= n;
             self.running.push(s);
@@ -404,8 +437,23 @@ impl Scheduler {
     /// Records that a step computed `len` tokens of `id` and, if it sampled, appends the new
     /// token. Registers newly full blocks for prefix caching.
     pub fn complete(&mut self, id: SeqId, len: usize, sampled: Option<u32>) {
+        self.complete_draft(id, len, &[], sampled)
+    }
+
+    /// [`Scheduler::complete`] for a step that computed `draft` tokens after `len` known ones:
+    /// the first `accepted` of them join the sequence (their K/V are already in the cache),
+    /// then `sampled`. The K/V written for rejected draft tokens lies past `num_computed` and
+    /// is overwritten by the next step.
+    pub fn complete_draft(
+        &mut self,
+        id: SeqId,
+        len: usize,
+        accepted: &[u32],
+        sampled: Option<u32>,
+    ) {
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
-            s.num_computed += len;
+            s.tokens.extend_from_slice(accepted);
+            s.num_computed += len + accepted.len();
             let computed = s.num_computed;
             s.blocks.commit(&s.tokens, computed);
             if let Some(t) = sampled {
@@ -424,7 +472,7 @@ impl Scheduler {
             .map(|s| {
                 let seq = self.get(s.id).expect("scheduled sequence is running");
                 StepInput {
-                    tokens: seq.tokens[s.start..s.start + s.len].to_vec(),
+                    tokens: [&seq.tokens[s.start..s.start + s.len], &s.draft[..]].concat(),
                     pos0: s.start,
                     block_table: seq.blocks.blocks().to_vec(),
                 }
@@ -468,7 +516,8 @@ mod tests {
                 id: 1,
                 start: 0,
                 len: 3,
-                samples: true
+                samples: true,
+                draft: vec![],
             }]
         );
         s.complete(1, 3, Some(5));
@@ -482,13 +531,15 @@ mod tests {
                     id: 1,
                     start: 3,
                     len: 1,
-                    samples: true
+                    samples: true,
+                    draft: vec![],
                 },
                 Scheduled {
                     id: 2,
                     start: 0,
                     len: 7,
-                    samples: false
+                    samples: false,
+                    draft: vec![],
                 }
             ]
         );
@@ -532,6 +583,41 @@ mod tests {
         assert_eq!(s.num_waiting(), 1);
     }
 
+    #[test]
+    fn drafts_use_leftover_budget_and_stop_at_max_tokens() {
+        let mut s = sched(64, 4, 8, 8);
+        s.add(1, vec![1, 2, 3], 6, 0).unwrap();
+        s.add(2, vec![4; 3], 6, 0).unwrap();
+        // Prefill: no drafts (the proposer is not asked).
+        let p = s.schedule_with_drafts(|_, _| panic!("asked to draft a prefill"));
+        assert!(p.scheduled.iter().all(|x| x.draft.is_empty()));
+        s.complete(1, 3, Some(9));
+        s.complete(2, 3, Some(9));
+        // Decode: 1 + 4 for the first, then 1 + 2 for the second (budget 8).
+        let mut asked = vec![];
+        let p = s.schedule_with_drafts(|t, max| {
+            asked.push((t.to_vec(), max));
+            vec![7; max]
+        });
+        assert_eq!(asked, vec![(vec![1, 2, 3, 9], 4), (vec![4, 4, 4, 9], 2)]);
+        let lens: Vec<(usize, usize)> =
+            p.scheduled.iter().map(|x| (x.len, x.draft.len())).collect();
+        assert_eq!(lens, vec![(1, 4), (1, 2)]);
+        let inputs = s.step_inputs(&p);
+        assert_eq!(inputs[0].tokens, vec![9, 7, 7, 7, 7]);
+        assert_eq!(inputs[0].pos0, 3);
+        // Two of four accepted, then a sampled token: 4 generated, K/V for 3 + 1 + 2.
+        s.complete_draft(1, 1, &[7, 7], Some(5));
+        let q = s.get(1).unwrap();
+        assert_eq!(q.tokens, vec![1, 2, 3, 9, 7, 7, 5]);
+        assert_eq!(q.num_computed, 6);
+        // Two generated tokens are left: at most one draft (then one sampled token).
+        s.complete_draft(2, 1, &[], Some(8));
+        let p = s.schedule_with_drafts(|_, max| vec![7; max + 3]);
+        let drafts: Vec<usize> = p.scheduled.iter().map(|x| x.draft.len()).collect();
+        assert_eq!(drafts, vec![1, 3]);
+    }
+
     proptest! {
         /// Random arrivals, steps, completions and cancellations: every request either finishes
         /// or was refused, no block leaks, and budgets hold every step.
@@ -539,6 +625,8 @@ mod tests {
         fn every_request_finishes_and_blocks_return(
             arrivals in prop::collection::vec((1usize..30, 1usize..12, 0u8..4), 1..25),
             cancel_every in 3usize..9,
+            draft_k in 0usize..4,
+            accept_every in 1usize..4,
         ) {
             let total = 12;
             let mut s = sched(total, 4, 16, 4);
@@ -561,14 +649,31 @@ mod tests {
                         cancelled += 1;
                     }
                 }
-                let plan = s.schedule();
-                let total_len: usize = plan.scheduled.iter().map(|x| x.len).sum();
+                // Drafts of up to `draft_k` tokens; a prefix of them is accepted.
+                let plan = s.schedule_with_drafts(|t, max| vec![t[t.len() - 1]; draft_k.min(max + 1)]);
+                let total_len: usize = plan.scheduled.iter().map(|x| x.len + x.draft.len()).sum();
                 prop_assert!(total_len <= 16);
                 prop_assert!(s.num_running() <= 4);
-                for sc in plan.scheduled {
-                    let tok = if sc.samples { Some(1) } else { None };
-                    s.complete(sc.id, sc.len, tok);
+                let inputs = s.step_inputs(&plan);
+                for (sc, input) in plan.scheduled.into_iter().zip(inputs) {
+                    prop_assert_eq!(input.tokens.len(), sc.len + sc.draft.len());
                     let seq = s.get(sc.id).unwrap();
+                    prop_assert!(
+                        input.block_table.len() * 4 >= sc.start + input.tokens.len(),
+                        "blocks for the draft"
+                    );
+                    let left = seq.max_tokens - seq.num_generated();
+                    prop_assert!(sc.draft.is_empty() || (sc.samples && sc.draft.len() < left));
+                    let tok = if sc.samples { Some(1) } else { None };
+                    let accepted = sc.draft.len().min(step % accept_every);
+                    s.complete_draft(sc.id, sc.len, &sc.draft[..accepted], tok);
+                    let seq = s.get(sc.id).unwrap();
+                    prop_assert!(seq.num_generated() <= seq.max_tokens);
+                    if sc.samples {
+                        prop_assert_eq!(seq.num_computed + 1, seq.tokens.len());
+                    } else {
+                        prop_assert!(seq.num_computed < seq.tokens.len());
+                    }
                     if seq.num_generated() >= seq.max_tokens {
                         s.remove(sc.id);
                         finished += 1;

@@ -56,6 +56,7 @@ fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfi
         kv_cache_memory: Some((blocks.unwrap_or(256) * block * per_token) as u64),
         kv_dtype: KvDtype::F32,
         prefix_caching: true,
+        speculative: None,
     }
 }
 
@@ -181,6 +182,7 @@ fn full_context_is_planned_and_impossible_requests_are_refused() {
         kv_cache_memory: Some((262_144 * per_token) as u64),
         kv_dtype: KvDtype::Bf16,
         prefix_caching: true,
+        speculative: None,
     };
     let e = EngineHandle::start(m, t, cfg).unwrap();
     assert_eq!(e.info().num_blocks * e.info().block_size, 262_144);

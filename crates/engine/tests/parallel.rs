@@ -38,6 +38,7 @@ fn start(dir: &Path, world: usize) -> EngineHandle {
         kv_cache_memory: Some(64 << 20),
         kv_dtype: KvDtype::F32,
         prefix_caching: true,
+        speculative: None,
     };
     EngineHandle::start(ranks, tok, ecfg).unwrap()
 }

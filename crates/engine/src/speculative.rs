@@ -1,0 +1,198 @@
+//! Speculative decoding: cheap guesses of a sequence's next tokens ("drafts") that the model
+//! checks all at once in its next step.
+//!
+//! A decoding sequence normally computes one token per step, and at batch 1 that step costs
+//! the bytes of the weights whatever the number of tokens in it. With a draft of `k` tokens the
+//! step computes `1 + k` positions; the engine samples each position in order and keeps the
+//! drafted tokens while they agree with what it samples, so one step yields between 1 and
+//! `k + 1` tokens. Greedy output is the same as without drafts (up to floating-point ties);
+//! sampled output has the same distribution (the sampler's rejection rule,
+//! [`crate::sampling::Sampler::sample_draft`]).
+//!
+//! The proposer here is prompt lookup (vLLM's `ngram` method, transformers' prompt-lookup
+//! decoding): find the sequence's last few tokens earlier in the sequence and propose what
+//! followed them there. It needs no second model and pays off where outputs repeat their input
+//! (editing, extraction, summaries quoting the source, code).
+
+use serde::Deserialize;
+
+/// Largest draft accepted in a step. vLLM's ngram default is 5 and the gain flattens beyond a
+/// few tokens because acceptance decays geometrically; 16 bounds the extra work a step can be
+/// asked to do.
+pub const MAX_SPECULATIVE_TOKENS: usize = 16;
+
+/// Longest n-gram a lookup may match (a bound on the per-step search cost).
+pub const MAX_PROMPT_LOOKUP: usize = 16;
+
+/// How drafts are proposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpeculativeMethod {
+    /// Prompt lookup: continue the latest earlier occurrence of the sequence's suffix.
+    Ngram,
+}
+
+/// `--speculative-config`: the JSON object vLLM takes, with the fields that apply here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeConfig {
+    /// The proposer.
+    pub method: SpeculativeMethod,
+    /// Most drafted tokens per sequence and step.
+    pub num_speculative_tokens: usize,
+    /// Shortest suffix that counts as a match (vLLM's default 1 would draft after any repeated
+    /// token; 2 keeps drafts to real repeats).
+    #[serde(default = "default_lookup_min")]
+    pub prompt_lookup_min: usize,
+    /// Longest suffix tried first (longer matches predict better).
+    #[serde(default = "default_lookup_max")]
+    pub prompt_lookup_max: usize,
+}
+
+fn default_lookup_min() -> usize {
+    2
+}
+
+fn default_lookup_max() -> usize {
+    4
+}
+
+/// A bad `--speculative-config`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--speculative-config: {0}")]
+pub struct SpeculativeConfigError(String);
+
+impl SpeculativeConfig {
+    /// Parses and checks the JSON form (`{"method": "ngram", "num_speculative_tokens": 4}`).
+    pub fn parse_json(s: &str) -> Result<Self, SpeculativeConfigError> {
+        let c: Self = serde_json::from_str(s).map_err(|e| SpeculativeConfigError(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the numbers.
+    pub fn validate(&self) -> Result<(), SpeculativeConfigError> {
+        let bad = |m: String| Err(SpeculativeConfigError(m));
+        if !(1..=MAX_SPECULATIVE_TOKENS).contains(&self.num_speculative_tokens) {
+            return bad(format!(
+                "num_speculative_tokens must be in 1..={MAX_SPECULATIVE_TOKENS}, got {}",
+                self.num_speculative_tokens
+            ));
+        }
+        if self.prompt_lookup_min == 0 || self.prompt_lookup_min > self.prompt_lookup_max {
+            return bad(format!(
+                "prompt_lookup_min ({}) must be at least 1 and at most prompt_lookup_max ({})",
+                self.prompt_lookup_min, self.prompt_lookup_max
+            ));
+        }
+        if self.prompt_lookup_max > MAX_PROMPT_LOOKUP {
+            return bad(format!(
+                "prompt_lookup_max must be at most {MAX_PROMPT_LOOKUP}, got {}",
+                self.prompt_lookup_max
+            ));
+        }
+        Ok(())
+    }
+
+    /// Up to `max` draft tokens to follow `tokens` (empty when nothing matches).
+    pub fn propose(&self, tokens: &[u32], max: usize) -> Vec<u32> {
+        let k = self.num_speculative_tokens.min(max);
+        if k == 0 {
+            return Vec::new();
+        }
+        match self.method {
+            SpeculativeMethod::Ngram => {
+                prompt_lookup(tokens, self.prompt_lookup_min, self.prompt_lookup_max, k)
+            }
+        }
+    }
+}
+
+/// The tokens that followed the latest earlier occurrence of `tokens`' longest suffix of
+/// `min..=max` tokens, at most `k` of them. The occurrence starts before the suffix does, so
+/// at least one token follows it.
+pub fn prompt_lookup(tokens: &[u32], min: usize, max: usize, k: usize) -> Vec<u32> {
+    let len = tokens.len();
+    for n in (min.max(1)..=max).rev() {
+        if n >= len {
+            continue;
+        }
+        let suffix = &tokens[len - n..];
+        // Candidate starts, latest first; the match must leave at least one token after it
+        // inside `tokens[..len]` and must not be the suffix itself.
+        for start in (0..len - n).rev() {
+            if &tokens[start..start + n] == suffix {
+                let from = start + n;
+                let to = (from + k).min(len);
+                return tokens[from..to].to_vec();
+            }
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_continues_the_latest_longest_match() {
+        // "a b c d | a b x | a b" → the longest suffix that occurs earlier is "a b" (n = 2);
+        // the latest earlier occurrence is at 4, followed by "x a b".
+        let t = [1, 2, 3, 4, 1, 2, 9, 1, 2];
+        assert_eq!(prompt_lookup(&t, 2, 4, 3), vec![9, 1, 2]);
+        // With n = 3 tried first: "9 1 2" occurs nowhere earlier, "1 2" does.
+        assert_eq!(prompt_lookup(&t, 1, 3, 1), vec![9]);
+        // A longer match wins over a later shorter one: suffix "3 1 2" matches at 2.
+        let t = [5, 3, 1, 2, 7, 8, 1, 2, 6, 3, 1, 2];
+        assert_eq!(prompt_lookup(&t, 2, 3, 2), vec![7, 8]);
+        assert_eq!(prompt_lookup(&t, 2, 2, 2), vec![6, 3]);
+    }
+
+    #[test]
+    fn lookup_stops_at_the_end_and_needs_a_real_match() {
+        let t = [1, 2, 1, 2];
+        // Match at 0 ("1 2"), followed by "1 2": the proposal may run into the suffix itself.
+        assert_eq!(prompt_lookup(&t, 2, 2, 5), vec![1, 2]);
+        assert!(prompt_lookup(&[1, 2, 3, 4], 1, 3, 4).is_empty());
+        assert!(prompt_lookup(&[7], 1, 3, 4).is_empty());
+        assert!(prompt_lookup(&[], 1, 3, 4).is_empty());
+        // Repeated single token: suffix "7 7" first occurs at 1 (latest before the suffix).
+        assert_eq!(prompt_lookup(&[7, 7, 7, 7], 2, 2, 3), vec![7]);
+    }
+
+    #[test]
+    fn config_parses_vllm_json_and_names_bad_fields() {
+        let c = SpeculativeConfig::parse_json(r#"{"method":"ngram","num_speculative_tokens":4}"#)
+            .unwrap();
+        assert_eq!(c.method, SpeculativeMethod::Ngram);
+        assert_eq!((c.prompt_lookup_min, c.prompt_lookup_max), (2, 4));
+        let e = SpeculativeConfig::parse_json(r#"{"method":"eagle","num_speculative_tokens":4}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eagle") && e.contains("ngram"), "{e}");
+        let e = SpeculativeConfig::parse_json(r#"{"method":"ngram","num_speculative_tokens":0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_speculative_tokens"), "{e}");
+        let e = SpeculativeConfig::parse_json(
+            r#"{"method":"ngram","num_speculative_tokens":2,"prompt_lookup_min":5}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("prompt_lookup_min"), "{e}");
+        let e = SpeculativeConfig::parse_json(
+            r#"{"method":"ngram","num_speculative_tokens":2,"draft_model":"x"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("draft_model"), "{e}");
+        let c = SpeculativeConfig::parse_json(
+            r#"{"method":"ngram","num_speculative_tokens":3,"prompt_lookup_min":1,"prompt_lookup_max":2}"#,
+        )
+        .unwrap();
+        assert_eq!(c.propose(&[4, 5, 6, 4, 5], 10), vec![6, 4, 5]);
+        assert_eq!(c.propose(&[4, 5, 6, 4, 5], 1), vec![6]);
+        assert!(c.propose(&[4, 5, 6, 4, 5], 0).is_empty());
+    }
+}
