@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use switchyard_engine::engine::{Event, GenerateRequest};
 
@@ -13,9 +13,16 @@ use crate::loading::{self, EngineArgs, ModelArgs};
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt tokens per request.
+    /// Prompt tokens per request (random ids; ignored with `--prompt-file`).
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
+    /// Use this text file as every request's prompt instead of random ids (real text is what
+    /// speculative decoding needs to be measured on).
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<std::path::PathBuf>,
+    /// With `--prompt-file`: apply the model's chat template (one user message).
+    #[arg(long, requires = "prompt_file")]
+    chat: bool,
     /// Generated tokens per request.
     #[arg(long, default_value_t = 64)]
     gen_len: usize,
@@ -64,6 +71,16 @@ fn status_bytes(key: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb * 1024.0)
 }
 
+/// Speculative tokens (drafted, accepted) so far.
+fn spec_counts(e: &switchyard_engine::engine::EngineHandle) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = e.metrics();
+    (
+        m.spec_draft_tokens.load(Relaxed),
+        m.spec_accepted_tokens.load(Relaxed),
+    )
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(
         a.prompt_len > 0 && a.gen_len > 1 && a.batch > 0,
@@ -72,12 +89,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut eargs = a.engine.clone();
     eargs.no_prefix_caching = true;
     eargs.max_num_seqs = eargs.max_num_seqs.max(a.batch);
-    if eargs.max_model_len.is_none() {
-        eargs.max_model_len = Some(a.prompt_len + a.gen_len);
-    }
     let loaded = loading::load(&a.model)?;
+    let text_prompt = match &a.prompt_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--prompt-file {}", f.display()))?;
+            let ids = loading::encode_prompt(&loaded.tokenizer, &loaded.dir, &text, a.chat, None)?;
+            anyhow::ensure!(!ids.is_empty(), "--prompt-file {} is empty", f.display());
+            Some(ids)
+        }
+        None => None,
+    };
+    let prompt_len = text_prompt.as_ref().map_or(a.prompt_len, Vec::len);
     // What the ranks really hold (quantized weights at their int8 + scale size).
     let weights_bytes = loaded.weight_bytes() as f64;
+    if eargs.max_model_len.is_none() {
+        eargs.max_model_len = Some(prompt_len + a.gen_len);
+    }
     let engine = loading::start_loaded(loaded, &eargs)?;
     let cfg = engine.info().model.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -85,9 +113,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let mut streams = Vec::new();
         for _ in 0..a.batch {
-            let prompt: Vec<u32> = (0..a.prompt_len)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect();
+            let prompt: Vec<u32> = match &text_prompt {
+                Some(ids) => ids.clone(),
+                None => (0..prompt_len)
+                    .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                    .collect(),
+            };
             let req = GenerateRequest {
                 ignore_eos: true,
                 ..GenerateRequest::greedy(prompt, gen)
@@ -129,11 +160,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     // Warm-up (page in weights, allocate).
     run_once(&mut rng, 2)?;
+    let spec_before = spec_counts(&engine);
     let (ttft, prefill_done, total) = run_once(&mut rng, a.gen_len)?;
+    let (drafted, accepted) = {
+        let (d, acc) = spec_counts(&engine);
+        (d - spec_before.0, acc - spec_before.1)
+    };
     // Resident memory while serving, before the bandwidth probe allocates its buffers.
     let rss_serving = status_bytes("VmRSS:");
     let rss_peak = status_bytes("VmHWM:");
-    let prefill_tok_s = (a.batch * a.prompt_len) as f64 / prefill_done;
+    let prefill_tok_s = (a.batch * prompt_len) as f64 / prefill_done;
     let decode_tok_s = (a.batch * (a.gen_len - 1)) as f64 / (total - prefill_done);
     let bw = memory_bandwidth();
     let (_, active) = cfg.parameter_counts();
@@ -149,7 +185,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "ttft_ms": ttft * 1e3,
         "total_tok_s": (a.batch * a.gen_len) as f64 / total,
         "batch": a.batch,
-        "prompt_len": a.prompt_len,
+        "prompt_len": prompt_len,
+        "prompt": if a.prompt_file.is_some() { "file" } else { "random" },
+        "speculative": a.engine.speculative_config.as_ref().map(|_| serde_json::json!({
+            "draft_tokens": drafted,
+            "accepted_tokens": accepted,
+            "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
+        })),
         "gen_len": a.gen_len,
         "dtype": format!("{dtype:?}").to_lowercase(),
         "quantize": a.model.quantize.map(|q| q.name()),

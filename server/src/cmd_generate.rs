@@ -66,22 +66,9 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let (engine, dir) = loading::start_engine(&a.model, &a.engine)?;
     let tok = engine.info().tokenizer.clone();
     let prompt = match (&a.prompt, &a.input_ids) {
-        (Some(p), _) if a.chat => {
-            use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
-            let t = ChatTemplate::from_model_dir(&dir)
-                .with_context(|| format!("loading the chat template of {}", dir.display()))?
-                .with_special_tokens(
-                    tok.bos_token().map(String::from),
-                    tok.eos_token().map(String::from),
-                );
-            let mut opts = RenderOptions::generation();
-            if let Some(r) = &a.reasoning_effort {
-                opts = opts.with_kwarg("reasoning_effort", r.clone());
-            }
-            let text = t.render(&[ChatMessage::user(p.as_str())], &opts)?;
-            tok.encode(&text, false)?
+        (Some(p), _) => {
+            loading::encode_prompt(&tok, &dir, p, a.chat, a.reasoning_effort.as_deref())?
         }
-        (Some(p), _) => tok.encode(p, true)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --input-ids 1,2,3"),
     };

@@ -238,6 +238,34 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     })
 }
 
+/// Token ids of a text prompt: with `chat`, the model's chat template applied to it as one
+/// user message (and `reasoning_effort` passed to the template); otherwise the text as is,
+/// with the tokenizer's BOS where it adds one.
+pub fn encode_prompt(
+    tok: &Tokenizer,
+    dir: &std::path::Path,
+    text: &str,
+    chat: bool,
+    reasoning_effort: Option<&str>,
+) -> Result<Vec<u32>> {
+    if !chat {
+        return Ok(tok.encode(text, true)?);
+    }
+    use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
+    let t = ChatTemplate::from_model_dir(dir)
+        .with_context(|| format!("loading the chat template of {}", dir.display()))?
+        .with_special_tokens(
+            tok.bos_token().map(String::from),
+            tok.eos_token().map(String::from),
+        );
+    let mut opts = RenderOptions::generation();
+    if let Some(r) = reasoning_effort {
+        opts = opts.with_kwarg("reasoning_effort", r.to_string());
+    }
+    let rendered = t.render(&[ChatMessage::user(text)], &opts)?;
+    Ok(tok.encode(&rendered, false)?)
+}
+
 /// Engine configuration from the flags and the model.
 pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineConfig> {
     let max_model_len = args

@@ -656,10 +656,10 @@ impl Loop {
 
     fn step(&mut self) {
         let plan = match &self.speculative {
-            Some(spec) => self
+            Some(spec) if spec.drafts_at(self.sched.num_running()) => self
                 .sched
                 .schedule_with_drafts(|tokens, max| spec.propose(tokens, max)),
-            None => self.sched.schedule(),
+            _ => self.sched.schedule(),
         };
         self.metrics
             .preemptions

@@ -47,6 +47,10 @@ pub struct SpeculativeConfig {
     /// Longest suffix tried first (longer matches predict better).
     #[serde(default = "default_lookup_max")]
     pub prompt_lookup_max: usize,
+    /// Draft nothing while at least this many sequences are running: a large batch already
+    /// keeps the hardware busy, and rejected drafts then cost real compute (vLLM's field).
+    #[serde(default)]
+    pub disable_by_batch_size: Option<usize>,
 }
 
 fn default_lookup_min() -> usize {
@@ -85,6 +89,11 @@ impl SpeculativeConfig {
                 self.prompt_lookup_min, self.prompt_lookup_max
             ));
         }
+        if self.disable_by_batch_size == Some(0) {
+            return bad(
+                "disable_by_batch_size must be at least 1 (leave it out to always draft)".into(),
+            );
+        }
         if self.prompt_lookup_max > MAX_PROMPT_LOOKUP {
             return bad(format!(
                 "prompt_lookup_max must be at most {MAX_PROMPT_LOOKUP}, got {}",
@@ -92,6 +101,11 @@ impl SpeculativeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Whether to draft in a step that starts with `running` sequences.
+    pub fn drafts_at(&self, running: usize) -> bool {
+        self.disable_by_batch_size.is_none_or(|n| running < n)
     }
 
     /// Up to `max` draft tokens to follow `tokens` (empty when nothing matches).
@@ -192,6 +206,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.propose(&[4, 5, 6, 4, 5], 10), vec![6, 4, 5]);
+        assert!(c.drafts_at(1000));
+        let c2 = SpeculativeConfig::parse_json(
+            r#"{"method":"ngram","num_speculative_tokens":3,"disable_by_batch_size":4}"#,
+        )
+        .unwrap();
+        assert!(c2.drafts_at(3) && !c2.drafts_at(4));
+        let e = SpeculativeConfig::parse_json(
+            r#"{"method":"ngram","num_speculative_tokens":3,"disable_by_batch_size":0}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("disable_by_batch_size"), "{e}");
         assert_eq!(c.propose(&[4, 5, 6, 4, 5], 1), vec![6]);
         assert!(c.propose(&[4, 5, 6, 4, 5], 0).is_empty());
     }

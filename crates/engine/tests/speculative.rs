@@ -47,6 +47,7 @@ fn spec(k: usize) -> SpeculativeConfig {
         num_speculative_tokens: k,
         prompt_lookup_min: 1,
         prompt_lookup_max: 3,
+        disable_by_batch_size: None,
     }
 }
 

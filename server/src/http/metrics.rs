@@ -68,6 +68,8 @@ pub struct Metrics {
     engine_preemptions: IntGauge,
     engine_tokens_computed: IntGauge,
     engine_busy_seconds: Gauge,
+    spec_draft_tokens: IntGauge,
+    spec_accepted_tokens: IntGauge,
 }
 
 impl Metrics {
@@ -175,6 +177,14 @@ impl Metrics {
             engine_preemptions: gauge("engine_preemptions", "Sequences preempted since start.")?,
             engine_tokens_computed: gauge("engine_tokens_computed", "Tokens the model computed (prefill and decode).")?,
             engine_busy_seconds: fgauge("engine_busy_seconds", "Seconds spent in model forwards.")?,
+            spec_draft_tokens: gauge(
+                "spec_decode_draft_tokens",
+                "Speculative draft tokens checked by the model since start.",
+            )?,
+            spec_accepted_tokens: gauge(
+                "spec_decode_accepted_tokens",
+                "Speculative draft tokens accepted since start.",
+            )?,
             registry,
         })
     }
@@ -206,6 +216,10 @@ impl Metrics {
         self.engine_tokens_computed
             .set(ld64(&m.tokens_computed) as i64);
         self.engine_busy_seconds.set(ld64(&m.busy_ns) as f64 * 1e-9);
+        self.spec_draft_tokens
+            .set(ld64(&m.spec_draft_tokens) as i64);
+        self.spec_accepted_tokens
+            .set(ld64(&m.spec_accepted_tokens) as i64);
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
