@@ -7,7 +7,7 @@
 //! commands and read events.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -20,6 +20,7 @@ use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
 use crate::speculative::SpeculativeConfig;
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
+use crate::structured::{Constraint, ConstraintCompiler, OutputConstraint, StructuredError};
 use crate::tokenizer::Tokenizer;
 
 /// Engine settings.
@@ -75,6 +76,10 @@ pub struct GenerateRequest {
     pub cache_salt: u64,
     /// Attach each step's full logits to its token event (tests and debugging; costly).
     pub return_logits: bool,
+    /// Structured output: only tokens that keep the output in this language are sampled, and
+    /// the request stops when the language allows nothing more
+    /// ([`EngineHandle::compile_constraint`]).
+    pub constraint: Option<Constraint>,
 }
 
 impl GenerateRequest {
@@ -90,6 +95,7 @@ impl GenerateRequest {
             skip_special_tokens: true,
             cache_salt: 0,
             return_logits: false,
+            constraint: None,
         }
     }
 }
@@ -242,6 +248,8 @@ pub struct EngineHandle {
     next_id: Arc<AtomicU64>,
     metrics: Arc<EngineMetrics>,
     info: Arc<EngineInfo>,
+    /// Built on the first structured-output request (indexing the vocabulary takes a moment).
+    compiler: Arc<OnceLock<Result<ConstraintCompiler, StructuredError>>>,
 }
 
 /// The event stream of one request. Dropping it cancels the request.
@@ -369,6 +377,7 @@ impl EngineHandle {
             next_id: Arc::new(AtomicU64::new(1)),
             metrics,
             info,
+            compiler: Arc::default(),
         })
     }
 
@@ -380,6 +389,15 @@ impl EngineHandle {
     /// Live counters.
     pub fn metrics(&self) -> &EngineMetrics {
         &self.metrics
+    }
+
+    /// Compiles a structured-output constraint for [`GenerateRequest::constraint`] against this
+    /// engine's vocabulary. Errors say what is wrong with the constraint.
+    pub fn compile_constraint(&self, c: &OutputConstraint) -> Result<Constraint, StructuredError> {
+        let compiler = self.compiler.get_or_init(|| {
+            ConstraintCompiler::new(&self.info.tokenizer, self.info.model.vocab_size)
+        });
+        compiler.as_ref().map_err(Clone::clone)?.compile(c)
     }
 
     /// Checks a request without submitting it (same checks as [`Self::submit`]).
@@ -536,6 +554,7 @@ struct ReqState {
     max_tokens: usize,
     prompt_len: usize,
     return_logits: bool,
+    constraint: Option<Constraint>,
     submitted: Instant,
     ttft: Option<Duration>,
 }
@@ -640,6 +659,7 @@ impl Loop {
                         max_tokens: req.max_tokens,
                         prompt_len,
                         return_logits: req.return_logits,
+                        constraint: req.constraint,
                         submitted: at,
                         ttft: None,
                     },
@@ -786,11 +806,14 @@ impl Loop {
             return Ok(None);
         };
         let generated = &tokens[st.prompt_len..];
-        let pick = match draft {
-            Some(d) => st.sampler.sample_draft(&row, generated, d),
-            None => st.sampler.sample(&row, generated),
-        }
-        .map_err(|e| e.to_string())?;
+        let allowed = match st.constraint.as_mut() {
+            Some(c) => Some(c.allowed().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let pick = st
+            .sampler
+            .sample_with(&row, generated, draft, allowed.as_deref())
+            .map_err(|e| e.to_string())?;
         let first = st.ttft.is_none();
         if first {
             st.ttft = Some(st.submitted.elapsed());
@@ -803,6 +826,26 @@ impl Loop {
             .stream
             .push(&self.tokenizer, pick.id)
             .map_err(|e| e.to_string())?;
+        // A structured output ends where its language does: at an end-of-sequence token the
+        // grammar allowed (even with `ignore_eos`), or when the grammar allows nothing more.
+        let mut complete = false;
+        if let Some(c) = st.constraint.as_mut() {
+            if c.is_eos(pick.id) {
+                complete = true;
+            } else {
+                c.advance(pick.id).map_err(|e| e.to_string())?;
+                complete = c.is_finished();
+            }
+        }
+        if delta.finish_reason.is_none() && complete {
+            let tail = st
+                .stream
+                .finish(&self.tokenizer, FinishReason::Stop)
+                .map_err(|e| e.to_string())?;
+            delta.text.push_str(&tail.text);
+            delta.finish_reason = tail.finish_reason;
+            delta.stop = tail.stop;
+        }
         if delta.finish_reason.is_none()
             && (n_generated >= st.max_tokens
                 || tokens.len() + 1 >= self.sched.config().max_model_len)

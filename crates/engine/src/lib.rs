@@ -9,4 +9,5 @@ pub mod sampling;
 pub mod scheduler;
 pub mod speculative;
 pub mod stop;
+pub mod structured;
 pub mod tokenizer;

@@ -288,7 +288,7 @@ impl Sampler {
     /// Chooses the next token from one position's logits. `generated` is the sequence's output so
     /// far (it grows by one token per call; the penalty counts are updated incrementally).
     pub fn sample(&mut self, logits: &[f32], generated: &[u32]) -> Result<SampledToken> {
-        self.sample_with_draft(logits, generated, None)
+        self.sample_with(logits, generated, None, None)
     }
 
     /// [`Sampler::sample`] at a position where a speculative proposer guessed `draft`
@@ -303,14 +303,19 @@ impl Sampler {
         generated: &[u32],
         draft: u32,
     ) -> Result<SampledToken> {
-        self.sample_with_draft(logits, generated, Some(draft))
+        self.sample_with(logits, generated, Some(draft), None)
     }
 
-    fn sample_with_draft(
+    /// [`Sampler::sample`] or [`Sampler::sample_draft`] among the tokens `allowed` lets
+    /// through (bit `i % 32` of word `i / 32` for token `i`; a structured-output constraint,
+    /// [`crate::structured`]); every other token has probability zero. The logprobs, top
+    /// logprobs and entropy still describe the model's raw distribution.
+    pub fn sample_with(
         &mut self,
         logits: &[f32],
         generated: &[u32],
         draft: Option<u32>,
+        allowed: Option<&[u32]>,
     ) -> Result<SampledToken> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
@@ -320,17 +325,26 @@ impl Sampler {
             return Err(SamplingError::NoCandidates);
         }
         let greedy = self.params.is_greedy();
-        let id = if self.params.has_penalties() {
-            self.update_counts(generated);
+        let penalties = self.params.has_penalties();
+        let id = if penalties || allowed.is_some() {
             let mut work = std::mem::take(&mut self.work);
             work.clear();
             work.extend_from_slice(logits);
-            penalize(&mut work, &self.counts, &self.prompt_tokens, &self.params);
-            // Penalties keep finite logits finite and -inf at -inf: no re-check needed.
-            let drawn = if greedy {
-                Ok(argmax(&work, max_of(&work)))
+            if penalties {
+                self.update_counts(generated);
+                penalize(&mut work, &self.counts, &self.prompt_tokens, &self.params);
+            }
+            if let Some(mask) = allowed {
+                apply_mask(&mut work, mask);
+            }
+            // Penalties keep finite logits finite and -inf at -inf; a mask may leave nothing.
+            let max = max_of(&work);
+            let drawn = if max == f32::NEG_INFINITY {
+                Err(SamplingError::NoCandidates)
+            } else if greedy {
+                Ok(argmax(&work, max))
             } else {
-                self.draw(&work, max_of(&work), draft)
+                self.draw(&work, max, draft)
             };
             self.work = work;
             drawn?
@@ -819,6 +833,22 @@ fn sum_weights(logits: &[f32], scale: Scale) -> f64 {
 }
 
 /// Sum of non-negative f32 values, in vectorised f32 blocks accumulated in f64.
+/// Sets the logits of tokens `mask` does not allow to -inf (bit `i % 32` of word `i / 32`;
+/// tokens past the mask's end are not allowed).
+fn apply_mask(logits: &mut [f32], mask: &[u32]) {
+    for (chunk, i) in logits.chunks_mut(32).zip(0..) {
+        let word = mask.get(i).copied().unwrap_or(0);
+        if word == u32::MAX {
+            continue;
+        }
+        for (j, l) in chunk.iter_mut().enumerate() {
+            if word >> j & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 fn sum_f64(values: &[f32]) -> f64 {
     block_sum(values, |v| v)
 }
@@ -1014,6 +1044,47 @@ mod tests {
         assert_eq!(s.sample_draft(&ln(&probs), &[], 0).unwrap().id, 0);
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
         assert_eq!(s.sample_draft(&ln(&probs), &[], 2).unwrap().id, 0);
+    }
+
+    #[test]
+    fn masked_sampling_only_returns_allowed_tokens_in_proportion() {
+        let probs = [0.5, 0.25, 0.15, 0.1];
+        // Tokens 1 and 3 allowed: 0.25 / 0.35 and 0.1 / 0.35, drafts or not.
+        let mask = [0b1010u32];
+        let expected = [0.0, 0.25 / 0.35, 0.0, 0.1 / 0.35];
+        for draft in [None, Some(0), Some(1), Some(3)] {
+            let mut s = Sampler::new(params(|_| {})).unwrap();
+            let mut counts = [0usize; 4];
+            let n = 20_000;
+            for _ in 0..n {
+                let t = s.sample_with(&ln(&probs), &[], draft, Some(&mask)).unwrap();
+                counts[t.id as usize] += 1;
+            }
+            for (i, (&c, &e)) in counts.iter().zip(&expected).enumerate() {
+                let f = c as f64 / n as f64;
+                let sigma = (e * (1.0 - e) / n as f64).sqrt();
+                assert!(
+                    (f - e).abs() <= 5.0 * sigma + 1e-9,
+                    "draft {draft:?} token {i}: {f} vs {e}"
+                );
+            }
+        }
+        // Greedy takes the best allowed token; logprobs describe the unmasked distribution.
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.logprobs = Some(1);
+        }))
+        .unwrap();
+        let t = s.sample_with(&ln(&probs), &[], None, Some(&mask)).unwrap();
+        assert_eq!(t.id, 1);
+        assert!((t.logprob.unwrap() - 0.25f32.ln()).abs() < 1e-5);
+        assert_eq!(t.top_logprobs[0].id, 0);
+        // Nothing allowed is an error, not a panic or a silent pick.
+        let mut s = Sampler::new(params(|_| {})).unwrap();
+        assert!(matches!(
+            s.sample_with(&ln(&probs), &[], None, Some(&[0])),
+            Err(SamplingError::NoCandidates)
+        ));
     }
 
     #[test]

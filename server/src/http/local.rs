@@ -111,6 +111,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 skip_special_tokens: true,
                 cache_salt: 0,
                 return_logits: false,
+                constraint: None,
             });
         }
     }
