@@ -168,3 +168,67 @@ fn upcycled_smollm2_answers_paris_with_q8_weights() {
     let text = answer_capital_of_france(dir, &opts);
     assert!(text.contains("Paris"), "q8 answer: {text:?}");
 }
+
+/// Structured output with a real model: a JSON schema constrains the shape, the model still
+/// supplies the facts (greedy, through the engine with its paged cache).
+#[test]
+fn upcycled_smollm2_answers_in_the_requested_json_shape() {
+    use std::sync::Arc;
+    use switchyard_engine::engine::{EngineConfig, EngineHandle, GenerateRequest};
+    use switchyard_engine::structured::OutputConstraint;
+    let Some(dir) = demo_dir() else { return };
+    let m = HyV3Model::load_dir(
+        dir,
+        &LoadOptions {
+            dtype: DType::F32,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let tok = Arc::new(Tokenizer::from_dir(dir).unwrap());
+    let mut cfg = EngineConfig::default();
+    cfg.scheduler.max_model_len = 512;
+    cfg.kv_cache_memory = Some(64 << 20);
+    let e = EngineHandle::start(m, tok.clone(), cfg).unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "country": {"type": "string", "maxLength": 40},
+            "capital": {"type": "string", "maxLength": 40}
+        },
+        "required": ["country", "capital"],
+        "additionalProperties": false
+    });
+    let c = e
+        .compile_constraint(&OutputConstraint::JsonSchema(schema))
+        .unwrap();
+    let prompt = render_chat(
+        dir,
+        "What is the capital of France? Answer as JSON with the keys country and capital.",
+    );
+    let ids = tok.encode(&prompt, false).unwrap();
+    let (_, text, c) = e
+        .generate_blocking(GenerateRequest {
+            constraint: Some(c),
+            ..GenerateRequest::greedy(ids, 60)
+        })
+        .unwrap();
+    eprintln!("structured answer: {text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|err| panic!("{err}: {text:?}"));
+    assert!(
+        v["capital"].as_str().is_some_and(|s| s.contains("Paris")),
+        "{text}"
+    );
+    // Measured 2026-11-28: {"country":"FRANCE","capital":"Paris"}.
+    assert!(
+        v["country"]
+            .as_str()
+            .is_some_and(|s| s.to_lowercase().contains("france")),
+        "{text}"
+    );
+    assert!(matches!(
+        c.finish_reason,
+        switchyard_engine::stop::FinishReason::Stop
+    ));
+}

@@ -136,6 +136,7 @@ impl MessagesRequest {
             include_usage: false,
             template_kwargs: Map::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            output: None,
         })
     }
 }
@@ -345,7 +346,12 @@ pub async fn messages(
     // record per request); it answers in this endpoint's error shape.
     let (parsed, json) =
         match params::parse_body_json::<MessagesRequest>(body, state.max_body_bytes) {
-            Ok((typed, json)) => (typed.normalize(), json),
+            Ok((typed, json)) => (
+                typed
+                    .normalize()
+                    .and_then(|r| params::with_output(r, &json)),
+                json,
+            ),
             Err(e) => (Err(e), Value::Null),
         };
     let routed = routing::route(&state, api, &headers, json, parsed, arrived).await;

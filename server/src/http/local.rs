@@ -58,9 +58,21 @@ impl Prepared {
 pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<Prepared, ApiError> {
     let st = state.clone();
     let r = req.clone();
-    let prompts = tokio::task::spawn_blocking(move || tokenize(&st, &r))
-        .await
-        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+    // Tokenising and compiling a grammar both take milliseconds: off the async workers.
+    let (prompts, constraint) = tokio::task::spawn_blocking(move || {
+        let prompts = tokenize(&st, &r)?;
+        let constraint = match &r.output {
+            Some(o) => Some(
+                st.engine
+                    .compile_constraint(&o.constraint)
+                    .map_err(|e| ApiError::field(o.param.clone(), e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok::<_, ApiError>((prompts, constraint))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
     let info = state.engine.info();
     let (max_model_len, max_waiting) = (info.scheduler.max_model_len, info.scheduler.max_waiting);
     let choices = prompts.len() * req.n;
@@ -111,7 +123,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 skip_special_tokens: true,
                 cache_salt: 0,
                 return_logits: false,
-                constraint: None,
+                constraint: constraint.clone(),
             });
         }
     }

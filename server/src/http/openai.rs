@@ -239,6 +239,7 @@ impl ChatRequest {
                 .unwrap_or(false),
             template_kwargs: kwargs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            output: None,
         })
     }
 }
@@ -333,6 +334,7 @@ impl CompletionRequest {
                 .unwrap_or(false),
             template_kwargs: Map::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            output: None,
         })
     }
 }
@@ -634,7 +636,9 @@ pub async fn chat_completions(
     // record per request); it answers in this endpoint's error shape.
     let (parsed, json) = match params::parse_body_json::<ChatRequest>(body, state.max_body_bytes) {
         Ok((typed, json)) => {
-            let parsed = params::from_json(&json).and_then(|s| typed.normalize(s));
+            let parsed = params::from_json(&json)
+                .and_then(|s| typed.normalize(s))
+                .and_then(|r| params::with_output(r, &json));
             (parsed, json)
         }
         Err(e) => (Err(e), Value::Null),
@@ -650,7 +654,7 @@ pub async fn completions(
 ) -> Response {
     let arrived = Instant::now();
     let parsed = params::parse_body_json::<CompletionRequest>(body, state.max_body_bytes)
-        .and_then(|(r, json)| r.normalize(params::from_json(&json)?));
+        .and_then(|(r, json)| params::with_output(r.normalize(params::from_json(&json)?)?, &json));
     handle(
         state,
         Api::OpenAiCompletions,

@@ -7,10 +7,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use switchyard_engine::sampling::{MAX_ABS_PENALTY, MAX_TEMPERATURE, MAX_TOP_LOGPROBS};
+use switchyard_engine::structured::OutputConstraint;
 
 use super::error::ApiError;
+use super::route::NormalizedRequest;
 
 /// Most choices per prompt (`n`): each is a sequence in the engine, so a large `n` is a large
 /// batch; 16 matches the most any public API allows for chat.
@@ -233,6 +236,163 @@ pub fn stop(field: &str, v: Option<Value>) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::field(field, "stop sequences must not be empty"));
     }
     Ok(list)
+}
+
+/// A structured-output request: what the output must match, and the request field that
+/// asked for it (named in errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSpec {
+    /// The constraint.
+    pub constraint: OutputConstraint,
+    /// Field path, e.g. `response_format.json_schema.schema`.
+    pub param: String,
+}
+
+/// OpenAI's `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// `response_format.json_schema` (`name`, `description` and `strict` are accepted; the schema is
+/// always enforced strictly).
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    #[serde(default)]
+    schema: Option<Value>,
+}
+
+/// vLLM's `structured_outputs` (exactly one member).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StructuredOutputs {
+    json: Option<Value>,
+    regex: Option<String>,
+    choice: Option<Vec<String>>,
+    grammar: Option<String>,
+    json_object: Option<bool>,
+    /// Accepted for compatibility; whitespace is always compact.
+    #[allow(dead_code)]
+    disable_any_whitespace: Option<bool>,
+}
+
+/// Anthropic's `output_format` (structured outputs).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutputFormat {
+    JsonSchema { schema: Value },
+}
+
+/// Every structured-output field of the three dialects, read in a second pass over the body
+/// (as the sampling fields are) so a type error names its path.
+#[derive(Debug, Default, Deserialize)]
+pub struct StructuredFields {
+    response_format: Option<ResponseFormat>,
+    structured_outputs: Option<StructuredOutputs>,
+    guided_json: Option<Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
+    guided_grammar: Option<String>,
+    output_format: Option<OutputFormat>,
+}
+
+/// A JSON schema given as an object or as a string holding one (vLLM takes both).
+fn schema_value(v: Value, param: &str) -> Result<OutputConstraint, ApiError> {
+    let v = match v {
+        Value::String(s) => serde_json::from_str(&s)
+            .map_err(|e| ApiError::field(param, format!("is not a JSON schema: {e}")))?,
+        v => v,
+    };
+    if !(v.is_object() || v.is_boolean()) {
+        return Err(ApiError::field(param, "must be a JSON schema object"));
+    }
+    Ok(OutputConstraint::JsonSchema(v))
+}
+
+impl StructuredFields {
+    /// The one constraint asked for, if any; asking for two is an error naming both.
+    pub fn into_spec(self) -> Result<Option<OutputSpec>, ApiError> {
+        let mut found: Vec<OutputSpec> = Vec::new();
+        let mut put = |param: &str, constraint: OutputConstraint| {
+            found.push(OutputSpec {
+                constraint,
+                param: param.to_string(),
+            })
+        };
+        match self.response_format {
+            None | Some(ResponseFormat::Text) => {}
+            Some(ResponseFormat::JsonObject) => {
+                put("response_format", OutputConstraint::JsonObject)
+            }
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                let p = "response_format.json_schema.schema";
+                let schema = json_schema
+                    .schema
+                    .ok_or_else(|| ApiError::MissingField(p.into()))?;
+                put(p, schema_value(schema, p)?);
+            }
+        }
+        if let Some(so) = self.structured_outputs {
+            if let Some(j) = so.json {
+                put(
+                    "structured_outputs.json",
+                    schema_value(j, "structured_outputs.json")?,
+                );
+            }
+            if let Some(r) = so.regex {
+                put("structured_outputs.regex", OutputConstraint::Regex(r));
+            }
+            if let Some(c) = so.choice {
+                put("structured_outputs.choice", OutputConstraint::Choice(c));
+            }
+            if let Some(g) = so.grammar {
+                put("structured_outputs.grammar", OutputConstraint::Grammar(g));
+            }
+            if so.json_object == Some(true) {
+                put(
+                    "structured_outputs.json_object",
+                    OutputConstraint::JsonObject,
+                );
+            }
+        }
+        if let Some(j) = self.guided_json {
+            put("guided_json", schema_value(j, "guided_json")?);
+        }
+        if let Some(r) = self.guided_regex {
+            put("guided_regex", OutputConstraint::Regex(r));
+        }
+        if let Some(c) = self.guided_choice {
+            put("guided_choice", OutputConstraint::Choice(c));
+        }
+        if let Some(g) = self.guided_grammar {
+            put("guided_grammar", OutputConstraint::Grammar(g));
+        }
+        if let Some(OutputFormat::JsonSchema { schema }) = self.output_format {
+            put(
+                "output_format.schema",
+                schema_value(schema, "output_format.schema")?,
+            );
+        }
+        if found.len() > 1 {
+            return Err(ApiError::field(
+                found[1].param.clone(),
+                format!(
+                    "cannot be combined with {}: ask for one structured output",
+                    found[0].param
+                ),
+            ));
+        }
+        Ok(found.pop())
+    }
+}
+
+/// Reads the structured-output fields of `json` into `r`.
+pub fn with_output(mut r: NormalizedRequest, json: &Value) -> Result<NormalizedRequest, ApiError> {
+    r.output = from_json::<StructuredFields>(json)?.into_spec()?;
+    Ok(r)
 }
 
 #[cfg(test)]

@@ -105,6 +105,8 @@ pub struct NormalizedRequest {
     pub template_kwargs: serde_json::Map<String, serde_json::Value>,
     /// Keep generating past end-of-sequence tokens (vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// Structured output asked for (`response_format`, `structured_outputs`, `output_format`).
+    pub output: Option<super::params::OutputSpec>,
 }
 
 impl NormalizedRequest {
