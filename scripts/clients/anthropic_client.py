@@ -110,6 +110,20 @@ check(all(d.delta.type == "text_delta" for d in deltas), "deltas are text_delta"
 md = [e for e in events if e.type == "message_delta"][0]
 check(md.usage.output_tokens == len(deltas), "message_delta usage.output_tokens counts the deltas")
 
+# Structured outputs (`output_format`, sent through extra_body so any SDK version can).
+import json  # noqa: E402
+
+schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1,
+          "maximum": 9}}, "required": ["ok", "n"], "additionalProperties": False}
+msg = client.messages.create(model=MODEL, max_tokens=40, messages=[{"role": "user", "content": "JSON please."}],
+                             extra_body={"output_format": {"type": "json_schema", "schema": schema}})
+try:
+    obj = json.loads(msg.content[0].text)
+    good = set(obj) == {"ok", "n"} and isinstance(obj["ok"], bool) and 1 <= obj["n"] <= 9
+except (ValueError, TypeError, KeyError):
+    good = False
+check(good and msg.stop_reason == "end_turn", f"output_format json_schema ({msg.content[0].text!r})")
+
 # Errors.
 bad = anthropic.Anthropic(base_url=BASE, api_key="sk-wrong", max_retries=0)
 expect_error(anthropic.AuthenticationError, "wrong API key",

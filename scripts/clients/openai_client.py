@@ -2,7 +2,8 @@
 """Drives a running `switchyard serve` with the official `openai` Python SDK.
 
 Covers: models list, chat (plain, streaming with include_usage, logprobs, n), completions
-(plain and streaming), routing headers and `model="auto"` routing (a low-risk prompt stays on the
+(plain and streaming), structured outputs (`chat.completions.parse` with a pydantic model,
+vLLM's `structured_outputs` through extra_body), routing headers and `model="auto"` routing (a low-risk prompt stays on the
 local tier; a prompt injection -> BadRequestError with code blocked_by_policy), and error mapping
 (bad params -> BadRequestError, unknown model -> NotFoundError, wrong key ->
 AuthenticationError, context overflow -> BadRequestError with code context_length_exceeded).
@@ -164,6 +165,37 @@ for chunk in cstream:
         if ch.finish_reason is None:
             texts.append(ch.text)
 check(len(texts) == 4 and cusage is not None and cusage.completion_tokens == 4, "completions stream")
+
+# Structured outputs: the SDK's own `parse` turns a pydantic model into a strict
+# `response_format` JSON schema and parses the answer back into the model.
+from typing import List, Literal  # noqa: E402
+
+from pydantic import BaseModel, Field  # noqa: E402
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=10)
+    age: int = Field(ge=0, le=130)
+    likes: List[Literal["tea", "coffee"]] = Field(max_length=3)
+
+
+parsed = client.chat.completions.parse(
+    model=MODEL, max_tokens=120, temperature=1.0, seed=3,
+    messages=[{"role": "user", "content": "Describe a person."}],
+    response_format=Person,
+)
+p = parsed.choices[0].message.parsed
+check(isinstance(p, Person) and 0 <= p.age <= 130 and len(p.name) <= 10,
+      f"chat.completions.parse with a pydantic response_format ({p!r})")
+# vLLM's extension fields through extra_body.
+comp = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=20, n=3, seed=1,
+                                 extra_body={"structured_outputs": {"choice": ["red", "green", "light blue"]}})
+check(all(c.text in ("red", "green", "light blue") for c in comp.choices),
+      f"completions with structured_outputs.choice ({[c.text for c in comp.choices]})")
+expect_error(openai.BadRequestError, "invalid regex in structured_outputs",
+             lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=4,
+                                               extra_body={"structured_outputs": {"regex": "(["}}),
+             status_code=400, param="structured_outputs.regex")
 
 # Errors.
 expect_error(openai.BadRequestError, "temperature 5",
