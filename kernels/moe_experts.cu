@@ -8,6 +8,9 @@
 //      moe_gemv_gate_up: one block per (slot, chunk of I); only the first slot that names an
 //        expert does work, and it serves every token that chose that expert, so each selected
 //        expert's gate_up rows are read once. act[slot, i] = silu(g.x) * (u.x) in f32.
+//      moe_gemv_gate_up_rows{1,2,4,8}: the same act from a persistent grid in which each warp
+//        takes one output row of one distinct expert at a time (a shorter last wave; opt-in as
+//        ExpertPath::GemvRows until a GPU run has measured it).
 //      moe_gemv_down: one block per chunk of H rows; it walks the distinct experts of the batch,
 //        reads each expert's down rows once, and sums w * (down . act) over the k slots of
 //        every token in registers, writing y in bf16 -- the top-k reduction is fused, no atomics.
@@ -163,6 +166,169 @@ extern "C" __global__ void __launch_bounds__(GEMV_THREADS) moe_gemv_gate_up(
             }
         }
     }
+}
+
+// Variant of moe_gemv_gate_up with a short tail (`ExpertPath::GemvRows`; the default stays the
+// kernel above until a GPU run has measured both). Same result bit for bit: each lane sums the
+// same 16-byte chunks in the same order and the same warp_sum reduces them.
+//
+// Why: the kernel above gives each 256-thread block 16 outputs of one slot. At Hy3 decode
+// (T = 1, k = 8 + 1 shared, I = 1536) that is 96 x 9 = 864 blocks; at 126 registers an SM
+// holds 2, so an H200's 132 SMs run 864 / 264 = 3.27 waves, and in the last one 72 blocks on
+// 72 SMs load while 60 SMs idle: a memory-bound kernel spends about a quarter of its time with
+// about a quarter of its loads in flight (run 2: 68-71% of HBM for this kernel alone).
+//
+// Here the unit of work is one output row of one distinct expert, taken by one warp: its gate
+// row and up row (2 x H bf16 = 16 KiB at H = 4096). The grid is persistent, SMs x (blocks
+// resident per SM) as the host's occupancy query says, and the items are dealt out warp-major:
+// warp w of block b starts at item w * gridDim.x + b and strides by all the grid's warps, so
+// consecutive items go to different blocks and the last round's items are spread over every
+// block (every SM) instead of filling a few. Every block first lists the batch's distinct
+// experts (as moe_gemv_down does), so duplicate slots cost no block at all. The accumulators
+// are sized for the batch (MAXT = 1, 2, 4 or 8 tokens per expert, one instantiation each, the
+// host picks the smallest >= T) rather than always 8, which cuts registers so that more blocks
+// fit per SM.
+//
+// Wave arithmetic at T = 1 (9 x 1536 = 13,824 items). The register counts (ptxas, sm_90:
+// 77 for MAXT = 1, 94-118 for 2-8, no spills) give 3 blocks of 8 warps per SM at MAXT = 1:
+// 396 blocks, 3,168 warps, 4.36 items each. Every warp does 4 or 5; the 5th round is items
+// 12,672..13,823, i.e. warps 0-1 of every block and warp 2 of most, ~9 warps on each of the
+// 132 SMs (~36 KiB of loads in flight per SM at 4 KiB a warp, about what 4.8 TB/s x ~1 us of
+// loaded latency needs per SM) where the kernel above has 60 SMs idle in its last wave.
+// Rounds 1-4 keep 24 warps x 4 KiB = 96 KiB in flight per SM against the kernel above's
+// 16 x 4 KiB. (Warps are not in lock step, so "rounds" blur; the point is that the work is
+// dealt in 16 KiB pieces spread over all SMs rather than 256 KiB blocks.) T = 2, 4, 8 (~18,
+// 35, 54 distinct experts, 2 blocks per SM = 2,112 warps): 12.8, 25, 39 items per warp, tails
+// of a few percent. `ncu --section LaunchStats` reports the grid and blocks per SM;
+// gpu_check prints the grid it launches.
+#define ROWS_CHUNKS 4  // 16-byte chunks per lane per row per pass: 8 loads (4 KiB a warp) in flight
+
+template <int MAXT>
+__device__ __forceinline__ void gemv_gate_up_rows(const __nv_bfloat16 *__restrict__ x,
+                                                  const __nv_bfloat16 *__restrict__ gate_up,
+                                                  const unsigned *__restrict__ ids,
+                                                  float *__restrict__ act, int T, int k, int E,
+                                                  int H, int I) {
+    __shared__ unsigned s_ids[GEMV_MAX_SLOTS];
+    __shared__ unsigned s_expert[GEMV_MAX_SLOTS];  // distinct experts, in first-seen order
+    __shared__ int s_rank[GEMV_MAX_SLOTS];         // of each first slot: its expert's index d
+    __shared__ int s_ntok[GEMV_MAX_SLOTS];         // slots naming expert d (at most MAXT)
+    __shared__ int s_slot[GEMV_MAX_SLOTS][MAXT];   // those slots, ascending
+    __shared__ int s_wcount[GEMV_WARPS];
+    const int N = T * k;
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5, lane = tid & 31;
+    for (int j = tid; j < N; j += GEMV_THREADS) s_ids[j] = ids[j];
+    __syncthreads();
+    // One slot per thread (N <= GEMV_MAX_SLOTS < GEMV_THREADS): how many earlier and later
+    // slots name the same expert; a slot with none earlier is its expert's first.
+    const int s = tid;
+    const unsigned e_s = s < N ? s_ids[s] : 0xffffffffu;
+    const bool valid = s < N && e_s < (unsigned)E;
+    int first_j = s, before = 0, after = 0;
+    if (valid)
+        for (int j = 0; j < N; ++j)
+            if (j != s && s_ids[j] == e_s) {
+                if (j > s) {
+                    ++after;
+                } else if (before++ == 0) {
+                    first_j = j;
+                }
+            }
+    const bool first = valid && before == 0;
+    const unsigned bal = __ballot_sync(FULL_MASK, first);
+    if (lane == 0) s_wcount[warp] = __popc(bal);
+    __syncthreads();
+    if (first) {
+        int rank = __popc(bal & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; ++w) rank += s_wcount[w];
+        s_rank[s] = rank;
+        s_expert[rank] = e_s;
+        s_ntok[rank] = min(1 + after, MAXT);
+    }
+    __syncthreads();
+    // Ids are distinct within a token, so an expert has at most T <= MAXT slots (more, from
+    // repeated ids, are dropped as the kernel above drops more than 8).
+    if (valid && before < MAXT) s_slot[s_rank[first_j]][before] = s;
+    int nd = 0;
+#pragma unroll
+    for (int w = 0; w < GEMV_WARPS; ++w) nd += s_wcount[w];
+    __syncthreads();
+
+    const int hv = H >> 3;  // 16-byte vectors per row
+    const int items = nd * I;
+    const int nwarps = gridDim.x * GEMV_WARPS;
+    const uint4 *xv = reinterpret_cast<const uint4 *>(x);
+    for (int it = warp * gridDim.x + blockIdx.x; it < items; it += nwarps) {
+        const int d = it / I;
+        const int o = it - d * I;
+        const int ntok = s_ntok[d];
+        const uint4 *grow =
+            reinterpret_cast<const uint4 *>(gate_up + ((size_t)s_expert[d] * 2 * I + o) * H);
+        const uint4 *urow = grow + (size_t)I * hv;
+        int tok[MAXT];
+        float ag[MAXT], au[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            tok[t] = t < ntok ? s_slot[d][t] / k : 0;
+            ag[t] = 0.0f;
+            au[t] = 0.0f;
+        }
+        for (int c0 = 0; c0 < hv; c0 += 32 * ROWS_CHUNKS) {
+            uint4 wg[ROWS_CHUNKS], wu[ROWS_CHUNKS];
+#pragma unroll
+            for (int q = 0; q < ROWS_CHUNKS; ++q) {
+                const int c = c0 + lane + 32 * q;
+                wg[q] = c < hv ? ld_stream(grow + c) : make_uint4(0, 0, 0, 0);
+                wu[q] = c < hv ? ld_stream(urow + c) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < ntok) {
+#pragma unroll
+                    for (int q = 0; q < ROWS_CHUNKS; ++q) {
+                        const int c = c0 + lane + 32 * q;
+                        if (c < hv) {
+                            const uint4 xx = __ldg(xv + (size_t)tok[t] * hv + c);
+                            ag[t] += dot8(wg[q], xx);
+                            au[t] += dot8(wu[q], xx);
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            if (t < ntok) {
+                const float g = warp_sum(ag[t]);
+                const float u = warp_sum(au[t]);
+                if (lane == 0) act[(size_t)s_slot[d][t] * I + o] = silu_f(g) * u;
+            }
+        }
+    }
+}
+
+// grid = SMs x resident blocks per SM (any size is correct), block = GEMV_THREADS; the host
+// takes the smallest MAXT >= T. The second launch bound is the blocks per SM aimed for.
+#define GEMV_ROWS_ARGS                                                                         \
+    const __nv_bfloat16 *__restrict__ x, const __nv_bfloat16 *__restrict__ gate_up,            \
+        const unsigned *__restrict__ ids, float *__restrict__ act, int T, int k, int E, int H, \
+        int I
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 3)
+    moe_gemv_gate_up_rows1(GEMV_ROWS_ARGS) {
+    gemv_gate_up_rows<1>(x, gate_up, ids, act, T, k, E, H, I);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2)
+    moe_gemv_gate_up_rows2(GEMV_ROWS_ARGS) {
+    gemv_gate_up_rows<2>(x, gate_up, ids, act, T, k, E, H, I);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2)
+    moe_gemv_gate_up_rows4(GEMV_ROWS_ARGS) {
+    gemv_gate_up_rows<4>(x, gate_up, ids, act, T, k, E, H, I);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 2)
+    moe_gemv_gate_up_rows8(GEMV_ROWS_ARGS) {
+    gemv_gate_up_rows<8>(x, gate_up, ids, act, T, k, E, H, I);
 }
 
 // grid = ceil(H / GEMV_OUT_PER_BLOCK), block = GEMV_THREADS.

@@ -91,9 +91,10 @@ case "${1:-run}" in
     NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$NCU" ]; then
       echo "== ncu (profile mode)"
-      # Profile mode launches paged attention first (2 matching launches), then the experts.
+      # Profile mode launches paged attention first (2 matching launches), then the experts
+      # (2 calls each of GEMV, GEMV-atomic, GEMV-rows at T=1 and tiled at T=256: 16 launches).
       GPU_CHECK_PROFILE=1 timeout 80 "$NCU" --clock-control none \
-        --kernel-name regex:"moe_gemm|moe_gemv|paged_attn_bf16" --launch-count 14 \
+        --kernel-name regex:"moe_gemm|moe_gemv|paged_attn_bf16" --launch-count 18 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
         --section WarpStateStats --section LaunchStats "$BIN/gpu_check" > "$OUT/ncu.txt" 2>&1
       echo "ncu exit $?" >> "$OUT/ncu.txt"
@@ -113,7 +114,7 @@ case "${1:-run}" in
     echo "== oracle"
     grep -E "PASS|FAIL|gpu_oracle|cannot" "$OUT/gpu-oracle.log" | cut -c1-170 | head -40
     echo "== ncu"
-    grep -E "moe_g|paged_attn|Duration|DRAM Throughput|Achieved Occupancy" "$OUT/ncu.txt" 2>/dev/null | head -48
+    grep -E "moe_g|paged_attn|Duration|DRAM Throughput|Achieved Occupancy|Waves Per SM" "$OUT/ncu.txt" 2>/dev/null | head -90
     echo "== memcheck"
     tail -4 "$OUT/memcheck.log" 2>/dev/null
     echo "== switchyard on the GPU"

@@ -3,8 +3,9 @@
 //! 1. Checks every kernel against its CPU reference on fresh random inputs (seed printed; set
 //!    GPU_CHECK_SEED to repeat a run): gate top-k (ids identical, weights within 1e-5), dispatch
 //!    (a permutation grouped by expert with the reference's offsets, per-expert sets and tiles),
-//!    both expert paths (‖out − ref‖ / ‖ref‖ ≤ 1e-2 against the crate's CPU `experts_forward`
-//!    in f32 on the same bf16-rounded inputs), and paged attention: the KV write bit-exact
+//!    the expert paths (GEMV with each gate/up and down kernel variant at T ≤ 8, and tiled;
+//!    ‖out − ref‖ / ‖ref‖ ≤ 1e-2 against the crate's CPU `experts_forward` in f32 on the same
+//!    bf16-rounded inputs), and paged attention: the KV write bit-exact
 //!    against `paged::reshape_and_cache`, attention against `paged::paged_attention` (f32 and
 //!    bf16 KV, GQA 8:1, 16:1, 2:1 and 1:1, head_dim 128/64/12, blocks of 16/32/5, one batch of
 //!    decode rows at several contexts plus a prefill chunk and an uncovered row, at the tensor
@@ -33,8 +34,8 @@ use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use switchyard_kernels::cuda::{
-    self as kc, max_tiles, DispatchViews, ExpertPath, ExpertViews, MoeDims, MoeKernels, PlanViews,
-    TILE_ROWS,
+    self as kc, max_tiles, DispatchViews, ExpertPath, ExpertViews, GemvGateUp, MoeDims, MoeKernels,
+    PlanViews, TILE_ROWS,
 };
 use switchyard_kernels::gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
 use switchyard_kernels::moe::{dispatch, experts_forward, ExpertWeights};
@@ -45,12 +46,25 @@ const HBM_BYTES_PER_S: f64 = 4.8e12;
 const CHECK_TOKENS: [usize; 6] = [1, 7, 64, 256, 1024, 4096];
 /// With GPU_CHECK_QUICK set (e.g. under compute-sanitizer): small T only, no benchmark.
 const QUICK_TOKENS: [usize; 3] = [1, 7, 64];
+/// The expert check adds T = 2, 3, 4, 8 to the above so that every GEMV kernel instance
+/// (`moe_gemv_gate_up_rows{1,2,4,8}`, the smallest that holds T) runs, at T below and at its
+/// token bound.
+const EXPERT_CHECK_TOKENS: [usize; 10] = [1, 2, 3, 4, 7, 8, 64, 256, 1024, 4096];
+const EXPERT_QUICK_TOKENS: [usize; 6] = [1, 2, 3, 7, 8, 64];
 
 fn check_tokens() -> &'static [usize] {
     if quick() {
         &QUICK_TOKENS
     } else {
         &CHECK_TOKENS
+    }
+}
+
+fn expert_check_tokens() -> &'static [usize] {
+    if quick() {
+        &EXPERT_QUICK_TOKENS
+    } else {
+        &EXPERT_CHECK_TOKENS
     }
 }
 
@@ -714,7 +728,7 @@ fn check_experts(c: &mut Ctx) -> Result<()> {
         let p = make_problem(&mut c.rng, case);
         let d_gu = c.stream.clone_htod(&p.gate_up)?;
         let d_dn = c.stream.clone_htod(&p.down)?;
-        for &t in check_tokens().iter() {
+        for &t in expert_check_tokens().iter() {
             let res = (|| -> Result<()> {
                 let g = make_routing(&mut c.rng, case, t)?;
                 let x = bf16_vec(&mut c.rng, t * p.h, 1.0);
@@ -732,10 +746,18 @@ fn check_experts(c: &mut Ctx) -> Result<()> {
                 };
                 let n = t * p.k_total;
                 let paths: &[ExpertPath] = if t <= kc::GEMV_MAX_TOKENS {
-                    &[ExpertPath::Gemv, ExpertPath::GemvAtomic, ExpertPath::Tiled]
+                    &[
+                        ExpertPath::Gemv,
+                        ExpertPath::GemvAtomic,
+                        ExpertPath::GemvRows,
+                        ExpertPath::Tiled,
+                    ]
                 } else {
                     &[ExpertPath::Tiled]
                 };
+                // Gemv's output, to say whether GemvRows (the same act by construction) gives
+                // the same bits (information only; the reference check decides).
+                let mut gemv_bits: Option<Vec<u32>> = None;
                 for &path in paths {
                     let mut y = poisoned::<bf16>(c, t * p.h)?;
                     let inp = ExpertViews {
@@ -746,14 +768,20 @@ fn check_experts(c: &mut Ctx) -> Result<()> {
                     };
                     let t0 = Instant::now();
                     match path {
-                        ExpertPath::Gemv | ExpertPath::GemvAtomic => {
+                        ExpertPath::Gemv | ExpertPath::GemvAtomic | ExpertPath::GemvRows => {
                             let mut act = poisoned::<f32>(c, n * p.i)?;
                             let mut acc = poisoned::<f32>(c, t * p.h)?;
                             let mut accv = acc.slice_mut(..);
-                            c.kern.launch_experts_gemv(
+                            let gate_up = if path == ExpertPath::GemvRows {
+                                GemvGateUp::Rows
+                            } else {
+                                GemvGateUp::Blocks
+                            };
+                            c.kern.launch_experts_gemv_with(
                                 &inp,
                                 &d_ids.slice(..),
                                 &dims,
+                                gate_up,
                                 &mut act.slice_mut(..),
                                 (path == ExpertPath::GemvAtomic).then_some(&mut accv),
                                 &mut y.slice_mut(..),
@@ -821,11 +849,20 @@ fn check_experts(c: &mut Ctx) -> Result<()> {
                         .collect();
                     let (rel, max_abs, _) = rel_err(&sub, &reference);
                     let ok = unwritten == 0 && rel <= EXPERT_REL_TOL;
+                    let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    let vs_gemv = match (path, &gemv_bits) {
+                        (ExpertPath::GemvRows, Some(g)) if *g == bits => ", y = Gemv's bit for bit",
+                        (ExpertPath::GemvRows, Some(_)) => ", y differs from Gemv's (see rel)",
+                        _ => "",
+                    };
+                    if path == ExpertPath::Gemv {
+                        gemv_bits = Some(bits);
+                    }
                     c.verdict(
                         ok,
                         format!(
                             "experts {:<38} {:<5} T={t:<5} rel {rel:.2e} max|Δ| {max_abs:.2e} \
-                         non-finite {unwritten} ({} tokens compared, {ms:.1} ms)",
+                         non-finite {unwritten} ({} tokens compared, {ms:.1} ms){vs_gemv}",
                             case.name,
                             format!("{path:?}"),
                             rows.len()
@@ -1025,6 +1062,20 @@ fn bench(c: &mut Ctx) -> Result<String> {
         expert_bytes * e_tot as f64 / 1e9,
         t0.elapsed().as_secs_f64()
     );
+    let (sms, per_sm) = c.kern.gemv_rows_occupancy();
+    let t1 = MoeDims {
+        tokens: 1,
+        top_k: k_tot,
+        experts: e_tot,
+        hidden: h,
+        inter: i,
+    };
+    c.notes.push(format!(
+        "gemv-rows: {sms} SMs x {per_sm:?} blocks per SM for moe_gemv_gate_up_rows1/2/4/8 \
+         (driver occupancy query); T=1 grid {} blocks of 8 warps for {} rows",
+        c.kern.gemv_rows_grid(&t1)?,
+        k_tot * i
+    ));
     // A small bias (±0.03) so routing spreads over all experts, as a trained load-balancing
     // bias makes it; the ±0.3 test bias would crowd the high-bias experts.
     let bias_small: Vec<f32> = make_bias(&mut c.rng, e).iter().map(|b| b * 0.1).collect();
@@ -1103,6 +1154,7 @@ fn bench(c: &mut Ctx) -> Result<String> {
             let paths: &[(&'static str, ExpertPath)] = if t <= kc::GEMV_MAX_TOKENS {
                 &[
                     ("gemv", ExpertPath::Gemv),
+                    ("gemv-rows", ExpertPath::GemvRows),
                     ("gemv-atomic", ExpertPath::GemvAtomic),
                     ("tiled", ExpertPath::Tiled),
                 ]
@@ -1269,7 +1321,9 @@ fn bench(c: &mut Ctx) -> Result<String> {
         "\nMoE layer = gate top-k + shared-expert column + (dispatch) + experts; experts = the expert \
          kernels alone. GB/s counts the bf16 bytes of the distinct experts touched (shared included) \
          once; TFLOP/s counts 2·T·(k+1)·3·H·I. Naive candle = routing copied to the host, then \
-         index_select + matmul per expert through candle ops (wall clock, includes its host syncs).\n",
+         index_select + matmul per expert through candle ops (wall clock, includes its host syncs). \
+         gemv-rows = gemv with moe_gemv_gate_up_rows* (persistent grid, one output row per warp) \
+         and the same down kernel, so its difference to the gemv row is the gate/up kernel's.\n",
     );
     Ok(out)
 }
@@ -1296,14 +1350,15 @@ fn hy3_weights(c: &Ctx, e_tot: usize, h: usize, i: usize) -> Result<ExpertWeight
     Ok(w)
 }
 
-/// GPU_CHECK_PROFILE: just the expert kernels at Hy3 shapes (GEMV at T=1, tiled at T=256),
-/// twice each, for a profiler to look at.
+/// GPU_CHECK_PROFILE: just the expert kernels at Hy3 shapes (GEMV at T=1 with each variant,
+/// tiled at T=256), twice each, for a profiler to look at.
 fn profile(c: &mut Ctx) -> Result<()> {
     let (h, i, e, k) = (4096usize, 1536usize, 192usize, 8usize);
     let w = hy3_weights(c, e + 1, h, i)?;
     for &(t, path) in &[
         (1usize, ExpertPath::Gemv),
         (1, ExpertPath::GemvAtomic),
+        (1, ExpertPath::GemvRows),
         (256, ExpertPath::Tiled),
     ] {
         let g = make_routing(

@@ -16,7 +16,9 @@ use crate::moe::ExpertWeights;
 use crate::KernelError;
 
 /// Threads per block of every expert kernel.
-const EXPERT_THREADS: u32 = 256;
+pub(crate) const EXPERT_THREADS: u32 = 256;
+/// Warps per block of the expert kernels (`GEMV_WARPS` in moe_experts.cu).
+const EXPERT_WARPS: usize = EXPERT_THREADS as usize / 32;
 /// Outputs per GEMV block (`GEMV_OUT_PER_BLOCK` in moe_experts.cu: 8 warps x 2 rows).
 const GEMV_OUT_PER_BLOCK: usize = 16;
 /// Output columns per tile of the down GEMM (`TBN`); the gate/up GEMM covers half as many
@@ -39,8 +41,25 @@ pub enum ExpertPath {
     /// Decode GEMV whose down projection spreads experts over blocks and reduces with f32
     /// atomics (see [`MoeKernels::launch_experts_gemv`]); small batches only.
     GemvAtomic,
+    /// [`ExpertPath::Gemv`] with the gate/up projection of [`GemvGateUp::Rows`] (a persistent
+    /// grid, one output row per warp; same result bit for bit); small batches only. Opt-in
+    /// until a GPU run has measured it against `Gemv` (docs/gpu-results.md, "Left").
+    GemvRows,
     /// Grouped tensor-core GEMMs over the dispatch permutation; any batch.
     Tiled,
+}
+
+/// Which kernel computes the GEMV path's gate/up projection (`act`); both give the same
+/// values bit for bit (each lane sums the same chunks in the same order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemvGateUp {
+    /// `moe_gemv_gate_up`: one block per (slot, 16 outputs); blocks of repeated experts exit.
+    #[default]
+    Blocks,
+    /// `moe_gemv_gate_up_rows{1,2,4,8}`: a persistent grid of SMs x resident blocks in which
+    /// each warp takes one output row of one distinct expert at a time, so the last wave is
+    /// spread over every SM (see the kernel's comment for the wave arithmetic).
+    Rows,
 }
 
 /// Problem sizes of one expert launch.
@@ -130,12 +149,28 @@ impl MoeKernels {
     /// batch's distinct experts and sums the k slots of each token in registers (two launches,
     /// deterministic). With `acc` (f32 `[T, H]` scratch) it runs one block per (expert, chunk)
     /// and reduces with f32 atomics, then converts (memset + three launches; more bytes in
-    /// flight, summation order not fixed).
+    /// flight, summation order not fixed). The gate/up projection is [`GemvGateUp::Blocks`];
+    /// [`MoeKernels::launch_experts_gemv_with`] chooses it.
     pub fn launch_experts_gemv(
         &self,
         inp: &ExpertViews<'_>,
         ids: &CudaView<'_, u32>,
         d: &MoeDims,
+        act: &mut CudaViewMut<'_, f32>,
+        acc: Option<&mut CudaViewMut<'_, f32>>,
+        y: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<(), KernelError> {
+        self.launch_experts_gemv_with(inp, ids, d, GemvGateUp::Blocks, act, acc, y)
+    }
+
+    /// [`MoeKernels::launch_experts_gemv`] with the gate/up kernel chosen by `gate_up`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_experts_gemv_with(
+        &self,
+        inp: &ExpertViews<'_>,
+        ids: &CudaView<'_, u32>,
+        d: &MoeDims,
+        gate_up: GemvGateUp,
         act: &mut CudaViewMut<'_, f32>,
         acc: Option<&mut CudaViewMut<'_, f32>>,
         y: &mut CudaViewMut<'_, bf16>,
@@ -181,16 +216,28 @@ impl MoeKernels {
             dim_i32(d.hidden, "hidden")?,
             dim_i32(d.inter, "intermediate")?,
         );
-        let cfg1 = LaunchConfig {
-            grid_dim: (
-                grid_u32(d.inter.div_ceil(GEMV_OUT_PER_BLOCK), "gemv gate_up")?,
-                n as u32,
-                1,
+        let (func, name, grid) = match gate_up {
+            GemvGateUp::Blocks => (
+                &self.gemv_gate_up,
+                "moe_gemv_gate_up",
+                (
+                    grid_u32(d.inter.div_ceil(GEMV_OUT_PER_BLOCK), "gemv gate_up")?,
+                    n as u32,
+                    1,
+                ),
             ),
+            GemvGateUp::Rows => (
+                &self.gemv_gate_up_rows[rows_index(d.tokens)],
+                "moe_gemv_gate_up_rows",
+                (self.gemv_rows_grid(d)?, 1, 1),
+            ),
+        };
+        let cfg1 = LaunchConfig {
+            grid_dim: grid,
             block_dim: (EXPERT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.gemv_gate_up);
+        let mut b = self.stream.launch_builder(func);
         b.arg(&inp.x)
             .arg(&inp.gate_up)
             .arg(ids)
@@ -200,8 +247,11 @@ impl MoeKernels {
             .arg(&e)
             .arg(&h)
             .arg(&i);
-        // SAFETY: argument list matches moe_gemv_gate_up; sizes checked above.
-        unsafe { b.launch(cfg1) }.map_err(driver_err("launching moe_gemv_gate_up"))?;
+        // SAFETY: argument list matches moe_gemv_gate_up and moe_gemv_gate_up_rows* (the same
+        // parameters); sizes checked above, T <= 8 = the largest rows kernel's MAXT.
+        unsafe { b.launch(cfg1) }.map_err(|e| {
+            KernelError::Cuda(format!("launching {name} (grid {grid:?}) failed: {e}"))
+        })?;
 
         let act_v = act.as_view();
         if let Some(acc) = acc {
@@ -255,6 +305,24 @@ impl MoeKernels {
         // SAFETY: argument list matches moe_gemv_down; sizes checked above.
         unsafe { b.launch(cfg2) }.map_err(driver_err("launching moe_gemv_down"))?;
         Ok(())
+    }
+
+    /// Blocks of the persistent [`GemvGateUp::Rows`] grid for `d`: every SM filled with as
+    /// many blocks as fit (the occupancy the driver reported at load), but no more blocks than
+    /// `T * k * I` items fill at one item per warp.
+    pub fn gemv_rows_grid(&self, d: &MoeDims) -> Result<u32, KernelError> {
+        let full = self.sm_count as usize * self.gemv_rows_per_sm[rows_index(d.tokens)] as usize;
+        let items = d.tokens * d.top_k * d.inter;
+        grid_u32(
+            full.min(items.div_ceil(EXPERT_WARPS)).max(1),
+            "gemv gate_up rows",
+        )
+    }
+
+    /// Streaming multiprocessors, and the blocks per SM of the `moe_gemv_gate_up_rows{1,2,4,8}`
+    /// kernels as the driver's occupancy query gave them (for reports).
+    pub fn gemv_rows_occupancy(&self) -> (u32, [u32; 4]) {
+        (self.sm_count, self.gemv_rows_per_sm)
     }
 
     /// Tiled path over a dispatch plan (see [`MoeKernels::launch_dispatch`]): grouped gate/up
@@ -385,6 +453,16 @@ impl MoeKernels {
     }
 }
 
+/// Which `moe_gemv_gate_up_rows{1,2,4,8}` serves `tokens` (the smallest MAXT >= T).
+fn rows_index(tokens: usize) -> usize {
+    match tokens {
+        0..=1 => 0,
+        2 => 1,
+        3..=4 => 2,
+        _ => 3,
+    }
+}
+
 /// Read-only device views of a dispatch plan (see [`CudaDispatchPlan`]).
 pub struct PlanViews<'a> {
     /// `[E + 1]`.
@@ -480,14 +558,16 @@ pub fn experts_forward(
     if d.tokens == 0 {
         return empty_output(&c.dev, d.hidden);
     }
-    let (use_gemv, atomic) = match path {
+    let (use_gemv, atomic, gate_up) = match path {
         ExpertPath::Auto => (
             d.gemv_ok() && d.tokens <= super::AUTO_GEMV_MAX_TOKENS,
             false,
+            GemvGateUp::Blocks,
         ),
-        ExpertPath::Gemv => (true, false),
-        ExpertPath::GemvAtomic => (true, true),
-        ExpertPath::Tiled => (false, false),
+        ExpertPath::Gemv => (true, false, GemvGateUp::Blocks),
+        ExpertPath::GemvAtomic => (true, true, GemvGateUp::Blocks),
+        ExpertPath::GemvRows => (true, false, GemvGateUp::Rows),
+        ExpertPath::Tiled => (false, false, GemvGateUp::Blocks),
     };
     if !use_gemv {
         let plan = dispatch(ids, d.experts)?;
@@ -515,9 +595,17 @@ pub fn experts_forward(
         if atomic {
             let mut acc = alloc::<f32>(&c.dev, d.tokens * d.hidden, "expert accumulator")?;
             let mut accv = acc.slice_mut(0..d.tokens * d.hidden);
-            kern.launch_experts_gemv(&inp, &iv, &d, &mut av, Some(&mut accv), &mut yv)?;
+            kern.launch_experts_gemv_with(
+                &inp,
+                &iv,
+                &d,
+                gate_up,
+                &mut av,
+                Some(&mut accv),
+                &mut yv,
+            )?;
         } else {
-            kern.launch_experts_gemv(&inp, &iv, &d, &mut av, None, &mut yv)?;
+            kern.launch_experts_gemv_with(&inp, &iv, &d, gate_up, &mut av, None, &mut yv)?;
         }
     }
     Ok(wrap(y, &c.dev, (d.tokens, d.hidden)))

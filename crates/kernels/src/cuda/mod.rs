@@ -40,7 +40,8 @@ use crate::KernelError;
 
 pub use dispatch::{dispatch, max_tiles, CudaDispatchPlan, DispatchViews};
 pub use experts::{
-    experts_forward, experts_forward_planned, ExpertPath, ExpertViews, MoeDims, PlanViews,
+    experts_forward, experts_forward_planned, ExpertPath, ExpertViews, GemvGateUp, MoeDims,
+    PlanViews,
 };
 pub use gate::gate_topk;
 pub use paged::{
@@ -72,6 +73,8 @@ pub const DISPATCH_MAX_EXPERTS: usize = 4096;
 const PTX_GATE: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_gate.ptx"));
 const PTX_DISPATCH: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_dispatch.ptx"));
 const PTX_EXPERTS: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_experts.ptx"));
+/// Module name the expert kernels load under.
+const EXPERTS: &str = "switchyard_moe_experts";
 
 /// The MoE kernels loaded on one device, with the stream they launch on.
 ///
@@ -84,6 +87,12 @@ pub struct MoeKernels {
     pub(crate) gemv_gate_up: CudaFunction,
     pub(crate) gemv_down: CudaFunction,
     pub(crate) gemv_down_atomic: CudaFunction,
+    /// `moe_gemv_gate_up_rows{1,2,4,8}` (accumulators for at most that many tokens).
+    pub(crate) gemv_gate_up_rows: [CudaFunction; 4],
+    /// Blocks of each `gemv_gate_up_rows` kernel that fit on one SM at once.
+    pub(crate) gemv_rows_per_sm: [u32; 4],
+    /// Streaming multiprocessors of the device.
+    pub(crate) sm_count: u32,
     pub(crate) gemm_gate_up: CudaFunction,
     pub(crate) gemm_down: CudaFunction,
     pub(crate) f32_to_bf16: CudaFunction,
@@ -111,8 +120,23 @@ impl MoeKernels {
                     ))
                 })
         };
+        let rows = |t: usize| load(&format!("moe_gemv_gate_up_rows{t}"), EXPERTS, PTX_EXPERTS);
+        let gemv_gate_up_rows = [rows(1)?, rows(2)?, rows(4)?, rows(8)?];
+        // The persistent kernels are correct at any grid size; these only size it. A failed
+        // query falls back to one block per SM rather than failing the whole kernel set.
+        let stream = dev.cuda_stream();
+        // The occupancy query runs in the current context: make it this device's.
+        let _ = stream.context().bind_to_thread();
+        let sm_count = stream
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as u32);
+        let gemv_rows_per_sm = gemv_gate_up_rows.each_ref().map(|f| {
+            f.occupancy_max_active_blocks_per_multiprocessor(experts::EXPERT_THREADS, 0, None)
+                .map_or(1, |b| b.max(1))
+        });
         let k = Arc::new(Self {
-            stream: dev.cuda_stream(),
+            stream,
             gate: load("moe_gate_topk_f32", "switchyard_moe_gate", PTX_GATE)?,
             dispatch: load("moe_dispatch", "switchyard_moe_dispatch", PTX_DISPATCH)?,
             gemv_gate_up: load("moe_gemv_gate_up", "switchyard_moe_experts", PTX_EXPERTS)?,
@@ -122,6 +146,9 @@ impl MoeKernels {
                 "switchyard_moe_experts",
                 PTX_EXPERTS,
             )?,
+            gemv_gate_up_rows,
+            gemv_rows_per_sm,
+            sm_count,
             gemm_gate_up: load("moe_gemm_gate_up", "switchyard_moe_experts", PTX_EXPERTS)?,
             gemm_down: load("moe_gemm_down", "switchyard_moe_experts", PTX_EXPERTS)?,
             f32_to_bf16: load("moe_f32_to_bf16", "switchyard_moe_experts", PTX_EXPERTS)?,
