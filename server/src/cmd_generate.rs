@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use switchyard_engine::engine::GenerateRequest;
 use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::structured::OutputConstraint;
 use switchyard_model::Logits;
 
 use crate::loading::{self, EngineArgs, ModelArgs};
@@ -45,8 +46,43 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Constrain the output to this JSON schema (inline JSON, or @FILE).
+    #[arg(long, value_name = "SCHEMA", group = "structured")]
+    json_schema: Option<String>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, value_name = "REGEX", group = "structured")]
+    regex: Option<String>,
+    /// Constrain the output to this Lark grammar (llguidance's dialect; inline or @FILE).
+    #[arg(long, value_name = "LARK", group = "structured")]
+    grammar: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+/// Inline text, or the contents of the file after `@`.
+fn inline_or_file(flag: &str, v: &str) -> Result<String> {
+    match v.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("{flag} {v}")),
+        None => Ok(v.to_string()),
+    }
+}
+
+/// The structured-output constraint the flags ask for.
+fn output_constraint(a: &GenerateArgs) -> Result<Option<(OutputConstraint, &'static str)>> {
+    if let Some(s) = &a.json_schema {
+        let text = inline_or_file("--json-schema", s)?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--json-schema is not JSON: {text:.80}"))?;
+        return Ok(Some((OutputConstraint::JsonSchema(v), "--json-schema")));
+    }
+    if let Some(r) = &a.regex {
+        return Ok(Some((OutputConstraint::Regex(r.clone()), "--regex")));
+    }
+    if let Some(g) = &a.grammar {
+        let text = inline_or_file("--grammar", g)?;
+        return Ok(Some((OutputConstraint::Grammar(text), "--grammar")));
+    }
+    Ok(None)
 }
 
 /// `logits` flags.
@@ -63,7 +99,15 @@ pub struct LogitsArgs {
 }
 
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let output = output_constraint(&a)?;
     let (engine, dir) = loading::start_engine(&a.model, &a.engine)?;
+    let constraint = output
+        .map(|(c, flag)| {
+            engine
+                .compile_constraint(&c)
+                .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        })
+        .transpose()?;
     let tok = engine.info().tokenizer.clone();
     let prompt = match (&a.prompt, &a.input_ids) {
         (Some(p), _) => {
@@ -85,6 +129,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let req = GenerateRequest {
         sampling,
         ignore_eos: a.ignore_eos,
+        constraint,
         ..GenerateRequest::greedy(prompt, a.max_tokens)
     };
     let (ids, text, _c) = engine.generate_blocking(req).map_err(anyhow::Error::msg)?;

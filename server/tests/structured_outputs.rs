@@ -256,3 +256,61 @@ async fn bad_constraints_are_400_naming_the_field() {
         "{v}"
     );
 }
+
+#[test]
+fn generate_flags_constrain_the_output_and_name_bad_values() {
+    use common::{generate_json, run_cli};
+    let schema = person_schema().to_string();
+    let (ok, out, err) = generate_json(&[
+        "--input-ids",
+        "5,9,13",
+        "--max-tokens",
+        "120",
+        "--temperature",
+        "1",
+        "--seed",
+        "4",
+        "--json-schema",
+        &schema,
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("generate --json");
+    assert_person(v["text"].as_str().expect("text"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = dir.path().join("sum.lark");
+    std::fs::write(&g, "start: /[1-9]/ (\"+\" /[1-9]/)*\n").expect("write grammar");
+    let (ok, out, err) = generate_json(&[
+        "--input-ids",
+        "5,9,13",
+        "--max-tokens",
+        "9",
+        "--grammar",
+        &format!("@{}", g.display()),
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("generate --json");
+    let t = v["text"].as_str().expect("text");
+    let re = regex::Regex::new(r"^[1-9](\+[1-9])*$").expect("regex");
+    assert!(re.is_match(t), "{t:?}");
+    for (flag, value, needle) in [
+        ("--regex", "([", "--regex"),
+        ("--json-schema", "{nope", "--json-schema"),
+        ("--grammar", "@/no/such/file.lark", "/no/such/file.lark"),
+    ] {
+        let (ok, _, err) = generate_json(&["--input-ids", "1,2", flag, value]);
+        assert!(!ok && err.contains(needle), "{flag} {value}: {err}");
+    }
+    // One constraint at a time.
+    let (ok, _, err) = run_cli(&[
+        "generate",
+        "--model",
+        &common::model_arg(),
+        "--input-ids",
+        "1",
+        "--regex",
+        "a",
+        "--json-schema",
+        "{}",
+    ]);
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
