@@ -11,3 +11,4 @@ pub mod speculative;
 pub mod stop;
 pub mod structured;
 pub mod tokenizer;
+pub mod tool_calls;

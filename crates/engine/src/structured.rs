@@ -262,6 +262,8 @@ mod tests {
             }
             let mask = c.allowed().unwrap();
             let allowed: Vec<u32> = (0..640u32).filter(|&t| mask_allows(&mask, t)).collect();
+            // End where allowed, close an object, a string or a tag where allowed, else the
+            // lowest id.
             // End where allowed, close an object where allowed, else the lowest id.
             let close = tok.encode("}", false).unwrap()[0];
             let pick = [eos, close]
@@ -309,6 +311,76 @@ mod tests {
             (1..=9).contains(&n) && v.as_object().unwrap().len() == 1,
             "{s}"
         );
+    }
+
+    /// Whether `c` accepts `text` token by token and then allows the end.
+    fn accepts(c: &Constraint, tok: &Tokenizer, text: &str) -> bool {
+        let mut c = c.clone();
+        for id in tok.encode(text, false).unwrap() {
+            if !mask_allows(&c.allowed().unwrap(), id) {
+                return false;
+            }
+            c.advance(id).unwrap();
+        }
+        c.is_finished() || mask_allows(&c.allowed().unwrap(), tok.eos_token_ids()[0])
+    }
+
+    #[test]
+    fn forced_tool_call_grammars_accept_exactly_valid_calls() {
+        use crate::tool_calls::ToolCallFormat;
+        let (cc, tok) = compiler();
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {
+                "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"]}}}),
+            json!({"type": "function", "function": {"name": "noop"}}),
+        ];
+        let cases = [
+            (
+                ToolCallFormat::Hermes,
+                r#"<tool_call>{"name":"get_weather","arguments":{"city":"Paris","days":2}}</tool_call>"#,
+                vec![
+                    r#"<tool_call>{"name":"noop","arguments":{}}</tool_call>"#,
+                    r#"<tool_call>{"name":"get_weather","arguments":{"days":2}}</tool_call>"#,
+                    r#"<tool_call>{"name":"get_weather","arguments":{"city":3}}</tool_call>"#,
+                    r#"{"name":"get_weather","arguments":{"city":"Paris"}}"#,
+                ],
+            ),
+            (
+                ToolCallFormat::Hy3,
+                "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>",
+                vec![
+                    "<tool_call>noop\n</tool_call>",
+                    "<tool_call>get_weather\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>",
+                    "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n<arg_value>two</arg_value>\n</tool_call>",
+                ],
+            ),
+        ];
+        for (f, good, bad) in cases {
+            let g = f.forced_call_grammar(&tools, Some("get_weather")).unwrap();
+            let c = cc
+                .compile(&OutputConstraint::Grammar(g.clone()))
+                .unwrap_or_else(|e| panic!("{f:?}: {e}\n{g}"));
+            assert!(accepts(&c, &tok, good), "{f:?} refuses {good:?}\n{g}");
+            let p = f.parse(good, &tools);
+            assert_eq!(p.calls.len(), 1, "{f:?}");
+            assert_eq!(p.calls[0].arguments["city"], "Paris");
+            assert_eq!(p.calls[0].arguments["days"], 2);
+            for b in bad {
+                assert!(!accepts(&c, &tok, b), "{f:?} accepts {b:?}");
+            }
+            // Any tool when none is named: the other tool is accepted too.
+            let any = f.forced_call_grammar(&tools, None).unwrap();
+            let c = cc.compile(&OutputConstraint::Grammar(any)).unwrap();
+            let noop = match f {
+                ToolCallFormat::Hermes => {
+                    r#"<tool_call>{"name":"noop","arguments":{}}</tool_call>"#
+                }
+                ToolCallFormat::Hy3 => "<tool_call>noop\n</tool_call>",
+            };
+            assert!(accepts(&c, &tok, noop), "{f:?} refuses {noop:?}");
+            assert!(accepts(&c, &tok, good), "{f:?} refuses {good:?}");
+        }
     }
 
     #[test]
