@@ -121,6 +121,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
     let state = Arc::new(AppState {
         tokenizer,
+        tools_template: template
+            .tools_fallback()
+            .context("compiling the tool-calling chat template")?,
         template,
         fingerprint: http::fingerprint(&model_id, &dir),
         model_id,

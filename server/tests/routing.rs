@@ -638,7 +638,7 @@ async fn a_stream_that_breaks_after_output_ends_with_an_error_event() {
 }
 
 #[tokio::test]
-async fn features_the_engine_lacks_go_to_a_remote_tier_only() {
+async fn tool_requests_are_served_on_either_tier() {
     let su = setup("").await;
     let s = &su.server;
     let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
@@ -648,13 +648,22 @@ async fn features_the_engine_lacks_go_to_a_remote_tier_only() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_headers(&r, "frontier", "escalate");
     assert_eq!(su.frontier.hits()[0].1["tools"], tools);
-    // The same request decided local is refused by the engine, naming the field.
+    // The same request decided local is served by the engine (tools/tool_calls.rs has the
+    // calls themselves); here a forced call shows the tools reached the local model.
     let mut body = chat("auto", LOW_RISK);
-    body["tools"] = tools;
+    body["tools"] = json!([{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string", "maxLength": 5}},
+        "required": ["q"], "additionalProperties": false}}}]);
+    body["tool_choice"] = json!("required");
+    body["max_tokens"] = json!(64);
     let r = post(s, "/v1/chat/completions", body, &[]).await;
-    assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(openai_error(&r.json())["param"], "tools");
+    assert_eq!(r.status, 200, "{}", r.text);
     assert_headers(&r, "local", "local");
+    let c = &r.json()["choices"][0];
+    assert_eq!(
+        c["message"]["tool_calls"][0]["function"]["name"], "lookup",
+        "{c}"
+    );
     assert_eq!(su.frontier.hits().len(), 1);
 }
 

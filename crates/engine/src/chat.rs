@@ -27,6 +27,8 @@ use minijinja::value::{Kwargs, Value as JinjaValue};
 use minijinja::{AutoEscape, Environment, Error as JinjaError, ErrorKind};
 use serde_json::{Map, Value};
 
+use crate::tool_calls::ToolCallFormat;
+
 /// The ChatML template, used when a model folder has no template of its own.
 pub const CHATML_TEMPLATE: &str = include_str!("../../../models/templates/chatml.jinja");
 /// The Hy3 template (format documented at the top of the file).
@@ -234,6 +236,10 @@ pub struct ChatTemplate {
     names: BTreeMap<String, bool>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Whether any of the templates reads `tools`.
+    renders_tools: bool,
+    /// How the templates write tool calls, when they do.
+    tool_format: Option<ToolCallFormat>,
 }
 
 impl ChatTemplate {
@@ -312,6 +318,26 @@ impl ChatTemplate {
         self
     }
 
+    /// The tool-call format the template asks for, when it renders tools and writes calls in a
+    /// known format ([`ToolCallFormat`]); `None` means requests with tools need another
+    /// template (the built-in ChatML one).
+    pub fn tool_call_format(&self) -> Option<ToolCallFormat> {
+        self.tool_format.filter(|_| self.renders_tools)
+    }
+
+    /// The template to render requests with tools when this one cannot (it ignores `tools` or
+    /// writes calls in no known format): the built-in ChatML one, whose calls are Hermes-style,
+    /// with this template's special tokens. `None` when this template handles tools itself.
+    pub fn tools_fallback(&self) -> Result<Option<Self>> {
+        if self.tool_call_format().is_some() {
+            return Ok(None);
+        }
+        Ok(Some(Self::chatml()?.with_special_tokens(
+            self.bos_token.clone(),
+            self.eos_token.clone(),
+        )))
+    }
+
     /// Where the template came from.
     pub fn origin(&self) -> &str {
         &self.origin
@@ -384,6 +410,9 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         let mut names = BTreeMap::new();
+        let all: String = templates.iter().map(|(_, s)| s.as_str()).collect();
+        let renders_tools = all.contains("tools");
+        let tool_format = ToolCallFormat::detect(&all);
         for (name, source) in templates {
             let parts_aware = loops_over_content(&source);
             let source = rewrite_generation_blocks(&source);
@@ -405,6 +434,8 @@ impl ChatTemplate {
             names,
             bos_token: None,
             eos_token: None,
+            renders_tools,
+            tool_format,
         })
     }
 

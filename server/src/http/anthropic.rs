@@ -22,6 +22,7 @@ use switchyard_engine::chat::ChatMessage;
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
+use switchyard_engine::tool_calls::{ToolCall, ToolCallStream};
 
 use super::error::ApiError;
 use super::local::{self, ChoiceOutput, SseFormat, Tracker, Usage};
@@ -55,6 +56,7 @@ pub struct MessagesRequest {
     top_k: Option<i64>,
     stream: Option<bool>,
     tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
     /// Extension (as on the OpenAI endpoints): keep generating past end-of-sequence tokens.
     ignore_eos: Option<bool>,
 }
@@ -94,9 +96,72 @@ fn blocks_text(v: Value, at: &str) -> Result<String, ApiError> {
     }
 }
 
+/// One Anthropic turn as template messages. Text blocks are the turn's content; an assistant's
+/// `tool_use` blocks become its `tool_calls`; a user's `tool_result` blocks become `tool`
+/// messages (before the user's own text, as the results answer the previous turn).
+fn turn(role: String, content: Value, at: &str) -> Result<Vec<ChatMessage>, ApiError> {
+    let Value::Array(blocks) = content else {
+        return Ok(vec![ChatMessage::new(role, blocks_text(content, at)?)]);
+    };
+    let mut text = Vec::new();
+    let mut calls = Vec::new();
+    let mut results = Vec::new();
+    for (j, b) in blocks.into_iter().enumerate() {
+        let here = format!("{at}[{j}]");
+        match b.get("type").and_then(Value::as_str).unwrap_or("") {
+            "tool_use" if role == "assistant" => {
+                let field = |k: &str| {
+                    b.get(k)
+                        .cloned()
+                        .ok_or_else(|| ApiError::MissingField(format!("{here}.{k}")))
+                };
+                let (id, name, input) = (field("id")?, field("name")?, field("input")?);
+                calls.push(json!({"id": id, "type": "function",
+                                  "function": {"name": name, "arguments": input}}));
+            }
+            "tool_result" if role == "user" => {
+                let id = b
+                    .get("tool_use_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::MissingField(format!("{here}.tool_use_id")))?;
+                let body = match b.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(c) => blocks_text(c.clone(), &format!("{here}.content"))?,
+                };
+                let body = if b.get("is_error") == Some(&Value::Bool(true)) {
+                    format!("Error: {body}")
+                } else {
+                    body
+                };
+                results.push(
+                    ChatMessage::new("tool", body)
+                        .with_field("tool_call_id", Value::String(id.to_string())),
+                );
+            }
+            "tool_use" | "tool_result" => {
+                return Err(ApiError::field(
+                    here,
+                    format!("a {role} turn cannot hold this block (tool_use is for assistant turns, tool_result for user turns)"),
+                ))
+            }
+            _ => text.push(b),
+        }
+    }
+    let mut out = results;
+    if !text.is_empty() || !calls.is_empty() || out.is_empty() {
+        let mut m = ChatMessage::new(role, blocks_text(Value::Array(text), at)?);
+        if !calls.is_empty() {
+            m = m.with_field("tool_calls", Value::Array(calls));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
 impl MessagesRequest {
     fn normalize(self) -> Result<NormalizedRequest, ApiError> {
-        params::check_conversation(self.messages.len(), self.tools.as_ref(), "tool use")?;
+        params::check_conversation(self.messages.len())?;
+        let tools = super::tools::anthropic(self.tools, self.tool_choice)?;
         let mut messages = Vec::with_capacity(self.messages.len() + 1);
         if let Some(s) = self.system {
             let text = blocks_text(s, "system")?;
@@ -112,10 +177,7 @@ impl MessagesRequest {
                     format!("must be \"user\" or \"assistant\", got {:?} (put system text in the top-level `system` field)", m.role),
                 ));
             }
-            messages.push(ChatMessage::new(
-                m.role,
-                blocks_text(m.content, &format!("{at}.content"))?,
-            ));
+            messages.extend(turn(m.role, m.content, &format!("{at}.content"))?);
         }
         Ok(NormalizedRequest {
             api: Api::AnthropicMessages,
@@ -137,6 +199,7 @@ impl MessagesRequest {
             template_kwargs: Map::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
+            tools,
         })
     }
 }
@@ -175,11 +238,11 @@ impl routing::LocalEndpoint for Anthropic {
         let streams = local::submit(state, req.api, &prepared)?;
         let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
         if req.stream {
-            let fmt = EventFormat::new(state, prepared.prompt_tokens());
+            let fmt = EventFormat::new(state, &req, prepared.prompt_tokens());
             return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
         }
         let outs = local::collect(streams, &mut tracker, false).await?;
-        Ok(json_response(state, outs, tracker.usage))
+        Ok(json_response(state, &req, outs, tracker.usage))
     }
 
     /// The response to a finished local answer: a message, or (a held-back stream) its events.
@@ -190,27 +253,44 @@ impl routing::LocalEndpoint for Anthropic {
         usage: Usage,
     ) -> Response {
         if req.stream {
-            let fmt = EventFormat::new(state, usage.prompt_tokens);
+            let fmt = EventFormat::new(state, req, usage.prompt_tokens);
             return Sse::new(local::replay(outs, fmt, usage)).into_response();
         }
-        json_response(state, outs, usage)
+        json_response(state, req, outs, usage)
     }
 }
 
 /// A Messages API message object.
-fn json_response(state: &AppState, outs: Vec<ChoiceOutput>, usage: Usage) -> Response {
+fn json_response(
+    state: &AppState,
+    req: &NormalizedRequest,
+    outs: Vec<ChoiceOutput>,
+    usage: Usage,
+) -> Response {
     let out = outs.into_iter().next().unwrap_or_default();
-    let (reason, seq) = out
+    let (mut reason, seq) = out
         .completion
         .as_ref()
         .map(stop_reason)
         .unwrap_or(("end_turn", None));
+    let mut content = vec![json!({"type": "text", "text": out.text})];
+    if let Some(t) = super::tools::active(state, req) {
+        let (text, calls) = t.split(&out.text);
+        if !calls.is_empty() {
+            content.clear();
+            if !text.is_empty() {
+                content.push(json!({"type": "text", "text": text}));
+            }
+            content.extend(super::tools::anthropic_blocks(&calls));
+            reason = "tool_use";
+        }
+    }
     Json(json!({
         "id": new_id("msg_"),
         "type": "message",
         "role": "assistant",
         "model": state.model_id,
-        "content": [{"type": "text", "text": out.text}],
+        "content": content,
         "stop_reason": reason,
         "stop_sequence": seq,
         "usage": usage_json(usage),
@@ -226,16 +306,29 @@ struct EventFormat {
     stop: Option<(&'static str, Option<String>)>,
     /// `message_start` has been sent.
     started: bool,
+    /// Tools whose calls are parsed, the held-back text, and the calls found at the end.
+    tools: Option<(super::tools::ActiveTools, ToolCallStream)>,
+    calls: Vec<ToolCall>,
 }
 
 impl EventFormat {
-    fn new(state: &AppState, input_tokens: usize) -> Self {
+    fn new(state: &AppState, req: &NormalizedRequest, input_tokens: usize) -> Self {
         Self {
             id: new_id("msg_"),
             model: state.model_id.clone(),
             input_tokens,
             stop: None,
             started: false,
+            tools: super::tools::active(state, req).map(|t| (t, ToolCallStream::default())),
+            calls: vec![],
+        }
+    }
+
+    /// Text to send now: all of it, or with tools what cannot be part of a call.
+    fn release(&mut self, text: &str) -> String {
+        match &mut self.tools {
+            Some((_, held)) => held.push(text),
+            None => text.to_string(),
         }
     }
 }
@@ -297,15 +390,27 @@ impl SseFormat for EventFormat {
 
     fn token(&mut self, _choice: usize, t: TokenEvent) -> Vec<SseEvent> {
         let mut out = self.open(t.cached_tokens.unwrap_or(0));
-        out.push(text_delta(&t.text));
+        let text = self.release(&t.text);
+        if !text.is_empty() || self.tools.is_none() {
+            out.push(text_delta(&text));
+        }
         out
     }
 
     fn finished(&mut self, _choice: usize, c: &Completion) -> Vec<SseEvent> {
         self.stop = Some(stop_reason(c));
         let mut out = self.open(c.cached_tokens);
-        if !c.text.is_empty() {
-            out.push(text_delta(&c.text));
+        let mut text = self.release(&c.text);
+        if let Some((tools, held)) = self.tools.take() {
+            let (rest, calls) = tools.finish(held);
+            text.push_str(&rest);
+            if !calls.is_empty() {
+                self.stop = Some(("tool_use", None));
+            }
+            self.calls = calls;
+        }
+        if !text.is_empty() {
+            out.push(text_delta(&text));
         }
         out
     }
@@ -313,11 +418,36 @@ impl SseFormat for EventFormat {
     fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
         let (reason, seq) = self.stop.take().unwrap_or(("end_turn", None));
         let mut out = self.open(usage.cached_tokens);
+        out.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        // Each call is a tool_use block after the text block: its input in one JSON delta.
+        for (k, b) in super::tools::anthropic_blocks(&self.calls)
+            .into_iter()
+            .enumerate()
+        {
+            let index = k + 1;
+            let input = b["input"].to_string();
+            let mut start = b;
+            start["input"] = json!({});
+            out.extend([
+                event(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": index, "content_block": start}),
+                ),
+                event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index,
+                           "delta": {"type": "input_json_delta", "partial_json": input}}),
+                ),
+                event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": index}),
+                ),
+            ]);
+        }
         out.extend([
-            event(
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": 0}),
-            ),
             event(
                 "message_delta",
                 json!({"type": "message_delta",

@@ -61,11 +61,27 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     // Tokenising and compiling a grammar both take milliseconds: off the async workers.
     let (prompts, constraint) = tokio::task::spawn_blocking(move || {
         let prompts = tokenize(&st, &r)?;
-        let constraint = match &r.output {
-            Some(o) => Some(
+        // A forced tool call is a grammar too; it cannot be combined with another format.
+        let forced = match r.tools.as_ref() {
+            Some(t) => super::tools::forced(&st, t)?,
+            None => None,
+        };
+        let spec = match (&r.output, forced) {
+            (Some(o), Some(_)) => {
+                return Err(ApiError::field(
+                    o.param.clone(),
+                    "cannot be combined with a tool_choice that forces a tool call",
+                ))
+            }
+            (Some(o), None) => Some((o.constraint.clone(), o.param.clone())),
+            (None, Some(g)) => Some((g, "tool_choice".to_string())),
+            (None, None) => None,
+        };
+        let constraint = match spec {
+            Some((c, param)) => Some(
                 st.engine
-                    .compile_constraint(&o.constraint)
-                    .map_err(|e| ApiError::field(o.param.clone(), e.to_string()))?,
+                    .compile_constraint(&c)
+                    .map_err(|e| ApiError::field(param, e.to_string()))?,
             ),
             None => None,
         };
@@ -146,8 +162,14 @@ fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, 
         Api::OpenAiChat | Api::AnthropicMessages => {
             let mut opts = RenderOptions::generation();
             opts.kwargs = req.template_kwargs.clone();
-            let text = state
-                .template
+            let template = match req.tools.as_ref().filter(|t| t.active()) {
+                Some(t) => {
+                    opts = opts.with_tools(t.tools.clone());
+                    super::tools::template(state)
+                }
+                None => &state.template,
+            };
+            let text = template
                 .render(&req.messages, &opts)
                 .map_err(|e| ApiError::field(param, e.to_string()))?;
             Ok(vec![enc(&text, false)?])

@@ -20,6 +20,7 @@ pub mod openai;
 pub mod params;
 pub mod route;
 pub mod routing;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub struct AppState {
     pub tokenizer: Arc<Tokenizer>,
     /// The model's chat template.
     pub template: ChatTemplate,
+    /// The template for requests with tools when `template` cannot render them
+    /// ([`ChatTemplate::tools_fallback`]).
+    pub tools_template: Option<ChatTemplate>,
     /// The id `/v1/models` lists and responses name.
     pub model_id: String,
     /// The model folder.

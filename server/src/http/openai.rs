@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::tool_calls::ToolCallStream;
 
 use super::error::{ApiError, OpenAiError};
 use super::local::{self, token_text, ChoiceOutput, SseFormat, Tracker, Usage};
@@ -49,6 +50,12 @@ pub struct InMessage {
     /// Participant name (passed to the template).
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions` body (fields this server does not use are ignored).
@@ -67,6 +74,7 @@ pub struct ChatRequest {
     reasoning_effort: Option<String>,
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
     ignore_eos: Option<bool>,
 }
 
@@ -172,9 +180,33 @@ fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageConte
     }
 }
 
+/// An assistant's `tool_calls` as templates expect them: `arguments` an object where the
+/// JSON string holds one (transformers' convention; the Hy3 template writes each argument).
+fn template_calls(calls: Vec<Value>, at: &str) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, mut c) in calls.into_iter().enumerate() {
+        let here = format!("{at}.tool_calls[{j}].function");
+        let f = c
+            .get_mut("function")
+            .filter(|f| f.is_object())
+            .ok_or_else(|| ApiError::MissingField(here.clone()))?;
+        if !f.get("name").is_some_and(Value::is_string) {
+            return Err(ApiError::MissingField(format!("{here}.name")));
+        }
+        if let Some(Value::String(s)) = f.get("arguments") {
+            if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(s) {
+                f["arguments"] = v;
+            }
+        }
+        out.push(c);
+    }
+    Ok(Value::Array(out))
+}
+
 impl ChatRequest {
     fn normalize(self, sampling: SamplingFields) -> Result<NormalizedRequest, ApiError> {
-        params::check_conversation(self.messages.len(), self.tools.as_ref(), "tool calling")?;
+        params::check_conversation(self.messages.len())?;
+        let tools = super::tools::openai(self.tools, self.tool_choice)?;
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
             let at = format!("messages[{i}]");
@@ -182,20 +214,39 @@ impl ChatRequest {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" => "tool",
                 other => {
                     return Err(ApiError::field(
                         format!("{at}.role"),
-                        format!("must be one of system, developer, user, assistant; got {other:?}"),
+                        format!(
+                        "must be one of system, developer, user, assistant, tool; got {other:?}"
+                    ),
                     ))
                 }
             };
+            let has_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
             let mut msg = ChatMessage {
                 role: role.to_string(),
-                content: content(m.content, &at, role)?,
+                content: content(m.content, &at, if has_calls { "assistant" } else { role })?,
                 extra: Map::new(),
             };
             if let Some(n) = m.name {
                 msg = msg.with_field("name", Value::String(n));
+            }
+            if let Some(calls) = m.tool_calls {
+                if role != "assistant" {
+                    return Err(ApiError::field(
+                        format!("{at}.tool_calls"),
+                        "only assistant messages carry tool calls",
+                    ));
+                }
+                msg = msg.with_field("tool_calls", template_calls(calls, &at)?);
+            }
+            if role == "tool" {
+                let id = m
+                    .tool_call_id
+                    .ok_or_else(|| ApiError::MissingField(format!("{at}.tool_call_id")))?;
+                msg = msg.with_field("tool_call_id", Value::String(id));
             }
             messages.push(msg);
         }
@@ -240,6 +291,7 @@ impl ChatRequest {
             template_kwargs: kwargs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
+            tools,
         })
     }
 }
@@ -335,6 +387,7 @@ impl CompletionRequest {
             template_kwargs: Map::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
+            tools: None,
         })
     }
 }
@@ -462,16 +515,30 @@ fn json_response(
 ) -> Response {
     let chat = req.api == Api::OpenAiChat;
     let logprobs = req.sampling.logprobs.is_some();
+    let tools = super::tools::active(state, req);
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let finish = o.completion.as_ref().map(|c| c.finish_reason.as_str());
+            let mut finish = o.completion.as_ref().map(|c| c.finish_reason.as_str());
             if chat {
                 let lp = logprobs.then(|| json!({"content": o.tokens.iter().map(|t| chat_logprob(state, t)).collect::<Vec<_>>()}));
+                let mut message = json!({"role": "assistant", "content": o.text});
+                if let Some(t) = &tools {
+                    let (content, calls) = t.split(&o.text);
+                    if !calls.is_empty() {
+                        message["content"] = if content.is_empty() {
+                            Value::Null
+                        } else {
+                            Value::String(content)
+                        };
+                        message["tool_calls"] = super::tools::openai_calls(&calls, false);
+                        finish = Some("tool_calls");
+                    }
+                }
                 json!({
                     "index": i,
-                    "message": {"role": "assistant", "content": o.text},
+                    "message": message,
                     "logprobs": lp,
                     "finish_reason": finish,
                 })
@@ -503,6 +570,8 @@ struct ChunkFormat {
     logprobs: bool,
     /// Completions `text_offset` of each choice's next token.
     offsets: Vec<usize>,
+    /// Tools whose calls are parsed, with each choice's held-back text.
+    tools: Option<(super::tools::ActiveTools, Vec<ToolCallStream>)>,
 }
 
 impl ChunkFormat {
@@ -515,6 +584,8 @@ impl ChunkFormat {
             include_usage: req.include_usage,
             logprobs: req.sampling.logprobs.is_some(),
             offsets: vec![0; choices],
+            tools: super::tools::active(state, req)
+                .map(|t| (t, (0..choices).map(|_| ToolCallStream::default()).collect())),
         }
     }
 
@@ -556,7 +627,15 @@ impl SseFormat for ChunkFormat {
             let lp = self
                 .logprobs
                 .then(|| json!({"content": [chat_logprob(&self.state, &t)]}));
-            json!({"index": i, "delta": {"content": t.text}, "logprobs": lp, "finish_reason": null})
+            // With tools, text that may be a call is held until the answer ends.
+            let text = match &mut self.tools {
+                Some((_, held)) => held.get_mut(i).map(|h| h.push(&t.text)).unwrap_or_default(),
+                None => t.text,
+            };
+            if text.is_empty() && lp.is_none() && self.tools.is_some() {
+                return vec![];
+            }
+            json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
         } else {
             let off = self.offsets.get(i).copied().unwrap_or(0);
             let lp = self
@@ -572,6 +651,32 @@ impl SseFormat for ChunkFormat {
 
     fn finished(&mut self, i: usize, c: &Completion) -> Vec<SseEvent> {
         let reason = c.finish_reason.as_str();
+        if let (true, Some((tools, held))) = (self.chat, &mut self.tools) {
+            let mut s = std::mem::take(&mut held[i]);
+            let mut text = s.push(&c.text);
+            let (rest, calls) = tools.finish(s);
+            text.push_str(&rest);
+            let mut out = vec![];
+            if !text.is_empty() {
+                out.push(
+                    self.chunk(vec![json!({"index": i, "delta": {"content": text},
+                                                "logprobs": null, "finish_reason": null})]),
+                );
+            }
+            let reason = if calls.is_empty() {
+                reason
+            } else {
+                let delta = json!({"tool_calls": super::tools::openai_calls(&calls, true)});
+                out.push(self.chunk(vec![json!({"index": i, "delta": delta,
+                                                "logprobs": null, "finish_reason": null})]));
+                "tool_calls"
+            };
+            out.push(
+                self.chunk(vec![json!({"index": i, "delta": {}, "logprobs": null,
+                                            "finish_reason": reason})]),
+            );
+            return out;
+        }
         let choice = if self.chat {
             let delta = if c.text.is_empty() {
                 json!({})

@@ -69,27 +69,13 @@ fn missing_field(msg: &str) -> Option<&str> {
     rest.split('`').next()
 }
 
-/// Checks what both chat formats require of a conversation: at least one message, and no tool
-/// definitions (the local engine does not run tools yet). `tool_feature` names the feature in
-/// the format's own words ("tool calling", "tool use").
-pub fn check_conversation(
-    n_messages: usize,
-    tools: Option<&Vec<Value>>,
-    tool_feature: &str,
-) -> Result<(), ApiError> {
+/// Checks what both chat formats require of a conversation: at least one message.
+pub fn check_conversation(n_messages: usize) -> Result<(), ApiError> {
     if n_messages == 0 {
         return Err(ApiError::field(
             "messages",
             "must contain at least one message",
         ));
-    }
-    if tools.is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::Unsupported {
-            param: "tools".into(),
-            message: format!(
-                "{tool_feature} is not implemented yet; send the request without tools"
-            ),
-        });
     }
     Ok(())
 }

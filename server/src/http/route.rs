@@ -107,6 +107,8 @@ pub struct NormalizedRequest {
     pub ignore_eos: bool,
     /// Structured output asked for (`response_format`, `structured_outputs`, `output_format`).
     pub output: Option<super::params::OutputSpec>,
+    /// Tool definitions and `tool_choice`.
+    pub tools: Option<super::tools::ToolRequest>,
 }
 
 impl NormalizedRequest {

@@ -144,23 +144,21 @@ impl Server {
     /// A server for the model in `model`, with extra flags and environment.
     pub fn start_model(model: &Path, o: Opts<'_>) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--port",
-            "0",
-            "--max-model-len",
-            "512",
-            "--kv-cache-memory",
-            "32MiB",
-            "--model",
-        ])
-        .arg(model)
-        .args(o.args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["serve", "--port", "0"]);
+        // The test defaults, unless the caller sets them.
+        for (flag, value) in [("--max-model-len", "512"), ("--kv-cache-memory", "32MiB")] {
+            if !o.args.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.arg("--model")
+            .arg(model)
+            .args(o.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in o.env {
             cmd.env(k, v);
         }
