@@ -124,6 +124,28 @@ except (ValueError, TypeError, KeyError):
     good = False
 check(good and msg.stop_reason == "end_turn", f"output_format json_schema ({msg.content[0].text!r})")
 
+# Tool use: a forced call comes back as a tool_use block; its result goes back as tool_result.
+tools = [{"name": "get_weather", "description": "Weather in a city",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                           "required": ["city"], "additionalProperties": False}}]
+ask = [{"role": "user", "content": "Weather in Paris?"}]
+m = client.messages.create(model=MODEL, max_tokens=150, messages=ask, tools=tools, tool_choice={"type": "any"})
+uses = [b for b in m.content if b.type == "tool_use"]
+check(m.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name == "get_weather"
+      and isinstance(uses[0].input.get("city"), str), f"tool_choice any returns tool_use ({m.content})")
+if uses:
+    follow = ask + [{"role": "assistant", "content": [u.model_dump() for u in uses]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
+                                                  "content": "18 C"}]}]
+    m2 = client.messages.create(model=MODEL, max_tokens=4, messages=follow, tools=tools)
+    check(m2.role == "assistant", "a tool_result is accepted in the next turn")
+with client.messages.stream(model=MODEL, max_tokens=150, messages=ask, tools=tools,
+                            tool_choice={"type": "tool", "name": "get_weather"}) as st:
+    final = st.get_final_message()
+uses = [b for b in final.content if b.type == "tool_use"]
+check(len(uses) == 1 and isinstance(uses[0].input, dict) and "city" in uses[0].input,
+      f"streamed tool_use assembled by the SDK ({final.content})")
+
 # Errors.
 bad = anthropic.Anthropic(base_url=BASE, api_key="sk-wrong", max_retries=0)
 expect_error(anthropic.AuthenticationError, "wrong API key",

@@ -197,6 +197,33 @@ expect_error(openai.BadRequestError, "invalid regex in structured_outputs",
                                                extra_body={"structured_outputs": {"regex": "(["}}),
              status_code=400, param="structured_outputs.regex")
 
+# Tool calling: a forced call comes back as tool_calls; its result goes back in a tool message.
+import json  # noqa: E402
+
+weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                          "required": ["city"], "additionalProperties": False}}}
+ask = [{"role": "user", "content": "Weather in Paris?"}]
+r = client.chat.completions.create(model=MODEL, max_tokens=150, messages=ask, tools=[weather],
+                                   tool_choice="required")
+calls = r.choices[0].message.tool_calls or []
+try:
+    args = json.loads(calls[0].function.arguments) if calls else None
+except ValueError:
+    args = None
+check(r.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "get_weather"
+      and isinstance(args, dict) and isinstance(args.get("city"), str),
+      f"tool_choice=required returns a tool call ({calls})")
+if calls:
+    follow = ask + [r.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C"}]
+    r2 = client.chat.completions.create(model=MODEL, max_tokens=4, messages=follow, tools=[weather])
+    check(r2.choices[0].message.role == "assistant", "a tool result is accepted in the next turn")
+stream = client.chat.completions.create(model=MODEL, max_tokens=150, messages=ask, tools=[weather], stream=True,
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+streamed = [tc for ch in stream for c in ch.choices if c.delta.tool_calls for tc in c.delta.tool_calls]
+check(len(streamed) == 1 and streamed[0].function.name == "get_weather", "streamed delta.tool_calls")
+
 # Errors.
 expect_error(openai.BadRequestError, "temperature 5",
              lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
