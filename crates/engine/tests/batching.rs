@@ -3,44 +3,16 @@
 //! within 1e-5 — of each sequence run alone through the plain contiguous-cache forward. Prefix
 //! caching computes a shared prompt once and changes nothing in the output.
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::scheduler::{AdmissionError, SchedulerConfig};
-use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits};
+use switchyard_model::KvDtype;
 
 mod common;
 
-use common::{make_model, max_logit_diff, prompts, together};
-
-fn load(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
-    let m = HyV3Model::load_dir(dir, &LoadOptions::default()).unwrap();
-    let t = Arc::new(Tokenizer::from_dir(dir).unwrap());
-    (m, t)
-}
-
-/// Greedy generation with the contiguous cache: the independent reference.
-fn alone(m: &HyV3Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut c = m.new_cache();
-    let mut last = m.forward(prompt, &mut c, Logits::Last).unwrap();
-    let (mut ids, mut rows) = (vec![], vec![]);
-    for _ in 0..n {
-        let row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut best = 0;
-        for (i, &v) in row.iter().enumerate() {
-            if v > row[best] {
-                best = i;
-            }
-        }
-        ids.push(best as u32);
-        rows.push(row);
-        last = m.forward(&[best as u32], &mut c, Logits::Last).unwrap();
-    }
-    (ids, rows)
-}
+use common::{alone, load, make_model, max_logit_diff, prompts, together};
 
 fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfig {
     let per_token = 2 * 4 * 2 * 16 * 4; // layers × kv heads × head_dim × f32, K and V

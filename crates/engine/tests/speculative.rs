@@ -4,42 +4,18 @@
 //! the step budget, by a tiny KV cache that forces preemption, by `max_tokens`, or by a stop
 //! token in the middle of an accepted draft. And the drafts must really be checked and kept.
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::speculative::{SpeculativeConfig, SpeculativeMethod};
 use switchyard_engine::stop::FinishReason;
-use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits};
+use switchyard_model::KvDtype;
 
 mod common;
 
-use common::{make_model, max_logit_diff, prompts, together};
-
-fn load(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
-    let m = HyV3Model::load_dir(dir, &LoadOptions::default()).unwrap();
-    let t = Arc::new(Tokenizer::from_dir(dir).unwrap());
-    (m, t)
-}
-
-/// Greedy generation with the contiguous cache, one token per forward: the reference.
-fn alone(m: &HyV3Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut c = m.new_cache();
-    let mut last = m.forward(prompt, &mut c, Logits::Last).unwrap();
-    let (mut ids, mut rows) = (vec![], vec![]);
-    for _ in 0..n {
-        let row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
-        ids.push(best as u32);
-        rows.push(row);
-        last = m.forward(&[best as u32], &mut c, Logits::Last).unwrap();
-    }
-    (ids, rows)
-}
+use common::{alone, load, make_model, max_logit_diff, prompts, together};
 
 fn spec(k: usize) -> SpeculativeConfig {
     SpeculativeConfig {

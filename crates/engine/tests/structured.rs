@@ -7,7 +7,6 @@
 //!   end with `stop` where the language ends, also with speculative drafts and `ignore_eos`;
 //! - a compiled constraint cloned for several requests advances independently.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -17,17 +16,11 @@ use switchyard_engine::speculative::{SpeculativeConfig, SpeculativeMethod};
 use switchyard_engine::stop::FinishReason;
 use switchyard_engine::structured::OutputConstraint;
 use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{HyV3Model, LoadOptions, Logits};
+use switchyard_model::{HyV3Model, Logits};
 
 mod common;
 
-use common::make_model;
-
-fn load(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
-    let m = HyV3Model::load_dir(dir, &LoadOptions::default()).unwrap();
-    let t = Arc::new(Tokenizer::from_dir(dir).unwrap());
-    (m, t)
-}
+use common::{load, make_model};
 
 fn engine(m: HyV3Model, t: Arc<Tokenizer>, spec: bool) -> EngineHandle {
     let mut cfg = EngineConfig::default();

@@ -54,16 +54,32 @@ impl ToolRequest {
             .filter_map(|t| t["function"]["name"].as_str())
     }
 
-    fn check_named(self, param: &str) -> Result<Self, ApiError> {
-        if let ToolChoice::Function(n) = &self.choice {
-            if !self.names().any(|m| m == n) {
+    /// The request from checked definitions: `None` without tools (unless the choice demands
+    /// a call: an error), and a named choice must name one of them (`name_param` is its field).
+    fn build(
+        tools: Vec<Value>,
+        choice: ToolChoice,
+        name_param: &str,
+    ) -> Result<Option<Self>, ApiError> {
+        if tools.is_empty() {
+            return match choice {
+                ToolChoice::Required | ToolChoice::Function(_) => Err(ApiError::field(
+                    "tool_choice",
+                    "asks for a tool call but the request defines no tools",
+                )),
+                _ => Ok(None),
+            };
+        }
+        let r = Self { tools, choice };
+        if let ToolChoice::Function(n) = &r.choice {
+            if !r.names().any(|m| m == n) {
                 return Err(ApiError::field(
-                    param,
+                    name_param,
                     format!("names the function {n:?}, which is not among the tools"),
                 ));
             }
         }
-        Ok(self)
+        Ok(Some(r))
     }
 }
 
@@ -155,22 +171,7 @@ pub fn openai(
             }
         }
     };
-    if defs.is_empty() {
-        return match choice {
-            ToolChoice::Required | ToolChoice::Function(_) => Err(ApiError::field(
-                "tool_choice",
-                "asks for a tool call but the request defines no tools",
-            )),
-            _ => Ok(None),
-        };
-    }
-    Ok(Some(
-        ToolRequest {
-            tools: defs,
-            choice,
-        }
-        .check_named("tool_choice.function.name")?,
-    ))
+    ToolRequest::build(defs, choice, "tool_choice.function.name")
 }
 
 /// Anthropic's `tools` (`name`, `description`, `input_schema`) and `tool_choice`
@@ -228,22 +229,7 @@ pub fn anthropic(
             }
         },
     };
-    if defs.is_empty() {
-        return match choice {
-            ToolChoice::Required | ToolChoice::Function(_) => Err(ApiError::field(
-                "tool_choice",
-                "asks for a tool call but the request defines no tools",
-            )),
-            _ => Ok(None),
-        };
-    }
-    Ok(Some(
-        ToolRequest {
-            tools: defs,
-            choice,
-        }
-        .check_named("tool_choice.name")?,
-    ))
+    ToolRequest::build(defs, choice, "tool_choice.name")
 }
 
 /// The template requests with active tools render with.

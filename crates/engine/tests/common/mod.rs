@@ -1,12 +1,17 @@
-//! Shared by the engine's integration tests: the tiny random model on disk, the batch of prompts
-//! they generate from, and collecting a batch's greedy tokens and logits from the engine.
+//! Shared by the engine's integration tests: the tiny random model on disk and loaded, the
+//! contiguous-cache greedy reference, the batch of prompts they generate from, and collecting a
+//! batch's greedy tokens and logits from the engine.
 
 #![allow(dead_code)]
 
 use std::path::Path;
 
+use std::sync::Arc;
+
 use candle_core::DType;
 use switchyard_engine::engine::{EngineHandle, Event, GenerateRequest};
+use switchyard_engine::tokenizer::Tokenizer;
+use switchyard_model::{HyV3Model, LoadOptions, Logits};
 
 /// Writes the `tiny` preset with random f32 weights (seed 5) and a byte-level BPE tokenizer into
 /// `dir`, with `max_pos` positions.
@@ -18,6 +23,29 @@ pub fn make_model(dir: &Path, max_pos: usize) {
         switchyard_engine::tokenizer::build_byte_level_bpe(cfg.vocab_size, &["<|endoftext|>"])
             .unwrap();
     tok.save(dir.join("tokenizer.json"), false).unwrap();
+}
+
+/// The model and tokenizer in `dir` (f32).
+pub fn load(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
+    let m = HyV3Model::load_dir(dir, &LoadOptions::default()).unwrap();
+    let t = Arc::new(Tokenizer::from_dir(dir).unwrap());
+    (m, t)
+}
+
+/// Greedy generation with the contiguous cache, one token per forward: the independent
+/// reference the paged engine is compared with. Returns the tokens and each step's logits.
+pub fn alone(m: &HyV3Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut c = m.new_cache();
+    let mut last = m.forward(prompt, &mut c, Logits::Last).unwrap();
+    let (mut ids, mut rows) = (vec![], vec![]);
+    for _ in 0..n {
+        let row = last.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let best = (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+        ids.push(best as u32);
+        rows.push(row);
+        last = m.forward(&[best as u32], &mut c, Logits::Last).unwrap();
+    }
+    (ids, rows)
 }
 
 /// Five prompts of 4 to 31 tokens.
