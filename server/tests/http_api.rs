@@ -555,3 +555,55 @@ async fn prefix_cache_reports_cached_tokens() {
         .expect("text");
     assert!(metric(&text, "switchyard_prefix_cache_hit_rate").is_some_and(|r| r > 0.0));
 }
+
+#[tokio::test]
+async fn logit_bias_forces_and_bans_tokens() {
+    use switchyard_engine::tokenizer::Tokenizer;
+    let s = Server::start();
+    let tok = Tokenizer::from_dir(common::model_dir()).expect("tokenizer");
+    let complete = |bias: Value, temperature: f64| {
+        json!({"model": "local", "prompt": [5, 9, 13], "max_tokens": 1,
+               "temperature": temperature, "seed": 3, "logit_bias": bias})
+    };
+    let text = |r: &common::Reply| {
+        r.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    // +100 forces a token even when sampling.
+    let q = tok.encode("Q", false).expect("encode")[0];
+    let r = common::post(
+        &s,
+        "/v1/completions",
+        complete(json!({q.to_string(): 100}), 1.0),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(text(&r), "Q");
+    // -100 bans the greedy choice.
+    let r = common::post(&s, "/v1/completions", complete(json!({}), 0.0), &[]).await;
+    let first = text(&r);
+    let ids = tok.encode(&first, false).expect("encode");
+    assert_eq!(ids.len(), 1, "{first:?}");
+    let banned = json!({ids[0].to_string(): -100});
+    let r = common::post(&s, "/v1/completions", complete(banned, 0.0), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_ne!(text(&r), first);
+    for bias in [
+        json!({"abc": 1}),
+        json!({"5": 101}),
+        json!({"5": "x"}),
+        json!({"99999999": 1}),
+    ] {
+        let r = common::post(&s, "/v1/completions", complete(bias.clone(), 0.0), &[]).await;
+        assert_eq!(r.status, 400, "{bias}: {}", r.text);
+        assert_eq!(
+            r.json()["error"]["param"],
+            "logit_bias",
+            "{bias}: {}",
+            r.text
+        );
+    }
+}

@@ -51,7 +51,7 @@ impl Ep {
 
     /// Top-level fields the server reads.
     fn fields(self) -> &'static [&'static str] {
-        const SAMPLING: [&str; 8] = [
+        const SAMPLING: [&str; 9] = [
             "temperature",
             "top_p",
             "top_k",
@@ -60,8 +60,9 @@ impl Ep {
             "seed",
             "presence_penalty",
             "frequency_penalty",
+            "logit_bias",
         ];
-        const CHAT: [&str; 22] = [
+        const CHAT: [&str; 27] = [
             "model",
             "messages",
             "max_tokens",
@@ -75,6 +76,10 @@ impl Ep {
             "reasoning_effort",
             "chat_template_kwargs",
             "tools",
+            "tool_choice",
+            "response_format",
+            "structured_outputs",
+            "guided_regex",
             "ignore_eos",
             SAMPLING[0],
             SAMPLING[1],
@@ -84,8 +89,9 @@ impl Ep {
             SAMPLING[5],
             SAMPLING[6],
             SAMPLING[7],
+            SAMPLING[8],
         ];
-        const COMPLETIONS: [&str; 20] = [
+        const COMPLETIONS: [&str; 21] = [
             "model",
             "prompt",
             "max_tokens",
@@ -106,8 +112,9 @@ impl Ep {
             SAMPLING[5],
             SAMPLING[6],
             SAMPLING[7],
+            SAMPLING[8],
         ];
-        const MESSAGES: [&str; 11] = [
+        const MESSAGES: [&str; 13] = [
             "model",
             "messages",
             "max_tokens",
@@ -118,6 +125,8 @@ impl Ep {
             "top_k",
             "stream",
             "tools",
+            "tool_choice",
+            "output_format",
             "ignore_eos",
         ];
         match self {

@@ -410,6 +410,11 @@ impl EngineHandle {
         req.sampling
             .validate()
             .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
+        if let Some(&(id, _)) = req.sampling.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+            return Err(SubmitError::InvalidParams(format!(
+                "logit_bias: token id {id} is out of range for vocabulary size {vocab}"
+            )));
+        }
         if req.max_tokens == 0 {
             return Err(SubmitError::InvalidParams(
                 "max_tokens must be at least 1".into(),

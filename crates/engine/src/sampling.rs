@@ -36,6 +36,8 @@ pub const MAX_TEMPERATURE: f32 = 2.0;
 pub const MAX_ABS_PENALTY: f32 = 2.0;
 /// Most alternatives per position: OpenAI's `top_logprobs` maximum.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Largest |logit bias| (OpenAI's range: ±100 bans or forces a token at any temperature).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 /// First head size tried for top-p without top-k; chat models usually reach top_p=0.9–0.95
 /// within a few hundred tokens, so one select of the vocabulary plus one small sort suffices.
 const TOP_P_INITIAL_HEAD: usize = 256;
@@ -100,6 +102,9 @@ pub struct SamplingParams {
     /// `Some(n)`: report the chosen token's logprob and the `n` most likely alternatives
     /// (`n <= 20`); `None`: no logprobs.
     pub logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, each in
+    /// `[-100, 100]`); logprobs still describe the unbiased distribution.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -114,6 +119,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             seed: None,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -176,6 +182,16 @@ impl SamplingParams {
                     ),
                 );
             }
+        }
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && b.abs() <= MAX_LOGIT_BIAS))
+        {
+            return bad(
+                "logit_bias",
+                format!("token {id}: the bias must be between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, got {b}"),
+            );
         }
         if let Some(n) = self.logprobs {
             if n > MAX_TOP_LOGPROBS {
@@ -326,13 +342,19 @@ impl Sampler {
         }
         let greedy = self.params.is_greedy();
         let penalties = self.params.has_penalties();
-        let id = if penalties || allowed.is_some() {
+        let biased = !self.params.logit_bias.is_empty();
+        let id = if penalties || biased || allowed.is_some() {
             let mut work = std::mem::take(&mut self.work);
             work.clear();
             work.extend_from_slice(logits);
             if penalties {
                 self.update_counts(generated);
                 penalize(&mut work, &self.counts, &self.prompt_tokens, &self.params);
+            }
+            for &(t, b) in &self.params.logit_bias {
+                if let Some(l) = work.get_mut(t as usize) {
+                    *l += b;
+                }
             }
             if let Some(mask) = allowed {
                 apply_mask(&mut work, mask);
@@ -1085,6 +1107,38 @@ mod tests {
             s.sample_with(&ln(&probs), &[], None, Some(&[0])),
             Err(SamplingError::NoCandidates)
         ));
+    }
+
+    #[test]
+    fn logit_bias_moves_the_distribution_but_not_the_logprobs() {
+        let probs = [0.5, 0.25, 0.15, 0.1];
+        // -100 bans the argmax; greedy takes the next one, its logprob stays ln 0.25.
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.logprobs = Some(0);
+            p.logit_bias = vec![(0, -100.0)];
+        }))
+        .unwrap();
+        let t = s.sample(&ln(&probs), &[]).unwrap();
+        assert_eq!(t.id, 1);
+        assert!((t.logprob.unwrap() - 0.25f32.ln()).abs() < 1e-5);
+        // +ln 2 on token 2 doubles its weight: 0.5, 0.25, 0.3, 0.1 renormalised.
+        let z = 1.15;
+        check_frequencies(
+            params(|p| p.logit_bias = vec![(2, 2f32.ln())]),
+            &ln(&probs),
+            &[0.5 / z, 0.25 / z, 0.3 / z, 0.1 / z],
+            20_000,
+        );
+        let e = Sampler::new(params(|p| p.logit_bias = vec![(1, 101.0)])).unwrap_err();
+        assert!(e.to_string().contains("logit_bias"), "{e}");
+        // Ids past the vocabulary change nothing here (the engine refuses them earlier).
+        let mut s = Sampler::new(params(|p| {
+            p.temperature = 0.0;
+            p.logit_bias = vec![(99, 100.0)];
+        }))
+        .unwrap();
+        assert_eq!(s.sample(&ln(&probs), &[]).unwrap().id, 0);
     }
 
     #[test]

@@ -90,6 +90,18 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     .await
     .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
     let info = state.engine.info();
+    let vocab = info.model.vocab_size;
+    if let Some(&(id, _)) = req
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|b| b.0 as usize >= vocab)
+    {
+        return Err(ApiError::field(
+            "logit_bias",
+            format!("token id {id} is out of range for vocabulary size {vocab}"),
+        ));
+    }
     let (max_model_len, max_waiting) = (info.scheduler.max_model_len, info.scheduler.max_waiting);
     let choices = prompts.len() * req.n;
     if choices > max_waiting {

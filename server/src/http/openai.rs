@@ -108,6 +108,7 @@ pub struct SamplingFields {
     seed: Option<serde_json::Number>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
+    logit_bias: Option<Map<String, Value>>,
 }
 
 impl SamplingFields {
@@ -127,6 +128,7 @@ impl SamplingFields {
             presence_penalty: params::penalty("presence_penalty", self.presence_penalty)?,
             seed: seed(self.seed)?,
             logprobs,
+            logit_bias: params::logit_bias(self.logit_bias)?,
         })
     }
 }

@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
-use switchyard_engine::sampling::{MAX_ABS_PENALTY, MAX_TEMPERATURE, MAX_TOP_LOGPROBS};
+use switchyard_engine::sampling::{
+    MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
+};
 use switchyard_engine::structured::OutputConstraint;
 
 use super::error::ApiError;
@@ -78,6 +80,40 @@ pub fn check_conversation(n_messages: usize) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// Most `logit_bias` entries (OpenAI's documented limit is 300; a few thousand still costs
+/// nothing per step, a vocabulary-sized map would).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+
+/// OpenAI's `logit_bias`: token id strings to biases in `[-100, 100]`.
+pub fn logit_bias(v: Option<serde_json::Map<String, Value>>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(m) = v else { return Ok(vec![]) };
+    if m.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(ApiError::field(
+            "logit_bias",
+            format!("at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {}", m.len()),
+        ));
+    }
+    m.into_iter()
+        .map(|(k, v)| {
+            let id: u32 = k.parse().map_err(|_| {
+                ApiError::field("logit_bias", format!("keys must be token ids, got {k:?}"))
+            })?;
+            let b = v
+                .as_f64()
+                .filter(|b| b.abs() <= f64::from(MAX_LOGIT_BIAS))
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "logit_bias",
+                        format!(
+                            "token {id}: the bias must be a number between -100 and 100, got {v}"
+                        ),
+                    )
+                })?;
+            Ok((id, b as f32))
+        })
+        .collect()
 }
 
 /// `temperature` in `[0, max]`.
