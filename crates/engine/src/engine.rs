@@ -18,7 +18,7 @@ use crate::block_pool::{BlockPool, SharedPool};
 use crate::parallel::{EngineModel, Runner};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
-use crate::speculative::SpeculativeConfig;
+use crate::speculative::{Prediction, SpeculativeConfig, PREDICTION_DRAFT_TOKENS};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
 use crate::structured::{Constraint, ConstraintCompiler, OutputConstraint, StructuredError};
 use crate::tokenizer::Tokenizer;
@@ -80,6 +80,9 @@ pub struct GenerateRequest {
     /// the request stops when the language allows nothing more
     /// ([`EngineHandle::compile_constraint`]).
     pub constraint: Option<Constraint>,
+    /// Predicted output tokens (OpenAI's Predicted Outputs): the draft source for this
+    /// request's speculative decoding, with or without `--speculative-config`.
+    pub prediction: Option<Vec<u32>>,
 }
 
 impl GenerateRequest {
@@ -96,6 +99,7 @@ impl GenerateRequest {
             cache_salt: 0,
             return_logits: false,
             constraint: None,
+            prediction: None,
         }
     }
 }
@@ -140,6 +144,10 @@ pub struct Completion {
     pub preemptions: u32,
     /// Time from submission to the first token.
     pub ttft: Option<Duration>,
+    /// Speculative draft tokens the model checked for this request.
+    pub draft_tokens: usize,
+    /// Of which accepted.
+    pub accepted_draft_tokens: usize,
 }
 
 /// What a request's stream yields.
@@ -560,6 +568,10 @@ struct ReqState {
     prompt_len: usize,
     return_logits: bool,
     constraint: Option<Constraint>,
+    prediction: Option<Prediction>,
+    /// Draft tokens checked and accepted so far.
+    drafted: usize,
+    accepted: usize,
     submitted: Instant,
     ttft: Option<Duration>,
 }
@@ -665,6 +677,9 @@ impl Loop {
                         prompt_len,
                         return_logits: req.return_logits,
                         constraint: req.constraint,
+                        prediction: req.prediction.map(Prediction::new),
+                        drafted: 0,
+                        accepted: 0,
                         submitted: at,
                         ttft: None,
                     },
@@ -680,11 +695,24 @@ impl Loop {
     }
 
     fn step(&mut self) {
-        let plan = match &self.speculative {
-            Some(spec) if spec.drafts_at(self.sched.num_running()) => self
-                .sched
-                .schedule_with_drafts(|tokens, max| spec.propose(tokens, max)),
-            _ => self.sched.schedule(),
+        let spec = self
+            .speculative
+            .as_ref()
+            .filter(|s| s.drafts_at(self.sched.num_running()));
+        let states = &self.states;
+        let plan = if spec.is_none() && states.values().all(|s| s.prediction.is_none()) {
+            self.sched.schedule()
+        } else {
+            // A request's own prediction is its draft source; the others use the server's.
+            self.sched.schedule_with_drafts(|id, tokens, max| {
+                match states.get(&id).and_then(|s| Some((s.prediction.as_ref()?, s))) {
+                    Some((p, s)) => {
+                        let k = spec.map_or(PREDICTION_DRAFT_TOKENS, |c| c.num_speculative_tokens);
+                        p.propose(&tokens[s.prompt_len.min(tokens.len())..], k.min(max))
+                    }
+                    None => spec.map_or_else(Vec::new, |c| c.propose(tokens, max)),
+                }
+            })
         };
         self.metrics
             .preemptions
@@ -771,6 +799,9 @@ impl Loop {
         self.metrics
             .spec_draft_tokens
             .fetch_add(s.draft.len() as u64, Ordering::Relaxed);
+        if let Some(st) = self.states.get_mut(&s.id) {
+            st.drafted += s.draft.len();
+        }
         let mut accepted = Vec::with_capacity(s.draft.len());
         for (i, row) in rows.into_iter().enumerate() {
             let draft = s.draft.get(i).copied();
@@ -781,6 +812,9 @@ impl Loop {
                 self.metrics
                     .spec_accepted_tokens
                     .fetch_add(1, Ordering::Relaxed);
+                if let Some(st) = self.states.get_mut(&s.id) {
+                    st.accepted += 1;
+                }
                 accepted.push(tok);
             } else {
                 self.sched.complete_draft(s.id, s.len, &accepted, Some(tok));
@@ -884,6 +918,8 @@ impl Loop {
                 cached_tokens: seq.map_or(0, |s| s.num_cached),
                 preemptions: seq.map_or(0, |s| s.preemptions),
                 ttft: st.ttft,
+                draft_tokens: st.drafted,
+                accepted_draft_tokens: st.accepted,
             };
             let _ = st.tx.send(Event::Finished(c));
             self.drop_request(id);

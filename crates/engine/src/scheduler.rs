@@ -319,16 +319,16 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> StepPlan {
-        self.schedule_with_drafts(|_, _| Vec::new())
+        self.schedule_with_drafts(|_, _, _| Vec::new())
     }
 
-    /// Plans the next step, asking `propose(tokens, max)` for up to `max` draft tokens to follow
-    /// each decoding sequence's `tokens`. Drafts use budget and KV blocks left over after the
+    /// Plans the next step, asking `propose(id, tokens, max)` for up to `max` draft tokens to
+    /// follow each decoding sequence's `tokens`. Drafts use budget and KV blocks left over after the
     /// sequence's own token: they never preempt anyone, and they stop where the sequence must
     /// (its `max_tokens`, `max_model_len`).
     pub fn schedule_with_drafts(
         &mut self,
-        mut propose: impl FnMut(&[u32], usize) -> Vec<u32>,
+        mut propose: impl FnMut(SeqId, &[u32], usize) -> Vec<u32>,
     ) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
@@ -375,7 +375,7 @@ impl Scheduler {
                     .saturating_sub(1)
                     .min(budget - 1);
                 if room > 0 {
-                    draft = propose(&s.tokens, room);
+                    draft = propose(s.id, &s.tokens, room);
                     draft.truncate(room);
                     if !draft.is_empty() && !s.blocks.ensure_capacity(computed + 1 + draft.len()) {
                         draft.clear();
@@ -589,13 +589,13 @@ mod tests {
         s.add(1, vec![1, 2, 3], 6, 0).unwrap();
         s.add(2, vec![4; 3], 6, 0).unwrap();
         // Prefill: no drafts (the proposer is not asked).
-        let p = s.schedule_with_drafts(|_, _| panic!("asked to draft a prefill"));
+        let p = s.schedule_with_drafts(|_, _, _| panic!("asked to draft a prefill"));
         assert!(p.scheduled.iter().all(|x| x.draft.is_empty()));
         s.complete(1, 3, Some(9));
         s.complete(2, 3, Some(9));
         // Decode: 1 + 4 for the first, then 1 + 2 for the second (budget 8).
         let mut asked = vec![];
-        let p = s.schedule_with_drafts(|t, max| {
+        let p = s.schedule_with_drafts(|_, t, max| {
             asked.push((t.to_vec(), max));
             vec![7; max]
         });
@@ -613,7 +613,7 @@ mod tests {
         assert_eq!(q.num_computed, 6);
         // Two generated tokens are left: at most one draft (then one sampled token).
         s.complete_draft(2, 1, &[], Some(8));
-        let p = s.schedule_with_drafts(|_, max| vec![7; max + 3]);
+        let p = s.schedule_with_drafts(|_, _, max| vec![7; max + 3]);
         let drafts: Vec<usize> = p.scheduled.iter().map(|x| x.draft.len()).collect();
         assert_eq!(drafts, vec![1, 3]);
     }
@@ -650,7 +650,7 @@ mod tests {
                     }
                 }
                 // Drafts of up to `draft_k` tokens; a prefix of them is accepted.
-                let plan = s.schedule_with_drafts(|t, max| vec![t[t.len() - 1]; draft_k.min(max + 1)]);
+                let plan = s.schedule_with_drafts(|_, t, max| vec![t[t.len() - 1]; draft_k.min(max + 1)]);
                 let total_len: usize = plan.scheduled.iter().map(|x| x.len + x.draft.len()).sum();
                 prop_assert!(total_len <= 16);
                 prop_assert!(s.num_running() <= 4);

@@ -145,6 +145,54 @@ pub fn prompt_lookup(tokens: &[u32], min: usize, max: usize, k: usize) -> Vec<u3
     Vec::new()
 }
 
+/// Draft tokens per step taken from a request's prediction when the server has no
+/// `--speculative-config`: a prediction is usually right for long runs, so drafts are longer
+/// than prompt lookup's.
+pub const PREDICTION_DRAFT_TOKENS: usize = 8;
+
+/// Longest generated suffix looked for in a prediction.
+const PREDICTION_MATCH: usize = 8;
+
+/// A request's predicted output (OpenAI's Predicted Outputs: `prediction: {"type": "content"}`),
+/// used as the draft source for that request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prediction {
+    tokens: Vec<u32>,
+}
+
+impl Prediction {
+    /// The predicted output's token ids.
+    pub fn new(tokens: Vec<u32>) -> Self {
+        Self { tokens }
+    }
+
+    /// Up to `k` tokens to follow `generated`: the prediction's start before anything was
+    /// generated; else what follows the occurrence of `generated`'s longest suffix (up to 8
+    /// tokens) that ends closest to where `generated` would end if it followed the prediction
+    /// token for token (edits shift it; repeated phrases have several occurrences).
+    pub fn propose(&self, generated: &[u32], k: usize) -> Vec<u32> {
+        let p = &self.tokens;
+        if generated.is_empty() {
+            return p[..k.min(p.len())].to_vec();
+        }
+        let aligned = generated.len();
+        for n in (1..=PREDICTION_MATCH.min(generated.len())).rev() {
+            let suffix = &generated[generated.len() - n..];
+            let best = p
+                .windows(n)
+                .enumerate()
+                .filter(|(_, w)| *w == suffix)
+                .map(|(i, _)| i + n)
+                .filter(|&end| end < p.len())
+                .min_by_key(|&end| end.abs_diff(aligned));
+            if let Some(end) = best {
+                return p[end..(end + k).min(p.len())].to_vec();
+            }
+        }
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +221,22 @@ mod tests {
         assert!(prompt_lookup(&[], 1, 3, 4).is_empty());
         // Repeated single token: suffix "7 7" first occurs at 1 (latest before the suffix).
         assert_eq!(prompt_lookup(&[7, 7, 7, 7], 2, 2, 3), vec![7]);
+    }
+
+    #[test]
+    fn predictions_follow_the_generated_text() {
+        let p = Prediction::new(vec![1, 2, 3, 4, 1, 2, 5, 6]);
+        assert_eq!(p.propose(&[], 3), vec![1, 2, 3]);
+        // On track: continue from where the output stands.
+        assert_eq!(p.propose(&[1, 2, 3], 2), vec![4, 1]);
+        // "1 2" occurs twice; the one ending nearest position 6 wins.
+        assert_eq!(p.propose(&[1, 2, 3, 4, 1, 2], 5), vec![5, 6]);
+        assert_eq!(p.propose(&[9, 1, 2], 1), vec![3]);
+        // An edit: the output diverged, then rejoins at "5".
+        assert_eq!(p.propose(&[1, 2, 7, 7, 7, 5], 4), vec![6]);
+        assert!(p.propose(&[9, 9], 4).is_empty());
+        // The end of the prediction: nothing to propose.
+        assert!(p.propose(&[5, 6], 4).is_empty());
     }
 
     #[test]

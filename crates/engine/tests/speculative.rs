@@ -201,3 +201,44 @@ fn sampled_generation_with_drafts_respects_limits_and_seeds() {
     }
     wait_blocks_free(&e);
 }
+
+#[test]
+fn a_prediction_drafts_for_its_request_without_a_server_config() {
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let (m, t) = load(d.path());
+    let prompt = prompts()[1].clone();
+    let n = 24;
+    let (want, _) = alone(&m, &prompt, n);
+    let mut cfg = engine_cfg(2048, 16, 256, 4);
+    cfg.speculative = None;
+    let e = EngineHandle::start(m, t, cfg).unwrap();
+    let run = |prediction: Option<Vec<u32>>| {
+        e.generate_blocking(GenerateRequest {
+            ignore_eos: true,
+            prediction,
+            ..GenerateRequest::greedy(prompt.clone(), n)
+        })
+        .unwrap()
+    };
+    // The exact output as the prediction: every draft is accepted, in a few steps.
+    let before = e.metrics().steps.load(Ordering::Relaxed);
+    let (got, _, c) = run(Some(want.clone()));
+    let steps = e.metrics().steps.load(Ordering::Relaxed) - before;
+    assert_eq!(got, want);
+    assert_eq!(c.draft_tokens, c.accepted_draft_tokens, "{c:?}");
+    assert!(c.accepted_draft_tokens >= n - 4, "{c:?}");
+    assert!(steps <= 5, "{steps} steps for {n} tokens with a perfect prediction");
+    // An edited prediction (a stretch replaced, the rest shifted): same output, fewer drafts kept.
+    let mut edited = want[..8].to_vec();
+    edited.extend([1, 2, 3]);
+    edited.extend_from_slice(&want[12..]);
+    let (got, _, c) = run(Some(edited));
+    assert_eq!(got, want);
+    assert!(c.accepted_draft_tokens > 0 && c.accepted_draft_tokens < c.draft_tokens, "{c:?}");
+    // Without a prediction nothing is drafted.
+    let (got, _, c) = run(None);
+    assert_eq!(got, want);
+    assert_eq!(c.draft_tokens, 0);
+    wait_blocks_free(&e);
+}

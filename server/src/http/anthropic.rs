@@ -200,6 +200,7 @@ impl MessagesRequest {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
             tools,
+            prediction: None,
         })
     }
 }

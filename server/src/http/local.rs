@@ -31,6 +31,10 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
+    /// Speculative draft tokens checked over all choices.
+    pub draft_tokens: usize,
+    /// Of which accepted.
+    pub accepted_draft_tokens: usize,
 }
 
 /// A request ready for the engine: its prompts' token ids and one engine request per choice
@@ -59,7 +63,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     let st = state.clone();
     let r = req.clone();
     // Tokenising and compiling a grammar both take milliseconds: off the async workers.
-    let (prompts, constraint) = tokio::task::spawn_blocking(move || {
+    let (prompts, constraint, prediction) = tokio::task::spawn_blocking(move || {
         let prompts = tokenize(&st, &r)?;
         // A forced tool call is a grammar too; it cannot be combined with another format.
         let forced = match r.tools.as_ref() {
@@ -85,7 +89,14 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             ),
             None => None,
         };
-        Ok::<_, ApiError>((prompts, constraint))
+        // OpenAI's Predicted Outputs: the predicted text is this request's draft source.
+        let prediction = match &r.prediction {
+            Some(text) => Some(st.tokenizer.encode(text, false).map_err(|e| {
+                ApiError::field("prediction", format!("could not be tokenised: {e}"))
+            })?),
+            None => None,
+        };
+        Ok::<_, ApiError>((prompts, constraint, prediction))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
@@ -152,6 +163,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 cache_salt: 0,
                 return_logits: false,
                 constraint: constraint.clone(),
+                prediction: prediction.clone(),
             });
         }
     }
@@ -301,6 +313,8 @@ impl Tracker {
         let m = &self.state.metrics;
         self.finished += 1;
         self.usage.completion_tokens += c.completion_tokens;
+        self.usage.draft_tokens += c.draft_tokens;
+        self.usage.accepted_draft_tokens += c.accepted_draft_tokens;
         // The first choice of each prompt carries the prompt's counts (once per prompt).
         let within_prompt = choice % self.n.max(1);
         if within_prompt == 0 {

@@ -75,6 +75,7 @@ pub struct ChatRequest {
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
+    prediction: Option<Value>,
     ignore_eos: Option<bool>,
 }
 
@@ -179,6 +180,26 @@ fn content(v: Option<Value>, at: &str, role: &str) -> Result<Option<MessageConte
             format!("{at}.content"),
             "must be a string or a list of text parts",
         )),
+    }
+}
+
+/// `prediction`: `{"type": "content", "content": TEXT or [text parts]}`.
+fn prediction(v: Option<Value>) -> Result<Option<String>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    if v.get("type").and_then(Value::as_str) != Some("content") {
+        return Err(ApiError::field("prediction.type", "must be \"content\""));
+    }
+    match content(v.get("content").cloned(), "prediction", "user")? {
+        Some(MessageContent::Text(t)) => Ok(Some(t)),
+        Some(MessageContent::Parts(ps)) => Ok(Some(
+            ps.iter()
+                .filter_map(|p| p.text.as_deref())
+                .collect::<Vec<_>>()
+                .join(""),
+        )),
+        None => Ok(None),
     }
 }
 
@@ -294,6 +315,7 @@ impl ChatRequest {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
             tools,
+            prediction: prediction(self.prediction)?,
         })
     }
 }
@@ -390,6 +412,7 @@ impl CompletionRequest {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
             tools: None,
+            prediction: None,
         })
     }
 }
@@ -418,13 +441,22 @@ impl Meta {
     }
 }
 
-fn usage_json(u: Usage) -> Value {
-    json!({
+/// `usage`; with a `prediction`, `completion_tokens_details` says how much of it the answer
+/// used (accepted drafts) and how many predicted tokens the model checked and refused.
+fn usage_json(u: Usage, prediction: bool) -> Value {
+    let mut v = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
+    });
+    if prediction {
+        v["completion_tokens_details"] = json!({
+            "accepted_prediction_tokens": u.accepted_draft_tokens,
+            "rejected_prediction_tokens": u.draft_tokens - u.accepted_draft_tokens,
+        });
+    }
+    v
 }
 
 /// Chat `logprobs.content` entry of one token.
@@ -557,7 +589,7 @@ fn json_response(
         "model": meta.model,
         "system_fingerprint": meta.fingerprint,
         "choices": choices,
-        "usage": usage_json(usage),
+        "usage": usage_json(usage, req.prediction.is_some()),
     }))
     .into_response()
 }
@@ -574,6 +606,8 @@ struct ChunkFormat {
     offsets: Vec<usize>,
     /// Tools whose calls are parsed, with each choice's held-back text.
     tools: Option<(super::tools::ActiveTools, Vec<ToolCallStream>)>,
+    /// The request has a `prediction` (usage reports on it).
+    prediction: bool,
 }
 
 impl ChunkFormat {
@@ -588,6 +622,7 @@ impl ChunkFormat {
             offsets: vec![0; choices],
             tools: super::tools::active(state, req)
                 .map(|t| (t, (0..choices).map(|_| ToolCallStream::default()).collect())),
+            prediction: req.prediction.is_some(),
         }
     }
 
@@ -702,7 +737,7 @@ impl SseFormat for ChunkFormat {
                 "model": self.meta.model,
                 "system_fingerprint": self.meta.fingerprint,
                 "choices": [],
-                "usage": usage_json(usage),
+                "usage": usage_json(usage, self.prediction),
             });
             out.push(SseEvent::default().data(c.to_string()));
         }

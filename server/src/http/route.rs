@@ -109,6 +109,8 @@ pub struct NormalizedRequest {
     pub output: Option<super::params::OutputSpec>,
     /// Tool definitions and `tool_choice`.
     pub tools: Option<super::tools::ToolRequest>,
+    /// Predicted output text (OpenAI's `prediction`), the draft source of speculative decoding.
+    pub prediction: Option<String>,
 }
 
 impl NormalizedRequest {
