@@ -333,8 +333,14 @@ async fn anthropic_messages_plain_and_stream() {
         );
     }
     let md: Value = serde_json::from_str(&events[events.len() - 2].1).expect("json");
+    // Deltas carry text, not tokens: a token whose text is held back (a partial UTF-8
+    // character, a possible stop string or tag) sends none.
     let out = md["usage"]["output_tokens"].as_u64().unwrap_or(0);
-    assert_eq!(out, deltas.len() as u64);
+    assert!(
+        out >= deltas.len() as u64 && !deltas.is_empty(),
+        "{out} tokens, {} deltas",
+        deltas.len()
+    );
     assert!(matches!(
         md["delta"]["stop_reason"].as_str(),
         Some("end_turn") | Some("max_tokens")

@@ -418,7 +418,12 @@ impl EngineHandle {
         req.sampling
             .validate()
             .map_err(|e| SubmitError::InvalidParams(e.to_string()))?;
-        if let Some(&(id, _)) = req.sampling.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+        if let Some(&(id, _)) = req
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
             return Err(SubmitError::InvalidParams(format!(
                 "logit_bias: token id {id} is out of range for vocabulary size {vocab}"
             )));
@@ -705,7 +710,10 @@ impl Loop {
         } else {
             // A request's own prediction is its draft source; the others use the server's.
             self.sched.schedule_with_drafts(|id, tokens, max| {
-                match states.get(&id).and_then(|s| Some((s.prediction.as_ref()?, s))) {
+                match states
+                    .get(&id)
+                    .and_then(|s| Some((s.prediction.as_ref()?, s)))
+                {
                     Some((p, s)) => {
                         let k = spec.map_or(PREDICTION_DRAFT_TOKENS, |c| c.num_speculative_tokens);
                         p.propose(&tokens[s.prompt_len.min(tokens.len())..], k.min(max))

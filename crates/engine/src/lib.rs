@@ -5,6 +5,7 @@ pub mod block_pool;
 pub mod chat;
 pub mod engine;
 pub mod parallel;
+pub mod reasoning;
 pub mod sampling;
 pub mod scheduler;
 pub mod speculative;

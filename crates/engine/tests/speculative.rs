@@ -228,14 +228,20 @@ fn a_prediction_drafts_for_its_request_without_a_server_config() {
     assert_eq!(got, want);
     assert_eq!(c.draft_tokens, c.accepted_draft_tokens, "{c:?}");
     assert!(c.accepted_draft_tokens >= n - 4, "{c:?}");
-    assert!(steps <= 5, "{steps} steps for {n} tokens with a perfect prediction");
+    assert!(
+        steps <= 5,
+        "{steps} steps for {n} tokens with a perfect prediction"
+    );
     // An edited prediction (a stretch replaced, the rest shifted): same output, fewer drafts kept.
     let mut edited = want[..8].to_vec();
     edited.extend([1, 2, 3]);
     edited.extend_from_slice(&want[12..]);
     let (got, _, c) = run(Some(edited));
     assert_eq!(got, want);
-    assert!(c.accepted_draft_tokens > 0 && c.accepted_draft_tokens < c.draft_tokens, "{c:?}");
+    assert!(
+        c.accepted_draft_tokens > 0 && c.accepted_draft_tokens < c.draft_tokens,
+        "{c:?}"
+    );
     // Without a prediction nothing is drafted.
     let (got, _, c) = run(None);
     assert_eq!(got, want);

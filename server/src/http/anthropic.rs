@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchyard_engine::chat::ChatMessage;
 use switchyard_engine::engine::{Completion, TokenEvent};
+use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
 use switchyard_engine::tool_calls::{ToolCall, ToolCallStream};
@@ -274,17 +275,22 @@ fn json_response(
         .as_ref()
         .map(stop_reason)
         .unwrap_or(("end_turn", None));
-    let mut content = vec![json!({"type": "text", "text": out.text})];
+    let (reasoning, answer) = reasoning::split(&out.text, local::opens_reasoning(state, req));
+    let mut content = Vec::new();
+    if let Some(r) = reasoning {
+        content.push(json!({"type": "thinking", "thinking": r, "signature": ""}));
+    }
+    let mut calls = vec![];
+    let mut text = answer;
     if let Some(t) = super::tools::active(state, req) {
-        let (text, calls) = t.split(&out.text);
-        if !calls.is_empty() {
-            content.clear();
-            if !text.is_empty() {
-                content.push(json!({"type": "text", "text": text}));
-            }
-            content.extend(super::tools::anthropic_blocks(&calls));
-            reason = "tool_use";
-        }
+        (text, calls) = t.split(&text);
+    }
+    if !text.is_empty() || calls.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    if !calls.is_empty() {
+        content.extend(super::tools::anthropic_blocks(&calls));
+        reason = "tool_use";
     }
     Json(json!({
         "id": new_id("msg_"),
@@ -310,6 +316,12 @@ struct EventFormat {
     /// Tools whose calls are parsed, the held-back text, and the calls found at the end.
     tools: Option<(super::tools::ActiveTools, ToolCallStream)>,
     calls: Vec<ToolCall>,
+    /// Splits thinking from the answer.
+    reasoning: ReasoningStream,
+    /// The content block being streamed (`thinking` or `text`) and its index.
+    block: Option<(&'static str, usize)>,
+    /// Index of the next block.
+    next_block: usize,
 }
 
 impl EventFormat {
@@ -322,7 +334,70 @@ impl EventFormat {
             started: false,
             tools: super::tools::active(state, req).map(|t| (t, ToolCallStream::default())),
             calls: vec![],
+            reasoning: ReasoningStream::new(local::opens_reasoning(state, req)),
+            block: None,
+            next_block: 0,
         }
+    }
+
+    /// Events for text of `kind` (`thinking` or `text`): a new block when the kind changes
+    /// (closing the previous one), then the delta. The first block start is followed by
+    /// `ping`, as Anthropic orders them.
+    fn emit(&mut self, kind: &'static str, text: &str) -> Vec<SseEvent> {
+        let mut out = vec![];
+        let index = match self.block {
+            Some((k, i)) if k == kind => i,
+            current => {
+                if let Some((_, i)) = current {
+                    out.push(block_stop(i));
+                }
+                let i = self.next_block;
+                self.next_block += 1;
+                let start = if kind == "thinking" {
+                    json!({"type": "thinking", "thinking": "", "signature": ""})
+                } else {
+                    json!({"type": "text", "text": ""})
+                };
+                out.push(event(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": i, "content_block": start}),
+                ));
+                if i == 0 {
+                    out.push(event("ping", json!({"type": "ping"})));
+                }
+                self.block = Some((kind, i));
+                i
+            }
+        };
+        if !text.is_empty() {
+            let delta = if kind == "thinking" {
+                json!({"type": "thinking_delta", "thinking": text})
+            } else {
+                json!({"type": "text_delta", "text": text})
+            };
+            out.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": index, "delta": delta}),
+            ));
+        }
+        out
+    }
+
+    /// Events for split parts; answer text goes through the tool splitter when tools are on.
+    fn emit_parts(&mut self, parts: Vec<Part>) -> Vec<SseEvent> {
+        let mut out = vec![];
+        for p in parts {
+            match p {
+                Part::Reasoning(r) => out.extend(self.emit("thinking", &r)),
+                Part::Answer(a) => {
+                    let a = self.release(&a);
+                    if !a.is_empty() {
+                        out.extend(self.emit("text", &a));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Text to send now: all of it, or with tools what cannot be part of a call.
@@ -338,10 +413,10 @@ fn event(name: &'static str, data: Value) -> SseEvent {
     SseEvent::default().event(name).data(data.to_string())
 }
 
-fn text_delta(text: &str) -> SseEvent {
+fn block_stop(index: usize) -> SseEvent {
     event(
-        "content_block_delta",
-        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": index}),
     )
 }
 
@@ -356,31 +431,24 @@ impl EventFormat {
         }
         self.started = true;
         let cached = cached_tokens.min(self.input_tokens);
-        vec![
-            event(
-                "message_start",
-                json!({"type": "message_start", "message": {
-                    "id": self.id,
-                    "type": "message",
-                    "role": "assistant",
-                    "model": self.model,
-                    "content": [],
-                    "stop_reason": null,
-                    "stop_sequence": null,
-                    "usage": {
-                        "input_tokens": self.input_tokens - cached,
-                        "output_tokens": 0,
-                        "cache_read_input_tokens": cached,
-                        "cache_creation_input_tokens": 0,
-                    },
-                }}),
-            ),
-            event(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ),
-            event("ping", json!({"type": "ping"})),
-        ]
+        vec![event(
+            "message_start",
+            json!({"type": "message_start", "message": {
+                "id": self.id,
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [],
+                "stop_reason": null,
+                "stop_sequence": null,
+                "usage": {
+                    "input_tokens": self.input_tokens - cached,
+                    "output_tokens": 0,
+                    "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0,
+                },
+            }}),
+        )]
     }
 }
 
@@ -391,27 +459,27 @@ impl SseFormat for EventFormat {
 
     fn token(&mut self, _choice: usize, t: TokenEvent) -> Vec<SseEvent> {
         let mut out = self.open(t.cached_tokens.unwrap_or(0));
-        let text = self.release(&t.text);
-        if !text.is_empty() || self.tools.is_none() {
-            out.push(text_delta(&text));
-        }
+        let parts = self.reasoning.push(&t.text);
+        out.extend(self.emit_parts(parts));
         out
     }
 
     fn finished(&mut self, _choice: usize, c: &Completion) -> Vec<SseEvent> {
         self.stop = Some(stop_reason(c));
         let mut out = self.open(c.cached_tokens);
-        let mut text = self.release(&c.text);
+        let mut rs = std::mem::replace(&mut self.reasoning, ReasoningStream::new(false));
+        let mut parts = rs.push(&c.text);
+        parts.extend(rs.finish());
+        out.extend(self.emit_parts(parts));
         if let Some((tools, held)) = self.tools.take() {
             let (rest, calls) = tools.finish(held);
-            text.push_str(&rest);
+            if !rest.is_empty() {
+                out.extend(self.emit("text", &rest));
+            }
             if !calls.is_empty() {
                 self.stop = Some(("tool_use", None));
             }
             self.calls = calls;
-        }
-        if !text.is_empty() {
-            out.push(text_delta(&text));
         }
         out
     }
@@ -419,16 +487,17 @@ impl SseFormat for EventFormat {
     fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
         let (reason, seq) = self.stop.take().unwrap_or(("end_turn", None));
         let mut out = self.open(usage.cached_tokens);
-        out.push(event(
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": 0}),
-        ));
-        // Each call is a tool_use block after the text block: its input in one JSON delta.
-        for (k, b) in super::tools::anthropic_blocks(&self.calls)
-            .into_iter()
-            .enumerate()
-        {
-            let index = k + 1;
+        // A message without calls has a text block, if only an empty one.
+        if self.calls.is_empty() && !matches!(self.block, Some(("text", _))) {
+            out.extend(self.emit("text", ""));
+        }
+        if let Some((_, i)) = self.block.take() {
+            out.push(block_stop(i));
+        }
+        // Each call is a tool_use block after the others: its input in one JSON delta.
+        for b in super::tools::anthropic_blocks(&self.calls) {
+            let index = self.next_block;
+            self.next_block += 1;
             let input = b["input"].to_string();
             let mut start = b;
             start["input"] = json!({});

@@ -175,6 +175,53 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     })
 }
 
+/// Whether a chat request's prompt leaves the model inside a `<think>` block (Hy3's template
+/// opens one unless `reasoning_effort` is `no_think`), so its output starts with reasoning.
+/// Read off the template's generation prompt for a one-message probe with the request's
+/// template variables: what follows the last message does not depend on the messages.
+pub fn opens_reasoning(state: &AppState, req: &NormalizedRequest) -> bool {
+    if req.api == Api::OpenAiCompletions || constrained(req) {
+        return false;
+    }
+    let (template, opts) = render_setup(state, req);
+    template
+        .render(&[switchyard_engine::chat::ChatMessage::user(".")], &opts)
+        .is_ok_and(|p| switchyard_engine::reasoning::prompt_opens_reasoning(&p))
+}
+
+/// Whether the answer has a required shape (a JSON schema or object, a regex, a choice, a
+/// forced tool call). Such a request skips the reasoning block: its prompt closes any block
+/// the template opened, as Hy3's `no_think` does, so the constraint applies to the answer from
+/// its first token. A Lark grammar describes the whole output, reasoning included, so it
+/// leaves the block open.
+fn constrained(req: &NormalizedRequest) -> bool {
+    use super::tools::ToolChoice;
+    use switchyard_engine::structured::OutputConstraint;
+    req.output
+        .as_ref()
+        .is_some_and(|o| !matches!(o.constraint, OutputConstraint::Grammar(_)))
+        || req
+            .tools
+            .as_ref()
+            .is_some_and(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Function(_)))
+}
+
+/// The template and options a chat request renders with.
+fn render_setup<'a>(
+    state: &'a AppState,
+    req: &NormalizedRequest,
+) -> (&'a switchyard_engine::chat::ChatTemplate, RenderOptions) {
+    let mut opts = RenderOptions::generation();
+    opts.kwargs = req.template_kwargs.clone();
+    match req.tools.as_ref().filter(|t| t.active()) {
+        Some(t) => {
+            opts = opts.with_tools(t.tools.clone());
+            (super::tools::template(state), opts)
+        }
+        None => (&state.template, opts),
+    }
+}
+
 fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, ApiError> {
     let tok = &state.tokenizer;
     let param = req.api.prompt_param();
@@ -184,18 +231,15 @@ fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, 
     };
     match req.api {
         Api::OpenAiChat | Api::AnthropicMessages => {
-            let mut opts = RenderOptions::generation();
-            opts.kwargs = req.template_kwargs.clone();
-            let template = match req.tools.as_ref().filter(|t| t.active()) {
-                Some(t) => {
-                    opts = opts.with_tools(t.tools.clone());
-                    super::tools::template(state)
-                }
-                None => &state.template,
-            };
-            let text = template
+            let (template, opts) = render_setup(state, req);
+            let mut text = template
                 .render(&req.messages, &opts)
                 .map_err(|e| ApiError::field(param, e.to_string()))?;
+            if constrained(req) && switchyard_engine::reasoning::prompt_opens_reasoning(&text) {
+                text.push('\n');
+                text.push_str(switchyard_engine::reasoning::THINK_END);
+                text.push('\n');
+            }
             Ok(vec![enc(&text, false)?])
         }
         Api::OpenAiCompletions => req

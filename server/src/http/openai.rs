@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
+use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::tool_calls::ToolCallStream;
 
@@ -550,6 +551,7 @@ fn json_response(
     let chat = req.api == Api::OpenAiChat;
     let logprobs = req.sampling.logprobs.is_some();
     let tools = super::tools::active(state, req);
+    let opened = chat && local::opens_reasoning(state, req);
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
@@ -557,9 +559,13 @@ fn json_response(
             let mut finish = o.completion.as_ref().map(|c| c.finish_reason.as_str());
             if chat {
                 let lp = logprobs.then(|| json!({"content": o.tokens.iter().map(|t| chat_logprob(state, t)).collect::<Vec<_>>()}));
-                let mut message = json!({"role": "assistant", "content": o.text});
+                let (reasoning, answer) = reasoning::split(&o.text, opened);
+                let mut message = json!({"role": "assistant", "content": answer});
+                if let Some(r) = reasoning {
+                    message["reasoning_content"] = json!(r);
+                }
                 if let Some(t) = &tools {
-                    let (content, calls) = t.split(&o.text);
+                    let (content, calls) = t.split(&answer);
                     if !calls.is_empty() {
                         message["content"] = if content.is_empty() {
                             Value::Null
@@ -608,10 +614,15 @@ struct ChunkFormat {
     tools: Option<(super::tools::ActiveTools, Vec<ToolCallStream>)>,
     /// The request has a `prediction` (usage reports on it).
     prediction: bool,
+    /// Each choice's reasoning splitter, and whether reasoning text can occur at all (the
+    /// prompt opened a `<think>` block; otherwise only an answer starting with one).
+    reasoning: Vec<ReasoningStream>,
+    reasoning_possible: bool,
 }
 
 impl ChunkFormat {
     fn new(state: &Arc<AppState>, req: &NormalizedRequest, meta: Meta, choices: usize) -> Self {
+        let opened = local::opens_reasoning(state, req);
         Self {
             state: state.clone(),
             meta,
@@ -623,7 +634,25 @@ impl ChunkFormat {
             tools: super::tools::active(state, req)
                 .map(|t| (t, (0..choices).map(|_| ToolCallStream::default()).collect())),
             prediction: req.prediction.is_some(),
+            reasoning: (0..choices).map(|_| ReasoningStream::new(opened)).collect(),
+            reasoning_possible: opened,
         }
+    }
+
+    /// Sorts a choice's parts into reasoning text and answer text; with tools, answer text that
+    /// may be a call is held back.
+    fn route_parts(&mut self, i: usize, parts: Vec<Part>) -> (String, String) {
+        let (mut reasoning, mut answer) = (String::new(), String::new());
+        for p in parts {
+            match p {
+                Part::Reasoning(r) => reasoning.push_str(&r),
+                Part::Answer(a) => match &mut self.tools {
+                    Some((_, held)) => answer.push_str(&held[i].push(&a)),
+                    None => answer.push_str(&a),
+                },
+            }
+        }
+        (reasoning, answer)
     }
 
     fn chunk(&self, choices: Vec<Value>) -> SseEvent {
@@ -664,15 +693,20 @@ impl SseFormat for ChunkFormat {
             let lp = self
                 .logprobs
                 .then(|| json!({"content": [chat_logprob(&self.state, &t)]}));
-            // With tools, text that may be a call is held until the answer ends.
-            let text = match &mut self.tools {
-                Some((_, held)) => held.get_mut(i).map(|h| h.push(&t.text)).unwrap_or_default(),
-                None => t.text,
-            };
-            if text.is_empty() && lp.is_none() && self.tools.is_some() {
+            let parts = self.reasoning[i].push(&t.text);
+            let (reasoning, answer) = self.route_parts(i, parts);
+            let holding = self.tools.is_some() || self.reasoning_possible;
+            if reasoning.is_empty() && answer.is_empty() && lp.is_none() && holding {
                 return vec![];
             }
-            json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null})
+            let mut delta = json!({});
+            if !reasoning.is_empty() {
+                delta["reasoning_content"] = json!(reasoning);
+            }
+            if !answer.is_empty() || reasoning.is_empty() {
+                delta["content"] = json!(answer);
+            }
+            json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null})
         } else {
             let off = self.offsets.get(i).copied().unwrap_or(0);
             let lp = self
@@ -688,43 +722,47 @@ impl SseFormat for ChunkFormat {
 
     fn finished(&mut self, i: usize, c: &Completion) -> Vec<SseEvent> {
         let reason = c.finish_reason.as_str();
-        if let (true, Some((tools, held))) = (self.chat, &mut self.tools) {
-            let mut s = std::mem::take(&mut held[i]);
-            let mut text = s.push(&c.text);
-            let (rest, calls) = tools.finish(s);
-            text.push_str(&rest);
-            let mut out = vec![];
-            if !text.is_empty() {
-                out.push(
-                    self.chunk(vec![json!({"index": i, "delta": {"content": text},
-                                                "logprobs": null, "finish_reason": null})]),
-                );
-            }
-            let reason = if calls.is_empty() {
-                reason
-            } else {
-                let delta = json!({"tool_calls": super::tools::openai_calls(&calls, true)});
-                out.push(self.chunk(vec![json!({"index": i, "delta": delta,
-                                                "logprobs": null, "finish_reason": null})]));
-                "tool_calls"
-            };
-            out.push(
-                self.chunk(vec![json!({"index": i, "delta": {}, "logprobs": null,
-                                            "finish_reason": reason})]),
-            );
-            return out;
+        if !self.chat {
+            let off =
+                json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason});
+            return vec![self.chunk(vec![off])];
         }
-        let choice = if self.chat {
-            let delta = if c.text.is_empty() {
+        // What the reasoning and tool splitters still hold, then the calls.
+        let mut rs = std::mem::replace(&mut self.reasoning[i], ReasoningStream::new(false));
+        let mut parts = rs.push(&c.text);
+        parts.extend(rs.finish());
+        let (reasoning, mut text) = self.route_parts(i, parts);
+        let mut calls = vec![];
+        if let Some((tools, held)) = &mut self.tools {
+            let (rest, found) = tools.finish(std::mem::take(&mut held[i]));
+            text.push_str(&rest);
+            calls = found;
+        }
+        let chunk = |delta: Value, reason: Option<&str>| json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason});
+        if reasoning.is_empty() && calls.is_empty() {
+            let delta = if text.is_empty() {
                 json!({})
             } else {
-                json!({"content": c.text})
+                json!({"content": text})
             };
-            json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason})
+            return vec![self.chunk(vec![chunk(delta, Some(reason))])];
+        }
+        let mut out = vec![];
+        if !reasoning.is_empty() {
+            out.push(self.chunk(vec![chunk(json!({"reasoning_content": reasoning}), None)]));
+        }
+        if !text.is_empty() {
+            out.push(self.chunk(vec![chunk(json!({"content": text}), None)]));
+        }
+        let reason = if calls.is_empty() {
+            reason
         } else {
-            json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason})
+            let delta = json!({"tool_calls": super::tools::openai_calls(&calls, true)});
+            out.push(self.chunk(vec![chunk(delta, None)]));
+            "tool_calls"
         };
-        vec![self.chunk(vec![choice])]
+        out.push(self.chunk(vec![chunk(json!({}), Some(reason))]));
+        out
     }
 
     fn end(&mut self, usage: Usage) -> Vec<SseEvent> {
