@@ -160,7 +160,7 @@ async fn anthropic_thinking_blocks_plain_and_streamed() {
     assert_eq!(text_of(0, "thinking"), "add them");
     assert_eq!(text_of(1, "text"), "4");
     // Block 0 stops before block 1 starts; both stop before message_delta.
-    let pos = |pred: &dyn Fn(&Value) -> bool| events.iter().position(|e| pred(e)).expect("event");
+    let pos = |pred: &dyn Fn(&Value) -> bool| events.iter().position(pred).expect("event");
     assert!(
         pos(&|e| e["type"] == "content_block_stop" && e["index"] == 0)
             < pos(&|e| e["type"] == "content_block_start" && e["index"] == 1)
