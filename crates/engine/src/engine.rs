@@ -704,12 +704,29 @@ impl Loop {
             .speculative
             .as_ref()
             .filter(|s| s.drafts_at(self.sched.num_running()));
+        // What the grammars of constrained requests force next: drafts that cost no guess.
+        let mut forced: std::collections::HashMap<SeqId, Vec<u32>> = Default::default();
+        for (&id, st) in self.states.iter_mut() {
+            if let Some(c) = st.constraint.as_mut() {
+                let f = c.forced_tokens(&self.tokenizer);
+                if !f.is_empty() {
+                    forced.insert(id, f);
+                }
+            }
+        }
         let states = &self.states;
-        let plan = if spec.is_none() && states.values().all(|s| s.prediction.is_none()) {
+        let plan = if spec.is_none()
+            && forced.is_empty()
+            && states.values().all(|s| s.prediction.is_none())
+        {
             self.sched.schedule()
         } else {
-            // A request's own prediction is its draft source; the others use the server's.
+            // Forced tokens first, then a request's own prediction, then the server's
+            // proposer.
             self.sched.schedule_with_drafts(|id, tokens, max| {
+                if let Some(f) = forced.get(&id) {
+                    return f[..f.len().min(max)].to_vec();
+                }
                 match states
                     .get(&id)
                     .and_then(|s| Some((s.prediction.as_ref()?, s)))

@@ -217,3 +217,46 @@ fn sampled_outputs_stay_in_the_language() {
         assert!(text.starts_with('{'), "{text:?}");
     }
 }
+
+/// Text the grammar forces is proposed as drafts and checked in one step ("jump-forward"):
+/// the output still equals the brute-force reference, in fewer steps than tokens.
+#[test]
+fn forced_text_is_drafted_and_still_exact() {
+    use std::sync::atomic::Ordering;
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let (m, t) = load(d.path());
+    let choices = [
+        "the quick brown fox jumps over",
+        "the quick brown fox sleeps under",
+    ];
+    let want = choice_reference(&m, &t, &PROMPT, &choices);
+    let (m2, t2) = load(d.path());
+    let e = engine(m2, t2, false);
+    let c = e
+        .compile_constraint(&OutputConstraint::Choice(
+            choices.iter().map(|s| s.to_string()).collect(),
+        ))
+        .unwrap();
+    let steps0 = e.metrics().steps.load(Ordering::Relaxed);
+    let (ids, text, _) = run(
+        &e,
+        GenerateRequest {
+            constraint: Some(c),
+            ..GenerateRequest::greedy(PROMPT.to_vec(), 60)
+        },
+    );
+    let steps = e.metrics().steps.load(Ordering::Relaxed) - steps0;
+    let accepted = e.metrics().spec_accepted_tokens.load(Ordering::Relaxed);
+    println!(
+        "{text:?}: {} tokens in {steps} steps, {accepted} forced drafts accepted",
+        ids.len()
+    );
+    assert_eq!(ids, want);
+    assert!(accepted > 0, "forced text was not drafted");
+    assert!(
+        (steps as usize) < ids.len(),
+        "{steps} steps for {} tokens",
+        ids.len()
+    );
+}
