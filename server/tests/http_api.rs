@@ -613,3 +613,92 @@ async fn logit_bias_forces_and_bans_tokens() {
         );
     }
 }
+
+/// `echo` with `logprobs` on completions, as lm-evaluation-harness scores a continuation: the
+/// prompt comes back first with one logprob per token after the first, equal to log-softmax
+/// of the `logits` command's rows (the contiguous forward, an independent path).
+#[tokio::test]
+async fn echo_returns_the_prompt_with_its_logprobs() {
+    let s = Server::start();
+    let prompt: Vec<u32> = vec![5, 9, 13, 2, 77, 300, 41];
+    let body = json!({"model": "local", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                      "echo": true, "logprobs": 1});
+    let r = common::post(&s, "/v1/completions", body.clone(), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let c = &v["choices"][0];
+    let lp = &c["logprobs"];
+    let lps = lp["token_logprobs"].as_array().expect("token_logprobs");
+    assert_eq!(lps.len(), prompt.len() + 1, "{lp}");
+    assert!(lps[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    // The reference: logits of every position from the CLI.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("l.safetensors");
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let (ok, _, err) = common::run_cli(&[
+        "logits",
+        "--model",
+        &common::model_arg(),
+        "--input-ids",
+        &ids.join(","),
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(ok, "{err}");
+    let rows = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).expect("load")
+        ["logits"]
+        .to_vec2::<f32>()
+        .expect("rows");
+    for p in 1..prompt.len() {
+        let row = &rows[p - 1];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+        let want = f64::from(row[prompt[p] as usize] - max) - z.ln();
+        let got = lps[p].as_f64().expect("logprob");
+        assert!((got - want).abs() < 1e-3, "position {p}: {got} vs {want}");
+        assert_eq!(lp["top_logprobs"][p].as_object().map(|o| o.len()), Some(1));
+    }
+    // The text is the prompt's, then the completion's; offsets run over both.
+    let text = c["text"].as_str().expect("text");
+    let offs = lp["text_offset"].as_array().expect("offsets");
+    assert_eq!(offs[0], 0);
+    assert!(offs.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+    assert!(offs[prompt.len()]
+        .as_u64()
+        .is_some_and(|o| o as usize <= text.len()));
+    // Streamed: the prompt arrives in the first chunk.
+    let mut sb = body;
+    sb["stream"] = json!(true);
+    let r = common::post(&s, "/v1/completions", sb, &[]).await;
+    let chunks: Vec<Value> = parse_sse(&r.text)
+        .into_iter()
+        .filter(|(_, d)| d != "[DONE]")
+        .map(|(_, d)| serde_json::from_str(&d).expect("chunk"))
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(streamed, text);
+    assert_eq!(
+        chunks[0]["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .map(Vec::len),
+        Some(prompt.len())
+    );
+    // A text prompt is echoed as sent.
+    let r = common::post(
+        &s,
+        "/v1/completions",
+        json!({"model": "local", "prompt": "Hello there", "max_tokens": 2, "echo": true}),
+        &[],
+    )
+    .await;
+    assert!(
+        r.json()["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Hello there")),
+        "{}",
+        r.text
+    );
+}

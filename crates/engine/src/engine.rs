@@ -83,6 +83,21 @@ pub struct GenerateRequest {
     /// Predicted output tokens (OpenAI's Predicted Outputs): the draft source for this
     /// request's speculative decoding, with or without `--speculative-config`.
     pub prediction: Option<Vec<u32>>,
+    /// `Some(n)`: report each prompt token's logprob given the tokens before it, with the `n`
+    /// most likely alternatives (the completions API's `echo` with `logprobs`). The prompt is
+    /// then computed in full: it does not share KV blocks with other requests.
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A prompt token's logprob (the first token has none: nothing precedes it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    /// The token.
+    pub id: u32,
+    /// Its logprob given the tokens before it.
+    pub logprob: Option<f32>,
+    /// The most likely tokens at its position.
+    pub top_logprobs: Vec<TokenLogprob>,
 }
 
 impl GenerateRequest {
@@ -100,6 +115,7 @@ impl GenerateRequest {
             return_logits: false,
             constraint: None,
             prediction: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -123,6 +139,8 @@ pub struct TokenEvent {
     /// [`Completion::cached_tokens`] reports at the end), so a stream can report its input
     /// usage before the answer is done (Anthropic's `message_start`).
     pub cached_tokens: Option<usize>,
+    /// On a request's first token only, when asked for: the prompt's logprobs.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
 /// How a request ended.
@@ -574,6 +592,9 @@ struct ReqState {
     return_logits: bool,
     constraint: Option<Constraint>,
     prediction: Option<Prediction>,
+    /// Prompt logprobs asked for (`n` alternatives), filled by position as the prompt is
+    /// computed (a recompute after preemption overwrites, never duplicates).
+    prompt_logprobs: Option<(usize, Vec<Option<PromptLogprob>>)>,
     /// Draft tokens checked and accepted so far.
     drafted: usize,
     accepted: usize,
@@ -665,10 +686,13 @@ impl Loop {
                     }
                 };
                 let prompt_len = req.prompt.len();
-                if let Err(e) = self
-                    .sched
-                    .enqueue(id, req.prompt, req.max_tokens, req.cache_salt)
-                {
+                // Prompt logprobs need every prompt position computed: no shared blocks.
+                let salt = if req.prompt_logprobs.is_some() {
+                    u64::MAX - id
+                } else {
+                    req.cache_salt
+                };
+                if let Err(e) = self.sched.enqueue(id, req.prompt, req.max_tokens, salt) {
                     let _ = tx.send(Event::Error(e.to_string()));
                     return;
                 }
@@ -683,6 +707,7 @@ impl Loop {
                         return_logits: req.return_logits,
                         constraint: req.constraint,
                         prediction: req.prediction.map(Prediction::new),
+                        prompt_logprobs: req.prompt_logprobs.map(|n| (n, vec![None; prompt_len])),
                         drafted: 0,
                         accepted: 0,
                         submitted: at,
@@ -753,8 +778,9 @@ impl Loop {
                 tokens: &w.tokens,
                 pos0: w.pos0,
                 block_table: &w.block_table,
-                // A drafted sequence needs the logits of its draft positions too.
-                logits: if s.draft.is_empty() {
+                // A drafted sequence needs the logits of its draft positions too, and a prompt
+                // whose logprobs were asked for those of its positions.
+                logits: if s.draft.is_empty() && !self.wants_prompt_logprobs(s) {
                     Logits::Last
                 } else {
                     Logits::All
@@ -787,6 +813,16 @@ impl Loop {
             }
         };
         for (s, lg) in plan.scheduled.iter().zip(logits) {
+            let lg = match self.record_prompt_logprobs(s, lg) {
+                Ok(l) => l,
+                Err(e) => {
+                    if let Some(st) = self.states.get(&s.id) {
+                        let _ = st.tx.send(Event::Error(e));
+                    }
+                    self.drop_request(s.id);
+                    continue;
+                }
+            };
             if !s.samples {
                 self.sched.complete(s.id, s.len, None);
                 continue;
@@ -801,6 +837,47 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Whether step `s` computes prompt positions whose logprobs its request asked for.
+    fn wants_prompt_logprobs(&self, s: &Scheduled) -> bool {
+        self.states
+            .get(&s.id)
+            .is_some_and(|st| st.prompt_logprobs.is_some() && s.start < st.prompt_len)
+    }
+
+    /// Records the prompt logprobs a step's rows give (row j predicts position start + j + 1)
+    /// and returns the rows left for sampling: the last one.
+    fn record_prompt_logprobs(&mut self, s: &Scheduled, lg: Tensor) -> Result<Tensor, String> {
+        if !self.wants_prompt_logprobs(s) {
+            return Ok(lg);
+        }
+        let err = |e: candle_core::Error| e.to_string();
+        let rows = lg.to_vec2::<f32>().map_err(err)?;
+        let tokens = self.sched.tokens(s.id).unwrap_or(&[]).to_vec();
+        let Some(st) = self.states.get_mut(&s.id) else {
+            return Ok(lg);
+        };
+        let prompt_len = st.prompt_len;
+        if let Some((n, slots)) = st.prompt_logprobs.as_mut() {
+            for (j, row) in rows.iter().enumerate() {
+                let pos = s.start + j + 1;
+                if pos >= prompt_len {
+                    break;
+                }
+                let (lp, top) = st
+                    .sampler
+                    .logprobs_of(row, tokens[pos], *n)
+                    .map_err(|e| e.to_string())?;
+                slots[pos] = Some(PromptLogprob {
+                    id: tokens[pos],
+                    logprob: Some(lp),
+                    top_logprobs: top,
+                });
+            }
+        }
+        let last = rows.len().saturating_sub(1);
+        lg.narrow(0, last, 1).map_err(err)
     }
 
     /// Samples what a sampling step `s` produced from its logits `lg` (one row, or one per
@@ -930,6 +1007,23 @@ impl Loop {
             entropy: pick.entropy,
             logits: st.return_logits.then_some(row),
             cached_tokens: first.then(|| self.sched.get(id).map_or(0, |s| s.num_cached)),
+            prompt_logprobs: if first {
+                st.prompt_logprobs.take().map(|(_, slots)| {
+                    slots
+                        .into_iter()
+                        .zip(&tokens)
+                        .map(|(slot, &id)| {
+                            slot.unwrap_or(PromptLogprob {
+                                id,
+                                logprob: None,
+                                top_logprobs: vec![],
+                            })
+                        })
+                        .collect()
+                })
+            } else {
+                None
+            },
         };
         let _ = st.tx.send(Event::Token(ev));
         if let Some(reason) = delta.finish_reason {

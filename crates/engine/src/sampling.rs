@@ -402,6 +402,38 @@ impl Sampler {
         })
     }
 
+    /// The raw-distribution logprob of `token` under `logits` and the `top` most likely
+    /// tokens (most likely first, ties to the lowest id): what prompt logprobs report for a
+    /// token the model was given rather than sampled.
+    pub fn logprobs_of(
+        &mut self,
+        logits: &[f32],
+        token: u32,
+        top: usize,
+    ) -> Result<(f32, Vec<TokenLogprob>)> {
+        if logits.is_empty() {
+            return Err(SamplingError::EmptyLogits);
+        }
+        let max = checked_max(logits)?;
+        let z = sum_weights(logits, Scale::new(max, 1.0));
+        let norm = f64::from(max) + z.ln();
+        let lp = |id: u32| {
+            logits
+                .get(id as usize)
+                .map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - norm) as f32)
+        };
+        self.select_head(logits, top);
+        let head = self
+            .head
+            .iter()
+            .map(|&id| TokenLogprob {
+                id,
+                logprob: lp(id),
+            })
+            .collect();
+        Ok((lp(token), head))
+    }
+
     /// [`Sampler::sample`] for a candle tensor of shape `[vocab]` or `[1, vocab]` (any float
     /// dtype, any device; it is copied to the host as f32).
     pub fn sample_tensor(&mut self, logits: &Tensor, generated: &[u32]) -> Result<SampledToken> {

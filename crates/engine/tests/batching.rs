@@ -268,3 +268,59 @@ fn a_burst_is_either_refused_at_submit_or_served_to_the_end() {
     assert_eq!(m.pending.load(Ordering::Relaxed), 0);
     assert_eq!(m.waiting.load(Ordering::Relaxed), 0);
 }
+
+/// Prompt logprobs (`echo` with `logprobs`) equal log-softmax of the contiguous forward's logits
+/// at every prompt position, also when the prompt is computed in 7-token chunks and when an
+/// identical prompt is already in the prefix cache (it is recomputed, not skipped).
+#[test]
+fn prompt_logprobs_match_the_contiguous_forward() {
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let (m, t) = load(d.path());
+    let prompt = prompts()[3].clone(); // 31 tokens
+    let all = m
+        .forward(&prompt, &mut m.new_cache(), switchyard_model::Logits::All)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want: Vec<f32> = (1..prompt.len())
+        .map(|p| {
+            let row = &all[p - 1];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+            (f64::from(row[prompt[p] as usize] - max) - z.ln()) as f32
+        })
+        .collect();
+    let e = EngineHandle::start(m, t, engine_cfg(7, 5, None)).unwrap();
+    for round in 0..2 {
+        let mut s = e
+            .submit(GenerateRequest {
+                prompt_logprobs: Some(2),
+                ..GenerateRequest::greedy(prompt.clone(), 2)
+            })
+            .unwrap();
+        let first = loop {
+            match s.blocking_recv().unwrap() {
+                Event::Token(t) => break t,
+                Event::Error(err) => panic!("{err}"),
+                Event::Finished(_) => panic!("finished without a token"),
+            }
+        };
+        let got = first
+            .prompt_logprobs
+            .expect("prompt logprobs on the first token");
+        assert_eq!(got.len(), prompt.len());
+        assert_eq!(got[0].logprob, None);
+        for (p, g) in got.iter().enumerate().skip(1) {
+            assert_eq!(g.id, prompt[p]);
+            let lp = g.logprob.unwrap();
+            assert!(
+                (lp - want[p - 1]).abs() < 1e-4,
+                "round {round} position {p}: {lp} vs {}",
+                want[p - 1]
+            );
+            assert_eq!(g.top_logprobs.len(), 2);
+            assert!(g.top_logprobs[0].logprob >= lp - 1e-6);
+        }
+    }
+}

@@ -202,6 +202,7 @@ impl MessagesRequest {
             output: None,
             tools,
             prediction: None,
+            echo: false,
         })
     }
 }

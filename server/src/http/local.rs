@@ -164,6 +164,8 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 return_logits: false,
                 constraint: constraint.clone(),
                 prediction: prediction.clone(),
+                // `echo` with `logprobs`: the prompt's logprobs too.
+                prompt_logprobs: req.sampling.logprobs.filter(|_| req.echo),
             });
         }
     }

@@ -317,6 +317,7 @@ impl ChatRequest {
             output: None,
             tools,
             prediction: prediction(self.prediction)?,
+            echo: false,
         })
     }
 }
@@ -369,12 +370,6 @@ fn prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
 
 impl CompletionRequest {
     fn normalize(self, sampling: SamplingFields) -> Result<NormalizedRequest, ApiError> {
-        if self.echo.unwrap_or(false) {
-            return Err(ApiError::Unsupported {
-                param: "echo".into(),
-                message: "echoing the prompt is not implemented".into(),
-            });
-        }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::Unsupported {
                 param: "suffix".into(),
@@ -414,6 +409,7 @@ impl CompletionRequest {
             output: None,
             tools: None,
             prediction: None,
+            echo: self.echo.unwrap_or(false),
         })
     }
 }
@@ -497,6 +493,54 @@ fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usiz
         tops.push(Value::Object(top));
     }
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+}
+
+/// Completions `echo` of choice `i`'s prompt: its text (as sent, or decoded from ids) and,
+/// when the first token event carries them, its logprobs in the completions shape (the first
+/// token's logprob and alternatives are null: nothing precedes it).
+fn prompt_echo(
+    state: &AppState,
+    req: &NormalizedRequest,
+    choice: usize,
+    first: Option<&TokenEvent>,
+) -> (String, Option<Value>) {
+    let text = match req.prompts.get(choice / req.n.max(1)) {
+        Some(PromptInput::Text(t)) => t.clone(),
+        Some(PromptInput::Tokens(ids)) => state.tokenizer.decode(ids, false).unwrap_or_default(),
+        None => String::new(),
+    };
+    let lp = first.and_then(|t| t.prompt_logprobs.as_ref()).map(|pl| {
+        let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0;
+        for p in pl {
+            let (tok, _) = token_text(state, p.id);
+            offs.push(offset);
+            offset += tok.len();
+            toks.push(tok);
+            lps.push(json!(p.logprob));
+            tops.push(match p.logprob {
+                None => Value::Null,
+                Some(_) => Value::Object(
+                    p.top_logprobs
+                        .iter()
+                        .map(|a| (token_text(state, a.id).0, json!(a.logprob)))
+                        .collect(),
+                ),
+            });
+        }
+        json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs})
+    });
+    (text, lp)
+}
+
+/// `a` then `b`, field by field (completions logprobs objects).
+fn join_logprobs(mut a: Value, b: Value) -> Value {
+    for k in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(x), Some(y)) = (a[k].as_array_mut(), b[k].as_array()) {
+            x.extend(y.iter().cloned());
+        }
+    }
+    a
 }
 
 /// The OpenAI endpoints on the engine.
@@ -583,8 +627,19 @@ fn json_response(
                     "finish_reason": finish,
                 })
             } else {
-                let lp = logprobs.then(|| completion_logprobs(state, &o.tokens, 0));
-                json!({"index": i, "text": o.text, "logprobs": lp, "finish_reason": finish})
+                let echo = req.echo.then(|| prompt_echo(state, req, i, o.tokens.first()));
+                let (prefix, mut lp) = match echo {
+                    Some((text, lp)) => (text, lp),
+                    None => (String::new(), None),
+                };
+                if logprobs {
+                    let gen = completion_logprobs(state, &o.tokens, prefix.len());
+                    lp = Some(match lp {
+                        Some(p) => join_logprobs(p, gen),
+                        None => gen,
+                    });
+                }
+                json!({"index": i, "text": format!("{prefix}{}", o.text), "logprobs": lp, "finish_reason": finish})
             }
         })
         .collect();
@@ -614,6 +669,9 @@ struct ChunkFormat {
     tools: Option<(super::tools::ActiveTools, Vec<ToolCallStream>)>,
     /// The request has a `prediction` (usage reports on it).
     prediction: bool,
+    /// With `echo`: the request (its prompts), and which choices have sent theirs.
+    echo: Option<NormalizedRequest>,
+    echoed: Vec<bool>,
     /// Each choice's reasoning splitter, and whether reasoning text can occur at all (the
     /// prompt opened a `<think>` block; otherwise only an answer starting with one).
     reasoning: Vec<ReasoningStream>,
@@ -634,6 +692,8 @@ impl ChunkFormat {
             tools: super::tools::active(state, req)
                 .map(|t| (t, (0..choices).map(|_| ToolCallStream::default()).collect())),
             prediction: req.prediction.is_some(),
+            echo: (req.echo && req.api == Api::OpenAiCompletions).then(|| req.clone()),
+            echoed: vec![false; choices],
             reasoning: (0..choices).map(|_| ReasoningStream::new(opened)).collect(),
             reasoning_possible: opened,
         }
@@ -708,6 +768,20 @@ impl SseFormat for ChunkFormat {
             }
             json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null})
         } else {
+            let mut out = vec![];
+            if let Some(req) = self
+                .echo
+                .as_ref()
+                .filter(|_| self.offsets[i] == 0 && !self.echoed[i])
+            {
+                self.echoed[i] = true;
+                let (text, lp) = prompt_echo(&self.state, req, i, Some(&t));
+                let lp = if self.logprobs { lp } else { None };
+                self.offsets[i] = text.len();
+                out.push(self.chunk(vec![
+                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}),
+                ]));
+            }
             let off = self.offsets.get(i).copied().unwrap_or(0);
             let lp = self
                 .logprobs
@@ -715,7 +789,10 @@ impl SseFormat for ChunkFormat {
             if let Some(o) = self.offsets.get_mut(i) {
                 *o += t.text.len();
             }
-            json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null})
+            out.push(self.chunk(vec![
+                json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}),
+            ]));
+            return out;
         };
         vec![self.chunk(vec![choice])]
     }

@@ -111,6 +111,9 @@ pub struct NormalizedRequest {
     pub tools: Option<super::tools::ToolRequest>,
     /// Predicted output text (OpenAI's `prediction`), the draft source of speculative decoding.
     pub prediction: Option<String>,
+    /// Completions `echo`: the prompt is returned before the completion (with its logprobs
+    /// when `logprobs` is set).
+    pub echo: bool,
 }
 
 impl NormalizedRequest {
