@@ -299,12 +299,10 @@ fn prompt_logprobs_match_the_contiguous_forward() {
                 ..GenerateRequest::greedy(prompt.clone(), 2)
             })
             .unwrap();
-        let first = loop {
-            match s.blocking_recv().unwrap() {
-                Event::Token(t) => break t,
-                Event::Error(err) => panic!("{err}"),
-                Event::Finished(_) => panic!("finished without a token"),
-            }
+        let first = match s.blocking_recv().unwrap() {
+            Event::Token(t) => t,
+            Event::Error(err) => panic!("{err}"),
+            Event::Finished(_) => panic!("finished without a token"),
         };
         let got = first
             .prompt_logprobs
