@@ -102,8 +102,11 @@ async fn openai_response_format_json_schema_and_object() {
     let c = &r.json()["choices"][0];
     let content = c["message"]["content"].as_str().expect("content");
     if c["finish_reason"] == "stop" {
-        let v: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
-        assert!(v.is_object());
+        // JSON numbers have no range limit (a random model writes 1e3292); check the syntax
+        // without converting them.
+        serde_json::from_str::<serde::de::IgnoredAny>(content)
+            .unwrap_or_else(|e| panic!("{e}: {content}"));
+        assert!(content.starts_with('{'), "{content}");
     } else {
         assert!(content.starts_with('{'), "{content}");
     }

@@ -31,7 +31,7 @@ fn weather_tool() -> Value {
 }
 
 fn other_tool() -> Value {
-    json!({"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}})
+    json!({"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}})
 }
 
 fn chat(extra: Value) -> Value {

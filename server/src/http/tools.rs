@@ -100,10 +100,12 @@ fn check_name(name: &str, at: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A parameters / input schema: an object schema (absent means no arguments).
+/// A parameters / input schema: an object schema (absent means no arguments at all).
 fn check_schema(v: Option<&Value>, at: &str) -> Result<Value, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(json!({"type": "object", "properties": {}})),
+        None | Some(Value::Null) => {
+            Ok(json!({"type": "object", "properties": {}, "additionalProperties": false}))
+        }
         Some(s @ Value::Object(_)) => Ok(s.clone()),
         Some(_) => Err(ApiError::field(at, "must be a JSON schema object")),
     }
