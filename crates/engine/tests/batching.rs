@@ -12,25 +12,7 @@ use switchyard_model::KvDtype;
 
 mod common;
 
-use common::{alone, load, make_model, max_logit_diff, prompts, together};
-
-fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfig {
-    let per_token = 2 * 4 * 2 * 16 * 4; // layers × kv heads × head_dim × f32, K and V
-    EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: budget,
-            max_model_len: 128,
-            chunked_prefill: true,
-            max_waiting: 100,
-        },
-        block_size: block,
-        kv_cache_memory: Some((blocks.unwrap_or(256) * block * per_token) as u64),
-        kv_dtype: KvDtype::F32,
-        prefix_caching: true,
-        speculative: None,
-    }
-}
+use common::{alone, engine_cfg, load, make_model, max_logit_diff, prompts, together};
 
 fn check(budget: usize, block: usize, blocks: Option<usize>) -> u32 {
     let d = tempfile::tempdir().unwrap();

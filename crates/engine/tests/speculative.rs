@@ -8,10 +8,8 @@ use std::sync::atomic::Ordering;
 
 use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::sampling::SamplingParams;
-use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::speculative::{SpeculativeConfig, SpeculativeMethod};
 use switchyard_engine::stop::FinishReason;
-use switchyard_model::KvDtype;
 
 mod common;
 
@@ -28,20 +26,9 @@ fn spec(k: usize) -> SpeculativeConfig {
 }
 
 fn engine_cfg(budget: usize, block: usize, blocks: usize, k: usize) -> EngineConfig {
-    let per_token = 2 * 4 * 2 * 16 * 4; // layers × kv heads × head_dim × f32, K and V
     EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: budget,
-            max_model_len: 128,
-            chunked_prefill: true,
-            max_waiting: 100,
-        },
-        block_size: block,
-        kv_cache_memory: Some((blocks * block * per_token) as u64),
-        kv_dtype: KvDtype::F32,
-        prefix_caching: true,
         speculative: Some(spec(k)),
+        ..common::engine_cfg(budget, block, Some(blocks))
     }
 }
 

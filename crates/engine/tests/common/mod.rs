@@ -9,9 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::DType;
-use switchyard_engine::engine::{EngineHandle, Event, GenerateRequest};
+use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
+use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
-use switchyard_model::{HyV3Model, LoadOptions, Logits};
+use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits};
 
 /// Writes the `tiny` preset with random f32 weights (seed 5) and a byte-level BPE tokenizer into
 /// `dir`, with `max_pos` positions.
@@ -46,6 +47,26 @@ pub fn alone(m: &HyV3Model, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>
         last = m.forward(&[best as u32], &mut c, Logits::Last).unwrap();
     }
     (ids, rows)
+}
+
+/// Engine settings for the tiny model: `budget` tokens per step, `block`-token blocks, a KV
+/// cache of `blocks` blocks (256 when `None`), f32 KV, prefix caching on.
+pub fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineConfig {
+    let per_token = 2 * 4 * 2 * 16 * 4; // layers × kv heads × head_dim × f32, K and V
+    EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: budget,
+            max_model_len: 128,
+            chunked_prefill: true,
+            max_waiting: 100,
+        },
+        block_size: block,
+        kv_cache_memory: Some((blocks.unwrap_or(256) * block * per_token) as u64),
+        kv_dtype: KvDtype::F32,
+        prefix_caching: true,
+        speculative: None,
+    }
 }
 
 /// Five prompts of 4 to 31 tokens.
