@@ -146,6 +146,12 @@ uses = [b for b in final.content if b.type == "tool_use"]
 check(len(uses) == 1 and isinstance(uses[0].input, dict) and "city" in uses[0].input,
       f"streamed tool_use assembled by the SDK ({final.content})")
 
+# count_tokens: what the same request takes as input.
+ct = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Count me."}])
+m = client.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "Count me."}])
+used = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+check(ct.input_tokens == used, f"messages.count_tokens ({ct.input_tokens}) equals the served input ({used})")
+
 # Errors.
 bad = anthropic.Anthropic(base_url=BASE, api_key="sk-wrong", max_retries=0)
 expect_error(anthropic.AuthenticationError, "wrong API key",

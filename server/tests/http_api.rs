@@ -702,3 +702,49 @@ async fn echo_returns_the_prompt_with_its_logprobs() {
         r.text
     );
 }
+
+/// Anthropic's `count_tokens` counts what `/v1/messages` would put in the prompt (template,
+/// system, tools); errors in Anthropic's shape.
+#[tokio::test]
+async fn anthropic_count_tokens_matches_the_served_prompt() {
+    let s = Server::start_with(common::Opts {
+        args: &["--max-model-len", "2048"],
+        ..Default::default()
+    });
+    for extra in [
+        json!({}),
+        json!({"system": "be brief", "tools": [{"name": "f", "input_schema": {"type": "object"}}]}),
+    ] {
+        let mut body =
+            json!({"model": "local", "messages": [{"role": "user", "content": "hello there"}]});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let r = common::post(&s, "/v1/messages/count_tokens", body.clone(), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let counted = r.json()["input_tokens"].as_u64().expect("input_tokens");
+        body["max_tokens"] = json!(1);
+        let m = common::post(&s, "/v1/messages", body, &[]).await.json();
+        let u = &m["usage"];
+        let served = u["input_tokens"].as_u64().unwrap_or(0)
+            + u["cache_read_input_tokens"].as_u64().unwrap_or(0);
+        assert_eq!(counted, served, "{extra}: {m}");
+    }
+    let r = common::post(
+        &s,
+        "/v1/messages/count_tokens",
+        json!({"model": "local", "messages": []}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    common::anthropic_error(&r.json());
+    let r = common::post(
+        &s,
+        "/v1/messages/count_tokens",
+        json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+}

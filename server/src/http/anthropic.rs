@@ -559,6 +559,28 @@ pub async fn messages(
     routing::respond::<Anthropic>(&state, routed, arrived).await
 }
 
+/// `POST /v1/messages/count_tokens`: the prompt tokens a Messages request would take on the
+/// local model (`{"input_tokens": N}`); the body is a Messages request without `max_tokens`.
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let counted = (|| {
+        let (_, mut json) = params::parse_body_json::<Value>(body, state.max_body_bytes)?;
+        if json.get("max_tokens").is_none() {
+            json["max_tokens"] = json!(1);
+        }
+        let typed: MessagesRequest = params::from_json(&json)?;
+        let req = params::with_output(typed.normalize()?, &json)?;
+        state.check_model(&req.model)?;
+        local::count_prompt_tokens(&state, &req)
+    })();
+    match counted {
+        Ok(n) => Json(json!({"input_tokens": n})).into_response(),
+        Err(e) => routing::error_response(Api::AnthropicMessages, e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -177,6 +177,12 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     })
 }
 
+/// The prompt tokens of a chat request as the local model would see them (template, tools
+/// and all), for Anthropic's `count_tokens`.
+pub fn count_prompt_tokens(state: &AppState, req: &NormalizedRequest) -> Result<usize, ApiError> {
+    Ok(tokenize(state, req)?.iter().map(Vec::len).sum())
+}
+
 /// Whether a chat request's prompt leaves the model inside a `<think>` block (Hy3's template
 /// opens one unless `reasoning_effort` is `no_think`), so its output starts with reasoning.
 /// Read off the template's generation prompt for a one-message probe with the request's
