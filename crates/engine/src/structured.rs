@@ -40,6 +40,47 @@ pub enum OutputConstraint {
     Grammar(String),
 }
 
+impl OutputConstraint {
+    /// The constraint for output that starts inside an open reasoning block (Hy3's template
+    /// opens `<think>`): free thoughts up to the first `</think>` (and the newline the model
+    /// writes after it), then this constraint's answer. A Lark grammar describes the whole
+    /// output already and is returned unchanged.
+    pub fn after_reasoning(&self) -> OutputConstraint {
+        let answer = match self {
+            Self::Grammar(_) => return self.clone(),
+            Self::JsonObject => format!("%json {}", json_schema_text(json!({"type": "object"}))),
+            Self::JsonSchema(s) => format!("%json {}", json_schema_text(s.clone())),
+            Self::Regex(r) => format!("/{}/", llguidance::regex_to_lark(r, "")),
+            Self::Choice(list) => list
+                .iter()
+                .map(|s| Value::from(s.as_str()).to_string())
+                .collect::<Vec<_>>()
+                .join(" | "),
+        };
+        Self::Grammar(grammar_after_reasoning(&format!("start: {answer}\n")))
+    }
+}
+
+/// A Lark grammar (whose top rule is `start`) preceded by free thoughts up to `</think>` and
+/// the newline after it: see [`OutputConstraint::after_reasoning`].
+pub fn grammar_after_reasoning(lark: &str) -> String {
+    let body = lark.trim_start();
+    let body = body.strip_prefix("start:").map_or_else(
+        || format!("answer: {body}"),
+        |rest| format!("answer:{rest}"),
+    );
+    format!("start: think \"\\n\"? answer\nthink[suffix=\"</think>\"]: /(.|\\n)*/\n{body}")
+}
+
+/// A JSON schema as text, compact unless it sets llguidance's own options.
+fn json_schema_text(mut schema: Value) -> String {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_flexible": false}));
+    }
+    schema.to_string()
+}
+
 /// Why a constraint could not be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StructuredError {
@@ -399,6 +440,58 @@ mod tests {
             assert!(accepts(&c, &tok, noop), "{f:?} refuses {noop:?}");
             assert!(accepts(&c, &tok, good), "{f:?} refuses {good:?}");
         }
+    }
+
+    #[test]
+    fn after_reasoning_constraints_allow_free_thoughts_then_the_answer() {
+        let (cc, tok) = compiler();
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}},
+                            "required": ["n"], "additionalProperties": false});
+        let cases = [
+            (OutputConstraint::JsonSchema(schema), "{\"n\":4}", "4"),
+            (OutputConstraint::JsonObject, "{}", "[]"),
+            (OutputConstraint::Regex("[0-9]+".into()), "42", "x"),
+            (
+                OutputConstraint::Choice(vec!["yes".into(), "no".into()]),
+                "no",
+                "maybe",
+            ),
+        ];
+        for (c, good, bad) in cases {
+            let g = c.after_reasoning();
+            let k = cc.compile(&g).unwrap_or_else(|e| panic!("{g:?}: {e}"));
+            for thought in ["", "Let me think: < > { } 2+2 is 4.\nYes.\n"] {
+                let ok = format!("{thought}</think>\n{good}");
+                assert!(accepts(&k, &tok, &ok), "{c:?} refuses {ok:?}");
+                assert!(accepts(&k, &tok, &format!("{thought}</think>{good}")));
+                assert!(
+                    !accepts(&k, &tok, &format!("{thought}</think>\n{bad}")),
+                    "{c:?}"
+                );
+            }
+            // The answer format alone (no closed thoughts) is not the output's language.
+            assert!(
+                !accepts(&k, &tok, good),
+                "{c:?} accepts {good:?} without thoughts"
+            );
+        }
+        let g = OutputConstraint::Grammar("start: \"a\"".into());
+        assert_eq!(g.after_reasoning(), g);
+        // A forced tool call after thoughts.
+        let tools = vec![json!({"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}})];
+        let call = crate::tool_calls::ToolCallFormat::Hy3
+            .forced_call_grammar(&tools, None)
+            .unwrap();
+        let k = cc
+            .compile(&OutputConstraint::Grammar(grammar_after_reasoning(&call)))
+            .unwrap();
+        assert!(accepts(
+            &k,
+            &tok,
+            "hmm\n</think>\n<tool_call>f\n</tool_call>"
+        ));
+        assert!(!accepts(&k, &tok, "<tool_call>f\n</tool_call>"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use axum::response::sse::Event as SseEvent;
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use switchyard_engine::chat::RenderOptions;
 use switchyard_engine::engine::{Completion, Event, GenerateRequest, RequestStream, TokenEvent};
+use switchyard_engine::structured::{grammar_after_reasoning, OutputConstraint};
 use switchyard_router::Outcome;
 
 use super::error::ApiError;
@@ -70,6 +71,9 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             Some(t) => super::tools::forced(&st, t)?,
             None => None,
         };
+        // Output that starts inside the template's open `<think>` block gets free thoughts
+        // first; the constraint applies to the answer after `</think>`.
+        let thinking = opens_reasoning(&st, &r);
         let spec = match (&r.output, forced) {
             (Some(o), Some(_)) => {
                 return Err(ApiError::field(
@@ -77,7 +81,18 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                     "cannot be combined with a tool_choice that forces a tool call",
                 ))
             }
-            (Some(o), None) => Some((o.constraint.clone(), o.param.clone())),
+            (Some(o), None) => {
+                let c = if thinking {
+                    o.constraint.after_reasoning()
+                } else {
+                    o.constraint.clone()
+                };
+                Some((c, o.param.clone()))
+            }
+            (None, Some(OutputConstraint::Grammar(g))) if thinking => Some((
+                OutputConstraint::Grammar(grammar_after_reasoning(&g)),
+                "tool_choice".to_string(),
+            )),
             (None, Some(g)) => Some((g, "tool_choice".to_string())),
             (None, None) => None,
         };
@@ -188,30 +203,13 @@ pub fn count_prompt_tokens(state: &AppState, req: &NormalizedRequest) -> Result<
 /// Read off the template's generation prompt for a one-message probe with the request's
 /// template variables: what follows the last message does not depend on the messages.
 pub fn opens_reasoning(state: &AppState, req: &NormalizedRequest) -> bool {
-    if req.api == Api::OpenAiCompletions || constrained(req) {
+    if req.api == Api::OpenAiCompletions {
         return false;
     }
     let (template, opts) = render_setup(state, req);
     template
         .render(&[switchyard_engine::chat::ChatMessage::user(".")], &opts)
         .is_ok_and(|p| switchyard_engine::reasoning::prompt_opens_reasoning(&p))
-}
-
-/// Whether the answer has a required shape (a JSON schema or object, a regex, a choice, a
-/// forced tool call). Such a request skips the reasoning block: its prompt closes any block
-/// the template opened, as Hy3's `no_think` does, so the constraint applies to the answer from
-/// its first token. A Lark grammar describes the whole output, reasoning included, so it
-/// leaves the block open.
-fn constrained(req: &NormalizedRequest) -> bool {
-    use super::tools::ToolChoice;
-    use switchyard_engine::structured::OutputConstraint;
-    req.output
-        .as_ref()
-        .is_some_and(|o| !matches!(o.constraint, OutputConstraint::Grammar(_)))
-        || req
-            .tools
-            .as_ref()
-            .is_some_and(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Function(_)))
 }
 
 /// The template and options a chat request renders with.
@@ -240,14 +238,9 @@ fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, 
     match req.api {
         Api::OpenAiChat | Api::AnthropicMessages => {
             let (template, opts) = render_setup(state, req);
-            let mut text = template
+            let text = template
                 .render(&req.messages, &opts)
                 .map_err(|e| ApiError::field(param, e.to_string()))?;
-            if constrained(req) && switchyard_engine::reasoning::prompt_opens_reasoning(&text) {
-                text.push('\n');
-                text.push_str(switchyard_engine::reasoning::THINK_END);
-                text.push('\n');
-            }
             Ok(vec![enc(&text, false)?])
         }
         Api::OpenAiCompletions => req
