@@ -184,3 +184,140 @@ async fn two_hundred_dropped_streams_free_every_kv_block() {
         .as_u64()
         .is_some_and(|n| n >= 1));
 }
+
+/// Every new decoding feature at once, on one small server with speculative drafts on and a KV
+/// cache small enough to preempt: structured outputs, forced tool calls, predictions,
+/// logit_bias, echo and plain requests, streamed and not, 24 in flight. Every answer has its
+/// promised shape, and afterwards nothing runs and no KV block is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_feature_requests_together_all_finish_in_shape() {
+    let s = Server::start_with(common::Opts {
+        args: &[
+            "--max-model-len",
+            "1024",
+            "--kv-cache-memory",
+            "1MiB",
+            "--speculative-config",
+            r#"{"method":"ngram","num_speculative_tokens":3,"prompt_lookup_min":1}"#,
+        ],
+        ..Default::default()
+    });
+    let c = client();
+    let schema = json!({"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                        "required": ["k", "n"], "additionalProperties": false});
+    let tool = json!({"type": "function", "function": {"name": "t", "parameters": {"type": "object",
+        "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"], "additionalProperties": false}}});
+    let mut tasks = Vec::new();
+    for i in 0..24usize {
+        let c = c.clone();
+        let (schema, tool) = (schema.clone(), tool.clone());
+        let chat_url = s.url("/v1/chat/completions");
+        let comp_url = s.url("/v1/completions");
+        tasks.push(tokio::spawn(async move {
+            let stream = i % 2 == 1;
+            let msgs = json!([{"role": "user", "content": format!("abc abc abc request {i}")}]);
+            let (url, body, kind) = match i % 6 {
+                0 => (chat_url, json!({"model": "local", "messages": msgs, "max_tokens": 60, "temperature": 1.0, "seed": i,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}), "schema"),
+                1 => (chat_url, json!({"model": "local", "messages": msgs, "max_tokens": 60, "temperature": 1.0, "seed": i,
+                    "tools": [tool], "tool_choice": "required"}), "tool"),
+                2 => (chat_url, json!({"model": "local", "messages": msgs, "max_tokens": 20, "temperature": 0,
+                    "prediction": {"type": "content", "content": "abc abc abc abc"}}), "plain"),
+                3 => (comp_url, json!({"model": "local", "prompt": "abc abc abc", "max_tokens": 8, "echo": true, "logprobs": 1}), "echo"),
+                4 => (chat_url, json!({"model": "local", "messages": msgs, "max_tokens": 16, "logit_bias": {"65": 100}}), "plain"),
+                _ => (comp_url, json!({"model": "local", "prompt": format!("xyz {i} xyz {i} xyz"), "max_tokens": 24, "ignore_eos": true}), "plain"),
+            };
+            let mut body = body;
+            if stream && kind != "echo" {
+                body["stream"] = json!(true);
+            }
+            let r = c.post(&url).json(&body).send().await.expect("send");
+            assert_eq!(r.status(), 200, "request {i} ({kind})");
+            let text = r.text().await.expect("body");
+            (i, kind, stream && kind != "echo", text)
+        }));
+    }
+    for t in tasks {
+        let (i, kind, streamed, text) = t.await.expect("task");
+        // Gather the answer: content (or text) and tool calls, from JSON or SSE.
+        let (mut content, mut calls) = (String::new(), Vec::<Value>::new());
+        let mut take = |v: &Value| {
+            let ch = &v["choices"][0];
+            let m = if streamed {
+                &ch["delta"]
+            } else {
+                &ch["message"]
+            };
+            content.push_str(m["content"].as_str().or(ch["text"].as_str()).unwrap_or(""));
+            if let Some(tc) = m["tool_calls"].as_array() {
+                calls.extend(tc.iter().cloned());
+            }
+        };
+        if streamed {
+            assert!(text.ends_with("data: [DONE]\n\n"), "request {i}: {text}");
+            for (_, d) in common::parse_sse(&text) {
+                if d != "[DONE]" {
+                    take(&serde_json::from_str(&d).expect("chunk"));
+                }
+            }
+        } else {
+            take(&serde_json::from_str(&text).expect("json"));
+        }
+        match kind {
+            "schema" => {
+                let v: Value = serde_json::from_str(&content)
+                    .unwrap_or_else(|e| panic!("request {i}: {e}: {content:?}"));
+                assert!(v["k"] == "a" || v["k"] == "b", "request {i}: {content}");
+            }
+            "tool" => {
+                assert_eq!(calls.len(), 1, "request {i}: {text}");
+                let args: Value =
+                    serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("args"))
+                        .expect("JSON args");
+                assert!(
+                    args["x"].as_u64().is_some_and(|x| x <= 9),
+                    "request {i}: {args}"
+                );
+            }
+            "echo" => assert!(
+                content.starts_with("abc abc abc"),
+                "request {i}: {content:?}"
+            ),
+            _ => {}
+        }
+    }
+    // Nothing left running, no block held.
+    let mut used = f64::NAN;
+    for _ in 0..100 {
+        let m = c
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        used = metric(&m, "switchyard_kv_cache_blocks_used").unwrap_or(f64::NAN);
+        if used == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(used, 0.0);
+    let m = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let pre = metric(&m, "switchyard_engine_preemptions").unwrap_or(0.0);
+    let acc = metric(&m, "switchyard_spec_decode_accepted_tokens").unwrap_or(0.0);
+    println!("mixed features: {pre} preemptions, {acc} draft tokens accepted");
+    assert!(pre > 0.0, "the 1 MiB cache should have forced preemptions");
+    assert!(
+        acc > 0.0,
+        "drafts (lookup, prediction or forced text) should have been accepted"
+    );
+}
