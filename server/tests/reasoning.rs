@@ -209,3 +209,47 @@ async fn structured_outputs_apply_after_the_reasoning() {
         v["usage"]["prompt_tokens"]
     );
 }
+
+/// Anthropic's `thinking` picks the template's reasoning mode: disabled renders Hy3's
+/// `no_think` prompt, a small budget `low`, otherwise `high`.
+#[tokio::test]
+async fn anthropic_thinking_sets_the_reasoning_effort() {
+    let (s, _dir) = hy3_server();
+    let prompt_tokens = |v: &Value| {
+        v["usage"]["input_tokens"].as_u64().unwrap_or(0)
+            + v["usage"]["cache_read_input_tokens"].as_u64().unwrap_or(0)
+    };
+    let msg = |thinking: Value| {
+        let mut b = json!({"model": "local", "max_tokens": 1, "temperature": 0,
+                           "messages": [{"role": "user", "content": "2+2?"}]});
+        if !thinking.is_null() {
+            b["thinking"] = thinking;
+        }
+        b
+    };
+    let chat = |effort: &str| {
+        json!({"model": "local", "max_tokens": 1, "temperature": 0,
+               "messages": [{"role": "user", "content": "2+2?"}],
+               "chat_template_kwargs": {"reasoning_effort": effort}})
+    };
+    for (thinking, effort) in [
+        (json!({"type": "disabled"}), "no_think"),
+        (json!({"type": "enabled", "budget_tokens": 1024}), "low"),
+        (json!({"type": "enabled", "budget_tokens": 16000}), "high"),
+        (Value::Null, "high"),
+    ] {
+        let a = post(&s, "/v1/messages", msg(thinking.clone()), &[]).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let o = post(&s, "/v1/chat/completions", chat(effort), &[])
+            .await
+            .json();
+        assert_eq!(
+            prompt_tokens(&a.json()),
+            o["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            "{thinking} vs {effort}"
+        );
+    }
+    let r = post(&s, "/v1/messages", msg(json!({"type": "sometimes"})), &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("thinking.type"), "{}", r.text);
+}

@@ -373,3 +373,44 @@ async fn bad_tools_and_choices_are_400_naming_the_field() {
         assert!(msg.contains(needle), "{extra}: {v}");
     }
 }
+
+/// Two calls in one answer come back as two; `parallel_tool_calls: false` (Anthropic:
+/// `disable_parallel_tool_use`) keeps the first.
+#[tokio::test]
+async fn parallel_calls_and_their_opt_out() {
+    let s = server();
+    let call = |city: &str| {
+        format!(
+            r#"<tool_call>{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"{city}\", \"days\": 1}}}}</tool_call>"#
+        )
+    };
+    let grammar = format!("start: \"{}\" \"\\n\" \"{}\"", call("a"), call("b"));
+    for (parallel, want) in [(Value::Null, 2), (json!(true), 2), (json!(false), 1)] {
+        let mut body = chat(json!({"structured_outputs": {"grammar": grammar}, "max_tokens": 400}));
+        if !parallel.is_null() {
+            body["parallel_tool_calls"] = parallel.clone();
+        }
+        let r = post(&s, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let calls = r.json()["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(calls, want, "parallel_tool_calls {parallel}");
+    }
+    for (disable, want) in [(false, 2), (true, 1)] {
+        let body = json!({"model": "local", "max_tokens": 400, "temperature": 0,
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]}],
+            "tool_choice": {"type": "auto", "disable_parallel_tool_use": disable},
+            "structured_outputs": {"grammar": grammar}});
+        let r = post(&s, "/v1/messages", body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let uses = r.json()["content"]
+            .as_array()
+            .expect("content")
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .count();
+        assert_eq!(uses, want, "disable_parallel_tool_use {disable}");
+    }
+}

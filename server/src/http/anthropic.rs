@@ -58,8 +58,37 @@ pub struct MessagesRequest {
     stream: Option<bool>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
+    /// Extended thinking: `{"type": "enabled", "budget_tokens": N}` or `{"type": "disabled"}`.
+    thinking: Option<Value>,
     /// Extension (as on the OpenAI endpoints): keep generating past end-of-sequence tokens.
     ignore_eos: Option<bool>,
+}
+
+/// Anthropic's `thinking` as the chat template's `reasoning_effort` (Hy3's names): disabled is
+/// `no_think`, enabled is `high`, or `low` under a small budget (below 2048 tokens, Anthropic's
+/// lowest budget being 1024); absent leaves the template's default.
+fn thinking_effort(v: Option<Value>) -> Result<Option<&'static str>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("disabled") => Ok(Some("no_think")),
+        Some("enabled") => match v.get("budget_tokens") {
+            None => Ok(Some("high")),
+            Some(b) => match b.as_u64() {
+                Some(n) if n < 2048 => Ok(Some("low")),
+                Some(_) => Ok(Some("high")),
+                None => Err(ApiError::field(
+                    "thinking.budget_tokens",
+                    format!("must be a positive integer, got {b}"),
+                )),
+            },
+        },
+        _ => Err(ApiError::field(
+            "thinking.type",
+            "must be \"enabled\" or \"disabled\"",
+        )),
+    }
 }
 
 /// Text of a string or a list of `{"type": "text", "text"}` blocks.
@@ -197,7 +226,10 @@ impl MessagesRequest {
             n: 1,
             stream: self.stream.unwrap_or(false),
             include_usage: false,
-            template_kwargs: Map::new(),
+            template_kwargs: match thinking_effort(self.thinking)? {
+                Some(e) => Map::from_iter([("reasoning_effort".to_string(), Value::from(e))]),
+                None => Map::new(),
+            },
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
             tools,

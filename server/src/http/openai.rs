@@ -76,6 +76,7 @@ pub struct ChatRequest {
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     prediction: Option<Value>,
     ignore_eos: Option<bool>,
 }
@@ -230,7 +231,7 @@ fn template_calls(calls: Vec<Value>, at: &str) -> Result<Value, ApiError> {
 impl ChatRequest {
     fn normalize(self, sampling: SamplingFields) -> Result<NormalizedRequest, ApiError> {
         params::check_conversation(self.messages.len())?;
-        let tools = super::tools::openai(self.tools, self.tool_choice)?;
+        let tools = super::tools::openai(self.tools, self.tool_choice, self.parallel_tool_calls)?;
         let mut messages = Vec::with_capacity(self.messages.len());
         for (i, m) in self.messages.into_iter().enumerate() {
             let at = format!("messages[{i}]");

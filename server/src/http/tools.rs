@@ -40,6 +40,9 @@ pub struct ToolRequest {
     pub tools: Vec<Value>,
     /// `tool_choice`.
     pub choice: ToolChoice,
+    /// At most one call per answer (OpenAI `parallel_tool_calls: false`; Anthropic
+    /// `disable_parallel_tool_use`): later calls are dropped.
+    pub single_call: bool,
 }
 
 impl ToolRequest {
@@ -70,7 +73,11 @@ impl ToolRequest {
                 _ => Ok(None),
             };
         }
-        let r = Self { tools, choice };
+        let r = Self {
+            tools,
+            choice,
+            single_call: false,
+        };
         if let ToolChoice::Function(n) = &r.choice {
             if !r.names().any(|m| m == n) {
                 return Err(ApiError::field(
@@ -121,8 +128,20 @@ fn too_many(n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// OpenAI's `tools` and `tool_choice`.
+/// OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
 pub fn openai(
+    tools: Option<Vec<Value>>,
+    choice: Option<Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let r = openai_tools(tools, choice)?;
+    Ok(r.map(|r| ToolRequest {
+        single_call: parallel == Some(false),
+        ..r
+    }))
+}
+
+fn openai_tools(
     tools: Option<Vec<Value>>,
     choice: Option<Value>,
 ) -> Result<Option<ToolRequest>, ApiError> {
@@ -213,6 +232,11 @@ pub fn anthropic(
         );
         defs.push(json!({"type": "function", "function": f}));
     }
+    let single_call = choice
+        .as_ref()
+        .and_then(|c| c.get("disable_parallel_tool_use"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let choice = match choice {
         None | Some(Value::Null) => ToolChoice::Auto,
         Some(v) => match v.get("type").and_then(Value::as_str) {
@@ -231,7 +255,8 @@ pub fn anthropic(
             }
         },
     };
-    ToolRequest::build(defs, choice, "tool_choice.name")
+    Ok(ToolRequest::build(defs, choice, "tool_choice.name")?
+        .map(|r| ToolRequest { single_call, ..r }))
 }
 
 /// The template requests with active tools render with.
@@ -268,6 +293,7 @@ pub fn arguments_json(c: &ToolCall) -> String {
 pub struct ActiveTools {
     format: ToolCallFormat,
     tools: Vec<Value>,
+    single_call: bool,
 }
 
 /// The request's tools when calls are parsed (tools given, `tool_choice` not `none`, a chat
@@ -277,6 +303,7 @@ pub fn active(state: &AppState, req: &super::route::NormalizedRequest) -> Option
     Some(ActiveTools {
         format: format(state),
         tools: t.tools.clone(),
+        single_call: t.single_call,
     })
 }
 
@@ -287,13 +314,21 @@ impl ActiveTools {
         if p.calls.is_empty() {
             (text.to_string(), vec![])
         } else {
-            (p.content, p.calls)
+            (p.content, self.limit(p.calls))
         }
     }
 
     /// The end of a streamed answer: content still held and the calls.
     pub fn finish(&self, s: ToolCallStream) -> (String, Vec<ToolCall>) {
-        s.finish(self.format, &self.tools)
+        let (content, calls) = s.finish(self.format, &self.tools);
+        (content, self.limit(calls))
+    }
+
+    fn limit(&self, mut calls: Vec<ToolCall>) -> Vec<ToolCall> {
+        if self.single_call {
+            calls.truncate(1);
+        }
+        calls
     }
 }
 
