@@ -235,6 +235,7 @@ impl MessagesRequest {
             tools,
             prediction: None,
             echo: false,
+            opens_reasoning: Default::default(),
         })
     }
 }

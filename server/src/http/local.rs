@@ -64,7 +64,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     let st = state.clone();
     let r = req.clone();
     // Tokenising and compiling a grammar both take milliseconds: off the async workers.
-    let (prompts, constraint, prediction) = tokio::task::spawn_blocking(move || {
+    let (prompts, constraint, prediction, thinking) = tokio::task::spawn_blocking(move || {
         let prompts = tokenize(&st, &r)?;
         // A forced tool call is a grammar too; it cannot be combined with another format.
         let forced = match r.tools.as_ref() {
@@ -111,10 +111,12 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             })?),
             None => None,
         };
-        Ok::<_, ApiError>((prompts, constraint, prediction))
+        Ok::<_, ApiError>((prompts, constraint, prediction, thinking))
     })
     .await
     .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))??;
+    // The probe ran on a copy: keep its answer for the response paths.
+    let _ = req.opens_reasoning.set(thinking);
     let info = state.engine.info();
     let vocab = info.model.vocab_size;
     if let Some(&(id, _)) = req
@@ -206,10 +208,12 @@ pub fn opens_reasoning(state: &AppState, req: &NormalizedRequest) -> bool {
     if req.api == Api::OpenAiCompletions {
         return false;
     }
-    let (template, opts) = render_setup(state, req);
-    template
-        .render(&[switchyard_engine::chat::ChatMessage::user(".")], &opts)
-        .is_ok_and(|p| switchyard_engine::reasoning::prompt_opens_reasoning(&p))
+    *req.opens_reasoning.get_or_init(|| {
+        let (template, opts) = render_setup(state, req);
+        template
+            .render(&[switchyard_engine::chat::ChatMessage::user(".")], &opts)
+            .is_ok_and(|p| switchyard_engine::reasoning::prompt_opens_reasoning(&p))
+    })
 }
 
 /// The template and options a chat request renders with.

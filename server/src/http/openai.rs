@@ -319,6 +319,7 @@ impl ChatRequest {
             tools,
             prediction: prediction(self.prediction)?,
             echo: false,
+            opens_reasoning: Default::default(),
         })
     }
 }
@@ -411,6 +412,7 @@ impl CompletionRequest {
             tools: None,
             prediction: None,
             echo: self.echo.unwrap_or(false),
+            opens_reasoning: Default::default(),
         })
     }
 }

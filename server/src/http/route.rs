@@ -114,6 +114,9 @@ pub struct NormalizedRequest {
     /// Completions `echo`: the prompt is returned before the completion (with its logprobs
     /// when `logprobs` is set).
     pub echo: bool,
+    /// Whether the prompt opens a reasoning block, once probed
+    /// ([`super::local::opens_reasoning`]; several response paths ask).
+    pub opens_reasoning: std::sync::OnceLock<bool>,
 }
 
 impl NormalizedRequest {
