@@ -83,14 +83,7 @@ async fn serve_with_drafts_answers_as_without_and_counts_them() {
     let (streamed, _) = completion(&spec, true).await;
     assert_eq!(streamed, want, "streamed text with drafts");
 
-    let m = client()
-        .get(spec.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let m = common::metrics_text(&spec).await;
     let drafted = metric(&m, "switchyard_spec_decode_draft_tokens").expect("draft metric");
     let accepted = metric(&m, "switchyard_spec_decode_accepted_tokens").expect("accepted metric");
     println!("tiny model, repeating prompt: {accepted} of {drafted} drafts accepted");

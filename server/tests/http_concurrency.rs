@@ -289,14 +289,7 @@ async fn mixed_feature_requests_together_all_finish_in_shape() {
     // Nothing left running, no block held.
     let mut used = f64::NAN;
     for _ in 0..100 {
-        let m = c
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let m = common::metrics_text(&s).await;
         used = metric(&m, "switchyard_kv_cache_blocks_used").unwrap_or(f64::NAN);
         if used == 0.0 {
             break;
@@ -304,14 +297,7 @@ async fn mixed_feature_requests_together_all_finish_in_shape() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(used, 0.0);
-    let m = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = common::metrics_text(&s).await;
     let pre = metric(&m, "switchyard_engine_preemptions").unwrap_or(0.0);
     let acc = metric(&m, "switchyard_spec_decode_accepted_tokens").unwrap_or(0.0);
     println!("mixed features: {pre} preemptions, {acc} draft tokens accepted");

@@ -264,6 +264,18 @@ pub fn parse_sse(body: &str) -> Vec<(Option<String>, String)> {
         .collect()
 }
 
+/// `GET /metrics` of `s`, as text.
+pub async fn metrics_text(s: &Server) -> String {
+    client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// The value of a Prometheus sample line `name{labels} value` (first match, labels optional).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
