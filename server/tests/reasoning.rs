@@ -253,3 +253,49 @@ async fn anthropic_thinking_sets_the_reasoning_effort() {
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.text.contains("thinking.type"), "{}", r.text);
 }
+
+/// `thinking.budget_tokens` caps the reasoning: the random model never closes its thoughts by
+/// itself, so an answer block after a short thinking block shows the tag was forced.
+#[tokio::test]
+async fn a_thinking_budget_forces_the_answer() {
+    let (s, _dir) = hy3_server();
+    let body = |thinking: Value| {
+        json!({"model": "local", "max_tokens": 40, "temperature": 0, "thinking": thinking,
+               "messages": [{"role": "user", "content": "2+2?"}]})
+    };
+    let r = post(
+        &s,
+        "/v1/messages",
+        body(json!({"type": "enabled", "budget_tokens": 6})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let blocks = v["content"].as_array().expect("content");
+    assert_eq!(blocks[0]["type"], "thinking", "{v}");
+    assert_eq!(blocks[1]["type"], "text", "{v}");
+    let thought = blocks[0]["thinking"].as_str().expect("thinking");
+    assert!(
+        !thought.is_empty() && !blocks[1]["text"].as_str().unwrap_or("").is_empty(),
+        "{v}"
+    );
+    // Without a budget the same prompt (reasoning_effort low, as budget 6 picks) thinks until
+    // max_tokens, and the budgeted thoughts are its beginning (greedy).
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 40, "temperature": 0,
+               "messages": [{"role": "user", "content": "2+2?"}],
+               "chat_template_kwargs": {"reasoning_effort": "low"}}),
+        &[],
+    )
+    .await;
+    let m = &r.json()["choices"][0]["message"];
+    assert_eq!(m["content"], "", "{m}");
+    let long = m["reasoning_content"].as_str().expect("reasoning");
+    assert!(
+        long.starts_with(thought.trim_end()),
+        "{thought:?} vs {long:?}"
+    );
+}

@@ -18,6 +18,7 @@ use crate::block_pool::{BlockPool, SharedPool};
 use crate::parallel::{EngineModel, Runner};
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
+use crate::reasoning::ReasoningBudget;
 use crate::speculative::{Prediction, SpeculativeConfig, PREDICTION_DRAFT_TOKENS};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
 use crate::structured::{Constraint, ConstraintCompiler, OutputConstraint, StructuredError};
@@ -87,6 +88,9 @@ pub struct GenerateRequest {
     /// most likely alternatives (the completions API's `echo` with `logprobs`). The prompt is
     /// then computed in full: it does not share KV blocks with other requests.
     pub prompt_logprobs: Option<usize>,
+    /// The output starts inside a reasoning block (the prompt opened `<think>`): after this
+    /// many tokens of reasoning the closing tag is forced ([`ReasoningBudget`]).
+    pub reasoning_budget: Option<usize>,
 }
 
 /// A prompt token's logprob (the first token has none: nothing precedes it).
@@ -116,6 +120,7 @@ impl GenerateRequest {
             constraint: None,
             prediction: None,
             prompt_logprobs: None,
+            reasoning_budget: None,
         }
     }
 }
@@ -592,6 +597,8 @@ struct ReqState {
     return_logits: bool,
     constraint: Option<Constraint>,
     prediction: Option<Prediction>,
+    /// Reasoning budget, when the request has one.
+    budget: Option<ReasoningBudget>,
     /// Prompt logprobs asked for (`n` alternatives), filled by position as the prompt is
     /// computed (a recompute after preemption overwrites, never duplicates).
     prompt_logprobs: Option<(usize, Vec<Option<PromptLogprob>>)>,
@@ -707,6 +714,7 @@ impl Loop {
                         return_logits: req.return_logits,
                         constraint: req.constraint,
                         prediction: req.prediction.map(Prediction::new),
+                        budget: req.reasoning_budget.map(ReasoningBudget::new),
                         prompt_logprobs: req.prompt_logprobs.map(|n| (n, vec![None; prompt_len])),
                         drafted: 0,
                         accepted: 0,
@@ -947,14 +955,32 @@ impl Loop {
             return Ok(None);
         };
         let generated = &tokens[st.prompt_len..];
-        let allowed = match st.constraint.as_mut() {
-            Some(c) => Some(c.allowed().map_err(|e| e.to_string())?),
-            None => None,
+        // A spent reasoning budget forces the closing tag, token by token; otherwise the
+        // constraint's mask (if any) applies.
+        let tokenizer = &self.tokenizer;
+        let close = || {
+            let text = format!("\n{}\n", crate::reasoning::THINK_END);
+            tokenizer.encode(&text, false).unwrap_or_default()
+        };
+        let forced = st.budget.as_mut().and_then(|b| b.forced(close));
+        let allowed = match (forced, st.constraint.as_mut()) {
+            (Some(t), _) => {
+                let mut m = vec![0u32; row.len().div_ceil(32)];
+                if let Some(w) = m.get_mut(t as usize / 32) {
+                    *w |= 1 << (t % 32);
+                }
+                Some(m)
+            }
+            (None, Some(c)) => Some(c.allowed().map_err(|e| e.to_string())?),
+            (None, None) => None,
         };
         let pick = st
             .sampler
             .sample_with(&row, generated, draft, allowed.as_deref())
             .map_err(|e| e.to_string())?;
+        if let Some(b) = st.budget.as_mut() {
+            b.push(pick.id, &tokenizer.decode(&[pick.id], false).unwrap_or_default());
+        }
         let first = st.ttft.is_none();
         if first {
             st.ttft = Some(st.submitted.elapsed());

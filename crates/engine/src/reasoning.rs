@@ -35,6 +35,79 @@ pub fn split(text: &str, opened: bool) -> (Option<String>, String) {
     (reasoning, answer)
 }
 
+/// Caps a request's reasoning: after `max` generated tokens still inside the block, the
+/// closing tag is forced one token at a time (Anthropic's `thinking.budget_tokens`).
+#[derive(Debug, Clone)]
+pub struct ReasoningBudget {
+    max: usize,
+    used: usize,
+    /// Recent output text, to notice the closing tag.
+    tail: String,
+    /// The block is closed: nothing more to count or force.
+    done: bool,
+    /// The budget ran out and the closing tag's tokens were queued.
+    started: bool,
+    /// The closing tag's tokens still to force.
+    forcing: std::collections::VecDeque<u32>,
+}
+
+impl ReasoningBudget {
+    /// A budget of `max` reasoning tokens for output that starts inside the block.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            used: 0,
+            tail: String::new(),
+            done: false,
+            started: false,
+            forcing: Default::default(),
+        }
+    }
+
+    /// The token the budget forces next, if any; `close` tokenises the closing text when the
+    /// budget has just run out.
+    pub fn forced(&mut self, close: impl FnOnce() -> Vec<u32>) -> Option<u32> {
+        if self.done {
+            return None;
+        }
+        if self.forcing.is_empty() {
+            if self.started {
+                self.done = true;
+                return None;
+            }
+            if self.used >= self.max {
+                self.started = true;
+                self.forcing = close().into();
+            }
+        }
+        self.forcing.front().copied()
+    }
+
+    /// Records a generated token and its text.
+    pub fn push(&mut self, token: u32, text: &str) {
+        if self.done {
+            return;
+        }
+        if self.forcing.front() == Some(&token) {
+            self.forcing.pop_front();
+        } else if !self.started {
+            self.used += 1;
+        }
+        self.tail.push_str(text);
+        if self.tail.contains(THINK_END) {
+            self.done = true;
+            self.forcing.clear();
+            return;
+        }
+        let keep = self.tail.len().saturating_sub(THINK_END.len());
+        let cut = (0..=keep)
+            .rev()
+            .find(|&i| self.tail.is_char_boundary(i))
+            .unwrap_or(0);
+        self.tail.drain(..cut);
+    }
+}
+
 /// A piece of streamed output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Part {
@@ -163,6 +236,28 @@ fn partial_suffix(s: &str, tag: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_force_the_closing_tag_then_stop() {
+        let mut b = ReasoningBudget::new(2);
+        let close = || vec![90, 91];
+        assert_eq!(b.forced(close), None);
+        b.push(1, "a");
+        assert_eq!(b.forced(close), None);
+        b.push(2, "b");
+        assert_eq!(b.forced(close), Some(90));
+        b.push(90, "\n</thi");
+        assert_eq!(b.forced(close), Some(91));
+        b.push(91, "nk>\n");
+        assert_eq!(b.forced(close), None, "closed: nothing more forced");
+        // A model that closes the block itself is never forced.
+        let mut b = ReasoningBudget::new(3);
+        b.push(5, "ok</think>");
+        b.push(6, "x");
+        b.push(7, "y");
+        b.push(8, "z");
+        assert_eq!(b.forced(close), None);
+    }
 
     #[test]
     fn prompts_that_open_a_block() {

@@ -226,7 +226,7 @@ impl MessagesRequest {
             n: 1,
             stream: self.stream.unwrap_or(false),
             include_usage: false,
-            template_kwargs: match thinking_effort(self.thinking)? {
+            template_kwargs: match thinking_effort(self.thinking.clone())? {
                 Some(e) => Map::from_iter([("reasoning_effort".to_string(), Value::from(e))]),
                 None => Map::new(),
             },
@@ -236,6 +236,12 @@ impl MessagesRequest {
             prediction: None,
             echo: false,
             opens_reasoning: Default::default(),
+            reasoning_budget: self
+                .thinking
+                .as_ref()
+                .filter(|t| t["type"] == "enabled")
+                .and_then(|t| t["budget_tokens"].as_u64())
+                .map(|b| b as usize),
         })
     }
 }

@@ -183,6 +183,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 prediction: prediction.clone(),
                 // `echo` with `logprobs`: the prompt's logprobs too.
                 prompt_logprobs: req.sampling.logprobs.filter(|_| req.echo),
+                reasoning_budget: req.reasoning_budget.filter(|_| thinking),
             });
         }
     }

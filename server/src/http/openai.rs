@@ -320,6 +320,7 @@ impl ChatRequest {
             prediction: prediction(self.prediction)?,
             echo: false,
             opens_reasoning: Default::default(),
+            reasoning_budget: None,
         })
     }
 }
@@ -413,6 +414,7 @@ impl CompletionRequest {
             prediction: None,
             echo: self.echo.unwrap_or(false),
             opens_reasoning: Default::default(),
+            reasoning_budget: None,
         })
     }
 }

@@ -117,6 +117,8 @@ pub struct NormalizedRequest {
     /// Whether the prompt opens a reasoning block, once probed
     /// ([`super::local::opens_reasoning`]; several response paths ask).
     pub opens_reasoning: std::sync::OnceLock<bool>,
+    /// Most reasoning tokens before `</think>` is forced (Anthropic `thinking.budget_tokens`).
+    pub reasoning_budget: Option<usize>,
 }
 
 impl NormalizedRequest {
