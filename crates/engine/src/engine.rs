@@ -16,9 +16,9 @@ use tokio::sync::mpsc as tmpsc;
 
 use crate::block_pool::{BlockPool, SharedPool};
 use crate::parallel::{EngineModel, Runner};
+use crate::reasoning::ReasoningBudget;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
-use crate::reasoning::ReasoningBudget;
 use crate::speculative::{Prediction, SpeculativeConfig, PREDICTION_DRAFT_TOKENS};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
 use crate::structured::{Constraint, ConstraintCompiler, OutputConstraint, StructuredError};
@@ -979,7 +979,10 @@ impl Loop {
             .sample_with(&row, generated, draft, allowed.as_deref())
             .map_err(|e| e.to_string())?;
         if let Some(b) = st.budget.as_mut() {
-            b.push(pick.id, &tokenizer.decode(&[pick.id], false).unwrap_or_default());
+            b.push(
+                pick.id,
+                &tokenizer.decode(&[pick.id], false).unwrap_or_default(),
+            );
         }
         let first = st.ttft.is_none();
         if first {
