@@ -62,6 +62,7 @@ impl ToolRequest {
     fn build(
         tools: Vec<Value>,
         choice: ToolChoice,
+        single_call: bool,
         name_param: &str,
     ) -> Result<Option<Self>, ApiError> {
         if tools.is_empty() {
@@ -76,7 +77,7 @@ impl ToolRequest {
         let r = Self {
             tools,
             choice,
-            single_call: false,
+            single_call,
         };
         if let ToolChoice::Function(n) = &r.choice {
             if !r.names().any(|m| m == n) {
@@ -118,14 +119,27 @@ fn check_schema(v: Option<&Value>, at: &str) -> Result<Value, ApiError> {
     }
 }
 
-fn too_many(n: usize) -> Result<(), ApiError> {
-    if n > MAX_TOOLS {
+/// The request's tool definitions, each checked and converted by `one(tool, "tools[i]")` into
+/// OpenAI's `{"type": "function", "function": {...}}` form.
+fn definitions(
+    tools: Option<Vec<Value>>,
+    one: impl Fn(&Value, &str) -> Result<Value, ApiError>,
+) -> Result<Vec<Value>, ApiError> {
+    let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS {
         return Err(ApiError::field(
             "tools",
-            format!("at most {MAX_TOOLS} tools are accepted, got {n}"),
+            format!(
+                "at most {MAX_TOOLS} tools are accepted, got {}",
+                tools.len()
+            ),
         ));
     }
-    Ok(())
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| one(t, &format!("tools[{i}]")))
+        .collect()
 }
 
 /// OpenAI's `tools`, `tool_choice` and `parallel_tool_calls`.
@@ -134,22 +148,7 @@ pub fn openai(
     choice: Option<Value>,
     parallel: Option<bool>,
 ) -> Result<Option<ToolRequest>, ApiError> {
-    let r = openai_tools(tools, choice)?;
-    Ok(r.map(|r| ToolRequest {
-        single_call: parallel == Some(false),
-        ..r
-    }))
-}
-
-fn openai_tools(
-    tools: Option<Vec<Value>>,
-    choice: Option<Value>,
-) -> Result<Option<ToolRequest>, ApiError> {
-    let tools = tools.unwrap_or_default();
-    too_many(tools.len())?;
-    let mut defs = Vec::with_capacity(tools.len());
-    for (i, t) in tools.iter().enumerate() {
-        let at = format!("tools[{i}]");
+    let defs = definitions(tools, |t, at| {
         if t.get("type").and_then(Value::as_str) != Some("function") {
             return Err(ApiError::field(
                 format!("{at}.type"),
@@ -167,8 +166,8 @@ fn openai_tools(
         check_name(name, &format!("{at}.function.name"))?;
         let mut f = f.clone();
         f["parameters"] = check_schema(f.get("parameters"), &format!("{at}.function.parameters"))?;
-        defs.push(json!({"type": "function", "function": f}));
-    }
+        Ok(json!({"type": "function", "function": f}))
+    })?;
     let choice = match choice {
         None | Some(Value::Null) => ToolChoice::Auto,
         Some(Value::String(s)) => match s.as_str() {
@@ -192,7 +191,12 @@ fn openai_tools(
             }
         }
     };
-    ToolRequest::build(defs, choice, "tool_choice.function.name")
+    ToolRequest::build(
+        defs,
+        choice,
+        parallel == Some(false),
+        "tool_choice.function.name",
+    )
 }
 
 /// Anthropic's `tools` (`name`, `description`, `input_schema`) and `tool_choice`
@@ -201,11 +205,7 @@ pub fn anthropic(
     tools: Option<Vec<Value>>,
     choice: Option<Value>,
 ) -> Result<Option<ToolRequest>, ApiError> {
-    let tools = tools.unwrap_or_default();
-    too_many(tools.len())?;
-    let mut defs = Vec::with_capacity(tools.len());
-    for (i, t) in tools.iter().enumerate() {
-        let at = format!("tools[{i}]");
+    let defs = definitions(tools, |t, at| {
         if let Some(kind) = t.get("type").and_then(Value::as_str) {
             if kind != "custom" {
                 return Err(ApiError::Unsupported {
@@ -230,8 +230,8 @@ pub fn anthropic(
             "parameters".into(),
             check_schema(t.get("input_schema"), &format!("{at}.input_schema"))?,
         );
-        defs.push(json!({"type": "function", "function": f}));
-    }
+        Ok(json!({"type": "function", "function": f}))
+    })?;
     let single_call = choice
         .as_ref()
         .and_then(|c| c.get("disable_parallel_tool_use"))
@@ -255,8 +255,7 @@ pub fn anthropic(
             }
         },
     };
-    Ok(ToolRequest::build(defs, choice, "tool_choice.name")?
-        .map(|r| ToolRequest { single_call, ..r }))
+    ToolRequest::build(defs, choice, single_call, "tool_choice.name")
 }
 
 /// The template requests with active tools render with.
