@@ -1007,22 +1007,19 @@ impl Loop {
                 complete = c.is_finished();
             }
         }
-        if delta.finish_reason.is_none() && complete {
-            let tail = st
-                .stream
-                .finish(&self.tokenizer, FinishReason::Stop)
-                .map_err(|e| e.to_string())?;
-            delta.text.push_str(&tail.text);
-            delta.finish_reason = tail.finish_reason;
-            delta.stop = tail.stop;
-        }
-        if delta.finish_reason.is_none()
-            && (n_generated >= st.max_tokens
-                || tokens.len() + 1 >= self.sched.config().max_model_len)
+        let ends = if complete {
+            Some(FinishReason::Stop)
+        } else if n_generated >= st.max_tokens
+            || tokens.len() + 1 >= self.sched.config().max_model_len
         {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let (None, Some(reason)) = (&delta.finish_reason, ends) {
             let tail = st
                 .stream
-                .finish(&self.tokenizer, FinishReason::Length)
+                .finish(&self.tokenizer, reason)
                 .map_err(|e| e.to_string())?;
             delta.text.push_str(&tail.text);
             delta.finish_reason = tail.finish_reason;
