@@ -27,6 +27,13 @@
 //! quantized to Q8 while loading (after q/k/v stacking and a rank's narrowing) and run in
 //! `switchyard_kernels::cpu_q8`; MoE blocks take `MoeExec::Q8`, and activations are f32
 //! throughout ([`HyV3Model::activation_dtype`]).
+//!
+//! [`MoeLayer`] (`hy_v3/moe_layer.rs`) is one MoE block on its own, built and run by this
+//! file's code, for the `moe` bench and for tests.
+
+mod moe_layer;
+
+pub use moe_layer::{MoeLayer, MoeWeights, SharedExpertWeights};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,7 +42,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, D};
 use switchyard_kernels::cpu_q8::{Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK};
 use switchyard_kernels::{
-    dispatch, experts_forward, gate_topk, DispatchPlan, ExpertWeights, GateConfig,
+    dispatch, experts_forward, gate_topk, DispatchPlan, ExpertWeights, GateConfig, GateOutput,
 };
 
 use crate::config::{LayerKind, ModelConfig};
@@ -765,6 +772,22 @@ impl MoeExec {
         Ok((MoeExec::Reference { bias, experts }, shared))
     }
 
+    /// [`MoeExec::Q8`] from dense routed experts (`[2I, H]` and `[H, I]` each), quantized one
+    /// at a time: the dense copy of one expert is the peak beyond the quantized weights when
+    /// `experts` reads them lazily.
+    fn q8(
+        experts: impl Iterator<Item = Result<(Tensor, Tensor), ModelError>>,
+        bias: Option<Tensor>,
+    ) -> Result<Self, ModelError> {
+        let experts = experts
+            .map(|r| r.and_then(|(gu, dn)| q8_mlp(gu, dn)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MoeExec::Q8 {
+            bias: host_bias(bias)?,
+            experts: Q8Experts::new(experts)?,
+        })
+    }
+
     fn name(&self) -> &'static str {
         match self {
             MoeExec::Reference { .. } => "reference",
@@ -820,14 +843,7 @@ impl Moe {
         };
         let gate = cfg.gate_config();
         let (exec, shared) = if isq == Some(IsqType::Q8) && el > 0 {
-            // One expert at a time: the dense copy of one expert is the peak beyond the
-            // quantized weights.
-            let experts = (e0..e0 + el)
-                .map(|j| expert(j).and_then(|(gu, dn)| q8_mlp(gu, dn)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let experts = Q8Experts::new(experts)?;
-            let bias = host_bias(bias)?;
-            (MoeExec::Q8 { bias, experts }, shared)
+            (MoeExec::q8((e0..e0 + el).map(expert), bias)?, shared)
         } else {
             let experts = if el == 0 {
                 let (dt, dev) = (w.dtype(), w.device());
@@ -860,15 +876,27 @@ impl Moe {
             };
             MoeExec::choose(experts, bias, shared, &gate, w.dtype())?
         };
-        Ok(Self {
+        Ok(Self::from_parts(cfg, router, shared, exec, (e0, el)))
+    }
+
+    /// The block around its loaded parts: the f32 `router` `[E, H]`, the shared expert the
+    /// caller still runs, and this rank's `(first, count)` routed experts held by `exec`.
+    fn from_parts(
+        cfg: &ModelConfig,
+        router: Tensor,
+        shared: Option<Mlp>,
+        exec: MoeExec,
+        (expert_start, local_experts): (usize, usize),
+    ) -> Self {
+        Self {
             router,
-            gate,
+            gate: cfg.gate_config(),
             shared,
             fp32_combine: cfg.moe_fp32_combine,
             exec,
-            expert_start: e0,
-            local_experts: el,
-        })
+            expert_start,
+            local_experts,
+        }
     }
 
     /// The part of `plan` whose experts this rank holds, renumbered from 0 (the gate output
@@ -887,16 +915,31 @@ impl Moe {
         }
     }
 
+    /// f32 router logits `[T, E]` of `x` `[T, H]`.
+    fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?)
+    }
+
+    /// Host-side routing of `logits`: gate top-k, then the dispatch plan of the (token,
+    /// expert) pairs whose expert this rank holds (expert parallel; all of them on one rank).
+    fn route_host(
+        &self,
+        logits: &Tensor,
+        bias: Option<&[f32]>,
+    ) -> Result<(GateOutput, DispatchPlan), ModelError> {
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let g = gate_topk(&logits, bias, &self.gate)?;
+        let plan = self.local_plan(dispatch(&g, self.gate.num_experts)?);
+        Ok((g, plan))
+    }
+
     /// The block's output in `out`: the input's dtype, or f32 on a rank of several, whose
     /// partial sum (its experts plus its shared-expert slice) is all-reduced before rounding.
     fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor, ModelError> {
-        let logits = x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?;
+        let logits = self.logits(x)?;
         let routed = match &self.exec {
             MoeExec::Reference { bias, experts } => {
-                let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-                let g = gate_topk(&logits, bias.as_deref(), &self.gate)?;
-                // Expert parallel: only the pairs whose expert this rank holds.
-                let plan = self.local_plan(dispatch(&g, self.gate.num_experts)?);
+                let (g, plan) = self.route_host(&logits, bias.as_deref())?;
                 // bf16 on the CPU: the shared expert joins the routed experts' two parallel
                 // passes and the sum stays in f32 (so only with the fp32 combine).
                 let fuse = self.fp32_combine && x.dim(0)? <= MAX_FUSED_MLP_TOKENS;
@@ -931,9 +974,7 @@ impl Moe {
             #[cfg(feature = "cuda")]
             MoeExec::CudaKernels(c) => c.forward(x, &logits, &self.gate)?,
             MoeExec::Q8 { bias, experts } => {
-                let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-                let g = gate_topk(&logits, bias.as_deref(), &self.gate)?;
-                let plan = self.local_plan(dispatch(&g, self.gate.num_experts)?);
+                let (g, plan) = self.route_host(&logits, bias.as_deref())?;
                 // The shared expert joins the two passes and the sum is f32: the fp32
                 // combine, which f32 activations make the only combine.
                 let fuse = self.fp32_combine || x.dtype() == DType::F32;

@@ -20,7 +20,9 @@ use std::path::PathBuf;
 
 pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
 pub use device::{gpu_memory, DeviceSpec};
-pub use hy_v3::{HyV3Model, LoadOptions, Logits, PagedSeq};
+pub use hy_v3::{
+    HyV3Model, LoadOptions, Logits, MoeLayer, MoeWeights, PagedSeq, SharedExpertWeights,
+};
 pub use isq::{IsqType, QUANTIZE_FLAG};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
