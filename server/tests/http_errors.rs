@@ -357,6 +357,20 @@ async fn api_key_is_required_on_v1_only() {
         .await
         .expect("send");
     assert_eq!(r.status(), 200);
+    // vLLM's tokenizer endpoints are outside /v1 but still need the key.
+    for path in ["/tokenize", "/detokenize"] {
+        let body = json!({"prompt": "x", "tokens": [1]});
+        let r = c.post(s.url(path)).json(&body).send().await.expect("send");
+        assert_eq!(r.status(), 401, "{path}");
+        let r = c
+            .post(s.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{path}");
+    }
     // Probes and scrapers need no key.
     assert_eq!(
         c.get(s.url("/health")).send().await.expect("send").status(),

@@ -96,6 +96,9 @@ pub enum ChatTemplateError {
         /// The template's own message (for `raise_exception`) or minijinja's.
         message: String,
     },
+    /// `continue_final_message` was asked for, but the conversation cannot be continued.
+    #[error("cannot continue the final message: {0}")]
+    ContinueFinal(String),
     /// A message has content this text-only path cannot render.
     #[error(
         "message {message} has a content part of type \"{kind}\"; only text parts are supported"
@@ -193,11 +196,53 @@ impl ContentPart {
     }
 }
 
+/// Cuts `rendered` right after the final message's text, so generation continues it: the last
+/// occurrence of its text (or of the text trimmed, for templates that trim), as transformers'
+/// `continue_final_message` does.
+fn continue_final(mut rendered: String, messages: &[ChatMessage]) -> Result<String> {
+    let Some(last) = messages.last() else {
+        return Err(ChatTemplateError::ContinueFinal(
+            "there are no messages".into(),
+        ));
+    };
+    if last.role != "assistant" {
+        return Err(ChatTemplateError::ContinueFinal(format!(
+            "the final message is from {:?}; only an assistant message can be continued",
+            last.role
+        )));
+    }
+    let text = match &last.content {
+        Some(MessageContent::Text(t)) => t.clone(),
+        Some(MessageContent::Parts(ps)) => {
+            ps.last().and_then(|p| p.text.clone()).unwrap_or_default()
+        }
+        None => String::new(),
+    };
+    if text.trim().is_empty() {
+        return Err(ChatTemplateError::ContinueFinal(
+            "the final assistant message has no text to continue".into(),
+        ));
+    }
+    for needle in [text.as_str(), text.trim()] {
+        if let Some(at) = rendered.rfind(needle) {
+            rendered.truncate(at + needle.len());
+            return Ok(rendered);
+        }
+    }
+    Err(ChatTemplateError::ContinueFinal(
+        "the chat template does not reproduce the final message's text".into(),
+    ))
+}
+
 /// Per-request rendering options.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RenderOptions {
     /// End with the header of an assistant turn, so the model writes the reply.
     pub add_generation_prompt: bool,
+    /// End inside the final (assistant) message, so the model continues its text (Anthropic's
+    /// prefill, vLLM's `continue_final_message`): rendered without the generation prompt and
+    /// cut right after that message's text, as transformers does.
+    pub continue_final_message: bool,
     /// Tool definitions (OpenAI `tools`), passed as `tools`.
     pub tools: Option<Vec<Value>>,
     /// Extra template variables (vLLM's `chat_template_kwargs`), e.g. `reasoning_effort`.
@@ -371,6 +416,7 @@ impl ChatTemplate {
         for (key, value) in &options.kwargs {
             context.insert(key.clone(), value.clone());
         }
+        let messages_in = messages;
         let messages = messages
             .iter()
             .enumerate()
@@ -379,7 +425,7 @@ impl ChatTemplate {
         context.insert("messages".into(), Value::Array(messages));
         context.insert(
             "add_generation_prompt".into(),
-            Value::Bool(options.add_generation_prompt),
+            Value::Bool(options.add_generation_prompt && !options.continue_final_message),
         );
         context.insert(
             "tools".into(),
@@ -394,9 +440,13 @@ impl ChatTemplate {
             .env
             .get_template(name)
             .map_err(|e| self.render_error(&e))?;
-        template
+        let text = template
             .render(JinjaValue::from_serialize(&context))
-            .map_err(|e| self.render_error(&e))
+            .map_err(|e| self.render_error(&e))?;
+        if options.continue_final_message {
+            return continue_final(text, messages_in);
+        }
+        Ok(text)
     }
 
     fn from_named(templates: Vec<(String, String)>, origin: String) -> Result<Self> {
@@ -950,6 +1000,28 @@ mod tests {
             render(&t, &conversation(), &RenderOptions::generation()),
             format!("{body}<|im_start|>assistant\n")
         );
+    }
+
+    #[test]
+    fn continue_final_message_ends_inside_the_assistant_text() {
+        let t = ChatTemplate::chatml().unwrap();
+        let mut msgs = conversation();
+        msgs.push(ChatMessage::assistant("It is"));
+        let opts = RenderOptions {
+            continue_final_message: true,
+            ..RenderOptions::generation()
+        };
+        // Transformers' rule: the whole render without the generation prompt, cut after the
+        // final message's text (here: drop its `<|im_end|>\n`).
+        let whole = render(&t, &msgs, &RenderOptions::default());
+        let want = whole.strip_suffix("<|im_end|>\n").unwrap();
+        assert_eq!(render(&t, &msgs, &opts), want);
+        assert!(want.ends_with("<|im_start|>assistant\nIt is"));
+        // Only an assistant message with text can be continued.
+        for bad in [conversation(), vec![ChatMessage::assistant("")]] {
+            let e = t.render(&bad, &opts).unwrap_err();
+            assert!(matches!(e, ChatTemplateError::ContinueFinal(_)), "{e}");
+        }
     }
 
     #[test]

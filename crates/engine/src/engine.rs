@@ -73,6 +73,11 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Drop special tokens from the text.
     pub skip_special_tokens: bool,
+    /// Keep a matched stop string at the end of the text (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
+    /// The first this-many generated tokens are never stop token ids (eos included) and stop
+    /// strings completed within them do not count (vLLM's `min_tokens`; at most `max_tokens`).
+    pub min_tokens: usize,
     /// Mixed into prefix-cache hashes (requests with different salts never share KV).
     pub cache_salt: u64,
     /// Attach each step's full logits to its token event (tests and debugging; costly).
@@ -115,6 +120,8 @@ impl GenerateRequest {
             stop_token_ids: vec![],
             ignore_eos: false,
             skip_special_tokens: true,
+            include_stop_str_in_output: false,
+            min_tokens: 0,
             cache_salt: 0,
             return_logits: false,
             constraint: None,
@@ -456,6 +463,17 @@ impl EngineHandle {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        if req.min_tokens > req.max_tokens {
+            return Err(SubmitError::InvalidParams(format!(
+                "min_tokens ({}) must not exceed max_tokens ({})",
+                req.min_tokens, req.max_tokens
+            )));
+        }
+        if let Some(&id) = req.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::InvalidParams(format!(
+                "stop_token_ids: token id {id} is out of range for vocabulary size {vocab}"
+            )));
+        }
         // The scheduler's admission rules, evaluated here so the caller gets the error
         // synchronously.
         crate::scheduler::check_admissible(
@@ -599,6 +617,10 @@ struct ReqState {
     prediction: Option<Prediction>,
     /// Reasoning budget, when the request has one.
     budget: Option<ReasoningBudget>,
+    /// Stop token ids (eos included unless ignored) kept out of the sample until `min_tokens`
+    /// tokens exist; empty once that does not apply.
+    min_tokens: usize,
+    held_stop_ids: Vec<u32>,
     /// Prompt logprobs asked for (`n` alternatives), filled by position as the prompt is
     /// computed (a recompute after preemption overwrites, never duplicates).
     prompt_logprobs: Option<(usize, Vec<Option<PromptLogprob>>)>,
@@ -675,8 +697,10 @@ impl Loop {
                 let stream = TextStream::with_prompt(
                     StopConfig {
                         stop: req.stop.clone(),
-                        stop_token_ids: stop_ids,
+                        stop_token_ids: stop_ids.clone(),
                         skip_special_tokens: req.skip_special_tokens,
+                        include_stop_str_in_output: req.include_stop_str_in_output,
+                        min_tokens: req.min_tokens,
                     },
                     &req.prompt,
                 );
@@ -715,6 +739,8 @@ impl Loop {
                         constraint: req.constraint,
                         prediction: req.prediction.map(Prediction::new),
                         budget: req.reasoning_budget.map(ReasoningBudget::new),
+                        min_tokens: req.min_tokens,
+                        held_stop_ids: if req.min_tokens > 0 { stop_ids } else { vec![] },
                         prompt_logprobs: req.prompt_logprobs.map(|n| (n, vec![None; prompt_len])),
                         drafted: 0,
                         accepted: 0,
@@ -974,6 +1000,11 @@ impl Loop {
             (None, Some(c)) => Some(c.allowed().map_err(|e| e.to_string())?),
             (None, None) => None,
         };
+        let allowed = if forced.is_none() && generated.len() < st.min_tokens {
+            hold_stop_ids(allowed, &st.held_stop_ids, row.len())
+        } else {
+            allowed
+        };
         let pick = st
             .sampler
             .sample_with(&row, generated, draft, allowed.as_deref())
@@ -1085,5 +1116,30 @@ impl Loop {
         m.kv_blocks_used.store(st.used, Ordering::Relaxed);
         m.prefix_queries.store(st.prefix_queries, Ordering::Relaxed);
         m.prefix_hits.store(st.prefix_hits, Ordering::Relaxed);
+    }
+}
+
+/// The token mask with `stop_ids` taken out (vLLM's `min_tokens`): all of `vocab` when there
+/// was no mask. A mask that allowed nothing but stop ids (a finished grammar) is kept as it
+/// was: ending there beats generating outside the grammar.
+fn hold_stop_ids(allowed: Option<Vec<u32>>, stop_ids: &[u32], vocab: usize) -> Option<Vec<u32>> {
+    let mut mask = allowed.clone().unwrap_or_else(|| {
+        let mut m = vec![u32::MAX; vocab.div_ceil(32)];
+        if !vocab.is_multiple_of(32) {
+            if let Some(last) = m.last_mut() {
+                *last = (1u32 << (vocab % 32)) - 1;
+            }
+        }
+        m
+    });
+    for &t in stop_ids {
+        if let Some(w) = mask.get_mut(t as usize / 32) {
+            *w &= !(1 << (t % 32));
+        }
+    }
+    if mask.iter().all(|&w| w == 0) {
+        allowed
+    } else {
+        Some(mask)
     }
 }

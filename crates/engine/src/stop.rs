@@ -12,8 +12,9 @@
 //!   a few tokens, never the whole output.
 //! * [`StopMatcher`] — a stop string can span tokens, so text that could be the start of a stop
 //!   string is held back until the next delta shows whether it is one. On a match the output is
-//!   cut just before the stop string, which is not emitted (OpenAI semantics), and the finish
-//!   reason is [`FinishReason::Stop`].
+//!   cut just before the stop string, which is not emitted (OpenAI semantics; vLLM's
+//!   `include_stop_str_in_output` keeps it), and the finish reason is [`FinishReason::Stop`].
+//!   With vLLM's `min_tokens`, stop strings are looked for only once that many tokens exist.
 //!
 //! [`TextStream`] puts the two together with stop token ids (eos) for one sequence.
 
@@ -184,6 +185,10 @@ pub struct StopMatcher {
     max_stop_len: usize,
     pending: String,
     matched: Option<usize>,
+    /// Keep the matched stop string in the output (vLLM's `include_stop_str_in_output`).
+    include_stop: bool,
+    /// Whether matches are looked for yet (text is still held back while not).
+    armed: bool,
 }
 
 impl StopMatcher {
@@ -198,7 +203,21 @@ impl StopMatcher {
             max_stop_len,
             pending: String::new(),
             matched: None,
+            include_stop: false,
+            armed: true,
         })
+    }
+
+    /// Keeps the matched stop string in the emitted text instead of cutting before it.
+    pub fn including_stop(mut self, include: bool) -> Self {
+        self.include_stop = include;
+        self
+    }
+
+    /// Turns matching on or off. While off, text that could start a stop string is still held
+    /// back, so a string that completes after matching turns on is found whole.
+    pub fn set_armed(&mut self, armed: bool) {
+        self.armed = armed;
     }
 
     /// The stop strings.
@@ -232,12 +251,18 @@ impl StopMatcher {
             .stops
             .iter()
             .enumerate()
+            .filter(|_| self.armed)
             .filter_map(|(i, stop)| self.pending.find(stop.as_str()).map(|pos| (pos, i)))
             .min_by_key(|&(pos, i)| (pos, std::cmp::Reverse(self.stops[i].len())));
         if let Some((pos, index)) = found {
             self.matched = Some(index);
             let mut text = std::mem::take(&mut self.pending);
-            text.truncate(pos);
+            let cut = if self.include_stop {
+                pos + self.stops[index].len()
+            } else {
+                pos
+            };
+            text.truncate(cut);
             return StopStep {
                 text,
                 matched: Some(index),
@@ -289,6 +314,11 @@ pub struct StopConfig {
     pub stop_token_ids: Vec<u32>,
     /// Drop special tokens from the text (default in OpenAI-compatible servers).
     pub skip_special_tokens: bool,
+    /// Keep a matched stop string at the end of the output (vLLM's `include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
+    /// Stop strings complete only after this many tokens (vLLM's `min_tokens`; the engine keeps
+    /// stop token ids out of the sample until then).
+    pub min_tokens: usize,
 }
 
 /// One step of a [`TextStream`].
@@ -310,6 +340,9 @@ pub struct TextStream {
     matcher: StopMatcher,
     stop_token_ids: Vec<u32>,
     finished: Option<FinishReason>,
+    /// Tokens pushed so far, and how many must exist before stop strings count.
+    pushed: usize,
+    min_tokens: usize,
 }
 
 impl TextStream {
@@ -323,9 +356,12 @@ impl TextStream {
     pub fn with_prompt(config: StopConfig, prompt_ids: &[u32]) -> Result<Self, StopError> {
         Ok(Self {
             decoder: IncrementalDecoder::with_prompt(prompt_ids, config.skip_special_tokens),
-            matcher: StopMatcher::new(config.stop)?,
+            matcher: StopMatcher::new(config.stop)?
+                .including_stop(config.include_stop_str_in_output),
             stop_token_ids: config.stop_token_ids,
             finished: None,
+            pushed: 0,
+            min_tokens: config.min_tokens,
         })
     }
 
@@ -340,6 +376,10 @@ impl TextStream {
         if let Some(reason) = self.finished {
             return Err(StopError::Finished(reason));
         }
+        self.pushed += 1;
+        // As vLLM: a stop string counts only when it completes after the first `min_tokens`
+        // tokens, so those tokens' text is always in the output.
+        self.matcher.set_armed(self.pushed > self.min_tokens);
         if self.stop_token_ids.contains(&id) {
             let mut delta = self.finish(tokenizer, FinishReason::Stop)?;
             if delta.stop.is_none() {
@@ -417,6 +457,7 @@ mod tests {
             stop: stop.iter().map(|s| s.to_string()).collect(),
             stop_token_ids: tok.eos_token_ids().to_vec(),
             skip_special_tokens: true,
+            ..StopConfig::default()
         })
         .unwrap();
         let mut deltas = Vec::new();
@@ -490,6 +531,82 @@ mod tests {
             last.text, "ST",
             "the possible stop prefix was held to the end"
         );
+    }
+
+    /// The whole text a stream emits for `text` under `config`, and how it ended.
+    fn emitted(text: &str, config: StopConfig) -> (String, StreamDelta) {
+        let tok = tokenizer();
+        let mut s = TextStream::new(config).unwrap();
+        let mut out = String::new();
+        for id in ids(text) {
+            let d = s.push(tok, id).unwrap();
+            out += &d.text;
+            if d.finish_reason.is_some() {
+                return (out, d);
+            }
+        }
+        let last = s.finish(tok, FinishReason::Length).unwrap();
+        out += &last.text;
+        (out, last)
+    }
+
+    #[test]
+    fn include_stop_str_keeps_the_stop_string_and_nothing_after_it() {
+        let config = |include| StopConfig {
+            stop: vec!["STOP".into(), "XY".into()],
+            include_stop_str_in_output: include,
+            ..StopConfig::default()
+        };
+        let text = "one two STOP three";
+        let (cut, d) = emitted(text, config(false));
+        assert_eq!(cut, "one two ");
+        assert_eq!(d.stop, Some(StopMatch::String("STOP".into())));
+        let (kept, d) = emitted(text, config(true));
+        // Independent reference: the text up to the end of the first (longest) match.
+        let end = text.find("STOP").unwrap() + "STOP".len();
+        assert_eq!(kept, &text[..end]);
+        assert_eq!(d.finish_reason, Some(FinishReason::Stop));
+    }
+
+    #[test]
+    fn min_tokens_lets_stop_strings_count_only_after_that_many_tokens() {
+        let text = "ab ab ab cd ab ef";
+        let stream_ids = ids(text);
+        let tok = tokenizer();
+        for min_tokens in 0..=stream_ids.len() + 1 {
+            let (out, d) = emitted(
+                text,
+                StopConfig {
+                    stop: vec!["ab".into()],
+                    min_tokens,
+                    ..StopConfig::default()
+                },
+            );
+            // Reference: the first "ab" that ends in the text of a token past the first
+            // `min_tokens` (decoded prefix lengths give where each token's text ends).
+            let ends: Vec<usize> = (1..=stream_ids.len())
+                .map(|n| tok.decode(&stream_ids[..n], true).unwrap().len())
+                .collect();
+            let first_allowed_end = if min_tokens == 0 {
+                0
+            } else {
+                ends.get(min_tokens - 1).copied().unwrap_or(usize::MAX)
+            };
+            let hit = text
+                .match_indices("ab")
+                .map(|(i, _)| i)
+                .find(|&i| i + 2 > first_allowed_end);
+            match hit {
+                Some(i) => {
+                    assert_eq!(out, &text[..i], "min_tokens {min_tokens}");
+                    assert_eq!(d.stop, Some(StopMatch::String("ab".into())));
+                }
+                None => {
+                    assert_eq!(out, text, "min_tokens {min_tokens}");
+                    assert_eq!(d.finish_reason, Some(FinishReason::Length));
+                }
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ use switchyard_engine::tool_calls::{ToolCall, ToolCallStream};
 use super::error::ApiError;
 use super::local::{self, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
-use super::route::{Api, NormalizedRequest};
+use super::route::{Api, NormalizedRequest, PromptEnd};
 use super::routing::{self, RequestRecord};
 use super::{new_id, AppState};
 
@@ -191,6 +191,7 @@ fn turn(role: String, content: Value, at: &str) -> Result<Vec<ChatMessage>, ApiE
 impl MessagesRequest {
     fn normalize(self) -> Result<NormalizedRequest, ApiError> {
         params::check_conversation(self.messages.len())?;
+        let n_messages = self.messages.len();
         let tools = super::tools::anthropic(self.tools, self.tool_choice)?;
         let mut messages = Vec::with_capacity(self.messages.len() + 1);
         if let Some(s) = self.system {
@@ -209,6 +210,23 @@ impl MessagesRequest {
             }
             messages.extend(turn(m.role, m.content, &format!("{at}.content"))?);
         }
+        // A final assistant turn with text is a prefill: the reply continues it.
+        let last = messages.last().filter(|m| m.role == "assistant");
+        let prefill = last.and_then(|m| match &m.content {
+            Some(switchyard_engine::chat::MessageContent::Text(t)) if !t.is_empty() => Some(t),
+            _ => None,
+        });
+        if prefill.is_some_and(|t| t.ends_with(char::is_whitespace)) {
+            return Err(ApiError::field(
+                format!("messages[{}].content", n_messages - 1),
+                "final assistant content cannot end with trailing whitespace",
+            ));
+        }
+        let prompt_end = if prefill.is_some() {
+            PromptEnd::ContinueFinal
+        } else {
+            PromptEnd::NewTurn
+        };
         Ok(NormalizedRequest {
             api: Api::AnthropicMessages,
             model: self.model,
@@ -242,6 +260,8 @@ impl MessagesRequest {
                 .filter(|t| t["type"] == "enabled")
                 .and_then(|t| t["budget_tokens"].as_u64())
                 .map(|b| b as usize),
+            controls: Default::default(),
+            prompt_end,
         })
     }
 }

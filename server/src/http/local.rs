@@ -19,7 +19,7 @@ use switchyard_engine::structured::{grammar_after_reasoning, OutputConstraint};
 use switchyard_router::Outcome;
 
 use super::error::ApiError;
-use super::route::{Api, NormalizedRequest, PromptInput};
+use super::route::{Api, NormalizedRequest, PromptEnd, PromptInput};
 use super::routing::RequestRecord;
 use super::AppState;
 
@@ -130,6 +130,18 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             format!("token id {id} is out of range for vocabulary size {vocab}"),
         ));
     }
+    if let Some((i, id)) = req
+        .controls
+        .stop_token_ids
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(ApiError::field(
+            format!("stop_token_ids[{i}]"),
+            format!("token id {id} is out of range for vocabulary size {vocab}"),
+        ));
+    }
     let (max_model_len, max_waiting) = (info.scheduler.max_model_len, info.scheduler.max_waiting);
     let choices = prompts.len() * req.n;
     if choices > max_waiting {
@@ -165,6 +177,15 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 (max_model_len - ids.len()).min(state.default_max_tokens)
             }
         };
+        if req.controls.min_tokens > max_tokens {
+            return Err(ApiError::field(
+                "min_tokens",
+                format!(
+                    "must not exceed the tokens this request may generate ({max_tokens}), got {}",
+                    req.controls.min_tokens
+                ),
+            ));
+        }
         for i in 0..req.n {
             let mut sampling = req.sampling.clone();
             // Distinct choices from one seed: choice i draws with seed + i.
@@ -174,9 +195,11 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 max_tokens,
                 sampling,
                 stop: req.stop.clone(),
-                stop_token_ids: vec![],
+                stop_token_ids: req.controls.stop_token_ids.clone(),
                 ignore_eos: req.ignore_eos,
-                skip_special_tokens: true,
+                skip_special_tokens: req.controls.skip_special_tokens,
+                include_stop_str_in_output: req.controls.include_stop_str_in_output,
+                min_tokens: req.controls.min_tokens,
                 cache_salt: 0,
                 return_logits: false,
                 constraint: constraint.clone(),
@@ -211,10 +234,26 @@ pub fn opens_reasoning(state: &AppState, req: &NormalizedRequest) -> bool {
     }
     *req.opens_reasoning.get_or_init(|| {
         let (template, opts) = render_setup(state, req);
+        // A prompt that continues the final message ends in that message's text: render it.
+        let probe = [switchyard_engine::chat::ChatMessage::user(".")];
+        let messages = if req.prompt_end == PromptEnd::NewTurn {
+            &probe[..]
+        } else {
+            &req.messages[..]
+        };
         template
-            .render(&[switchyard_engine::chat::ChatMessage::user(".")], &opts)
+            .render(messages, &opts)
             .is_ok_and(|p| switchyard_engine::reasoning::prompt_opens_reasoning(&p))
     })
+}
+
+/// A chat request's prompt text: its conversation through the chat template (tools, template
+/// variables and where the prompt ends included).
+pub fn render(state: &AppState, req: &NormalizedRequest) -> Result<String, ApiError> {
+    let (template, opts) = render_setup(state, req);
+    template
+        .render(&req.messages, &opts)
+        .map_err(|e| ApiError::field(req.api.prompt_param(), e.to_string()))
 }
 
 /// The template and options a chat request renders with.
@@ -223,6 +262,8 @@ fn render_setup<'a>(
     req: &NormalizedRequest,
 ) -> (&'a switchyard_engine::chat::ChatTemplate, RenderOptions) {
     let mut opts = RenderOptions::generation();
+    opts.add_generation_prompt = req.prompt_end == PromptEnd::NewTurn;
+    opts.continue_final_message = req.prompt_end == PromptEnd::ContinueFinal;
     opts.kwargs = req.template_kwargs.clone();
     match req.tools.as_ref().filter(|t| t.active()) {
         Some(t) => {
@@ -241,13 +282,7 @@ fn tokenize(state: &AppState, req: &NormalizedRequest) -> Result<Vec<Vec<u32>>, 
             .map_err(|e| ApiError::field(param, format!("the text could not be tokenised: {e}")))
     };
     match req.api {
-        Api::OpenAiChat | Api::AnthropicMessages => {
-            let (template, opts) = render_setup(state, req);
-            let text = template
-                .render(&req.messages, &opts)
-                .map_err(|e| ApiError::field(param, e.to_string()))?;
-            Ok(vec![enc(&text, false)?])
-        }
+        Api::OpenAiChat | Api::AnthropicMessages => Ok(vec![enc(&render(state, req)?, false)?]),
         Api::OpenAiCompletions => req
             .prompts
             .iter()

@@ -8,8 +8,8 @@
 //! [`metrics`] the registry.
 //!
 //! Layers, outermost first: request log + request metrics (method, path, status, latency; never
-//! headers, so never a key), routing headers on every response, API-key check on `/v1/*`, body
-//! size limit.
+//! headers, so never a key), routing headers on every response, API-key check on `/v1/*` and
+//! vLLM's `/tokenize` and `/detokenize` ([`tokenize`]), body size limit.
 
 pub mod anthropic;
 pub mod cascade;
@@ -20,6 +20,7 @@ pub mod openai;
 pub mod params;
 pub mod route;
 pub mod routing;
+pub mod tokenize;
 pub mod tools;
 
 use std::path::PathBuf;
@@ -101,6 +102,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
@@ -184,7 +187,7 @@ fn keys_equal(a: &str, b: &str) -> bool {
     diff == 0
 }
 
-/// Requires the API key on `/v1/*` when one is configured.
+/// Requires the API key on `/v1/*` (and `/tokenize`, `/detokenize`) when one is configured.
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = state.api_key.as_deref() else {
         return next.run(req).await;

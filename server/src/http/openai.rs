@@ -23,12 +23,13 @@ use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
+use switchyard_engine::stop::StopMatch;
 use switchyard_engine::tool_calls::ToolCallStream;
 
 use super::error::{ApiError, OpenAiError};
 use super::local::{self, token_text, ChoiceOutput, SseFormat, Tracker, Usage};
 use super::params;
-use super::route::{Api, NormalizedRequest, PromptInput};
+use super::route::{Api, NormalizedRequest, PromptEnd, PromptInput};
 use super::routing::{self, RequestRecord};
 use super::{new_id, unix_now, AppState};
 
@@ -79,6 +80,8 @@ pub struct ChatRequest {
     parallel_tool_calls: Option<bool>,
     prediction: Option<Value>,
     ignore_eos: Option<bool>,
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
 }
 
 /// `POST /v1/completions` body.
@@ -294,6 +297,17 @@ impl ChatRequest {
             max_tokens_param,
             self.max_completion_tokens.or(self.max_tokens),
         )?;
+        let prompt_end = match (self.add_generation_prompt, self.continue_final_message) {
+            (Some(true), Some(true)) => {
+                return Err(ApiError::field(
+                    "continue_final_message",
+                    "cannot be combined with add_generation_prompt: true (continue the final message or start a new turn, not both)",
+                ))
+            }
+            (_, Some(true)) => PromptEnd::ContinueFinal,
+            (Some(false), _) => PromptEnd::AsRendered,
+            _ => PromptEnd::NewTurn,
+        };
         let mut kwargs = self.chat_template_kwargs.unwrap_or_default();
         if let Some(r) = self.reasoning_effort {
             kwargs.insert("reasoning_effort".into(), Value::String(r));
@@ -321,6 +335,8 @@ impl ChatRequest {
             echo: false,
             opens_reasoning: Default::default(),
             reasoning_budget: None,
+            controls: Default::default(),
+            prompt_end,
         })
     }
 }
@@ -415,6 +431,8 @@ impl CompletionRequest {
             echo: self.echo.unwrap_or(false),
             opens_reasoning: Default::default(),
             reasoning_budget: None,
+            controls: Default::default(),
+            prompt_end: Default::default(),
         })
     }
 }
@@ -630,6 +648,7 @@ fn json_response(
                     "message": message,
                     "logprobs": lp,
                     "finish_reason": finish,
+                    "stop_reason": stop_reason(state, o.completion.as_ref()),
                 })
             } else {
                 let echo = req.echo.then(|| prompt_echo(state, req, i, o.tokens.first()));
@@ -644,7 +663,8 @@ fn json_response(
                         None => gen,
                     });
                 }
-                json!({"index": i, "text": format!("{prefix}{}", o.text), "logprobs": lp, "finish_reason": finish})
+                json!({"index": i, "text": format!("{prefix}{}", o.text), "logprobs": lp, "finish_reason": finish,
+                       "stop_reason": stop_reason(state, o.completion.as_ref())})
             }
         })
         .collect();
@@ -804,9 +824,10 @@ impl SseFormat for ChunkFormat {
 
     fn finished(&mut self, i: usize, c: &Completion) -> Vec<SseEvent> {
         let reason = c.finish_reason.as_str();
+        let stopped_by = stop_reason(&self.state, Some(c));
         if !self.chat {
-            let off =
-                json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason});
+            let off = json!({"index": i, "text": c.text, "logprobs": null, "finish_reason": reason,
+                             "stop_reason": stopped_by});
             return vec![self.chunk(vec![off])];
         }
         // What the reasoning and tool splitters still hold, then the calls.
@@ -820,7 +841,14 @@ impl SseFormat for ChunkFormat {
             text.push_str(&rest);
             calls = found;
         }
-        let chunk = |delta: Value, reason: Option<&str>| json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason});
+        let chunk = |delta: Value, reason: Option<&str>| {
+            let mut c =
+                json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason});
+            if reason.is_some() {
+                c["stop_reason"] = stopped_by.clone();
+            }
+            c
+        };
         if reasoning.is_empty() && calls.is_empty() {
             let delta = if text.is_empty() {
                 json!({})
@@ -887,6 +915,24 @@ async fn handle(
     routing::respond::<OpenAi>(&state, routed, arrived).await
 }
 
+/// vLLM's `stop_reason` of a finished choice: the stop string, or the requested stop token
+/// id, that ended it; null when it ended otherwise (end of sequence, the length limit, a
+/// complete structured output).
+fn stop_reason(state: &AppState, c: Option<&Completion>) -> Value {
+    match c.and_then(|c| c.stop.as_ref()) {
+        Some(StopMatch::String(s)) => json!(s),
+        Some(StopMatch::Token(id)) if !state.tokenizer.eos_token_ids().contains(id) => json!(id),
+        _ => Value::Null,
+    }
+}
+
+/// A chat completions request from its JSON body, every field checked and normalised (also
+/// the chat form of `/tokenize`).
+pub fn chat_request(json: &Value) -> Result<NormalizedRequest, ApiError> {
+    let typed: ChatRequest = params::from_json(json)?;
+    params::with_output(typed.normalize(params::from_json(json)?)?, json)
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -896,13 +942,8 @@ pub async fn chat_completions(
     let arrived = Instant::now();
     // Every failure, parsing included, goes through the router's bookkeeping (one telemetry
     // record per request); it answers in this endpoint's error shape.
-    let (parsed, json) = match params::parse_body_json::<ChatRequest>(body, state.max_body_bytes) {
-        Ok((typed, json)) => {
-            let parsed = params::from_json(&json)
-                .and_then(|s| typed.normalize(s))
-                .and_then(|r| params::with_output(r, &json));
-            (parsed, json)
-        }
+    let (parsed, json) = match params::parse_body_json::<Value>(body, state.max_body_bytes) {
+        Ok((_, json)) => (chat_request(&json), json),
         Err(e) => (Err(e), Value::Null),
     };
     handle(state, Api::OpenAiChat, &headers, json, parsed, arrived).await

@@ -411,9 +411,87 @@ impl StructuredFields {
     }
 }
 
-/// Reads the structured-output fields of `json` into `r`.
+/// vLLM's output controls as sent (both OpenAI endpoints).
+#[derive(Debug, Default, Deserialize)]
+struct ControlFields {
+    min_tokens: Option<i64>,
+    stop_token_ids: Option<Vec<i64>>,
+    include_stop_str_in_output: Option<bool>,
+    skip_special_tokens: Option<bool>,
+}
+
+/// vLLM's extra output controls, checked (token ids against the vocabulary later, by the local
+/// tier, which knows it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputControls {
+    /// Tokens generated before an end-of-sequence or stop token may be, or a stop string
+    /// count (`min_tokens`).
+    pub min_tokens: usize,
+    /// More token ids that end the output (`stop_token_ids`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep a matched stop string in the text (`include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
+    /// Leave special tokens out of the text (`skip_special_tokens`, on by default).
+    pub skip_special_tokens: bool,
+}
+
+impl Default for OutputControls {
+    fn default() -> Self {
+        Self {
+            min_tokens: 0,
+            stop_token_ids: vec![],
+            include_stop_str_in_output: false,
+            skip_special_tokens: true,
+        }
+    }
+}
+
+impl ControlFields {
+    fn into_controls(self, max_tokens: Option<usize>) -> Result<OutputControls, ApiError> {
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if m < 0 => {
+                return Err(ApiError::field(
+                    "min_tokens",
+                    format!("must be at least 0, got {m}"),
+                ))
+            }
+            Some(m) => m as usize,
+        };
+        if let Some(max) = max_tokens.filter(|&max| min_tokens > max) {
+            return Err(ApiError::field(
+                "min_tokens",
+                format!("must not exceed max_tokens ({max}), got {min_tokens}"),
+            ));
+        }
+        let stop_token_ids = self
+            .stop_token_ids
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                u32::try_from(id).map_err(|_| {
+                    ApiError::field(
+                        format!("stop_token_ids[{i}]"),
+                        format!("must be a token id (0 or more), got {id}"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(OutputControls {
+            min_tokens,
+            stop_token_ids,
+            include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
+            skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+        })
+    }
+}
+
+/// Reads the fields both OpenAI endpoints take in a second pass over `json` into `r`: the
+/// structured-output fields and vLLM's output controls.
 pub fn with_output(mut r: NormalizedRequest, json: &Value) -> Result<NormalizedRequest, ApiError> {
     r.output = from_json::<StructuredFields>(json)?.into_spec()?;
+    r.controls = from_json::<ControlFields>(json)?.into_controls(r.max_tokens)?;
     Ok(r)
 }
 

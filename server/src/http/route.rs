@@ -119,6 +119,25 @@ pub struct NormalizedRequest {
     pub opens_reasoning: std::sync::OnceLock<bool>,
     /// Most reasoning tokens before `</think>` is forced (Anthropic `thinking.budget_tokens`).
     pub reasoning_budget: Option<usize>,
+    /// vLLM's output controls (`min_tokens`, `stop_token_ids`, ...; OpenAI endpoints).
+    pub controls: super::params::OutputControls,
+    /// Chat: how the prompt ends — with the header of a new assistant turn (the default), inside
+    /// the final assistant message so the model continues it (Anthropic prefill, vLLM's
+    /// `continue_final_message`), or right after the last message (vLLM's
+    /// `add_generation_prompt: false`).
+    pub prompt_end: PromptEnd,
+}
+
+/// Where a chat prompt ends ([`NormalizedRequest::prompt_end`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PromptEnd {
+    /// The header of a new assistant turn.
+    #[default]
+    NewTurn,
+    /// Inside the final assistant message.
+    ContinueFinal,
+    /// After the last message, no header.
+    AsRendered,
 }
 
 impl NormalizedRequest {

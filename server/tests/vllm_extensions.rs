@@ -1,0 +1,396 @@
+//! vLLM's extensions to the OpenAI API and prompt continuation, against the real server:
+//! `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
+//! choices' `stop_reason`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
+//! library reading the model's tokenizer.json, and against the chat endpoint's own prompt
+//! count); `add_generation_prompt` / `continue_final_message` and Anthropic's prefill (checked
+//! against a plain completion of the token ids `/tokenize` reports).
+
+mod common;
+
+use common::{
+    chat_prompt_len, generate_json, generated_ids, model_dir, openai_error, parse_sse, post, Server,
+};
+use serde_json::{json, Value};
+
+/// The greedy tokens after `[5, 6, 7, 8]` (eos ignored), from `switchyard generate`.
+fn greedy_ids(n: usize) -> Vec<u32> {
+    let (ok, out, err) = generate_json(&[
+        "--input-ids",
+        "5,6,7,8",
+        "--max-tokens",
+        &n.to_string(),
+        "--ignore-eos",
+    ]);
+    assert!(ok, "{err}");
+    generated_ids(&out).into_iter().map(|i| i as u32).collect()
+}
+
+fn completion(extra: Value) -> Value {
+    let mut body = json!({"model": "local", "prompt": [5, 6, 7, 8], "max_tokens": 16,
+                          "temperature": 0, "ignore_eos": true});
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test]
+async fn stop_token_ids_min_tokens_and_stop_reason() {
+    let s = Server::start();
+    let g = greedy_ids(16);
+    // A token that does not occur before it, at position 2 or later.
+    let k = (2..g.len())
+        .find(|&i| !g[..i].contains(&g[i]))
+        .expect("a fresh token");
+    let stop_id = g[k];
+
+    let r = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"stop_token_ids": [stop_id]})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let c = &v["choices"][0];
+    assert_eq!(v["usage"]["completion_tokens"], k + 1, "{v}");
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["stop_reason"], stop_id, "{c}");
+    // The text is that of the tokens before the stop token.
+    let cut = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"max_tokens": k})),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(c["text"], cut["choices"][0]["text"]);
+    assert_eq!(
+        cut["choices"][0]["stop_reason"],
+        Value::Null,
+        "a length stop has none"
+    );
+
+    // min_tokens: at least that many tokens, none of them the stop token.
+    let min = k + 2;
+    let v = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"stop_token_ids": [stop_id], "min_tokens": min, "logprobs": 1})),
+        &[],
+    )
+    .await
+    .json();
+    let n = v["usage"]["completion_tokens"].as_u64().expect("usage") as usize;
+    assert!(n >= min, "{n} tokens with min_tokens {min}");
+    let c = &v["choices"][0];
+    match c["finish_reason"].as_str() {
+        Some("stop") => assert_eq!(c["stop_reason"], stop_id),
+        _ => assert_eq!(n, 16),
+    }
+
+    // Streaming: the last choice chunk carries the stop reason.
+    let r = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"stop_token_ids": [stop_id], "stream": true})),
+        &[],
+    )
+    .await;
+    let events = parse_sse(&r.text);
+    let last: Value = events
+        .iter()
+        .rev()
+        .filter(|e| e.1 != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(&e.1).expect("json"))
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .expect("a finish chunk");
+    assert_eq!(last["choices"][0]["stop_reason"], stop_id, "{last}");
+}
+
+#[tokio::test]
+async fn include_stop_str_and_skip_special_tokens() {
+    let s = Server::start();
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "local", "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+                              "messages": [{"role": "user", "content": "count"}]});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let full = post(&s, "/v1/chat/completions", chat(json!({})), &[])
+        .await
+        .json();
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "24 tokens gave only {text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let end = text.find(&stop).expect("in the text") + stop.len();
+    for (include, want) in [(false, &text[..end - stop.len()]), (true, &text[..end])] {
+        let v = post(
+            &s,
+            "/v1/chat/completions",
+            chat(json!({"stop": [stop], "include_stop_str_in_output": include})),
+            &[],
+        )
+        .await
+        .json();
+        let c = &v["choices"][0];
+        assert_eq!(c["message"]["content"], want, "include {include}");
+        assert_eq!(c["finish_reason"], "stop");
+        assert_eq!(c["stop_reason"], stop.as_str());
+    }
+
+    // Special tokens: push the end-of-text token with logit_bias; its text shows only when
+    // skip_special_tokens is false.
+    let tok =
+        tokenizers::Tokenizer::from_file(model_dir().join("tokenizer.json")).expect("tokenizer");
+    let eos = tok.token_to_id("<|endoftext|>").expect("eos");
+    for (skip, want) in [(true, String::new()), (false, "<|endoftext|>".repeat(3))] {
+        let v = post(
+            &s,
+            "/v1/completions",
+            completion(
+                json!({"max_tokens": 3, "logit_bias": {eos.to_string(): 100},
+                              "skip_special_tokens": skip}),
+            ),
+            &[],
+        )
+        .await
+        .json();
+        assert_eq!(v["choices"][0]["text"], want.as_str(), "skip {skip}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn output_control_errors_name_the_field() {
+    let s = Server::start();
+    for (extra, param) in [
+        (json!({"min_tokens": -1}), "min_tokens"),
+        (json!({"min_tokens": 17}), "min_tokens"),
+        (json!({"min_tokens": "many"}), "min_tokens"),
+        (json!({"stop_token_ids": [3, -4]}), "stop_token_ids[1]"),
+        (
+            json!({"stop_token_ids": [1_000_000_000]}),
+            "stop_token_ids[0]",
+        ),
+        (json!({"stop_token_ids": "7"}), "stop_token_ids"),
+        (
+            json!({"include_stop_str_in_output": 1}),
+            "include_stop_str_in_output",
+        ),
+        (json!({"skip_special_tokens": "no"}), "skip_special_tokens"),
+    ] {
+        let r = post(&s, "/v1/completions", completion(extra.clone()), &[]).await;
+        assert_eq!(r.status, 400, "{extra}: {}", r.text);
+        assert_eq!(
+            openai_error(&r.json())["param"],
+            param,
+            "{extra}: {}",
+            r.text
+        );
+    }
+    // Without max_tokens the limit is the rest of the context.
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "min_tokens": 100_000, "messages": [{"role": "user", "content": "x"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(openai_error(&r.json())["param"], "min_tokens");
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize() {
+    let s = Server::start();
+    let tok =
+        tokenizers::Tokenizer::from_file(model_dir().join("tokenizer.json")).expect("tokenizer");
+    let text = "Hello, tokenizer: 12 apples & ünïcode!";
+    let want: Vec<u32> = tok.encode(text, true).expect("encode").get_ids().to_vec();
+    let r = post(
+        &s,
+        "/tokenize",
+        json!({"prompt": text, "return_token_strs": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["tokens"], json!(want));
+    assert_eq!(v["count"], want.len());
+    assert_eq!(v["max_model_len"], 512);
+    let strs: Vec<String> = want
+        .iter()
+        .map(|&i| tok.id_to_token(i).expect("token"))
+        .collect();
+    assert_eq!(v["token_strs"], json!(strs));
+    let r = post(
+        &s,
+        "/detokenize",
+        json!({"model": "local", "tokens": want}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["prompt"], text);
+
+    // The chat form counts what the chat endpoint would prompt with.
+    let messages =
+        json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]);
+    let v = post(&s, "/tokenize", json!({"messages": messages}), &[])
+        .await
+        .json();
+    let chat = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 1, "messages": messages}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(v["count"], chat["usage"]["prompt_tokens"], "{v}");
+    assert_eq!(
+        v["count"],
+        chat_prompt_len(&[("system", "be brief"), ("user", "hi there")])
+    );
+    let bare = post(
+        &s,
+        "/tokenize",
+        json!({"messages": messages, "add_generation_prompt": false}),
+        &[],
+    )
+    .await
+    .json();
+    let (with, without) = (
+        v["count"].as_u64().unwrap_or(0),
+        bare["count"].as_u64().unwrap_or(0),
+    );
+    assert!(without > 0 && without < with, "{without} vs {with}");
+    assert_eq!(
+        v["tokens"]
+            .as_array()
+            .map(|t| t[..without as usize].to_vec()),
+        bare["tokens"].as_array().cloned()
+    );
+
+    // Errors in the OpenAI shape, naming the field.
+    for (path, body, param) in [
+        ("/tokenize", json!({"prompt": 5}), "prompt"),
+        ("/tokenize", json!({}), "prompt"),
+        ("/tokenize", json!({"messages": []}), "messages"),
+        ("/detokenize", json!({"tokens": [1, -2]}), "tokens[1]"),
+        ("/detokenize", json!({"tokens": [1 << 30]}), "tokens[0]"),
+        ("/detokenize", json!({}), "tokens"),
+    ] {
+        let r = post(&s, path, body.clone(), &[]).await;
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text);
+        assert_eq!(
+            openai_error(&r.json())["param"],
+            param,
+            "{path} {body}: {}",
+            r.text
+        );
+    }
+    let r = post(
+        &s,
+        "/tokenize",
+        json!({"model": "someone-else", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
+#[tokio::test]
+async fn prefill_continues_the_final_assistant_message() {
+    let s = Server::start();
+    let prefill = "Sure, the answer";
+    let messages = json!([{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": prefill}]);
+    // The prompt ends inside the assistant message.
+    let t = post(&s, "/tokenize", json!({"messages": messages, "continue_final_message": true, "add_generation_prompt": false}), &[])
+        .await
+        .json();
+    let ids = t["tokens"].clone();
+    let prompt_text = post(&s, "/detokenize", json!({"tokens": ids}), &[])
+        .await
+        .json()["prompt"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(prompt_text.ends_with(prefill), "{prompt_text:?}");
+    // Reference: a plain completion of exactly those tokens.
+    let want = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "local", "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": true}),
+        &[],
+    )
+    .await
+    .json()["choices"][0]["text"]
+        .clone();
+
+    let chat = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "messages": messages, "continue_final_message": true,
+               "add_generation_prompt": false, "max_tokens": 8, "temperature": 0, "ignore_eos": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(chat.status, 200, "{}", chat.text);
+    let chat = chat.json();
+    assert_eq!(chat["choices"][0]["message"]["content"], want);
+    assert_eq!(chat["usage"]["prompt_tokens"], t["count"]);
+
+    let a = post(
+        &s,
+        "/v1/messages",
+        json!({"model": "local", "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": true}),
+        &[],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = a.json();
+    assert_eq!(a["content"][0]["text"], want, "{a}");
+    // Anthropic counts prompt tokens read from the prefix cache apart.
+    let u = &a["usage"];
+    let input = u["input_tokens"].as_u64().unwrap_or(0)
+        + u["cache_read_input_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(json!(input), t["count"], "{u}");
+
+    // What cannot be continued is refused with the reason.
+    let r = post(
+        &s,
+        "/v1/messages",
+        json!({"model": "local", "max_tokens": 4,
+               "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "trailing "}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("trailing whitespace"), "{}", r.text);
+    for (body, needle) in [
+        (
+            json!({"model": "local", "max_tokens": 4, "continue_final_message": true,
+                   "messages": [{"role": "user", "content": "x"}]}),
+            "only an assistant message can be continued",
+        ),
+        (
+            json!({"model": "local", "max_tokens": 4, "continue_final_message": true, "add_generation_prompt": true,
+                   "messages": messages}),
+            "add_generation_prompt",
+        ),
+    ] {
+        let r = post(&s, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert!(r.text.contains(needle), "{}", r.text);
+    }
+}
