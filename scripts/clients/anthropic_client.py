@@ -3,7 +3,8 @@
 
 Covers: a plain message (system as string and as blocks, text content blocks, usage, stop
 reasons, stop_sequences), streaming with the SDK's stream helper and as raw events (the full
-event sequence), routing headers, and errors (wrong key -> AuthenticationError, bad params ->
+event sequence), prefill (a final assistant message continued, checked against /tokenize plus a
+plain completion), routing headers, and errors (wrong key -> AuthenticationError, bad params ->
 BadRequestError, unknown model -> NotFoundError, a prompt injection routed with model "auto" ->
 BadRequestError naming the block).
 
@@ -11,8 +12,10 @@ Environment: SWITCHYARD_BASE_URL (http://HOST:PORT, no /v1) and SWITCHYARD_API_K
 Exits non-zero if any check fails.
 """
 
+import json
 import os
 import sys
+import urllib.request
 
 import anthropic
 
@@ -151,6 +154,27 @@ ct = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "conte
 m = client.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "Count me."}])
 used = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
 check(ct.input_tokens == used, f"messages.count_tokens ({ct.input_tokens}) equals the served input ({used})")
+
+# Prefill: a final assistant message is continued, not answered. Reference: a plain completion
+# of the token ids vLLM's /tokenize reports for the same conversation ending in that message.
+def post_json(path, body):
+    req = urllib.request.Request(BASE + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "My favourite colour is"}]
+m = client.messages.create(model=MODEL, max_tokens=6, messages=convo, extra_body={"temperature": 0, "ignore_eos": True})
+ids = post_json("/tokenize", {"messages": convo, "continue_final_message": True, "add_generation_prompt": False})["tokens"]
+ref = post_json("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+check(m.content[0].text == ref["choices"][0]["text"],
+      f"prefill continues the assistant message ({m.content[0].text!r} == {ref['choices'][0]['text']!r})")
+expect_error(anthropic.BadRequestError, "prefill ending in whitespace",
+             lambda: client.messages.create(model=MODEL, max_tokens=4,
+                                            messages=[{"role": "user", "content": "x"},
+                                                      {"role": "assistant", "content": "y "}]),
+             400)
 
 # Errors.
 bad = anthropic.Anthropic(base_url=BASE, api_key="sk-wrong", max_retries=0)

@@ -3,7 +3,8 @@
 
 Covers: models list, chat (plain, streaming with include_usage, logprobs, n), completions
 (plain and streaming), structured outputs (`chat.completions.parse` with a pydantic model,
-vLLM's `structured_outputs` through extra_body), routing headers and `model="auto"` routing (a low-risk prompt stays on the
+vLLM's `structured_outputs` through extra_body), vLLM's output controls through extra_body
+(`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`), routing headers and `model="auto"` routing (a low-risk prompt stays on the
 local tier; a prompt injection -> BadRequestError with code blocked_by_policy), and error mapping
 (bad params -> BadRequestError, unknown model -> NotFoundError, wrong key ->
 AuthenticationError, context overflow -> BadRequestError with code context_length_exceeded).
@@ -223,6 +224,27 @@ stream = client.chat.completions.create(model=MODEL, max_tokens=150, messages=as
                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
 streamed = [tc for ch in stream for c in ch.choices if c.delta.tool_calls for tc in c.delta.tool_calls]
 check(len(streamed) == 1 and streamed[0].function.name == "get_weather", "streamed delta.tool_calls")
+
+# vLLM's extensions through extra_body: stop strings kept in the output, stop_reason on the choice.
+plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0,
+                                  extra_body={"ignore_eos": True})
+text = plain.choices[0].text
+if len(text) >= 6:
+    stop = text[3:5]
+    kept = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0, stop=[stop],
+                                     extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+    c = kept.choices[0]
+    check(c.text == text[:text.find(stop) + len(stop)] and c.finish_reason == "stop"
+          and (c.model_extra or {}).get("stop_reason") == stop,
+          f"include_stop_str_in_output keeps {stop!r} and stop_reason names it ({c.text!r})")
+else:
+    check(False, f"24 greedy tokens gave only {text!r}")
+short = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                  extra_body={"min_tokens": 8})
+check(short.usage.completion_tokens == 8, f"min_tokens=max_tokens=8 gives 8 tokens ({short.usage.completion_tokens})")
+expect_error(openai.BadRequestError, "min_tokens over max_tokens",
+             lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_tokens": 3}),
+             status_code=400, param="min_tokens")
 
 # Errors.
 expect_error(openai.BadRequestError, "temperature 5",
