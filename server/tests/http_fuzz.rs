@@ -62,7 +62,7 @@ impl Ep {
             "frequency_penalty",
             "logit_bias",
         ];
-        const CHAT: [&str; 33] = [
+        const CHAT: [&str; 34] = [
             "model",
             "messages",
             "max_tokens",
@@ -81,6 +81,7 @@ impl Ep {
             "structured_outputs",
             "guided_regex",
             "ignore_eos",
+            "truncate_prompt_tokens",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",
@@ -97,7 +98,7 @@ impl Ep {
             SAMPLING[7],
             SAMPLING[8],
         ];
-        const COMPLETIONS: [&str; 25] = [
+        const COMPLETIONS: [&str; 26] = [
             "model",
             "prompt",
             "max_tokens",
@@ -110,6 +111,7 @@ impl Ep {
             "stream",
             "stream_options",
             "ignore_eos",
+            "truncate_prompt_tokens",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",

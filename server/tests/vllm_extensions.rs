@@ -1,5 +1,5 @@
 //! vLLM's extensions to the OpenAI API and prompt continuation, against the real server:
-//! `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
+//! `truncate_prompt_tokens`, `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
 //! choices' `stop_reason`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
 //! library reading the model's tokenizer.json, and against the chat endpoint's own prompt
 //! count); `add_generation_prompt` / `continue_final_message` and Anthropic's prefill (checked
@@ -206,6 +206,68 @@ async fn output_control_errors_name_the_field() {
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(openai_error(&r.json())["param"], "min_tokens");
+}
+
+#[tokio::test]
+async fn truncate_prompt_tokens_keeps_the_end_of_the_prompt() {
+    let s = Server::start();
+    let long: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 200 + 5).collect();
+    let body = |prompt: &[u32], extra: Value| {
+        let mut b = json!({"model": "local", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+        for (k, v) in extra.as_object().expect("object") {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let cut = post(
+        &s,
+        "/v1/completions",
+        body(&long, json!({"truncate_prompt_tokens": 10})),
+        &[],
+    )
+    .await
+    .json();
+    let tail = post(&s, "/v1/completions", body(&long[30..], json!({})), &[])
+        .await
+        .json();
+    assert_eq!(cut["usage"]["prompt_tokens"], 10, "{cut}");
+    assert_eq!(cut["choices"][0]["text"], tail["choices"][0]["text"]);
+    // -1: as much as the context holds (all of a short prompt); a bound over it is refused.
+    let all = post(
+        &s,
+        "/v1/completions",
+        body(&long, json!({"truncate_prompt_tokens": -1})),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(all["usage"]["prompt_tokens"], 40, "{all}");
+    let chat = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 2, "truncate_prompt_tokens": 5,
+               "messages": [{"role": "user", "content": "a fairly long question for the model"}]}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(chat["usage"]["prompt_tokens"], 5, "{chat}");
+    for v in [json!(0), json!(-2), json!(513), json!("ten")] {
+        let r = post(
+            &s,
+            "/v1/completions",
+            body(&long, json!({"truncate_prompt_tokens": v})),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 400, "{v}: {}", r.text);
+        assert_eq!(
+            openai_error(&r.json())["param"],
+            "truncate_prompt_tokens",
+            "{v}: {}",
+            r.text
+        );
+    }
 }
 
 #[tokio::test]

@@ -64,7 +64,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
     let st = state.clone();
     let r = req.clone();
     // Tokenising and compiling a grammar both take milliseconds: off the async workers.
-    let (prompts, constraint, prediction, thinking) = tokio::task::spawn_blocking(move || {
+    let (mut prompts, constraint, prediction, thinking) = tokio::task::spawn_blocking(move || {
         let prompts = tokenize(&st, &r)?;
         // A forced tool call is a grammar too; it cannot be combined with another format.
         let forced = match r.tools.as_ref() {
@@ -143,6 +143,21 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
         ));
     }
     let (max_model_len, max_waiting) = (info.scheduler.max_model_len, info.scheduler.max_waiting);
+    // vLLM's truncate_prompt_tokens: keep the end of each prompt (the template's own start and
+    // the first messages go first, as in vLLM).
+    if let Some(keep) = req.controls.truncate_prompt_tokens {
+        let keep = keep.unwrap_or(max_model_len);
+        if keep > max_model_len {
+            return Err(ApiError::field(
+                "truncate_prompt_tokens",
+                format!("{keep} is more than the maximum context length ({max_model_len} tokens)"),
+            ));
+        }
+        for ids in &mut prompts {
+            let cut = ids.len().saturating_sub(keep);
+            ids.drain(..cut);
+        }
+    }
     let choices = prompts.len() * req.n;
     if choices > max_waiting {
         // Each choice takes a queue place; more than the queue holds would be refused with

@@ -411,19 +411,23 @@ impl StructuredFields {
     }
 }
 
-/// vLLM's output controls as sent (both OpenAI endpoints).
+/// vLLM's generation controls as sent (both OpenAI endpoints).
 #[derive(Debug, Default, Deserialize)]
 struct ControlFields {
+    truncate_prompt_tokens: Option<i64>,
     min_tokens: Option<i64>,
     stop_token_ids: Option<Vec<i64>>,
     include_stop_str_in_output: Option<bool>,
     skip_special_tokens: Option<bool>,
 }
 
-/// vLLM's extra output controls, checked (token ids against the vocabulary later, by the local
-/// tier, which knows it).
+/// vLLM's extra generation controls, checked (token ids against the vocabulary and the
+/// truncation against the context later, by the local tier, which knows them).
 #[derive(Debug, Clone, PartialEq)]
-pub struct OutputControls {
+pub struct GenerationControls {
+    /// Keep only the last this-many prompt tokens (`truncate_prompt_tokens`; `Some(None)`: as
+    /// many as the context holds, vLLM's `-1`).
+    pub truncate_prompt_tokens: Option<Option<usize>>,
     /// Tokens generated before an end-of-sequence or stop token may be, or a stop string
     /// count (`min_tokens`).
     pub min_tokens: usize,
@@ -435,9 +439,10 @@ pub struct OutputControls {
     pub skip_special_tokens: bool,
 }
 
-impl Default for OutputControls {
+impl Default for GenerationControls {
     fn default() -> Self {
         Self {
+            truncate_prompt_tokens: None,
             min_tokens: 0,
             stop_token_ids: vec![],
             include_stop_str_in_output: false,
@@ -447,7 +452,7 @@ impl Default for OutputControls {
 }
 
 impl ControlFields {
-    fn into_controls(self, max_tokens: Option<usize>) -> Result<OutputControls, ApiError> {
+    fn into_controls(self, max_tokens: Option<usize>) -> Result<GenerationControls, ApiError> {
         let min_tokens = match self.min_tokens {
             None => 0,
             Some(m) if m < 0 => {
@@ -478,7 +483,19 @@ impl ControlFields {
                 })
             })
             .collect::<Result<_, _>>()?;
-        Ok(OutputControls {
+        let truncate_prompt_tokens = match self.truncate_prompt_tokens {
+            None => None,
+            Some(-1) => Some(None),
+            Some(k) if k >= 1 => Some(Some(k as usize)),
+            Some(k) => {
+                return Err(ApiError::field(
+                    "truncate_prompt_tokens",
+                    format!("must be at least 1, or -1 for the model's context length; got {k}"),
+                ))
+            }
+        };
+        Ok(GenerationControls {
+            truncate_prompt_tokens,
             min_tokens,
             stop_token_ids,
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
@@ -488,7 +505,7 @@ impl ControlFields {
 }
 
 /// Reads the fields both OpenAI endpoints take in a second pass over `json` into `r`: the
-/// structured-output fields and vLLM's output controls.
+/// structured-output fields and vLLM's generation controls.
 pub fn with_output(mut r: NormalizedRequest, json: &Value) -> Result<NormalizedRequest, ApiError> {
     r.output = from_json::<StructuredFields>(json)?.into_spec()?;
     r.controls = from_json::<ControlFields>(json)?.into_controls(r.max_tokens)?;

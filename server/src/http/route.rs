@@ -120,7 +120,7 @@ pub struct NormalizedRequest {
     /// Most reasoning tokens before `</think>` is forced (Anthropic `thinking.budget_tokens`).
     pub reasoning_budget: Option<usize>,
     /// vLLM's output controls (`min_tokens`, `stop_token_ids`, ...; OpenAI endpoints).
-    pub controls: super::params::OutputControls,
+    pub controls: super::params::GenerationControls,
     /// Chat: how the prompt ends — with the header of a new assistant turn (the default), inside
     /// the final assistant message so the model continues it (Anthropic prefill, vLLM's
     /// `continue_final_message`), or right after the last message (vLLM's
