@@ -105,6 +105,9 @@ pub struct PromptLogprob {
     pub id: u32,
     /// Its logprob given the tokens before it.
     pub logprob: Option<f32>,
+    /// Its rank in that distribution: how many tokens are at least as likely, itself
+    /// included (vLLM's `rank`; 1 for the most likely).
+    pub rank: Option<usize>,
     /// The most likely tokens at its position.
     pub top_logprobs: Vec<TokenLogprob>,
 }
@@ -903,9 +906,14 @@ impl Loop {
                     .sampler
                     .logprobs_of(row, tokens[pos], *n)
                     .map_err(|e| e.to_string())?;
+                let own = row
+                    .get(tokens[pos] as usize)
+                    .copied()
+                    .unwrap_or(f32::NEG_INFINITY);
                 slots[pos] = Some(PromptLogprob {
                     id: tokens[pos],
                     logprob: Some(lp),
+                    rank: Some(row.iter().filter(|&&l| l >= own).count()),
                     top_logprobs: top,
                 });
             }
@@ -1073,6 +1081,7 @@ impl Loop {
                             slot.unwrap_or(PromptLogprob {
                                 id,
                                 logprob: None,
+                                rank: None,
                                 top_logprobs: vec![],
                             })
                         })

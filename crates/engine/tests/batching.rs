@@ -273,6 +273,14 @@ fn prompt_logprobs_match_the_contiguous_forward() {
             (f64::from(row[prompt[p] as usize] - max) - z.ln()) as f32
         })
         .collect();
+    // Rank: 1 + how many tokens the contiguous forward puts strictly above the prompt token
+    // (the engine's logits differ in rounding, so a near-tie may move it by one).
+    let want_rank: Vec<usize> = (1..prompt.len())
+        .map(|p| {
+            let row = &all[p - 1];
+            1 + row.iter().filter(|&&l| l > row[prompt[p] as usize]).count()
+        })
+        .collect();
     let e = EngineHandle::start(m, t, engine_cfg(7, 5, None)).unwrap();
     for round in 0..2 {
         let mut s = e
@@ -301,6 +309,15 @@ fn prompt_logprobs_match_the_contiguous_forward() {
             );
             assert_eq!(g.top_logprobs.len(), 2);
             assert!(g.top_logprobs[0].logprob >= lp - 1e-6);
+            let rank = g.rank.unwrap();
+            assert!(
+                rank.abs_diff(want_rank[p - 1]) <= 1,
+                "round {round} position {p}: rank {rank} vs {}",
+                want_rank[p - 1]
+            );
+            if rank == 1 {
+                assert_eq!(g.top_logprobs[0].id, g.id);
+            }
         }
     }
 }
