@@ -62,7 +62,7 @@ impl Ep {
             "frequency_penalty",
             "logit_bias",
         ];
-        const CHAT: [&str; 34] = [
+        const CHAT: [&str; 35] = [
             "model",
             "messages",
             "max_tokens",
@@ -82,6 +82,7 @@ impl Ep {
             "guided_regex",
             "ignore_eos",
             "truncate_prompt_tokens",
+            "cache_salt",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",
@@ -98,7 +99,7 @@ impl Ep {
             SAMPLING[7],
             SAMPLING[8],
         ];
-        const COMPLETIONS: [&str; 26] = [
+        const COMPLETIONS: [&str; 27] = [
             "model",
             "prompt",
             "max_tokens",
@@ -112,6 +113,7 @@ impl Ep {
             "stream_options",
             "ignore_eos",
             "truncate_prompt_tokens",
+            "cache_salt",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",

@@ -1,5 +1,5 @@
 //! vLLM's extensions to the OpenAI API and prompt continuation, against the real server:
-//! `truncate_prompt_tokens`, `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
+//! `truncate_prompt_tokens`, `cache_salt`, `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
 //! choices' `stop_reason`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
 //! library reading the model's tokenizer.json, and against the chat endpoint's own prompt
 //! count); `add_generation_prompt` / `continue_final_message` and Anthropic's prefill (checked
@@ -268,6 +268,49 @@ async fn truncate_prompt_tokens_keeps_the_end_of_the_prompt() {
             r.text
         );
     }
+}
+
+#[tokio::test]
+async fn cache_salt_keeps_prefix_cache_hits_within_one_salt() {
+    let s = Server::start();
+    let prompt: Vec<u32> = (0..64).map(|i| (i * 11 + 9) % 300 + 5).collect();
+    let cached = |salt: Option<&str>| {
+        let mut b = json!({"model": "local", "prompt": prompt, "max_tokens": 1});
+        if let Some(v) = salt {
+            b["cache_salt"] = json!(v);
+        }
+        let s = &s;
+        async move {
+            let v = post(s, "/v1/completions", b, &[]).await.json();
+            v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("cached_tokens")
+        }
+    };
+    assert_eq!(cached(None).await, 0, "a cold cache");
+    assert!(
+        cached(None).await > 0,
+        "the same prompt unsalted hits the cache"
+    );
+    assert_eq!(
+        cached(Some("tenant-a-3f9c")).await,
+        0,
+        "another salt does not see it"
+    );
+    assert!(
+        cached(Some("tenant-a-3f9c")).await > 0,
+        "the same salt does"
+    );
+    assert_eq!(cached(Some("tenant-b-77d1")).await, 0);
+    let r = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "local", "prompt": "x", "cache_salt": ""}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(openai_error(&r.json())["param"], "cache_salt");
 }
 
 #[tokio::test]

@@ -756,6 +756,15 @@ impl Loop {
         }
     }
 
+    /// Ends a request that finished in a step that computed `len` tokens (and accepted
+    /// `accepted` drafts): those tokens' full blocks are registered for prefix caching first,
+    /// so a prompt whose first token already ends its request (`max_tokens: 1`, a
+    /// classification) is still there for the next request that shares it.
+    fn finish_request(&mut self, id: SeqId, len: usize, accepted: &[u32]) {
+        self.sched.complete_draft(id, len, accepted, None);
+        self.drop_request(id);
+    }
+
     fn drop_request(&mut self, id: SeqId) {
         self.sched.remove(id);
         self.states.remove(&id);
@@ -931,8 +940,9 @@ impl Loop {
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(err)?;
-            if let Some(tok) = self.sample(s.id, row, &[], None)? {
-                self.sched.complete(s.id, s.len, Some(tok));
+            match self.sample(s.id, row, &[], None)? {
+                Some(tok) => self.sched.complete(s.id, s.len, Some(tok)),
+                None => self.finish_request(s.id, s.len, &[]),
             }
             return Ok(());
         }
@@ -950,7 +960,8 @@ impl Loop {
         for (i, row) in rows.into_iter().enumerate() {
             let draft = s.draft.get(i).copied();
             let Some(tok) = self.sample(s.id, row, &accepted, draft)? else {
-                return Ok(()); // finished
+                self.finish_request(s.id, s.len, &accepted);
+                return Ok(());
             };
             if Some(tok) == draft {
                 self.metrics
@@ -975,7 +986,8 @@ impl Loop {
     /// Samples the next token of `id` from `row`, streams it, and finishes the request when it
     /// stops. `accepted` are draft tokens already taken this step (not yet in the scheduler's
     /// sequence); `draft` is this position's draft, if any. Returns the token when the
-    /// sequence continues.
+    /// sequence continues, `None` when it is over (the caller then ends it with
+    /// [`Loop::finish_request`]).
     fn sample(
         &mut self,
         id: SeqId,
@@ -1107,7 +1119,7 @@ impl Loop {
                 accepted_draft_tokens: st.accepted,
             };
             let _ = st.tx.send(Event::Finished(c));
-            self.drop_request(id);
+            // The caller commits this step's tokens to the prefix cache, then drops it.
             return Ok(None);
         }
         Ok(Some(pick.id))

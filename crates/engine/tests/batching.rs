@@ -321,3 +321,31 @@ fn prompt_logprobs_match_the_contiguous_forward() {
         }
     }
 }
+
+/// A request that ends with its first token (`max_tokens: 1`) still leaves its prompt in the
+/// prefix cache: the next request with that prompt reuses its full blocks.
+#[test]
+fn a_one_token_request_leaves_its_prompt_cached() {
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let (m, t) = load(d.path());
+    let e = EngineHandle::start(m, t, engine_cfg(64, 4, None)).unwrap();
+    let prompt = prompts()[3].clone(); // 31 tokens: 7 full 4-token blocks
+    let cached = |max_tokens: usize| {
+        let mut s = e
+            .submit(GenerateRequest::greedy(prompt.clone(), max_tokens))
+            .unwrap();
+        let first = match s.blocking_recv().unwrap() {
+            Event::Token(t) => t,
+            other => panic!("{other:?}"),
+        };
+        while let Some(ev) = s.blocking_recv() {
+            if matches!(ev, Event::Finished(_)) {
+                break;
+            }
+        }
+        first.cached_tokens.unwrap()
+    };
+    assert_eq!(cached(1), 0);
+    assert_eq!(cached(1), 28, "the first request's 7 full blocks");
+}

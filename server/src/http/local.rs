@@ -215,7 +215,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 skip_special_tokens: req.controls.skip_special_tokens,
                 include_stop_str_in_output: req.controls.include_stop_str_in_output,
                 min_tokens: req.controls.min_tokens,
-                cache_salt: 0,
+                cache_salt: req.controls.cache_salt,
                 return_logits: false,
                 constraint: constraint.clone(),
                 prediction: prediction.clone(),

@@ -414,6 +414,7 @@ impl StructuredFields {
 /// vLLM's generation controls as sent (both OpenAI endpoints).
 #[derive(Debug, Default, Deserialize)]
 struct ControlFields {
+    cache_salt: Option<String>,
     truncate_prompt_tokens: Option<i64>,
     min_tokens: Option<i64>,
     stop_token_ids: Option<Vec<i64>>,
@@ -425,6 +426,10 @@ struct ControlFields {
 /// truncation against the context later, by the local tier, which knows them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationControls {
+    /// Mixed into the prefix cache's block hashes (vLLM's `cache_salt`): requests with
+    /// different salts never share cached KV, so one tenant cannot time another's prompts.
+    /// 0: no salt.
+    pub cache_salt: u64,
     /// Keep only the last this-many prompt tokens (`truncate_prompt_tokens`; `Some(None)`: as
     /// many as the context holds, vLLM's `-1`).
     pub truncate_prompt_tokens: Option<Option<usize>>,
@@ -442,6 +447,7 @@ pub struct GenerationControls {
 impl Default for GenerationControls {
     fn default() -> Self {
         Self {
+            cache_salt: 0,
             truncate_prompt_tokens: None,
             min_tokens: 0,
             stop_token_ids: vec![],
@@ -494,7 +500,18 @@ impl ControlFields {
                 ))
             }
         };
+        let cache_salt = match self.cache_salt {
+            None => 0,
+            Some(s) if s.is_empty() => {
+                return Err(ApiError::field(
+                    "cache_salt",
+                    "must not be empty (leave it out for no salt)",
+                ))
+            }
+            Some(s) => salt_hash(&s),
+        };
         Ok(GenerationControls {
+            cache_salt,
             truncate_prompt_tokens,
             min_tokens,
             stop_token_ids,
@@ -502,6 +519,15 @@ impl ControlFields {
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
         })
     }
+}
+
+/// A salt's 64-bit value for the block hashes: SipHash with fixed keys (stable for the process,
+/// which is as long as the cache lives), never 0, which means "no salt".
+fn salt_hash(salt: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    salt.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// Reads the fields both OpenAI endpoints take in a second pass over `json` into `r`: the
