@@ -18,6 +18,7 @@ pub mod local;
 pub mod metrics;
 pub mod openai;
 pub mod params;
+pub mod responses;
 pub mod route;
 pub mod routing;
 pub mod tokenize;
@@ -100,6 +101,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
