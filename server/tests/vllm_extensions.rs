@@ -25,13 +25,20 @@ fn greedy_ids(n: usize) -> Vec<u32> {
     generated_ids(&out).into_iter().map(|i| i as u32).collect()
 }
 
-fn completion(extra: Value) -> Value {
-    let mut body = json!({"model": "local", "prompt": [5, 6, 7, 8], "max_tokens": 16,
-                          "temperature": 0, "ignore_eos": true});
+/// `body` with the fields of `extra` set over it.
+fn with(mut body: Value, extra: Value) -> Value {
     for (k, v) in extra.as_object().expect("object") {
         body[k] = v.clone();
     }
     body
+}
+
+fn completion(extra: Value) -> Value {
+    with(
+        json!({"model": "local", "prompt": [5, 6, 7, 8], "max_tokens": 16,
+               "temperature": 0, "ignore_eos": true}),
+        extra,
+    )
 }
 
 #[tokio::test]
@@ -114,12 +121,11 @@ async fn stop_token_ids_min_tokens_and_stop_reason() {
 async fn include_stop_str_and_skip_special_tokens() {
     let s = Server::start();
     let chat = |extra: Value| {
-        let mut body = json!({"model": "local", "max_tokens": 24, "temperature": 0, "ignore_eos": true,
-                              "messages": [{"role": "user", "content": "count"}]});
-        for (k, v) in extra.as_object().expect("object") {
-            body[k] = v.clone();
-        }
-        body
+        with(
+            json!({"model": "local", "max_tokens": 24, "temperature": 0, "ignore_eos": true,
+                   "messages": [{"role": "user", "content": "count"}]}),
+            extra,
+        )
     };
     let full = post(&s, "/v1/chat/completions", chat(json!({})), &[])
         .await
@@ -213,11 +219,10 @@ async fn truncate_prompt_tokens_keeps_the_end_of_the_prompt() {
     let s = Server::start();
     let long: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 200 + 5).collect();
     let body = |prompt: &[u32], extra: Value| {
-        let mut b = json!({"model": "local", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
-        for (k, v) in extra.as_object().expect("object") {
-            b[k] = v.clone();
-        }
-        b
+        with(
+            json!({"model": "local", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+            extra,
+        )
     };
     let cut = post(
         &s,

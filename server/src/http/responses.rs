@@ -513,8 +513,12 @@ async fn json_response(resp: Response, shell: ResponseShell) -> Response {
         "completed"
     };
     let body = shell.object(&chat["model"], status, &output, usage(&chat["usage"]));
-    let mut out = Json(body).into_response();
-    for (k, v) in parts.headers.iter() {
+    with_routing_headers(Json(body).into_response(), &parts.headers)
+}
+
+/// `out` with the routing headers (`x-switchyard-*`) of the chat answer it was made from.
+fn with_routing_headers(mut out: Response, from: &HeaderMap) -> Response {
+    for (k, v) in from {
         if k.as_str().starts_with("x-switchyard-") {
             out.headers_mut().insert(k.clone(), v.clone());
         }
@@ -828,11 +832,5 @@ fn stream_response(resp: Response, shell: ResponseShell) -> Response {
             ))
         },
     );
-    let mut out = routing::sse_response(events);
-    for (k, v) in parts.headers.iter() {
-        if k.as_str().starts_with("x-switchyard-") {
-            out.headers_mut().insert(k.clone(), v.clone());
-        }
-    }
-    out
+    with_routing_headers(routing::sse_response(events), &parts.headers)
 }
