@@ -4,7 +4,8 @@
 Covers: models list, chat (plain, streaming with include_usage, logprobs, n), completions
 (plain and streaming), structured outputs (`chat.completions.parse` with a pydantic model,
 vLLM's `structured_outputs` through extra_body), vLLM's output controls through extra_body
-(`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`), routing headers and `model="auto"` routing (a low-risk prompt stays on the
+(`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`), the Responses API
+(`responses.create`, `responses.stream`, function calls), routing headers and `model="auto"` routing (a low-risk prompt stays on the
 local tier; a prompt injection -> BadRequestError with code blocked_by_policy), and error mapping
 (bad params -> BadRequestError, unknown model -> NotFoundError, wrong key ->
 AuthenticationError, context overflow -> BadRequestError with code context_length_exceeded).
@@ -222,8 +223,24 @@ if calls:
     check(r2.choices[0].message.role == "assistant", "a tool result is accepted in the next turn")
 stream = client.chat.completions.create(model=MODEL, max_tokens=150, messages=ask, tools=[weather], stream=True,
                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
-streamed = [tc for ch in stream for c in ch.choices if c.delta.tool_calls for tc in c.delta.tool_calls]
-check(len(streamed) == 1 and streamed[0].function.name == "get_weather", "streamed delta.tool_calls")
+# The call opens with its id and name, then its arguments arrive in pieces, joined by index.
+streamed = {}
+for ch in stream:
+    for c in ch.choices:
+        for tc in c.delta.tool_calls or []:
+            s = streamed.setdefault(tc.index, {"id": tc.id, "name": None, "args": "", "pieces": 0})
+            if tc.function and tc.function.name:
+                s["name"] = tc.function.name
+            if tc.function and tc.function.arguments:
+                s["args"] += tc.function.arguments
+                s["pieces"] += 1
+try:
+    sargs = json.loads(streamed[0]["args"]) if len(streamed) == 1 else None
+except ValueError:
+    sargs = None
+check(len(streamed) == 1 and streamed[0]["name"] == "get_weather" and (streamed[0]["id"] or "").startswith("call_")
+      and isinstance(sargs, dict) and isinstance(sargs.get("city"), str) and streamed[0]["pieces"] > 1,
+      f"streamed delta.tool_calls, arguments in pieces ({streamed})")
 
 # vLLM's extensions through extra_body: stop strings kept in the output, stop_reason on the choice.
 plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0,
@@ -245,6 +262,35 @@ check(short.usage.completion_tokens == 8, f"min_tokens=max_tokens=8 gives 8 toke
 expect_error(openai.BadRequestError, "min_tokens over max_tokens",
              lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_tokens": 3}),
              status_code=400, param="min_tokens")
+
+# The Responses API (client.responses), bridged over chat completions: the same answer as chat.
+same = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0,
+                                      messages=[{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "Say hello"}],
+                                      extra_body={"ignore_eos": True})
+resp = client.responses.create(model=MODEL, instructions="be brief", input="Say hello", max_output_tokens=10,
+                               temperature=0, extra_body={"ignore_eos": True})
+check(resp.output_text == same.choices[0].message.content and resp.usage.output_tokens == 10,
+      f"responses.create output_text equals chat ({resp.output_text!r})")
+# A response cut by max_output_tokens ends with response.incomplete (as OpenAI's does).
+with client.responses.stream(model=MODEL, instructions="be brief", input="Say hello", max_output_tokens=10,
+                             temperature=0, extra_body={"ignore_eos": True}) as rs:
+    evs = list(rs)
+deltas = "".join(ev.delta for ev in evs if ev.type == "response.output_text.delta")
+final = evs[-1].response if evs and evs[-1].type == "response.incomplete" else None
+check(deltas == resp.output_text and final is not None and final.output_text == resp.output_text
+      and final.incomplete_details.reason == "max_output_tokens",
+      f"responses.stream deltas and the final response.incomplete ({deltas!r})")
+fc = client.responses.create(model=MODEL, input="What is the weather in Paris?", max_output_tokens=150,
+                             tool_choice="required",
+                             tools=[{"type": "function", "name": "get_weather", "description": "Current weather",
+                                     "parameters": weather["function"]["parameters"]}])
+calls = [o for o in fc.output if o.type == "function_call"]
+check(len(calls) == 1 and calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments), dict),
+      f"responses function_call item ({fc.output})")
+expect_error(openai.BadRequestError, "responses previous_response_id",
+             lambda: client.responses.create(model=MODEL, input="x", previous_response_id="resp_123"),
+             status_code=400, param="previous_response_id")
 
 # Errors.
 expect_error(openai.BadRequestError, "temperature 5",

@@ -249,8 +249,23 @@ async fn mixed_feature_requests_together_all_finish_in_shape() {
                 &ch["message"]
             };
             content.push_str(m["content"].as_str().or(ch["text"].as_str()).unwrap_or(""));
-            if let Some(tc) = m["tool_calls"].as_array() {
-                calls.extend(tc.iter().cloned());
+            // A streamed call comes in pieces: its first entry names it, later ones (same
+            // index) add argument text.
+            for t in m["tool_calls"].as_array().into_iter().flatten() {
+                match calls
+                    .iter_mut()
+                    .find(|c| streamed && c["index"] == t["index"])
+                {
+                    Some(c) => {
+                        let joined = format!(
+                            "{}{}",
+                            c["function"]["arguments"].as_str().unwrap_or(""),
+                            t["function"]["arguments"].as_str().unwrap_or("")
+                        );
+                        c["function"]["arguments"] = json!(joined);
+                    }
+                    None => calls.push(t.clone()),
+                }
             }
         };
         if streamed {

@@ -2,7 +2,8 @@
 //! output never looks like a call, so every call comes from the server's machinery):
 //! - a forced call (`required`, a named function; Anthropic `any` / `tool`) is generated under
 //!   the function's schema and returned as OpenAI `tool_calls` / Anthropic `tool_use`, plain
-//!   and streamed (`delta.tool_calls`; `input_json_delta` events);
+//!   and streamed: the call opens once its name is known and its arguments follow in pieces
+//!   (`delta.tool_calls` entries; `input_json_delta` events), equal to the non-streamed ones;
 //! - with `tool_choice: auto`, a call the model writes is parsed out of its text;
 //! - conversations carrying calls and results render the same prompt from either API;
 //! - bad tool definitions and choices are 400s naming the field.
@@ -105,32 +106,181 @@ async fn openai_forced_calls_plain_and_streamed() {
     );
     let r = post(&s, "/v1/chat/completions", body, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let mut calls = vec![];
+    let streamed = openai_stream(&r.text);
+    assert_eq!(streamed.content, "", "a forced call has no content");
+    assert_eq!(streamed.finish, "tool_calls");
+    assert_eq!(streamed.calls.len(), 1, "{:?}", streamed.calls);
+    assert_eq!(streamed.calls[0].0, "get_weather");
+    assert_weather_args(&streamed.calls[0].1);
+}
+
+/// A streamed OpenAI chat answer: content, calls (name, parsed arguments, argument pieces),
+/// finish reason. Checks the `delta.tool_calls` protocol on the way: a call's first entry has
+/// its id, type and name with empty arguments, later ones only argument pieces.
+struct OpenAiStream {
+    content: String,
+    calls: Vec<(String, Value, usize)>,
+    finish: Value,
+}
+
+fn openai_stream(text: &str) -> OpenAiStream {
     let mut content = String::new();
+    let mut calls: Vec<(String, String, usize)> = vec![];
     let mut finish = Value::Null;
-    for (_, data) in parse_sse(&r.text) {
+    for (_, data) in parse_sse(text) {
         if data == "[DONE]" {
             break;
         }
         let v: Value = serde_json::from_str(&data).expect("chunk");
         let d = &v["choices"][0]["delta"];
         content.push_str(d["content"].as_str().unwrap_or(""));
-        if let Some(tc) = d["tool_calls"].as_array() {
-            calls.extend(tc.iter().cloned());
+        let entries = d["tool_calls"].as_array().cloned().unwrap_or_default();
+        let mut seen: Vec<&Value> = entries.iter().map(|tc| &tc["index"]).collect();
+        seen.dedup();
+        assert_eq!(
+            seen.len(),
+            entries.len(),
+            "one entry per call in a chunk: {d}"
+        );
+        for tc in &entries {
+            let index = tc["index"].as_u64().expect("index") as usize;
+            let args = tc["function"]["arguments"].as_str().expect("arguments");
+            if index == calls.len() {
+                assert!(
+                    tc["id"].as_str().is_some_and(|i| i.starts_with("call_")),
+                    "{tc}"
+                );
+                assert_eq!(tc["type"], "function", "{tc}");
+                assert_eq!(args, "", "the opening entry has no arguments yet: {tc}");
+                let name = tc["function"]["name"].as_str().expect("name");
+                calls.push((name.to_string(), String::new(), 0));
+            } else {
+                assert_eq!(
+                    index + 1,
+                    calls.len(),
+                    "calls stream one after another: {tc}"
+                );
+                assert!(
+                    tc.get("id").is_none() && tc["function"].get("name").is_none(),
+                    "{tc}"
+                );
+                calls[index].1.push_str(args);
+                calls[index].2 += 1;
+            }
         }
         if !v["choices"][0]["finish_reason"].is_null() {
             finish = v["choices"][0]["finish_reason"].clone();
         }
     }
-    assert_eq!(content, "", "a forced call has no content");
-    assert_eq!(finish, "tool_calls");
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0]["index"], 0);
-    assert_eq!(calls[0]["function"]["name"], "get_weather");
-    let args: Value =
-        serde_json::from_str(calls[0]["function"]["arguments"].as_str().expect("args"))
+    let calls = calls
+        .into_iter()
+        .map(|(name, args, pieces)| {
+            let parsed = serde_json::from_str(&args)
+                .unwrap_or_else(|e| panic!("arguments {args:?} are not JSON: {e}"));
+            (name, parsed, pieces)
+        })
+        .collect();
+    OpenAiStream {
+        content,
+        calls,
+        finish,
+    }
+}
+
+/// An Anthropic stream's `tool_use` blocks: name, the concatenated `partial_json` parsed,
+/// and how many pieces it came in; checks each block opens with an empty input and closes.
+fn anthropic_tool_uses(text: &str) -> Vec<(String, Value, usize)> {
+    let events: Vec<Value> = parse_sse(text)
+        .into_iter()
+        .map(|(_, d)| serde_json::from_str(&d).expect("event JSON"))
+        .collect();
+    let mut uses = vec![];
+    for (k, e) in events.iter().enumerate() {
+        if e["type"] != "content_block_start" || e["content_block"]["type"] != "tool_use" {
+            continue;
+        }
+        let b = &e["content_block"];
+        assert!(
+            b["id"].as_str().is_some_and(|i| i.starts_with("toolu_")),
+            "{e}"
+        );
+        assert_eq!(b["input"], json!({}), "{e}");
+        let index = &e["index"];
+        let mut json_text = String::new();
+        let mut pieces = 0;
+        let mut stopped = false;
+        for f in &events[k + 1..] {
+            if f["index"] != *index {
+                continue;
+            }
+            if f["type"] == "content_block_stop" {
+                stopped = true;
+                break;
+            }
+            assert_eq!(f["delta"]["type"], "input_json_delta", "{f}");
+            json_text.push_str(f["delta"]["partial_json"].as_str().expect("partial_json"));
+            pieces += 1;
+        }
+        assert!(stopped, "tool_use block {index} is closed");
+        let input = serde_json::from_str(&json_text)
+            .unwrap_or_else(|e| panic!("input {json_text:?} is not JSON: {e}"));
+        uses.push((b["name"].as_str().expect("name").to_string(), input, pieces));
+    }
+    uses
+}
+
+/// Greedy, so that the plain and the streamed request write the same call: the streamed
+/// arguments arrive in pieces and join into the plain response's arguments.
+#[tokio::test]
+async fn streamed_arguments_arrive_in_pieces_and_equal_the_plain_ones() {
+    let s = server();
+    let body = chat(json!({"temperature": 0,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
+    let r = post(&s, "/v1/chat/completions", body.clone(), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let call = &r.json()["choices"][0]["message"]["tool_calls"][0];
+    let plain: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().expect("arguments"))
             .expect("JSON");
-    assert_weather_args(&args);
+    assert_weather_args(&plain);
+    let mut sb = body;
+    sb["stream"] = json!(true);
+    let r = post(&s, "/v1/chat/completions", sb, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let streamed = openai_stream(&r.text);
+    assert_eq!(streamed.finish, "tool_calls");
+    assert_eq!(streamed.calls.len(), 1, "{:?}", streamed.calls);
+    let (name, args, pieces) = &streamed.calls[0];
+    assert_eq!(name, "get_weather");
+    assert_eq!(*args, plain);
+    assert!(*pieces > 1, "arguments {args} came in {pieces} piece(s)");
+
+    let tools = json!([{"name": "get_weather", "description": "Current weather",
+        "input_schema": weather_tool()["function"]["parameters"]}, {"name": "noop"}]);
+    let body = json!({"model": "local", "max_tokens": 120, "temperature": 0,
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": tools, "tool_choice": {"type": "tool", "name": "get_weather"}});
+    let r = post(&s, "/v1/messages", body.clone(), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let plain = v["content"]
+        .as_array()
+        .expect("content")
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .expect("tool_use")["input"]
+        .clone();
+    assert_weather_args(&plain);
+    let mut sb = body;
+    sb["stream"] = json!(true);
+    let r = post(&s, "/v1/messages", sb, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let uses = anthropic_tool_uses(&r.text);
+    assert_eq!(uses.len(), 1, "{}", r.text);
+    let (name, input, pieces) = &uses[0];
+    assert_eq!(name, "get_weather");
+    assert_eq!(*input, plain);
+    assert!(*pieces > 1, "input {input} came in {pieces} piece(s)");
 }
 
 #[tokio::test]
@@ -156,24 +306,12 @@ async fn auto_choice_parses_calls_the_model_writes() {
     let mut sb = body.clone();
     sb["stream"] = json!(true);
     let r = post(&s, "/v1/chat/completions", sb, &[]).await;
-    let mut content = String::new();
-    let mut names = vec![];
-    for (_, data) in parse_sse(&r.text) {
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(&data).expect("chunk");
-        content.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
-        for tc in v["choices"][0]["delta"]["tool_calls"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            names.push(tc["function"]["name"].clone());
-        }
-    }
-    assert_eq!(content.trim(), "Checking.");
-    assert_eq!(names, vec![json!("get_weather")]);
+    let streamed = openai_stream(&r.text);
+    assert_eq!(streamed.content.trim(), "Checking.");
+    assert_eq!(streamed.finish, "tool_calls");
+    assert_eq!(streamed.calls.len(), 1);
+    assert_eq!(streamed.calls[0].0, "get_weather");
+    assert_eq!(streamed.calls[0].1, args);
     // tool_choice none: no tools shown, nothing parsed.
     let mut nb = body;
     nb["tool_choice"] = json!("none");
@@ -374,8 +512,8 @@ async fn bad_tools_and_choices_are_400_naming_the_field() {
     }
 }
 
-/// Two calls in one answer come back as two; `parallel_tool_calls: false` (Anthropic:
-/// `disable_parallel_tool_use`) keeps the first.
+/// Two calls in one answer come back as two, plain and streamed (numbered 0 and 1);
+/// `parallel_tool_calls: false` (Anthropic: `disable_parallel_tool_use`) keeps the first.
 #[tokio::test]
 async fn parallel_calls_and_their_opt_out() {
     let s = server();
@@ -390,12 +528,25 @@ async fn parallel_calls_and_their_opt_out() {
         if !parallel.is_null() {
             body["parallel_tool_calls"] = parallel.clone();
         }
-        let r = post(&s, "/v1/chat/completions", body, &[]).await;
+        let r = post(&s, "/v1/chat/completions", body.clone(), &[]).await;
         assert_eq!(r.status, 200, "{}", r.text);
         let calls = r.json()["choices"][0]["message"]["tool_calls"]
             .as_array()
             .map_or(0, Vec::len);
         assert_eq!(calls, want, "parallel_tool_calls {parallel}");
+        let mut sb = body;
+        sb["stream"] = json!(true);
+        let r = post(&s, "/v1/chat/completions", sb, &[]).await;
+        let streamed = openai_stream(&r.text);
+        let cities: Vec<&Value> = streamed.calls.iter().map(|c| &c.1["city"]).collect();
+        let all = [json!("a"), json!("b")];
+        assert_eq!(
+            cities,
+            all[..want].iter().collect::<Vec<_>>(),
+            "streamed, parallel_tool_calls {parallel}"
+        );
+        assert_eq!(streamed.finish, "tool_calls");
+        assert_eq!(streamed.content.trim(), "");
     }
     for (disable, want) in [(false, 2), (true, 1)] {
         let body = json!({"model": "local", "max_tokens": 400, "temperature": 0,
@@ -403,7 +554,7 @@ async fn parallel_calls_and_their_opt_out() {
             "tools": [{"name": "get_weather", "input_schema": weather_tool()["function"]["parameters"]}],
             "tool_choice": {"type": "auto", "disable_parallel_tool_use": disable},
             "structured_outputs": {"grammar": grammar}});
-        let r = post(&s, "/v1/messages", body, &[]).await;
+        let r = post(&s, "/v1/messages", body.clone(), &[]).await;
         assert_eq!(r.status, 200, "{}", r.text);
         let uses = r.json()["content"]
             .as_array()
@@ -412,5 +563,15 @@ async fn parallel_calls_and_their_opt_out() {
             .filter(|b| b["type"] == "tool_use")
             .count();
         assert_eq!(uses, want, "disable_parallel_tool_use {disable}");
+        let mut sb = body;
+        sb["stream"] = json!(true);
+        let r = post(&s, "/v1/messages", sb, &[]).await;
+        let uses = anthropic_tool_uses(&r.text);
+        assert_eq!(
+            uses.len(),
+            want,
+            "streamed, disable_parallel_tool_use {disable}"
+        );
+        assert!(!r.text.contains("\"text_delta\""), "no text: {}", r.text);
     }
 }

@@ -23,7 +23,7 @@ use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
-use switchyard_engine::tool_calls::{ToolCall, ToolCallStream};
+use switchyard_engine::tool_calls::{ToolCallEvent, ToolCallStream};
 
 use super::error::ApiError;
 use super::local::{self, ChoiceOutput, SseFormat, Tracker, Usage};
@@ -373,12 +373,12 @@ struct EventFormat {
     stop: Option<(&'static str, Option<String>)>,
     /// `message_start` has been sent.
     started: bool,
-    /// Tools whose calls are parsed, the held-back text, and the calls found at the end.
-    tools: Option<(super::tools::ActiveTools, ToolCallStream)>,
-    calls: Vec<ToolCall>,
+    /// With tools, the call parser (taken at the end), and whether a call was made.
+    tools: Option<ToolCallStream>,
+    called: bool,
     /// Splits thinking from the answer.
     reasoning: ReasoningStream,
-    /// The content block being streamed (`thinking` or `text`) and its index.
+    /// The content block being streamed (`thinking`, `text` or `tool_use`) and its index.
     block: Option<(&'static str, usize)>,
     /// Index of the next block.
     next_block: usize,
@@ -392,8 +392,8 @@ impl EventFormat {
             input_tokens,
             stop: None,
             started: false,
-            tools: super::tools::active(state, req).map(|t| (t, ToolCallStream::default())),
-            calls: vec![],
+            tools: super::tools::active(state, req).map(|t| t.stream()),
+            called: false,
             reasoning: ReasoningStream::new(local::opens_reasoning(state, req)),
             block: None,
             next_block: 0,
@@ -407,26 +407,13 @@ impl EventFormat {
         let mut out = vec![];
         let index = match self.block {
             Some((k, i)) if k == kind => i,
-            current => {
-                if let Some((_, i)) = current {
-                    out.push(block_stop(i));
-                }
-                let i = self.next_block;
-                self.next_block += 1;
+            _ => {
                 let start = if kind == "thinking" {
                     json!({"type": "thinking", "thinking": "", "signature": ""})
                 } else {
                     json!({"type": "text", "text": ""})
                 };
-                out.push(event(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": i, "content_block": start}),
-                ));
-                if i == 0 {
-                    out.push(event("ping", json!({"type": "ping"})));
-                }
-                self.block = Some((kind, i));
-                i
+                self.start_block(kind, start, &mut out)
             }
         };
         if !text.is_empty() {
@@ -443,29 +430,74 @@ impl EventFormat {
         out
     }
 
-    /// Events for split parts; answer text goes through the tool splitter when tools are on.
+    /// Closes the open block and starts a `kind` block; returns its index.
+    fn start_block(&mut self, kind: &'static str, block: Value, out: &mut Vec<SseEvent>) -> usize {
+        if let Some((_, i)) = self.block.take() {
+            out.push(block_stop(i));
+        }
+        let i = self.next_block;
+        self.next_block += 1;
+        out.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i, "content_block": block}),
+        ));
+        if i == 0 {
+            out.push(event("ping", json!({"type": "ping"})));
+        }
+        self.block = Some((kind, i));
+        i
+    }
+
+    /// Events for split parts; answer text goes through the call parser when tools are on.
     fn emit_parts(&mut self, parts: Vec<Part>) -> Vec<SseEvent> {
         let mut out = vec![];
         for p in parts {
             match p {
                 Part::Reasoning(r) => out.extend(self.emit("thinking", &r)),
-                Part::Answer(a) => {
-                    let a = self.release(&a);
-                    if !a.is_empty() {
-                        out.extend(self.emit("text", &a));
+                Part::Answer(a) => match &mut self.tools {
+                    Some(s) => {
+                        let events = s.push(&a);
+                        out.extend(self.call_events(events));
                     }
-                }
+                    None if !a.is_empty() => out.extend(self.emit("text", &a)),
+                    None => {}
+                },
             }
         }
         out
     }
 
-    /// Text to send now: all of it, or with tools what cannot be part of a call.
-    fn release(&mut self, text: &str) -> String {
-        match &mut self.tools {
-            Some((_, held)) => held.push(text),
-            None => text.to_string(),
+    /// The call parser's events as blocks: text, and a `tool_use` block per call whose input
+    /// streams as `input_json_delta`s.
+    fn call_events(&mut self, events: Vec<ToolCallEvent>) -> Vec<SseEvent> {
+        let mut out = vec![];
+        for e in events {
+            match e {
+                ToolCallEvent::Content(c) => out.extend(self.emit("text", &c)),
+                ToolCallEvent::CallStart { name, .. } => {
+                    self.called = true;
+                    let block = json!({"type": "tool_use", "id": new_id("toolu_"),
+                                       "name": name, "input": {}});
+                    self.start_block("tool_use", block, &mut out);
+                }
+                ToolCallEvent::Args { piece, .. } => {
+                    if let Some(("tool_use", index)) = self.block {
+                        out.push(event(
+                            "content_block_delta",
+                            json!({"type": "content_block_delta", "index": index,
+                                   "delta": {"type": "input_json_delta", "partial_json": piece}}),
+                        ));
+                    }
+                }
+                ToolCallEvent::CallEnd { .. } => {
+                    if let Some(("tool_use", index)) = self.block {
+                        out.push(block_stop(index));
+                        self.block = None;
+                    }
+                }
+            }
         }
+        out
     }
 }
 
@@ -531,15 +563,12 @@ impl SseFormat for EventFormat {
         let mut parts = rs.push(&c.text);
         parts.extend(rs.finish());
         out.extend(self.emit_parts(parts));
-        if let Some((tools, held)) = self.tools.take() {
-            let (rest, calls) = tools.finish(held);
-            if !rest.is_empty() {
-                out.extend(self.emit("text", &rest));
-            }
-            if !calls.is_empty() {
-                self.stop = Some(("tool_use", None));
-            }
-            self.calls = calls;
+        if let Some(s) = self.tools.take() {
+            let events = s.finish();
+            out.extend(self.call_events(events));
+        }
+        if self.called {
+            self.stop = Some(("tool_use", None));
         }
         out
     }
@@ -548,34 +577,11 @@ impl SseFormat for EventFormat {
         let (reason, seq) = self.stop.take().unwrap_or(("end_turn", None));
         let mut out = self.open(usage.cached_tokens);
         // A message without calls has a text block, if only an empty one.
-        if self.calls.is_empty() && !matches!(self.block, Some(("text", _))) {
+        if !self.called && !matches!(self.block, Some(("text", _))) {
             out.extend(self.emit("text", ""));
         }
         if let Some((_, i)) = self.block.take() {
             out.push(block_stop(i));
-        }
-        // Each call is a tool_use block after the others: its input in one JSON delta.
-        for b in super::tools::anthropic_blocks(&self.calls) {
-            let index = self.next_block;
-            self.next_block += 1;
-            let input = b["input"].to_string();
-            let mut start = b;
-            start["input"] = json!({});
-            out.extend([
-                event(
-                    "content_block_start",
-                    json!({"type": "content_block_start", "index": index, "content_block": start}),
-                ),
-                event(
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": index,
-                           "delta": {"type": "input_json_delta", "partial_json": input}}),
-                ),
-                event(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": index}),
-                ),
-            ]);
         }
         out.extend([
             event(

@@ -24,7 +24,7 @@ use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::StopMatch;
-use switchyard_engine::tool_calls::ToolCallStream;
+use switchyard_engine::tool_calls::{ToolCallEvent, ToolCallStream};
 
 use super::error::{ApiError, OpenAiError};
 use super::local::{self, token_text, ChoiceOutput, SseFormat, Tracker, Usage};
@@ -639,7 +639,7 @@ fn json_response(
                         } else {
                             Value::String(content)
                         };
-                        message["tool_calls"] = super::tools::openai_calls(&calls, false);
+                        message["tool_calls"] = super::tools::openai_calls(&calls);
                         finish = Some("tool_calls");
                     }
                 }
@@ -690,8 +690,8 @@ struct ChunkFormat {
     logprobs: bool,
     /// Completions `text_offset` of each choice's next token.
     offsets: Vec<usize>,
-    /// Tools whose calls are parsed, with each choice's held-back text.
-    tools: Option<(super::tools::ActiveTools, Vec<ToolCallStream>)>,
+    /// With tools, each choice's call parser.
+    tools: Option<Vec<Option<ToolCallStream>>>,
     /// The request has a `prediction` (usage reports on it).
     prediction: bool,
     /// With `echo`: the request (its prompts), and which choices have sent theirs.
@@ -701,6 +701,30 @@ struct ChunkFormat {
     /// prompt opened a `<think>` block; otherwise only an answer starting with one).
     reasoning: Vec<ReasoningStream>,
     reasoning_possible: bool,
+}
+
+/// `delta.tool_calls` entries in the chunks they go in: at most one entry per call in a chunk
+/// (a call's opening entry and its first arguments go in two, as OpenAI and vLLM send them).
+fn call_groups(calls: Vec<Value>) -> Vec<Vec<Value>> {
+    let mut groups: Vec<Vec<Value>> = vec![];
+    for c in calls {
+        match groups.last_mut() {
+            Some(g) if !g.iter().any(|e| e["index"] == c["index"]) => g.push(c),
+            _ => groups.push(vec![c]),
+        }
+    }
+    groups
+}
+
+/// A choice's new output, sorted.
+#[derive(Default)]
+struct Routed {
+    reasoning: String,
+    answer: String,
+    /// `delta.tool_calls` entries.
+    calls: Vec<Value>,
+    /// The choice has made a call.
+    called: bool,
 }
 
 impl ChunkFormat {
@@ -715,7 +739,7 @@ impl ChunkFormat {
             logprobs: req.sampling.logprobs.is_some(),
             offsets: vec![0; choices],
             tools: super::tools::active(state, req)
-                .map(|t| (t, (0..choices).map(|_| ToolCallStream::default()).collect())),
+                .map(|t| (0..choices).map(|_| Some(t.stream())).collect()),
             prediction: req.prediction.is_some(),
             echo: (req.echo && req.api == Api::OpenAiCompletions).then(|| req.clone()),
             echoed: vec![false; choices],
@@ -724,20 +748,37 @@ impl ChunkFormat {
         }
     }
 
-    /// Sorts a choice's parts into reasoning text and answer text; with tools, answer text that
-    /// may be a call is held back.
-    fn route_parts(&mut self, i: usize, parts: Vec<Part>) -> (String, String) {
-        let (mut reasoning, mut answer) = (String::new(), String::new());
+    /// Sorts a choice's parts into reasoning text, answer text and (with tools) call events;
+    /// answer text that may be a call is held back. `end`: the choice is over, the call parser
+    /// says what it still holds.
+    fn route_parts(&mut self, i: usize, parts: Vec<Part>, end: bool) -> Routed {
+        let mut r = Routed::default();
+        let mut events = vec![];
         for p in parts {
             match p {
-                Part::Reasoning(r) => reasoning.push_str(&r),
-                Part::Answer(a) => match &mut self.tools {
-                    Some((_, held)) => answer.push_str(&held[i].push(&a)),
-                    None => answer.push_str(&a),
+                Part::Reasoning(t) => r.reasoning.push_str(&t),
+                Part::Answer(a) => match self.tools.as_mut().and_then(|s| s[i].as_mut()) {
+                    Some(s) => events.extend(s.push(&a)),
+                    None => r.answer.push_str(&a),
                 },
             }
         }
-        (reasoning, answer)
+        if let Some(slot) = self.tools.as_mut().map(|s| &mut s[i]) {
+            r.called = slot.as_ref().is_some_and(ToolCallStream::made_calls);
+            if end {
+                events.extend(slot.take().map(ToolCallStream::finish).unwrap_or_default());
+            }
+        }
+        r.called |= events
+            .iter()
+            .any(|e| matches!(e, ToolCallEvent::CallStart { .. }));
+        for e in &events {
+            if let ToolCallEvent::Content(c) = e {
+                r.answer.push_str(c);
+            }
+        }
+        r.calls = super::tools::openai_deltas(&events);
+        r
     }
 
     fn chunk(&self, choices: Vec<Value>) -> SseEvent {
@@ -774,52 +815,74 @@ impl SseFormat for ChunkFormat {
     }
 
     fn token(&mut self, i: usize, t: TokenEvent) -> Vec<SseEvent> {
-        let choice = if self.chat {
+        if self.chat {
             let lp = self
                 .logprobs
                 .then(|| json!({"content": [chat_logprob(&self.state, &t)]}));
             let parts = self.reasoning[i].push(&t.text);
-            let (reasoning, answer) = self.route_parts(i, parts);
+            let Routed {
+                reasoning,
+                answer,
+                calls,
+                ..
+            } = self.route_parts(i, parts, false);
+            let mut groups = call_groups(calls).into_iter();
+            let calls = groups.next().unwrap_or_default();
             let holding = self.tools.is_some() || self.reasoning_possible;
-            if reasoning.is_empty() && answer.is_empty() && lp.is_none() && holding {
+            if reasoning.is_empty()
+                && answer.is_empty()
+                && calls.is_empty()
+                && lp.is_none()
+                && holding
+            {
                 return vec![];
             }
             let mut delta = json!({});
             if !reasoning.is_empty() {
                 delta["reasoning_content"] = json!(reasoning);
             }
-            if !answer.is_empty() || reasoning.is_empty() {
+            if !answer.is_empty() || (reasoning.is_empty() && calls.is_empty()) {
                 delta["content"] = json!(answer);
             }
-            json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null})
-        } else {
-            let mut out = vec![];
-            if let Some(req) = self
-                .echo
-                .as_ref()
-                .filter(|_| self.offsets[i] == 0 && !self.echoed[i])
-            {
-                self.echoed[i] = true;
-                let (text, lp) = prompt_echo(&self.state, req, i, Some(&t));
-                let lp = if self.logprobs { lp } else { None };
-                self.offsets[i] = text.len();
+            if !calls.is_empty() {
+                delta["tool_calls"] = json!(calls);
+            }
+            let first = json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null});
+            let mut out = vec![self.chunk(vec![first])];
+            for g in groups {
+                let delta = json!({"tool_calls": g});
                 out.push(self.chunk(vec![
-                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}),
+                    json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": null}),
                 ]));
             }
-            let off = self.offsets.get(i).copied().unwrap_or(0);
-            let lp = self
-                .logprobs
-                .then(|| completion_logprobs(&self.state, std::slice::from_ref(&t), off));
-            if let Some(o) = self.offsets.get_mut(i) {
-                *o += t.text.len();
-            }
-            out.push(self.chunk(vec![
-                json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}),
-            ]));
             return out;
-        };
-        vec![self.chunk(vec![choice])]
+        }
+        // Completions: each token as it comes, after the echoed prompt.
+        let mut out = vec![];
+        if let Some(req) = self
+            .echo
+            .as_ref()
+            .filter(|_| self.offsets[i] == 0 && !self.echoed[i])
+        {
+            self.echoed[i] = true;
+            let (text, lp) = prompt_echo(&self.state, req, i, Some(&t));
+            let lp = if self.logprobs { lp } else { None };
+            self.offsets[i] = text.len();
+            out.push(self.chunk(vec![
+                json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}),
+            ]));
+        }
+        let off = self.offsets.get(i).copied().unwrap_or(0);
+        let lp = self
+            .logprobs
+            .then(|| completion_logprobs(&self.state, std::slice::from_ref(&t), off));
+        if let Some(o) = self.offsets.get_mut(i) {
+            *o += t.text.len();
+        }
+        out.push(self.chunk(vec![
+            json!({"index": i, "text": t.text, "logprobs": lp, "finish_reason": null}),
+        ]));
+        out
     }
 
     fn finished(&mut self, i: usize, c: &Completion) -> Vec<SseEvent> {
@@ -830,17 +893,17 @@ impl SseFormat for ChunkFormat {
                              "stop_reason": stopped_by});
             return vec![self.chunk(vec![off])];
         }
-        // What the reasoning and tool splitters still hold, then the calls.
+        // What the reasoning and tool splitters still hold, with the rest of the calls.
         let mut rs = std::mem::replace(&mut self.reasoning[i], ReasoningStream::new(false));
         let mut parts = rs.push(&c.text);
         parts.extend(rs.finish());
-        let (reasoning, mut text) = self.route_parts(i, parts);
-        let mut calls = vec![];
-        if let Some((tools, held)) = &mut self.tools {
-            let (rest, found) = tools.finish(std::mem::take(&mut held[i]));
-            text.push_str(&rest);
-            calls = found;
-        }
+        let Routed {
+            reasoning,
+            answer: text,
+            calls,
+            called,
+        } = self.route_parts(i, parts, true);
+        let reason = if called { "tool_calls" } else { reason };
         let chunk = |delta: Value, reason: Option<&str>| {
             let mut c =
                 json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason});
@@ -864,13 +927,9 @@ impl SseFormat for ChunkFormat {
         if !text.is_empty() {
             out.push(self.chunk(vec![chunk(json!({"content": text}), None)]));
         }
-        let reason = if calls.is_empty() {
-            reason
-        } else {
-            let delta = json!({"tool_calls": super::tools::openai_calls(&calls, true)});
-            out.push(self.chunk(vec![chunk(delta, None)]));
-            "tool_calls"
-        };
+        for g in call_groups(calls) {
+            out.push(self.chunk(vec![chunk(json!({"tool_calls": g}), None)]));
+        }
         out.push(self.chunk(vec![chunk(json!({}), Some(reason))]));
         out
     }

@@ -12,7 +12,7 @@
 use serde_json::{json, Map, Value};
 use switchyard_engine::chat::ChatTemplate;
 use switchyard_engine::structured::OutputConstraint;
-use switchyard_engine::tool_calls::{ToolCall, ToolCallFormat, ToolCallStream};
+use switchyard_engine::tool_calls::{ToolCall, ToolCallEvent, ToolCallFormat, ToolCallStream};
 
 use super::error::ApiError;
 use super::AppState;
@@ -317,10 +317,15 @@ impl ActiveTools {
         }
     }
 
-    /// The end of a streamed answer: content still held and the calls.
-    pub fn finish(&self, s: ToolCallStream) -> (String, Vec<ToolCall>) {
-        let (content, calls) = s.finish(self.format, &self.tools);
-        (content, self.limit(calls))
+    /// A parser for a streamed answer: calls as they are written, the first only with
+    /// `single_call`.
+    pub fn stream(&self) -> ToolCallStream {
+        let s = ToolCallStream::new(self.format, self.tools.clone());
+        if self.single_call {
+            s.max_calls(1)
+        } else {
+            s
+        }
     }
 
     fn limit(&self, mut calls: Vec<ToolCall>) -> Vec<ToolCall> {
@@ -331,23 +336,47 @@ impl ActiveTools {
     }
 }
 
-/// OpenAI `tool_calls` entries (streamed ones carry their `index`).
-pub fn openai_calls(calls: &[ToolCall], streamed: bool) -> Value {
+/// OpenAI `tool_calls` entries.
+pub fn openai_calls(calls: &[ToolCall]) -> Value {
     calls
         .iter()
-        .enumerate()
-        .map(|(k, c)| {
-            let mut v = json!({
+        .map(|c| {
+            json!({
                 "id": super::new_id("call_"),
                 "type": "function",
                 "function": {"name": c.name, "arguments": arguments_json(c)},
-            });
-            if streamed {
-                v["index"] = json!(k);
-            }
-            v
+            })
         })
         .collect()
+}
+
+/// A streamed call's `delta.tool_calls` entries (OpenAI's and vLLM's shape): the first
+/// carries the id, type and name with empty arguments, the next ones argument pieces.
+/// Neighbouring pieces of one call are sent as one entry.
+pub fn openai_deltas(events: &[ToolCallEvent]) -> Vec<Value> {
+    let mut out: Vec<Value> = vec![];
+    for e in events {
+        match e {
+            ToolCallEvent::CallStart { index, name } => out.push(json!({
+                "index": index,
+                "id": super::new_id("call_"),
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            })),
+            ToolCallEvent::Args { index, piece } => match out.last_mut() {
+                Some(last) if last["index"] == *index && last.get("id").is_none() => {
+                    let joined = format!(
+                        "{}{piece}",
+                        last["function"]["arguments"].as_str().unwrap_or("")
+                    );
+                    last["function"]["arguments"] = json!(joined);
+                }
+                _ => out.push(json!({"index": index, "function": {"arguments": piece}})),
+            },
+            ToolCallEvent::Content(_) | ToolCallEvent::CallEnd { .. } => {}
+        }
+    }
+    out
 }
 
 /// Anthropic `tool_use` content blocks.
