@@ -575,3 +575,49 @@ async fn parallel_calls_and_their_opt_out() {
         assert!(!r.text.contains("\"text_delta\""), "no text: {}", r.text);
     }
 }
+
+/// A call cut off by `max_tokens` after it started streaming ends as the providers report it:
+/// OpenAI `finish_reason: "length"`, Anthropic `stop_reason: "max_tokens"`, not as a call.
+#[tokio::test]
+async fn a_call_cut_off_by_the_limit_ends_as_length() {
+    let s = server();
+    // The forced call opens with `<tool_call>{"name":"get_weather","arguments":{"city":"`
+    // (about 50 tokens of the byte-level tokenizer), so 56 tokens end inside its arguments.
+    let body = chat(
+        json!({"stream": true, "max_tokens": 56, "temperature": 0, "tool_choice": "required"}),
+    );
+    let text = post(&s, "/v1/chat/completions", body, &[]).await.text;
+    let mut started = false;
+    let mut finish = Value::Null;
+    for (_, data) in parse_sse(&text) {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&data).expect("chunk");
+        let c = &v["choices"][0];
+        started |= c["delta"]["tool_calls"][0]["function"]["name"] == "get_weather";
+        if !c["finish_reason"].is_null() {
+            finish = c["finish_reason"].clone();
+        }
+    }
+    assert!(started, "the call started streaming: {text}");
+    assert_eq!(finish, "length", "{text}");
+
+    let body = json!({"model": "local", "max_tokens": 56, "temperature": 0, "stream": true,
+                      "tool_choice": {"type": "any"},
+                      "messages": [{"role": "user", "content": "Weather in Paris for 3 days?"}],
+                      "tools": [{"name": "get_weather", "description": "Current weather in a city",
+                                 "input_schema": weather_tool()["function"]["parameters"]}]});
+    let text = post(&s, "/v1/messages", body, &[]).await.text;
+    let evs = parse_sse(&text);
+    let started = evs
+        .iter()
+        .any(|(_, d)| d.contains("\"tool_use\"") && d.contains("content_block_start"));
+    let stop = evs
+        .iter()
+        .filter_map(|(_, d)| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["type"] == "message_delta")
+        .map(|v| v["delta"]["stop_reason"].clone());
+    assert!(started, "the tool_use block started: {text}");
+    assert_eq!(stop, Some(json!("max_tokens")), "{text}");
+}

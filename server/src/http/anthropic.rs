@@ -567,7 +567,8 @@ impl SseFormat for EventFormat {
             let events = s.finish();
             out.extend(self.call_events(events));
         }
-        if self.called {
+        // A call cut off by the token limit ends as `max_tokens`, as Anthropic reports it.
+        if self.called && c.finish_reason != FinishReason::Length {
             self.stop = Some(("tool_use", None));
         }
         out

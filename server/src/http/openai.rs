@@ -23,7 +23,7 @@ use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
 use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
-use switchyard_engine::stop::StopMatch;
+use switchyard_engine::stop::{FinishReason, StopMatch};
 use switchyard_engine::tool_calls::{ToolCallEvent, ToolCallStream};
 
 use super::error::{ApiError, OpenAiError};
@@ -903,7 +903,12 @@ impl SseFormat for ChunkFormat {
             calls,
             called,
         } = self.route_parts(i, parts, true);
-        let reason = if called { "tool_calls" } else { reason };
+        // A call cut off by the token limit ends as `length`, as OpenAI reports it.
+        let reason = if called && c.finish_reason != FinishReason::Length {
+            "tool_calls"
+        } else {
+            reason
+        };
         let chunk = |delta: Value, reason: Option<&str>| {
             let mut c =
                 json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": reason});
