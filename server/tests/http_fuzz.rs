@@ -38,6 +38,7 @@ enum Ep {
     Chat,
     Completions,
     Messages,
+    Responses,
 }
 
 impl Ep {
@@ -46,6 +47,7 @@ impl Ep {
             Ep::Chat => "/v1/chat/completions",
             Ep::Completions => "/v1/completions",
             Ep::Messages => "/v1/messages",
+            Ep::Responses => "/v1/responses",
         }
     }
 
@@ -143,10 +145,30 @@ impl Ep {
             "output_format",
             "ignore_eos",
         ];
+        const RESPONSES: [&str; 17] = [
+            "model",
+            "input",
+            "instructions",
+            "max_output_tokens",
+            "temperature",
+            "top_p",
+            "stream",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "text",
+            "reasoning",
+            "metadata",
+            "previous_response_id",
+            "background",
+            "store",
+            "ignore_eos",
+        ];
         match self {
             Ep::Chat => &CHAT,
             Ep::Completions => &COMPLETIONS,
             Ep::Messages => &MESSAGES,
+            Ep::Responses => &RESPONSES,
         }
     }
 
@@ -162,6 +184,24 @@ impl Ep {
             ],
             Ep::Completions => &["prompt[0]", "stream_options.include_usage"],
             Ep::Messages => &["messages[0]", "messages[0].role", "messages[0].content"],
+            Ep::Responses => &[
+                "input[0]",
+                "input[0].role",
+                "input[0].content",
+                "input[0].type",
+                "text.format",
+                "text.format.type",
+                "reasoning.effort",
+            ],
+        }
+    }
+
+    /// Where the first message of a valid body is.
+    fn first_message(self) -> &'static str {
+        if self == Ep::Responses {
+            "input[0]"
+        } else {
+            "messages[0]"
         }
     }
 
@@ -182,6 +222,7 @@ impl Ep {
                 "messages[0].role",
                 "messages[0].content",
             ],
+            Ep::Responses => &["model", "input", "input[0].role", "input[0].content"],
         }
     }
 }
@@ -374,6 +415,16 @@ fn valid(ep: Ep) -> BoxedStrategy<Value> {
                 b
             })
             .boxed(),
+        Ep::Responses => (text(), any::<bool>(), 1i64..=6, any::<bool>())
+            .prop_map(|(t, stream, max, instructions)| {
+                let mut b = json!({"model": "local", "max_output_tokens": max, "stream": stream,
+                                   "input": [{"role": "user", "content": [{"type": "input_text", "text": t}]}]});
+                if instructions {
+                    b["instructions"] = json!("be brief");
+                }
+                b
+            })
+            .boxed(),
     }
 }
 
@@ -539,10 +590,10 @@ fn mutation(ep: Ep) -> BoxedStrategy<Mutation> {
         Just(json!([])),
         Just(json!([null])),
     ];
-    let max_tokens_field = if ep == Ep::Chat {
-        prop::sample::select(vec!["max_tokens", "max_completion_tokens"]).boxed()
-    } else {
-        Just("max_tokens").boxed()
+    let max_tokens_field = match ep {
+        Ep::Chat => prop::sample::select(vec!["max_tokens", "max_completion_tokens"]).boxed(),
+        Ep::Responses => Just("max_output_tokens").boxed(),
+        _ => Just("max_tokens").boxed(),
     };
     let context = prop::sample::select(vec![
         CONTEXT - 1,
@@ -702,21 +753,55 @@ fn mutation(ep: Ep) -> BoxedStrategy<Mutation> {
         ));
     }
     if ep != Ep::Completions {
+        let first = ep.first_message();
         options.push((
             2,
             roles
-                .prop_map(|r| Mutation::Set("messages[0].role".into(), json!(r)))
+                .prop_map(move |r| Mutation::Set(format!("{first}.role"), json!(r)))
                 .boxed(),
         ));
         options.push((
             2,
             parts
-                .prop_map(|p| Mutation::Set("messages[0].content".into(), p))
+                .prop_map(move |p| Mutation::Set(format!("{first}.content"), p))
                 .boxed(),
         ));
-        options.push((1, Just(Mutation::Set("messages".into(), json!([]))).boxed()));
+        let list = if ep == Ep::Responses {
+            "input"
+        } else {
+            "messages"
+        };
+        options.push((1, Just(Mutation::Set(list.into(), json!([]))).boxed()));
     }
-    if ep != Ep::Messages {
+    if ep == Ep::Responses {
+        options.push((
+            2,
+            prop_oneof![
+                Just(json!({"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"})),
+                Just(json!({"type": "function_call_output", "call_id": "c1", "output": "ok"})),
+                Just(json!({"type": "function_call_output", "call_id": "c1"})),
+                Just(json!({"type": "function_call", "name": 5})),
+                Just(json!({"type": "reasoning", "summary": []})),
+                Just(json!({"type": "web_search_call"})),
+                Just(json!({"type": "message", "role": "developer", "content": "be brief"})),
+                Just(json!({"role": "user", "content": [{"type": "input_image", "image_url": "x"}]})),
+            ]
+            .prop_map(|item| Mutation::Set("input[0]".into(), item))
+            .boxed(),
+        ));
+        options.push((
+            1,
+            prop_oneof![
+                Just(json!({"format": {"type": "json_object"}})),
+                Just(json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}})),
+                Just(json!({"format": {"type": "json_schema", "name": "x", "schema": 5}})),
+                Just(json!({"format": {"type": "grammar"}})),
+            ]
+            .prop_map(|t| Mutation::Set("text".into(), t))
+            .boxed(),
+        ));
+    }
+    if ep != Ep::Messages && ep != Ep::Responses {
         options.push((
             2,
             prop::sample::select(vec![-1i64, 0, 2, 16, 17, 100])
@@ -789,6 +874,7 @@ fn mutation(ep: Ep) -> BoxedStrategy<Mutation> {
             .prop_map(|s| Mutation::Set("system".into(), s))
             .boxed(),
         )),
+        Ep::Responses => {}
     }
     prop::strategy::Union::new_weighted(options).boxed()
 }
@@ -875,9 +961,14 @@ fn apply(ep: Ep, mut b: Value, m: Mutation) -> Case {
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    prop_oneof![Just(Ep::Chat), Just(Ep::Completions), Just(Ep::Messages)]
-        .prop_flat_map(|ep| (Just(ep), valid(ep), mutation(ep)))
-        .prop_map(|(ep, b, m)| apply(ep, b, m))
+    prop_oneof![
+        Just(Ep::Chat),
+        Just(Ep::Completions),
+        Just(Ep::Messages),
+        Just(Ep::Responses)
+    ]
+    .prop_flat_map(|ep| (Just(ep), valid(ep), mutation(ep)))
+    .prop_map(|(ep, b, m)| apply(ep, b, m))
 }
 
 /// What came back.
@@ -1040,6 +1131,9 @@ fn check_ok(case: &Case, r: &Reply, body: Option<&Value>) -> Result<(), String> 
         if !r.content_type.starts_with("text/event-stream") {
             return Err(format!("stream with content-type {:?}", r.content_type));
         }
+        if case.ep == Ep::Responses {
+            return check_responses_stream(&r.text);
+        }
         let texts = check_stream(case.ep, &r.text, want)?;
         return check_stops(body, &texts);
     }
@@ -1089,8 +1183,60 @@ fn check_ok(case: &Case, r: &Reply, body: Option<&Value>) -> Result<(), String> 
             let text = v["content"][0]["text"].as_str().unwrap_or_default();
             check_stops(body, &[text.to_string()])?;
         }
+        Ep::Responses => check_response_object(&v)?,
     }
     Ok(())
+}
+
+/// A finished `response` object: completed or cut by the limit, with output items and usage.
+fn check_response_object(v: &Value) -> Result<(), String> {
+    let ok = v["object"] == "response"
+        && matches!(v["status"].as_str(), Some("completed" | "incomplete"))
+        && v["output"].as_array().is_some_and(|o| {
+            o.iter().all(|i| {
+                matches!(
+                    i["type"].as_str(),
+                    Some("message" | "function_call" | "reasoning")
+                )
+            })
+        })
+        && v["usage"]["output_tokens"].is_u64();
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("malformed response: {v}"))
+    }
+}
+
+/// A Responses event stream: named events numbered in order, from `response.created` to a
+/// finished response, no error event.
+fn check_responses_stream(text: &str) -> Result<(), String> {
+    let events = parse_sse(text);
+    let tail = last(text, 300);
+    let mut names = vec![];
+    for (i, (name, data)) in events.iter().enumerate() {
+        let v: Value =
+            serde_json::from_str(data).map_err(|e| format!("event data not JSON ({e}): {data}"))?;
+        let name = name.as_deref().ok_or(format!("an unnamed event: {data}"))?;
+        if v["type"] != name || v["sequence_number"] != json!(i) {
+            return Err(format!("event {i} is not {name} number {i}: {data}"));
+        }
+        if name == "error" {
+            return Err(format!("error event in a 200 stream: {data}"));
+        }
+        names.push(name.to_string());
+    }
+    let last_event = events.last().map(|(_, d)| d.as_str()).unwrap_or("");
+    match (
+        names.first().map(String::as_str),
+        names.last().map(String::as_str),
+    ) {
+        (Some("response.created"), Some("response.completed" | "response.incomplete")) => {
+            let v: Value = serde_json::from_str(last_event).map_err(|e| e.to_string())?;
+            check_response_object(&v["response"])
+        }
+        _ => Err(format!("Responses stream not created..completed: {tail}")),
+    }
 }
 
 /// The answer never contains a stop string: generation ends before it (or, with vLLM's

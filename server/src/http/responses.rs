@@ -67,7 +67,8 @@ pub async fn responses(
     let routed = routing::route(&state, Api::OpenAiChat, &headers, chat, parsed, arrived).await;
     let resp = routing::respond::<openai::OpenAi>(&state, routed, arrived).await;
     if !resp.status().is_success() {
-        return resp; // already an error in the OpenAI shape, which the Responses API shares
+        // An error in the OpenAI shape, which the Responses API shares, about the chat fields.
+        return error_in_responses_terms(resp, &req).await;
     }
     let shell = ResponseShell::new(&req);
     if stream {
@@ -75,6 +76,37 @@ pub async fn responses(
     } else {
         json_response(resp, shell).await
     }
+}
+
+/// A refusal from the chat pipeline (context length, queue, routing) with the fields named as
+/// the Responses request spells them.
+async fn error_in_responses_terms(resp: Response, req: &Value) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    if let Some(p) = v.pointer("/error/param").and_then(Value::as_str) {
+        v["error"]["param"] = json!(rename_param(p.to_string(), req));
+    }
+    if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
+        let m = m
+            .replace("max_tokens", "max_output_tokens")
+            .replace("(messages)", "(input, instructions)");
+        v["error"]["message"] = json!(m);
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(v.to_string()))
+}
+
+/// A chat request's field path as the Responses request spells it.
+fn rename_param(p: String, req: &Value) -> String {
+    in_responses_terms(ApiError::MissingField(p), req)
+        .param()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// An error the chat request's checks found, named as the Responses request spells the field.
@@ -98,7 +130,15 @@ fn in_responses_terms(e: ApiError, req: &Value) -> ApiError {
         if let Some(rest) = p.strip_prefix("tools[") {
             return format!("tools[{}", rest.replacen("].function.", "].", 1));
         }
-        p
+        if let Some(rest) = p.strip_prefix("response_format") {
+            let rest = rest.strip_prefix(".json_schema").unwrap_or(rest);
+            return format!("text.format{rest}");
+        }
+        match p.as_str() {
+            "reasoning_effort" => "reasoning.effort".into(),
+            "tool_choice.function.name" => "tool_choice.name".into(),
+            _ => p,
+        }
     };
     match e {
         ApiError::InvalidField { param, message } => ApiError::InvalidField {
