@@ -64,7 +64,7 @@ impl Ep {
             "frequency_penalty",
             "logit_bias",
         ];
-        const CHAT: [&str; 35] = [
+        const CHAT: [&str; 37] = [
             "model",
             "messages",
             "max_tokens",
@@ -85,6 +85,8 @@ impl Ep {
             "ignore_eos",
             "truncate_prompt_tokens",
             "cache_salt",
+            "prompt_logprobs",
+            "return_tokens_as_token_ids",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",
@@ -101,7 +103,7 @@ impl Ep {
             SAMPLING[7],
             SAMPLING[8],
         ];
-        const COMPLETIONS: [&str; 27] = [
+        const COMPLETIONS: [&str; 29] = [
             "model",
             "prompt",
             "max_tokens",
@@ -116,6 +118,8 @@ impl Ep {
             "ignore_eos",
             "truncate_prompt_tokens",
             "cache_salt",
+            "prompt_logprobs",
+            "return_tokens_as_token_ids",
             "min_tokens",
             "stop_token_ids",
             "include_stop_str_in_output",

@@ -1,5 +1,6 @@
 //! vLLM's extensions to the OpenAI API and prompt continuation, against the real server:
-//! `truncate_prompt_tokens`, `cache_salt`, `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
+//! `truncate_prompt_tokens`, `cache_salt`, `prompt_logprobs`, `return_tokens_as_token_ids`,
+//! `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
 //! choices' `stop_reason`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
 //! library reading the model's tokenizer.json, and against the chat endpoint's own prompt
 //! count); `add_generation_prompt` / `continue_final_message` and Anthropic's prefill (checked
@@ -316,6 +317,144 @@ async fn cache_salt_keeps_prefix_cache_hits_within_one_salt() {
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(openai_error(&r.json())["param"], "cache_salt");
+}
+
+#[tokio::test]
+async fn prompt_logprobs_and_tokens_as_ids() {
+    let s = Server::start();
+    let prompt = [5u32, 6, 7, 8, 9, 10];
+    let v = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2})),
+        &[],
+    )
+    .await
+    .json();
+    let pl = v["choices"][0]["prompt_logprobs"]
+        .as_array()
+        .expect("prompt_logprobs")
+        .clone();
+    assert_eq!(pl.len(), prompt.len(), "{v}");
+    assert!(pl[0].is_null());
+    // Reference: the completions `echo` logprobs of the same prompt (checked against the
+    // contiguous forward in the engine's tests).
+    let echo = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"prompt": prompt, "max_tokens": 1, "echo": true, "logprobs": 2})),
+        &[],
+    )
+    .await
+    .json();
+    let want = &echo["choices"][0]["logprobs"]["token_logprobs"];
+    for (p, entry) in pl.iter().enumerate().skip(1) {
+        let o = entry.as_object().expect("an object per prompt position");
+        assert!((2..=3).contains(&o.len()), "{entry}");
+        let own = &o[&prompt[p].to_string()];
+        let lp = own["logprob"].as_f64().expect("logprob");
+        assert!(
+            (lp - want[p].as_f64().expect("echo logprob")).abs() < 1e-4,
+            "position {p}: {entry} vs {}",
+            want[p]
+        );
+        let rank = own["rank"].as_u64().expect("rank");
+        assert!(rank >= 1);
+        let best = o
+            .values()
+            .map(|e| e["logprob"].as_f64().unwrap_or(f64::MIN))
+            .fold(f64::MIN, f64::max);
+        assert_eq!(
+            rank == 1,
+            (best - lp).abs() < 1e-6,
+            "position {p}: rank {rank}: {entry}"
+        );
+        assert!(o.values().all(|e| e["decoded_token"].is_string()));
+    }
+    // Chat: one list beside the choices, as long as the prompt.
+    let c = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 1, "prompt_logprobs": 0, "messages": [{"role": "user", "content": "hi"}]}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        c["prompt_logprobs"].as_array().map(Vec::len),
+        c["usage"]["prompt_tokens"].as_u64().map(|n| n as usize),
+        "{c}"
+    );
+
+    // Tokens as ids: the ids are the greedy tokens `generate` reports.
+    let g = greedy_ids(4);
+    let v = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"max_tokens": 4, "logprobs": 1, "return_tokens_as_token_ids": true})),
+        &[],
+    )
+    .await
+    .json();
+    let toks: Vec<String> = v["choices"][0]["logprobs"]["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().unwrap_or_default().to_string())
+        .collect();
+    let want: Vec<String> = g.iter().map(|id| format!("token_id:{id}")).collect();
+    assert_eq!(toks, want);
+    let chat = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 3, "logprobs": true, "top_logprobs": 2, "return_tokens_as_token_ids": true,
+               "messages": [{"role": "user", "content": "hi"}]}),
+        &[],
+    )
+    .await
+    .json();
+    let content = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content")
+        .clone();
+    assert!(!content.is_empty());
+    for e in content {
+        assert!(
+            e["token"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("token_id:")),
+            "{e}"
+        );
+        assert!(e["top_logprobs"]
+            .as_array()
+            .expect("top")
+            .iter()
+            .all(|a| a["token"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("token_id:"))));
+    }
+    for (body, param) in [
+        (
+            completion(json!({"prompt_logprobs": 21})),
+            "prompt_logprobs",
+        ),
+        (
+            completion(json!({"prompt_logprobs": -1})),
+            "prompt_logprobs",
+        ),
+        (
+            completion(json!({"prompt_logprobs": 1, "stream": true})),
+            "prompt_logprobs",
+        ),
+        (
+            completion(json!({"return_tokens_as_token_ids": "yes"})),
+            "return_tokens_as_token_ids",
+        ),
+    ] {
+        let r = post(&s, "/v1/completions", body.clone(), &[]).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(openai_error(&r.json())["param"], param);
+    }
 }
 
 #[tokio::test]

@@ -219,8 +219,12 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                 return_logits: false,
                 constraint: constraint.clone(),
                 prediction: prediction.clone(),
-                // `echo` with `logprobs`: the prompt's logprobs too.
-                prompt_logprobs: req.sampling.logprobs.filter(|_| req.echo),
+                // `echo` with `logprobs`, or vLLM's `prompt_logprobs`: the prompt's logprobs.
+                prompt_logprobs: req
+                    .sampling
+                    .logprobs
+                    .filter(|_| req.echo)
+                    .max(req.controls.prompt_logprobs),
                 reasoning_budget: req.reasoning_budget.filter(|_| thinking),
             });
         }

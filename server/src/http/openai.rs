@@ -479,10 +479,48 @@ fn usage_json(u: Usage, prediction: bool) -> Value {
     v
 }
 
+/// A token as logprobs name it: its text (and bytes), or `token_id:<id>` with vLLM's
+/// `return_tokens_as_token_ids`.
+fn token_label(state: &AppState, as_ids: bool, id: u32) -> (String, Vec<u8>) {
+    let (text, bytes) = token_text(state, id);
+    if as_ids {
+        (format!("token_id:{id}"), bytes)
+    } else {
+        (text, bytes)
+    }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, null for the first, else the token and the
+/// `n` most likely alternatives, each keyed by id with its logprob, rank and text.
+fn vllm_prompt_logprobs(
+    state: &AppState,
+    as_ids: bool,
+    first: Option<&TokenEvent>,
+    n: usize,
+) -> Value {
+    let Some(pl) = first.and_then(|t| t.prompt_logprobs.as_ref()) else {
+        return Value::Null;
+    };
+    let entry = |id: u32, logprob: f32, rank: Option<usize>| json!({"logprob": logprob, "rank": rank, "decoded_token": token_label(state, as_ids, id).0});
+    pl.iter()
+        .map(|p| match p.logprob {
+            None => Value::Null,
+            Some(lp) => {
+                let mut m = Map::new();
+                for (i, a) in p.top_logprobs.iter().take(n).enumerate() {
+                    m.insert(a.id.to_string(), entry(a.id, a.logprob, Some(i + 1)));
+                }
+                m.insert(p.id.to_string(), entry(p.id, lp, p.rank));
+                Value::Object(m)
+            }
+        })
+        .collect()
+}
+
 /// Chat `logprobs.content` entry of one token.
-fn chat_logprob(state: &AppState, t: &TokenEvent) -> Value {
+fn chat_logprob(state: &AppState, as_ids: bool, t: &TokenEvent) -> Value {
     let entry = |id: u32, lp: f32| {
-        let (text, bytes) = token_text(state, id);
+        let (text, bytes) = token_label(state, as_ids, id);
         json!({"token": text, "logprob": lp, "bytes": bytes})
     };
     let mut e = entry(t.id, t.logprob.unwrap_or(f32::NEG_INFINITY));
@@ -500,10 +538,15 @@ fn chat_logprob(state: &AppState, t: &TokenEvent) -> Value {
 }
 
 /// Completions logprobs of a run of tokens starting at text offset `offset`.
-fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usize) -> Value {
+fn completion_logprobs(
+    state: &AppState,
+    as_ids: bool,
+    tokens: &[TokenEvent],
+    mut offset: usize,
+) -> Value {
     let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
     for t in tokens {
-        let (text, _) = token_text(state, t.id);
+        let (text, _) = token_label(state, as_ids, t.id);
         offs.push(offset);
         offset += t.text.len();
         toks.push(text);
@@ -511,7 +554,7 @@ fn completion_logprobs(state: &AppState, tokens: &[TokenEvent], mut offset: usiz
         let top: Map<String, Value> = t
             .top_logprobs
             .iter()
-            .map(|a| (token_text(state, a.id).0, json!(a.logprob)))
+            .map(|a| (token_label(state, as_ids, a.id).0, json!(a.logprob)))
             .collect();
         tops.push(Value::Object(top));
     }
@@ -532,11 +575,13 @@ fn prompt_echo(
         Some(PromptInput::Tokens(ids)) => state.tokenizer.decode(ids, false).unwrap_or_default(),
         None => String::new(),
     };
+    let as_ids = req.controls.return_tokens_as_token_ids;
+    let top_n = req.sampling.logprobs.unwrap_or(0);
     let lp = first.and_then(|t| t.prompt_logprobs.as_ref()).map(|pl| {
         let (mut toks, mut lps, mut tops, mut offs) = (vec![], vec![], vec![], vec![]);
         let mut offset = 0;
         for p in pl {
-            let (tok, _) = token_text(state, p.id);
+            let (tok, _) = token_label(state, as_ids, p.id);
             offs.push(offset);
             offset += tok.len();
             toks.push(tok);
@@ -546,7 +591,8 @@ fn prompt_echo(
                 Some(_) => Value::Object(
                     p.top_logprobs
                         .iter()
-                        .map(|a| (token_text(state, a.id).0, json!(a.logprob)))
+                        .take(top_n)
+                        .map(|a| (token_label(state, as_ids, a.id).0, json!(a.logprob)))
                         .collect(),
                 ),
             });
@@ -586,8 +632,9 @@ impl routing::LocalEndpoint for OpenAi {
             let fmt = ChunkFormat::new(state, &req, meta, streams.len());
             return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
         }
-        let logprobs = req.sampling.logprobs.is_some();
-        let outs = local::collect(streams, &mut tracker, logprobs).await?;
+        // Token events carry the logprobs (the first one also the prompt's).
+        let keep = req.sampling.logprobs.is_some() || req.controls.prompt_logprobs.is_some();
+        let outs = local::collect(streams, &mut tracker, keep).await?;
         Ok(json_response(state, &req, meta, &outs, tracker.usage))
     }
 
@@ -617,15 +664,21 @@ fn json_response(
 ) -> Response {
     let chat = req.api == Api::OpenAiChat;
     let logprobs = req.sampling.logprobs.is_some();
+    let as_ids = req.controls.return_tokens_as_token_ids;
     let tools = super::tools::active(state, req);
     let opened = chat && local::opens_reasoning(state, req);
+    let prompt_lp = |o: &ChoiceOutput| {
+        req.controls
+            .prompt_logprobs
+            .map(|n| vllm_prompt_logprobs(state, as_ids, o.tokens.first(), n))
+    };
     let choices: Vec<Value> = outs
         .iter()
         .enumerate()
         .map(|(i, o)| {
             let mut finish = o.completion.as_ref().map(|c| c.finish_reason.as_str());
             if chat {
-                let lp = logprobs.then(|| json!({"content": o.tokens.iter().map(|t| chat_logprob(state, t)).collect::<Vec<_>>()}));
+                let lp = logprobs.then(|| json!({"content": o.tokens.iter().map(|t| chat_logprob(state, as_ids, t)).collect::<Vec<_>>()}));
                 let (reasoning, answer) = reasoning::split(&o.text, opened);
                 let mut message = json!({"role": "assistant", "content": answer});
                 if let Some(r) = reasoning {
@@ -657,18 +710,22 @@ fn json_response(
                     None => (String::new(), None),
                 };
                 if logprobs {
-                    let gen = completion_logprobs(state, &o.tokens, prefix.len());
+                    let gen = completion_logprobs(state, as_ids, &o.tokens, prefix.len());
                     lp = Some(match lp {
                         Some(p) => join_logprobs(p, gen),
                         None => gen,
                     });
                 }
-                json!({"index": i, "text": format!("{prefix}{}", o.text), "logprobs": lp, "finish_reason": finish,
-                       "stop_reason": stop_reason(state, o.completion.as_ref())})
+                let mut c = json!({"index": i, "text": format!("{prefix}{}", o.text), "logprobs": lp, "finish_reason": finish,
+                       "stop_reason": stop_reason(state, o.completion.as_ref())});
+                if let Some(p) = prompt_lp(o) {
+                    c["prompt_logprobs"] = p;
+                }
+                c
             }
         })
         .collect();
-    Json(json!({
+    let mut body = json!({
         "id": meta.id,
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": meta.created,
@@ -676,8 +733,12 @@ fn json_response(
         "system_fingerprint": meta.fingerprint,
         "choices": choices,
         "usage": usage_json(usage, req.prediction.is_some()),
-    }))
-    .into_response()
+    });
+    // vLLM puts a chat's prompt logprobs beside the choices (one prompt for all of them).
+    if let (true, Some(p)) = (chat, outs.first().and_then(prompt_lp)) {
+        body["prompt_logprobs"] = p;
+    }
+    Json(body).into_response()
 }
 
 /// OpenAI chunk streams (chat and completions).
@@ -688,6 +749,8 @@ struct ChunkFormat {
     choices: usize,
     include_usage: bool,
     logprobs: bool,
+    /// Logprobs name tokens by id (`return_tokens_as_token_ids`).
+    as_ids: bool,
     /// Completions `text_offset` of each choice's next token.
     offsets: Vec<usize>,
     /// With tools, each choice's call parser.
@@ -737,6 +800,7 @@ impl ChunkFormat {
             choices,
             include_usage: req.include_usage,
             logprobs: req.sampling.logprobs.is_some(),
+            as_ids: req.controls.return_tokens_as_token_ids,
             offsets: vec![0; choices],
             tools: super::tools::active(state, req)
                 .map(|t| (0..choices).map(|_| Some(t.stream())).collect()),
@@ -818,7 +882,7 @@ impl SseFormat for ChunkFormat {
         if self.chat {
             let lp = self
                 .logprobs
-                .then(|| json!({"content": [chat_logprob(&self.state, &t)]}));
+                .then(|| json!({"content": [chat_logprob(&self.state, self.as_ids, &t)]}));
             let parts = self.reasoning[i].push(&t.text);
             let Routed {
                 reasoning,
@@ -875,7 +939,7 @@ impl SseFormat for ChunkFormat {
         let off = self.offsets.get(i).copied().unwrap_or(0);
         let lp = self
             .logprobs
-            .then(|| completion_logprobs(&self.state, std::slice::from_ref(&t), off));
+            .then(|| completion_logprobs(&self.state, self.as_ids, std::slice::from_ref(&t), off));
         if let Some(o) = self.offsets.get_mut(i) {
             *o += t.text.len();
         }

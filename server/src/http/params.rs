@@ -414,6 +414,8 @@ impl StructuredFields {
 /// vLLM's generation controls as sent (both OpenAI endpoints).
 #[derive(Debug, Default, Deserialize)]
 struct ControlFields {
+    prompt_logprobs: Option<i64>,
+    return_tokens_as_token_ids: Option<bool>,
     cache_salt: Option<String>,
     truncate_prompt_tokens: Option<i64>,
     min_tokens: Option<i64>,
@@ -426,6 +428,12 @@ struct ControlFields {
 /// truncation against the context later, by the local tier, which knows them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationControls {
+    /// Report each prompt token's logprob, rank and this many alternatives (`prompt_logprobs`;
+    /// not in streams).
+    pub prompt_logprobs: Option<usize>,
+    /// Name tokens in logprobs as `token_id:<id>` instead of their text
+    /// (`return_tokens_as_token_ids`), so a client can recover ids that do not decode alone.
+    pub return_tokens_as_token_ids: bool,
     /// Mixed into the prefix cache's block hashes (vLLM's `cache_salt`): requests with
     /// different salts never share cached KV, so one tenant cannot time another's prompts.
     /// 0: no salt.
@@ -447,6 +455,8 @@ pub struct GenerationControls {
 impl Default for GenerationControls {
     fn default() -> Self {
         Self {
+            prompt_logprobs: None,
+            return_tokens_as_token_ids: false,
             cache_salt: 0,
             truncate_prompt_tokens: None,
             min_tokens: 0,
@@ -458,7 +468,21 @@ impl Default for GenerationControls {
 }
 
 impl ControlFields {
-    fn into_controls(self, max_tokens: Option<usize>) -> Result<GenerationControls, ApiError> {
+    fn into_controls(
+        self,
+        max_tokens: Option<usize>,
+        stream: bool,
+    ) -> Result<GenerationControls, ApiError> {
+        let prompt_logprobs = match self.prompt_logprobs {
+            None => None,
+            Some(_) if stream => {
+                return Err(ApiError::field(
+                    "prompt_logprobs",
+                    "is not returned in streamed responses; ask without stream",
+                ))
+            }
+            Some(n) => Some(top_logprobs("prompt_logprobs", n)?),
+        };
         let min_tokens = match self.min_tokens {
             None => 0,
             Some(m) if m < 0 => {
@@ -511,6 +535,8 @@ impl ControlFields {
             Some(s) => salt_hash(&s),
         };
         Ok(GenerationControls {
+            prompt_logprobs,
+            return_tokens_as_token_ids: self.return_tokens_as_token_ids.unwrap_or(false),
             cache_salt,
             truncate_prompt_tokens,
             min_tokens,
@@ -534,7 +560,7 @@ fn salt_hash(salt: &str) -> u64 {
 /// structured-output fields and vLLM's generation controls.
 pub fn with_output(mut r: NormalizedRequest, json: &Value) -> Result<NormalizedRequest, ApiError> {
     r.output = from_json::<StructuredFields>(json)?.into_spec()?;
-    r.controls = from_json::<ControlFields>(json)?.into_controls(r.max_tokens)?;
+    r.controls = from_json::<ControlFields>(json)?.into_controls(r.max_tokens, r.stream)?;
     Ok(r)
 }
 
