@@ -94,7 +94,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("--prompt-file {}", f.display()))?;
-            let ids = loading::encode_prompt(&loaded.tokenizer, &loaded.dir, &text, a.chat, None)?;
+            let ids =
+                loading::encode_prompt(&loaded.tokenizer, &loaded.dir, &text, a.chat, None, None)?;
             anyhow::ensure!(!ids.is_empty(), "--prompt-file {} is empty", f.display());
             Some(ids)
         }

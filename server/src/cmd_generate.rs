@@ -40,6 +40,10 @@ pub struct GenerateArgs {
     /// Hy3 reasoning effort for the chat template: no_think, low or high.
     #[arg(long)]
     reasoning_effort: Option<String>,
+    /// Chat template to use instead of the model's: a Jinja file, or the template text
+    /// (vLLM's flag).
+    #[arg(long, value_name = "FILE|TEMPLATE")]
+    chat_template: Option<String>,
     /// Print `{"generated_ids": [...], "text": "..."}`.
     #[arg(long)]
     json: bool,
@@ -110,9 +114,14 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         .transpose()?;
     let tok = engine.info().tokenizer.clone();
     let prompt = match (&a.prompt, &a.input_ids) {
-        (Some(p), _) => {
-            loading::encode_prompt(&tok, &dir, p, a.chat, a.reasoning_effort.as_deref())?
-        }
+        (Some(p), _) => loading::encode_prompt(
+            &tok,
+            &dir,
+            p,
+            a.chat,
+            a.reasoning_effort.as_deref(),
+            a.chat_template.as_deref(),
+        )?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --input-ids 1,2,3"),
     };

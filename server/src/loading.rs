@@ -238,26 +238,53 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     })
 }
 
-/// Token ids of a text prompt: with `chat`, the model's chat template applied to it as one
-/// user message (and `reasoning_effort` passed to the template); otherwise the text as is,
-/// with the tokenizer's BOS where it adds one.
+/// The chat template to serve with: `--chat-template` (a file, or the template itself, as
+/// vLLM's flag takes it) or else the model's own, with the tokenizer's special tokens.
+pub fn chat_template(
+    tok: &Tokenizer,
+    dir: &std::path::Path,
+    flag: Option<&str>,
+) -> Result<switchyard_engine::chat::ChatTemplate> {
+    use switchyard_engine::chat::ChatTemplate;
+    let t = match flag {
+        None => ChatTemplate::from_model_dir(dir)
+            .with_context(|| format!("loading the chat template of {}", dir.display()))?,
+        Some(v) => {
+            let path = std::path::Path::new(v);
+            if path.is_file() {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("--chat-template: reading {}", path.display()))?;
+                ChatTemplate::new(&source, path.display().to_string())
+                    .with_context(|| format!("--chat-template {}", path.display()))?
+            } else if v.contains("{{") || v.contains("{%") {
+                ChatTemplate::new(v, "--chat-template").context("--chat-template")?
+            } else {
+                anyhow::bail!("--chat-template {v:?}: no such file, and not a Jinja template either (give a path or the template text)");
+            }
+        }
+    };
+    Ok(t.with_special_tokens(
+        tok.bos_token().map(String::from),
+        tok.eos_token().map(String::from),
+    ))
+}
+
+/// Token ids of a text prompt: with `chat`, the chat template applied to it as one user
+/// message (and `reasoning_effort` passed to the template); otherwise the text as is, with the
+/// tokenizer's BOS where it adds one.
 pub fn encode_prompt(
     tok: &Tokenizer,
     dir: &std::path::Path,
     text: &str,
     chat: bool,
     reasoning_effort: Option<&str>,
+    chat_template_flag: Option<&str>,
 ) -> Result<Vec<u32>> {
     if !chat {
         return Ok(tok.encode(text, true)?);
     }
-    use switchyard_engine::chat::{ChatMessage, ChatTemplate, RenderOptions};
-    let t = ChatTemplate::from_model_dir(dir)
-        .with_context(|| format!("loading the chat template of {}", dir.display()))?
-        .with_special_tokens(
-            tok.bos_token().map(String::from),
-            tok.eos_token().map(String::from),
-        );
+    use switchyard_engine::chat::{ChatMessage, RenderOptions};
+    let t = chat_template(tok, dir, chat_template_flag)?;
     let mut opts = RenderOptions::generation();
     if let Some(r) = reasoning_effort {
         opts = opts.with_kwarg("reasoning_effort", r.to_string());

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use switchyard_engine::chat::ChatTemplate;
 use switchyard_router::{JsonlAppender, Policy, RouterState};
 
 use crate::http::{self, routing::Routing, AppState};
@@ -62,6 +61,10 @@ pub struct ServeArgs {
     /// context, up to this).
     #[arg(long, default_value_t = 4096)]
     default_max_tokens: usize,
+    /// Chat template to use instead of the model's: a Jinja file, or the template text
+    /// (vLLM's flag). Tool calls are parsed in the format it writes.
+    #[arg(long, value_name = "FILE|TEMPLATE")]
+    chat_template: Option<String>,
 }
 
 /// The model id to serve under: the flag, else the folder name of a local `--model`, else the
@@ -113,12 +116,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let model_id = served_name(&args);
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
     let tokenizer = engine.info().tokenizer.clone();
-    let template = ChatTemplate::from_model_dir(&dir)
-        .with_context(|| format!("loading the chat template of {}", dir.display()))?
-        .with_special_tokens(
-            tokenizer.bos_token().map(String::from),
-            tokenizer.eos_token().map(String::from),
-        );
+    let template = loading::chat_template(&tokenizer, &dir, args.chat_template.as_deref())?;
     let state = Arc::new(AppState {
         tokenizer,
         tools_template: template

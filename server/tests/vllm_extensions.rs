@@ -643,3 +643,66 @@ async fn prefill_continues_the_final_assistant_message() {
         assert!(r.text.contains(needle), "{}", r.text);
     }
 }
+
+/// `--chat-template` (vLLM's flag): a file or the template text replaces the model's template;
+/// a value that is neither stops startup naming the flag.
+#[tokio::test]
+async fn chat_template_flag_replaces_the_models_template() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("t.jinja");
+    let source = "{% for m in messages %}<<{{ m.role }}>>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<<assistant>>{% endif %}";
+    std::fs::write(&file, source).expect("write template");
+    let messages =
+        json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]);
+    let want = "<<system>>be brief\n<<user>>hi\n<<assistant>>";
+    let file_arg = file.to_str().expect("utf-8").to_string();
+    for flag in [file_arg.as_str(), source] {
+        let s = Server::start_with(common::Opts {
+            args: &["--chat-template", flag],
+            ..Default::default()
+        });
+        let t = post(&s, "/tokenize", json!({"messages": messages}), &[])
+            .await
+            .json();
+        let text = post(&s, "/detokenize", json!({"tokens": t["tokens"]}), &[])
+            .await
+            .json();
+        assert_eq!(text["prompt"], want, "--chat-template {flag}");
+        let chat = post(
+            &s,
+            "/v1/chat/completions",
+            json!({"model": "local", "max_tokens": 1, "messages": messages}),
+            &[],
+        )
+        .await
+        .json();
+        assert_eq!(chat["usage"]["prompt_tokens"], t["count"]);
+    }
+    // generate --chat takes it too: its prompt is the same text.
+    let (ok, out, err) = common::generate_json(&[
+        "--prompt",
+        "hi",
+        "--chat",
+        "--chat-template",
+        &file_arg,
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("json");
+    assert!(v["generated_ids"].is_array(), "{v}");
+    let (ok, _, err) = common::run_cli(&[
+        "serve",
+        "--model",
+        &common::model_arg(),
+        "--port",
+        "0",
+        "--chat-template",
+        "no-such-template.jinja",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--chat-template") && err.contains("no-such-template.jinja"),
+        "{err}"
+    );
+}
