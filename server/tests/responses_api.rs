@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{openai_error, parse_sse, post, Server};
+use common::{assert_refused, parse_sse, post, Server};
 use serde_json::{json, Value};
 
 /// The events of a Responses stream: (event name, data).
@@ -216,14 +216,7 @@ async fn what_is_not_served_is_refused_naming_the_field() {
             "reasoning.effort",
         ),
     ] {
-        let r = post(&s, "/v1/responses", body.clone(), &[]).await;
-        assert_eq!(r.status, 400, "{body}: {}", r.text);
-        assert_eq!(
-            openai_error(&r.json())["param"],
-            param,
-            "{body}: {}",
-            r.text
-        );
+        assert_refused(&s, "/v1/responses", body, param).await;
     }
     let r = post(
         &s,

@@ -9,7 +9,8 @@
 mod common;
 
 use common::{
-    chat_prompt_len, generate_json, generated_ids, model_dir, openai_error, parse_sse, post, Server,
+    assert_refused, chat_prompt_len, generate_json, generated_ids, model_dir, parse_sse, post,
+    Server,
 };
 use serde_json::{json, Value};
 
@@ -194,25 +195,16 @@ async fn output_control_errors_name_the_field() {
         ),
         (json!({"skip_special_tokens": "no"}), "skip_special_tokens"),
     ] {
-        let r = post(&s, "/v1/completions", completion(extra.clone()), &[]).await;
-        assert_eq!(r.status, 400, "{extra}: {}", r.text);
-        assert_eq!(
-            openai_error(&r.json())["param"],
-            param,
-            "{extra}: {}",
-            r.text
-        );
+        assert_refused(&s, "/v1/completions", completion(extra), param).await;
     }
     // Without max_tokens the limit is the rest of the context.
-    let r = post(
+    assert_refused(
         &s,
         "/v1/chat/completions",
         json!({"model": "local", "min_tokens": 100_000, "messages": [{"role": "user", "content": "x"}]}),
-        &[],
+        "min_tokens",
     )
     .await;
-    assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(openai_error(&r.json())["param"], "min_tokens");
 }
 
 #[tokio::test]
@@ -259,20 +251,13 @@ async fn truncate_prompt_tokens_keeps_the_end_of_the_prompt() {
     .json();
     assert_eq!(chat["usage"]["prompt_tokens"], 5, "{chat}");
     for v in [json!(0), json!(-2), json!(513), json!("ten")] {
-        let r = post(
+        assert_refused(
             &s,
             "/v1/completions",
             body(&long, json!({"truncate_prompt_tokens": v})),
-            &[],
+            "truncate_prompt_tokens",
         )
         .await;
-        assert_eq!(r.status, 400, "{v}: {}", r.text);
-        assert_eq!(
-            openai_error(&r.json())["param"],
-            "truncate_prompt_tokens",
-            "{v}: {}",
-            r.text
-        );
     }
 }
 
@@ -308,15 +293,13 @@ async fn cache_salt_keeps_prefix_cache_hits_within_one_salt() {
         "the same salt does"
     );
     assert_eq!(cached(Some("tenant-b-77d1")).await, 0);
-    let r = post(
+    assert_refused(
         &s,
         "/v1/completions",
         json!({"model": "local", "prompt": "x", "cache_salt": ""}),
-        &[],
+        "cache_salt",
     )
     .await;
-    assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(openai_error(&r.json())["param"], "cache_salt");
 }
 
 #[tokio::test]
@@ -451,9 +434,7 @@ async fn prompt_logprobs_and_tokens_as_ids() {
             "return_tokens_as_token_ids",
         ),
     ] {
-        let r = post(&s, "/v1/completions", body.clone(), &[]).await;
-        assert_eq!(r.status, 400, "{body}: {}", r.text);
-        assert_eq!(openai_error(&r.json())["param"], param);
+        assert_refused(&s, "/v1/completions", body, param).await;
     }
 }
 
@@ -539,14 +520,7 @@ async fn tokenize_and_detokenize() {
         ("/detokenize", json!({"tokens": [1 << 30]}), "tokens[0]"),
         ("/detokenize", json!({}), "tokens"),
     ] {
-        let r = post(&s, path, body.clone(), &[]).await;
-        assert_eq!(r.status, 400, "{path} {body}: {}", r.text);
-        assert_eq!(
-            openai_error(&r.json())["param"],
-            param,
-            "{path} {body}: {}",
-            r.text
-        );
+        assert_refused(&s, path, body, param).await;
     }
     let r = post(
         &s,

@@ -349,6 +349,18 @@ pub async fn post(s: &Server, path: &str, body: Value, headers: &[(&str, &str)])
     }
 }
 
+/// Posts `body` to `path` and asserts an HTTP 400 in the OpenAI shape whose `param` is `param`.
+pub async fn assert_refused(s: &Server, path: &str, body: Value, param: &str) {
+    let r = post(s, path, body.clone(), &[]).await;
+    assert_eq!(r.status, 400, "{path} {body}: {}", r.text);
+    assert_eq!(
+        openai_error(&r.json())["param"],
+        param,
+        "{path} {body}: {}",
+        r.text
+    );
+}
+
 /// Asserts the OpenAI error shape and returns the `error` object.
 pub fn openai_error(v: &Value) -> &Value {
     let e = &v["error"];
