@@ -5,7 +5,8 @@ Covers: models list, chat (plain, streaming with include_usage, logprobs, n), co
 (plain and streaming), structured outputs (`chat.completions.parse` with a pydantic model,
 vLLM's `structured_outputs` through extra_body), vLLM's output controls through extra_body
 (`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`), the Responses API
-(`responses.create`, `responses.stream`, function calls), routing headers and `model="auto"` routing (a low-risk prompt stays on the
+(`responses.create`, `responses.stream`, function calls, `previous_response_id`,
+`responses.retrieve` / `delete`), routing headers and `model="auto"` routing (a low-risk prompt stays on the
 local tier; a prompt injection -> BadRequestError with code blocked_by_policy), and error mapping
 (bad params -> BadRequestError, unknown model -> NotFoundError, wrong key ->
 AuthenticationError, context overflow -> BadRequestError with code context_length_exceeded).
@@ -288,7 +289,13 @@ fc = client.responses.create(model=MODEL, input="What is the weather in Paris?",
 calls = [o for o in fc.output if o.type == "function_call"]
 check(len(calls) == 1 and calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments), dict),
       f"responses function_call item ({fc.output})")
-expect_error(openai.BadRequestError, "responses previous_response_id",
+follow = client.responses.create(model=MODEL, previous_response_id=resp.id, input="And again?", max_output_tokens=4)
+check(follow.previous_response_id == resp.id and client.responses.retrieve(resp.id).output_text == resp.output_text,
+      "previous_response_id continues a stored response; responses.retrieve returns it")
+client.responses.delete(resp.id)
+expect_error(openai.NotFoundError, "responses.retrieve after delete",
+             lambda: client.responses.retrieve(resp.id), status_code=404)
+expect_error(openai.BadRequestError, "responses previous_response_id unknown",
              lambda: client.responses.create(model=MODEL, input="x", previous_response_id="resp_123"),
              status_code=400, param="previous_response_id")
 

@@ -132,6 +132,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         created: http::unix_now(),
         max_body_bytes: max_body,
         default_max_tokens: args.default_max_tokens.max(1),
+        responses: Default::default(),
         engine,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -185,6 +185,10 @@ async fn what_is_not_served_is_refused_naming_the_field() {
             "previous_response_id",
         ),
         (
+            json!({"model": "local", "input": "x", "previous_response_id": 7}),
+            "previous_response_id",
+        ),
+        (
             json!({"model": "local", "input": "x", "background": true}),
             "background",
         ),
@@ -226,4 +230,129 @@ async fn what_is_not_served_is_refused_naming_the_field() {
     )
     .await;
     assert_eq!(r.status, 404, "{}", r.text);
+}
+
+/// Stored responses: `previous_response_id` continues the conversation (the prompt is the
+/// earlier turns plus the new input, without the earlier `instructions`), `GET` returns a
+/// stored response, `DELETE` forgets it, and `store: false` keeps nothing.
+#[tokio::test]
+async fn previous_response_id_continues_a_stored_conversation() {
+    let s = Server::start();
+    let first = post(
+        &s,
+        "/v1/responses",
+        json!({"model": "local", "instructions": "be brief", "input": "first question",
+               "max_output_tokens": 5, "temperature": 0}),
+        &[],
+    )
+    .await
+    .json();
+    let id = first["id"].as_str().expect("id").to_string();
+    assert_eq!(first["store"], true);
+    let answer = first["output"][0]["content"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let got = common::get(&s, &format!("/v1/responses/{id}")).await;
+    assert_eq!(got.0, 200);
+    assert_eq!(got.1, first, "GET returns the stored response");
+
+    // The continuation's prompt: the stored turns, then the new input (no instructions).
+    let second = post(
+        &s,
+        "/v1/responses",
+        json!({"model": "local", "previous_response_id": id, "input": "second question",
+               "max_output_tokens": 5, "temperature": 0}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(second["previous_response_id"], id.as_str());
+    let t = post(
+        &s,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "first question"},
+                            {"role": "assistant", "content": answer},
+                            {"role": "user", "content": "second question"}]}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(second["usage"]["input_tokens"], t["count"], "{second}");
+    // The same answer as the chat endpoint gives that conversation.
+    let chat = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 5, "temperature": 0,
+               "messages": [{"role": "user", "content": "first question"},
+                            {"role": "assistant", "content": answer},
+                            {"role": "user", "content": "second question"}]}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(
+        second["output"][0]["content"][0]["text"],
+        chat["choices"][0]["message"]["content"]
+    );
+
+    // A streamed response is stored too, with what was streamed.
+    let streamed = post(
+        &s,
+        "/v1/responses",
+        json!({"model": "local", "previous_response_id": second["id"], "input": "third", "stream": true,
+               "max_output_tokens": 4, "temperature": 0}),
+        &[],
+    )
+    .await;
+    let last: Value = parse_sse(&streamed.text)
+        .last()
+        .map(|(_, d)| serde_json::from_str(d).expect("json"))
+        .expect("events");
+    let sid = last["response"]["id"].as_str().expect("id").to_string();
+    let got = common::get(&s, &format!("/v1/responses/{sid}")).await;
+    assert_eq!(got.1["output"], last["response"]["output"]);
+
+    // DELETE forgets; a forgotten or unstored id is a 404 to GET and a 400 to continue from.
+    let r = client_delete(&s, &format!("/v1/responses/{id}")).await;
+    assert_eq!(r.0, 200);
+    assert_eq!(r.1["deleted"], true);
+    assert_eq!(common::get(&s, &format!("/v1/responses/{id}")).await.0, 404);
+    assert_eq!(
+        client_delete(&s, &format!("/v1/responses/{id}")).await.0,
+        404
+    );
+    let unstored = post(
+        &s,
+        "/v1/responses",
+        json!({"model": "local", "input": "x", "store": false, "max_output_tokens": 2}),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(unstored["store"], false);
+    let uid = unstored["id"].as_str().expect("id");
+    assert_eq!(
+        common::get(&s, &format!("/v1/responses/{uid}")).await.0,
+        404
+    );
+    for gone in [id.as_str(), uid] {
+        assert_refused(
+            &s,
+            "/v1/responses",
+            json!({"model": "local", "input": "x", "previous_response_id": gone}),
+            "previous_response_id",
+        )
+        .await;
+    }
+}
+
+async fn client_delete(s: &Server, path: &str) -> (u16, Value) {
+    let r = common::client()
+        .delete(s.url(path))
+        .send()
+        .await
+        .expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
 }

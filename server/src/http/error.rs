@@ -105,6 +105,9 @@ pub enum ApiError {
         /// Request path.
         path: String,
     },
+    /// No stored response has this id (Responses API).
+    #[error("No response with id '{0}' is stored here (responses are kept in memory until the server restarts, and not at all with store: false).")]
+    ResponseNotFound(String),
     /// The engine has stopped (shutting down).
     #[error("The inference engine is not running; the server may be shutting down.")]
     EngineStopped,
@@ -132,7 +135,7 @@ impl ApiError {
             | InvalidField { .. }
             | Unsupported { .. }
             | ContextLength { .. } => StatusCode::BAD_REQUEST,
-            ModelNotFound { .. } | NotFound { .. } => StatusCode::NOT_FOUND,
+            ModelNotFound { .. } | NotFound { .. } | ResponseNotFound(_) => StatusCode::NOT_FOUND,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
@@ -150,7 +153,7 @@ impl ApiError {
         match self {
             MissingApiKey | InvalidApiKey => "authentication_error",
             QueueFull { .. } => "rate_limit_error",
-            ModelNotFound { .. } | NotFound { .. } => "not_found_error",
+            ModelNotFound { .. } | NotFound { .. } | ResponseNotFound(_) => "not_found_error",
             Refused { status: 429, .. } | Upstream { status: 429, .. } => "rate_limit_error",
             Upstream { status, .. } if *status >= 500 => "server_error",
             EngineStopped | Internal(_) => "server_error",
@@ -164,7 +167,7 @@ impl ApiError {
         match self {
             MissingApiKey | InvalidApiKey => "authentication_error",
             QueueFull { .. } => "rate_limit_error",
-            ModelNotFound { .. } | NotFound { .. } => "not_found_error",
+            ModelNotFound { .. } | NotFound { .. } | ResponseNotFound(_) => "not_found_error",
             BodyTooLarge { .. } => "request_too_large",
             Refused { status: 429, .. } | Upstream { status: 429, .. } => "rate_limit_error",
             Upstream { status, .. } if *status >= 500 => "api_error",
@@ -190,6 +193,7 @@ impl ApiError {
             Refused { code, .. } => code,
             Upstream { .. } => "upstream_error",
             NotFound { .. } => "unknown_url",
+            ResponseNotFound(_) => "not_found",
             EngineStopped => "engine_stopped",
             Internal(_) => return None,
         })

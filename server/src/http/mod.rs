@@ -18,6 +18,7 @@ pub mod local;
 pub mod metrics;
 pub mod openai;
 pub mod params;
+pub mod response_store;
 pub mod responses;
 pub mod route;
 pub mod routing;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Cap on `max_tokens` when an OpenAI request gives none.
     pub default_max_tokens: usize,
+    /// Stored Responses API responses (`previous_response_id`, `GET /v1/responses/{id}`).
+    pub responses: response_store::ResponseStore,
 }
 
 impl AppState {
@@ -102,6 +105,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/v1/responses", post(responses::responses))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))

@@ -10,9 +10,11 @@
 //! `function_call_output` items; `reasoning` items are dropped), `instructions`,
 //! `max_output_tokens`, `temperature`, `top_p`, function `tools`, `tool_choice`,
 //! `parallel_tool_calls`, `text.format` (text, JSON object, JSON schema), `reasoning.effort`,
-//! `metadata` (echoed). The server keeps no state, so `previous_response_id`, `background`
-//! and stored conversations are refused naming the field, as are non-function tools and
-//! image or file inputs (this is a text model).
+//! `metadata` (echoed). Responses are stored (unless `store: false`) in a bounded in-memory
+//! [`ResponseStore`](super::response_store::ResponseStore), so `previous_response_id` continues
+//! a conversation and `GET`/`DELETE /v1/responses/{id}` work until the server restarts.
+//! `background`, `conversation`, non-function tools and image or file inputs are refused
+//! naming the field (this is a text model).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -56,12 +58,14 @@ pub async fn responses(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let (req, chat) = match params::parse_body_json::<Value>(body, state.max_body_bytes)
-        .and_then(|(_, json)| to_chat(&json).map(|chat| (json, chat)))
-    {
-        Ok(v) => v,
-        Err(e) => return OpenAiError(e).into_response(),
-    };
+    let (req, chat, conversation) =
+        match params::parse_body_json::<Value>(body, state.max_body_bytes).and_then(|(_, json)| {
+            let prior = previous_conversation(&state, &json)?;
+            to_chat(&json, prior).map(|(chat, conv)| (json, chat, conv))
+        }) {
+            Ok(v) => v,
+            Err(e) => return OpenAiError(e).into_response(),
+        };
     let parsed = openai::chat_request(&chat).map_err(|e| in_responses_terms(e, &req));
     let stream = chat["stream"] == json!(true);
     let routed = routing::route(&state, Api::OpenAiChat, &headers, chat, parsed, arrived).await;
@@ -70,7 +74,12 @@ pub async fn responses(
         // An error in the OpenAI shape, which the Responses API shares, about the chat fields.
         return error_in_responses_terms(resp, &req).await;
     }
-    let shell = ResponseShell::new(&req);
+    let keep = req.get("store") != Some(&Value::Bool(false));
+    let saver = keep.then(|| Saver {
+        state: state.clone(),
+        conversation,
+    });
+    let shell = ResponseShell::new(&req, saver);
     if stream {
         stream_response(resp, shell)
     } else {
@@ -158,22 +167,34 @@ fn field_err(param: impl Into<String>, message: impl Into<String>) -> ApiError {
     ApiError::field(param, message)
 }
 
-/// The chat completions request a Responses request asks for.
-pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
+/// The conversation a request continues (`previous_response_id`), as chat messages.
+fn previous_conversation(state: &AppState, req: &Value) -> Result<Vec<Value>, ApiError> {
+    match req.get("previous_response_id") {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::String(id)) => state
+            .responses
+            .get(id)
+            .map(|s| s.conversation)
+            .ok_or_else(|| {
+                field_err(
+                    "previous_response_id",
+                    format!("no stored response with id {id:?} (responses are kept in memory until the server restarts, and not at all with store: false)"),
+                )
+            }),
+        Some(_) => Err(field_err("previous_response_id", "must be a string")),
+    }
+}
+
+/// The chat completions request a Responses request asks for, and the conversation it holds
+/// (`prior` then its input, as chat messages; without `instructions`, which a continuation
+/// does not inherit).
+pub fn to_chat(req: &Value, prior: Vec<Value>) -> Result<(Value, Vec<Value>), ApiError> {
     let obj = req.as_object().ok_or(ApiError::NotAnObject)?;
-    for (key, why) in [
-        (
-            "previous_response_id",
-            "this server keeps no responses; send the whole conversation in `input`",
-        ),
-        (
+    if obj.get("conversation").is_some_and(|v| !v.is_null()) {
+        return Err(field_err(
             "conversation",
-            "this server keeps no conversations; send the whole conversation in `input`",
-        ),
-    ] {
-        if obj.get(key).is_some_and(|v| !v.is_null()) {
-            return Err(field_err(key, why));
-        }
+            "conversation objects are not supported; use previous_response_id or send the whole conversation in `input`",
+        ));
     }
     if obj.get("background") == Some(&Value::Bool(true)) {
         return Err(field_err(
@@ -192,6 +213,8 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
         Some(_) => return Err(field_err("instructions", "must be a string")),
     }
+    let system = messages.len();
+    messages.extend(prior);
     match obj.get("input") {
         None => return Err(ApiError::MissingField("input".into())),
         Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
@@ -203,6 +226,7 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
             ))
         }
     }
+    let conversation = messages[system..].to_vec();
     let mut chat = json!({"model": model, "messages": messages});
     for key in PASSED_THROUGH {
         if let Some(v) = obj.get(*key).filter(|v| !v.is_null()) {
@@ -296,7 +320,7 @@ pub fn to_chat(req: &Value) -> Result<Value, ApiError> {
         };
         chat["reasoning_effort"] = json!(e);
     }
-    Ok(chat)
+    Ok((chat, conversation))
 }
 
 /// Appends the chat messages of Responses input items; consecutive `function_call` items
@@ -403,15 +427,59 @@ fn content_text(content: Option<&Value>, at: &str) -> Result<String, ApiError> {
     }
 }
 
-/// What every `response` object repeats from its request.
+/// Stores a finished response with its conversation (unless the request said `store: false`).
+struct Saver {
+    state: Arc<AppState>,
+    conversation: Vec<Value>,
+}
+
+impl Saver {
+    /// Appends the response's answer to the conversation as an assistant turn and keeps both.
+    fn save(self, response: &Value) {
+        let Saver {
+            state,
+            mut conversation,
+        } = self;
+        let output = response["output"].as_array().cloned().unwrap_or_default();
+        let text: String = output
+            .iter()
+            .filter(|i| i["type"] == "message")
+            .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["text"].as_str().map(String::from))
+            .collect();
+        let calls: Vec<Value> = output
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .map(|i| {
+                json!({"id": i["call_id"], "type": "function",
+                            "function": {"name": i["name"], "arguments": i["arguments"]}})
+            })
+            .collect();
+        let mut turn = json!({"role": "assistant", "content": text});
+        if !calls.is_empty() {
+            turn["content"] = if text.is_empty() {
+                Value::Null
+            } else {
+                json!(text)
+            };
+            turn["tool_calls"] = Value::Array(calls);
+        }
+        conversation.push(turn);
+        let id = response["id"].as_str().unwrap_or_default().to_string();
+        state.responses.put(id, conversation, response.clone());
+    }
+}
+
+/// What every `response` object repeats from its request, and where it is stored.
 struct ResponseShell {
     id: String,
     created_at: u64,
     fields: Map<String, Value>,
+    saver: Option<Saver>,
 }
 
 impl ResponseShell {
-    fn new(req: &Value) -> Self {
+    fn new(req: &Value, saver: Option<Saver>) -> Self {
         let mut fields = Map::new();
         let get = |k: &str| req.get(k).cloned().unwrap_or(Value::Null);
         for k in [
@@ -448,12 +516,25 @@ impl ResponseShell {
             "reasoning".into(),
             req.get("reasoning").cloned().unwrap_or(Value::Null),
         );
-        fields.insert("store".into(), json!(false));
-        fields.insert("previous_response_id".into(), Value::Null);
+        fields.insert("store".into(), json!(saver.is_some()));
+        fields.insert(
+            "previous_response_id".into(),
+            req.get("previous_response_id")
+                .cloned()
+                .unwrap_or(Value::Null),
+        );
         Self {
             id: new_id("resp_"),
             created_at: unix_now(),
             fields,
+            saver,
+        }
+    }
+
+    /// Stores the finished response object (when the request lets it be stored).
+    fn finished(&mut self, response: &Value) {
+        if let Some(s) = self.saver.take() {
+            s.save(response);
         }
     }
 
@@ -510,7 +591,7 @@ fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str)
 }
 
 /// A non-streamed chat completion turned into a `response` object.
-async fn json_response(resp: Response, shell: ResponseShell) -> Response {
+async fn json_response(resp: Response, mut shell: ResponseShell) -> Response {
     let (parts, body) = resp.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
@@ -553,6 +634,7 @@ async fn json_response(resp: Response, shell: ResponseShell) -> Response {
         "completed"
     };
     let body = shell.object(&chat["model"], status, &output, usage(&chat["usage"]));
+    shell.finished(&body);
     with_routing_headers(Json(body).into_response(), &parts.headers)
 }
 
@@ -800,6 +882,7 @@ impl EventWriter {
         let r = self
             .shell
             .object(&self.model, status, &self.output, self.usage.clone());
+        self.shell.finished(&r);
         out += &self.event(&format!("response.{status}"), json!({"response": r}));
         out
     }
@@ -873,4 +956,28 @@ fn stream_response(resp: Response, shell: ResponseShell) -> Response {
         },
     );
     with_routing_headers(routing::sse_response(events), &parts.headers)
+}
+
+/// `GET /v1/responses/{id}`: a stored response.
+pub async fn get_response(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match state.responses.get(&id) {
+        Some(s) => Json(s.response).into_response(),
+        None => not_stored(&id),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`: forgets a stored response.
+pub async fn delete_response(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Response {
+    if state.responses.remove(&id) {
+        Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
+    } else {
+        not_stored(&id)
+    }
+}
+
+fn not_stored(id: &str) -> Response {
+    OpenAiError(ApiError::ResponseNotFound(id.to_string())).into_response()
 }

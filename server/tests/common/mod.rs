@@ -349,6 +349,13 @@ pub async fn post(s: &Server, path: &str, body: Value, headers: &[(&str, &str)])
     }
 }
 
+/// `GET path`: the status and the JSON body.
+pub async fn get(s: &Server, path: &str) -> (u16, Value) {
+    let r = client().get(s.url(path)).send().await.expect("send");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json body"))
+}
+
 /// Posts `body` to `path` and asserts an HTTP 400 in the OpenAI shape whose `param` is `param`.
 pub async fn assert_refused(s: &Server, path: &str, body: Value, param: &str) {
     let r = post(s, path, body.clone(), &[]).await;
