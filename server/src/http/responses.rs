@@ -58,21 +58,28 @@ pub async fn responses(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let (req, chat, conversation) =
+    let (req, chat, conversation, names) =
         match params::parse_body_json::<Value>(body, state.max_body_bytes).and_then(|(_, json)| {
             let prior = previous_conversation(&state, &json)?;
-            to_chat(&json, prior).map(|(chat, conv)| (json, chat, conv))
+            let prior_len = prior.len();
+            let (chat, conv) = to_chat(&json, prior)?;
+            // Chat messages before the input's: the instructions and the earlier turns.
+            let chat_len = chat["messages"].as_array().map_or(0, Vec::len);
+            let input_offset = json["input"]
+                .is_array()
+                .then(|| chat_len - (conv.len() - prior_len));
+            Ok((json, chat, conv, FieldNames { input_offset }))
         }) {
             Ok(v) => v,
             Err(e) => return OpenAiError(e).into_response(),
         };
-    let parsed = openai::chat_request(&chat).map_err(|e| in_responses_terms(e, &req));
+    let parsed = openai::chat_request(&chat).map_err(|e| names.rename_error(e));
     let stream = chat["stream"] == json!(true);
     let routed = routing::route(&state, Api::OpenAiChat, &headers, chat, parsed, arrived).await;
     let resp = routing::respond::<openai::OpenAi>(&state, routed, arrived).await;
     if !resp.status().is_success() {
         // An error in the OpenAI shape, which the Responses API shares, about the chat fields.
-        return error_in_responses_terms(resp, &req).await;
+        return error_in_responses_terms(resp, &names).await;
     }
     let keep = req.get("store") != Some(&Value::Bool(false));
     let saver = keep.then(|| Saver {
@@ -89,7 +96,7 @@ pub async fn responses(
 
 /// A refusal from the chat pipeline (context length, queue, routing) with the fields named as
 /// the Responses request spells them.
-async fn error_in_responses_terms(resp: Response, req: &Value) -> Response {
+async fn error_in_responses_terms(resp: Response, names: &FieldNames) -> Response {
     let (mut parts, body) = resp.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return Response::from_parts(parts, axum::body::Body::empty());
@@ -98,7 +105,7 @@ async fn error_in_responses_terms(resp: Response, req: &Value) -> Response {
         return Response::from_parts(parts, axum::body::Body::from(bytes));
     };
     if let Some(p) = v.pointer("/error/param").and_then(Value::as_str) {
-        v["error"]["param"] = json!(rename_param(p.to_string(), req));
+        v["error"]["param"] = json!(names.rename(p));
     }
     if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
         let m = m
@@ -110,28 +117,24 @@ async fn error_in_responses_terms(resp: Response, req: &Value) -> Response {
     Response::from_parts(parts, axum::body::Body::from(v.to_string()))
 }
 
-/// A chat request's field path as the Responses request spells it.
-fn rename_param(p: String, req: &Value) -> String {
-    in_responses_terms(ApiError::MissingField(p), req)
-        .param()
-        .unwrap_or_default()
-        .to_string()
+/// How a chat request's field paths read in the Responses request it was made from.
+struct FieldNames {
+    /// Chat messages before the first one made from `input` (instructions, earlier turns);
+    /// `None` when `input` is a string.
+    input_offset: Option<usize>,
 }
 
-/// An error the chat request's checks found, named as the Responses request spells the field.
-fn in_responses_terms(e: ApiError, req: &Value) -> ApiError {
-    let rename = |p: String| -> String {
+impl FieldNames {
+    /// A chat request's field path as the Responses request spells it.
+    fn rename(&self, p: &str) -> String {
         if p == "max_tokens" {
             return "max_output_tokens".into();
         }
         if let Some(rest) = p.strip_prefix("messages") {
-            // Chat messages are the instructions (if any) and then the input items.
-            let offset = usize::from(req.get("instructions").is_some_and(Value::is_string));
-            if let Some((i, tail)) = rest.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            let item = rest.strip_prefix('[').and_then(|r| r.split_once(']'));
+            if let (Some((i, tail)), Some(offset)) = (item, self.input_offset) {
                 if let Some(i) = i.parse::<usize>().ok().and_then(|i| i.checked_sub(offset)) {
-                    if req.get("input").is_some_and(Value::is_array) {
-                        return format!("input[{i}]{tail}");
-                    }
+                    return format!("input[{i}]{tail}");
                 }
             }
             return "input".into();
@@ -143,23 +146,27 @@ fn in_responses_terms(e: ApiError, req: &Value) -> ApiError {
             let rest = rest.strip_prefix(".json_schema").unwrap_or(rest);
             return format!("text.format{rest}");
         }
-        match p.as_str() {
+        match p {
             "reasoning_effort" => "reasoning.effort".into(),
             "tool_choice.function.name" => "tool_choice.name".into(),
-            _ => p,
+            _ => p.to_string(),
         }
-    };
-    match e {
-        ApiError::InvalidField { param, message } => ApiError::InvalidField {
-            param: rename(param),
-            message,
-        },
-        ApiError::MissingField(p) => ApiError::MissingField(rename(p)),
-        ApiError::Unsupported { param, message } => ApiError::Unsupported {
-            param: rename(param),
-            message,
-        },
-        other => other,
+    }
+
+    /// An error the chat request's checks found, naming the Responses field.
+    fn rename_error(&self, e: ApiError) -> ApiError {
+        match e {
+            ApiError::InvalidField { param, message } => ApiError::InvalidField {
+                param: self.rename(&param),
+                message,
+            },
+            ApiError::MissingField(p) => ApiError::MissingField(self.rename(&p)),
+            ApiError::Unsupported { param, message } => ApiError::Unsupported {
+                param: self.rename(&param),
+                message,
+            },
+            other => other,
+        }
     }
 }
 
