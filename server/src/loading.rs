@@ -12,7 +12,7 @@ use switchyard_engine::engine::{EngineConfig, EngineHandle};
 use switchyard_engine::parallel::load_ranks;
 #[cfg(doc)]
 use switchyard_engine::parallel::RankGroup;
-use switchyard_engine::scheduler::SchedulerConfig;
+use switchyard_engine::scheduler::{SchedulerConfig, SchedulingPolicy};
 use switchyard_engine::speculative::SpeculativeConfig;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{
@@ -96,6 +96,12 @@ pub struct EngineArgs {
     /// earlier in the sequence, checked by the model in one step).
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
+    /// Order requests are served in (vLLM's flag): `fcfs` (arrival order; a request `priority`
+    /// other than 0 is refused) or `priority` (lower `priority` first, ties by arrival; a
+    /// waiting request preempts running ones it outranks when the KV cache or --max-num-seqs
+    /// is full).
+    #[arg(long, default_value = "fcfs", value_name = "fcfs|priority")]
+    pub scheduling_policy: SchedulingPolicy,
 }
 
 /// CPU-default cap on the context when the user gives none: a 256K default would size the KV
@@ -314,6 +320,7 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
             max_model_len,
             chunked_prefill: !args.no_chunked_prefill,
             max_waiting: args.max_waiting,
+            policy: args.scheduling_policy,
         },
         block_size: args.block_size,
         kv_cache_memory: args

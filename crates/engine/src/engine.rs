@@ -18,7 +18,9 @@ use crate::block_pool::{BlockPool, SharedPool};
 use crate::parallel::{EngineModel, Runner};
 use crate::reasoning::ReasoningBudget;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
-use crate::scheduler::{AdmissionError, Scheduled, Scheduler, SchedulerConfig, SeqId};
+use crate::scheduler::{
+    AdmissionError, Scheduled, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId,
+};
 use crate::speculative::{Prediction, SpeculativeConfig, PREDICTION_DRAFT_TOKENS};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
 use crate::structured::{Constraint, ConstraintCompiler, OutputConstraint, StructuredError};
@@ -96,6 +98,10 @@ pub struct GenerateRequest {
     /// The output starts inside a reasoning block (the prompt opened `<think>`): after this
     /// many tokens of reasoning the closing tag is forced ([`ReasoningBudget`]).
     pub reasoning_budget: Option<usize>,
+    /// Scheduling priority under [`SchedulingPolicy::Priority`]: lower values are served
+    /// first and may preempt running requests with higher ones (vLLM's `priority`). Must be 0
+    /// under [`SchedulingPolicy::Fcfs`].
+    pub priority: i64,
 }
 
 /// A prompt token's logprob (the first token has none: nothing precedes it).
@@ -131,6 +137,7 @@ impl GenerateRequest {
             prediction: None,
             prompt_logprobs: None,
             reasoning_budget: None,
+            priority: 0,
         }
     }
 }
@@ -477,6 +484,13 @@ impl EngineHandle {
                 "stop_token_ids: token id {id} is out of range for vocabulary size {vocab}"
             )));
         }
+        if req.priority != 0 && cfg.policy != SchedulingPolicy::Priority {
+            return Err(SubmitError::InvalidParams(format!(
+                "priority: got {}, but priority scheduling is not enabled (the scheduling \
+                 policy is {}; start with --scheduling-policy priority)",
+                req.priority, cfg.policy
+            )));
+        }
         // The scheduler's admission rules, evaluated here so the caller gets the error
         // synchronously.
         crate::scheduler::check_admissible(
@@ -726,7 +740,13 @@ impl Loop {
                 } else {
                     req.cache_salt
                 };
-                if let Err(e) = self.sched.enqueue(id, req.prompt, req.max_tokens, salt) {
+                if let Err(e) = self.sched.enqueue_with_priority(
+                    id,
+                    req.prompt,
+                    req.max_tokens,
+                    salt,
+                    req.priority,
+                ) {
                     let _ = tx.send(Event::Error(e.to_string()));
                     return;
                 }

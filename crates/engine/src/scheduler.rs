@@ -1,7 +1,14 @@
-//! Continuous-batching scheduler (vLLM v1 style): FCFS waiting and running queues, a per-step
+//! Continuous-batching scheduler (vLLM v1 style): waiting and running queues, a per-step
 //! token budget shared by decodes and **chunked prefills**, a cap on running sequences,
 //! preemption by recompute when KV blocks run out, and refusal at submission of requests that
 //! could never fit.
+//!
+//! Two queue policies, as vLLM's `--scheduling-policy`: [`SchedulingPolicy::Fcfs`] serves in
+//! arrival order (a preempted sequence goes back to the front of the queue), and
+//! [`SchedulingPolicy::Priority`] orders both queues by `(priority, arrival)` — lower priority
+//! values first — and, when a waiting sequence outranks a running one and the KV cache or
+//! `max_num_seqs` leaves it no room, preempts the lowest-ranked running sequence for it (as
+//! vLLM's priority preemption; the victim recomputes later, so its output does not change).
 //!
 //! The scheduler knows sequences only as token lists and block tables; sampling, streaming and
 //! the model are the engine loop's business.
@@ -12,6 +19,50 @@ use crate::block_pool::{BlockTable, SharedPool};
 
 /// Identifier of a request inside the engine.
 pub type SeqId = u64;
+
+/// The order waiting requests are served in (vLLM's `--scheduling-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SchedulingPolicy {
+    /// First come, first served; request priorities are not accepted.
+    #[default]
+    Fcfs,
+    /// Lower `priority` value first, ties by arrival; a waiting request preempts running
+    /// requests it outranks when there is no room for it.
+    Priority,
+}
+
+impl SchedulingPolicy {
+    /// The flag value (`fcfs`, `priority`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fcfs => "fcfs",
+            Self::Priority => "priority",
+        }
+    }
+}
+
+impl std::fmt::Display for SchedulingPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A scheduling policy name that is neither `fcfs` nor `priority`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduling policy {0:?}; use fcfs or priority")]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for SchedulingPolicy {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fcfs" => Ok(Self::Fcfs),
+            "priority" => Ok(Self::Priority),
+            o => Err(UnknownPolicy(o.to_string())),
+        }
+    }
+}
 
 /// Limits the scheduler enforces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +77,8 @@ pub struct SchedulerConfig {
     pub chunked_prefill: bool,
     /// Most requests waiting before new ones are refused as "queue full".
     pub max_waiting: usize,
+    /// Queue order and preemption for priority.
+    pub policy: SchedulingPolicy,
 }
 
 impl Default for SchedulerConfig {
@@ -38,6 +91,7 @@ impl Default for SchedulerConfig {
             max_model_len: 4096,
             chunked_prefill: true,
             max_waiting: 1024,
+            policy: SchedulingPolicy::Fcfs,
         }
     }
 }
@@ -141,12 +195,21 @@ pub struct Sequence {
     pub blocks: BlockTable,
     /// Times this sequence was preempted.
     pub preemptions: u32,
+    /// Request priority (lower is served earlier; only [`SchedulingPolicy::Priority`] reads it).
+    pub priority: i64,
+    /// Order of arrival at the scheduler (kept across preemptions).
+    pub arrival: u64,
 }
 
 impl Sequence {
     /// Generated tokens so far.
     pub fn num_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Rank under [`SchedulingPolicy::Priority`]: smaller is served first.
+    pub fn rank(&self) -> (i64, u64) {
+        (self.priority, self.arrival)
     }
 }
 
@@ -196,6 +259,8 @@ pub struct Scheduler {
     running: Vec<Sequence>,
     total_blocks: usize,
     block_size: usize,
+    /// Next [`Sequence::arrival`].
+    next_arrival: u64,
 }
 
 impl Scheduler {
@@ -212,6 +277,7 @@ impl Scheduler {
             running: Vec::new(),
             total_blocks,
             block_size,
+            next_arrival: 0,
         }
     }
 
@@ -236,7 +302,8 @@ impl Scheduler {
         )
     }
 
-    /// Queues a request (FCFS) after checking it can ever run and that the queue has room.
+    /// Queues a request of priority 0 after checking it can ever run and that the queue has
+    /// room.
     pub fn add(
         &mut self,
         id: SeqId,
@@ -244,12 +311,25 @@ impl Scheduler {
         max_tokens: usize,
         cache_salt: u64,
     ) -> Result<(), AdmissionError> {
+        self.add_with_priority(id, prompt, max_tokens, cache_salt, 0)
+    }
+
+    /// [`Scheduler::add`] with a priority (lower is served earlier under
+    /// [`SchedulingPolicy::Priority`]; FCFS ignores it).
+    pub fn add_with_priority(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        cache_salt: u64,
+        priority: i64,
+    ) -> Result<(), AdmissionError> {
         if self.waiting.len() >= self.cfg.max_waiting {
             return Err(AdmissionError::QueueFull {
                 waiting: self.waiting.len(),
             });
         }
-        self.enqueue(id, prompt, max_tokens, cache_salt)
+        self.enqueue_with_priority(id, prompt, max_tokens, cache_salt, priority)
     }
 
     /// Queues a request whose place in the queue was already granted (the engine reserves it
@@ -263,8 +343,22 @@ impl Scheduler {
         max_tokens: usize,
         cache_salt: u64,
     ) -> Result<(), AdmissionError> {
+        self.enqueue_with_priority(id, prompt, max_tokens, cache_salt, 0)
+    }
+
+    /// [`Scheduler::enqueue`] with a priority.
+    pub fn enqueue_with_priority(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        cache_salt: u64,
+        priority: i64,
+    ) -> Result<(), AdmissionError> {
         self.check_admissible(prompt.len(), max_tokens)?;
-        self.waiting.push_back(Sequence {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq = Sequence {
             id,
             prompt_len: prompt.len(),
             tokens: prompt,
@@ -273,8 +367,49 @@ impl Scheduler {
             max_tokens,
             blocks: BlockTable::new(self.pool.clone(), cache_salt),
             preemptions: 0,
-        });
+            priority,
+            arrival,
+        };
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_back(seq),
+            SchedulingPolicy::Priority => self.insert_waiting(seq),
+        }
         Ok(())
+    }
+
+    /// Puts a waiting sequence at its place by rank (priority policy).
+    fn insert_waiting(&mut self, seq: Sequence) {
+        let at = self.waiting.partition_point(|w| w.rank() <= seq.rank());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Puts an admitted sequence into the running queue: last under FCFS, at its place by rank
+    /// under the priority policy, so the last running sequence is always the one to preempt.
+    fn insert_running(&mut self, seq: Sequence) {
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.running.push(seq),
+            SchedulingPolicy::Priority => {
+                let at = self.running.partition_point(|r| r.rank() <= seq.rank());
+                self.running.insert(at, seq);
+            }
+        }
+    }
+
+    /// Preempts the last running sequence (the newest under FCFS, the lowest-ranked under the
+    /// priority policy): its KV is dropped and it waits to recompute. Returns its id.
+    fn preempt_last(&mut self, plan: &mut StepPlan) -> Option<SeqId> {
+        let mut v = self.running.pop()?;
+        plan.preempted.push(v.id);
+        plan.scheduled.retain(|s| s.id != v.id);
+        v.blocks.clear();
+        v.num_computed = 0;
+        v.preemptions += 1;
+        let id = v.id;
+        match self.cfg.policy {
+            SchedulingPolicy::Fcfs => self.waiting.push_front(v),
+            SchedulingPolicy::Priority => self.insert_waiting(v),
+        }
+        Some(id)
     }
 
     /// Sequences waiting to start (or restart).
@@ -344,19 +479,14 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            // Find blocks, preempting the newest running sequences if needed.
+            // Find blocks, preempting the last running sequences (the newest, or under the
+            // priority policy the lowest-ranked) if needed.
             loop {
                 if self.running[i].blocks.ensure_capacity(computed + n) {
                     break;
                 }
                 let victim = self.running.len() - 1;
-                let mut v = self.running.remove(victim);
-                plan.preempted.push(v.id);
-                plan.scheduled.retain(|s| s.id != v.id);
-                v.blocks.clear();
-                v.num_computed = 0;
-                v.preemptions += 1;
-                self.waiting.push_front(v);
+                self.preempt_last(&mut plan);
                 if victim == i {
                     break;
                 }
@@ -392,18 +522,30 @@ impl Scheduler {
             });
             i += 1;
         }
-        // Budget given back by sequences preempted after being scheduled is not reused this
-        // step: keeps the plan simple and the next step picks them up first.
-        // 2. Admit waiting sequences in order while budget, slots and blocks allow.
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        // Budget given back by sequences preempted for blocks above is not reused this step:
+        // keeps the plan simple and the next step picks them up first.
+        // 2. Admit waiting sequences in order while budget, slots and blocks allow. Under the
+        // priority policy a waiting sequence that finds no slot or no blocks preempts running
+        // sequences it outranks, lowest-ranked first.
+        while budget > 0 {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            if plan.preempted.contains(&front.id) {
+                // Just preempted: wait for the next step.
+                break;
+            }
+            let rank = front.rank();
+            if self.running.len() >= self.cfg.max_num_seqs {
+                if self.outranks_last_running(rank) {
+                    self.preempt_for_admission(&mut plan, &mut budget);
+                    continue;
+                }
+                break;
+            }
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if plan.preempted.contains(&s.id) {
-                // Just preempted: wait for the next step.
-                self.waiting.push_front(s);
-                break;
-            }
             let cached = s.blocks.claim_prefix(&s.tokens);
             let remaining = s.tokens.len() - cached;
             if !self.cfg.chunked_prefill && remaining > budget {
@@ -415,6 +557,10 @@ impl Scheduler {
             if !s.blocks.ensure_capacity(cached + n) {
                 s.blocks.clear();
                 self.waiting.push_front(s);
+                if self.outranks_last_running(rank) {
+                    self.preempt_for_admission(&mut plan, &mut budget);
+                    continue;
+                }
                 break;
             }
             s.num_computed = cached;
@@ -429,9 +575,27 @@ impl Scheduler {
                 draft: Vec::new(),
             });
             budget -= n;
-            self.running.push(s);
+            self.insert_running(s);
         }
         plan
+    }
+
+    /// Whether a waiting sequence of `rank` may preempt the last running sequence: only under
+    /// the priority policy, and only one it outranks.
+    fn outranks_last_running(&self, rank: (i64, u64)) -> bool {
+        self.cfg.policy == SchedulingPolicy::Priority
+            && self.running.last().is_some_and(|r| r.rank() > rank)
+    }
+
+    /// Preempts the last running sequence for a waiting one, giving back the budget it was
+    /// planned to use this step.
+    fn preempt_for_admission(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+        if let Some(v) = self.running.last() {
+            if let Some(sc) = plan.scheduled.iter().find(|x| x.id == v.id) {
+                *budget += sc.len + sc.draft.len();
+            }
+        }
+        self.preempt_last(plan);
     }
 
     /// Records that a step computed `len` tokens of `id` and, if it sampled, appends the new
@@ -493,6 +657,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn sched(blocks: usize, bs: usize, budget: usize, max_seqs: usize) -> Scheduler {
+        sched_with(SchedulingPolicy::Fcfs, blocks, bs, budget, max_seqs)
+    }
+
+    fn sched_with(
+        policy: SchedulingPolicy,
+        blocks: usize,
+        bs: usize,
+        budget: usize,
+        max_seqs: usize,
+    ) -> Scheduler {
         Scheduler::new(
             SchedulerConfig {
                 max_num_seqs: max_seqs,
@@ -500,6 +674,7 @@ mod tests {
                 max_model_len: 512,
                 chunked_prefill: true,
                 max_waiting: 1000,
+                policy,
             },
             SharedPool::new(BlockPool::new(blocks, bs, true)),
         )
@@ -618,18 +793,121 @@ mod tests {
         assert_eq!(drafts, vec![1, 3]);
     }
 
+    /// Runs `s` to the end, one token per sampling step, finishing each sequence at its
+    /// `max_tokens`: the ids in the order they were first admitted, and every preemption.
+    fn drain(s: &mut Scheduler) -> (Vec<SeqId>, Vec<SeqId>) {
+        let (mut admitted, mut preempted) = (vec![], vec![]);
+        for _ in 0..10_000 {
+            if s.is_idle() {
+                return (admitted, preempted);
+            }
+            let p = s.schedule();
+            preempted.extend(&p.preempted);
+            for sc in p.scheduled {
+                if !admitted.contains(&sc.id) {
+                    admitted.push(sc.id);
+                }
+                s.complete(sc.id, sc.len, sc.samples.then_some(1));
+                let q = s.get(sc.id).unwrap();
+                if q.num_generated() >= q.max_tokens {
+                    s.remove(sc.id);
+                }
+            }
+        }
+        panic!("no progress");
+    }
+
+    #[test]
+    fn priority_orders_the_waiting_queue_ties_by_arrival() {
+        let arrivals = [(1, 5), (2, 0), (3, 5), (4, -1), (5, 0)];
+        for (policy, want) in [
+            (SchedulingPolicy::Fcfs, vec![1, 2, 3, 4, 5]),
+            (SchedulingPolicy::Priority, vec![4, 2, 5, 1, 3]),
+        ] {
+            let mut s = sched_with(policy, 64, 4, 64, 1);
+            for (id, prio) in arrivals {
+                let prio = if policy == SchedulingPolicy::Fcfs {
+                    0
+                } else {
+                    prio
+                };
+                s.add_with_priority(id, vec![id as u32; 3], 2, 0, prio)
+                    .unwrap();
+            }
+            let (order, preempted) = drain(&mut s);
+            assert_eq!(order, want, "{policy}");
+            assert!(preempted.is_empty(), "{policy}: {preempted:?}");
+        }
+    }
+
+    #[test]
+    fn a_waiting_request_preempts_the_lowest_ranked_running_one_for_a_slot() {
+        for policy in [SchedulingPolicy::Fcfs, SchedulingPolicy::Priority] {
+            let mut s = sched_with(policy, 64, 4, 64, 2);
+            // 1 (priority 5) and 2 (priority 1) run; 3 (priority 5, later) and 4 (priority 0)
+            // arrive while both slots are taken.
+            s.add_with_priority(1, vec![1; 3], 8, 0, 5).unwrap();
+            s.add_with_priority(2, vec![2; 3], 8, 0, 1).unwrap();
+            let p = s.schedule();
+            s.complete(1, 3, Some(0));
+            s.complete(2, 3, Some(0));
+            assert_eq!(p.scheduled.len(), 2);
+            s.add_with_priority(3, vec![3; 3], 8, 0, 5).unwrap();
+            s.add_with_priority(4, vec![4; 3], 8, 0, 0).unwrap();
+            let p = s.schedule();
+            let ids: Vec<SeqId> = p.scheduled.iter().map(|x| x.id).collect();
+            match policy {
+                SchedulingPolicy::Fcfs => {
+                    assert!(p.preempted.is_empty());
+                    assert_eq!(ids, vec![1, 2]);
+                }
+                SchedulingPolicy::Priority => {
+                    // 4 outranks 1 (not 2); 3 outranks no one. 1's decode budget went to 4.
+                    assert_eq!(p.preempted, vec![1]);
+                    assert_eq!(ids, vec![2, 4]);
+                    let w: Vec<SeqId> = s.waiting.iter().map(|x| x.id).collect();
+                    assert_eq!(w, vec![1, 3], "1 keeps its place before 3");
+                    assert_eq!(s.waiting[0].tokens, vec![1, 1, 1, 0], "keeps its tokens");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_waiting_request_preempts_for_kv_blocks() {
+        // 4 blocks of 4 tokens: 1 holds 3 of them (prompt 10); 2 needs 2 for its prompt of 8.
+        let mut s = sched_with(SchedulingPolicy::Priority, 4, 4, 64, 8);
+        s.add_with_priority(1, vec![1; 10], 4, 0, 3).unwrap();
+        let p = s.schedule();
+        s.complete(1, p.scheduled[0].len, Some(0));
+        s.add_with_priority(2, vec![2; 8], 4, 0, 3).unwrap();
+        s.add_with_priority(3, vec![3; 8], 4, 0, -2).unwrap();
+        let p = s.schedule();
+        assert_eq!(p.preempted, vec![1], "3 outranks 1");
+        let ids: Vec<SeqId> = p.scheduled.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![3]);
+        // Equal rank never preempts: 2 (same priority as 1, later) waits behind 1.
+        let w: Vec<SeqId> = s.waiting.iter().map(|x| x.id).collect();
+        assert_eq!(w, vec![1, 2]);
+        let (_, preempted) = drain(&mut s);
+        assert!(preempted.is_empty(), "{preempted:?}");
+        assert_eq!(s.pool().lock().num_free(), 4);
+    }
+
     proptest! {
         /// Random arrivals, steps, completions and cancellations: every request either finishes
         /// or was refused, no block leaks, and budgets hold every step.
         #[test]
         fn every_request_finishes_and_blocks_return(
-            arrivals in prop::collection::vec((1usize..30, 1usize..12, 0u8..4), 1..25),
+            arrivals in prop::collection::vec((1usize..30, 1usize..12, 0u8..4, -2i64..3), 1..25),
             cancel_every in 3usize..9,
             draft_k in 0usize..4,
             accept_every in 1usize..4,
+            by_priority in any::<bool>(),
         ) {
             let total = 12;
-            let mut s = sched(total, 4, 16, 4);
+            let policy = if by_priority { SchedulingPolicy::Priority } else { SchedulingPolicy::Fcfs };
+            let mut s = sched_with(policy, total, 4, 16, 4);
             let mut finished = 0usize;
             let mut refused = 0usize;
             let mut cancelled = 0usize;
@@ -639,9 +917,9 @@ mod tests {
             while arr.peek().is_some() || !s.is_idle() {
                 step += 1;
                 prop_assert!(step < 10_000, "no progress");
-                if let Some((i, (p, m, pre))) = arr.next() {
+                if let Some((i, (p, m, pre, prio))) = arr.next() {
                     let prompt: Vec<u32> = (0..p as u32).map(|x| x % (pre as u32 + 1)).collect();
-                    if s.add(i as u64, prompt, m, 0).is_err() { refused += 1; }
+                    if s.add_with_priority(i as u64, prompt, m, 0, prio).is_err() { refused += 1; }
                 }
                 if step.is_multiple_of(cancel_every) {
                     if let Some(&id) = s.ids().first() {

@@ -33,6 +33,7 @@ fn start(dir: &Path, world: usize) -> EngineHandle {
             max_model_len: 128,
             chunked_prefill: true,
             max_waiting: 100,
+            policy: Default::default(),
         },
         block_size: 5,
         kv_cache_memory: Some(64 << 20),

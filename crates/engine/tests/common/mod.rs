@@ -60,6 +60,7 @@ pub fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineC
             max_model_len: 128,
             chunked_prefill: true,
             max_waiting: 100,
+            policy: Default::default(),
         },
         block_size: block,
         kv_cache_memory: Some((blocks.unwrap_or(256) * block * per_token) as u64),
