@@ -4,7 +4,8 @@
 Covers: models list, chat (plain, streaming with include_usage, logprobs, n), completions
 (plain and streaming), structured outputs (`chat.completions.parse` with a pydantic model,
 vLLM's `structured_outputs` through extra_body), vLLM's output controls through extra_body
-(`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`), the Responses API
+(`include_stop_str_in_output`, `min_tokens`, the choice's `stop_reason`, `return_token_ids`,
+`priority` refused under fcfs), the Responses API
 (`responses.create`, `responses.stream`, function calls, `previous_response_id`,
 `responses.retrieve` / `delete`), routing headers and `model="auto"` routing (a low-risk prompt stays on the
 local tier; a prompt injection -> BadRequestError with code blocked_by_policy), and error mapping
@@ -263,6 +264,28 @@ check(short.usage.completion_tokens == 8, f"min_tokens=max_tokens=8 gives 8 toke
 expect_error(openai.BadRequestError, "min_tokens over max_tokens",
              lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"min_tokens": 3}),
              status_code=400, param="min_tokens")
+# vLLM's return_token_ids, read as vLLM's own tests read it: prompt ids on the completion choice and
+# on the chat response, generated ids on each choice; in a stream, prompt ids in the first chunk.
+ids = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=6, temperature=0,
+                                extra_body={"ignore_eos": True, "return_token_ids": True})
+c = ids.choices[0]
+check(c.prompt_token_ids == [5, 6, 7, 8] and len(c.token_ids) == 6 and ids.usage.completion_tokens == 6,
+      f"completions return_token_ids ({c.prompt_token_ids}, {c.token_ids})")
+chat_ids = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0,
+                                          messages=[{"role": "user", "content": "Say hello"}],
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+check(len(chat_ids.prompt_token_ids) == chat_ids.usage.prompt_tokens and len(chat_ids.choices[0].token_ids) == 6,
+      f"chat return_token_ids ({chat_ids.prompt_token_ids}, {chat_ids.choices[0].token_ids})")
+chunks = list(client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, stream=True,
+                                             messages=[{"role": "user", "content": "Say hello"}],
+                                             extra_body={"ignore_eos": True, "return_token_ids": True}))
+streamed_ids = [i for ch in chunks for choice in ch.choices for i in ((choice.model_extra or {}).get("token_ids") or [])]
+check(chunks[0].prompt_token_ids == chat_ids.prompt_token_ids and streamed_ids == chat_ids.choices[0].token_ids,
+      f"streamed chat return_token_ids ({streamed_ids})")
+# vLLM's priority needs --scheduling-policy priority; this server schedules fcfs.
+expect_error(openai.BadRequestError, "priority under fcfs",
+             lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"priority": 1}),
+             status_code=400, param="priority")
 
 # The Responses API (client.responses), bridged over chat completions: the same answer as chat.
 same = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0,

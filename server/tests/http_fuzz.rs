@@ -64,7 +64,7 @@ impl Ep {
             "frequency_penalty",
             "logit_bias",
         ];
-        const CHAT: [&str; 37] = [
+        const CHAT: [&str; 39] = [
             "model",
             "messages",
             "max_tokens",
@@ -93,6 +93,8 @@ impl Ep {
             "skip_special_tokens",
             "add_generation_prompt",
             "continue_final_message",
+            "priority",
+            "return_token_ids",
             SAMPLING[0],
             SAMPLING[1],
             SAMPLING[2],
@@ -103,7 +105,7 @@ impl Ep {
             SAMPLING[7],
             SAMPLING[8],
         ];
-        const COMPLETIONS: [&str; 29] = [
+        const COMPLETIONS: [&str; 31] = [
             "model",
             "prompt",
             "max_tokens",
@@ -124,6 +126,8 @@ impl Ep {
             "stop_token_ids",
             "include_stop_str_in_output",
             "skip_special_tokens",
+            "priority",
+            "return_token_ids",
             SAMPLING[0],
             SAMPLING[1],
             SAMPLING[2],
@@ -134,7 +138,7 @@ impl Ep {
             SAMPLING[7],
             SAMPLING[8],
         ];
-        const MESSAGES: [&str; 13] = [
+        const MESSAGES: [&str; 14] = [
             "model",
             "messages",
             "max_tokens",
@@ -148,8 +152,9 @@ impl Ep {
             "tool_choice",
             "output_format",
             "ignore_eos",
+            "priority",
         ];
-        const RESPONSES: [&str; 17] = [
+        const RESPONSES: [&str; 18] = [
             "model",
             "input",
             "instructions",
@@ -167,6 +172,7 @@ impl Ep {
             "background",
             "store",
             "ignore_eos",
+            "priority",
         ];
         match self {
             Ep::Chat => &CHAT,

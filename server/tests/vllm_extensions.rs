@@ -1,7 +1,8 @@
 //! vLLM's extensions to the OpenAI API and prompt continuation, against the real server:
 //! `truncate_prompt_tokens`, `cache_salt`, `prompt_logprobs`, `return_tokens_as_token_ids`,
-//! `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`, `skip_special_tokens` and the
-//! choices' `stop_reason`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
+//! `return_token_ids`, `stop_token_ids`, `min_tokens`, `include_stop_str_in_output`,
+//! `skip_special_tokens` and the choices' `stop_reason`; `priority` with
+//! `--scheduling-policy`; `/tokenize` and `/detokenize` (checked against the `tokenizers`
 //! library reading the model's tokenizer.json, and against the chat endpoint's own prompt
 //! count); `add_generation_prompt` / `continue_final_message` and Anthropic's prefill (checked
 //! against a plain completion of the token ids `/tokenize` reports).
@@ -679,4 +680,307 @@ async fn chat_template_flag_replaces_the_models_template() {
         err.contains("--chat-template") && err.contains("no-such-template.jinja"),
         "{err}"
     );
+}
+
+/// vLLM's `priority` under `--scheduling-policy fcfs` (the default): 0 is accepted, anything
+/// else is a 400 naming the field on every endpoint; a non-integer is a 400 too. Under
+/// `--scheduling-policy priority` every endpoint accepts it, and the answer is the same.
+#[tokio::test]
+async fn priority_is_refused_under_fcfs_and_served_under_the_priority_policy() {
+    let chat = |p: Value| {
+        json!({"model": "local", "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+               "priority": p, "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let messages = |p: Value| {
+        json!({"model": "local", "max_tokens": 6, "temperature": 0, "priority": p,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let responses = |p: Value| {
+        json!({"model": "local", "max_output_tokens": 6, "temperature": 0, "priority": p,
+               "input": "hi"})
+    };
+    let fcfs = Server::start();
+    for p in [json!(1), json!(-3)] {
+        assert_refused(
+            &fcfs,
+            "/v1/completions",
+            completion(json!({"priority": p})),
+            "priority",
+        )
+        .await;
+        assert_refused(&fcfs, "/v1/chat/completions", chat(p.clone()), "priority").await;
+        assert_refused(&fcfs, "/v1/responses", responses(p.clone()), "priority").await;
+        let r = post(&fcfs, "/v1/messages", messages(p.clone()), &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        let msg = common::anthropic_error(&r.json())["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(msg.contains("priority"), "{msg}");
+    }
+    let r = post(&fcfs, "/v1/chat/completions", chat(json!(2)), &[]).await;
+    let msg = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(msg.contains("--scheduling-policy priority"), "{msg}");
+    for bad in [json!("high"), json!(1.5), json!([1])] {
+        assert_refused(&fcfs, "/v1/chat/completions", chat(bad), "priority").await;
+    }
+    // 0 is every request's priority: accepted.
+    let plain = post(
+        &fcfs,
+        "/v1/completions",
+        completion(json!({"priority": 0})),
+        &[],
+    )
+    .await;
+    assert_eq!(plain.status, 200, "{}", plain.text);
+    let plain_chat = post(&fcfs, "/v1/chat/completions", chat(json!(0)), &[]).await;
+    assert_eq!(plain_chat.status, 200, "{}", plain_chat.text);
+
+    let by_priority = Server::start_with(common::Opts {
+        args: &["--scheduling-policy", "priority"],
+        ..Default::default()
+    });
+    for p in [json!(-5), json!(0), json!(7)] {
+        let r = post(
+            &by_priority,
+            "/v1/completions",
+            completion(json!({"priority": p})),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.json()["choices"][0]["text"],
+            plain.json()["choices"][0]["text"]
+        );
+        let r = post(&by_priority, "/v1/chat/completions", chat(p.clone()), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.json()["choices"][0]["message"],
+            plain_chat.json()["choices"][0]["message"]
+        );
+        for (path, body) in [
+            ("/v1/messages", messages(p.clone())),
+            ("/v1/responses", responses(p.clone())),
+        ] {
+            let r = post(&by_priority, path, body, &[]).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text);
+        }
+    }
+    assert_refused(
+        &by_priority,
+        "/v1/chat/completions",
+        chat(json!("x")),
+        "priority",
+    )
+    .await;
+    // An unknown policy stops startup, naming the value.
+    let (ok, _, err) = common::run_cli(&[
+        "serve",
+        "--model",
+        &common::model_arg(),
+        "--port",
+        "0",
+        "--scheduling-policy",
+        "lottery",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("lottery"), "{err}");
+}
+
+/// The number in a Prometheus sample line of `/metrics`.
+async fn gauge(s: &Server, name: &str) -> f64 {
+    common::metric(&common::metrics_text(s).await, name).unwrap_or(0.0)
+}
+
+/// With one sequence slot, a high-priority request that arrives while a long low-priority one
+/// runs is answered first (the long one is preempted and recomputed); the long one's answer
+/// is the same as when it runs undisturbed.
+#[tokio::test]
+async fn a_high_priority_request_overtakes_a_running_low_priority_one() {
+    let s = std::sync::Arc::new(Server::start_with(common::Opts {
+        args: &["--scheduling-policy", "priority", "--max-num-seqs", "1"],
+        ..Default::default()
+    }));
+    let long = |p: i64| completion(json!({"max_tokens": 400, "priority": p}));
+    let alone = post(&s, "/v1/completions", long(0), &[]).await.json();
+    let s2 = s.clone();
+    let low = tokio::spawn(async move {
+        let r = post(&s2, "/v1/completions", long(10), &[]).await;
+        (r, std::time::Instant::now())
+    });
+    // Wait until the long request holds the slot.
+    let t0 = std::time::Instant::now();
+    while gauge(&s, "switchyard_num_requests_running").await < 1.0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let high = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"max_tokens": 4, "priority": -1})),
+        &[],
+    )
+    .await;
+    let high_done = std::time::Instant::now();
+    assert_eq!(high.status, 200, "{}", high.text);
+    let (low, low_done) = low.await.expect("low request task");
+    assert_eq!(low.status, 200, "{}", low.text);
+    assert!(high_done < low_done, "the high-priority request waited");
+    assert!(gauge(&s, "switchyard_engine_preemptions").await >= 1.0);
+    let low = low.json();
+    assert_eq!(low["usage"]["completion_tokens"], 400);
+    assert_eq!(low["choices"][0]["text"], alone["choices"][0]["text"]);
+}
+
+/// The ids of every chunk's `choices[0].token_ids`, and the chunks.
+fn streamed_ids(text: &str) -> (Vec<u64>, Vec<Value>) {
+    let chunks: Vec<Value> = parse_sse(text)
+        .into_iter()
+        .filter(|e| e.1 != "[DONE]")
+        .map(|e| serde_json::from_str(&e.1).expect("json chunk"))
+        .collect();
+    let ids = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["token_ids"].as_array())
+        .flatten()
+        .map(|x| x.as_u64().expect("id"))
+        .collect();
+    (ids, chunks)
+}
+
+/// vLLM's `return_token_ids`: completions choices carry `prompt_token_ids` and `token_ids`
+/// (equal to the ids sent and `generate`'s greedy ids); chat responses carry the prompt's ids
+/// at the top (equal to `/tokenize` of the conversation) and each choice's generated ids
+/// (equal to `generate`'s greedy continuation of those prompt ids). Streams send the prompt
+/// ids in the first chunk only and every generated id once, in order.
+#[tokio::test]
+async fn return_token_ids_reports_prompt_and_generated_ids() {
+    let s = Server::start();
+    let g = greedy_ids(16);
+    let v = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"return_token_ids": true})),
+        &[],
+    )
+    .await
+    .json();
+    let c = &v["choices"][0];
+    assert_eq!(c["prompt_token_ids"], json!([5, 6, 7, 8]), "{c}");
+    assert_eq!(c["token_ids"], json!(g), "{c}");
+    let plain = post(&s, "/v1/completions", completion(json!({})), &[])
+        .await
+        .json();
+    assert!(plain["choices"][0].get("token_ids").is_none(), "{plain}");
+    assert!(plain["choices"][0].get("prompt_token_ids").is_none());
+    assert_eq!(plain["choices"][0]["text"], c["text"]);
+    // Several prompts and choices: each choice has its own prompt's ids.
+    let v = post(
+        &s,
+        "/v1/completions",
+        completion(
+            json!({"prompt": [[5, 6, 7, 8], [9, 10]], "n": 2, "max_tokens": 3,
+                          "return_token_ids": true}),
+        ),
+        &[],
+    )
+    .await
+    .json();
+    let prompts: Vec<&Value> = (0..4)
+        .map(|i| &v["choices"][i]["prompt_token_ids"])
+        .collect();
+    assert_eq!(
+        prompts,
+        [
+            json!([5, 6, 7, 8]),
+            json!([5, 6, 7, 8]),
+            json!([9, 10]),
+            json!([9, 10])
+        ]
+        .iter()
+        .collect::<Vec<_>>()
+    );
+    assert_eq!(v["choices"][0]["token_ids"], json!(g[..3]));
+
+    // Streamed completions: prompt ids on the first chunk only, then each token's id.
+    let r = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"return_token_ids": true, "stream": true})),
+        &[],
+    )
+    .await;
+    let (ids, chunks) = streamed_ids(&r.text);
+    assert_eq!(ids, g.iter().map(|&i| u64::from(i)).collect::<Vec<_>>());
+    assert_eq!(
+        chunks[0]["choices"][0]["prompt_token_ids"],
+        json!([5, 6, 7, 8])
+    );
+    assert!(chunks[1..]
+        .iter()
+        .all(|c| c["choices"][0].get("prompt_token_ids").is_none()));
+
+    // Chat: the prompt ids are /tokenize's; the generated ids continue them greedily.
+    let messages = json!([{"role": "user", "content": "count to ten"}]);
+    let chat = |extra: Value| {
+        with(
+            json!({"model": "local", "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+                   "messages": messages, "return_token_ids": true}),
+            extra,
+        )
+    };
+    let t = post(&s, "/tokenize", json!({"messages": messages}), &[])
+        .await
+        .json();
+    let v = post(&s, "/v1/chat/completions", chat(json!({})), &[])
+        .await
+        .json();
+    assert_eq!(v["prompt_token_ids"], t["tokens"], "{v}");
+    let prompt: Vec<String> = t["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let (ok, out, err) = generate_json(&[
+        "--input-ids",
+        &prompt.join(","),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["choices"][0]["token_ids"], json!(generated_ids(&out)));
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+
+    // Streamed chat: prompt ids at the top of the first chunk only; the ids equal the plain
+    // response's.
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        chat(json!({"stream": true})),
+        &[],
+    )
+    .await;
+    let (ids, chunks) = streamed_ids(&r.text);
+    assert_eq!(json!(ids), v["choices"][0]["token_ids"]);
+    assert_eq!(chunks[0]["prompt_token_ids"], t["tokens"]);
+    assert!(chunks[1..]
+        .iter()
+        .all(|c| c.get("prompt_token_ids").is_none()));
+
+    assert_refused(
+        &s,
+        "/v1/completions",
+        completion(json!({"return_token_ids": "yes"})),
+        "return_token_ids",
+    )
+    .await;
 }

@@ -56,6 +56,20 @@ impl Prepared {
     pub fn prompt_tokens(&self) -> usize {
         self.prompts.iter().map(Vec::len).sum()
     }
+
+    /// The prompt ids of choice `i`.
+    pub fn choice_prompt(&self, i: usize) -> &[u32] {
+        self.prompts
+            .get(i / self.n.max(1))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    /// Gives every collected choice its prompt's ids (vLLM's `return_token_ids`).
+    pub fn attach_prompt_ids(&self, outs: &mut [ChoiceOutput]) {
+        for (i, o) in outs.iter_mut().enumerate() {
+            o.prompt_token_ids = self.choice_prompt(i).to_vec();
+        }
+    }
 }
 
 /// Renders and tokenises the prompts (on a blocking thread: templates and tokenisers of long
@@ -226,6 +240,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                     .filter(|_| req.echo)
                     .max(req.controls.prompt_logprobs),
                 reasoning_budget: req.reasoning_budget.filter(|_| thinking),
+                priority: req.controls.priority,
             });
         }
     }
@@ -485,6 +500,11 @@ pub struct ChoiceOutput {
     pub text: String,
     /// Token events (kept only when logprobs were asked for).
     pub tokens: Vec<TokenEvent>,
+    /// The generated token ids (always kept: four bytes a token).
+    pub token_ids: Vec<u32>,
+    /// The prompt's token ids, when the response reports them
+    /// ([`Prepared::attach_prompt_ids`]).
+    pub prompt_token_ids: Vec<u32>,
     /// How it ended.
     pub completion: Option<Completion>,
 }
@@ -505,6 +525,7 @@ pub async fn collect(
                 tracker.token();
                 if let Some(o) = out.get_mut(i) {
                     o.text.push_str(&t.text);
+                    o.token_ids.push(t.id);
                     if keep_tokens {
                         o.tokens.push(t);
                     }
@@ -536,7 +557,10 @@ pub async fn run(
     let prepared = prepare(state, req).await?;
     let streams = submit(state, req.api, &prepared)?;
     let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, &mut None);
-    let outs = collect(streams, &mut tracker, true).await?;
+    let mut outs = collect(streams, &mut tracker, true).await?;
+    if req.controls.return_token_ids {
+        prepared.attach_prompt_ids(&mut outs);
+    }
     Ok((outs, tracker.usage))
 }
 

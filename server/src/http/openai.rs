@@ -629,12 +629,20 @@ impl routing::LocalEndpoint for OpenAi {
         let mut tracker = Tracker::new(state.clone(), req.api, arrived, &prepared, record);
         let meta = Meta::new(state, req.api);
         if req.stream {
-            let fmt = ChunkFormat::new(state, &req, meta, streams.len());
+            let prompt_ids = req.controls.return_token_ids.then(|| {
+                (0..streams.len())
+                    .map(|i| prepared.choice_prompt(i).to_vec())
+                    .collect()
+            });
+            let fmt = ChunkFormat::new(state, &req, meta, streams.len(), prompt_ids);
             return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
         }
         // Token events carry the logprobs (the first one also the prompt's).
         let keep = req.sampling.logprobs.is_some() || req.controls.prompt_logprobs.is_some();
-        let outs = local::collect(streams, &mut tracker, keep).await?;
+        let mut outs = local::collect(streams, &mut tracker, keep).await?;
+        if req.controls.return_token_ids {
+            prepared.attach_prompt_ids(&mut outs);
+        }
         Ok(json_response(state, &req, meta, &outs, tracker.usage))
     }
 
@@ -647,7 +655,11 @@ impl routing::LocalEndpoint for OpenAi {
     ) -> Response {
         let meta = Meta::new(state, req.api);
         if req.stream {
-            let fmt = ChunkFormat::new(state, req, meta, outs.len());
+            let prompt_ids = req
+                .controls
+                .return_token_ids
+                .then(|| outs.iter().map(|o| o.prompt_token_ids.clone()).collect());
+            let fmt = ChunkFormat::new(state, req, meta, outs.len(), prompt_ids);
             return Sse::new(local::replay(outs, fmt, usage)).into_response();
         }
         json_response(state, req, meta, &outs, usage)
@@ -665,6 +677,9 @@ fn json_response(
     let chat = req.api == Api::OpenAiChat;
     let logprobs = req.sampling.logprobs.is_some();
     let as_ids = req.controls.return_tokens_as_token_ids;
+    // vLLM's `return_token_ids`: generated ids on each choice; the prompt's on the response
+    // (chat: one prompt for every choice) or on each choice (completions).
+    let ids = req.controls.return_token_ids;
     let tools = super::tools::active(state, req);
     let opened = chat && local::opens_reasoning(state, req);
     let prompt_lp = |o: &ChoiceOutput| {
@@ -696,13 +711,17 @@ fn json_response(
                         finish = Some("tool_calls");
                     }
                 }
-                json!({
+                let mut c = json!({
                     "index": i,
                     "message": message,
                     "logprobs": lp,
                     "finish_reason": finish,
                     "stop_reason": stop_reason(state, o.completion.as_ref()),
-                })
+                });
+                if ids {
+                    c["token_ids"] = json!(o.token_ids);
+                }
+                c
             } else {
                 let echo = req.echo.then(|| prompt_echo(state, req, i, o.tokens.first()));
                 let (prefix, mut lp) = match echo {
@@ -721,6 +740,10 @@ fn json_response(
                 if let Some(p) = prompt_lp(o) {
                     c["prompt_logprobs"] = p;
                 }
+                if ids {
+                    c["prompt_token_ids"] = json!(o.prompt_token_ids);
+                    c["token_ids"] = json!(o.token_ids);
+                }
                 c
             }
         })
@@ -737,6 +760,9 @@ fn json_response(
     // vLLM puts a chat's prompt logprobs beside the choices (one prompt for all of them).
     if let (true, Some(p)) = (chat, outs.first().and_then(prompt_lp)) {
         body["prompt_logprobs"] = p;
+    }
+    if chat && ids {
+        body["prompt_token_ids"] = json!(outs.first().map(|o| &o.prompt_token_ids));
     }
     Json(body).into_response()
 }
@@ -764,6 +790,21 @@ struct ChunkFormat {
     /// prompt opened a `<think>` block; otherwise only an answer starting with one).
     reasoning: Vec<ReasoningStream>,
     reasoning_possible: bool,
+    /// With `return_token_ids`: the ids still to send.
+    ids: Option<StreamIds>,
+}
+
+/// vLLM's `return_token_ids` in a stream: the prompt's ids go in the first chunk (chat: on the
+/// chunk; completions: on each choice's first), each choice's generated ids in the first chunk
+/// of that choice sent after them (a token whose text is held back, as a possible tool call or
+/// reasoning tag, sends its id with the next chunk).
+struct StreamIds {
+    /// Each choice's prompt ids.
+    prompts: Vec<Vec<u32>>,
+    /// Whether each choice's prompt ids were sent (chat: the first entry stands for all).
+    prompt_sent: Vec<bool>,
+    /// Each choice's generated ids not sent yet.
+    pending: Vec<Vec<u32>>,
 }
 
 /// `delta.tool_calls` entries in the chunks they go in: at most one entry per call in a chunk
@@ -791,7 +832,14 @@ struct Routed {
 }
 
 impl ChunkFormat {
-    fn new(state: &Arc<AppState>, req: &NormalizedRequest, meta: Meta, choices: usize) -> Self {
+    /// `prompt_ids`: each choice's prompt ids, when the stream reports token ids.
+    fn new(
+        state: &Arc<AppState>,
+        req: &NormalizedRequest,
+        meta: Meta,
+        choices: usize,
+        prompt_ids: Option<Vec<Vec<u32>>>,
+    ) -> Self {
         let opened = local::opens_reasoning(state, req);
         Self {
             state: state.clone(),
@@ -809,6 +857,11 @@ impl ChunkFormat {
             echoed: vec![false; choices],
             reasoning: (0..choices).map(|_| ReasoningStream::new(opened)).collect(),
             reasoning_possible: opened,
+            ids: prompt_ids.map(|prompts| StreamIds {
+                prompt_sent: vec![false; prompts.len()],
+                pending: vec![vec![]; prompts.len()],
+                prompts,
+            }),
         }
     }
 
@@ -845,7 +898,26 @@ impl ChunkFormat {
         r
     }
 
-    fn chunk(&self, choices: Vec<Value>) -> SseEvent {
+    fn chunk(&mut self, mut choices: Vec<Value>) -> SseEvent {
+        let mut prompt = None;
+        if let Some(ids) = self.ids.as_mut() {
+            for c in &mut choices {
+                let i = c["index"].as_u64().unwrap_or(0) as usize;
+                if let Some(p) = ids.pending.get_mut(i) {
+                    c["token_ids"] = json!(std::mem::take(p));
+                }
+                let at = if self.chat { 0 } else { i };
+                if let Some(sent) = ids.prompt_sent.get_mut(at).filter(|s| !**s) {
+                    *sent = true;
+                    let p = json!(ids.prompts.get(at));
+                    if self.chat {
+                        prompt = Some(p);
+                    } else {
+                        c["prompt_token_ids"] = p;
+                    }
+                }
+            }
+        }
         let mut c = json!({
             "id": self.meta.id,
             "object": if self.chat { "chat.completion.chunk" } else { "text_completion" },
@@ -857,7 +929,17 @@ impl ChunkFormat {
         if self.include_usage {
             c["usage"] = Value::Null;
         }
+        if let Some(p) = prompt {
+            c["prompt_token_ids"] = p;
+        }
         SseEvent::default().data(c.to_string())
+    }
+
+    /// Notes a generated token whose id the next chunk of choice `i` reports.
+    fn note_id(&mut self, i: usize, id: u32) {
+        if let Some(p) = self.ids.as_mut().and_then(|ids| ids.pending.get_mut(i)) {
+            p.push(id);
+        }
     }
 }
 
@@ -880,6 +962,7 @@ impl SseFormat for ChunkFormat {
 
     fn token(&mut self, i: usize, t: TokenEvent) -> Vec<SseEvent> {
         if self.chat {
+            self.note_id(i, t.id);
             let lp = self
                 .logprobs
                 .then(|| json!({"content": [chat_logprob(&self.state, self.as_ids, &t)]}));
@@ -936,6 +1019,7 @@ impl SseFormat for ChunkFormat {
                 json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null}),
             ]));
         }
+        self.note_id(i, t.id);
         let off = self.offsets.get(i).copied().unwrap_or(0);
         let lp = self
             .logprobs

@@ -12,6 +12,7 @@ use serde_json::Value;
 use switchyard_engine::sampling::{
     MAX_ABS_PENALTY, MAX_LOGIT_BIAS, MAX_TEMPERATURE, MAX_TOP_LOGPROBS,
 };
+use switchyard_engine::scheduler::SchedulingPolicy;
 use switchyard_engine::structured::OutputConstraint;
 
 use super::error::ApiError;
@@ -422,6 +423,8 @@ struct ControlFields {
     stop_token_ids: Option<Vec<i64>>,
     include_stop_str_in_output: Option<bool>,
     skip_special_tokens: Option<bool>,
+    priority: Option<i64>,
+    return_token_ids: Option<bool>,
 }
 
 /// vLLM's extra generation controls, checked (token ids against the vocabulary and the
@@ -450,6 +453,11 @@ pub struct GenerationControls {
     pub include_stop_str_in_output: bool,
     /// Leave special tokens out of the text (`skip_special_tokens`, on by default).
     pub skip_special_tokens: bool,
+    /// Scheduling priority (`priority`; lower is served first). Only the priority scheduling
+    /// policy accepts a value other than 0 ([`check_priority`]).
+    pub priority: i64,
+    /// Return the prompt's token ids and each choice's generated ids (`return_token_ids`).
+    pub return_token_ids: bool,
 }
 
 impl Default for GenerationControls {
@@ -463,6 +471,8 @@ impl Default for GenerationControls {
             stop_token_ids: vec![],
             include_stop_str_in_output: false,
             skip_special_tokens: true,
+            priority: 0,
+            return_token_ids: false,
         }
     }
 }
@@ -543,8 +553,25 @@ impl ControlFields {
             stop_token_ids,
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            priority: self.priority.unwrap_or(0),
+            return_token_ids: self.return_token_ids.unwrap_or(false),
         })
     }
+}
+
+/// vLLM's rule for `priority`: any integer under the priority scheduling policy, only 0 (the
+/// default) under FCFS.
+pub fn check_priority(priority: i64, policy: SchedulingPolicy) -> Result<(), ApiError> {
+    if priority != 0 && policy != SchedulingPolicy::Priority {
+        return Err(ApiError::field(
+            "priority",
+            format!(
+                "got {priority}, but priority scheduling is not enabled: this server schedules \
+                 {policy} (start it with --scheduling-policy priority, or leave priority out)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A salt's 64-bit value for the block hashes: SipHash with fixed keys (stable for the process,

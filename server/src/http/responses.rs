@@ -49,6 +49,7 @@ const PASSED_THROUGH: &[&str] = &[
     "min_tokens",
     "parallel_tool_calls",
     "user",
+    "priority",
 ];
 
 /// `POST /v1/responses`.

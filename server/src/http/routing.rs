@@ -52,6 +52,7 @@ use switchyard_router::{
 
 use super::error::{AnthropicError, ApiError, OpenAiError};
 use super::local;
+use super::params;
 use super::route::{Api, NormalizedRequest, RouteHeaders};
 use super::AppState;
 
@@ -472,6 +473,12 @@ pub async fn route(
     local: Result<NormalizedRequest, ApiError>,
     arrived: Instant,
 ) -> Routed {
+    // vLLM refuses a priority it will not honour, whichever tier would serve the request.
+    let policy = app.engine.info().scheduler.policy;
+    let local = local.and_then(|r| {
+        params::check_priority(r.controls.priority, policy)?;
+        Ok(r)
+    });
     // A request the engine cannot read fails now, unless only an unsupported feature (tools,
     // images) is at fault and a remote tier might serve it.
     let local = match local {
