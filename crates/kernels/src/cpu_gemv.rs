@@ -11,7 +11,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::KernelError;
+use crate::{cpu_amx, KernelError};
 
 /// Activation rows multiplied per pass over a weight row: 8 accumulators of 16 lanes fit the
 /// 32 AVX-512 registers with room for the weights and activations.
@@ -180,6 +180,11 @@ pub(crate) trait WeightRows: Sync {
     /// `d[t] = row r · x[t]` for `t < n` (≤ [`TOKEN_BLOCK`]); `x` holds `n` activation rows of
     /// [`Self::cols`] values in [`Self::packing`]'s layout.
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]);
+    /// The row-major bf16 weights when the AMX tile kernels ([`crate::cpu_amx`]) can multiply
+    /// them on this machine.
+    fn amx_weights(&self) -> Option<&[bf16]> {
+        None
+    }
 }
 
 impl<T: WeightRows> WeightRows for &T {
@@ -195,6 +200,9 @@ impl<T: WeightRows> WeightRows for &T {
     #[inline]
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
         (**self).dot(r, x, n, d)
+    }
+    fn amx_weights(&self) -> Option<&[bf16]> {
+        (**self).amx_weights()
     }
 }
 
@@ -232,12 +240,20 @@ impl WeightRows for Bf16Rows<'_> {
         let c = self.cols;
         self.kernel.run(&self.w[r * c..(r + 1) * c], x, n, c, d)
     }
+    fn amx_weights(&self) -> Option<&[bf16]> {
+        cpu_amx::fits(self.rows(), self.cols).then_some(self.w)
+    }
 }
 
 /// `y[t, o] = w[o] · x[t]`: [`gemv_bf16`]'s driver for any weight storage. Shapes must have
 /// been checked ([`check_gemv`]).
 pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
+    if let Some(wb) = w.amx_weights() {
+        if tokens >= cpu_amx::MIN_TOKENS && cpu_amx::bf16_exact(x) {
+            return gemv_tiles(x, tokens, wb, out, inp, y);
+        }
+    }
     let packing = W::packing();
     let packed;
     let xp: &[f32] = if packing.in_order() {
@@ -275,6 +291,23 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
             for t in 0..tokens {
                 y[t * out + o] = scratch[o * tokens + t];
             }
+        }
+    }
+}
+
+/// [`gemv_rows`] on the AMX tiles: the activations packed once, each task multiplying its
+/// block of output rows by every token.
+fn gemv_tiles(x: &[f32], tokens: usize, w: &[bf16], out: usize, inp: usize, y: &mut [f32]) {
+    let p = cpu_amx::Packed::new(x, tokens, inp);
+    let pad = p.padded();
+    let mut scratch = vec![0f32; out * pad];
+    scratch
+        .par_chunks_mut(ROWS_PER_TASK * pad)
+        .enumerate()
+        .for_each(|(chunk, dst)| cpu_amx::tile_block(w, inp, chunk * ROWS_PER_TASK, &p, dst));
+    for o in 0..out {
+        for t in 0..tokens {
+            y[t * out + o] = scratch[o * pad + t];
         }
     }
 }
@@ -597,6 +630,34 @@ mod tests {
         }
         assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
         assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
+    }
+
+    /// bf16 activations on tile-sized shapes (the AMX path where the CPU has it) against f64.
+    #[test]
+    fn bf16_activations_match_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for &(tokens, out, inp) in &[(8, 16, 32), (21, 96, 64), (40, 48, 256)] {
+            let w: Vec<bf16> = (0..out * inp)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            let x: Vec<f32> = (0..tokens * inp)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                .collect();
+            let mut y = vec![f32::NAN; tokens * out];
+            gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
+            for t in 0..tokens {
+                for o in 0..out {
+                    let want: f64 = (0..inp)
+                        .map(|i| w[o * inp + i].to_f64() * x[t * inp + i] as f64)
+                        .sum();
+                    let got = y[t * out + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{tokens}x{out}x{inp} t{t} o{o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 
     /// Where logical element `i` of a row of `inp` values sits once packed.

@@ -18,6 +18,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::cpu_amx;
 use crate::cpu_gemv::{Bf16Rows, WeightRows, TOKEN_BLOCK};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
@@ -228,13 +229,32 @@ fn run_groups<W: WeightRows>(
 ) -> Vec<f32> {
     let packing = W::packing();
     let entries = token_of.len();
+    // Groups with enough entries run on the AMX tiles (bf16 activations; see `on_tiles`).
+    let tiles: Vec<bool> = {
+        let exact = groups.iter().any(|g| g.n >= cpu_amx::MIN_TOKENS) && cpu_amx::bf16_exact(x);
+        groups.iter().map(|g| exact && on_tiles(g, h)).collect()
+    };
 
-    // Each entry's activation row in the kernel's layout.
+    // Each entry's activation row in the row kernels' layout (tile groups are packed apart).
     let mut xs = vec![0f32; entries * h];
-    for (p, &tok) in token_of.iter().enumerate() {
-        let tok = tok as usize;
-        packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
+    for (g, _) in groups.iter().zip(&tiles).filter(|(_, t)| !**t) {
+        for p in g.lo..g.lo + g.n {
+            let tok = token_of[p] as usize;
+            packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
+        }
     }
+    let x_tiles: Vec<Option<cpu_amx::Packed>> = groups
+        .iter()
+        .zip(&tiles)
+        .map(|(g, &on)| {
+            on.then(|| {
+                cpu_amx::Packed::from_rows(g.n, h, |k| {
+                    let tok = token_of[g.lo + k] as usize;
+                    &x[tok * h..(tok + 1) * h]
+                })
+            })
+        })
+        .collect();
     // Group g's `[inter, n]` activation block starts at `act_at[g]`.
     let mut act_at = Vec::with_capacity(groups.len() + 1);
     act_at.push(0);
@@ -250,6 +270,26 @@ fn run_groups<W: WeightRows>(
         .for_each(|task| {
             let g = &groups[task.group];
             let (n, i) = (g.n, g.inter);
+            let combine = |gv: f32, uv: f32| {
+                if g.bf16_ops {
+                    silu_mul_bf16(gv, uv)
+                } else {
+                    silu(gv) * uv
+                }
+            };
+            if let (Some(px), Some(w)) = (&x_tiles[task.group], g.gate_up.amx_weights()) {
+                let (rows, pad) = (task.out.len() / n, px.padded());
+                let mut gu = vec![0f32; 2 * rows * pad];
+                let (gb, ub) = gu.split_at_mut(rows * pad);
+                cpu_amx::tile_block(w, h, task.row0, px, gb);
+                cpu_amx::tile_block(w, h, i + task.row0, px, ub);
+                for (k, dst) in task.out.chunks_mut(n).enumerate() {
+                    for (t, d) in dst.iter_mut().enumerate() {
+                        *d = combine(gb[k * pad + t], ub[k * pad + t]);
+                    }
+                }
+                return;
+            }
             let xe = &xs[g.lo * h..(g.lo + n) * h];
             let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
@@ -260,26 +300,28 @@ fn run_groups<W: WeightRows>(
                     g.gate_up.dot(r, xb, nb, &mut gv[..nb]);
                     g.gate_up.dot(i + r, xb, nb, &mut uv[..nb]);
                     for j in 0..nb {
-                        dst[t0 + j] = if g.bf16_ops {
-                            silu_mul_bf16(gv[j], uv[j])
-                        } else {
-                            silu(gv[j]) * uv[j]
-                        };
+                        dst[t0 + j] = combine(gv[j], uv[j]);
                     }
                 }
             }
         });
 
-    // Token-major activations (`[n, I]` per group), then in the kernel's layout for the down
-    // projection.
+    // Token-major activations (`[n, I]` per group) in the row kernels' layout for the down
+    // projection; tile groups pack their `[I, n]` block as it is.
     let mut act_t = vec![0f32; act_len];
+    let mut act_tiles: Vec<Option<cpu_amx::Packed>> = Vec::with_capacity(groups.len());
     let mut row = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
         let (n, i) = (g.n, g.inter);
+        let blk = &act[act_at[gi]..act_at[gi + 1]];
+        if tiles[gi] {
+            act_tiles.push(Some(cpu_amx::Packed::from_columns(blk, i, n)));
+            continue;
+        }
+        act_tiles.push(None);
         if n == 0 || i == 0 {
             continue;
         }
-        let blk = &act[act_at[gi]..act_at[gi + 1]];
         let dst = &mut act_t[act_at[gi]..act_at[gi + 1]];
         row.resize(i, 0f32);
         for (tk, d) in dst.chunks_exact_mut(i).enumerate() {
@@ -297,6 +339,15 @@ fn run_groups<W: WeightRows>(
         .for_each(|task| {
             let g = &groups[task.group];
             let (n, i) = (g.n, g.inter);
+            if let (Some(pa), Some(w)) = (&act_tiles[task.group], g.down.amx_weights()) {
+                let (rows, pad) = (task.out.len() / n, pa.padded());
+                let mut y = vec![0f32; rows * pad];
+                cpu_amx::tile_block(w, i, task.row0, pa, &mut y);
+                for (k, dst) in task.out.chunks_mut(n).enumerate() {
+                    dst.copy_from_slice(&y[k * pad..k * pad + n]);
+                }
+                return;
+            }
             let ae = &act_t[act_at[task.group]..act_at[task.group + 1]];
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
                 let r = task.row0 + k;
@@ -327,6 +378,17 @@ fn run_groups<W: WeightRows>(
         }
     }
     out
+}
+
+/// Whether group `g` runs on the AMX tiles: at least [`cpu_amx::MIN_TOKENS`] entries and
+/// both matrices in bf16 of tile-friendly shapes. Its activations are then rounded to bf16
+/// before each projection (the inputs already are bf16 values; the routed experts' SiLU·mul
+/// products are rounded too, as a bf16 model's tensors hold them).
+fn on_tiles<W: WeightRows>(g: &Group<W>, h: usize) -> bool {
+    g.n >= cpu_amx::MIN_TOKENS
+        && g.gate_up.amx_weights().is_some()
+        && g.down.amx_weights().is_some()
+        && g.gate_up.cols() == h
 }
 
 fn silu(v: f32) -> f32 {
@@ -525,5 +587,75 @@ mod tests {
             None
         )
         .is_err());
+    }
+
+    /// Groups big enough for the AMX tiles (bf16 inputs, tile-sized shapes) against f64 on the
+    /// same bf16 inputs. The tiles round the routed SiLU·mul products to bf16, so the bound is
+    /// bf16-sized; where the CPU has no AMX this checks the row kernels on the same shapes.
+    #[test]
+    fn tile_sized_groups_match_f64() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (t, h, i, e, k) = (70, 64, 64, 4, 2);
+        let rnd_bf16 = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<bf16> {
+            (0..n)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect()
+        };
+        let x: Vec<f32> = rnd_bf16(&mut rng, t * h)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let gu = rnd_bf16(&mut rng, e * 2 * i * h);
+        let dn = rnd_bf16(&mut rng, e * h * i);
+        let (sgu, sdn) = (rnd_bf16(&mut rng, 2 * 32 * h), rnd_bf16(&mut rng, h * 32));
+        let shared = MlpWeights {
+            gate_up: &sgu,
+            down: &sdn,
+            inter: 32,
+        };
+        let logits: Vec<f32> = (0..t * e).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let g = gate_topk(&logits, None, &GateConfig::sigmoid(e, k, 1.0)).unwrap();
+        let plan = dispatch(&g, e).unwrap();
+        assert!(plan
+            .active_experts()
+            .all(|ex| plan.count(ex) >= cpu_amx::MIN_TOKENS));
+        let dims = ExpertDims {
+            experts: e,
+            inter: i,
+            hidden: h,
+        };
+        let got = experts_forward_bf16(&x, &gu, &dn, dims, &g, &plan, Some(shared)).unwrap();
+        let dense = mlp_forward_bf16(&x, t, h, shared).unwrap();
+        for tok in 0..t {
+            let xr = &x[tok * h..(tok + 1) * h];
+            let (sy, smag) = mlp_f64(&sgu, &sdn, 32, xr);
+            let (mut want, mut mag) = (sy.clone(), smag.clone());
+            for j in 0..k {
+                let ex = g.ids[tok * k + j] as usize;
+                let wt = g.weights[tok * k + j] as f64;
+                let (y, m) = mlp_f64(
+                    &gu[ex * 2 * i * h..(ex + 1) * 2 * i * h],
+                    &dn[ex * h * i..(ex + 1) * h * i],
+                    i,
+                    xr,
+                );
+                for c in 0..h {
+                    want[c] += wt * y[c];
+                    mag[c] += wt.abs() * m[c];
+                }
+            }
+            for c in 0..h {
+                let (a, b) = (got[tok * h + c] as f64, want[c]);
+                assert!(
+                    (a - b).abs() <= 1e-2 * (1.0 + mag[c]),
+                    "t{tok} c{c}: {a} vs {b}"
+                );
+                let (a, b) = (dense[tok * h + c] as f64, sy[c]);
+                assert!(
+                    (a - b).abs() <= 1e-2 * (1.0 + smag[c]),
+                    "dense t{tok} c{c}: {a} vs {b}"
+                );
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! counterpart (feature `cuda`), so the model code never changes when a faster backend lands.
 #![deny(missing_docs)]
 
+pub(crate) mod cpu_amx;
 pub mod cpu_gemv;
 pub mod cpu_moe;
 pub mod cpu_q8;
@@ -16,6 +17,13 @@ pub mod paged;
 pub use gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
 pub use moe::{dispatch, experts_forward, DispatchPlan, ExpertWeights};
 pub use paged::{paged_attention, reshape_and_cache, KvElem, KvLayout, SeqAttn};
+
+/// Whether the CPU bf16 products run on AMX tiles here (the CPU has AMX, Linux grants it, and
+/// `SWITCHYARD_AMX` is not `0`): prefill and batched steps of a bf16 model then round their
+/// activations to bf16 before each projection.
+pub fn cpu_tiles_enabled() -> bool {
+    cpu_amx::enabled()
+}
 
 /// Errors from the op layer; messages name the argument that is wrong.
 #[derive(Debug, thiserror::Error)]
