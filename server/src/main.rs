@@ -10,6 +10,7 @@ mod cmd_make_test_model;
 mod cmd_plan;
 mod cmd_route;
 mod cmd_route_eval;
+mod cmd_run_batch;
 mod http;
 mod loading;
 mod serve;
@@ -47,6 +48,9 @@ enum Cmd {
     ConvertGguf(cmd_convert::ConvertGgufArgs),
     /// Plan GPU memory: weights per device, KV cache left, whether a context fits.
     Plan(cmd_plan::PlanArgs),
+    /// Run an OpenAI Batch API file (JSONL requests) offline through the engine, as vLLM's
+    /// `run-batch`: one output line per input line, in input order.
+    RunBatch(cmd_run_batch::RunBatchArgs),
 }
 
 /// Largest allocation glibc serves from its heaps instead of a fresh `mmap` (its ceiling on
@@ -108,6 +112,7 @@ fn main() -> std::process::ExitCode {
         Cmd::ConvertGguf(a) => cmd_convert::run(a),
         Cmd::RouteEval(a) => cmd_route_eval::run(a),
         Cmd::Plan(a) => cmd_plan::run(a),
+        Cmd::RunBatch(a) => cmd_run_batch::run(a),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

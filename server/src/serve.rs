@@ -22,54 +22,62 @@ use crate::loading::{self, parse_bytes, EngineArgs, ModelArgs};
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
+    app: AppArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on (0 picks a free one; the address is printed on stdout).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Model id in `/v1/models` and responses (default: the model folder's name, or the hub id).
-    #[arg(long)]
-    served_model_name: Option<String>,
     /// Environment variable holding the API key `/v1/*` requires (`Authorization: Bearer` or
     /// `x-api-key`); without it the API is open.
     #[arg(long)]
     api_key_env: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+/// The flags that shape the application itself (model, engine, router, request defaults):
+/// shared by `serve` and `run-batch`, which builds the same app in-process.
+#[derive(clap::Args, Debug)]
+pub struct AppArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Model id in `/v1/models` and responses (default: the model folder's name, or the hub id).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     /// Router policy TOML (tiers, rules, budgets; merged over the built-in default). Without
     /// it the built-in default policy routes (its `frontier` tier needs FRONTIER_API_KEY).
     #[arg(long)]
-    router: Option<PathBuf>,
+    pub router: Option<PathBuf>,
     /// Append one JSON line per /v1 inference request (decision, tier, tokens, cost, latency,
     /// outcome) to this file.
     #[arg(long)]
-    telemetry: Option<PathBuf>,
+    pub telemetry: Option<PathBuf>,
     /// Add the semantic signals to routing: MiniLM sentence embeddings for the exemplar
     /// categories and the RouteLLM-trained difficulty score (`models/router/`). The MiniLM
     /// files come from $SWITCHYARD_MINILM_DIR, the scripts/minilm.sh cache, or the hf-hub cache.
     #[arg(long)]
-    classifier: bool,
+    pub classifier: bool,
     /// Largest request body accepted (bytes; suffixes like 4MiB work); larger gets HTTP 413.
     #[arg(long, default_value = "4MiB")]
-    max_body_bytes: String,
-    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
-    #[arg(long, default_value_t = 30)]
-    shutdown_timeout: u64,
+    pub max_body_bytes: String,
     /// Cap on `max_tokens` when an OpenAI request sets none (it defaults to the rest of the
     /// context, up to this).
     #[arg(long, default_value_t = 4096)]
-    default_max_tokens: usize,
+    pub default_max_tokens: usize,
     /// Chat template to use instead of the model's: a Jinja file, or the template text
     /// (vLLM's flag). Tool calls are parsed in the format it writes.
     #[arg(long, value_name = "FILE|TEMPLATE")]
-    chat_template: Option<String>,
+    pub chat_template: Option<String>,
 }
 
 /// The model id to serve under: the flag, else the folder name of a local `--model`, else the
 /// hub id as given.
-fn served_name(args: &ServeArgs) -> String {
+fn served_name(args: &AppArgs) -> String {
     if let Some(n) = &args.served_model_name {
         return n.clone();
     }
@@ -100,41 +108,7 @@ fn api_key(var: Option<&str>) -> Result<Option<String>> {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let key = api_key(args.api_key_env.as_deref())?;
-    let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
-        .context("--max-body-bytes is too large")?;
-    let mut routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
-    if args.classifier {
-        let t = std::time::Instant::now();
-        let scorer = switchyard_classifier::RouterScorer::load_default()
-            .context("--classifier: loading MiniLM and the router models (run scripts/minilm.sh to fetch MiniLM)")?;
-        routing.scorer = Some(std::sync::Arc::new(scorer));
-        tracing::info!(
-            secs = t.elapsed().as_secs_f32(),
-            "semantic router classifier loaded"
-        );
-    }
-    let model_id = served_name(&args);
-    let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
-    let tokenizer = engine.info().tokenizer.clone();
-    let template = loading::chat_template(&tokenizer, &dir, args.chat_template.as_deref())?;
-    let state = Arc::new(AppState {
-        tokenizer,
-        tools_template: template
-            .tools_fallback()
-            .context("compiling the tool-calling chat template")?,
-        template,
-        fingerprint: http::fingerprint(&model_id, &dir),
-        model_id,
-        model_dir: dir,
-        api_key: key,
-        metrics: http::metrics::Metrics::new().context("registering metrics")?,
-        routing,
-        created: http::unix_now(),
-        max_body_bytes: max_body,
-        default_max_tokens: args.default_max_tokens.max(1),
-        responses: Default::default(),
-        engine,
-    });
+    let state = build_state(&args.app, key)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("switchyard-http")
@@ -149,6 +123,46 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Requests still running after the timeout are abandoned, not awaited.
     rt.shutdown_background();
     r
+}
+
+/// Loads the router, the model and the engine, and builds the state every handler shares
+/// (`api_key`: what `/v1/*` requires, if anything).
+pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppState>> {
+    let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
+        .context("--max-body-bytes is too large")?;
+    let mut routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
+    if args.classifier {
+        let t = std::time::Instant::now();
+        let scorer = switchyard_classifier::RouterScorer::load_default()
+            .context("--classifier: loading MiniLM and the router models (run scripts/minilm.sh to fetch MiniLM)")?;
+        routing.scorer = Some(std::sync::Arc::new(scorer));
+        tracing::info!(
+            secs = t.elapsed().as_secs_f32(),
+            "semantic router classifier loaded"
+        );
+    }
+    let model_id = served_name(args);
+    let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
+    let tokenizer = engine.info().tokenizer.clone();
+    let template = loading::chat_template(&tokenizer, &dir, args.chat_template.as_deref())?;
+    Ok(Arc::new(AppState {
+        tokenizer,
+        tools_template: template
+            .tools_fallback()
+            .context("compiling the tool-calling chat template")?,
+        template,
+        fingerprint: http::fingerprint(&model_id, &dir),
+        model_id,
+        model_dir: dir,
+        api_key,
+        metrics: http::metrics::Metrics::new().context("registering metrics")?,
+        routing,
+        created: http::unix_now(),
+        max_body_bytes: max_body,
+        default_max_tokens: args.default_max_tokens.max(1),
+        responses: Default::default(),
+        engine,
+    }))
 }
 
 /// Loads the policy (or the default), builds the upstream clients and opens the telemetry file;
