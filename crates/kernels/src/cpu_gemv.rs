@@ -296,19 +296,39 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
 }
 
 /// [`gemv_rows`] on the AMX tiles: the activations packed once, each task multiplying its
-/// block of output rows by every token.
+/// block of output rows by every token and writing them into `y` itself (its columns of every
+/// token's row), so the `[out, tokens]` result is never transposed as a whole.
 fn gemv_tiles(x: &[f32], tokens: usize, w: &[bf16], out: usize, inp: usize, y: &mut [f32]) {
     let p = cpu_amx::Packed::new(x, tokens, inp);
     let pad = p.padded();
-    let mut scratch = vec![0f32; out * pad];
-    scratch
-        .par_chunks_mut(ROWS_PER_TASK * pad)
-        .enumerate()
-        .for_each(|(chunk, dst)| cpu_amx::tile_block(w, inp, chunk * ROWS_PER_TASK, &p, dst));
-    for o in 0..out {
-        for t in 0..tokens {
-            y[t * out + o] = scratch[o * pad + t];
-        }
+    let dst = SharedOut(y.as_mut_ptr());
+    let blocks = out.div_ceil(ROWS_PER_TASK);
+    (0..blocks)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, b| {
+            let r0 = b * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(out - r0);
+            buf.resize(rows * pad, 0f32);
+            cpu_amx::tile_block(w, inp, r0, &p, buf);
+            for t in 0..tokens {
+                // SAFETY: `y` holds `tokens × out` values and this task alone writes columns
+                // `r0..r0 + rows` of each token's row; `y` outlives the parallel loop.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(t * out + r0), rows) };
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = buf[k * pad + t];
+                }
+            }
+        });
+}
+
+/// `y`'s base pointer, shared by the tasks of [`gemv_tiles`], which write disjoint elements.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements of a buffer that outlives them.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    /// The pointer to element `i` (a method, so closures capture the wrapper, not the field).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 
@@ -557,11 +577,36 @@ pub fn try_linear_bf16(
         return Ok(None);
     };
     let wslice = &all[start..end];
-    let xv = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let xv = f32_values(x)?;
     let mut y = vec![0f32; tokens * out];
     gemv_bf16(&xv, tokens, wslice, out, inp, &mut y)?;
-    let t = candle_core::Tensor::from_vec(y, (tokens, out), x.device())?;
-    Ok(Some(t.to_dtype(x.dtype())?))
+    let t = if x.dtype() == DType::BF16 {
+        // One rounding pass into the result's storage instead of an f32 tensor converted.
+        let yb: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
+        candle_core::Tensor::from_vec(yb, (tokens, out), x.device())?
+    } else {
+        candle_core::Tensor::from_vec(y, (tokens, out), x.device())?.to_dtype(x.dtype())?
+    };
+    Ok(Some(t))
+}
+
+/// A CPU tensor's values as f32, read straight from contiguous bf16 or f32 storage (one pass,
+/// one allocation), else through candle's conversion.
+fn f32_values(x: &candle_core::Tensor) -> Result<Vec<f32>, KernelError> {
+    use candle_core::{CpuStorage, DType, Storage};
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let Some((a, b)) = layout.contiguous_offsets() {
+            match &*storage {
+                Storage::Cpu(CpuStorage::BF16(d)) => {
+                    return Ok(d[a..b].iter().map(|v| v.to_f32()).collect())
+                }
+                Storage::Cpu(CpuStorage::F32(d)) => return Ok(d[a..b].to_vec()),
+                _ => {}
+            }
+        }
+    }
+    Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 #[cfg(test)]

@@ -235,8 +235,10 @@ fn run_groups<W: WeightRows>(
         groups.iter().map(|g| exact && on_tiles(g, h)).collect()
     };
 
-    // Each entry's activation row in the row kernels' layout (tile groups are packed apart).
-    let mut xs = vec![0f32; entries * h];
+    // Each entry's activation row in the row kernels' layout (tile groups are packed apart;
+    // with no row-kernel group nothing is allocated).
+    let rows_needed = groups.iter().zip(&tiles).any(|(g, &on)| !on && g.n > 0);
+    let mut xs = vec![0f32; if rows_needed { entries * h } else { 0 }];
     for (g, _) in groups.iter().zip(&tiles).filter(|(_, t)| !**t) {
         for p in g.lo..g.lo + g.n {
             let tok = token_of[p] as usize;
@@ -308,7 +310,7 @@ fn run_groups<W: WeightRows>(
 
     // Token-major activations (`[n, I]` per group) in the row kernels' layout for the down
     // projection; tile groups pack their `[I, n]` block as it is.
-    let mut act_t = vec![0f32; act_len];
+    let mut act_t = vec![0f32; if rows_needed { act_len } else { 0 }];
     let mut act_tiles: Vec<Option<cpu_amx::Packed>> = Vec::with_capacity(groups.len());
     let mut row = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
@@ -332,49 +334,60 @@ fn run_groups<W: WeightRows>(
         }
     }
 
-    // Pass 2: y = down · act, per group `[H, n]` at its entries' rows.
-    let mut ys = vec![0f32; entries * h];
-    tasks(&mut ys, groups, |_| h)
-        .into_par_iter()
-        .for_each(|task| {
-            let g = &groups[task.group];
-            let (n, i) = (g.n, g.inter);
-            if let (Some(pa), Some(w)) = (&act_tiles[task.group], g.down.amx_weights()) {
-                let (rows, pad) = (task.out.len() / n, pa.padded());
-                let mut y = vec![0f32; rows * pad];
-                cpu_amx::tile_block(w, i, task.row0, pa, &mut y);
-                for (k, dst) in task.out.chunks_mut(n).enumerate() {
-                    dst.copy_from_slice(&y[k * pad..k * pad + n]);
+    // Pass 2: y = down · act per group, weighted into the tokens (the top-k reduction) in
+    // group order. Each task owns a block of hidden rows of `[H, T]` and runs every group
+    // over it, so no `[entries, H]` buffer is written (at a 2048-token chunk of the `small`
+    // preset that was 75 MB of fresh pages per layer).
+    let mut out_t = vec![0f32; h * t];
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * t)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let (r0, rows) = (c * ROWS_PER_TASK, dst.len() / t);
+            let mut y = Vec::new();
+            for (gi, g) in groups.iter().enumerate() {
+                let (n, i) = (g.n, g.inter);
+                if n == 0 {
+                    continue;
                 }
-                return;
-            }
-            let ae = &act_t[act_at[task.group]..act_at[task.group + 1]];
-            for (k, dst) in task.out.chunks_mut(n).enumerate() {
-                let r = task.row0 + k;
-                for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                    let nb = TOKEN_BLOCK.min(n - t0);
-                    g.down
-                        .dot(r, &ae[t0 * i..(t0 + nb) * i], nb, &mut dst[t0..t0 + nb]);
+                // `y` `[rows, stride]`: this block's rows of the group's down projection.
+                let stride = match (&act_tiles[gi], g.down.amx_weights()) {
+                    (Some(pa), Some(w)) => {
+                        y.resize(rows * pa.padded(), 0f32);
+                        cpu_amx::tile_block(w, i, r0, pa, &mut y);
+                        pa.padded()
+                    }
+                    _ => {
+                        y.resize(rows * n, 0f32);
+                        let ae = &act_t[act_at[gi]..act_at[gi + 1]];
+                        for (k, yk) in y.chunks_mut(n).enumerate() {
+                            for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                                let nb = TOKEN_BLOCK.min(n - t0);
+                                let a = &ae[t0 * i..(t0 + nb) * i];
+                                g.down.dot(r0 + k, a, nb, &mut yk[t0..t0 + nb]);
+                            }
+                        }
+                        n
+                    }
+                };
+                for (k, o) in dst.chunks_mut(t).enumerate() {
+                    let yk = &y[k * stride..k * stride + n];
+                    for (tk, &yv) in yk.iter().enumerate() {
+                        let p = g.lo + tk;
+                        let (v, wgt) = (&mut o[token_of[p] as usize], weight[p]);
+                        *v = if g.bf16_ops {
+                            round_bf16(*v) + wgt * round_bf16(yv)
+                        } else {
+                            *v + wgt * yv
+                        };
+                    }
                 }
             }
         });
-
-    // Weighted sum into the tokens (the top-k reduction), in group order.
     let mut out = vec![0f32; t * h];
-    for g in groups {
-        let blk = &ys[g.lo * h..(g.lo + g.n) * h];
-        for tk in 0..g.n {
-            let p = g.lo + tk;
-            let (tok, wgt) = (token_of[p] as usize, weight[p]);
-            let o = &mut out[tok * h..(tok + 1) * h];
-            for (r, v) in o.iter_mut().enumerate() {
-                let y = blk[r * g.n + tk];
-                *v = if g.bf16_ops {
-                    round_bf16(*v) + wgt * round_bf16(y)
-                } else {
-                    *v + wgt * y
-                };
-            }
+    for (r, row) in out_t.chunks_exact(t).enumerate() {
+        for (tok, &v) in row.iter().enumerate() {
+            out[tok * h + r] = v;
         }
     }
     out
