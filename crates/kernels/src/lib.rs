@@ -7,6 +7,7 @@
 pub(crate) mod cpu_amx;
 pub mod cpu_gemv;
 pub mod cpu_moe;
+pub mod cpu_ops;
 pub mod cpu_q8;
 #[cfg(feature = "cuda")]
 pub mod cuda;

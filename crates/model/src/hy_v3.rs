@@ -252,6 +252,14 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
     }
 }
 
+/// `x + y`: the op layer's bf16 add on the CPU (same rounding as candle's), else candle's.
+fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor, ModelError> {
+    match switchyard_kernels::cpu_ops::add_bf16(x, y)? {
+        Some(s) => Ok(s),
+        None => Ok((x + y)?),
+    }
+}
+
 /// SwiGLU MLP with gate and up fused into one `[2·I, H]` matrix at load time.
 /// Most tokens for which a dense MLP or the shared expert runs in `cpu_moe`'s fused two-pass
 /// path (bf16 on the CPU). The fusion saves parallel loops, which is what decode pays for; at
@@ -1672,13 +1680,13 @@ impl HyV3Model {
             let hn = layer.input_layernorm.forward(&x)?;
             let a = attend(i, &layer.self_attn, &hn)?;
             let a = layer.self_attn.add_o_bias(self.all_reduce(a)?)?;
-            let x1 = (x + a)?;
+            let x1 = residual_add(&x, &a)?;
             let hn = layer.post_attention_layernorm.forward(&x1)?;
             let f = match &layer.mlp {
                 FeedForward::Dense(m) => m.forward(&hn, partial)?,
                 FeedForward::Moe(m) => m.forward(&hn, partial)?,
             };
-            x = (x1 + self.all_reduce(f)?.to_dtype(self.act_dtype)?)?;
+            x = residual_add(&x1, &self.all_reduce(f)?.to_dtype(self.act_dtype)?)?;
         }
         Ok(x)
     }
