@@ -73,8 +73,25 @@ fn detect() -> bool {
     false
 }
 
-/// Fewest activation rows for which the tiles beat the row kernels (measured below).
-pub(crate) const MIN_TOKENS: usize = 8;
+/// Fewest activation rows for which the tiles beat the row kernels. Decode on the `small`
+/// preset (bf16, dev VM, 2026-11-29), tok/s with the threshold at 1 / 4 / 8 / 16: batch 1
+/// 58–60 / 79–80 / 77–81 / –; batch 4 106–109 / 131–135 / 141–143 / –; batch 8 – / – /
+/// 187–190 / 172–181; batch 16 – / – / 256–259 / 257–267. One token on the tiles wastes 15 of
+/// their 16 columns and loads weights 16 rows apart instead of streaming rows.
+const DEFAULT_MIN_TOKENS: usize = 8;
+
+/// [`DEFAULT_MIN_TOKENS`], or `SWITCHYARD_AMX_MIN_TOKENS` (read once; a knob for tuning on
+/// other CPUs).
+pub(crate) fn min_tokens() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("SWITCHYARD_AMX_MIN_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MIN_TOKENS)
+            .max(1)
+    })
+}
 
 /// Whether a `[rows, cols]` bf16 matrix can be multiplied on the tiles: whole A tiles only.
 pub(crate) fn fits(rows: usize, cols: usize) -> bool {

@@ -250,7 +250,7 @@ impl WeightRows for Bf16Rows<'_> {
 pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     if let Some(wb) = w.amx_weights() {
-        if tokens >= cpu_amx::MIN_TOKENS && cpu_amx::bf16_exact(x) {
+        if tokens >= cpu_amx::min_tokens() && cpu_amx::bf16_exact(x) {
             return gemv_tiles(x, tokens, wb, out, inp, y);
         }
     }

@@ -231,7 +231,7 @@ fn run_groups<W: WeightRows>(
     let entries = token_of.len();
     // Groups with enough entries run on the AMX tiles (bf16 activations; see `on_tiles`).
     let tiles: Vec<bool> = {
-        let exact = groups.iter().any(|g| g.n >= cpu_amx::MIN_TOKENS) && cpu_amx::bf16_exact(x);
+        let exact = groups.iter().any(|g| g.n >= cpu_amx::min_tokens()) && cpu_amx::bf16_exact(x);
         groups.iter().map(|g| exact && on_tiles(g, h)).collect()
     };
 
@@ -393,12 +393,12 @@ fn run_groups<W: WeightRows>(
     out
 }
 
-/// Whether group `g` runs on the AMX tiles: at least [`cpu_amx::MIN_TOKENS`] entries and
+/// Whether group `g` runs on the AMX tiles: at least [`cpu_amx::min_tokens`] entries and
 /// both matrices in bf16 of tile-friendly shapes. Its activations are then rounded to bf16
 /// before each projection (the inputs already are bf16 values; the routed experts' SiLU·mul
 /// products are rounded too, as a bf16 model's tensors hold them).
 fn on_tiles<W: WeightRows>(g: &Group<W>, h: usize) -> bool {
-    g.n >= cpu_amx::MIN_TOKENS
+    g.n >= cpu_amx::min_tokens()
         && g.gate_up.amx_weights().is_some()
         && g.down.amx_weights().is_some()
         && g.gate_up.cols() == h
@@ -631,7 +631,7 @@ mod tests {
         let plan = dispatch(&g, e).unwrap();
         assert!(plan
             .active_experts()
-            .all(|ex| plan.count(ex) >= cpu_amx::MIN_TOKENS));
+            .all(|ex| plan.count(ex) >= cpu_amx::min_tokens()));
         let dims = ExpertDims {
             experts: e,
             inter: i,

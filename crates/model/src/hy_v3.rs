@@ -265,8 +265,9 @@ fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor, ModelError> {
 /// path (bf16 on the CPU). The fusion saves parallel loops, which is what decode pays for; at
 /// prefill sizes the per-projection GEMV path is faster (small preset bf16, batch 16 × 128
 /// prompt tokens: prefill 208–232 tok/s fused for every size vs 272–284 with this limit;
-/// batch 4: 251–263 vs 287–302; decode unchanged). Q8 weights take their fused path at any
-/// size (there is no unfused Q8 path).
+/// batch 4: 251–263 vs 287–302; decode unchanged). With AMX tiles in both paths it still holds
+/// (2026-11-29, batch 4 × 128: 1037–1112 fused vs 1173–1257 unfused). Q8 weights take their
+/// fused path at any size (there is no unfused Q8 path).
 const MAX_FUSED_MLP_TOKENS: usize = 64;
 
 /// A SwiGLU MLP's weights, gate and up fused: as loaded, or quantized at load.
