@@ -1,7 +1,7 @@
 //! `switchyard`: the inference server for sparse MoE models with a request router built in.
 //! Subcommands: `serve` (the HTTP server), `generate`, `logits`, `make-test-model`, `bench`,
-//! `route`, `route-eval`, `convert-gguf`, `plan`. `main` prints the whole error chain and exits
-//! non-zero on failure.
+//! `route`, `route-eval`, `convert-gguf`, `plan`, `run-batch` (offline OpenAI Batch API files).
+//! `main` prints the whole error chain and exits non-zero on failure.
 
 mod cmd_bench;
 mod cmd_convert;
