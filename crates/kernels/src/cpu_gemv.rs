@@ -641,52 +641,23 @@ mod tests {
     }
     use rand::{Rng, SeedableRng};
 
-    #[test]
-    fn matches_f64_reference_for_odd_shapes() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        for &(tokens, out, inp) in &[
-            (1, 1, 1),
-            (1, 130, 37),
-            (3, 200, 64),
-            (8, 65, 1000),
-            (5, 7, 16),
-            (21, 70, 48),
-        ] {
+    /// [`gemv_bf16`] on random bf16 weights against f64 sums, for each `(tokens, out, inp)`;
+    /// with `bf16_inputs` the activations are bf16 values (what the AMX tiles take).
+    fn check_gemv_against_f64(seed: u64, shapes: &[(usize, usize, usize)], bf16_inputs: bool) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for &(tokens, out, inp) in shapes {
             let w: Vec<bf16> = (0..out * inp)
                 .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
                 .collect();
             let x: Vec<f32> = (0..tokens * inp)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let mut y = vec![f32::NAN; tokens * out];
-            gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
-            for t in 0..tokens {
-                for o in 0..out {
-                    let want: f64 = (0..inp)
-                        .map(|i| w[o * inp + i].to_f64() * x[t * inp + i] as f64)
-                        .sum();
-                    let got = y[t * out + o] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "t{t} o{o}: {got} vs {want}"
-                    );
-                }
-            }
-        }
-        assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
-        assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
-    }
-
-    /// bf16 activations on tile-sized shapes (the AMX path where the CPU has it) against f64.
-    #[test]
-    fn bf16_activations_match_f64_reference() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for &(tokens, out, inp) in &[(8, 16, 32), (21, 96, 64), (40, 48, 256)] {
-            let w: Vec<bf16> = (0..out * inp)
-                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect();
-            let x: Vec<f32> = (0..tokens * inp)
-                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .map(|v| {
+                    if bf16_inputs {
+                        bf16::from_f32(v).to_f32()
+                    } else {
+                        v
+                    }
+                })
                 .collect();
             let mut y = vec![f32::NAN; tokens * out];
             gemv_bf16(&x, tokens, &w, out, inp, &mut y).unwrap();
@@ -703,6 +674,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn matches_f64_reference_for_odd_shapes() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 130, 37),
+            (3, 200, 64),
+            (8, 65, 1000),
+            (5, 7, 16),
+            (21, 70, 48),
+        ];
+        check_gemv_against_f64(1, &shapes, false);
+        assert!(gemv_bf16(&[], 0, &[bf16::ZERO; 2], 1, 2, &mut []).is_err());
+        assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
+    }
+
+    /// bf16 activations on tile-sized shapes (the AMX path where the CPU has it) against f64.
+    #[test]
+    fn bf16_activations_match_f64_reference() {
+        check_gemv_against_f64(5, &[(8, 16, 32), (21, 96, 64), (40, 48, 256)], true);
     }
 
     /// Where logical element `i` of a row of `inp` values sits once packed.

@@ -64,21 +64,13 @@ mod tests {
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let want = (&x + &y).unwrap().to_dtype(DType::F32).unwrap();
-        let got = add_bf16(&x, &y)
-            .unwrap()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let d = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0);
+        let bits = |t: &Tensor| -> Vec<u16> {
+            let v = t.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+            v.iter().map(|b| b.to_bits()).collect()
+        };
+        let want = (&x + &y).unwrap();
+        let got = add_bf16(&x, &y).unwrap().unwrap();
+        assert_eq!(bits(&got), bits(&want));
         assert!(add_bf16(&x.t().unwrap(), &y.t().unwrap())
             .unwrap()
             .is_none());
