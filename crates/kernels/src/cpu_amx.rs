@@ -17,6 +17,10 @@
 //! already bf16 values (a bf16 model's hidden states) the result differs from the row
 //! kernels' only in summation order. (AMX reads bf16 denormals as zero.)
 //!
+//! Storage the tiles cannot load in place (Q8's int8 blocks) is converted a block of rows at
+//! a time into a [`Staged`] buffer in tile order and multiplied by the same loop
+//! ([`tile_block_staged`]); where the A tiles come from is the only difference ([`ATiles`]).
+//!
 //! The tiles are used only when the CPU has AMX-TILE and AMX-BF16, Linux grants the process
 //! the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), and `SWITCHYARD_AMX` is not `0`.
 
@@ -274,24 +278,128 @@ const CONFIG: TileConfig = {
 pub(crate) fn tile_block(w: &[bf16], cols: usize, r0: usize, x: &Packed, out: &mut [f32]) {
     assert!(enabled());
     assert!(cols == x.cols && cols.is_multiple_of(TILE_K) && cols > 0);
-    let pad = x.padded();
-    let rows = out.len() / pad;
+    let rows = out.len() / x.padded();
     assert!(rows.is_multiple_of(TILE_ROWS) && rows > 0);
     assert!((r0 + rows) * cols <= w.len(), "weight rows out of range");
-    let w = &w[r0 * cols..(r0 + rows) * cols];
+    let a = ATiles {
+        base: w[r0 * cols..].as_ptr() as *const u16,
+        row_tile: TILE_ROWS * cols,
+        step: TILE_K,
+        stride: cols * 2,
+    };
+    // SAFETY: rows `r0..r0 + rows` lie inside `w` (checked); row tile `j`, step `s` starts
+    // at `base + j·16·cols + s·32` and its 16 rows of 64 bytes lie `cols · 2` bytes apart,
+    // inside rows `16j..16j + 16` and their inputs `32s..32s + 32`.
+    unsafe { run_row_tiles(a, rows, x, out) }
+}
+
+/// One 16-row × 32-input A tile: 16 rows of 16 bf16 pairs, 64 bytes each.
+const TILE_VALUES: usize = TILE_ROWS * TILE_K;
+
+/// One A tile's values, aligned to a cache line so each tile row is one line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct ATile([u16; TILE_VALUES]);
+
+/// A block of weight rows copied (e.g. dequantized) into tile order, for storage the tiles
+/// cannot load in place: tile (step `s`, row tile `j`) — rows `16j..16j + 16`, inputs
+/// `32s..32s + 32` — is 1 KiB at tile index `s · row_tiles + j`, its rows 64 bytes apart.
+/// One k step's tiles sit together, so the kernel's pointer for every row tile advances by
+/// the same `row_tiles` tiles per step. Reused across blocks (one per thread).
+pub(crate) struct Staged {
+    tiles: Vec<ATile>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Staged {
+    /// An empty buffer; [`Self::reset`] sizes it.
+    pub(crate) const fn new() -> Self {
+        Self {
+            tiles: Vec::new(),
+            rows: 0,
+            cols: 0,
+        }
+    }
+
+    /// Holds `rows` (a multiple of 16) × `cols` (a multiple of [`TILE_K`]) values from now on;
+    /// the contents are stale until every chunk is written.
+    pub(crate) fn reset(&mut self, rows: usize, cols: usize) {
+        assert!(rows.is_multiple_of(TILE_ROWS) && cols.is_multiple_of(TILE_K));
+        let n = rows / TILE_ROWS * (cols / TILE_K);
+        self.tiles.resize(n, ATile([0; TILE_VALUES]));
+        (self.rows, self.cols) = (rows, cols);
+    }
+
+    /// Row `r`'s inputs `32·step..32·step + 32`: one 64-byte row of tile (`step`, `r / 16`).
+    #[inline]
+    pub(crate) fn chunk_mut(&mut self, r: usize, step: usize) -> &mut [bf16; TILE_K] {
+        assert!(r < self.rows && step < self.cols / TILE_K);
+        let tile = &mut self.tiles[step * (self.rows / TILE_ROWS) + r / TILE_ROWS];
+        let row = &mut tile.0[(r % TILE_ROWS) * TILE_K..][..TILE_K];
+        // SAFETY: `bf16` is `repr(transparent)` over `u16`; the slice is exactly `TILE_K` long.
+        unsafe { &mut *(row.as_mut_ptr() as *mut [bf16; TILE_K]) }
+    }
+}
+
+/// [`tile_block`] for weights staged in tile order: `out[r][t] = Σ_c w[r][c] · x[t][c]` for
+/// every row of `w` (`out` `[w.rows, x.padded()]`). The same kernel loop; each A tile loads
+/// from its own contiguous 1 KiB (stride 64 bytes).
+pub(crate) fn tile_block_staged(w: &Staged, x: &Packed, out: &mut [f32]) {
+    assert!(enabled());
+    assert!(w.cols == x.cols && w.cols > 0 && w.rows > 0);
+    assert_eq!(
+        out.len(),
+        w.rows * x.padded(),
+        "output is not [rows, padded tokens]"
+    );
+    let row_tiles = w.rows / TILE_ROWS;
+    assert_eq!(w.tiles.len(), row_tiles * (w.cols / TILE_K));
+    let a = ATiles {
+        base: w.tiles.as_ptr() as *const u16,
+        row_tile: TILE_VALUES,
+        step: row_tiles * TILE_VALUES,
+        stride: TILE_K * 2,
+    };
+    // SAFETY: `w.tiles` holds `row_tiles · cols / 32` tiles (checked); row tile `j`, step `s`
+    // is tile `s · row_tiles + j`, 16 rows of 64 bytes each.
+    unsafe { run_row_tiles(a, w.rows, x, out) }
+}
+
+/// Where a block's A tiles are: row tile `j` at k step `s` starts at `base + j · row_tile + s ·
+/// step` (u16 elements), its 16 rows `stride` bytes apart.
+#[derive(Clone, Copy)]
+struct ATiles {
+    base: *const u16,
+    row_tile: usize,
+    step: usize,
+    stride: usize,
+}
+
+/// The block's row tiles two at a time (one at the end for an odd count) against every token
+/// of `x` into `out` (`[rows, x.padded()]`).
+///
+/// # Safety
+/// AMX is enabled; `a` describes `rows / 16` row tiles of `x.cols / 32` steps, every one
+/// readable as 16 rows of 64 bytes.
+unsafe fn run_row_tiles(a: ATiles, rows: usize, x: &Packed, out: &mut [f32]) {
+    let pad = x.padded();
+    assert!(out.len() >= rows * pad && rows.is_multiple_of(TILE_ROWS));
     let mut r = 0;
     while r < rows {
         let pair = r + TILE_ROWS < rows;
         let dst = &mut out[r * pad..];
-        // SAFETY: AMX is enabled; rows `r..r + 16` (`r..r + 32` for a pair) lie inside `w`
-        // and every tile step reads 64 bytes of each, inside its row; `x` holds `pad / 16`
-        // groups of `cols / 2` pair rows; `dst` holds 16 (32) rows of `pad` values.
-        unsafe {
-            if pair {
-                tiles_unchecked::<2>(w, cols, r, x, dst, pad);
-            } else {
-                tiles_unchecked::<1>(w, cols, r, x, dst, pad);
-            }
+        let at = ATiles {
+            base: a.base.add(r / TILE_ROWS * a.row_tile),
+            ..a
+        };
+        // SAFETY: as the caller promises for row tiles `r / 16` (and the next for a pair);
+        // `x` holds `pad / 16` groups of `cols / 2` pair rows; `dst` holds 16 (32) rows of
+        // `pad` values.
+        if pair {
+            tiles_unchecked::<2>(at, x, dst, pad);
+        } else {
+            tiles_unchecked::<1>(at, x, dst, pad);
         }
         r += 2 * TILE_ROWS;
     }
@@ -304,25 +412,20 @@ macro_rules! amx {
     };
 }
 
-/// Weight rows `r..r + 16·A` of `w` (row-major, `cols` wide) against every token group of
-/// `x` into `out` (`[16·A, pad]`). Tiles: 0–3 accumulators (row tile × token group), 4–5
-/// weights, 6–7 activations; two token groups per pass share each weight tile load. The
-/// weight tiles load straight from the matrix, rows `cols · 2` bytes apart (copying them
-/// into tile order first measured no faster: the copy costs what the strided loads lose).
+/// Row tiles `0..A` of `a` against every token group of `x` into `out` (`[16·A, pad]`).
+/// Tiles: 0–3 accumulators (row tile × token group), 4–5 weights, 6–7 activations; two token
+/// groups per pass share each weight tile load. bf16 weights load straight from the matrix,
+/// rows `cols · 2` bytes apart (copying them into tile order first measured no faster: the
+/// copy costs what the strided loads lose); storage that must be converted is staged
+/// ([`Staged`]).
 #[cfg(target_arch = "x86_64")]
-unsafe fn tiles_unchecked<const A: usize>(
-    w: &[bf16],
-    cols: usize,
-    r: usize,
-    x: &Packed,
-    out: &mut [f32],
-    pad: usize,
-) {
+unsafe fn tiles_unchecked<const A: usize>(a: ATiles, x: &Packed, out: &mut [f32], pad: usize) {
     let groups = pad / TILE_ROWS;
-    let (a_stride, b_stride, c_stride) = (cols * 2, 64usize, pad * 4);
+    let cols = x.cols;
+    let (a_stride, b_stride, c_stride) = (a.stride, 64usize, pad * 4);
     let group_len = TILE_ROWS * cols;
-    let a0 = w.as_ptr().add(r * cols);
-    let a1 = a0.add(TILE_ROWS * cols);
+    let a0 = a.base;
+    let a1 = a0.add(if A == 2 { a.row_tile } else { 0 });
     let b = x.pairs.as_ptr() as *const u16;
     let c0 = out.as_mut_ptr();
     let c1 = c0.add(TILE_ROWS * pad);
@@ -336,11 +439,12 @@ unsafe fn tiles_unchecked<const A: usize>(
         amx!("tilezero tmm3");
         let bg = b.add(g * group_len);
         let mut k0 = 0;
+        let mut ak = 0;
         while k0 < cols {
             let bt = bg.add(k0 * TILE_ROWS);
-            amx!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) a0.add(k0), s = in(reg) a_stride);
+            amx!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) a0.add(ak), s = in(reg) a_stride);
             if A == 2 {
-                amx!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) a1.add(k0), s = in(reg) a_stride);
+                amx!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) a1.add(ak), s = in(reg) a_stride);
             }
             amx!("tileloadd tmm6, [{p} + {s}*1]", p = in(reg) bt, s = in(reg) b_stride);
             if two {
@@ -357,6 +461,7 @@ unsafe fn tiles_unchecked<const A: usize>(
                 }
             }
             k0 += TILE_K;
+            ak += a.step;
         }
         let col = g * TILE_ROWS;
         amx!("tilestored [{p} + {s}*1], tmm0", p = in(reg) c0.add(col), s = in(reg) c_stride);
@@ -374,14 +479,7 @@ unsafe fn tiles_unchecked<const A: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tiles_unchecked<const A: usize>(
-    _: &[bf16],
-    _: usize,
-    _: usize,
-    _: &Packed,
-    _: &mut [f32],
-    _: usize,
-) {
+unsafe fn tiles_unchecked<const A: usize>(_: ATiles, _: &Packed, _: &mut [f32], _: usize) {
     unreachable!("AMX is detected only on x86_64")
 }
 
@@ -391,7 +489,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Tiles against f64 sums of the same bf16 values: token counts around the 16-token tile
-    /// and the two-group pass, one and two weight blocks, widths of one and many tile steps.
+    /// and the two-group pass, one and two weight blocks, widths of one and many tile steps;
+    /// the same rows staged in tile order ([`Staged`]) give the same bits.
     #[test]
     fn tiles_match_f64_reference() {
         if !enabled() {
@@ -428,6 +527,24 @@ mod tests {
                 for (r0, n) in [(rows - 16, 16), (0, rows.min(48)), (0, rows.min(32))] {
                     let mut out = vec![f32::NAN; n * pad];
                     tile_block(&w, cols, r0, &p, &mut out);
+                    // The same rows staged in tile order: the same sums in the same order.
+                    let mut st = Staged::new();
+                    st.reset(n, cols);
+                    for r in 0..n {
+                        for k in 0..cols / TILE_K {
+                            st.chunk_mut(r, k)
+                                .copy_from_slice(&w[(r0 + r) * cols + k * TILE_K..][..TILE_K]);
+                        }
+                    }
+                    let mut staged = vec![f32::NAN; n * pad];
+                    tile_block_staged(&st, &p, &mut staged);
+                    assert!(
+                        staged
+                            .iter()
+                            .zip(&out)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{rows}x{cols} tokens {tokens} rows {r0}+{n}: staged differs from in place"
+                    );
                     for r in 0..n {
                         for t in 0..pad {
                             let want = if t < tokens { want(r0 + r, t) } else { 0.0 };

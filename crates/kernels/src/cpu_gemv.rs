@@ -180,10 +180,47 @@ pub(crate) trait WeightRows: Sync {
     /// `d[t] = row r · x[t]` for `t < n` (≤ [`TOKEN_BLOCK`]); `x` holds `n` activation rows of
     /// [`Self::cols`] values in [`Self::packing`]'s layout.
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]);
-    /// The row-major bf16 weights when the AMX tile kernels ([`crate::cpu_amx`]) can multiply
-    /// them on this machine.
-    fn amx_weights(&self) -> Option<&[bf16]> {
-        None
+    /// Whether the AMX tile kernels ([`crate::cpu_amx`]) can multiply these weights on this
+    /// machine, and on which activations.
+    fn tiles(&self) -> Tiles {
+        Tiles::No
+    }
+    /// `out[r][t] = row r0 + r · x[t]` on the tiles for the rows `r0..r0 + out.len() /
+    /// x.padded()` (a multiple of 16) and every token of `x`. Only called when
+    /// [`Self::tiles`] is not [`Tiles::No`].
+    fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
+        let _ = (r0, x, out);
+        unreachable!("tile_block on weights whose tiles() is No")
+    }
+}
+
+/// Whether a weight storage runs on the AMX tiles, which multiply bf16 values only: the
+/// activations are rounded to bf16 on the way in. Gathered here so [`gemv_rows`] and
+/// `cpu_moe`'s passes decide the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tiles {
+    /// Row kernels only (shape or storage the tiles cannot take, or no AMX).
+    No,
+    /// Only when the activations already are bf16 values, so the tiles change nothing but
+    /// the summation order: bf16 weights, whose f32-activation results must stay as the row
+    /// kernels compute them.
+    ExactInputs,
+    /// With the activations rounded to bf16: storage whose own rounding is coarser, so the
+    /// bf16 rounding adds little (Q8: weights to 1/254 of a block's largest, a relative RMS
+    /// error of 5.5e-3 per product, against ~1e-3 for bf16 activations; `cpu_q8` module docs).
+    RoundedInputs,
+}
+
+impl Tiles {
+    /// Whether `tokens` activation rows go on the tiles; `exact` says whether they are bf16
+    /// values already (asked only where it matters).
+    pub(crate) fn take(self, tokens: usize, exact: impl FnOnce() -> bool) -> bool {
+        tokens >= cpu_amx::min_tokens()
+            && match self {
+                Tiles::No => false,
+                Tiles::ExactInputs => exact(),
+                Tiles::RoundedInputs => true,
+            }
     }
 }
 
@@ -201,8 +238,11 @@ impl<T: WeightRows> WeightRows for &T {
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
         (**self).dot(r, x, n, d)
     }
-    fn amx_weights(&self) -> Option<&[bf16]> {
-        (**self).amx_weights()
+    fn tiles(&self) -> Tiles {
+        (**self).tiles()
+    }
+    fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
+        (**self).tile_block(r0, x, out)
     }
 }
 
@@ -240,8 +280,15 @@ impl WeightRows for Bf16Rows<'_> {
         let c = self.cols;
         self.kernel.run(&self.w[r * c..(r + 1) * c], x, n, c, d)
     }
-    fn amx_weights(&self) -> Option<&[bf16]> {
-        cpu_amx::fits(self.rows(), self.cols).then_some(self.w)
+    fn tiles(&self) -> Tiles {
+        if cpu_amx::fits(self.rows(), self.cols) {
+            Tiles::ExactInputs
+        } else {
+            Tiles::No
+        }
+    }
+    fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
+        cpu_amx::tile_block(self.w, self.cols, r0, x, out)
     }
 }
 
@@ -249,10 +296,8 @@ impl WeightRows for Bf16Rows<'_> {
 /// been checked ([`check_gemv`]).
 pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
-    if let Some(wb) = w.amx_weights() {
-        if tokens >= cpu_amx::min_tokens() && cpu_amx::bf16_exact(x) {
-            return gemv_tiles(x, tokens, wb, out, inp, y);
-        }
+    if w.tiles().take(tokens, || cpu_amx::bf16_exact(x)) {
+        return gemv_tiles(x, tokens, w, y);
     }
     let packing = W::packing();
     let packed;
@@ -298,7 +343,8 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
 /// [`gemv_rows`] on the AMX tiles: the activations packed once, each task multiplying its
 /// block of output rows by every token and writing them into `y` itself (its columns of every
 /// token's row), so the `[out, tokens]` result is never transposed as a whole.
-fn gemv_tiles(x: &[f32], tokens: usize, w: &[bf16], out: usize, inp: usize, y: &mut [f32]) {
+fn gemv_tiles<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
+    let (out, inp) = (w.rows(), w.cols());
     let p = cpu_amx::Packed::new(x, tokens, inp);
     let pad = p.padded();
     let dst = SharedOut(y.as_mut_ptr());
@@ -309,7 +355,7 @@ fn gemv_tiles(x: &[f32], tokens: usize, w: &[bf16], out: usize, inp: usize, y: &
             let r0 = b * ROWS_PER_TASK;
             let rows = ROWS_PER_TASK.min(out - r0);
             buf.resize(rows * pad, 0f32);
-            cpu_amx::tile_block(w, inp, r0, &p, buf);
+            w.tile_block(r0, &p, buf);
             for t in 0..tokens {
                 // SAFETY: `y` holds `tokens × out` values and this task alone writes columns
                 // `r0..r0 + rows` of each token's row; `y` outlives the parallel loop.

@@ -230,10 +230,11 @@ fn run_groups<W: WeightRows>(
     let packing = W::packing();
     let entries = token_of.len();
     // Groups with enough entries run on the AMX tiles (bf16 activations; see `on_tiles`).
-    let tiles: Vec<bool> = {
-        let exact = groups.iter().any(|g| g.n >= cpu_amx::min_tokens()) && cpu_amx::bf16_exact(x);
-        groups.iter().map(|g| exact && on_tiles(g, h)).collect()
-    };
+    let exact = std::sync::OnceLock::new();
+    let tiles: Vec<bool> = groups
+        .iter()
+        .map(|g| on_tiles(g, h, || *exact.get_or_init(|| cpu_amx::bf16_exact(x))))
+        .collect();
 
     // Each entry's activation row in the row kernels' layout (tile groups are packed apart;
     // with no row-kernel group nothing is allocated).
@@ -279,12 +280,12 @@ fn run_groups<W: WeightRows>(
                     silu(gv) * uv
                 }
             };
-            if let (Some(px), Some(w)) = (&x_tiles[task.group], g.gate_up.amx_weights()) {
+            if let Some(px) = &x_tiles[task.group] {
                 let (rows, pad) = (task.out.len() / n, px.padded());
                 let mut gu = vec![0f32; 2 * rows * pad];
                 let (gb, ub) = gu.split_at_mut(rows * pad);
-                cpu_amx::tile_block(w, h, task.row0, px, gb);
-                cpu_amx::tile_block(w, h, i + task.row0, px, ub);
+                g.gate_up.tile_block(task.row0, px, gb);
+                g.gate_up.tile_block(i + task.row0, px, ub);
                 for (k, dst) in task.out.chunks_mut(n).enumerate() {
                     for (t, d) in dst.iter_mut().enumerate() {
                         *d = combine(gb[k * pad + t], ub[k * pad + t]);
@@ -351,13 +352,13 @@ fn run_groups<W: WeightRows>(
                     continue;
                 }
                 // `y` `[rows, stride]`: this block's rows of the group's down projection.
-                let stride = match (&act_tiles[gi], g.down.amx_weights()) {
-                    (Some(pa), Some(w)) => {
+                let stride = match &act_tiles[gi] {
+                    Some(pa) => {
                         y.resize(rows * pa.padded(), 0f32);
-                        cpu_amx::tile_block(w, i, r0, pa, &mut y);
+                        g.down.tile_block(r0, pa, &mut y);
                         pa.padded()
                     }
-                    _ => {
+                    None => {
                         y.resize(rows * n, 0f32);
                         let ae = &act_t[act_at[gi]..act_at[gi + 1]];
                         for (k, yk) in y.chunks_mut(n).enumerate() {
@@ -393,15 +394,14 @@ fn run_groups<W: WeightRows>(
     out
 }
 
-/// Whether group `g` runs on the AMX tiles: at least [`cpu_amx::min_tokens`] entries and
-/// both matrices in bf16 of tile-friendly shapes. Its activations are then rounded to bf16
-/// before each projection (the inputs already are bf16 values; the routed experts' SiLU·mul
-/// products are rounded too, as a bf16 model's tensors hold them).
-fn on_tiles<W: WeightRows>(g: &Group<W>, h: usize) -> bool {
-    g.n >= cpu_amx::min_tokens()
-        && g.gate_up.amx_weights().is_some()
-        && g.down.amx_weights().is_some()
-        && g.gate_up.cols() == h
+/// Whether group `g` runs on the AMX tiles: at least [`cpu_amx::min_tokens`] entries, both
+/// matrices on tiles ([`WeightRows::tiles`]), and for bf16 weights inputs that are bf16 values
+/// already (`exact`). Its activations are then rounded to bf16 before each projection (bf16
+/// weights: the inputs already are bf16 values, and the routed experts' SiLU·mul products are
+/// rounded as a bf16 model's tensors hold them; Q8 weights:
+/// [`crate::cpu_gemv::Tiles::RoundedInputs`]).
+fn on_tiles<W: WeightRows>(g: &Group<W>, h: usize, exact: impl Fn() -> bool) -> bool {
+    g.gate_up.cols() == h && g.gate_up.tiles().take(g.n, &exact) && g.down.tiles().take(g.n, &exact)
 }
 
 fn silu(v: f32) -> f32 {

@@ -34,14 +34,31 @@
 //! The driver (`cpu_gemv`'s row-block split over rayon, [`TOKEN_BLOCK`] tokens per pass) and
 //! the MoE/MLP passes (`cpu_moe`) are the bf16 ones, written over
 //! `cpu_gemv::WeightRows`; only the row kernel and the activation layout differ.
+//!
+//! AMX tiles. Past about eight activation rows (prefill, batched steps) the row kernels are
+//! compute-bound, as the bf16 ones are, and the bf16 tile kernel (`cpu_amx`) multiplies far
+//! faster. The tiles multiply bf16 only, so each task's block of rows (≤ 64 × cols) is
+//! dequantized once into a per-thread staging buffer in tile order (`q · scale` in f32,
+//! rounded to bf16; AVX-512 BF16 where AMX is) and the same tile loop reads it there; the
+//! activations are rounded to bf16. Each operand's rounding is at most 2⁻⁹ relative (the
+//! weights' at most 2⁻⁹ of `q · scale`, under the quantization's own `1/254` of a block's
+//! largest), so on the tiles Q8 computes at bf16 compute's accuracy. Measured on the oracle
+//! fixtures (`switchyard-model` `tests/q8.rs`, 2026-11-29): logits vs transformers' f32 run
+//! 0.130–0.160 max|Δ| on the tiles against 0.148–0.170 on the row kernels where routing is
+//! not near-tied (transformers' own bf16 run: 0.110–0.116); decode (row kernels) vs prefill
+//! (tiles) 0.055–0.065 on those, up from 5–7e-4 with one arithmetic. On the `small` preset
+//! (dev VM, 2 cores) a 128-token prefill went from ~420 to ~1100 tok/s at batch 1 and ~400 to
+//! ~1480 at batch 4; decode (one row per step) stays on the row kernels. [`set_tiles`]
+//! switches it.
 
 use candle_core::Tensor;
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::cpu_amx;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_gemv::{by_tokens, PREFETCH_HINT};
-use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, WeightRows, TOKEN_BLOCK};
+use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, Tiles, WeightRows, TOKEN_BLOCK};
 use crate::cpu_moe::{run_dense, run_routed, ExpertDims, Group};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
@@ -308,6 +325,136 @@ impl WeightRows for Q8Matrix {
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
         q8_kernel().run(self.row_q(r), self.row_scales(r), x, n, d)
     }
+    /// On the tiles with the activations rounded to bf16 (not the row kernels' 16-bit grid)
+    /// and each weight `q · scale` rounded to bf16: see [`Tiles::RoundedInputs`] and the
+    /// module docs.
+    fn tiles(&self) -> Tiles {
+        if tiles_enabled() && cpu_amx::fits(self.rows, self.cols) {
+            Tiles::RoundedInputs
+        } else {
+            Tiles::No
+        }
+    }
+    /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
+    /// multiplies it there: 64 rows × 4096 inputs stage in 512 KiB (L2), and at the 8+ tokens
+    /// the tiles take each staged value is read once per 32 tokens.
+    fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
+        thread_local! {
+            /// Per thread: a block is staged and multiplied on one thread with no parallel
+            /// loop in between, so the buffer is never borrowed twice.
+            static STAGE: std::cell::RefCell<cpu_amx::Staged> =
+                const { std::cell::RefCell::new(cpu_amx::Staged::new()) };
+        }
+        let rows = out.len() / x.padded();
+        assert!(r0 + rows <= self.rows, "Q8 tile block rows out of range");
+        STAGE.with_borrow_mut(|st| {
+            self.stage(r0, rows, st);
+            cpu_amx::tile_block_staged(st, x, out);
+        })
+    }
+}
+
+/// Whether Q8 products of many rows may run on the AMX tiles ([`set_tiles`]); starts from
+/// `SWITCHYARD_Q8_TILES` (on unless `0`).
+static TILES: std::sync::LazyLock<std::sync::atomic::AtomicBool> = std::sync::LazyLock::new(|| {
+    std::sync::atomic::AtomicBool::new(
+        !std::env::var("SWITCHYARD_Q8_TILES").is_ok_and(|v| v == "0"),
+    )
+});
+
+/// Lets Q8 products of at least `cpu_amx::min_tokens()` activation rows (prefill, batched
+/// steps) run on the AMX tiles, or keeps every Q8 product on the int8 row kernels. Process-wide;
+/// on by default (`SWITCHYARD_Q8_TILES=0` starts it off, `SWITCHYARD_AMX=0` turns off all
+/// tiles). On the tiles the activations and the dequantized weights are rounded to bf16
+/// instead of the row kernels' 16-bit activations and exact `q · scale`: on the `small`
+/// preset that doubled prefill speed, at the accuracy of bf16 compute (the module docs give
+/// the numbers). The row kernels' results do not depend on how many rows a step holds; the
+/// tiles' do, at that accuracy — for tests that compare a step against another of a
+/// different size, turn this off.
+pub fn set_tiles(on: bool) {
+    TILES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether Q8 products may run on the tiles now ([`set_tiles`]) and the CPU has them.
+pub fn tiles_enabled() -> bool {
+    TILES.load(std::sync::atomic::Ordering::Relaxed) && cpu_amx::enabled()
+}
+
+/// Whether [`gemv_q8`] of `tokens` rows by `w` runs on the tiles (rounding to bf16), not on
+/// the row kernels: for callers and tests that must know which contract a product follows.
+pub fn gemv_on_tiles(w: &Q8Matrix, tokens: usize) -> bool {
+    w.tiles().take(tokens, || false)
+}
+
+impl Q8Matrix {
+    /// Rows `r0..r0 + rows` (a multiple of 16) dequantized to bf16 (`q · scale` in f32,
+    /// rounded to nearest even) into `st` in tile order.
+    fn stage(&self, r0: usize, rows: usize, st: &mut cpu_amx::Staged) {
+        st.reset(rows, self.cols);
+        let chunk = dequant_kernel();
+        for r in 0..rows {
+            let (q, s) = (self.row_q(r0 + r), self.row_scales(r0 + r));
+            for (b, (qb, &sc)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
+                let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
+                chunk(lo, sc, st.chunk_mut(r, 2 * b));
+                chunk(hi, sc, st.chunk_mut(r, 2 * b + 1));
+            }
+        }
+    }
+}
+
+/// Dequantizes 32 int8 weights with one scale into a tile row of bf16.
+type DequantFn = fn(&[i8], f32, &mut [bf16; cpu_amx::TILE_K]);
+
+/// The fastest [`DequantFn`] this CPU runs (AVX-512 BF16 wherever AMX is).
+fn dequant_kernel() -> DequantFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bf16") {
+        return dequant_chunk_avx512_entry;
+    }
+    dequant_chunk
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dequant_chunk_avx512_entry(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
+    assert_eq!(q.len(), cpu_amx::TILE_K);
+    // SAFETY: selected only after run-time detection of avx512bf16 (which implies avx512f);
+    // `q` holds the 32 values read (checked) and `out` the 32 written.
+    unsafe { dequant_chunk_avx512(q, scale, out) }
+}
+
+/// 32 int8 weights of one block as bf16: `q · scale` rounded to f32, then to bf16 (nearest,
+/// ties to even), as [`dequant_chunk_avx512`] computes them.
+fn dequant_chunk(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
+    assert_eq!(q.len(), cpu_amx::TILE_K);
+    for (o, &v) in out.iter_mut().zip(q) {
+        *o = bf16::from_f32(v as f32 * scale);
+    }
+}
+
+/// [`dequant_chunk`] 32 values at once: int8 → i32 → f32, times the scale, and
+/// `vcvtne2ps2bf16` (round to nearest even) into one 64-byte tile row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dequant_chunk_avx512(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
+    use std::arch::x86_64::*;
+    let s = _mm512_set1_ps(scale);
+    let p = q.as_ptr();
+    let lo = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
+        s,
+    );
+    let hi = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            p.add(16) as *const __m128i
+        ))),
+        s,
+    );
+    let v = _mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512(
+        out.as_mut_ptr() as *mut __m512i,
+        std::mem::transmute::<__m512bh, __m512i>(v),
+    );
 }
 
 /// One activation row of `inp` f32 values (a multiple of [`Q8_BLOCK`]) in the kernels' layout,
@@ -362,7 +509,8 @@ fn act_value(packed: &[f32], inp: usize, i: usize) -> i16 {
 /// `y[t, o] = Σ_i x̂[t, i] · deq(w)[o, i]` for `t < tokens`: `x` is `[tokens, w.cols()]` f32,
 /// `y` is `[tokens, w.rows()]` f32, `x̂` the activations rounded to 16 bits per block of 64
 /// ([`round_activations`]). [`crate::cpu_gemv::gemv_bf16`]'s contract and threading with Q8
-/// weights.
+/// weights. Where [`gemv_on_tiles`] says so (8+ tokens on an AMX CPU, [`set_tiles`] on),
+/// `x̂` and `deq(w)` are each rounded to bf16 instead (module docs).
 pub fn gemv_q8(x: &[f32], tokens: usize, w: &Q8Matrix, y: &mut [f32]) -> Result<(), KernelError> {
     check_gemv("gemv_q8", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
     gemv_rows(x, tokens, w, y);
@@ -573,7 +721,8 @@ impl Q8Experts {
 /// f32, returns `[T, H]` f32 = `Σ_j w_j · expert_j(x_t)` (+ `shared(x_t)`). Unlike the bf16
 /// path, nothing is rounded to bf16 on the way (there is no unfused Q8 path to agree with):
 /// sums and SiLU·mul stay f32, and each projection's input is rounded to 16 bits per block
-/// as in [`gemv_q8`].
+/// as in [`gemv_q8`] — except in groups (an expert's entries, the shared expert's tokens) that
+/// run on the AMX tiles, where inputs and dequantized weights are rounded to bf16 as there.
 pub fn experts_forward_q8(
     x: &[f32],
     experts: &Q8Experts,
@@ -935,6 +1084,82 @@ mod tests {
         x[5] = f32::NAN;
         let r = round_activations(&x);
         assert!(r[..64].iter().all(|v| v.is_nan()) && r[64..].iter().all(|v| v.is_finite()));
+    }
+
+    /// Q8 weights on the AMX tiles (dequantized into the staging buffer in tile order)
+    /// against f64 sums of what the tiles multiply: the dequantized weights and activations
+    /// each rounded to bf16. Row counts of one, two, three and five row tiles (pairs and a
+    /// single tail), widths of one and several blocks, token counts from 8 around the
+    /// 16-token tile; through `gemv_q8` and straight through a block at a row offset. A
+    /// wrongly laid-out stage sums the wrong weights and misses the bound by far.
+    #[test]
+    fn tiles_match_f64_on_bf16_rounded_operands() {
+        if !cpu_amx::enabled() {
+            eprintln!("skipped: this CPU or kernel has no AMX");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for &(rows, cols) in &[(16, 64), (32, 128), (48, 192), (80, 320)] {
+            let w = Q8Matrix::quantize(&rnd(&mut rng, rows * cols), rows, cols).unwrap();
+            assert_eq!(w.tiles(), Tiles::RoundedInputs);
+            let deq: Vec<f64> = w
+                .dequantize()
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f64())
+                .collect();
+            for tokens in [8, 15, 16, 17, 33] {
+                let x = rnd(&mut rng, tokens * cols);
+                let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
+                let want = |r: usize, t: usize| -> (f64, f64) {
+                    let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
+                    terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()))
+                };
+                let check = |got: f32, r: usize, t: usize, what: &str| {
+                    let (want, abs) = want(r, t);
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
+                        "{what} {rows}x{cols} tokens {tokens} r{r} t{t}: {got} vs {want}"
+                    );
+                };
+                if tokens >= cpu_amx::min_tokens() {
+                    let mut y = vec![f32::NAN; tokens * rows];
+                    gemv_q8(&x, tokens, &w, &mut y).unwrap();
+                    for t in 0..tokens {
+                        for r in 0..rows {
+                            check(y[t * rows + r], r, t, "gemv_q8");
+                        }
+                    }
+                }
+                let p = cpu_amx::Packed::new(&x, tokens, cols);
+                let (r0, n) = (rows - rows.min(32), rows.min(32));
+                let mut out = vec![f32::NAN; n * p.padded()];
+                w.tile_block(r0, &p, &mut out);
+                for r in 0..n {
+                    for t in 0..tokens {
+                        check(out[r * p.padded() + t], r0 + r, t, "tile_block");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 dequantization rounds exactly as the scalar one (to nearest even).
+    #[test]
+    fn dequant_kernels_agree() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let kernel = dequant_kernel();
+        for _ in 0..1000 {
+            let q: Vec<i8> = (0..32).map(|_| rng.random()).collect();
+            let scale = f32::from_bits(rng.random_range(0x3000_0000..0x4000_0000));
+            let (mut a, mut b) = ([bf16::ZERO; 32], [bf16::ZERO; 32]);
+            kernel(&q, scale, &mut a);
+            dequant_chunk(&q, scale, &mut b);
+            assert_eq!(
+                a.map(bf16::to_bits),
+                b.map(bf16::to_bits),
+                "scale {scale:e}"
+            );
+        }
     }
 
     #[test]

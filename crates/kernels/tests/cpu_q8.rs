@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use switchyard_kernels::cpu_moe::ExpertDims;
 use switchyard_kernels::cpu_q8::{
     experts_forward_q8, experts_q8, gemv_q8, linear_q8, mlp_forward_q8, mlp_q8, round_activations,
-    Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK,
+    set_tiles, Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK,
 };
 use switchyard_kernels::{dispatch, gate_topk, GateConfig};
 
@@ -27,6 +27,14 @@ fn f32_values(t: &Tensor) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// These tests check the int8 row kernels' contract (16-bit activations, exact `q · scale`),
+/// so every product stays on them: the AMX tile path rounds both to bf16 and has its own
+/// tests (`cpu_q8`'s unit tests, `switchyard-model`'s `tests/q8.rs`). Every test here calls
+/// this first, so the process-wide switch only ever moves one way.
+fn row_kernels_only() {
+    set_tiles(false);
 }
 
 /// Unit roundoff of f32.
@@ -95,6 +103,7 @@ fn quantize_round_trip_is_within_half_a_step() {
 
 #[test]
 fn quantize_errors_name_the_problem() {
+    row_kernels_only();
     let msg = |r: Result<Q8Matrix, switchyard_kernels::KernelError>| r.unwrap_err().to_string();
     assert!(msg(Q8Matrix::quantize::<f32>(&[], 0, 64)).contains("empty"));
     assert!(msg(Q8Matrix::quantize(&[0f32; 96], 1, 96)).contains("not a multiple of the block"));
@@ -117,6 +126,7 @@ fn quantize_errors_name_the_problem() {
 /// dequantized weights times the rounded activations ([`round_activations`]) only the last
 /// term remains.
 fn check_gemv(rng: &mut Rng64, tokens: usize, out: usize, inp: usize) {
+    row_kernels_only();
     let w = rnd(rng, out * inp, 0.1);
     let mut x = rnd(rng, tokens * inp, 1.0);
     x[0] = 8.0; // an outlier coarsens its block's activation grid
@@ -254,6 +264,7 @@ fn close(got: f32, want: f64, err: f64, what: &str) {
 /// and sizes off the kernels' steps.
 #[test]
 fn moe_and_mlp_match_dequantized_f64_loops() {
+    row_kernels_only();
     let mut rng = Rng64::seed_from_u64(3);
     for &(t, h, i, e, k) in &[
         (1, 128, 64, 8, 2),
@@ -369,6 +380,7 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
 
 #[test]
 fn shapes_that_disagree_are_errors() {
+    row_kernels_only();
     let m = |r, c| Q8Matrix::quantize(&vec![0.25f32; r * c], r, c).unwrap();
     assert!(Q8Mlp::new(m(128, 64), m(64, 128)).is_err());
     assert!(Q8Mlp::new(m(128, 64), m(64, 64)).is_ok());
@@ -395,6 +407,7 @@ fn shapes_that_disagree_are_errors() {
 /// the same values as `gemv_q8` rounded to bf16.
 #[test]
 fn tensor_entry_points_match_the_slices() {
+    row_kernels_only();
     let mut rng = Rng64::seed_from_u64(4);
     let (out, inp, t) = (96, 128, 3);
     let w = rnd(&mut rng, out * inp, 0.1);
