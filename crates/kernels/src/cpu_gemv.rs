@@ -41,7 +41,8 @@ const ROWS_PER_TASK: usize = 64;
 /// other worker has taken, so a busy or sleeping sibling never holds it up. Call this around a
 /// whole forward pass.
 ///
-/// While `f` runs, the pool's other workers can be kept awake ([`with_siblings_awake`]).
+/// While `f` runs, the pool's other workers can be kept awake (`with_siblings_awake`,
+/// `SWITCHYARD_SPIN_WORKERS=1`).
 pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         with_siblings_awake(f)

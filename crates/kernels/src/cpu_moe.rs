@@ -5,10 +5,14 @@
 //! per layer for a few MiB of weights, and the overhead, not the memory, sets the speed.
 //!
 //! Layout: the (token, slot) entries are grouped by expert as the [`DispatchPlan`] orders
-//! them. Each pass splits every active expert's output rows into tasks of [`ROWS_PER_TASK`]
-//! rows, so work spreads over the cores whether one expert or all of them are active, and
-//! each task writes its own `[rows, tokens]` block. Accumulation is f32 throughout (the
-//! SiLU·mul activations are not rounded to bf16 in between).
+//! them. The gate+up pass splits every active expert's intermediate rows into tasks of
+//! `ROWS_PER_TASK` rows, so work spreads over the cores whether one expert or all of them
+//! are active, and each task writes its own `[rows, tokens]` block. The down pass splits the
+//! hidden rows instead: each task runs every expert over its rows and adds the weighted
+//! results into its rows of the `[H, T]` output, in group order (the top-k reduction, with
+//! no per-entry buffer). Accumulation is f32 throughout (the SiLU·mul activations are not
+//! rounded to bf16 in between, except for groups on the AMX tiles, which take bf16 inputs;
+//! see `on_tiles`).
 //!
 //! The shared expert joins the same two passes ([`experts_forward_bf16`] with `shared`), and
 //! a dense MLP runs through them alone ([`mlp_forward_bf16`]): two parallel loops instead of
