@@ -740,13 +740,10 @@ impl Loop {
                 } else {
                     req.cache_salt
                 };
-                if let Err(e) = self.sched.enqueue_with_priority(
-                    id,
-                    req.prompt,
-                    req.max_tokens,
-                    salt,
-                    req.priority,
-                ) {
+                if let Err(e) =
+                    self.sched
+                        .enqueue(id, req.prompt, req.max_tokens, salt, req.priority)
+                {
                     let _ = tx.send(Event::Error(e.to_string()));
                     return;
                 }

@@ -329,25 +329,14 @@ impl Scheduler {
                 waiting: self.waiting.len(),
             });
         }
-        self.enqueue_with_priority(id, prompt, max_tokens, cache_salt, priority)
+        self.enqueue(id, prompt, max_tokens, cache_salt, priority)
     }
 
     /// Queues a request whose place in the queue was already granted (the engine reserves it
     /// when the request is submitted), checking only that it can ever run. Preempted sequences
     /// also sit in the waiting queue, so re-checking the bound here could refuse a request the
-    /// caller was already told is accepted.
+    /// caller was already told is accepted. `priority` as in [`Scheduler::add_with_priority`].
     pub fn enqueue(
-        &mut self,
-        id: SeqId,
-        prompt: Vec<u32>,
-        max_tokens: usize,
-        cache_salt: u64,
-    ) -> Result<(), AdmissionError> {
-        self.enqueue_with_priority(id, prompt, max_tokens, cache_salt, 0)
-    }
-
-    /// [`Scheduler::enqueue`] with a priority.
-    pub fn enqueue_with_priority(
         &mut self,
         id: SeqId,
         prompt: Vec<u32>,

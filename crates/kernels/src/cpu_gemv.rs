@@ -639,7 +639,7 @@ pub fn try_linear_bf16(
 
 /// A CPU tensor's values as f32, read straight from contiguous bf16 or f32 storage (one pass,
 /// one allocation), else through candle's conversion.
-fn f32_values(x: &candle_core::Tensor) -> Result<Vec<f32>, KernelError> {
+pub(crate) fn f32_values(x: &candle_core::Tensor) -> Result<Vec<f32>, KernelError> {
     use candle_core::{CpuStorage, DType, Storage};
     {
         let (storage, layout) = x.storage_and_layout();

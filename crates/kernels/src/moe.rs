@@ -198,7 +198,7 @@ pub fn mlp_forward_cpu_bf16(
         )));
     }
     let y = with_cpu_bf16(&[gate_up, down], |s| {
-        let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let xf = crate::cpu_gemv::f32_values(x)?;
         let mlp = crate::cpu_moe::MlpWeights {
             gate_up: s[0],
             down: s[1],
@@ -228,7 +228,7 @@ fn cpu_bf16_experts(
         ts.extend([gu, dn]);
     }
     with_cpu_bf16(&ts, |s| {
-        let xf = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let xf = crate::cpu_gemv::f32_values(x)?;
         let dims = crate::cpu_moe::ExpertDims {
             experts: e,
             inter: i,
