@@ -215,6 +215,41 @@ unsafe fn pack_row_avx512(src: &[f32], lane: usize, dst: &mut [u32]) {
     }
 }
 
+/// `src` rounded to bf16 (as [`pack_row`] rounds) into consecutive pairs: `dst[p]` holds
+/// `src[2p]` in its low half and `src[2p + 1]` in its high half, a zero high half after an odd
+/// last value. `dst.len() == src.len().div_ceil(2)`. The activation layout of
+/// `crate::cpu_bf16dot`'s `vdpbf16ps` row kernel (a bf16 array in order, seen as u32 pairs).
+pub(crate) fn round_pairs(src: &[f32], dst: &mut [u32]) {
+    assert_eq!(dst.len(), src.len().div_ceil(2));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bf16") {
+        done = src.len() / TILE_K * TILE_K;
+        // SAFETY: avx512f/avx512bf16 detected; `src` holds `done` values and `dst` `done / 2`.
+        unsafe { round_pairs_avx512(&src[..done], &mut dst[..done / 2]) };
+    }
+    let (src, dst) = (&src[done..], &mut dst[done / 2..]);
+    for (two, d) in src.chunks(2).zip(dst.iter_mut()) {
+        *d = pair_bits(two[0], two.get(1).copied().unwrap_or(0.0));
+    }
+}
+
+/// [`round_pairs`] 32 values at a time (`src.len()` a multiple of 32): `vcvtne2ps2bf16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_pairs_avx512(src: &[f32], dst: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i < src.len() {
+        let lo = _mm512_loadu_ps(sp.add(i));
+        let hi = _mm512_loadu_ps(sp.add(i + 16));
+        let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(dp.add(i / 2) as *mut __m512i, v);
+        i += TILE_K;
+    }
+}
+
 /// One tile row from two input rows stored token-major: `out[t] = (even[t], odd[t])` for
 /// `t < even.len()` (≤ 16); the rest stays zero.
 fn pack_column_pair(even: &[f32], odd: &[f32], out: &mut [u32]) {

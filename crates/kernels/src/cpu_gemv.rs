@@ -7,11 +7,14 @@
 //! [`TOKEN_BLOCK`] activation rows at a time. Work is split by blocks of output rows across
 //! threads (rayon); a block's weights stay in cache while every token block passes over them.
 //! AVX-512F and AVX2+FMA paths are chosen at run time; a portable loop is the reference.
+//! Steps with many bf16-valued activation rows go to the AMX tiles (`cpu_amx`) where the CPU
+//! has them, else to the AVX512-BF16 `vdpbf16ps` row kernel (`cpu_bf16dot`) where it has
+//! that.
 
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::{cpu_amx, KernelError};
+use crate::{cpu_amx, cpu_bf16dot, KernelError};
 
 /// Activation rows multiplied per pass over a weight row: 8 accumulators of 16 lanes fit the
 /// 32 AVX-512 registers with room for the weights and activations.
@@ -193,6 +196,18 @@ pub(crate) trait WeightRows: Sync {
         let _ = (r0, x, out);
         unreachable!("tile_block on weights whose tiles() is No")
     }
+    /// Whether these weights have the `vdpbf16ps` row kernel ([`crate::cpu_bf16dot`]) on this
+    /// machine: bf16 storage and AVX512-BF16 (whether a step uses it is
+    /// [`cpu_bf16dot::take`]'s call).
+    fn bf16_dot(&self) -> bool {
+        false
+    }
+    /// `d[k] = row r · x[t0 + k]` for `k < n` (≤ [`TOKEN_BLOCK`]) on bf16-rounded activations.
+    /// Only called when [`Self::bf16_dot`].
+    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
+        let _ = (r, x, t0, n, d);
+        unreachable!("dot_pairs on weights whose bf16_dot() is false")
+    }
 }
 
 /// Whether a weight storage runs on the AMX tiles, which multiply bf16 values only: the
@@ -245,6 +260,13 @@ impl<T: WeightRows> WeightRows for &T {
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
         (**self).tile_block(r0, x, out)
     }
+    fn bf16_dot(&self) -> bool {
+        (**self).bf16_dot()
+    }
+    #[inline]
+    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
+        (**self).dot_pairs(r, x, t0, n, d)
+    }
 }
 
 /// A row-major bf16 `[rows, cols]` matrix under this CPU's [`RowKernel`].
@@ -291,14 +313,28 @@ impl WeightRows for Bf16Rows<'_> {
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
         cpu_amx::tile_block(self.w, self.cols, r0, x, out)
     }
+    fn bf16_dot(&self) -> bool {
+        cpu_bf16dot::enabled()
+    }
+    #[inline]
+    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
+        let c = self.cols;
+        cpu_bf16dot::dot(&self.w[r * c..(r + 1) * c], x, t0, n, d)
+    }
 }
 
 /// `y[t, o] = w[o] · x[t]`: [`gemv_bf16`]'s driver for any weight storage. Shapes must have
 /// been checked ([`check_gemv`]).
 pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
-    if w.tiles().take(tokens, || cpu_amx::bf16_exact(x)) {
+    let exact = std::cell::OnceCell::new();
+    let exact = || *exact.get_or_init(|| cpu_amx::bf16_exact(x));
+    if w.tiles().take(tokens, exact) {
         return gemv_tiles(x, tokens, w, y);
+    }
+    if w.bf16_dot() && cpu_bf16dot::take(tokens, exact) {
+        let p = cpu_bf16dot::Pairs::new(x, tokens, inp);
+        return by_row_blocks(tokens, out, y, |r, t0, n, d| w.dot_pairs(r, &p, t0, n, d));
     }
     let packing = W::packing();
     let packed;
@@ -310,6 +346,19 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
         packed = v;
         &packed
     };
+    by_row_blocks(tokens, out, y, |r, t0, n, d| {
+        w.dot(r, &xp[t0 * inp..(t0 + n) * inp], n, d)
+    })
+}
+
+/// `y[t, o] = dot(o, t0, n, d)` for every output row `o` and token block `t0..t0 + n` (`n` ≤
+/// [`TOKEN_BLOCK`]; `dot` writes `d[k]` for token `t0 + k`), output rows split across threads.
+fn by_row_blocks(
+    tokens: usize,
+    out: usize,
+    y: &mut [f32],
+    dot: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
     // One token (decode): `[out, 1]` is already y's layout, so write it in place.
@@ -326,9 +375,8 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
             let r0 = chunk * ROWS_PER_TASK;
             for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
                 let n = TOKEN_BLOCK.min(tokens - t0);
-                let xs = &xp[t0 * inp..(t0 + n) * inp];
                 for (j, d) in dst.chunks_mut(tokens).enumerate() {
-                    w.dot(r0 + j, xs, n, &mut d[t0..t0 + n]);
+                    dot(r0 + j, t0, n, &mut d[t0..t0 + n]);
                 }
             }
         });
@@ -452,6 +500,12 @@ pub(crate) struct RowKernel {
 }
 
 impl RowKernel {
+    /// The activation layout [`Self::run`] reads.
+    #[cfg(test)]
+    pub(crate) fn packing(&self) -> Packing {
+        self.packing
+    }
+
     /// One weight row against `n` (≤ [`TOKEN_BLOCK`]) packed activation rows of `inp` values:
     /// `d[t] = row · x[t]`. `row.len() == inp`, `x.len() >= n * inp`, `d.len() >= n`.
     #[inline]
@@ -738,10 +792,13 @@ mod tests {
         assert!(gemv_bf16(&[0.0; 3], 1, &[bf16::ZERO; 2], 1, 2, &mut [0.0; 1]).is_err());
     }
 
-    /// bf16 activations on tile-sized shapes (the AMX path where the CPU has it) against f64.
+    /// bf16 activations on tile-sized shapes (the AMX path where the CPU has it) and on shapes
+    /// the tiles cannot take (the `vdpbf16ps` kernel where the CPU has AVX512-BF16) against
+    /// f64.
     #[test]
     fn bf16_activations_match_f64_reference() {
         check_gemv_against_f64(5, &[(8, 16, 32), (21, 96, 64), (40, 48, 256)], true);
+        check_gemv_against_f64(6, &[(8, 7, 33), (9, 65, 1000), (20, 30, 101)], true);
     }
 
     /// Where logical element `i` of a row of `inp` values sits once packed.

@@ -11,8 +11,8 @@
 //! hidden rows instead: each task runs every expert over its rows and adds the weighted
 //! results into its rows of the `[H, T]` output, in group order (the top-k reduction, with
 //! no per-entry buffer). Accumulation is f32 throughout (the SiLU·mul activations are not
-//! rounded to bf16 in between, except for groups on the AMX tiles, which take bf16 inputs;
-//! see `on_tiles`).
+//! rounded to bf16 in between, except for groups on the AMX tiles or the `vdpbf16ps` row
+//! kernel, which take bf16 inputs; see `kernel_for`).
 //!
 //! The shared expert joins the same two passes ([`experts_forward_bf16`] with `shared`), and
 //! a dense MLP runs through them alone ([`mlp_forward_bf16`]): two parallel loops instead of
@@ -23,6 +23,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu_amx;
+use crate::cpu_bf16dot::{self, Pairs};
 use crate::cpu_gemv::{Bf16Rows, WeightRows, TOKEN_BLOCK};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
@@ -233,34 +234,46 @@ fn run_groups<W: WeightRows>(
 ) -> Vec<f32> {
     let packing = W::packing();
     let entries = token_of.len();
-    // Groups with enough entries run on the AMX tiles (bf16 activations; see `on_tiles`).
+    // Groups with enough entries run on the AMX tiles, or else on the `vdpbf16ps` kernel
+    // (bf16 activations either way; see `kernel_for`).
     let exact = std::sync::OnceLock::new();
-    let tiles: Vec<bool> = groups
+    let kernel: Vec<Kernel> = groups
         .iter()
-        .map(|g| on_tiles(g, h, || *exact.get_or_init(|| cpu_amx::bf16_exact(x))))
+        .map(|g| kernel_for(g, h, || *exact.get_or_init(|| cpu_amx::bf16_exact(x))))
         .collect();
 
-    // Each entry's activation row in the row kernels' layout (tile groups are packed apart;
-    // with no row-kernel group nothing is allocated).
-    let rows_needed = groups.iter().zip(&tiles).any(|(g, &on)| !on && g.n > 0);
+    // Each entry's activation row in the row kernels' layout (tile and bf16-dot groups are
+    // packed apart; with no FMA row-kernel group nothing is allocated).
+    let rows_needed = groups
+        .iter()
+        .zip(&kernel)
+        .any(|(g, &k)| k == Kernel::Rows && g.n > 0);
     let mut xs = vec![0f32; if rows_needed { entries * h } else { 0 }];
-    for (g, _) in groups.iter().zip(&tiles).filter(|(_, t)| !**t) {
+    for (g, _) in groups
+        .iter()
+        .zip(&kernel)
+        .filter(|(_, &k)| k == Kernel::Rows)
+    {
         for p in g.lo..g.lo + g.n {
             let tok = token_of[p] as usize;
             packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
         }
     }
+    let row_of = |g: &Group<W>, k: usize| {
+        let tok = token_of[g.lo + k] as usize;
+        &x[tok * h..(tok + 1) * h]
+    };
     let x_tiles: Vec<Option<cpu_amx::Packed>> = groups
         .iter()
-        .zip(&tiles)
-        .map(|(g, &on)| {
-            on.then(|| {
-                cpu_amx::Packed::from_rows(g.n, h, |k| {
-                    let tok = token_of[g.lo + k] as usize;
-                    &x[tok * h..(tok + 1) * h]
-                })
-            })
+        .zip(&kernel)
+        .map(|(g, &k)| {
+            (k == Kernel::Tiles).then(|| cpu_amx::Packed::from_rows(g.n, h, |k| row_of(g, k)))
         })
+        .collect();
+    let x_pairs: Vec<Option<Pairs>> = groups
+        .iter()
+        .zip(&kernel)
+        .map(|(g, &k)| (k == Kernel::Bf16Dot).then(|| Pairs::from_rows(g.n, h, |k| row_of(g, k))))
         .collect();
     // Group g's `[inter, n]` activation block starts at `act_at[g]`.
     let mut act_at = Vec::with_capacity(groups.len() + 1);
@@ -297,6 +310,21 @@ fn run_groups<W: WeightRows>(
                 }
                 return;
             }
+            if let Some(px) = &x_pairs[task.group] {
+                let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
+                for (k, dst) in task.out.chunks_mut(n).enumerate() {
+                    let r = task.row0 + k;
+                    for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                        let nb = TOKEN_BLOCK.min(n - t0);
+                        g.gate_up.dot_pairs(r, px, t0, nb, &mut gv[..nb]);
+                        g.gate_up.dot_pairs(i + r, px, t0, nb, &mut uv[..nb]);
+                        for j in 0..nb {
+                            dst[t0 + j] = combine(gv[j], uv[j]);
+                        }
+                    }
+                }
+                return;
+            }
             let xe = &xs[g.lo * h..(g.lo + n) * h];
             let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
@@ -314,18 +342,20 @@ fn run_groups<W: WeightRows>(
         });
 
     // Token-major activations (`[n, I]` per group) in the row kernels' layout for the down
-    // projection; tile groups pack their `[I, n]` block as it is.
+    // projection; tile and bf16-dot groups pack their `[I, n]` block as it is.
     let mut act_t = vec![0f32; if rows_needed { act_len } else { 0 }];
     let mut act_tiles: Vec<Option<cpu_amx::Packed>> = Vec::with_capacity(groups.len());
+    let mut act_pairs: Vec<Option<Pairs>> = Vec::with_capacity(groups.len());
     let mut row = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
         let (n, i) = (g.n, g.inter);
         let blk = &act[act_at[gi]..act_at[gi + 1]];
-        if tiles[gi] {
-            act_tiles.push(Some(cpu_amx::Packed::from_columns(blk, i, n)));
+        act_tiles
+            .push((kernel[gi] == Kernel::Tiles).then(|| cpu_amx::Packed::from_columns(blk, i, n)));
+        act_pairs.push((kernel[gi] == Kernel::Bf16Dot).then(|| Pairs::from_columns(blk, i, n)));
+        if kernel[gi] != Kernel::Rows {
             continue;
         }
-        act_tiles.push(None);
         if n == 0 || i == 0 {
             continue;
         }
@@ -356,13 +386,23 @@ fn run_groups<W: WeightRows>(
                     continue;
                 }
                 // `y` `[rows, stride]`: this block's rows of the group's down projection.
-                let stride = match &act_tiles[gi] {
-                    Some(pa) => {
+                let stride = match (&act_tiles[gi], &act_pairs[gi]) {
+                    (Some(pa), _) => {
                         y.resize(rows * pa.padded(), 0f32);
                         g.down.tile_block(r0, pa, &mut y);
                         pa.padded()
                     }
-                    None => {
+                    (None, Some(pa)) => {
+                        y.resize(rows * n, 0f32);
+                        for (k, yk) in y.chunks_mut(n).enumerate() {
+                            for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                                let nb = TOKEN_BLOCK.min(n - t0);
+                                g.down.dot_pairs(r0 + k, pa, t0, nb, &mut yk[t0..t0 + nb]);
+                            }
+                        }
+                        n
+                    }
+                    (None, None) => {
                         y.resize(rows * n, 0f32);
                         let ae = &act_t[act_at[gi]..act_at[gi + 1]];
                         for (k, yk) in y.chunks_mut(n).enumerate() {
@@ -406,6 +446,35 @@ fn run_groups<W: WeightRows>(
 /// [`crate::cpu_gemv::Tiles::RoundedInputs`]).
 fn on_tiles<W: WeightRows>(g: &Group<W>, h: usize, exact: impl Fn() -> bool) -> bool {
     g.gate_up.cols() == h && g.gate_up.tiles().take(g.n, &exact) && g.down.tiles().take(g.n, &exact)
+}
+
+/// Which kernels multiply a group's two projections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// The row kernels of the weight storage (`WeightRows::dot`), f32 activations.
+    Rows,
+    /// The AMX tiles (`on_tiles`).
+    Tiles,
+    /// The `vdpbf16ps` row kernel ([`crate::cpu_bf16dot`]): as on the tiles, for groups with
+    /// bf16-exact inputs, and the SiLU·mul products rounded to bf16 before the down
+    /// projection.
+    Bf16Dot,
+}
+
+/// The tiles where they take the group, else the `vdpbf16ps` kernel where it does
+/// ([`cpu_bf16dot::take`], both matrices bf16), else the row kernels.
+fn kernel_for<W: WeightRows>(g: &Group<W>, h: usize, exact: impl Fn() -> bool) -> Kernel {
+    if on_tiles(g, h, &exact) {
+        Kernel::Tiles
+    } else if g.gate_up.cols() == h
+        && g.gate_up.bf16_dot()
+        && g.down.bf16_dot()
+        && cpu_bf16dot::take(g.n, &exact)
+    {
+        Kernel::Bf16Dot
+    } else {
+        Kernel::Rows
+    }
 }
 
 fn silu(v: f32) -> f32 {
@@ -608,11 +677,26 @@ mod tests {
 
     /// Groups big enough for the AMX tiles (bf16 inputs, tile-sized shapes) against f64 on the
     /// same bf16 inputs. The tiles round the routed SiLU·mul products to bf16, so the bound is
-    /// bf16-sized; where the CPU has no AMX this checks the row kernels on the same shapes.
+    /// bf16-sized; where the CPU has no AMX this checks the `vdpbf16ps` kernel (or the FMA row
+    /// kernels) on the same shapes.
     #[test]
     fn tile_sized_groups_match_f64() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let (t, h, i, e, k) = (70, 64, 64, 4, 2);
+        bf16_groups_match_f64(12, 64, 64, 32);
+    }
+
+    /// As [`tile_sized_groups_match_f64`] on shapes the tiles cannot take (odd hidden and
+    /// intermediate sizes): the `vdpbf16ps` kernel where the CPU has AVX512-BF16, which rounds
+    /// the SiLU·mul products as the tiles do.
+    #[test]
+    fn odd_sized_bf16_groups_match_f64() {
+        bf16_groups_match_f64(13, 50, 37, 21);
+    }
+
+    /// Routed experts (hidden `h`, intermediate `i`) and a shared expert (intermediate `si`) on
+    /// bf16 inputs, every group with at least 8 entries, against f64.
+    fn bf16_groups_match_f64(seed: u64, h: usize, i: usize, si: usize) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (t, e, k) = (70, 4, 2);
         let rnd_bf16 = |rng: &mut rand::rngs::StdRng, n: usize| -> Vec<bf16> {
             (0..n)
                 .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
@@ -624,18 +708,18 @@ mod tests {
             .collect();
         let gu = rnd_bf16(&mut rng, e * 2 * i * h);
         let dn = rnd_bf16(&mut rng, e * h * i);
-        let (sgu, sdn) = (rnd_bf16(&mut rng, 2 * 32 * h), rnd_bf16(&mut rng, h * 32));
+        let (sgu, sdn) = (rnd_bf16(&mut rng, 2 * si * h), rnd_bf16(&mut rng, h * si));
         let shared = MlpWeights {
             gate_up: &sgu,
             down: &sdn,
-            inter: 32,
+            inter: si,
         };
         let logits: Vec<f32> = (0..t * e).map(|_| rng.random_range(-1.0..1.0)).collect();
         let g = gate_topk(&logits, None, &GateConfig::sigmoid(e, k, 1.0)).unwrap();
         let plan = dispatch(&g, e).unwrap();
         assert!(plan
             .active_experts()
-            .all(|ex| plan.count(ex) >= cpu_amx::min_tokens()));
+            .all(|ex| plan.count(ex) >= cpu_amx::min_tokens().max(cpu_bf16dot::min_tokens())));
         let dims = ExpertDims {
             experts: e,
             inter: i,
@@ -645,7 +729,7 @@ mod tests {
         let dense = mlp_forward_bf16(&x, t, h, shared).unwrap();
         for tok in 0..t {
             let xr = &x[tok * h..(tok + 1) * h];
-            let (sy, smag) = mlp_f64(&sgu, &sdn, 32, xr);
+            let (sy, smag) = mlp_f64(&sgu, &sdn, si, xr);
             let (mut want, mut mag) = (sy.clone(), smag.clone());
             for j in 0..k {
                 let ex = g.ids[tok * k + j] as usize;

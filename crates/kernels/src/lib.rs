@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub(crate) mod cpu_amx;
+pub(crate) mod cpu_bf16dot;
 pub mod cpu_gemv;
 pub mod cpu_moe;
 pub mod cpu_ops;
