@@ -253,10 +253,7 @@ unsafe fn task<T: KvElem>(
     s.q.clear();
     s.q.resize(nqp * hd, bf16::ZERO);
     for j in 0..nq {
-        let src = &cx.q[q_row(j) * hd..][..hd];
-        for (d, &x) in s.q[j * hd..][..hd].iter_mut().zip(src) {
-            *d = bf16::from_f32(x);
-        }
+        round_row(&cx.q[q_row(j) * hd..][..hd], &mut s.q[j * hd..][..hd]);
     }
     for (v, x) in [(&mut s.acc, 0.0), (&mut s.o, 0.0)] {
         v.clear();
@@ -279,35 +276,35 @@ unsafe fn task<T: KvElem>(
         }
         let n = chunk.tokens;
         let sp = chunk.keys.padded();
-        s.s.clear();
-        s.s.resize(nqp * sp, 0.0);
-        cpu_amx::tile_block(&s.q, hd, 0, &chunk.keys, &mut s.s);
+        // Every score is written by the product (no need to clear).
+        if s.s.len() < nqp * sp {
+            s.s.resize(nqp * sp, 0.0);
+        }
+        cpu_amx::tile_block(&s.q, hd, 0, &chunk.keys, &mut s.s[..nqp * sp]);
 
-        // Online softmax; the weights of masked and padding tokens stay zero.
+        // Online softmax. Each query's weights past the tokens it sees are zero; the rows of
+        // padding queries (past `nq`) only feed padding outputs, so they are left as they are.
         let cp = n.div_ceil(TILE_K) * TILE_K;
-        s.p.clear();
-        s.p.resize(nqp * cp, bf16::ZERO);
+        if s.p.len() < nqp * cp {
+            s.p.resize(nqp * cp, bf16::ZERO);
+        }
         for j in 0..nq {
             // Last position query j sees.
             let lim = t.pos0 + j / g;
             let valid = if lim < c0 { 0 } else { (lim - c0 + 1).min(n) };
+            let p = &mut s.p[j * cp..][..cp];
+            p[valid.next_multiple_of(16)..].fill(bf16::ZERO);
             if valid == 0 {
                 s.c[j] = 1.0;
                 continue;
             }
-            let (m, c, sum) = softmax_row(
-                &s.s[j * sp..][..sp],
-                valid,
-                cx.scale,
-                s.m[j],
-                &mut s.p[j * cp..][..cp],
-            );
+            let (m, c, sum) = softmax_row(&s.s[j * sp..][..sp], valid, cx.scale, s.m[j], p);
             s.m[j] = m;
             s.l[j] = s.l[j] * c + sum;
             s.c[j] = c;
         }
 
-        cpu_amx::tile_block(&s.p, cp, 0, &chunk.values, &mut s.o);
+        cpu_amx::tile_block(&s.p[..nqp * cp], cp, 0, &chunk.values, &mut s.o);
         for j in 0..nq {
             let c = s.c[j];
             for (a, &o) in s.acc[j * hd..][..hd].iter_mut().zip(&s.o[j * hd..][..hd]) {
@@ -325,6 +322,21 @@ unsafe fn task<T: KvElem>(
         for (o, &a) in dst.iter_mut().zip(&s.acc[j * hd..][..hd]) {
             *o = a * inv;
         }
+    }
+}
+
+/// `src` rounded to bf16 (to nearest even) into `dst`; `src.len()` a multiple of 32.
+///
+/// # Safety
+/// AVX-512F and AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row(src: &[f32], dst: &mut [bf16]) {
+    debug_assert!(src.len().is_multiple_of(32) && dst.len() == src.len());
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr() as *mut __m512i);
+    for i in (0..src.len()).step_by(32) {
+        let b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(sp.add(i + 16)), _mm512_loadu_ps(sp.add(i)));
+        _mm512_storeu_si512(dp.add(i / 32), std::mem::transmute::<__m512bh, __m512i>(b));
     }
 }
 
