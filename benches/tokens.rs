@@ -23,8 +23,10 @@
 //! - `SWITCHYARD_BENCH_PREFILL_BATCH` (default `1,4`), `SWITCHYARD_BENCH_DECODE_BATCH`
 //!   (default `1,4,16`): batch sizes;
 //! - `SWITCHYARD_BENCH_PROMPT_LEN`: P, default 128;
-//! - `SWITCHYARD_BENCH_KV_DTYPE`: `f32` (the engine's default) or `bf16`.
+//! - `SWITCHYARD_BENCH_KV_DTYPE`: `auto` (the engine's default: f32 for an f32 model, bf16
+//!   otherwise), `f32` or `bf16`.
 
+use candle_core::DType;
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -60,8 +62,10 @@ impl Setup {
             .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
         let kv_dtype = match std::env::var("SWITCHYARD_BENCH_KV_DTYPE").as_deref() {
             Ok("bf16") => KvDtype::Bf16,
-            Ok("f32") | Err(_) => KvDtype::F32,
-            Ok(other) => panic!("SWITCHYARD_BENCH_KV_DTYPE={other:?}: f32 or bf16"),
+            Ok("f32") => KvDtype::F32,
+            Ok("auto") | Err(_) if opts.dtype == DType::F32 => KvDtype::F32,
+            Ok("auto") | Err(_) => KvDtype::Bf16,
+            Ok(other) => panic!("SWITCHYARD_BENCH_KV_DTYPE={other:?}: auto, f32 or bf16"),
         };
         // Room for the prompt and the decode token after it.
         let per_seq = (prompt_len + 1).div_ceil(BLOCK_SIZE);

@@ -221,6 +221,32 @@ def case_list():
             "(top-2) sees about 20 tokens: the CPU's AMX tile path runs in prefill where the CPU has AMX.",
         ),
         dict(
+            name="bf16_attn_tiles",
+            cfg=dict(
+                BASE,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                head_dim=32,
+                moe_intermediate_size=32,
+                num_experts=4,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            seed=7000,
+            prompt_len=100,
+            max_bf16_diff=0.2,
+            min_router_margin=3e-3,
+            storage="bfloat16",
+            layout="fused",
+            dialect="transformers",
+            shard=None,
+            mtp=False,
+            desc="bf16 weights with head_dim 32 (one AMX tile step per query and key row) and a 100-token "
+            "prompt: the CPU's prefill attention runs on AMX tiles (two 64-token context chunks, GQA 8q/2kv) "
+            "through the paged KV cache where the CPU has AMX; no near-tied expert choice.",
+        ),
+        dict(
             name="mtp",
             cfg=f32,
             seed=1000,  # same model as f32_basic

@@ -79,8 +79,10 @@ pub struct EngineArgs {
     /// Bytes of KV cache (accepts suffixes: 512MiB, 2GiB); default: a quarter of free memory.
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
-    /// KV cache dtype: f32 or bf16.
-    #[arg(long, default_value = "f32")]
+    /// KV cache dtype: f32, bf16, or `auto` (vLLM's default): f32 when the model computes
+    /// exactly in f32 (`--dtype f32`, the CPU's `--dtype auto`, no `--quantize`), bf16
+    /// otherwise (half the memory and the attention bytes of f32).
+    #[arg(long, default_value = "auto")]
     pub kv_dtype: String,
     /// Disable prefix caching.
     #[arg(long)]
@@ -299,8 +301,9 @@ pub fn encode_prompt(
     Ok(tok.encode(&rendered, false)?)
 }
 
-/// Engine configuration from the flags and the model.
-pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineConfig> {
+/// Engine configuration from the flags and the model (`exact`: it computes in f32 with dense
+/// weights, which `--kv-dtype auto` keeps exact).
+pub fn engine_config(args: &EngineArgs, model: &ModelConfig, exact: bool) -> Result<EngineConfig> {
     let max_model_len = args
         .max_model_len
         .unwrap_or(model.max_position_embeddings.min(DEFAULT_MAX_MODEL_LEN_CAP));
@@ -329,9 +332,11 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig) -> Result<EngineCon
             .map(parse_bytes)
             .transpose()?,
         kv_dtype: match args.kv_dtype.as_str() {
-            "f32" => KvDtype::F32,
-            "bf16" => KvDtype::Bf16,
-            o => anyhow::bail!("unknown --kv-dtype {o:?}; use f32 or bf16"),
+            "auto" if exact => KvDtype::F32,
+            "auto" => KvDtype::Bf16,
+            "f32" | "float32" => KvDtype::F32,
+            "bf16" | "bfloat16" => KvDtype::Bf16,
+            o => anyhow::bail!("unknown --kv-dtype {o:?}; use auto, f32 or bf16"),
         },
         prefix_caching: !args.no_prefix_caching,
         speculative: args
@@ -351,7 +356,9 @@ pub fn start_engine(m: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, Path
 
 /// Starts the engine on a loaded model.
 pub fn start_loaded(l: Loaded, e: &EngineArgs) -> Result<EngineHandle> {
-    let cfg = engine_config(e, l.model().config())?;
+    let m = l.model();
+    let exact = m.dtype() == DType::F32 && m.quantization().is_none();
+    let cfg = engine_config(e, m.config(), exact)?;
     EngineHandle::start(l.ranks, l.tokenizer, cfg).map_err(anyhow::Error::msg)
 }
 

@@ -176,6 +176,28 @@ impl Packed {
     pub(crate) fn padded(&self) -> usize {
         self.tokens.div_ceil(TILE_ROWS) * TILE_ROWS
     }
+
+    /// An empty buffer for [`Self::reset`], so a loop that packs many small operands (prefill
+    /// attention, per context chunk) reuses one allocation.
+    pub(crate) const fn empty() -> Self {
+        Self {
+            pairs: Vec::new(),
+            tokens: 0,
+            cols: 0,
+        }
+    }
+
+    /// Makes this `tokens` × `cols` (a multiple of [`TILE_K`]) with every value zero and
+    /// returns the pairs to fill in: token `t`'s inputs `(2p, 2p + 1)` are the u32 at
+    /// `((t / 16) · cols / 2 + p) · 16 + t % 16`, the even input in the low half.
+    pub(crate) fn reset(&mut self, tokens: usize, cols: usize) -> &mut [u32] {
+        assert!(cols.is_multiple_of(TILE_K));
+        self.pairs.clear();
+        self.pairs
+            .resize(tokens.div_ceil(TILE_ROWS) * TILE_ROWS * cols / 2, 0);
+        (self.tokens, self.cols) = (tokens, cols);
+        &mut self.pairs
+    }
 }
 
 /// Writes one token's row (`src`, `cols` values) into its lane of a packed group (`dst`,

@@ -48,12 +48,20 @@ use rayon::prelude::*;
 
 use crate::KernelError;
 
+mod tiles;
+
 /// Element type of the KV cache.
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     /// Widen to f32 for arithmetic.
     fn to_f32(self) -> f32;
     /// Narrow from f32 for storage.
     fn from_f32(x: f32) -> Self;
+    /// The value rounded to bf16 (to nearest even), as bits: what the AMX tiles read.
+    fn bf16_bits(self) -> u16;
+    /// Whether prefill attention may run on the AMX tiles: the cache holds bf16 values
+    /// already, so the tiles add only the rounding of queries and softmax weights. An f32
+    /// cache is the exact path and stays on the f32 kernel.
+    const PREFILL_ON_TILES: bool;
 }
 
 impl KvElem for f32 {
@@ -65,6 +73,11 @@ impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        bf16::from_f32(self).to_bits()
+    }
+    const PREFILL_ON_TILES: bool = false;
 }
 
 impl KvElem for bf16 {
@@ -76,6 +89,11 @@ impl KvElem for bf16 {
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
     }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
+    const PREFILL_ON_TILES: bool = true;
 }
 
 /// Geometry of one layer's paged KV storage.
@@ -243,6 +261,8 @@ pub fn paged_attention<T: KvElem>(
         min_tasks: MIN_TASKS.max(2 * rayon::current_num_threads()),
         min_partition: MIN_PARTITION,
     };
+    let tile_rows =
+        (T::PREFILL_ON_TILES && tiles::usable(layout.head_dim)).then_some(tiles::MIN_ROWS);
     attend(
         q,
         k_cache,
@@ -254,6 +274,7 @@ pub fn paged_attention<T: KvElem>(
         out,
         Kernel::detect(),
         split,
+        tile_rows,
     )
 }
 
@@ -294,7 +315,9 @@ struct Split {
 }
 
 /// [`paged_attention`] with the kernel and the partitioning chosen by the caller (the tests
-/// run every kernel the CPU has, with and without partitions).
+/// run every kernel the CPU has, with and without partitions). Sequences with at least
+/// `tile_rows` query rows (`None`: none) run on AMX tiles ([`tiles`]; the caller has checked
+/// [`tiles::usable`]), the rest on `kernel`.
 #[allow(clippy::too_many_arguments)]
 fn attend<T: KvElem>(
     q: &[f32],
@@ -307,6 +330,7 @@ fn attend<T: KvElem>(
     out: &mut [f32],
     kernel: Kernel,
     split: Split,
+    tile_rows: Option<usize>,
 ) -> Result<(), KernelError> {
     let hd = layout.head_dim;
     let kvh = layout.kv_heads;
@@ -339,6 +363,22 @@ fn attend<T: KvElem>(
             o.fill(0.0);
         }
     }
+    // Prefill chunks go to the tiles when every row of theirs is theirs (a row two sequences
+    // claim belongs to the later one); the FMA kernel skips their rows.
+    let on_tiles: Vec<bool> = seqs
+        .iter()
+        .enumerate()
+        .map(|(si, s)| {
+            tile_rows.is_some_and(|min| s.q_len >= min)
+                && (s.q_start..s.q_start + s.q_len).all(|r| row_pos[r].0 == si)
+        })
+        .collect();
+    let tile_tasks = tiles::plan(seqs, &on_tiles, kvh);
+    for (s, _) in seqs.iter().zip(&on_tiles).filter(|(_, &on)| on) {
+        for r in s.q_start..s.q_start + s.q_len {
+            row_pos[r].0 = usize::MAX;
+        }
+    }
     let plan = Plan::new(&row_pos, heads / kvh, kvh, split);
     let cx = Cx {
         q,
@@ -364,25 +404,53 @@ fn attend<T: KvElem>(
     let mut partials = vec![0f32; plan.partials * slot];
     let out_ptr = SyncPtr(out.as_mut_ptr());
     let part_ptr = SyncPtr(partials.as_mut_ptr());
-    plan.tasks.par_iter().for_each_init(
-        || Scratch::new(plan.units.len(), hd),
-        |scratch, task| {
-            // SAFETY: `kernel` was detected on this CPU (or is the portable one); the plan only
-            // holds tasks whose rows, heads, positions and blocks were checked above.
-            unsafe { run(&cx, task, scratch) };
-            match task.part {
-                // SAFETY: tasks of one-part groups cover disjoint rows of `out`, so no two
-                // threads write the same element, and `out` outlives the loop.
-                None => unsafe { scratch.finish(task, &cx, out_ptr) },
-                // SAFETY: each partial has its own `slot`-sized range of `partials`, which
-                // outlives the loop.
-                Some(p) => unsafe {
-                    let dst = std::slice::from_raw_parts_mut(part_ptr.get().add(p * slot), slot);
-                    scratch.save(hd, dst)
-                },
-            }
-        },
-    );
+    let on_tiles = || {
+        let tcx = tiles::Cx {
+            q,
+            k: k_cache,
+            v: v_cache,
+            seqs,
+            heads,
+            group: heads / kvh,
+            kv_heads: kvh,
+            head_dim: hd,
+            block_size: layout.block_size,
+            token_elems: layout.token_elems(),
+            scale,
+        };
+        // SAFETY: the tasks cover the rows of checked sequences that own them, which the
+        // FMA plan no longer holds; `out` outlives the call; the caller checked `usable`.
+        unsafe { tiles::run(&tcx, &tile_tasks, out_ptr) }
+    };
+    let on_fma = || {
+        plan.tasks.par_iter().for_each_init(
+            || Scratch::new(plan.units.len(), hd),
+            |scratch, task| {
+                // SAFETY: `kernel` was detected on this CPU (or is the portable one); the plan only
+                // holds tasks whose rows, heads, positions and blocks were checked above.
+                unsafe { run(&cx, task, scratch) };
+                match task.part {
+                    // SAFETY: tasks of one-part groups cover disjoint rows of `out`, so no two
+                    // threads write the same element, and `out` outlives the loop.
+                    None => unsafe { scratch.finish(task, &cx, out_ptr) },
+                    // SAFETY: each partial has its own `slot`-sized range of `partials`, which
+                    // outlives the loop.
+                    Some(p) => unsafe {
+                        let dst =
+                            std::slice::from_raw_parts_mut(part_ptr.get().add(p * slot), slot);
+                        scratch.save(hd, dst)
+                    },
+                }
+            },
+        )
+    };
+    if tile_tasks.is_empty() {
+        on_fma();
+    } else if plan.tasks.is_empty() {
+        on_tiles();
+    } else {
+        rayon::join(on_tiles, on_fma);
+    }
     plan.groups.par_iter().for_each(|g| {
         if g.parts > 1 {
             let parts = &plan.tasks[g.first..g.first + g.parts];
@@ -1477,10 +1545,18 @@ mod tests {
 
         /// Dense causal attention in f64 (uncovered rows zero).
         fn dense(&self) -> Vec<f64> {
+            self.dense_with_spread().0
+        }
+
+        /// [`Self::dense`], and per output the weighted spread of the values around it,
+        /// `Σ_t w_t · |v_t − out|`: how far rounding every weight by a relative `u` can move
+        /// that output, in units of `u`.
+        fn dense_with_spread(&self) -> (Vec<f64>, Vec<f64>) {
             let (hd, heads) = (self.layout.head_dim, self.heads);
             let te = self.layout.token_elems();
             let group = heads / self.layout.kv_heads;
             let mut out = vec![0f64; self.rows * heads * hd];
+            let mut spread = vec![0f64; self.rows * heads * hd];
             for (s, &(q_start, q_len, ctx)) in self.spans.iter().enumerate() {
                 let (k, v) = (&self.dense_k[s], &self.dense_v[s]);
                 for i in 0..q_len {
@@ -1505,17 +1581,24 @@ mod tests {
                                 *o += wp / z * x;
                             }
                         }
+                        let sp = &mut spread[(row * heads + h) * hd..][..hd];
+                        for (p, &wp) in w.iter().enumerate() {
+                            let vr = &v[p * te + kh..][..hd];
+                            for ((sp, &x), &o) in sp.iter_mut().zip(vr).zip(o.iter()) {
+                                *sp += wp / z * (x - o).abs();
+                            }
+                        }
                     }
                 }
             }
-            out
+            (out, spread)
         }
 
         fn run(&self, kernel: Kernel, split: Split) -> Vec<f32> {
             let mut out = vec![f32::NAN; self.q.len()];
             #[rustfmt::skip]
             attend(&self.q, &self.kc, &self.vc, &self.layout, &self.seqs(), self.heads,
-                   self.scale, &mut out, kernel, split)
+                   self.scale, &mut out, kernel, split, None)
             .unwrap();
             out
         }
@@ -1674,7 +1757,25 @@ mod tests {
             &mut old,
         )
         .unwrap();
+        // The FMA kernels (the prefill chunk too: no tiles).
+        let split = Split {
+            min_tasks: MIN_TASKS,
+            min_partition: MIN_PARTITION,
+        };
         let mut new = vec![f32::NAN; c.q.len()];
+        #[rustfmt::skip]
+        attend(&c.q, &c.kc, &c.vc, &c.layout, &c.seqs(), c.heads, c.scale, &mut new,
+               Kernel::detect(), split, None)
+        .unwrap();
+        let d = old
+            .iter()
+            .zip(&new)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 4e-6, "max |Δ| {d:e}");
+        // The production entry point: the prefill chunk on the tiles where the CPU has them
+        // (bf16 queries and weights, see `TILE_TOL`).
+        let mut prod = vec![f32::NAN; c.q.len()];
         paged_attention(
             &c.q,
             &c.kc,
@@ -1683,15 +1784,122 @@ mod tests {
             &c.seqs(),
             c.heads,
             c.scale,
-            &mut new,
+            &mut prod,
         )
         .unwrap();
         let d = old
             .iter()
-            .zip(&new)
+            .zip(&prod)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(d < 4e-6, "max |Δ| {d:e}");
+        assert!(d < TILE_TOL as f32, "max |Δ| {d:e}");
+    }
+
+    /// How far the tile path may be from f64 attention on the same bf16-rounded queries. The
+    /// softmax weights are rounded to bf16 (relative error `δ_t`, `|δ_t| <= u = 2^-8`, bf16
+    /// having 8 significant bits) and
+    /// normalised by the sum of the rounded weights, so an output moves by
+    /// `Σ_t w_t δ_t (v_t − out) / Σ_t w_t (1 + δ_t)`: at most `u / (1 − u) · Σ_t w_t |v_t −
+    /// out|` (the spread [`Case::dense_with_spread`] computes). The f32 parts (exact products
+    /// accumulated in f32, the exponential within a few ulp, the rescaling, which scales the
+    /// sums and the outputs alike) add ~1e-6 at these sizes: `TILE_ABS`. Any mistake that
+    /// drops, repeats or unmasks a token, or mixes heads, moves a peaked output by O(0.1) and
+    /// a flat one over `n` tokens by about `mean |v − out| / n`, above `u · mean |v − out|`
+    /// for the contexts of up to 300 tokens most cases use.
+    fn tile_bound(spread: f64) -> f64 {
+        const U: f64 = 1.0 / 256.0;
+        const TILE_ABS: f64 = 1e-5;
+        U / (1.0 - U) * spread + TILE_ABS
+    }
+
+    /// Largest |Δ| of the production entry point from the FMA kernels when it takes the tiles
+    /// (the Hy3-shapes test): at most `u / (1 − u) · 2` (values in [-1, 1]) plus the FMA
+    /// kernels' own error.
+    const TILE_TOL: f64 = 8e-3;
+
+    /// The tile path against f64 dense attention on bf16-rounded queries (and keys and
+    /// values: an f32 cache is rounded as it is packed): GQA 1…16, head_dim 32/64/128, block
+    /// sizes 1, 5, 16, contexts to 2500 with prefill chunks of 1…70 rows (every sequence on
+    /// the tiles, and only those of at least `MIN_ROWS` rows, the rest on the FMA kernel in
+    /// the same call), scrambled block tables and uncovered rows.
+    fn tile_sweep<T: KvElem>(seed: u64) {
+        if !tiles::usable(32) {
+            eprintln!("skipped: this CPU or kernel has no AMX");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let split = Split {
+            min_tasks: MIN_TASKS,
+            min_partition: MIN_PARTITION,
+        };
+        let mut worst = 0f64;
+        for case in 0..18 {
+            let group = [1, 2, 4, 8, 16, 8][case % 6];
+            let kv_heads = rng.random_range(1..=2);
+            let head_dim = [32, 64, 128][case % 3];
+            let block_size = [1, 5, 16][case / 3 % 3];
+            let long = case % 5 == 0;
+            let n_seqs = rng.random_range(1..=3);
+            let ctxs: Vec<(usize, usize)> = (0..n_seqs)
+                .map(|_| {
+                    let ctx = if long {
+                        rng.random_range(1500..=2500)
+                    } else {
+                        rng.random_range(1..=300)
+                    };
+                    (ctx, rng.random_range(1..=ctx.min(70)))
+                })
+                .collect();
+            let logit_scale = [1.0, 4.0, 12.0][case / 2 % 3];
+            let mut c = Case::<T>::new(
+                &mut rng,
+                group,
+                kv_heads,
+                head_dim,
+                block_size,
+                &ctxs,
+                logit_scale,
+            );
+            // The tiles read the queries, keys and values rounded to bf16; so does the
+            // reference.
+            for x in &mut c.q {
+                *x = bf16::from_f32(*x).to_f32();
+            }
+            for x in c.dense_k.iter_mut().chain(&mut c.dense_v).flatten() {
+                *x = bf16::from_f32(*x as f32).to_f64();
+            }
+            let (want, spread) = c.dense_with_spread();
+            for min_rows in [1, tiles::MIN_ROWS] {
+                let mut out = vec![f32::NAN; c.q.len()];
+                #[rustfmt::skip]
+                attend(&c.q, &c.kc, &c.vc, &c.layout, &c.seqs(), c.heads, c.scale, &mut out,
+                       Kernel::detect(), split, Some(min_rows))
+                .unwrap();
+                for (i, ((&got, &want), &spread)) in out.iter().zip(&want).zip(&spread).enumerate()
+                {
+                    let d = (got as f64 - want).abs();
+                    let bound = tile_bound(spread);
+                    worst = worst.max(d / bound);
+                    assert!(
+                        d <= bound,
+                        "case {case} (tiles from {min_rows} rows, group {group}, kv {kv_heads}, \
+                         hd {head_dim}, bs {block_size}, ctxs {ctxs:?}), output {i}: {got} vs \
+                         {want}, |Δ| {d:e} over the bound {bound:e}"
+                    );
+                }
+            }
+        }
+        eprintln!("tiles: worst |Δ| / bound {worst:.3}");
+    }
+
+    #[test]
+    fn tiles_match_dense_f64_bf16_kv() {
+        tile_sweep::<bf16>(23);
+    }
+
+    #[test]
+    fn tiles_match_dense_f64_f32_kv() {
+        tile_sweep::<f32>(24);
     }
 
     /// Reference: dense causal attention per sequence from contiguous K/V in f64.
