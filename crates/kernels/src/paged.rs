@@ -375,8 +375,8 @@ fn attend<T: KvElem>(
         .collect();
     let tile_tasks = tiles::plan(seqs, &on_tiles, kvh);
     for (s, _) in seqs.iter().zip(&on_tiles).filter(|(_, &on)| on) {
-        for r in s.q_start..s.q_start + s.q_len {
-            row_pos[r].0 = usize::MAX;
+        for (si, _) in &mut row_pos[s.q_start..s.q_start + s.q_len] {
+            *si = usize::MAX;
         }
     }
     let plan = Plan::new(&row_pos, heads / kvh, kvh, split);
