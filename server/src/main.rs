@@ -21,7 +21,10 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "switchyard",
     version,
-    about = "Inference server for sparse MoE models with a built-in request router"
+    about = "Inference server for sparse MoE models with a built-in request router",
+    // A flag given twice takes its last value (as in most Unix tools), so a wrapper such as
+    // `scripts/quickstart.sh --port 9000` can override the defaults it passes.
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -135,5 +138,57 @@ fn exit_quietly_on_closed_stdout() {
     // SAFETY: restoring the default disposition of one signal, before any thread is started.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repeated flag takes its last value (the quickstart passes `--port` and lets the
+    /// user's own `--port` win), on every subcommand; a repeated flag with a bad value still
+    /// fails and names it.
+    #[test]
+    fn repeated_flags_take_the_last_value() {
+        let cli = Cli::try_parse_from([
+            "switchyard",
+            "serve",
+            "--model",
+            "m",
+            "--port",
+            "8000",
+            "--port",
+            "9000",
+        ])
+        .unwrap();
+        let Cmd::Serve(a) = cli.cmd else {
+            panic!("not serve")
+        };
+        assert_eq!(a.port(), 9000);
+        let cli = Cli::try_parse_from([
+            "switchyard",
+            "bench",
+            "--model",
+            "m",
+            "--batch",
+            "2",
+            "--batch",
+            "4",
+        ])
+        .unwrap();
+        assert!(matches!(cli.cmd, Cmd::Bench(_)));
+        let err = Cli::try_parse_from([
+            "switchyard",
+            "serve",
+            "--model",
+            "m",
+            "--port",
+            "8000",
+            "--port",
+            "x",
+        ])
+        .err()
+        .expect("a bad last value is an error");
+        assert!(err.to_string().contains("--port"), "{err}");
     }
 }

@@ -38,6 +38,14 @@ pub struct ServeArgs {
     shutdown_timeout: u64,
 }
 
+#[cfg(test)]
+impl ServeArgs {
+    /// The port to listen on (for the CLI parsing tests).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 /// The flags that shape the application itself (model, engine, router, request defaults):
 /// shared by `serve` and `run-batch`, which builds the same app in-process.
 #[derive(clap::Args, Debug)]
