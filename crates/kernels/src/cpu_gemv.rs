@@ -58,25 +58,114 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// concurrent forwards (tensor-parallel ranks) never wait on each other's spinners.
 static SIBLINGS_AWAKE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Runs `f` (on a pool worker), with `SWITCHYARD_SPIN_WORKERS=1` while every other worker of
-/// the pool polls for rayon work instead of going to sleep (llama.cpp's `--poll`). A decode
-/// step starts a few hundred short parallel loops; between two of them an idle rayon worker
-/// falls asleep on a futex, and waking it for the next loop cost ~10% of decode time in futex
-/// calls alone on the 2-core dev VM (demo model, q8), plus the wake-up latency before it takes
-/// its share. The pollers take loop parts by work stealing, as a woken worker would, and return
-/// when `f` does. Off by default: it only pays on cores nothing else wants. On the dev VM
-/// (bf16 demo model, decode at batch 1) it gave +24% with the machine otherwise idle and
-/// -30…-40% while another build ran, because a poller then holds a core the kernel would give
-/// to the other process's threads, delaying the thread that has work.
+/// Runs `f` (on a pool worker) while every other worker of the pool polls for rayon work
+/// instead of going to sleep (llama.cpp's `--poll`), when that pays. A decode step starts a
+/// few hundred short parallel loops; between two of them an idle rayon worker falls asleep on
+/// a futex, and waking it for the next loop cost ~10% of decode time in futex calls alone on
+/// the 2-core dev VM (demo model, q8), plus the wake-up latency before it takes its share.
+/// The pollers take loop parts by work stealing, as a woken worker would, and return when `f`
+/// does. Polling only pays on cores nothing else wants: on the dev VM (small preset, bf16,
+/// decode at batch 1, 2026-11-29) it gave 92–97 tok/s against 83–88 with the machine
+/// otherwise idle (the quickstart's q8 demo: 77–78 against 66–70), and 25–26 against 37–44
+/// while two busy loops ran, because a poller then holds a core the kernel would give to the
+/// other process, delaying the thread that has work. So by default ([`Spin::WhenIdle`]) a forward pass polls only while other processes
+/// have left the machine idle ([`others_idle`]); `SWITCHYARD_SPIN_WORKERS=1` always polls,
+/// `=0` never.
 fn with_siblings_awake<R>(f: impl FnOnce() -> R) -> R {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ENABLED.get_or_init(|| std::env::var("SWITCHYARD_SPIN_WORKERS").is_ok_and(|v| v == "1"));
-    if enabled {
+    static MODE: std::sync::OnceLock<Spin> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(
+        || match std::env::var("SWITCHYARD_SPIN_WORKERS").as_deref() {
+            Ok("1") => Spin::Always,
+            Ok("0") => Spin::Never,
+            _ => Spin::WhenIdle,
+        },
+    );
+    let poll = match mode {
+        Spin::Always => true,
+        Spin::Never => false,
+        Spin::WhenIdle => others_idle(),
+    };
+    if poll {
         keep_siblings_awake(f)
     } else {
         f()
     }
+}
+
+/// When the pool's other workers poll during a forward pass (`SWITCHYARD_SPIN_WORKERS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spin {
+    /// `1`: every forward pass.
+    Always,
+    /// `0`: never.
+    Never,
+    /// Unset (or anything else): when [`others_idle`] says the rest of the machine is idle.
+    WhenIdle,
+}
+
+/// How often [`others_idle`] looks again: long enough for the kernel's CPU-time counters
+/// (10 ms ticks) to say something (20 ticks per core), short enough that polling stops
+/// within a few decode steps of another process starting.
+const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Other processes may use up to this many cores' worth of CPU time for the machine to count
+/// as otherwise idle (daemons, the tick accounting's noise), but not a build or a second
+/// server.
+const IDLE_OTHERS_CORES: f64 = 0.25;
+
+/// Whether the rest of the machine was idle over the last [`IDLE_WINDOW`]: the CPU time all
+/// processes used (`/proc/stat`'s first line, steal included) minus this process's own
+/// (`/proc/self/stat`), per second of wall time, is under [`IDLE_OTHERS_CORES`]. Both counters
+/// are in the same clock ticks, so spinning workers, which count as this process's time, do
+/// not read as others' load. False until two readings exist and where `/proc` cannot be
+/// read. Shared by every forward pass; the lock is taken once per pass.
+fn others_idle() -> bool {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    /// The last reading: when, all processes' busy ticks, this process's ticks, the verdict.
+    static LAST: Mutex<Option<(Instant, u64, u64, bool)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if let Some((at, _, _, verdict)) = *last {
+        if now.duration_since(at) < IDLE_WINDOW {
+            return verdict;
+        }
+    }
+    let (Some(all), Some(mine)) = (busy_ticks(), own_ticks()) else {
+        return false;
+    };
+    let verdict = last.is_some_and(|(at, all0, mine0, _)| {
+        let others = all
+            .saturating_sub(all0)
+            .saturating_sub(mine.saturating_sub(mine0));
+        let secs = now.duration_since(at).as_secs_f64();
+        // Linux's USER_HZ, which /proc reports in, is 100 on every architecture.
+        others as f64 / 100.0 < IDLE_OTHERS_CORES * secs
+    });
+    *last = Some((now, all, mine, verdict));
+    verdict
+}
+
+/// Busy clock ticks of all CPUs since boot: `/proc/stat`'s `cpu` line without idle and iowait.
+fn busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    Some(f.get(..8)?.iter().sum::<u64>() - f[3] - f[4])
+}
+
+/// This process's user + system clock ticks (`/proc/self/stat` fields 14 and 15, counted
+/// after the parenthesised command name, which may hold spaces).
+fn own_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so fields 14 and 15 are at 11 and 12.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// [`with_siblings_awake`] itself. Only one caller at a time keeps the workers polling; the
@@ -716,6 +805,32 @@ mod tests {
 
     /// Parallel loops under polling workers give the same sums as without, a panic inside
     /// ends the polling (no hang), and concurrent callers never wait on each other.
+    /// The CPU-time counters behind `others_idle` parse, and this process's own ticks grow
+    /// while it burns CPU and are part of the machine's busy ticks.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cpu_time_counters_count_this_process() {
+        let (all0, mine0) = (busy_ticks().unwrap(), own_ticks().unwrap());
+        let start = std::time::Instant::now();
+        let mut x = 1u64;
+        // 10 ticks (100 ms) of this process's CPU time, however busy the machine is.
+        while own_ticks().unwrap() < mine0 + 10 {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            assert!(start.elapsed().as_secs() < 60, "own ticks did not grow");
+        }
+        let (all1, mine1) = (busy_ticks().unwrap(), own_ticks().unwrap());
+        // Both are sampled on the same ticks; allow one tick per CPU of skew.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        assert!(
+            all1 - all0 + cpus >= mine1 - mine0,
+            "machine busy {} ticks < own {}",
+            all1 - all0,
+            mine1 - mine0
+        );
+    }
+
     #[test]
     fn polling_workers_run_loops_and_end() {
         let pool = rayon::ThreadPoolBuilder::new()
