@@ -807,6 +807,18 @@ async fn a_high_priority_request_overtakes_a_running_low_priority_one() {
     }));
     let long = |p: i64| completion(json!({"max_tokens": 400, "priority": p}));
     let alone = post(&s, "/v1/completions", long(0), &[]).await.json();
+    // The engine publishes its gauges after the step that answered `alone`, which can come
+    // after the answer reaches us: wait for its slot to read free, or the wait below could
+    // see `alone` still running and send the high-priority request before the long one is
+    // admitted (then nothing is preempted; seen once under the full suite's load).
+    let t0 = std::time::Instant::now();
+    while gauge(&s, "switchyard_num_requests_running").await > 0.0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the first request never left the slot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
     let s2 = s.clone();
     let low = tokio::spawn(async move {
         let r = post(&s2, "/v1/completions", long(10), &[]).await;
