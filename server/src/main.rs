@@ -150,45 +150,17 @@ mod tests {
     /// fails and names it.
     #[test]
     fn repeated_flags_take_the_last_value() {
-        let cli = Cli::try_parse_from([
-            "switchyard",
-            "serve",
-            "--model",
-            "m",
-            "--port",
-            "8000",
-            "--port",
-            "9000",
-        ])
-        .unwrap();
+        let parse = |line: &str| Cli::try_parse_from(line.split(' '));
+        let cli = parse("switchyard serve --model m --port 8000 --port 9000").unwrap();
         let Cmd::Serve(a) = cli.cmd else {
             panic!("not serve")
         };
         assert_eq!(a.port(), 9000);
-        let cli = Cli::try_parse_from([
-            "switchyard",
-            "bench",
-            "--model",
-            "m",
-            "--batch",
-            "2",
-            "--batch",
-            "4",
-        ])
-        .unwrap();
+        let cli = parse("switchyard bench --model m --batch 2 --batch 4").unwrap();
         assert!(matches!(cli.cmd, Cmd::Bench(_)));
-        let err = Cli::try_parse_from([
-            "switchyard",
-            "serve",
-            "--model",
-            "m",
-            "--port",
-            "8000",
-            "--port",
-            "x",
-        ])
-        .err()
-        .expect("a bad last value is an error");
+        let err = parse("switchyard serve --model m --port 8000 --port x")
+            .err()
+            .expect("a bad last value is an error");
         assert!(err.to_string().contains("--port"), "{err}");
     }
 }

@@ -1634,6 +1634,28 @@ mod tests {
     /// reference too, so the two bounds together say the new kernel is the more accurate.
     const REF_TOL: f64 = 2e-5;
 
+    /// One to three sequences' `(context, query rows)`: contexts drawn from `long_ctx` or
+    /// `short_ctx`, rows by `q_len(rng, context)`.
+    fn random_spans(
+        rng: &mut rand::rngs::StdRng,
+        long: bool,
+        long_ctx: std::ops::RangeInclusive<usize>,
+        short_ctx: std::ops::RangeInclusive<usize>,
+        q_len: impl Fn(&mut rand::rngs::StdRng, usize) -> usize,
+    ) -> Vec<(usize, usize)> {
+        let n_seqs = rng.random_range(1..=3);
+        (0..n_seqs)
+            .map(|_| {
+                let ctx = rng.random_range(if long {
+                    long_ctx.clone()
+                } else {
+                    short_ctx.clone()
+                });
+                (ctx, q_len(rng, ctx))
+            })
+            .collect()
+    }
+
     /// Random shapes through every kernel, with and without context partitions, against f64
     /// dense attention: GQA 1…16, head_dim 8…256 (not all multiples of 16), block sizes 1, 5
     /// and 16, contexts 1…5000 with decode rows and prefill chunks, f32 and bf16 KV, scrambled
@@ -1663,22 +1685,13 @@ mod tests {
             let block_size = [1, 5, 16][case % 3];
             // Long contexts with few heads and narrow rows keep the f64 reference quick.
             let long = case % 4 == 0;
-            let n_seqs = rng.random_range(1..=3);
-            let ctxs: Vec<(usize, usize)> = (0..n_seqs)
-                .map(|_| {
-                    let ctx = if long {
-                        rng.random_range(3000..=5000)
-                    } else {
-                        rng.random_range(1..=700)
-                    };
-                    let q_len = if rng.random_bool(0.5) {
-                        1
-                    } else {
-                        rng.random_range(1..=ctx.min(if long { 3 } else { 40 }))
-                    };
-                    (ctx, q_len)
-                })
-                .collect();
+            let ctxs = random_spans(&mut rng, long, 3000..=5000, 1..=700, |rng, ctx| {
+                if rng.random_bool(0.5) {
+                    1
+                } else {
+                    rng.random_range(1..=ctx.min(if long { 3 } else { 40 }))
+                }
+            });
             let head_dim = if long { head_dim.min(64) } else { head_dim };
             let logit_scale = [1.0, 4.0, 12.0][case % 3];
             let c = Case::<T>::new(
@@ -1839,17 +1852,9 @@ mod tests {
             let head_dim = [32, 64, 128][case % 3];
             let block_size = [1, 5, 16][case / 3 % 3];
             let long = case % 5 == 0;
-            let n_seqs = rng.random_range(1..=3);
-            let ctxs: Vec<(usize, usize)> = (0..n_seqs)
-                .map(|_| {
-                    let ctx = if long {
-                        rng.random_range(1500..=2500)
-                    } else {
-                        rng.random_range(1..=300)
-                    };
-                    (ctx, rng.random_range(1..=ctx.min(70)))
-                })
-                .collect();
+            let ctxs = random_spans(&mut rng, long, 1500..=2500, 1..=300, |rng, ctx| {
+                rng.random_range(1..=ctx.min(70))
+            });
             let logit_scale = [1.0, 4.0, 12.0][case / 2 % 3];
             let mut c = Case::<T>::new(
                 &mut rng,
