@@ -36,7 +36,7 @@ pub(crate) const TILE_K: usize = 32;
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        if std::env::var("SWITCHYARD_AMX").is_ok_and(|v| v == "0") {
+        if crate::env_off("SWITCHYARD_AMX") {
             return false;
         }
         detect()
@@ -88,13 +88,7 @@ const DEFAULT_MIN_TOKENS: usize = 8;
 /// other CPUs).
 pub(crate) fn min_tokens() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("SWITCHYARD_AMX_MIN_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_MIN_TOKENS)
-            .max(1)
-    })
+    *N.get_or_init(|| crate::env_count("SWITCHYARD_AMX_MIN_TOKENS", DEFAULT_MIN_TOKENS))
 }
 
 /// Whether a `[rows, cols]` bf16 matrix can be multiplied on the tiles: whole A tiles only.

@@ -25,7 +25,7 @@ use crate::cpu_gemv::TOKEN_BLOCK;
 /// `0` (checked once).
 pub(crate) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !std::env::var("SWITCHYARD_BF16_DOT").is_ok_and(|v| v == "0") && detected())
+    *ON.get_or_init(|| !crate::env_off("SWITCHYARD_BF16_DOT") && detected())
 }
 
 /// Whether the CPU has the instructions, whatever the switch says.
@@ -56,13 +56,7 @@ const DEFAULT_MIN_TOKENS: usize = 8;
 /// other CPUs).
 pub(crate) fn min_tokens() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("SWITCHYARD_BF16_DOT_MIN_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_MIN_TOKENS)
-            .max(1)
-    })
+    *N.get_or_init(|| crate::env_count("SWITCHYARD_BF16_DOT_MIN_TOKENS", DEFAULT_MIN_TOKENS))
 }
 
 /// Whether `tokens` activation rows multiplying bf16 weights go through this kernel; `exact`

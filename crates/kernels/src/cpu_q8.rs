@@ -357,9 +357,7 @@ impl WeightRows for Q8Matrix {
 /// Whether Q8 products of many rows may run on the AMX tiles ([`set_tiles`]); starts from
 /// `SWITCHYARD_Q8_TILES` (on unless `0`).
 static TILES: std::sync::LazyLock<std::sync::atomic::AtomicBool> = std::sync::LazyLock::new(|| {
-    std::sync::atomic::AtomicBool::new(
-        !std::env::var("SWITCHYARD_Q8_TILES").is_ok_and(|v| v == "0"),
-    )
+    std::sync::atomic::AtomicBool::new(!crate::env_off("SWITCHYARD_Q8_TILES"))
 });
 
 /// Lets Q8 products of at least `cpu_amx::min_tokens()` activation rows (prefill, batched

@@ -27,6 +27,22 @@ pub fn cpu_tiles_enabled() -> bool {
     cpu_amx::enabled()
 }
 
+/// Whether the environment variable `var` is `0`: how a CPU kernel path is turned off
+/// (`SWITCHYARD_AMX=0`, `SWITCHYARD_BF16_DOT=0`, `SWITCHYARD_Q8_TILES=0`).
+pub(crate) fn env_off(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "0")
+}
+
+/// The environment variable `var` as a count of at least 1, or `default` when it is unset or
+/// not a number (the `*_MIN_TOKENS` tuning knobs).
+pub(crate) fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
 /// Errors from the op layer; messages name the argument that is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
