@@ -20,10 +20,10 @@
 //!   running output rescaled to the new maximum.
 //!
 //! Numerics: queries and softmax weights (and an f32 cache's keys and values) are rounded to
-//! bf16, as GPU flash attention does;
-//! every product is exact in f32 and the tiles accumulate in f32. The normaliser is the sum of
-//! the rounded weights, so each output is a convex combination of value rows. The tests bound
-//! the difference from f64 attention on the same bf16 queries.
+//! bf16, as GPU flash attention does; every product is exact in f32 and the tiles accumulate
+//! in f32. The normaliser is the sum of the rounded weights, so each output is a convex
+//! combination of value rows. The tests bound the difference from f64 attention on the same
+//! bf16 queries.
 
 // Elsewhere `usable` is false and only the planning half is compiled in.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
@@ -44,7 +44,8 @@ const ROW_BLOCK: usize = 16;
 
 /// Fewest query rows of a sequence for the tile path; sequences with fewer (decode steps,
 /// speculative verification) take the FMA kernel, where each cache row is streamed once for
-/// all their queries.
+/// all their queries. The same count as the weight tiles' threshold (`cpu_amx`), not tuned
+/// on its own: at 8 rows and a group of 8, every key tile already feeds four query tiles.
 pub(super) const MIN_ROWS: usize = 8;
 
 /// Context tokens per step: the scores (`queries × CHUNK` f32, 32 KiB at 128 queries) and the
