@@ -76,6 +76,30 @@ BASE = dict(
 )
 
 
+# The AMX tile cases (bf16_tiles, bf16_attn_tiles): every projection a whole number of 16x32
+# tiles, 4 experts top-2 so each sees many prompt tokens.
+TILE_CFG = dict(
+    BASE,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_experts=4,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+# transformers' own bf16 run must stay near f32, and no expert choice may be near a tie, so
+# bf16 rounding anywhere cannot flip one: the bf16 checks then measure the kernels, not a
+# chaotic seed.
+TILE_CASE = dict(
+    max_bf16_diff=0.2,
+    min_router_margin=3e-3,
+    storage="bfloat16",
+    layout="fused",
+    dialect="transformers",
+    shard=None,
+    mtp=False,
+)
+
+
 def case_list():
     f32 = dict(BASE)
     return [
@@ -193,55 +217,20 @@ def case_list():
         ),
         dict(
             name="bf16_tiles",
-            cfg=dict(
-                BASE,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                moe_intermediate_size=32,
-                num_experts=4,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            ),
+            cfg=dict(TILE_CFG, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
             seed=6000,
             prompt_len=40,
-            # transformers' own bf16 run must stay near f32, and no expert choice may be near a
-            # tie, so bf16 rounding anywhere cannot flip one: the bf16 check then measures the
-            # kernels, not a chaotic seed.
-            max_bf16_diff=0.2,
-            min_router_margin=3e-3,
-            storage="bfloat16",
-            layout="fused",
-            dialect="transformers",
-            shard=None,
-            mtp=False,
+            **TILE_CASE,
             desc="bf16 weights with every projection a whole number of 16x32 AMX tiles (hidden 64, expert "
             "intermediate 32, dense 128, q 64 / kv 32 rows) and a 40-token prompt, so each of the 4 experts "
             "(top-2) sees about 20 tokens: the CPU's AMX tile path runs in prefill where the CPU has AMX.",
         ),
         dict(
             name="bf16_attn_tiles",
-            cfg=dict(
-                BASE,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                head_dim=32,
-                moe_intermediate_size=32,
-                num_experts=4,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            ),
+            cfg=dict(TILE_CFG, num_attention_heads=8, num_key_value_heads=2, head_dim=32),
             seed=7000,
             prompt_len=100,
-            max_bf16_diff=0.2,
-            min_router_margin=3e-3,
-            storage="bfloat16",
-            layout="fused",
-            dialect="transformers",
-            shard=None,
-            mtp=False,
+            **TILE_CASE,
             desc="bf16 weights with head_dim 32 (one AMX tile step per query and key row) and a 100-token "
             "prompt: the CPU's prefill attention runs on AMX tiles (two 64-token context chunks, GQA 8q/2kv) "
             "through the paged KV cache where the CPU has AMX; no near-tied expert choice.",
