@@ -1,20 +1,20 @@
 //! One MoE layer's forward on the CPU through the model's own layer:
 //! [`switchyard_model::MoeLayer`] is `hy_v3.rs`'s MoE block, built by the model's load code
-//! (quantized as `--quantize q8` quantizes at load) and run by the `forward` the model calls,
+//! (quantized as `--quantize q8|q4` quantizes at load) and run by the `forward` the model calls,
 //! on a rayon worker as the model runs it. So this measures the model's sequence (router
 //! matmul in f32, gate top-k, dispatch, routed experts and the shared expert, combined in f32;
-//! the fused routed + shared pass up to 64 tokens for bf16, the Q8 passes at any size) and
+//! the fused routed + shared pass up to 64 tokens for bf16, the quantized passes at any size) and
 //! follows it when it changes. Criterion's `elem/s` is tokens/s.
 //!
-//! Variants: `f32` and `bf16` are the weights' dtype, which the activations share; `q8` is the
-//! bf16 weights of the same seed quantized to Q8 (`switchyard_model::isq`), with f32
+//! Variants: `f32` and `bf16` are the weights' dtype, which the activations share; `q8` (`q4`)
+//! is the bf16 weights of the same seed quantized to Q8 (Q4) (`switchyard_model::isq`), with f32
 //! activations, as the model computes with quantized weights.
 //!
 //! Shapes:
 //! - `small`: the `small` preset's layer (H 1024, expert I 384, E 64, top-8, one shared
-//!   expert), f32, bf16 and q8: the layer the `tokens` bench runs seven of.
+//!   expert), f32, bf16, q8 and q4: the layer the `tokens` bench runs seven of.
 //! - `hy3_e64`: Hy3's expert shape (H 4096, I 1536, top-8, one shared expert, Hy3's gate) with
-//!   **64 experts instead of 192**, bf16 and q8. All 192 would be 7.3 GB of random bf16
+//!   **64 experts instead of 192**, bf16, q8 and q4. All 192 would be 7.3 GB of random bf16
 //!   weights; 64 are 2.4 GB (1.3 GB as Q8; building it holds the bf16 weights it quantizes
 //!   from too, 3.7 GB at the peak). A token's work is unchanged (eight routed experts and the
 //!   shared one of Hy3's size), so T = 1 is Hy3's per-layer decode cost; at larger T the tokens
@@ -59,6 +59,8 @@ enum Variant {
     Bf16,
     /// bf16 weights quantized to Q8 at build.
     Q8,
+    /// bf16 weights quantized to Q4 at build.
+    Q4,
 }
 
 impl Variant {
@@ -67,6 +69,7 @@ impl Variant {
             Variant::F32 => "f32",
             Variant::Bf16 => "bf16",
             Variant::Q8 => "q8",
+            Variant::Q4 => "q4",
         }
     }
 
@@ -74,13 +77,14 @@ impl Variant {
     fn weight_dtype(self) -> DType {
         match self {
             Variant::F32 => DType::F32,
-            Variant::Bf16 | Variant::Q8 => DType::BF16,
+            Variant::Bf16 | Variant::Q8 | Variant::Q4 => DType::BF16,
         }
     }
 
     fn quantize(self) -> Option<IsqType> {
         match self {
             Variant::Q8 => Some(IsqType::Q8),
+            Variant::Q4 => Some(IsqType::Q4),
             Variant::F32 | Variant::Bf16 => None,
         }
     }
@@ -167,7 +171,7 @@ fn bench_layer(c: &mut Criterion, name: &str, cfg: &ModelConfig, variant: Varian
 
 fn moe(c: &mut Criterion) {
     let small = preset("small");
-    for v in [Variant::F32, Variant::Bf16, Variant::Q8] {
+    for v in [Variant::F32, Variant::Bf16, Variant::Q8, Variant::Q4] {
         bench_layer(c, "small", &small, v, false);
     }
     let mut hy3 = preset("hy3");
@@ -177,7 +181,7 @@ fn moe(c: &mut Criterion) {
         HY3_EXPERTS
     };
     let name = format!("hy3_e{}", hy3.num_experts);
-    for v in [Variant::Bf16, Variant::Q8] {
+    for v in [Variant::Bf16, Variant::Q8, Variant::Q4] {
         bench_layer(c, &name, &hy3, v, true);
     }
 }

@@ -44,8 +44,9 @@ pub struct ModelArgs {
     pub tensor_parallel_size: usize,
     /// Quantize the weights while loading (in-situ quantization; alias `--isq`): `q8` (or
     /// `q8_0`) stores every projection as int8 with an f32 scale per 64 inputs, about half of
-    /// bf16's bytes, and computes in f32; `--dtype` then sets what stays dense (the
-    /// embedding). CPU only.
+    /// bf16's bytes; `q4` (or `q4_1`) as 4-bit values with an f16 step and minimum per 32
+    /// inputs (llama.cpp's Q4_1 grid), under a third of bf16's bytes, with the lm_head at q8.
+    /// Both compute in f32; `--dtype` then sets what stays dense (the embedding). CPU only.
     #[arg(long, visible_alias = "isq", value_name = "TYPE")]
     pub quantize: Option<IsqType>,
 }

@@ -156,17 +156,19 @@ fn upcycled_smollm2_answers_paris() {
     assert!(text.contains("Paris"), "answer: {text:?}");
 }
 
-/// In-situ Q8 quantization (`--quantize q8`) keeps the answer.
+/// In-situ quantization (`--quantize q8` and `q4`) keeps the answer.
 #[test]
-fn upcycled_smollm2_answers_paris_with_q8_weights() {
+fn upcycled_smollm2_answers_paris_with_quantized_weights() {
     let Some(dir) = demo_dir() else { return };
-    let opts = LoadOptions {
-        dtype: DType::BF16,
-        quantize: Some(switchyard_model::IsqType::Q8),
-        ..LoadOptions::default()
-    };
-    let text = answer_capital_of_france(dir, &opts);
-    assert!(text.contains("Paris"), "q8 answer: {text:?}");
+    for q in [switchyard_model::IsqType::Q8, switchyard_model::IsqType::Q4] {
+        let opts = LoadOptions {
+            dtype: DType::BF16,
+            quantize: Some(q),
+            ..LoadOptions::default()
+        };
+        let text = answer_capital_of_france(dir, &opts);
+        assert!(text.contains("Paris"), "{q} answer: {text:?}");
+    }
 }
 
 /// Structured output with a real model: a JSON schema constrains the shape, the model still

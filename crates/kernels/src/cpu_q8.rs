@@ -59,9 +59,6 @@ use crate::cpu_amx;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_gemv::{by_tokens, PREFETCH_HINT};
 use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, Tiles, WeightRows, TOKEN_BLOCK};
-use crate::cpu_moe::{run_dense, run_routed, ExpertDims, Group};
-use crate::gate::GateOutput;
-use crate::moe::DispatchPlan;
 use crate::KernelError;
 
 /// Inputs per weight scale and per activation scale. 64 with an f32 scale is 1.0625 bytes per
@@ -76,19 +73,19 @@ pub const Q8_BLOCK: usize = 64;
 /// Largest magnitude of a 16-bit fixed-point activation (`i16::MAX`): a block's 4 products
 /// per i32 lane stay below 2²⁴ (4 · 127 · 32767 < 16 777 216), so converting a lane to f32 is
 /// exact.
-const ACT_MAX: f32 = 32767.0;
+pub(crate) const ACT_MAX: f32 = 32767.0;
 
 /// Bytes of one cache line; each row's int8 values start on one.
-const LINE: usize = 64;
+pub(crate) const LINE: usize = 64;
 
 /// int8 weights the AVX-512 kernel prefetches ahead of its loads (into L2, like the bf16
 /// kernel): the bf16 kernel's 4 KiB distance in bytes.
-const Q8_PREFETCH_AHEAD: usize = 4096;
+pub(crate) const Q8_PREFETCH_AHEAD: usize = 4096;
 
 /// One 64-byte-aligned line of int8 weights (the allocation unit that aligns rows).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([i8; LINE]);
+pub(crate) struct Line(pub(crate) [i8; LINE]);
 
 /// Element types [`Q8Matrix::quantize`] reads.
 pub trait Q8Source: Copy + Send + Sync {
@@ -240,7 +237,7 @@ impl Q8Matrix {
     }
 }
 
-fn lines_bytes_mut(lines: &mut [Line]) -> &mut [i8] {
+pub(crate) fn lines_bytes_mut(lines: &mut [Line]) -> &mut [i8] {
     // SAFETY: as in `Q8Matrix::bytes`, with the unique borrow of `lines` carried over.
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut i8, lines.len() * LINE) }
 }
@@ -285,13 +282,13 @@ fn quantize_row<T: Q8Source>(
 }
 
 /// A weight tensor's values: bf16 in place, anything else converted to f32.
-enum Values<'a> {
+pub(crate) enum Values<'a> {
     Bf16(&'a [bf16]),
     F32(&'a [f32]),
 }
 
 /// Calls `f` with `w`'s values in row-major order (CPU tensors only).
-fn with_values<R>(
+pub(crate) fn with_values<R>(
     w: &Tensor,
     f: impl FnOnce(Values<'_>) -> Result<R, KernelError>,
 ) -> Result<R, KernelError> {
@@ -460,7 +457,7 @@ unsafe fn dequant_chunk_avx512(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::T
 /// `round(x / xs)` as i16, two per 32-bit slot (the first in the low half) in the first
 /// `inp / 2` slots, then the `inp / 64` scales, then zeros. A block holding a NaN or infinity
 /// gets a NaN scale, so the products it enters are NaN as they would be in f32.
-fn pack_activations(src: &[f32], dst: &mut [f32]) {
+pub(crate) fn pack_activations(src: &[f32], dst: &mut [f32]) {
     let inp = src.len();
     assert!(inp.is_multiple_of(Q8_BLOCK) && dst.len() == inp);
     let (vals, rest) = dst.split_at_mut(inp / 2);
@@ -499,7 +496,7 @@ pub fn round_activations(x: &[f32]) -> Vec<f32> {
 }
 
 /// Fixed-point activation `i` of a packed row of `inp` values.
-fn act_value(packed: &[f32], inp: usize, i: usize) -> i16 {
+pub(crate) fn act_value(packed: &[f32], inp: usize, i: usize) -> i16 {
     debug_assert!(i < inp);
     (packed[i / 2].to_bits() >> (16 * (i % 2))) as u16 as i16
 }
@@ -513,297 +510,6 @@ pub fn gemv_q8(x: &[f32], tokens: usize, w: &Q8Matrix, y: &mut [f32]) -> Result<
     check_gemv("gemv_q8", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
     gemv_rows(x, tokens, w, y);
     Ok(())
-}
-
-/// `x · deq(w)ᵀ` for a CPU tensor `x` `[T, cols]` of any float dtype; the result
-/// `[T, rows]` has `x`'s dtype. What a model's `Linear` calls with a Q8 weight.
-pub fn linear_q8(x: &Tensor, w: &Q8Matrix) -> Result<Tensor, KernelError> {
-    let (tokens, inp) = x.dims2()?;
-    if !x.device().is_cpu() || inp != w.cols {
-        return Err(KernelError::InvalidArgument(format!(
-            "linear_q8: x [{tokens}, {inp}] on {:?} for a Q8 weight [{}, {}] (CPU only)",
-            x.device(),
-            w.rows,
-            w.cols
-        )));
-    }
-    if tokens == 0 {
-        return Ok(Tensor::zeros((0, w.rows), x.dtype(), x.device())?);
-    }
-    let xv = x
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut y = vec![0f32; tokens * w.rows];
-    gemv_q8(&xv, tokens, w, &mut y)?;
-    let t = Tensor::from_vec(y, (tokens, w.rows), x.device())?;
-    Ok(t.to_dtype(x.dtype())?)
-}
-
-/// A SwiGLU MLP in Q8: gate+up `[2·inter, hidden]` (gate rows first) and down
-/// `[hidden, inter]`, as [`crate::cpu_moe::MlpWeights`] holds them in bf16.
-#[derive(Debug, Clone)]
-pub struct Q8Mlp {
-    gate_up: Q8Matrix,
-    down: Q8Matrix,
-}
-
-impl Q8Mlp {
-    /// Pairs two quantized matrices; errors unless `gate_up` is `[2·I, H]` and `down` `[H, I]`.
-    pub fn new(gate_up: Q8Matrix, down: Q8Matrix) -> Result<Self, KernelError> {
-        if gate_up.rows != 2 * down.cols || gate_up.cols != down.rows {
-            return Err(KernelError::InvalidArgument(format!(
-                "Q8 MLP: gate_up [{}, {}] and down [{}, {}] are not [2·I, H] and [H, I]",
-                gate_up.rows, gate_up.cols, down.rows, down.cols
-            )));
-        }
-        Ok(Self { gate_up, down })
-    }
-
-    /// Quantizes `gate_up` `[2·inter, hidden]` and `down` `[hidden, inter]` (row-major).
-    pub fn quantize<T: Q8Source>(
-        gate_up: &[T],
-        down: &[T],
-        inter: usize,
-        hidden: usize,
-    ) -> Result<Self, KernelError> {
-        Self::new(
-            Q8Matrix::quantize(gate_up, 2 * inter, hidden)?,
-            Q8Matrix::quantize(down, hidden, inter)?,
-        )
-    }
-
-    /// Quantizes 2-D CPU tensors `gate_up` `[2·I, H]` and `down` `[H, I]`.
-    pub fn from_tensors(gate_up: &Tensor, down: &Tensor) -> Result<Self, KernelError> {
-        Self::new(
-            Q8Matrix::from_tensor(gate_up)?,
-            Q8Matrix::from_tensor(down)?,
-        )
-    }
-
-    /// Intermediate size.
-    pub fn inter(&self) -> usize {
-        self.down.cols
-    }
-
-    /// Hidden size.
-    pub fn hidden(&self) -> usize {
-        self.down.rows
-    }
-
-    /// The fused gate+up matrix `[2·I, H]`.
-    pub fn gate_up(&self) -> &Q8Matrix {
-        &self.gate_up
-    }
-
-    /// The down matrix `[H, I]`.
-    pub fn down(&self) -> &Q8Matrix {
-        &self.down
-    }
-
-    /// Bytes both matrices hold.
-    pub fn memory_bytes(&self) -> usize {
-        self.gate_up.memory_bytes() + self.down.memory_bytes()
-    }
-
-    fn group(&self) -> Group<&Q8Matrix> {
-        Group {
-            gate_up: &self.gate_up,
-            down: &self.down,
-            inter: self.inter(),
-            lo: 0,
-            n: 0,
-            bf16_ops: false,
-        }
-    }
-}
-
-/// A layer's routed experts in Q8, one [`Q8Mlp`] per expert (all the same shape).
-#[derive(Debug, Clone)]
-pub struct Q8Experts {
-    experts: Vec<Q8Mlp>,
-}
-
-impl Q8Experts {
-    /// Collects per-expert MLPs (e.g. quantized one by one while loading); errors when there
-    /// are none or their shapes differ.
-    pub fn new(experts: Vec<Q8Mlp>) -> Result<Self, KernelError> {
-        let Some(first) = experts.first() else {
-            return Err(KernelError::InvalidArgument(
-                "Q8 experts: no experts".into(),
-            ));
-        };
-        let (i, h) = (first.inter(), first.hidden());
-        if let Some(e) = experts
-            .iter()
-            .position(|m| (m.inter(), m.hidden()) != (i, h))
-        {
-            return Err(KernelError::InvalidArgument(format!(
-                "Q8 experts: expert {e} is [inter {}, hidden {}], expert 0 is [{i}, {h}]",
-                experts[e].inter(),
-                experts[e].hidden()
-            )));
-        }
-        Ok(Self { experts })
-    }
-
-    /// Quantizes stacked expert weights as [`crate::cpu_moe::experts_forward_bf16`] takes
-    /// them: `gate_up` `[E, 2I, H]` and `down` `[E, H, I]`.
-    pub fn quantize<T: Q8Source>(
-        gate_up: &[T],
-        down: &[T],
-        dims: ExpertDims,
-    ) -> Result<Self, KernelError> {
-        let ExpertDims {
-            experts: e,
-            inter: i,
-            hidden: h,
-        } = dims;
-        if gate_up.len() != e * 2 * i * h || down.len() != e * h * i {
-            return Err(KernelError::InvalidArgument(format!(
-                "Q8 experts: gate_up {} for [{e}, {}, {h}], down {} for [{e}, {h}, {i}]",
-                gate_up.len(),
-                2 * i,
-                down.len()
-            )));
-        }
-        Self::new(
-            gate_up
-                .chunks_exact(2 * i * h)
-                .zip(down.chunks_exact(h * i))
-                .map(|(gu, dn)| Q8Mlp::quantize(gu, dn, i, h))
-                .collect::<Result<_, _>>()?,
-        )
-    }
-
-    /// Quantizes stacked 3-D CPU tensors `gate_up` `[E, 2I, H]` and `down` `[E, H, I]`.
-    pub fn from_tensors(gate_up: &Tensor, down: &Tensor) -> Result<Self, KernelError> {
-        let (e, i2, h) = gate_up.dims3()?;
-        let dims = ExpertDims {
-            experts: e,
-            inter: i2 / 2,
-            hidden: h,
-        };
-        with_values(gate_up, |gu| {
-            with_values(down, |dn| match (gu, dn) {
-                (Values::Bf16(a), Values::Bf16(b)) => Self::quantize(a, b, dims),
-                (Values::F32(a), Values::F32(b)) => Self::quantize(a, b, dims),
-                _ => Err(KernelError::InvalidArgument(
-                    "Q8 experts: gate_up and down have different dtypes".into(),
-                )),
-            })
-        })
-    }
-
-    /// `E`, `I` and `H`.
-    pub fn dims(&self) -> ExpertDims {
-        ExpertDims {
-            experts: self.experts.len(),
-            inter: self.experts[0].inter(),
-            hidden: self.experts[0].hidden(),
-        }
-    }
-
-    /// Expert `e`.
-    pub fn expert(&self, e: usize) -> &Q8Mlp {
-        &self.experts[e]
-    }
-
-    /// Bytes every expert holds.
-    pub fn memory_bytes(&self) -> usize {
-        self.experts.iter().map(Q8Mlp::memory_bytes).sum()
-    }
-}
-
-/// [`crate::cpu_moe::experts_forward_bf16`] with Q8 experts (and shared expert): `x` `[T, H]`
-/// f32, returns `[T, H]` f32 = `Σ_j w_j · expert_j(x_t)` (+ `shared(x_t)`). Unlike the bf16
-/// path, nothing is rounded to bf16 on the way (there is no unfused Q8 path to agree with):
-/// sums and SiLU·mul stay f32, and each projection's input is rounded to 16 bits per block
-/// as in [`gemv_q8`] — except in groups (an expert's entries, the shared expert's tokens) that
-/// run on the AMX tiles, where inputs and dequantized weights are rounded to bf16 as there.
-pub fn experts_forward_q8(
-    x: &[f32],
-    experts: &Q8Experts,
-    gate: &GateOutput,
-    plan: &DispatchPlan,
-    shared: Option<&Q8Mlp>,
-) -> Result<Vec<f32>, KernelError> {
-    let ExpertDims {
-        experts: e,
-        hidden: h,
-        ..
-    } = experts.dims();
-    let t = gate.tokens;
-    if x.len() != t * h || plan.num_experts != e || plan.offsets.len() != e + 1 {
-        return Err(KernelError::InvalidArgument(format!(
-            "experts_forward_q8 shapes: x {} for [{t}, {h}], plan for {} experts, layer has {e}",
-            x.len(),
-            plan.num_experts
-        )));
-    }
-    if let Some(s) = shared {
-        if s.hidden() != h {
-            return Err(KernelError::InvalidArgument(format!(
-                "experts_forward_q8: shared expert hidden {} for experts' {h}",
-                s.hidden()
-            )));
-        }
-    }
-    let expert = |ex: usize| experts.experts[ex].group();
-    Ok(run_routed(
-        x,
-        h,
-        gate,
-        plan,
-        expert,
-        shared.map(Q8Mlp::group),
-    ))
-}
-
-/// [`crate::cpu_moe::mlp_forward_bf16`] with Q8 weights: `x` `[tokens, H]` f32 → `[tokens, H]`
-/// f32, rounded as [`experts_forward_q8`] rounds.
-pub fn mlp_forward_q8(x: &[f32], tokens: usize, mlp: &Q8Mlp) -> Result<Vec<f32>, KernelError> {
-    let h = mlp.hidden();
-    if x.len() != tokens * h {
-        return Err(KernelError::InvalidArgument(format!(
-            "mlp_forward_q8: x {} for [{tokens}, {h}]",
-            x.len()
-        )));
-    }
-    Ok(run_dense(x, tokens, h, mlp.group()))
-}
-
-/// [`mlp_forward_q8`] on a CPU tensor `x` `[T, H]` (any float dtype); returns `[T, H]` f32.
-pub fn mlp_q8(x: &Tensor, mlp: &Q8Mlp) -> Result<Tensor, KernelError> {
-    let (t, _) = x.dims2()?;
-    let xf = cpu_f32(x, "mlp_q8")?;
-    let y = mlp_forward_q8(&xf, t, mlp)?;
-    Ok(Tensor::from_vec(y, (t, mlp.hidden()), x.device())?)
-}
-
-/// [`experts_forward_q8`] on a CPU tensor `x` `[T, H]` (any float dtype); returns `[T, H]` f32.
-pub fn experts_q8(
-    x: &Tensor,
-    experts: &Q8Experts,
-    gate: &GateOutput,
-    plan: &DispatchPlan,
-    shared: Option<&Q8Mlp>,
-) -> Result<Tensor, KernelError> {
-    let (t, h) = x.dims2()?;
-    let xf = cpu_f32(x, "experts_q8")?;
-    let y = experts_forward_q8(&xf, experts, gate, plan, shared)?;
-    Ok(Tensor::from_vec(y, (t, h), x.device())?)
-}
-
-fn cpu_f32(x: &Tensor, what: &str) -> Result<Vec<f32>, KernelError> {
-    if !x.device().is_cpu() {
-        return Err(KernelError::InvalidArgument(format!(
-            "{what}: x is not on the CPU (Q8 kernels are CPU only)"
-        )));
-    }
-    Ok(x.to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
 }
 
 /// A Q8 row kernel's entry point: `(q, scales, packed x, n, inp, d)`.

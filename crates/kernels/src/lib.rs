@@ -9,7 +9,9 @@ pub(crate) mod cpu_bf16dot;
 pub mod cpu_gemv;
 pub mod cpu_moe;
 pub mod cpu_ops;
+pub mod cpu_q4;
 pub mod cpu_q8;
+pub mod cpu_quant;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gate;

@@ -24,8 +24,8 @@
 //! (world 1) takes none of these paths: no collective, no extra copy.
 //!
 //! In-situ quantization ([`LoadOptions::quantize`], [`crate::isq`]): projections are
-//! quantized to Q8 while loading (after q/k/v stacking and a rank's narrowing) and run in
-//! `switchyard_kernels::cpu_q8`; MoE blocks take `MoeExec::Q8`, and activations are f32
+//! quantized to Q8 or Q4 while loading (after q/k/v stacking and a rank's narrowing) and run in
+//! `switchyard_kernels::cpu_quant`; MoE blocks take `MoeExec::Quant`, and activations are f32
 //! throughout ([`HyV3Model::activation_dtype`]).
 //!
 //! [`MoeLayer`] (`hy_v3/moe_layer.rs`) is one MoE block on its own, built and run by this
@@ -40,7 +40,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use switchyard_kernels::cpu_q8::{Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK};
+use switchyard_kernels::cpu_q8::Q8_BLOCK;
+use switchyard_kernels::cpu_quant::{QuantExperts, QuantMatrix, QuantMlp};
 use switchyard_kernels::{
     dispatch, experts_forward, gate_topk, DispatchPlan, ExpertWeights, GateConfig, GateOutput,
 };
@@ -117,7 +118,7 @@ impl RmsNorm {
 enum LinearWeight {
     Dense(Tensor),
     /// Inputs zero-padded to whole blocks when `in` is not a multiple of [`Q8_BLOCK`].
-    Q8(Arc<Q8Matrix>),
+    Quant(Arc<QuantMatrix>),
 }
 
 impl LinearWeight {
@@ -125,9 +126,9 @@ impl LinearWeight {
     fn quantize(w: Tensor, isq: Option<IsqType>) -> Result<Self, ModelError> {
         Ok(match isq {
             None => LinearWeight::Dense(w),
-            Some(IsqType::Q8) => {
+            Some(q) => {
                 let w = isq::pad_last(&w, isq::padded(w.dim(1)?))?;
-                LinearWeight::Q8(Arc::new(Q8Matrix::from_tensor(&w)?))
+                LinearWeight::Quant(Arc::new(QuantMatrix::from_tensor(q.kind(), &w)?))
             }
         })
     }
@@ -136,7 +137,7 @@ impl LinearWeight {
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match self {
             LinearWeight::Dense(w) => matmul_t(x, w),
-            LinearWeight::Q8(q) => Ok(switchyard_kernels::cpu_q8::linear_q8(
+            LinearWeight::Quant(q) => Ok(switchyard_kernels::cpu_quant::linear_quant(
                 &isq::pad_last(x, q.cols())?,
                 q,
             )?),
@@ -147,7 +148,7 @@ impl LinearWeight {
     fn bytes(&self) -> u64 {
         match self {
             LinearWeight::Dense(w) => tensor_bytes(w),
-            LinearWeight::Q8(q) => q.memory_bytes() as u64,
+            LinearWeight::Quant(q) => q.memory_bytes() as u64,
         }
     }
 }
@@ -204,7 +205,7 @@ impl Linear {
         };
         let dense = |l: LinearWeight| match l {
             LinearWeight::Dense(t) => Ok(t),
-            LinearWeight::Q8(_) => Err(ModelError::InvalidInput(
+            LinearWeight::Quant(_) => Err(ModelError::InvalidInput(
                 "q/k/v are stacked before quantizing".into(),
             )),
         };
@@ -222,8 +223,8 @@ impl Linear {
                 weight: LinearWeight::quantize(w, isq)?,
                 bias: self.bias,
             },
-            q8 => Self {
-                weight: q8,
+            quantized => Self {
+                weight: quantized,
                 bias: self.bias,
             },
         })
@@ -266,8 +267,8 @@ fn residual_add(x: &Tensor, y: &Tensor) -> Result<Tensor, ModelError> {
 /// prefill sizes the per-projection GEMV path is faster (small preset bf16, batch 16 × 128
 /// prompt tokens: prefill 208–232 tok/s fused for every size vs 272–284 with this limit;
 /// batch 4: 251–263 vs 287–302; decode unchanged). With AMX tiles in both paths it still holds
-/// (2026-11-29, batch 4 × 128: 1037–1112 fused vs 1173–1257 unfused). Q8 weights take their
-/// fused path at any size (there is no unfused Q8 path).
+/// (2026-11-29, batch 4 × 128: 1037–1112 fused vs 1173–1257 unfused). Quantized weights take
+/// their fused path at any size (there is no unfused quantized path).
 const MAX_FUSED_MLP_TOKENS: usize = 64;
 
 /// A SwiGLU MLP's weights, gate and up fused: as loaded, or quantized at load.
@@ -276,14 +277,14 @@ enum MlpWeights {
     /// `gate_up` `[2·I, H]` (gate rows first) and `down` `[H, I]`.
     Dense { gate_up: Tensor, down: Tensor },
     /// Zero-padded to whole blocks ([`isq::pad_swiglu`]); its output is `H'` wide.
-    Q8(Q8Mlp),
+    Quant(QuantMlp),
 }
 
-/// Quantizes SwiGLU weights `gate_up` `[2·I, H]` and `down` `[H, I]` to Q8, padded to whole
-/// blocks; the dense tensors are dropped.
-fn q8_mlp(gate_up: Tensor, down: Tensor) -> Result<Q8Mlp, ModelError> {
+/// Quantizes SwiGLU weights `gate_up` `[2·I, H]` and `down` `[H, I]`, padded to whole blocks;
+/// the dense tensors are dropped.
+fn quant_mlp(isq: IsqType, gate_up: Tensor, down: Tensor) -> Result<QuantMlp, ModelError> {
     let (gate_up, down) = isq::pad_swiglu(gate_up, down, Q8_BLOCK)?;
-    Ok(Q8Mlp::from_tensors(&gate_up, &down)?)
+    Ok(QuantMlp::from_tensors(isq.kind(), &gate_up, &down)?)
 }
 
 #[derive(Debug, Clone)]
@@ -305,7 +306,7 @@ impl Mlp {
         let gate_up = Tensor::cat(&[gate, up], 0)?;
         let weights = match isq {
             None => MlpWeights::Dense { gate_up, down },
-            Some(IsqType::Q8) => MlpWeights::Q8(q8_mlp(gate_up, down)?),
+            Some(q) => MlpWeights::Quant(quant_mlp(q, gate_up, down)?),
         };
         Ok(Self {
             weights,
@@ -358,14 +359,14 @@ impl Mlp {
     fn dense(&self) -> Option<(&Tensor, &Tensor)> {
         match &self.weights {
             MlpWeights::Dense { gate_up, down } => Some((gate_up, down)),
-            MlpWeights::Q8(_) => None,
+            MlpWeights::Quant(_) => None,
         }
     }
 
     /// The quantized weights, when quantized.
-    fn q8(&self) -> Option<&Q8Mlp> {
+    fn quantized(&self) -> Option<&QuantMlp> {
         match &self.weights {
-            MlpWeights::Q8(q) => Some(q),
+            MlpWeights::Quant(q) => Some(q),
             MlpWeights::Dense { .. } => None,
         }
     }
@@ -374,7 +375,7 @@ impl Mlp {
     fn bytes(&self) -> u64 {
         match &self.weights {
             MlpWeights::Dense { gate_up, down } => tensor_bytes(gate_up) + tensor_bytes(down),
-            MlpWeights::Q8(q) => q.memory_bytes() as u64,
+            MlpWeights::Quant(q) => q.memory_bytes() as u64,
         }
     }
 
@@ -382,10 +383,11 @@ impl Mlp {
     /// is all-reduced before rounding).
     fn forward(&self, x: &Tensor, out: DType) -> Result<Tensor, ModelError> {
         let (gate_up, down) = match &self.weights {
-            // Q8: both projections in the kernels' two parallel passes at any token count
-            // (there is no unfused Q8 path to fall back to), f32 out.
-            MlpWeights::Q8(q) => {
-                let y = switchyard_kernels::cpu_q8::mlp_q8(&isq::pad_last(x, q.hidden())?, q)?;
+            // Quantized: both projections in the kernels' two parallel passes at any token
+            // count (there is no unfused quantized path to fall back to), f32 out.
+            MlpWeights::Quant(q) => {
+                let xp = isq::pad_last(x, q.hidden())?;
+                let y = switchyard_kernels::cpu_quant::mlp_quant(&xp, q)?;
                 return Ok(narrow_hidden(y, self.hidden)?.to_dtype(out)?);
             }
             MlpWeights::Dense { gate_up, down } => (gate_up, down),
@@ -742,12 +744,13 @@ enum MoeExec {
     /// `switchyard_kernels::cuda`, no host synchronisation.
     #[cfg(feature = "cuda")]
     CudaKernels(cuda_moe::CudaMoe),
-    /// Experts quantized at load (`--quantize q8`, CPU): gate top-k and dispatch on the host,
-    /// then `cpu_q8::experts_q8`'s two parallel passes over the active experts, with a Q8
-    /// shared expert in the same passes; f32 out. Weights zero-padded to whole blocks.
-    Q8 {
+    /// Experts quantized at load (`--quantize q8|q4`, CPU): gate top-k and dispatch on the
+    /// host, then `cpu_quant::experts_quant`'s two parallel passes over the active experts,
+    /// with a quantized shared expert in the same passes; f32 out. Weights zero-padded to whole
+    /// blocks.
+    Quant {
         bias: Option<Vec<f32>>,
-        experts: Q8Experts,
+        experts: QuantExperts,
     },
 }
 
@@ -781,19 +784,20 @@ impl MoeExec {
         Ok((MoeExec::Reference { bias, experts }, shared))
     }
 
-    /// [`MoeExec::Q8`] from dense routed experts (`[2I, H]` and `[H, I]` each), quantized one
-    /// at a time: the dense copy of one expert is the peak beyond the quantized weights when
-    /// `experts` reads them lazily.
-    fn q8(
+    /// [`MoeExec::Quant`] from dense routed experts (`[2I, H]` and `[H, I]` each), quantized
+    /// one at a time: the dense copy of one expert is the peak beyond the quantized weights
+    /// when `experts` reads them lazily.
+    fn quantized(
+        isq: IsqType,
         experts: impl Iterator<Item = Result<(Tensor, Tensor), ModelError>>,
         bias: Option<Tensor>,
     ) -> Result<Self, ModelError> {
         let experts = experts
-            .map(|r| r.and_then(|(gu, dn)| q8_mlp(gu, dn)))
+            .map(|r| r.and_then(|(gu, dn)| quant_mlp(isq, gu, dn)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(MoeExec::Q8 {
+        Ok(MoeExec::Quant {
             bias: host_bias(bias)?,
-            experts: Q8Experts::new(experts)?,
+            experts: QuantExperts::new(experts)?,
         })
     }
 
@@ -804,7 +808,7 @@ impl MoeExec {
             MoeExec::CudaGate { .. } => "cuda-gate+reference-experts",
             #[cfg(feature = "cuda")]
             MoeExec::CudaKernels(_) => "cuda-kernels",
-            MoeExec::Q8 { .. } => "q8",
+            MoeExec::Quant { experts, .. } => experts.kind().name(),
         }
     }
 }
@@ -851,8 +855,11 @@ impl Moe {
             Ok((Tensor::cat(&[g, u], 0)?, dn))
         };
         let gate = cfg.gate_config();
-        let (exec, shared) = if isq == Some(IsqType::Q8) && el > 0 {
-            (MoeExec::q8((e0..e0 + el).map(expert), bias)?, shared)
+        let (exec, shared) = if let (Some(q), true) = (isq, el > 0) {
+            (
+                MoeExec::quantized(q, (e0..e0 + el).map(expert), bias)?,
+                shared,
+            )
         } else {
             let experts = if el == 0 {
                 let (dt, dev) = (w.dtype(), w.device());
@@ -982,14 +989,19 @@ impl Moe {
             }
             #[cfg(feature = "cuda")]
             MoeExec::CudaKernels(c) => c.forward(x, &logits, &self.gate)?,
-            MoeExec::Q8 { bias, experts } => {
+            MoeExec::Quant { bias, experts } => {
                 let (g, plan) = self.route_host(&logits, bias.as_deref())?;
                 // The shared expert joins the two passes and the sum is f32: the fp32
                 // combine, which f32 activations make the only combine.
                 let fuse = self.fp32_combine || x.dtype() == DType::F32;
-                let shared = self.shared.as_ref().and_then(Mlp::q8).filter(|_| fuse);
+                let shared = self
+                    .shared
+                    .as_ref()
+                    .and_then(Mlp::quantized)
+                    .filter(|_| fuse);
                 let xp = isq::pad_last(x, experts.dims().hidden)?;
-                let y = switchyard_kernels::cpu_q8::experts_q8(&xp, experts, &g, &plan, shared)?;
+                let y =
+                    switchyard_kernels::cpu_quant::experts_quant(&xp, experts, &g, &plan, shared)?;
                 let y = narrow_hidden(y, x.dim(1)?)?;
                 if shared.is_some() || self.shared.is_none() {
                     return Ok(y.to_dtype(out)?);
@@ -1335,7 +1347,7 @@ impl HyV3Model {
                 .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?
         };
         // Tied and dense: the embedding's own tensor (the conversion above is a no-op then).
-        let lm_head = LinearWeight::quantize(lm_head, isq)?;
+        let lm_head = LinearWeight::quantize(lm_head, isq.map(IsqType::lm_head))?;
         let mtp = if opts.load_mtp {
             let mut map = HashMap::new();
             for l in 0..cfg.num_mtp_layers.max(1) {
@@ -1425,7 +1437,7 @@ impl HyV3Model {
                         }
                         #[cfg(feature = "cuda")]
                         MoeExec::CudaKernels(c) => c.weight_bytes(),
-                        MoeExec::Q8 { bias, experts } => {
+                        MoeExec::Quant { bias, experts } => {
                             bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
                                 + experts.memory_bytes() as u64
                         }

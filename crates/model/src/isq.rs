@@ -1,13 +1,18 @@
 //! In-situ quantization (ISQ, mistral.rs's name): weights quantized while the model loads,
-//! from whatever the checkpoint stores, for the CPU kernels of `switchyard_kernels::cpu_q8`.
+//! from whatever the checkpoint stores, for the CPU kernels of `switchyard_kernels::cpu_quant`
+//! (`cpu_q8`: 8-bit, `cpu_q4`: 4-bit).
 //!
-//! What `--quantize q8` quantizes: every projection — the stacked q/k/v and `o_proj`, dense
+//! What `--quantize q8|q4` quantizes: every projection — the stacked q/k/v and `o_proj`, dense
 //! MLPs, the shared expert, each routed expert (one at a time, so peak memory stays near the
 //! quantized size) and the lm_head — after stacking and after a tensor-parallel rank's
 //! narrowing, so each rank quantizes exactly the slice it multiplies. The router (f32), the
-//! norms and the embedding (a lookup, not a product) stay dense.
+//! norms and the embedding (a lookup, not a product) stay dense. With `q4` the lm_head is Q8
+//! ([`IsqType::lm_head`]), as llama.cpp's 4-bit presets keep the output matrix at 6 bits or
+//! more: every logit goes through it, and on the demo model a 4-bit lm_head alone moved the
+//! logits by more than every other 4-bit projection together (NOTES.md, session 9).
 //!
-//! A projection whose input size is not a multiple of [`Q8_BLOCK`] (64) is zero-padded to
+//! A projection whose input size is not a multiple of [`Q8_BLOCK`] (64; Q4's groups are 64
+//! weights too) is zero-padded to
 //! the next multiple before quantizing, and its input is zero-padded at run time: zero weights
 //! times zero activations add nothing, so the result is the unpadded product's (the CUDA MoE
 //! path pads its expert weights the same way). Real checkpoints' sizes are multiples of 64;
@@ -26,6 +31,7 @@ use std::str::FromStr;
 
 use candle_core::{Tensor, D};
 use switchyard_kernels::cpu_q8::Q8_BLOCK;
+use switchyard_kernels::cpu_quant::QuantKind;
 
 use crate::ModelError;
 
@@ -39,17 +45,31 @@ pub enum IsqType {
     /// int8 weights with one f32 scale per 64 inputs (1.0625 bytes per weight; llama.cpp's
     /// Q8_0 with a wider block), products in the `cpu_q8` integer kernels.
     Q8,
+    /// 4-bit weights with an f16 step and minimum per 32 inputs (0.625 bytes per weight;
+    /// llama.cpp's Q4_1 grid), products in the `cpu_q4` integer kernels; the lm_head is Q8.
+    Q4,
 }
 
 impl IsqType {
     /// The choices [`IsqType::from_str`] accepts, for error messages and help.
-    pub const CHOICES: &'static str = "q8 (also written q8_0)";
+    pub const CHOICES: &'static str = "q8 (also written q8_0), q4 (also written q4_1)";
 
     /// The name `--quantize` takes.
     pub fn name(self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// The kernels' format.
+    pub fn kind(self) -> QuantKind {
         match self {
-            IsqType::Q8 => "q8",
+            IsqType::Q8 => QuantKind::Q8,
+            IsqType::Q4 => QuantKind::Q4,
         }
+    }
+
+    /// The format the lm_head gets: Q8 for both (see the module docs).
+    pub fn lm_head(self) -> IsqType {
+        IsqType::Q8
     }
 }
 
@@ -62,10 +82,11 @@ impl std::fmt::Display for IsqType {
 impl FromStr for IsqType {
     type Err = String;
 
-    /// `q8`, or `q8_0` as llama.cpp users write it (any case).
+    /// `q8` or `q4`, or `q8_0` / `q4_1` as llama.cpp users write them (any case).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "q8" | "q8_0" => Ok(IsqType::Q8),
+            "q4" | "q4_1" => Ok(IsqType::Q4),
             _ => Err(format!(
                 "unknown {QUANTIZE_FLAG} {s:?}; choices: {}",
                 IsqType::CHOICES
@@ -74,7 +95,7 @@ impl FromStr for IsqType {
     }
 }
 
-/// Refuses quantization on a device other than the CPU (there are no GPU Q8 kernels).
+/// Refuses quantization on a device other than the CPU (there are no GPU quantized kernels).
 pub(crate) fn check_device(
     isq: Option<IsqType>,
     device: &candle_core::Device,
@@ -173,13 +194,18 @@ mod tests {
         for s in ["q8", "Q8", "q8_0", "Q8_0"] {
             assert_eq!(s.parse::<IsqType>().unwrap(), IsqType::Q8, "{s}");
         }
-        let e = "q4".parse::<IsqType>().unwrap_err();
-        assert!(e.contains("--quantize") && e.contains("q8"), "{e}");
-        assert_eq!(
-            serde_json::to_string(&IsqType::Q8).unwrap(),
-            "\"q8\"",
-            "serde name"
+        for s in ["q4", "Q4", "q4_1", "Q4_1"] {
+            assert_eq!(s.parse::<IsqType>().unwrap(), IsqType::Q4, "{s}");
+        }
+        let e = "q4_0".parse::<IsqType>().unwrap_err();
+        assert!(
+            e.contains("--quantize") && e.contains("q8") && e.contains("q4_1"),
+            "{e}"
         );
+        for (t, name) in [(IsqType::Q8, "q8"), (IsqType::Q4, "q4")] {
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{name}\""));
+            assert_eq!(t.name(), name);
+        }
     }
 
     #[test]

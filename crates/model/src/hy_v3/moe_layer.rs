@@ -154,9 +154,9 @@ impl MoeLayer {
         let router = gate.to_dtype(DType::F32)?;
         let down = down.to_dtype(dtype)?;
         let (exec, shared) = match quantize {
-            Some(IsqType::Q8) => {
+            Some(q) => {
                 let experts = (0..e).map(|j| Ok((gate_up.get(j)?, down.get(j)?)));
-                (MoeExec::q8(experts, bias)?, shared)
+                (MoeExec::quantized(q, experts, bias)?, shared)
             }
             None => {
                 let experts = switchyard_kernels::ExpertWeights { gate_up, down };
@@ -195,7 +195,7 @@ impl MoeLayer {
         self.quantize
     }
 
-    /// How the routed experts run (`reference`, `q8`, or with the `cuda` feature on a GPU
+    /// How the routed experts run (`reference`, `q8`, `q4`, or with the `cuda` feature on a GPU
     /// `cuda-gate+reference-experts` or `cuda-kernels`), as [`super::HyV3Model::moe_paths`].
     pub fn path(&self) -> &'static str {
         self.moe.exec.name()
@@ -216,7 +216,7 @@ impl MoeLayer {
                     / experts.gate_up.dim(0)?.max(1) as u64;
                 plan.active_experts().count() as u64 * per
             }
-            MoeExec::Q8 { bias, experts } => {
+            MoeExec::Quant { bias, experts } => {
                 let (_, plan) = m.route_host(&logits, bias.as_deref())?;
                 plan.active_experts()
                     .map(|j| experts.expert(j).memory_bytes() as u64)

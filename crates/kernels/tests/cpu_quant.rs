@@ -1,15 +1,17 @@
-//! Q8 weight-only kernels against plain arithmetic: the quantization error bound per weight,
-//! the product's error bound against unquantized f32 weights (derived in `cpu_q8`'s module
-//! docs), and the MoE / MLP passes against dequantize-then-f64 loops.
+//! Quantized weight-only kernels against plain arithmetic: Q8's quantization error bound per
+//! weight and its product's error bound against unquantized f32 weights (derived in `cpu_q8`'s
+//! module docs), and the MoE / MLP passes of both formats (Q8, Q4) against
+//! dequantize-then-f64 loops. Q4's own bounds are `cpu_q4`'s unit tests.
 
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use switchyard_kernels::cpu_moe::ExpertDims;
-use switchyard_kernels::cpu_q8::{
-    experts_forward_q8, experts_q8, gemv_q8, linear_q8, mlp_forward_q8, mlp_q8, round_activations,
-    set_tiles, Q8Experts, Q8Matrix, Q8Mlp, Q8_BLOCK,
+use switchyard_kernels::cpu_q8::{gemv_q8, round_activations, set_tiles, Q8Matrix, Q8_BLOCK};
+use switchyard_kernels::cpu_quant::{
+    experts_forward_quant, experts_quant, linear_quant, mlp_forward_quant, mlp_quant, QuantExperts,
+    QuantKind, QuantMatrix, QuantMlp,
 };
 use switchyard_kernels::{dispatch, gate_topk, GateConfig};
 
@@ -29,7 +31,7 @@ fn f32_values(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-/// These tests check the int8 row kernels' contract (16-bit activations, exact `q · scale`),
+/// These tests check the row kernels' contract (16-bit activations, exact dequantized weights),
 /// so every product stays on them: the AMX tile path rounds both to bf16 and has its own
 /// tests (`cpu_q8`'s unit tests, `switchyard-model`'s `tests/q8.rs`). Every test here calls
 /// this first, so the process-wide switch only ever moves one way.
@@ -210,14 +212,20 @@ proptest! {
 /// the kernel rounds it, [`round_activations`]), and per output a bound on the kernels'
 /// rounding error: each dot product of `n` terms is off by at most γ_n · Σ|terms|, carried
 /// through SiLU (slope ≤ 1.1) and the product, plus a few roundings of the activation itself
-/// (exp, division, product) and its rounding to 16 bits before `down`.
-fn mlp_f64(m: &Q8Mlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let (gu, dn) = (m.gate_up().dequantize(), m.down().dequantize());
+/// (exp, division, product) and its rounding to the format's activation grid before `down`
+/// (Q8: 16 bits per 64, Q4: 8 bits per 32). Q4 sums `q · d · x` and `m · x` apart (`cpu_q4`
+/// module docs), so its magnitudes count `|m| · |x|` twice more.
+fn mlp_f64(m: &QuantMlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (gu, dn) = (m.gate_up().dequantize_f64(), m.down().dequantize_f64());
+    let (gum, dnm) = (m.gate_up().offsets_f64(), m.down().offsets_f64());
     let (h, i) = (m.hidden(), m.inter());
     let dot = |r: usize| -> (f64, f64) {
         (0..h).fold((0.0, 0.0), |(s, a), c| {
-            let p = gu[r * h + c] as f64 * x[c] as f64;
-            (s + p, a + p.abs())
+            let p = gu[r * h + c] * x[c] as f64;
+            (
+                s + p,
+                a + p.abs() + 2.0 * (gum[r * h + c] * x[c] as f64).abs(),
+            )
         })
     };
     let mut act = vec![0f64; i];
@@ -229,26 +237,49 @@ fn mlp_f64(m: &Q8Mlp, x: &[f32]) -> (Vec<f64>, Vec<f64>) {
         let (eg, eu) = (gamma(h) * gm, gamma(h) * um);
         act_err[r] = 1.1 * eg * (u.abs() + eu) + sg.abs() * eu + 8.0 * U * act[r].abs();
     }
-    // The kernel rounds the activations to 16 bits per block of 64 before `down`.
+    // The kernel rounds the activations to its grid before `down`.
+    let (block, levels) = activation_grid(m.kind());
     let step: Vec<f64> = act
-        .chunks(Q8_BLOCK)
-        .map(|b| b.iter().fold(0f64, |m, v| m.max(v.abs())) / 32767.0)
+        .chunks(block)
+        .map(|b| b.iter().fold(0f64, |m, v| m.max(v.abs())) / levels)
         .collect();
+    // `down` multiplies the activations on that grid: so does the reference (a value whose
+    // f64 and f32 computations round to neighbouring grid points is off by one step, which the
+    // bound below allows for).
+    let act_f32: Vec<f32> = act.iter().map(|&v| v as f32).collect();
+    let on_grid = rounded(m.kind(), &act_f32);
     let y = (0..h)
-        .map(|c| (0..i).map(|r| dn[c * i + r] as f64 * act[r]).sum())
+        .map(|c| (0..i).map(|r| dn[c * i + r] * on_grid[r] as f64).sum())
         .collect();
     let err = (0..h)
         .map(|c| {
             (0..i)
                 .map(|r| {
-                    let d = (dn[c * i + r] as f64).abs();
-                    let e = act_err[r] + 0.52 * step[r / Q8_BLOCK];
-                    d * e + gamma(i) * d * act[r].abs()
+                    let d = dn[c * i + r].abs();
+                    let e = act_err[r] + 1.02 * step[r / block];
+                    let mag = d + 2.0 * dnm[c * i + r];
+                    d * e + gamma(i) * mag * act[r].abs()
                 })
                 .sum()
         })
         .collect();
     (y, err)
+}
+
+/// Inputs per activation scale and the grid's largest magnitude, per format.
+fn activation_grid(kind: QuantKind) -> (usize, f64) {
+    match kind {
+        QuantKind::Q8 => (Q8_BLOCK, 32767.0),
+        QuantKind::Q4 => (32, 127.0),
+    }
+}
+
+/// An activation row as `kind`'s row kernels round it.
+fn rounded(kind: QuantKind, x: &[f32]) -> Vec<f32> {
+    match kind {
+        QuantKind::Q8 => round_activations(x),
+        QuantKind::Q4 => switchyard_kernels::cpu_q4::round_activations(x),
+    }
 }
 
 fn close(got: f32, want: f64, err: f64, what: &str) {
@@ -261,10 +292,16 @@ fn close(got: f32, want: f64, err: f64, what: &str) {
 
 /// The routed experts with and without a shared expert, and the dense MLP, against per-token
 /// f64 loops over the dequantized weights: decode, a batch where some experts get no token,
-/// and sizes off the kernels' steps.
+/// and sizes off the kernels' steps, in both formats.
 #[test]
 fn moe_and_mlp_match_dequantized_f64_loops() {
     row_kernels_only();
+    for kind in [QuantKind::Q8, QuantKind::Q4] {
+        moe_and_mlp_match(kind);
+    }
+}
+
+fn moe_and_mlp_match(kind: QuantKind) {
     let mut rng = Rng64::seed_from_u64(3);
     for &(t, h, i, e, k) in &[
         (1, 128, 64, 8, 2),
@@ -285,20 +322,20 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        let q = |w: &[bf16], r, c| Q8Matrix::quantize(w, r, c).unwrap();
-        let experts = Q8Experts::new(
+        let q = |w: &[bf16], r, c| QuantMatrix::quantize(kind, w, r, c).unwrap();
+        let experts = QuantExperts::new(
             (0..e)
                 .map(|x| {
                     let g = q(&gu[x * 2 * i * h..(x + 1) * 2 * i * h], 2 * i, h);
-                    Q8Mlp::new(g, q(&dn[x * h * i..(x + 1) * h * i], h, i)).unwrap()
+                    QuantMlp::new(g, q(&dn[x * h * i..(x + 1) * h * i], h, i)).unwrap()
                 })
                 .collect(),
         )
         .unwrap();
-        let stacked = Q8Experts::quantize(&gu, &dn, dims).unwrap();
+        let stacked = QuantExperts::quantize(kind, &gu, &dn, dims).unwrap();
         assert_eq!(
-            stacked.expert(e - 1).down().dequantize(),
-            experts.expert(e - 1).down().dequantize()
+            stacked.expert(e - 1).down().dequantize_f64(),
+            experts.expert(e - 1).down().dequantize_f64()
         );
         let si = i + Q8_BLOCK;
         let sgu: Vec<bf16> = rnd(&mut rng, 2 * si * h, 0.2)
@@ -309,22 +346,24 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        let shared = Q8Mlp::new(q(&sgu, 2 * si, h), q(&sdn, h, si)).unwrap();
+        let shared = QuantMlp::new(q(&sgu, 2 * si, h), q(&sdn, h, si)).unwrap();
         let x = rnd(&mut rng, t * h, 1.0);
-        let xr: Vec<f32> = x.chunks(h).flat_map(round_activations).collect();
+        let xr: Vec<f32> = x.chunks(h).flat_map(|r| rounded(kind, r)).collect();
         let logits: Vec<f32> = (0..t * e)
             .map(|j| rng.random_range(-1.0..1.0) + if j % e < 2 { 3.0 } else { 0.0 })
             .collect();
         let cfg = GateConfig::sigmoid(e, k, 2.826);
         let g = gate_topk(&logits, None, &cfg).unwrap();
         let plan = dispatch(&g, e).unwrap();
-        let routed = experts_forward_q8(&x, &experts, &g, &plan, None).unwrap();
-        let both = experts_forward_q8(&x, &experts, &g, &plan, Some(&shared)).unwrap();
-        let dense = mlp_forward_q8(&x, t, &shared).unwrap();
-        let what = format!("T{t} H{h} I{i} E{e} k{k}");
+        let routed = experts_forward_quant(&x, &experts, &g, &plan, None).unwrap();
+        let both = experts_forward_quant(&x, &experts, &g, &plan, Some(&shared)).unwrap();
+        let dense = mlp_forward_quant(&x, t, &shared).unwrap();
+        let what = format!("{} T{t} H{h} I{i} E{e} k{k}", kind.name());
         // Besides the worst-case bound per value: the relative RMS error of each output is
-        // that of the 16-bit activations and f32 rounding (~1e-5 here), far below the worst
-        // case, which a small systematic error (1e-3 in the activations) would pass.
+        // that of f32 rounding and the rare activation that lands on the neighbouring grid
+        // point (measured 2026-11-29: Q8 ≤ 3.7e-6, Q4 ≤ 2.5e-7), far below the worst case,
+        // which a small systematic error (1e-3 in the activations) would pass.
+        let rms_tol = 1e-4;
         let mut rms = [[0f64; 2]; 3];
         for tok in 0..t {
             let xr = &xr[tok * h..(tok + 1) * h];
@@ -367,13 +406,13 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
         }
         for (acc, name) in rms.iter().zip(["routed", "routed+shared", "dense"]) {
             let rel = (acc[0] / acc[1]).sqrt();
-            assert!(rel <= 1e-4, "{name} {what}: relative RMS error {rel:e}");
+            assert!(rel <= rms_tol, "{name} {what}: relative RMS error {rel:e}");
         }
         // The tensor entry points give the same values.
         let xt = Tensor::from_vec(x.clone(), (t, h), &Device::Cpu).unwrap();
-        let yt = experts_q8(&xt, &experts, &g, &plan, Some(&shared)).unwrap();
+        let yt = experts_quant(&xt, &experts, &g, &plan, Some(&shared)).unwrap();
         assert_eq!(f32_values(&yt), both);
-        let yd = mlp_q8(&xt, &shared).unwrap();
+        let yd = mlp_quant(&xt, &shared).unwrap();
         assert_eq!(f32_values(&yd), dense);
     }
 }
@@ -381,14 +420,19 @@ fn moe_and_mlp_match_dequantized_f64_loops() {
 #[test]
 fn shapes_that_disagree_are_errors() {
     row_kernels_only();
-    let m = |r, c| Q8Matrix::quantize(&vec![0.25f32; r * c], r, c).unwrap();
-    assert!(Q8Mlp::new(m(128, 64), m(64, 128)).is_err());
-    assert!(Q8Mlp::new(m(128, 64), m(64, 64)).is_ok());
-    let a = Q8Mlp::new(m(128, 64), m(64, 64)).unwrap();
-    let b = Q8Mlp::new(m(256, 64), m(64, 128)).unwrap();
-    assert!(Q8Experts::new(vec![]).is_err());
-    assert!(Q8Experts::new(vec![a.clone(), b]).is_err());
-    let ex = Q8Experts::new(vec![a.clone(), a.clone()]).unwrap();
+    let mk = |kind, r, c| QuantMatrix::quantize(kind, &vec![0.25f32; r * c], r, c).unwrap();
+    let m = |r, c| mk(QuantKind::Q8, r, c);
+    assert!(QuantMlp::new(m(128, 64), m(64, 128)).is_err());
+    assert!(QuantMlp::new(m(128, 64), m(64, 64)).is_ok());
+    let e = QuantMlp::new(m(128, 64), mk(QuantKind::Q4, 64, 64)).unwrap_err();
+    assert!(e.to_string().contains("gate_up is q8, down is q4"), "{e}");
+    let a = QuantMlp::new(m(128, 64), m(64, 64)).unwrap();
+    let b = QuantMlp::new(m(256, 64), m(64, 128)).unwrap();
+    let a4 = QuantMlp::new(mk(QuantKind::Q4, 128, 64), mk(QuantKind::Q4, 64, 64)).unwrap();
+    assert!(QuantExperts::new(vec![]).is_err());
+    assert!(QuantExperts::new(vec![a.clone(), b]).is_err());
+    assert!(QuantExperts::new(vec![a.clone(), a4.clone()]).is_err());
+    let ex = QuantExperts::new(vec![a.clone(), a.clone()]).unwrap();
     let g = switchyard_kernels::GateOutput {
         tokens: 1,
         top_k: 1,
@@ -396,14 +440,17 @@ fn shapes_that_disagree_are_errors() {
         weights: vec![1.0],
     };
     let plan = dispatch(&g, 2).unwrap();
-    assert!(experts_forward_q8(&[0.0; 63], &ex, &g, &plan, None).is_err());
-    assert!(experts_forward_q8(&[0.0; 64], &ex, &g, &dispatch(&g, 3).unwrap(), None).is_err());
-    assert!(experts_forward_q8(&[0.0; 64], &ex, &g, &plan, Some(&a)).is_ok());
-    assert!(mlp_forward_q8(&[0.0; 65], 1, &a).is_err());
-    assert!(Q8Experts::quantize(&[0f32; 10], &[0f32; 10], ex.dims()).is_err());
+    assert!(experts_forward_quant(&[0.0; 63], &ex, &g, &plan, None).is_err());
+    let plan3 = dispatch(&g, 3).unwrap();
+    assert!(experts_forward_quant(&[0.0; 64], &ex, &g, &plan3, None).is_err());
+    assert!(experts_forward_quant(&[0.0; 64], &ex, &g, &plan, Some(&a)).is_ok());
+    assert!(experts_forward_quant(&[0.0; 64], &ex, &g, &plan, Some(&a4)).is_err());
+    assert!(mlp_forward_quant(&[0.0; 65], 1, &a).is_err());
+    let dims = ex.dims();
+    assert!(QuantExperts::quantize(QuantKind::Q4, &[0f32; 10], &[0f32; 10], dims).is_err());
 }
 
-/// `linear_q8` and `from_tensor` as a model's `Linear` would call them: bf16 in, bf16 out,
+/// `linear_quant` and `from_tensor` as a model's `Linear` would call them: bf16 in, bf16 out,
 /// the same values as `gemv_q8` rounded to bf16.
 #[test]
 fn tensor_entry_points_match_the_slices() {
@@ -433,7 +480,7 @@ fn tensor_entry_points_match_the_slices() {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let y = linear_q8(&xb, &m).unwrap();
+    let y = linear_quant(&xb, &QuantMatrix::Q8(m.clone())).unwrap();
     assert_eq!((y.dims(), y.dtype()), (&[t, out][..], DType::BF16));
     let xr = f32_values(&xb);
     let mut want = vec![0f32; t * out];
@@ -450,19 +497,21 @@ fn tensor_entry_points_match_the_slices() {
     )
     .unwrap();
     let dn = Tensor::from_vec(rnd(&mut rng, e * h * i, 0.1), (e, h, i), &Device::Cpu).unwrap();
-    let ex = Q8Experts::from_tensors(&gu, &dn).unwrap();
+    let ex = QuantExperts::from_tensors(QuantKind::Q8, &gu, &dn).unwrap();
     assert_eq!(
         (ex.dims().experts, ex.dims().inter, ex.dims().hidden),
         (e, i, h)
     );
     let d1 = dn.get(1).unwrap();
     assert_eq!(
-        ex.expert(1).down().dequantize(),
-        Q8Matrix::from_tensor(&d1).unwrap().dequantize()
+        ex.expert(1).down().dequantize_f64(),
+        QuantMatrix::from_tensor(QuantKind::Q8, &d1)
+            .unwrap()
+            .dequantize_f64()
     );
-    assert!(linear_q8(
+    assert!(linear_quant(
         &Tensor::zeros((2, 65), DType::F32, &Device::Cpu).unwrap(),
-        &m
+        &QuantMatrix::Q8(m)
     )
     .is_err());
 }
