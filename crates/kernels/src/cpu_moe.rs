@@ -249,6 +249,9 @@ fn run_groups<W: WeightRows>(
         .zip(&kernel)
         .any(|(g, &k)| k == Kernel::Rows && g.n > 0);
     let mut xs = vec![0f32; if rows_needed { entries * h } else { 0 }];
+    // A token's row is packed once and copied to its other entries (at decode every routed
+    // expert and the shared one see the same token: one pack instead of k + 1).
+    let mut packed_at: Vec<Option<usize>> = vec![None; if rows_needed { t } else { 0 }];
     for (g, _) in groups
         .iter()
         .zip(&kernel)
@@ -256,7 +259,13 @@ fn run_groups<W: WeightRows>(
     {
         for p in g.lo..g.lo + g.n {
             let tok = token_of[p] as usize;
-            packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
+            match packed_at[tok] {
+                Some(q) => xs.copy_within(q * h..(q + 1) * h, p * h),
+                None => {
+                    packing.pack_row(&x[tok * h..(tok + 1) * h], &mut xs[p * h..(p + 1) * h]);
+                    packed_at[tok] = Some(p);
+                }
+            }
         }
     }
     let row_of = |g: &Group<W>, k: usize| {

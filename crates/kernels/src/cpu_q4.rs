@@ -408,33 +408,40 @@ unsafe fn dequant_avx512(
 const ACT8_MAX: f32 = 127.0;
 
 /// One activation row in the Q4 kernels' layout, written over `dst` (as long as `src`, `inp`
-/// f32 slots): per block of 32, `xs = max|x| / 127` and the values `round(x / xs)` as i8,
-/// stored as bytes in the first `inp / 4` slots; then per group of 64 the 16 per-lane scales
-/// `[xs_{2g}; 8] ++ [xs_{2g+1}; 8]` (`vpdpbusd` leaves the first block's sums in lanes 0–7, the
-/// second's in 8–15) in the next `inp / 4`; then each block's `S_b = xs · Σ q` in `inp / 32`
-/// slots; zeros after. A block holding a NaN or infinity gets NaN scales and sums, so the
-/// products it enters are NaN as they would be in f32.
+/// f32 slots): per block of 32, `xs = max|x| / 127` and the values `round(x / xs)` (to nearest,
+/// ties to even) as i8, stored as bytes in the first `inp / 4` slots at [`act_offset`] (the
+/// blocks of each 128 inputs in the order 0, 2, 1, 3, which is how the weights' low and high
+/// nibbles of two groups pair up); then, at the same positions divided by 4, 8 copies of each
+/// block's `xs` (per-lane scales: `vpdpbusd` leaves a block's sums in 8 lanes); then each
+/// block's `S_b = xs · Σ q` in `inp / 32` slots (in block order); zeros after. A block holding
+/// a NaN or infinity gets NaN scales and sums, so the products it enters are NaN as they would
+/// be in f32.
 fn pack_activations_q4(src: &[f32], dst: &mut [f32]) {
     let inp = src.len();
     assert!(inp.is_multiple_of(GROUP) && dst.len() == inp);
+    let nb = inp / Q4_BLOCK;
     let (vals, rest) = dst.split_at_mut(inp / 4);
     let (lanes, rest) = rest.split_at_mut(inp / 4);
-    let (sums, zeros) = rest.split_at_mut(inp / Q4_BLOCK);
+    let (sums, zeros) = rest.split_at_mut(nb);
     zeros.fill(0.0);
-    for (b, (xb, vb)) in src
-        .chunks_exact(Q4_BLOCK)
-        .zip(vals.chunks_exact_mut(Q4_BLOCK / 4))
-        .enumerate()
-    {
+    for (b, xb) in src.chunks_exact(Q4_BLOCK).enumerate() {
         let (m, finite) = xb.iter().fold((0f32, true), |(m, ok), v| {
             (m.max(v.abs()), ok && v.is_finite())
         });
         let xs = if finite { m / ACT8_MAX } else { f32::NAN };
         // `v / m` rather than `v · (127 / m)`: see `cpu_q8::pack_activations`.
         let m = if m > 0.0 && finite { m } else { f32::INFINITY };
-        let q = |v: f32| ((v / m) * ACT8_MAX).round().clamp(-ACT8_MAX, ACT8_MAX) as i8;
+        let q = |v: f32| {
+            ((v / m) * ACT8_MAX)
+                .round_ties_even()
+                .clamp(-ACT8_MAX, ACT8_MAX) as i8
+        };
+        let at = act_offset(b, nb);
         let mut total = 0i32;
-        for (four, slot) in xb.chunks_exact(4).zip(vb.iter_mut()) {
+        for (four, slot) in xb
+            .chunks_exact(4)
+            .zip(&mut vals[at / 4..at / 4 + Q4_BLOCK / 4])
+        {
             let mut bits = 0u32;
             for (k, &v) in four.iter().enumerate() {
                 let c = q(v);
@@ -443,15 +450,34 @@ fn pack_activations_q4(src: &[f32], dst: &mut [f32]) {
             }
             *slot = f32::from_bits(bits);
         }
-        let lane0 = (b / 2) * 16 + (b % 2) * 8;
-        lanes[lane0..lane0 + 8].fill(xs);
+        lanes[at / 4..at / 4 + 8].fill(xs);
         sums[b] = total as f32 * xs;
     }
 }
 
+/// Where block `b` (of `nb`) of a packed row keeps its 32 activation bytes; its 8 lane scales
+/// are at slot `offset / 4` of the scale region. Each whole 128 inputs (blocks `4c..4c + 4`)
+/// holds its blocks in the order 0, 2, 1, 3: a 64-byte load of the weights of 128 inputs gives
+/// blocks 0 and 2 in its low nibbles and 1 and 3 in its high ones. A last group of 64 (when
+/// `nb` is not a multiple of 4) stays in order.
+#[inline]
+fn act_offset(b: usize, nb: usize) -> usize {
+    if b >= nb / 4 * 4 {
+        return b * Q4_BLOCK;
+    }
+    const ORDER: [usize; 4] = [0, 2, 1, 3];
+    (b / 4) * 4 * Q4_BLOCK + ORDER[b % 4] * Q4_BLOCK
+}
+
 /// 8-bit activation `i` of a packed row of `inp` values.
-fn act8(packed: &[f32], i: usize) -> i8 {
-    (packed[i / 4].to_bits() >> (8 * (i % 4))) as u8 as i8
+fn act8(packed: &[f32], inp: usize, i: usize) -> i8 {
+    let at = act_offset(i / Q4_BLOCK, inp / Q4_BLOCK) + i % Q4_BLOCK;
+    (packed[at / 4].to_bits() >> (8 * (at % 4))) as u8 as i8
+}
+
+/// Activation scale of block `b` of a packed row of `inp` values.
+fn act_scale(packed: &[f32], inp: usize, b: usize) -> f32 {
+    packed[inp / 4 + act_offset(b, inp / Q4_BLOCK) / 4]
 }
 
 /// The activations the Q4 row kernels multiply for an input row `x` (a multiple of 64
@@ -462,7 +488,7 @@ pub fn round_activations(x: &[f32]) -> Vec<f32> {
     let mut p = vec![0f32; inp];
     pack_activations_q4(x, &mut p);
     (0..inp)
-        .map(|i| act8(&p, i) as f32 * p[inp / 4 + (i / GROUP) * 16 + (i % GROUP) / Q4_BLOCK * 8])
+        .map(|i| act8(&p, inp, i) as f32 * act_scale(&p, inp, i / Q4_BLOCK))
         .collect()
 }
 
@@ -561,15 +587,15 @@ fn offsets(inp: usize) -> (usize, usize) {
 /// Reference: per token and block, the exact integer dot product times the step and the
 /// activation scale, plus the minimum times the block's activation sum, summed in f32.
 fn q4_portable(q: &[u8], d: &[f16], m: &[f16], x: &[f32], n: usize, inp: usize, out: &mut [f32]) {
-    let (lanes, sums) = offsets(inp);
+    let (_, sums) = offsets(inp);
     for t in 0..n {
         let xt = &x[t * inp..(t + 1) * inp];
         let mut acc = 0f32;
         for b in 0..inp / Q4_BLOCK {
             let dot: i32 = (b * Q4_BLOCK..(b + 1) * Q4_BLOCK)
-                .map(|i| nibble(q, i) as i32 * act8(xt, i) as i32)
+                .map(|i| nibble(q, i) as i32 * act8(xt, inp, i) as i32)
                 .sum();
-            let xs = xt[lanes + (b / 2) * 16 + (b % 2) * 8];
+            let xs = act_scale(xt, inp, b);
             acc += dot as f32 * (d[b].to_f32() * xs) + m[b].to_f32() * xt[sums + b];
         }
         out[t] = acc;
@@ -622,14 +648,37 @@ unsafe fn segment_scales<const N: usize>(
     }
 }
 
+/// `vpdpbusd` from zero: the sums of four `u8 × i8` products per i32 lane of `w` and `x`.
+/// Written out so it stays one instruction (LLVM splits the intrinsic, as in `cpu_q8`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dot_u8_i8(
+    w: std::arch::x86_64::__m512i,
+    x: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    let mut p = std::arch::x86_64::_mm512_setzero_si512();
+    // SAFETY: registers only; compiled with and run after detecting avx512vnni.
+    std::arch::asm!(
+        "vpdpbusd {p}, {w}, {x}",
+        p = inout(zmm_reg) p,
+        w = in(zmm_reg) w,
+        x = in(zmm_reg) x,
+        options(pure, nomem, nostack),
+    );
+    p
+}
+
 /// One Q4 row against `N` packed activation rows. Per segment of up to [`SEG_BLOCKS`] blocks,
 /// the steps convert to f32 and the minimums' term goes into the accumulators
-/// ([`segment_scales`]). Then per group of 64 weights the 32 bytes become one vector of 64
-/// values in order (low nibbles, then high), and the group's steps a per-lane vector (`d_{2g}`
-/// in lanes 0–7, `d_{2g+1}` in 8–15), both shared by every token; per token one `vpdpbusd`
-/// against the 64 8-bit activations gives each block's exact sums in 8 i32 lanes, converted
-/// and multiplied by the steps times the per-lane activation scales: 4 vector ops per 64
-/// weights and token. Two accumulator chains per token (even and odd groups).
+/// ([`segment_scales`]). Then per 128 weights one 64-byte load gives, masked and shifted, two
+/// vectors of 64 4-bit values (blocks 0 and 2 of the 128 in the low nibbles, 1 and 3 in the
+/// high), and their steps two per-lane vectors, shared by every token; per token two
+/// `vpdpbusd` against the 8-bit activations (packed in that block order, [`act_offset`]) give
+/// each block's exact sums in 8 i32 lanes, converted and multiplied by the steps times the
+/// per-lane activation scales: 4 vector ops per 64 weights and token, 5 shared per 128 (a
+/// 64-weight step shared 5 per 64, ~1.3× slower at one token). A row whose length is an odd
+/// number of 64s ends with one such 64-weight step. Two accumulator chains per token.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
 unsafe fn q4_avx512<const N: usize>(
@@ -645,57 +694,54 @@ unsafe fn q4_avx512<const N: usize>(
     let nb = inp / Q4_BLOCK;
     let mut acc = [[_mm512_setzero_ps(); 2]; N];
     let (qp, xp) = (q.as_ptr(), x.as_ptr());
-    let low = _mm256_set1_epi8(0xF);
+    let low = _mm512_set1_epi8(0xF);
+    // Lanes 0–7 of block `a`'s step, 8–15 of block `b`'s.
+    let steps = |a: f32, b: f32| _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
     let mut ds = [0f32; SEG_BLOCKS];
     let mut b0 = 0;
     while b0 < nb {
         let nbs = SEG_BLOCKS.min(nb - b0);
         segment_scales((d, m), (b0, nbs), xp, (inp, sums), &mut ds, &mut acc);
-        // Group `g` of this segment (blocks `b0 + 2g`, `b0 + 2g + 1`) into chain `c`.
-        macro_rules! group {
-            ($g:expr, $c:expr) => {{
-                let g = $g;
-                let i = (b0 + 2 * g) * Q4_BLOCK;
-                _mm_prefetch::<PREFETCH_HINT>(
-                    qp.wrapping_add(i / 2 + Q8_PREFETCH_AHEAD / 2) as *const i8,
-                );
-                let v = _mm256_loadu_si256(qp.add(i / 2) as *const __m256i);
-                let lo = _mm256_and_si256(v, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let dl = _mm512_insertf32x8(
-                    _mm512_set1_ps(ds[2 * g]),
-                    _mm256_set1_ps(ds[2 * g + 1]),
-                    1,
-                );
-                for (t, at) in acc.iter_mut().enumerate() {
-                    let xt = xp.add(t * inp);
-                    let xv = _mm512_loadu_si512((xt as *const u8).add(i) as *const __m512i);
-                    let mut p = _mm512_setzero_si512();
-                    // Written out so it stays one instruction (as in `cpu_q8`).
-                    // SAFETY: registers only; compiled with and run after detecting
-                    // avx512vnni.
-                    std::arch::asm!(
-                        "vpdpbusd {p}, {w}, {x}",
-                        p = inout(zmm_reg) p,
-                        w = in(zmm_reg) w,
-                        x = in(zmm_reg) xv,
-                        options(pure, nomem, nostack),
-                    );
-                    let s = _mm512_mul_ps(dl, _mm512_loadu_ps(xt.add(lanes + i / 4)));
-                    at[$c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, at[$c]);
-                }
-            }};
+        for c in 0..nbs / 4 {
+            let j = 4 * c;
+            let i = (b0 + j) * Q4_BLOCK;
+            _mm_prefetch::<PREFETCH_HINT>(
+                qp.wrapping_add(i / 2 + Q8_PREFETCH_AHEAD / 2) as *const i8
+            );
+            let z = _mm512_loadu_si512(qp.add(i / 2) as *const __m512i);
+            let lo = _mm512_and_si512(z, low);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
+            let (dlo, dhi) = (steps(ds[j], ds[j + 2]), steps(ds[j + 1], ds[j + 3]));
+            for (t, at) in acc.iter_mut().enumerate() {
+                let xt = xp.add(t * inp);
+                let xb = (xt as *const u8).add(i);
+                let p0 = dot_u8_i8(lo, _mm512_loadu_si512(xb as *const __m512i));
+                let p1 = dot_u8_i8(hi, _mm512_loadu_si512(xb.add(64) as *const __m512i));
+                let s0 = _mm512_mul_ps(dlo, _mm512_loadu_ps(xt.add(lanes + i / 4)));
+                let s1 = _mm512_mul_ps(dhi, _mm512_loadu_ps(xt.add(lanes + i / 4 + 16)));
+                at[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), s0, at[0]);
+                at[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), s1, at[1]);
+            }
         }
-        let groups = nbs / 2;
-        let mut g = 0;
-        while g + 2 <= groups {
-            group!(g, 0);
-            group!(g + 1, 1);
-            g += 2;
-        }
-        if g < groups {
-            group!(g, 0);
+        if nbs % 4 == 2 {
+            // The row's last 64 weights: one group, its two blocks in order.
+            let j = nbs - 2;
+            let i = (b0 + j) * Q4_BLOCK;
+            let v = _mm256_loadu_si256(qp.add(i / 2) as *const __m256i);
+            let low = _mm256_set1_epi8(0xF);
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            let dl = steps(ds[j], ds[j + 1]);
+            for (t, at) in acc.iter_mut().enumerate() {
+                let xt = xp.add(t * inp);
+                let p = dot_u8_i8(
+                    w,
+                    _mm512_loadu_si512((xt as *const u8).add(i) as *const __m512i),
+                );
+                let s = _mm512_mul_ps(dl, _mm512_loadu_ps(xt.add(lanes + i / 4)));
+                at[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, at[0]);
+            }
         }
         b0 += nbs;
     }
@@ -763,16 +809,17 @@ unsafe fn q4_avx2<const N: usize>(
             let v = _mm256_loadu_si256(qp.add(i / 2) as *const __m256i);
             let lo = _mm256_and_si256(v, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            // The two blocks' activation bytes (and lane scales at a quarter of that).
+            let (o0, o1) = (act_offset(b0 + 2 * g, nb), act_offset(b0 + 2 * g + 1, nb));
             for (t, at) in acc.iter_mut().enumerate() {
                 let xt = xp.add(t * inp);
-                let xb = (xt as *const u8).add(i);
-                let x0 = _mm256_loadu_si256(xb as *const __m256i);
-                let x1 = _mm256_loadu_si256(xb.add(Q4_BLOCK) as *const __m256i);
+                let xb = xt as *const u8;
+                let x0 = _mm256_loadu_si256(xb.add(o0) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xb.add(o1) as *const __m256i);
                 let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), ones);
                 let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), ones);
-                let xs = xt.add(lanes + i / 4);
-                let s0 = _mm256_set1_ps(ds[2 * g] * *xs);
-                let s1 = _mm256_set1_ps(ds[2 * g + 1] * *xs.add(8));
+                let s0 = _mm256_set1_ps(ds[2 * g] * *xt.add(lanes + o0 / 4));
+                let s1 = _mm256_set1_ps(ds[2 * g + 1] * *xt.add(lanes + o1 / 4));
                 *at = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, *at);
                 *at = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, *at);
             }
