@@ -393,6 +393,33 @@ impl Staged {
     }
 }
 
+/// `out[r][t]` for rows `r0..r0 + out.len() / x.padded()` of weights stored in a format the
+/// tiles cannot load in place: `stage(r0, rows, buffer)` writes those rows into this thread's
+/// staging buffer in tile order (e.g. dequantized to bf16), then [`tile_block_staged`]
+/// multiplies them there. `total_rows` is the matrix's row count, checked against the block.
+pub(crate) fn tile_block_via_stage(
+    total_rows: usize,
+    r0: usize,
+    x: &Packed,
+    out: &mut [f32],
+    stage: impl FnOnce(usize, usize, &mut Staged),
+) {
+    thread_local! {
+        /// Per thread: a block is staged and multiplied on one thread with no parallel loop
+        /// in between, so the buffer is never borrowed twice.
+        static STAGE: std::cell::RefCell<Staged> = const { std::cell::RefCell::new(Staged::new()) };
+    }
+    let rows = out.len() / x.padded();
+    assert!(
+        r0 + rows <= total_rows,
+        "staged tile block rows out of range"
+    );
+    STAGE.with_borrow_mut(|st| {
+        stage(r0, rows, st);
+        tile_block_staged(st, x, out);
+    })
+}
+
 /// [`tile_block`] for weights staged in tile order: `out[r][t] = Σ_c w[r][c] · x[t][c]` for
 /// every row of `w` (`out` `[w.rows, x.padded()]`). The same kernel loop; each A tile loads
 /// from its own contiguous 1 KiB (stride 64 bytes).

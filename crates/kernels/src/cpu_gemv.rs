@@ -704,6 +704,18 @@ unsafe fn row_avx512<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mu
     }
 }
 
+/// The sum of a 256-bit vector's 8 f32 lanes, in lane order (the AVX2 kernels' final
+/// reduction).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn sum_lanes256(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    // SAFETY: an unaligned store of 8 f32 into an array of 8; AVX is implied by the caller's
+    // kernel (an `__m256` value exists).
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    lanes.iter().sum()
+}
+
 #[cfg(target_arch = "x86_64")]
 fn row_avx2_entry(row: &[bf16], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
     // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
@@ -733,9 +745,7 @@ unsafe fn row_avx2<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut 
         i += 16;
     }
     for t in 0..N {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(ae[t], ao[t]));
-        let mut s: f32 = lanes.iter().sum();
+        let mut s = sum_lanes256(_mm256_add_ps(ae[t], ao[t]));
         for j in n16..inp {
             s += row[j].to_f32() * x[t * inp + j];
         }

@@ -30,7 +30,6 @@
 //! `max_64|x| / 65534` per value. On the AMX tiles (8+ rows) the weights `q · d + m` and the
 //! activations are each rounded to bf16 as for Q8.
 
-use candle_core::Tensor;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -38,9 +37,7 @@ use crate::cpu_amx;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_gemv::{by_tokens, PREFETCH_HINT};
 use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, Tiles, WeightRows, TOKEN_BLOCK};
-use crate::cpu_q8::{
-    lines_bytes_mut, with_values, Line, Q8Source, Values, LINE, Q8_PREFETCH_AHEAD,
-};
+use crate::cpu_q8::{check_shape, lines_bytes_mut, Line, Q8Source, LINE, Q8_PREFETCH_AHEAD};
 use crate::KernelError;
 
 /// Inputs per step and minimum: Q4_1's 32. One f16 pair per 32 weights is 1 bit per weight;
@@ -91,21 +88,7 @@ impl Q4Matrix {
     /// `rows · cols`, a non-finite weight or one beyond f16's range (its row and column).
     pub fn quantize<T: Q8Source>(w: &[T], rows: usize, cols: usize) -> Result<Self, KernelError> {
         let bad = |m: String| KernelError::InvalidArgument(format!("Q4 quantize: {m}"));
-        if rows == 0 || cols == 0 {
-            return Err(bad(format!("empty matrix [{rows}, {cols}]")));
-        }
-        if !cols.is_multiple_of(GROUP) {
-            return Err(bad(format!(
-                "{cols} inputs per row is not a multiple of {GROUP}"
-            )));
-        }
-        if w.len() != rows * cols {
-            return Err(bad(format!(
-                "{} values for a [{rows}, {cols}] matrix (want {})",
-                w.len(),
-                rows * cols
-            )));
-        }
+        check_shape(w.len(), rows, cols, GROUP).map_err(bad)?;
         let stride = cols / 2;
         let nb = cols / Q4_BLOCK;
         let mut data = vec![Line([0; LINE]); (rows * stride).div_ceil(LINE)];
@@ -130,16 +113,6 @@ impl Q4Matrix {
             data,
             steps,
             mins,
-        })
-    }
-
-    /// Quantizes a 2-D CPU tensor `[rows, cols]` (bf16 read in place; other dtypes through
-    /// f32).
-    pub fn from_tensor(w: &Tensor) -> Result<Self, KernelError> {
-        let (rows, cols) = w.dims2()?;
-        with_values(w, |v| match v {
-            Values::Bf16(s) => Self::quantize(s, rows, cols),
-            Values::F32(s) => Self::quantize(s, rows, cols),
         })
     }
 
@@ -300,17 +273,8 @@ impl WeightRows for Q4Matrix {
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there (as [`crate::cpu_q8::Q8Matrix`]'s `tile_block`).
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
-        thread_local! {
-            /// Per thread: a block is staged and multiplied on one thread with no parallel
-            /// loop in between, so the buffer is never borrowed twice.
-            static STAGE: std::cell::RefCell<cpu_amx::Staged> =
-                const { std::cell::RefCell::new(cpu_amx::Staged::new()) };
-        }
-        let rows = out.len() / x.padded();
-        assert!(r0 + rows <= self.rows, "Q4 tile block rows out of range");
-        STAGE.with_borrow_mut(|st| {
-            self.stage(r0, rows, st);
-            cpu_amx::tile_block_staged(st, x, out);
+        cpu_amx::tile_block_via_stage(self.rows, r0, x, out, |r0, rows, st| {
+            self.stage(r0, rows, st)
         })
     }
 }
@@ -709,9 +673,7 @@ unsafe fn q4_avx512<const N: usize>(
         for c in 0..nbs / 4 {
             let j = 4 * c;
             let i = (b0 + j) * Q4_BLOCK;
-            _mm_prefetch::<PREFETCH_HINT>(
-                qp.wrapping_add(i / 2 + Q8_PREFETCH_AHEAD / 2) as *const i8
-            );
+            _mm_prefetch::<PREFETCH_HINT>(qp.wrapping_add(i / 2 + Q8_PREFETCH_AHEAD) as *const i8);
             let z = _mm512_loadu_si512(qp.add(i / 2) as *const __m512i);
             let lo = _mm512_and_si512(z, low);
             let hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
@@ -831,9 +793,7 @@ unsafe fn q4_avx2<const N: usize>(
         b0 += nbs;
     }
     for (o, at) in out.iter_mut().zip(&acc) {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *at);
-        *o = lanes.iter().sum();
+        *o = crate::cpu_gemv::sum_lanes256(*at);
     }
 }
 
@@ -967,56 +927,6 @@ mod tests {
                 kernel(&bytes, high, d, m, &mut a);
                 dequant_block(&bytes, high, d, m, &mut b);
                 assert_eq!(a.map(bf16::to_bits), b.map(bf16::to_bits), "d {d} m {m}");
-            }
-        }
-    }
-
-    /// Q4 weights on the AMX tiles against f64 sums of the bf16-rounded dequantized weights
-    /// and activations, through `gemv_q4` and straight through a block at a row offset.
-    #[test]
-    fn tiles_match_f64_on_bf16_rounded_operands() {
-        if !cpu_amx::enabled() {
-            eprintln!("skipped: this CPU or kernel has no AMX");
-            return;
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
-        for &(rows, cols) in &[(16, 64), (32, 128), (48, 192), (80, 320)] {
-            let w = Q4Matrix::quantize(&rnd(&mut rng, rows * cols), rows, cols).unwrap();
-            assert_eq!(w.tiles(), Tiles::RoundedInputs);
-            let deq: Vec<f64> = w
-                .dequantize_f64()
-                .iter()
-                .map(|&v| bf16::from_f32(v as f32).to_f64())
-                .collect();
-            for tokens in [8, 15, 16, 17, 33] {
-                let x = rnd(&mut rng, tokens * cols);
-                let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
-                let check = |got: f32, r: usize, t: usize, what: &str| {
-                    let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
-                    let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
-                        "{what} {rows}x{cols} tokens {tokens} r{r} t{t}: {got} vs {want}"
-                    );
-                };
-                if tokens >= cpu_amx::min_tokens() {
-                    let mut y = vec![f32::NAN; tokens * rows];
-                    gemv_q4(&x, tokens, &w, &mut y).unwrap();
-                    for t in 0..tokens {
-                        for r in 0..rows {
-                            check(y[t * rows + r], r, t, "gemv_q4");
-                        }
-                    }
-                }
-                let p = cpu_amx::Packed::new(&x, tokens, cols);
-                let (r0, n) = (rows - rows.min(32), rows.min(32));
-                let mut out = vec![f32::NAN; n * p.padded()];
-                w.tile_block(r0, &p, &mut out);
-                for r in 0..n {
-                    for t in 0..tokens {
-                        check(out[r * p.padded() + t], r0 + r, t, "tile_block");
-                    }
-                }
             }
         }
     }

@@ -138,21 +138,7 @@ impl Q8Matrix {
     pub fn quantize<T: Q8Source>(w: &[T], rows: usize, cols: usize) -> Result<Self, KernelError> {
         let bad = |m: String| KernelError::InvalidArgument(format!("Q8 quantize: {m}"));
         let block = Q8_BLOCK;
-        if rows == 0 || cols == 0 {
-            return Err(bad(format!("empty matrix [{rows}, {cols}]")));
-        }
-        if !cols.is_multiple_of(block) {
-            return Err(bad(format!(
-                "{cols} inputs per row is not a multiple of the block of {block}"
-            )));
-        }
-        if w.len() != rows * cols {
-            return Err(bad(format!(
-                "{} values for a [{rows}, {cols}] matrix (want {})",
-                w.len(),
-                rows * cols
-            )));
-        }
+        check_shape(w.len(), rows, cols, block).map_err(bad)?;
         let nb = cols / block;
         let mut data = vec![Line([0; LINE]); rows * cols / LINE];
         let mut scales = vec![0f32; rows * nb];
@@ -174,16 +160,6 @@ impl Q8Matrix {
             cols,
             data,
             scales,
-        })
-    }
-
-    /// Quantizes a 2-D CPU tensor `[rows, cols]` (bf16 read in place; other dtypes through
-    /// f32).
-    pub fn from_tensor(w: &Tensor) -> Result<Self, KernelError> {
-        let (rows, cols) = w.dims2()?;
-        with_values(w, |v| match v {
-            Values::Bf16(s) => Self::quantize(s, rows, cols),
-            Values::F32(s) => Self::quantize(s, rows, cols),
         })
     }
 
@@ -281,6 +257,31 @@ fn quantize_row<T: Q8Source>(
     Ok(())
 }
 
+/// The shape checks of every quantizer: a non-empty `[rows, cols]`, `cols` a multiple of
+/// `multiple`, `len` values; the message names what is wrong.
+pub(crate) fn check_shape(
+    len: usize,
+    rows: usize,
+    cols: usize,
+    multiple: usize,
+) -> Result<(), String> {
+    if rows == 0 || cols == 0 {
+        return Err(format!("empty matrix [{rows}, {cols}]"));
+    }
+    if !cols.is_multiple_of(multiple) {
+        return Err(format!(
+            "{cols} inputs per row is not a multiple of {multiple}"
+        ));
+    }
+    if len != rows * cols {
+        return Err(format!(
+            "{len} values for a [{rows}, {cols}] matrix (want {})",
+            rows * cols
+        ));
+    }
+    Ok(())
+}
+
 /// A weight tensor's values: bf16 in place, anything else converted to f32.
 pub(crate) enum Values<'a> {
     Bf16(&'a [bf16]),
@@ -336,17 +337,8 @@ impl WeightRows for Q8Matrix {
     /// multiplies it there: 64 rows × 4096 inputs stage in 512 KiB (L2), and at the 8+ tokens
     /// the tiles take each staged value is read once per 32 tokens.
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
-        thread_local! {
-            /// Per thread: a block is staged and multiplied on one thread with no parallel
-            /// loop in between, so the buffer is never borrowed twice.
-            static STAGE: std::cell::RefCell<cpu_amx::Staged> =
-                const { std::cell::RefCell::new(cpu_amx::Staged::new()) };
-        }
-        let rows = out.len() / x.padded();
-        assert!(r0 + rows <= self.rows, "Q8 tile block rows out of range");
-        STAGE.with_borrow_mut(|st| {
-            self.stage(r0, rows, st);
-            cpu_amx::tile_block_staged(st, x, out);
+        cpu_amx::tile_block_via_stage(self.rows, r0, x, out, |r0, rows, st| {
+            self.stage(r0, rows, st)
         })
     }
 }
@@ -702,9 +694,7 @@ unsafe fn q8_avx2<const N: usize>(q: &[i8], s: &[f32], x: &[f32], inp: usize, d:
         }
     }
     for (dt, at) in d.iter_mut().zip(&acc) {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *at);
-        *dt = lanes.iter().sum();
+        *dt = crate::cpu_gemv::sum_lanes256(*at);
     }
 }
 
@@ -790,64 +780,6 @@ mod tests {
         assert!(r[..64].iter().all(|v| v.is_nan()) && r[64..].iter().all(|v| v.is_finite()));
     }
 
-    /// Q8 weights on the AMX tiles (dequantized into the staging buffer in tile order)
-    /// against f64 sums of what the tiles multiply: the dequantized weights and activations
-    /// each rounded to bf16. Row counts of one, two, three and five row tiles (pairs and a
-    /// single tail), widths of one and several blocks, token counts from 8 around the
-    /// 16-token tile; through `gemv_q8` and straight through a block at a row offset. A
-    /// wrongly laid-out stage sums the wrong weights and misses the bound by far.
-    #[test]
-    fn tiles_match_f64_on_bf16_rounded_operands() {
-        if !cpu_amx::enabled() {
-            eprintln!("skipped: this CPU or kernel has no AMX");
-            return;
-        }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for &(rows, cols) in &[(16, 64), (32, 128), (48, 192), (80, 320)] {
-            let w = Q8Matrix::quantize(&rnd(&mut rng, rows * cols), rows, cols).unwrap();
-            assert_eq!(w.tiles(), Tiles::RoundedInputs);
-            let deq: Vec<f64> = w
-                .dequantize()
-                .iter()
-                .map(|&v| bf16::from_f32(v).to_f64())
-                .collect();
-            for tokens in [8, 15, 16, 17, 33] {
-                let x = rnd(&mut rng, tokens * cols);
-                let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
-                let want = |r: usize, t: usize| -> (f64, f64) {
-                    let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
-                    terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()))
-                };
-                let check = |got: f32, r: usize, t: usize, what: &str| {
-                    let (want, abs) = want(r, t);
-                    assert!(
-                        (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
-                        "{what} {rows}x{cols} tokens {tokens} r{r} t{t}: {got} vs {want}"
-                    );
-                };
-                if tokens >= cpu_amx::min_tokens() {
-                    let mut y = vec![f32::NAN; tokens * rows];
-                    gemv_q8(&x, tokens, &w, &mut y).unwrap();
-                    for t in 0..tokens {
-                        for r in 0..rows {
-                            check(y[t * rows + r], r, t, "gemv_q8");
-                        }
-                    }
-                }
-                let p = cpu_amx::Packed::new(&x, tokens, cols);
-                let (r0, n) = (rows - rows.min(32), rows.min(32));
-                let mut out = vec![f32::NAN; n * p.padded()];
-                w.tile_block(r0, &p, &mut out);
-                for r in 0..n {
-                    for t in 0..tokens {
-                        check(out[r * p.padded() + t], r0 + r, t, "tile_block");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The AVX-512 dequantization rounds exactly as the scalar one (to nearest even).
     #[test]
     fn dequant_kernels_agree() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);

@@ -86,9 +86,10 @@ impl QuantMatrix {
     /// Quantizes a 2-D CPU tensor `[rows, cols]` to `kind` (bf16 read in place; other dtypes
     /// through f32).
     pub fn from_tensor(kind: QuantKind, w: &Tensor) -> Result<Self, KernelError> {
-        Ok(match kind {
-            QuantKind::Q8 => Q8Matrix::from_tensor(w)?.into(),
-            QuantKind::Q4 => Q4Matrix::from_tensor(w)?.into(),
+        let (rows, cols) = w.dims2()?;
+        crate::cpu_q8::with_values(w, |v| match v {
+            Values::Bf16(s) => Self::quantize(kind, s, rows, cols),
+            Values::F32(s) => Self::quantize(kind, s, rows, cols),
         })
     }
 
@@ -516,4 +517,73 @@ fn cpu_f32(x: &Tensor, what: &str) -> Result<Vec<f32>, KernelError> {
     Ok(x.to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_amx;
+    use crate::cpu_gemv::Tiles;
+    use half::bf16;
+    use rand::{Rng, SeedableRng};
+
+    /// Quantized weights on the AMX tiles (dequantized into the staging buffer in tile order)
+    /// against f64 sums of what the tiles multiply: the dequantized weights and activations
+    /// each rounded to bf16, in both formats. Row counts of one, two, three and five row tiles
+    /// (pairs and a single tail), widths of one and several blocks, token counts from 8 around
+    /// the 16-token tile; through the format's gemv and straight through a block at a row
+    /// offset. A wrongly laid-out stage sums the wrong weights and misses the bound by far.
+    #[test]
+    fn tiles_match_f64_on_bf16_rounded_operands() {
+        if !cpu_amx::enabled() {
+            eprintln!("skipped: this CPU or kernel has no AMX");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut rnd =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            for &(rows, cols) in &[(16, 64), (32, 128), (48, 192), (80, 320)] {
+                let w = QuantMatrix::quantize(kind, &rnd(rows * cols), rows, cols).unwrap();
+                assert_eq!(with_matrix!(&w, m => m.tiles()), Tiles::RoundedInputs);
+                let deq: Vec<f64> = w
+                    .dequantize_f64()
+                    .iter()
+                    .map(|&v| bf16::from_f32(v as f32).to_f64())
+                    .collect();
+                for tokens in [8, 15, 16, 17, 33] {
+                    let x = rnd(tokens * cols);
+                    let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
+                    let what = format!("{} {rows}x{cols} tokens {tokens}", kind.name());
+                    let check = |got: f32, r: usize, t: usize, path: &str| {
+                        let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
+                        let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
+                            "{path} {what} r{r} t{t}: {got} vs {want}"
+                        );
+                    };
+                    if tokens >= cpu_amx::min_tokens() {
+                        assert!(w.on_tiles(tokens));
+                        let mut y = vec![f32::NAN; tokens * rows];
+                        w.gemv(&x, tokens, &mut y).unwrap();
+                        for t in 0..tokens {
+                            for r in 0..rows {
+                                check(y[t * rows + r], r, t, "gemv");
+                            }
+                        }
+                    }
+                    let p = cpu_amx::Packed::new(&x, tokens, cols);
+                    let (r0, n) = (rows - rows.min(32), rows.min(32));
+                    let mut out = vec![f32::NAN; n * p.padded()];
+                    with_matrix!(&w, m => m.tile_block(r0, &p, &mut out));
+                    for r in 0..n {
+                        for t in 0..tokens {
+                            check(out[r * p.padded() + t], r0 + r, t, "tile_block");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -108,7 +108,7 @@ fn quantize_errors_name_the_problem() {
     row_kernels_only();
     let msg = |r: Result<Q8Matrix, switchyard_kernels::KernelError>| r.unwrap_err().to_string();
     assert!(msg(Q8Matrix::quantize::<f32>(&[], 0, 64)).contains("empty"));
-    assert!(msg(Q8Matrix::quantize(&[0f32; 96], 1, 96)).contains("not a multiple of the block"));
+    assert!(msg(Q8Matrix::quantize(&[0f32; 96], 1, 96)).contains("not a multiple of 64"));
     assert!(msg(Q8Matrix::quantize(&[0f32; 100], 2, 64)).contains("100 values"));
     let mut w = vec![0.5f32; 3 * 64];
     w[64 + 7] = f32::NAN;
@@ -450,11 +450,17 @@ fn shapes_that_disagree_are_errors() {
     assert!(QuantExperts::quantize(QuantKind::Q4, &[0f32; 10], &[0f32; 10], dims).is_err());
 }
 
-/// `linear_quant` and `from_tensor` as a model's `Linear` would call them: bf16 in, bf16 out,
-/// the same values as `gemv_q8` rounded to bf16.
 #[test]
 fn tensor_entry_points_match_the_slices() {
     row_kernels_only();
+    for kind in [QuantKind::Q8, QuantKind::Q4] {
+        tensor_entry_points(kind);
+    }
+}
+
+/// `linear_quant` and `from_tensor` as a model's `Linear` would call them: bf16 in, bf16 out,
+/// the same values as the format's gemv rounded to bf16.
+fn tensor_entry_points(kind: QuantKind) {
     let mut rng = Rng64::seed_from_u64(4);
     let (out, inp, t) = (96, 128, 3);
     let w = rnd(&mut rng, out * inp, 0.1);
@@ -462,29 +468,32 @@ fn tensor_entry_points_match_the_slices() {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let m = Q8Matrix::from_tensor(&wt).unwrap();
+    let m = QuantMatrix::from_tensor(kind, &wt).unwrap();
+    assert_eq!(m.kind(), kind);
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     assert_eq!(
-        m.dequantize(),
-        Q8Matrix::quantize(&wb, out, inp).unwrap().dequantize()
+        m.dequantize_f64(),
+        QuantMatrix::quantize(kind, &wb, out, inp)
+            .unwrap()
+            .dequantize_f64()
     );
     // A non-contiguous (transposed) f32 tensor goes through f32.
     let tt = Tensor::from_vec(w.clone(), (inp, out), &Device::Cpu)
         .unwrap()
         .t()
         .unwrap();
-    let mt = Q8Matrix::from_tensor(&tt).unwrap();
+    let mt = QuantMatrix::from_tensor(kind, &tt).unwrap();
     assert_eq!((mt.rows(), mt.cols()), (out, inp));
     let x = rnd(&mut rng, t * inp, 1.0);
     let xb = Tensor::from_vec(x.clone(), (t, inp), &Device::Cpu)
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let y = linear_quant(&xb, &QuantMatrix::Q8(m.clone())).unwrap();
+    let y = linear_quant(&xb, &m).unwrap();
     assert_eq!((y.dims(), y.dtype()), (&[t, out][..], DType::BF16));
     let xr = f32_values(&xb);
     let mut want = vec![0f32; t * out];
-    gemv_q8(&xr, t, &m, &mut want).unwrap();
+    m.gemv(&xr, t, &mut want).unwrap();
     let got = f32_values(&y);
     let want: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     assert_eq!(got, want);
@@ -497,21 +506,26 @@ fn tensor_entry_points_match_the_slices() {
     )
     .unwrap();
     let dn = Tensor::from_vec(rnd(&mut rng, e * h * i, 0.1), (e, h, i), &Device::Cpu).unwrap();
-    let ex = QuantExperts::from_tensors(QuantKind::Q8, &gu, &dn).unwrap();
+    let ex = QuantExperts::from_tensors(kind, &gu, &dn).unwrap();
     assert_eq!(
-        (ex.dims().experts, ex.dims().inter, ex.dims().hidden),
-        (e, i, h)
+        (
+            ex.dims().experts,
+            ex.dims().inter,
+            ex.dims().hidden,
+            ex.kind()
+        ),
+        (e, i, h, kind)
     );
     let d1 = dn.get(1).unwrap();
     assert_eq!(
         ex.expert(1).down().dequantize_f64(),
-        QuantMatrix::from_tensor(QuantKind::Q8, &d1)
+        QuantMatrix::from_tensor(kind, &d1)
             .unwrap()
             .dequantize_f64()
     );
     assert!(linear_quant(
         &Tensor::zeros((2, 65), DType::F32, &Device::Cpu).unwrap(),
-        &QuantMatrix::Q8(m)
+        &m
     )
     .is_err());
 }
