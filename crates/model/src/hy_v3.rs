@@ -280,6 +280,26 @@ enum MlpWeights {
     Quant(QuantMlp),
 }
 
+/// Names the weights a load-time error came from: a weight `--quantize` cannot represent (not
+/// finite; for q4 also beyond f16's range) is an op-layer error naming its row and column, and
+/// this puts the module's checkpoint path in front (`model.layers.3.mlp.experts.17: ...`) and
+/// reports it against the flag. Other errors pass through.
+fn quantizing(what: impl std::fmt::Display) -> impl FnOnce(ModelError) -> ModelError {
+    move |e| match e {
+        ModelError::Kernel(k) => ModelError::LoadOption {
+            flag: isq::QUANTIZE_FLAG.into(),
+            message: format!("{what}: {k}"),
+        },
+        ModelError::LoadOption { flag, message } if flag == isq::QUANTIZE_FLAG => {
+            ModelError::LoadOption {
+                flag,
+                message: format!("{what}.{message}"),
+            }
+        }
+        e => e,
+    }
+}
+
 /// Quantizes SwiGLU weights `gate_up` `[2·I, H]` and `down` `[H, I]`, padded to whole blocks;
 /// the dense tensors are dropped.
 fn quant_mlp(isq: IsqType, gate_up: Tensor, down: Tensor) -> Result<QuantMlp, ModelError> {
@@ -787,13 +807,19 @@ impl MoeExec {
     /// [`MoeExec::Quant`] from dense routed experts (`[2I, H]` and `[H, I]` each), quantized
     /// one at a time: the dense copy of one expert is the peak beyond the quantized weights
     /// when `experts` reads them lazily.
+    /// `first` is the first expert's id (errors name `experts.{id}`).
     fn quantized(
         isq: IsqType,
+        first: usize,
         experts: impl Iterator<Item = Result<(Tensor, Tensor), ModelError>>,
         bias: Option<Tensor>,
     ) -> Result<Self, ModelError> {
         let experts = experts
-            .map(|r| r.and_then(|(gu, dn)| quant_mlp(isq, gu, dn)))
+            .enumerate()
+            .map(|(j, r)| {
+                r.and_then(|(gu, dn)| quant_mlp(isq, gu, dn))
+                    .map_err(quantizing(format!("experts.{}", first + j)))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(MoeExec::Quant {
             bias: host_bias(bias)?,
@@ -835,7 +861,8 @@ impl Moe {
                 i * cfg.num_shared_experts,
                 shard,
                 isq,
-            )?
+            )
+            .map_err(quantizing("shared_experts"))?
         } else {
             None
         };
@@ -857,7 +884,7 @@ impl Moe {
         let gate = cfg.gate_config();
         let (exec, shared) = if let (Some(q), true) = (isq, el > 0) {
             (
-                MoeExec::quantized(q, (e0..e0 + el).map(expert), bias)?,
+                MoeExec::quantized(q, e0, (e0..e0 + el).map(expert), bias)?,
                 shared,
             )
         } else {
@@ -1160,7 +1187,8 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg, shard, isq)?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg, shard, isq)
+                .map_err(quantizing(w.path("self_attn")))?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
                 h,
@@ -1169,13 +1197,16 @@ impl DecoderLayer {
             mlp: match kind {
                 LayerKind::Dense => FeedForward::Dense(
                     // `Shard::validate` keeps every rank's slice non-empty.
-                    Mlp::load_shard(&w.pp("mlp"), h, cfg.intermediate_size, shard, isq)?
+                    Mlp::load_shard(&w.pp("mlp"), h, cfg.intermediate_size, shard, isq)
+                        .map_err(quantizing(w.path("mlp")))?
                         .ok_or_else(|| ModelError::Sharding {
                             field: "intermediate_size".into(),
                             message: format!("an empty slice for rank {}", shard.rank),
                         })?,
                 ),
-                LayerKind::Moe => FeedForward::Moe(Moe::load(&w.pp("mlp"), cfg, shard, isq)?),
+                LayerKind::Moe => FeedForward::Moe(
+                    Moe::load(&w.pp("mlp"), cfg, shard, isq).map_err(quantizing(w.path("mlp")))?,
+                ),
             },
         })
     }
@@ -1347,7 +1378,8 @@ impl HyV3Model {
                 .get_narrow(&[v, h], "weight", 0, vocab.0, vocab.1)?
         };
         // Tied and dense: the embedding's own tensor (the conversion above is a no-op then).
-        let lm_head = LinearWeight::quantize(lm_head, isq.map(IsqType::lm_head))?;
+        let lm_head = LinearWeight::quantize(lm_head, isq.map(IsqType::lm_head))
+            .map_err(quantizing("lm_head"))?;
         let mtp = if opts.load_mtp {
             let mut map = HashMap::new();
             for l in 0..cfg.num_mtp_layers.max(1) {

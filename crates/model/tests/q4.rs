@@ -224,3 +224,56 @@ fn row_stats(a: &Tensor, b: &Tensor) -> (Vec<f32>, Vec<f32>) {
     let ms = d.sqr().and_then(|d| d.mean(1)).and_then(|d| d.to_vec1());
     (max.unwrap(), ms.unwrap())
 }
+
+/// A copy of fixture `case` with `value` written at flat index `at` of tensor `name`.
+fn with_value(case: &str, dir: &Path, name: &str, at: usize, value: f32) {
+    let src = fixtures().join(case);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut t: HashMap<String, Tensor> =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let w = &t[name];
+    let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[at] = value;
+    let changed = Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap();
+    t.insert(name.into(), changed);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+/// A weight the format cannot hold is refused at load, naming the flag, the module's
+/// checkpoint path (the expert, for routed experts) and the weight's row and column.
+#[test]
+fn unrepresentable_weights_are_refused_naming_where() {
+    let err = |dir: &Path, q: IsqType| {
+        HyV3Model::load_dir(dir, &opts(Some(q)))
+            .err()
+            .map(|e| e.to_string())
+    };
+    // Expert 3's gate_up [32, 48] of layer 1: row 5, column 7.
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "model.layers.1.mlp.experts.gate_up_proj";
+    with_value(
+        "f32_basic",
+        tmp.path(),
+        name,
+        3 * 32 * 48 + 5 * 48 + 7,
+        f32::NAN,
+    );
+    for q in [IsqType::Q8, IsqType::Q4] {
+        let e = err(tmp.path(), q).expect("a NaN weight is refused");
+        assert!(
+            e.starts_with("--quantize: model.layers.1.mlp.experts.3: ")
+                && e.contains("weight [5, 7] is not finite"),
+            "{q}: {e}"
+        );
+    }
+    // 1e5 is beyond f16's range: q4 stores steps and minimums in f16, q8 an f32 scale.
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "model.layers.0.self_attn.k_proj.weight";
+    with_value("f32_basic", tmp.path(), name, 2 * 48 + 9, 1e5);
+    let e = err(tmp.path(), IsqType::Q4).expect("q4 refuses 1e5");
+    assert!(
+        e.starts_with("--quantize: model.layers.0.self_attn: ") && e.contains("beyond f16"),
+        "{e}"
+    );
+    assert!(err(tmp.path(), IsqType::Q8).is_none(), "q8 holds 1e5");
+}

@@ -156,7 +156,7 @@ impl MoeLayer {
         let (exec, shared) = match quantize {
             Some(q) => {
                 let experts = (0..e).map(|j| Ok((gate_up.get(j)?, down.get(j)?)));
-                (MoeExec::quantized(q, experts, bias)?, shared)
+                (MoeExec::quantized(q, 0, experts, bias)?, shared)
             }
             None => {
                 let experts = switchyard_kernels::ExpertWeights { gate_up, down };
