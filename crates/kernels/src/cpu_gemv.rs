@@ -273,14 +273,6 @@ pub(crate) trait WeightRows: Sync {
     /// `d[t] = row r · x[t]` for `t < n` (≤ [`TOKEN_BLOCK`]); `x` holds `n` activation rows of
     /// [`Self::cols`] values in [`Self::packing`]'s layout.
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]);
-    /// `out[j] = row r0 + j · x` for every `j < out.len()` at one token (decode), `x` one
-    /// packed activation row: what [`Self::dot`] gives for each row. Storages whose kernel
-    /// takes several rows per call (sharing the activation loads and the call) override it.
-    fn dot_rows1(&self, r0: usize, x: &[f32], out: &mut [f32]) {
-        for (j, o) in out.iter_mut().enumerate() {
-            self.dot(r0 + j, x, 1, std::slice::from_mut(o));
-        }
-    }
     /// Whether the AMX tile kernels ([`crate::cpu_amx`]) can multiply these weights on this
     /// machine, and on which activations.
     fn tiles(&self) -> Tiles {
@@ -350,10 +342,6 @@ impl<T: WeightRows> WeightRows for &T {
     #[inline]
     fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
         (**self).dot(r, x, n, d)
-    }
-    #[inline]
-    fn dot_rows1(&self, r0: usize, x: &[f32], out: &mut [f32]) {
-        (**self).dot_rows1(r0, x, out)
     }
     fn tiles(&self) -> Tiles {
         (**self).tiles()
@@ -447,13 +435,6 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
         packed = v;
         &packed
     };
-    if tokens == 1 {
-        // Decode: each task's block of rows in one call (the partition `by_row_blocks` uses).
-        y.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(c, d)| w.dot_rows1(c * ROWS_PER_TASK, xp, d));
-        return;
-    }
     by_row_blocks(tokens, out, y, |r, t0, n, d| {
         w.dot(r, &xp[t0 * inp..(t0 + n) * inp], n, d)
     })

@@ -335,17 +335,6 @@ fn run_groups<W: WeightRows>(
                 return;
             }
             let xe = &xs[g.lo * h..(g.lo + n) * h];
-            if n == 1 {
-                // One entry (decode): the task's gate rows, then its up rows, in one call each.
-                let rows = task.out.len();
-                let (mut gv, mut uv) = ([0f32; ROWS_PER_TASK], [0f32; ROWS_PER_TASK]);
-                g.gate_up.dot_rows1(task.row0, xe, &mut gv[..rows]);
-                g.gate_up.dot_rows1(i + task.row0, xe, &mut uv[..rows]);
-                for (k, d) in task.out.iter_mut().enumerate() {
-                    *d = combine(gv[k], uv[k]);
-                }
-                return;
-            }
             let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
             for (k, dst) in task.out.chunks_mut(n).enumerate() {
                 let r = task.row0 + k;
@@ -421,12 +410,6 @@ fn run_groups<W: WeightRows>(
                             }
                         }
                         n
-                    }
-                    (None, None) if n == 1 => {
-                        y.resize(rows, 0f32);
-                        g.down
-                            .dot_rows1(r0, &act_t[act_at[gi]..act_at[gi + 1]], &mut y);
-                        1
                     }
                     (None, None) => {
                         y.resize(rows * n, 0f32);

@@ -261,31 +261,6 @@ impl WeightRows for Q4Matrix {
         let (d, m) = self.row_scales(r);
         q4_kernel().run(self.row_bytes(r), d, m, x, n, out)
     }
-    /// Four rows per call where the AVX-512 kernel runs ([`q4_avx512_rows4`]: the activation
-    /// loads and the call shared by four rows, each row's sums in the single-row kernel's
-    /// order, so the results are the same bits); the rest one at a time.
-    fn dot_rows1(&self, r0: usize, x: &[f32], out: &mut [f32]) {
-        assert!(r0 + out.len() <= self.rows && x.len() >= self.cols);
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if q4_kernel().name == AVX512_KERNEL {
-            while done + 4 <= out.len() {
-                let row = |j: usize| {
-                    let (d, m) = self.row_scales(r0 + done + j);
-                    (self.row_bytes(r0 + done + j), d, m)
-                };
-                let four: &mut [f32; 4] = (&mut out[done..done + 4]).try_into().expect("4 rows");
-                // SAFETY: the AVX-512 kernel was detected (its features imply these); each
-                // row has `cols / 2` bytes and `cols / 32` steps and minimums, and `x` holds
-                // one packed row of `cols` slots (checked above).
-                unsafe { q4_avx512_rows4(std::array::from_fn(row), x, self.cols, four) };
-                done += 4;
-            }
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(done) {
-            self.dot(r0 + j, x, 1, std::slice::from_mut(o));
-        }
-    }
     /// As Q8 ([`crate::cpu_q8`]): on the tiles with the activations rounded to bf16 and each
     /// weight `q · d + m` rounded to bf16; [`crate::cpu_q8::set_tiles`] switches both.
     fn tiles(&self) -> Tiles {
@@ -529,9 +504,6 @@ impl Q4Kernel {
     }
 }
 
-/// The AVX-512 VNNI kernel's name (its four-row variant runs where it does).
-const AVX512_KERNEL: &str = "avx512-vnni";
-
 /// Which Q4 row kernel this CPU runs: `avx512-vnni`, `avx2` or `portable` (benches print it).
 pub fn q4_kernel_name() -> &'static str {
     q4_kernel().name
@@ -568,7 +540,7 @@ fn q4_kernels() -> Vec<Q4Kernel> {
         {
             k.push(Q4Kernel {
                 run: q4_avx512_entry,
-                name: AVX512_KERNEL,
+                name: "avx512-vnni",
             });
         }
     }
@@ -744,80 +716,6 @@ unsafe fn q4_avx512<const N: usize>(
     }
 }
 
-/// [`q4_avx512`] at one token for four rows at once: each 128 inputs' activation bytes and
-/// lane scales load once for the four rows, and each row's accumulators take the same values
-/// in the same order as the single-row kernel's (same results, bit for bit).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
-unsafe fn q4_avx512_rows4(
-    rows: [(&[u8], &[f16], &[f16]); 4],
-    x: &[f32],
-    inp: usize,
-    out: &mut [f32; 4],
-) {
-    use std::arch::x86_64::*;
-    let (lanes, sums) = offsets(inp);
-    let nb = inp / Q4_BLOCK;
-    let mut acc = [[[_mm512_setzero_ps(); 2]; 1]; 4];
-    let xp = x.as_ptr();
-    let low = _mm512_set1_epi8(0xF);
-    let steps = |a: f32, b: f32| _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
-    let mut ds = [[0f32; SEG_BLOCKS]; 4];
-    let mut b0 = 0;
-    while b0 < nb {
-        let nbs = SEG_BLOCKS.min(nb - b0);
-        for (r, &(_, d, m)) in rows.iter().enumerate() {
-            segment_scales((d, m), (b0, nbs), xp, (inp, sums), &mut ds[r], &mut acc[r]);
-        }
-        for c in 0..nbs / 4 {
-            let j = 4 * c;
-            let i = (b0 + j) * Q4_BLOCK;
-            let xb = (xp as *const u8).add(i);
-            let xlo = _mm512_loadu_si512(xb as *const __m512i);
-            let xhi = _mm512_loadu_si512(xb.add(64) as *const __m512i);
-            let slo = _mm512_loadu_ps(xp.add(lanes + i / 4));
-            let shi = _mm512_loadu_ps(xp.add(lanes + i / 4 + 16));
-            for (r, &(q, _, _)) in rows.iter().enumerate() {
-                let qp = q.as_ptr();
-                _mm_prefetch::<PREFETCH_HINT>(
-                    qp.wrapping_add(i / 2 + Q8_PREFETCH_AHEAD) as *const i8
-                );
-                let z = _mm512_loadu_si512(qp.add(i / 2) as *const __m512i);
-                let lo = _mm512_and_si512(z, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), low);
-                let dr = &ds[r];
-                let (dlo, dhi) = (steps(dr[j], dr[j + 2]), steps(dr[j + 1], dr[j + 3]));
-                let p0 = dot_u8_i8(lo, xlo);
-                let p1 = dot_u8_i8(hi, xhi);
-                let at = &mut acc[r][0];
-                at[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_mul_ps(dlo, slo), at[0]);
-                at[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_mul_ps(dhi, shi), at[1]);
-            }
-        }
-        if nbs % 4 == 2 {
-            let j = nbs - 2;
-            let i = (b0 + j) * Q4_BLOCK;
-            let xv = _mm512_loadu_si512((xp as *const u8).add(i) as *const __m512i);
-            let sv = _mm512_loadu_ps(xp.add(lanes + i / 4));
-            let low = _mm256_set1_epi8(0xF);
-            for (r, &(q, _, _)) in rows.iter().enumerate() {
-                let v = _mm256_loadu_si256(q.as_ptr().add(i / 2) as *const __m256i);
-                let lo = _mm256_and_si256(v, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let p = dot_u8_i8(w, xv);
-                let s = _mm512_mul_ps(steps(ds[r][j], ds[r][j + 1]), sv);
-                let at = &mut acc[r][0];
-                at[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, at[0]);
-            }
-        }
-        b0 += nbs;
-    }
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0][0], a[0][1]));
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 fn q4_avx2_entry(q: &[u8], d: &[f16], m: &[f16], x: &[f32], n: usize, inp: usize, out: &mut [f32]) {
     // SAFETY: selected only after run-time detection of avx2, fma and f16c; slices as above.
@@ -961,33 +859,6 @@ mod tests {
                             got[t]
                         );
                     }
-                }
-            }
-        }
-    }
-
-    /// Several rows per call (decode's `dot_rows1`) give each row's single-row result bit for
-    /// bit: row counts around the four-row step, row lengths with and without a last group of
-    /// 64 and over a segment.
-    #[test]
-    fn rows_at_once_equal_one_at_a_time() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
-        for inp in [64, 192, 576, 1088] {
-            for rows in [1, 3, 4, 5, 9] {
-                let w =
-                    Q4Matrix::quantize(&rnd(&mut rng, (rows + 2) * inp), rows + 2, inp).unwrap();
-                let mut x = vec![0f32; inp];
-                pack_activations_q4(&rnd(&mut rng, inp), &mut x);
-                let mut all = vec![f32::NAN; rows];
-                w.dot_rows1(1, &x, &mut all);
-                for (j, &got) in all.iter().enumerate() {
-                    let mut one = [f32::NAN];
-                    w.dot(1 + j, &x, 1, &mut one);
-                    assert_eq!(
-                        got.to_bits(),
-                        one[0].to_bits(),
-                        "inp {inp} rows {rows} row {j}"
-                    );
                 }
             }
         }
