@@ -8,8 +8,9 @@
 //! narrowing, so each rank quantizes exactly the slice it multiplies. The router (f32), the
 //! norms and the embedding (a lookup, not a product) stay dense. With `q4` the lm_head is Q8
 //! ([`IsqType::lm_head`]), as llama.cpp's 4-bit presets keep the output matrix at 6 bits or
-//! more: every logit goes through it, and on the demo model a 4-bit lm_head alone moved the
-//! logits by more than every other 4-bit projection together (NOTES.md, session 9).
+//! more: every logit goes through it. On the demo model (1000 tokens, logits vs the f32
+//! model) every other projection at 4 bits with a q8 lm_head is 0.083 RMS away (KL 0.0009);
+//! a 4-bit lm_head on top makes it 0.463 (KL 0.046; NOTES.md, session 9).
 //!
 //! A projection whose input size is not a multiple of [`Q8_BLOCK`] (64; Q4's groups are 64
 //! weights too) is zero-padded to
