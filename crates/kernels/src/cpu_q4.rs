@@ -267,11 +267,7 @@ impl WeightRows for Q4Matrix {
     /// As Q8 ([`crate::cpu_q8`]): on the tiles with the activations rounded to bf16 and each
     /// weight `q · d + m` rounded to bf16; [`crate::cpu_q8::set_tiles`] switches both.
     fn tiles(&self) -> Tiles {
-        if crate::cpu_q8::tiles_enabled() && cpu_amx::fits(self.rows, self.cols) {
-            Tiles::RoundedInputs
-        } else {
-            Tiles::No
-        }
+        crate::cpu_q8::quantized_tiles(self.rows, self.cols)
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there (as [`crate::cpu_q8::Q8Matrix`]'s `tile_block`).
@@ -471,11 +467,6 @@ pub fn gemv_q4(x: &[f32], tokens: usize, w: &Q4Matrix, y: &mut [f32]) -> Result<
     check_gemv("gemv_q4", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
     gemv_rows(x, tokens, w, y);
     Ok(())
-}
-
-/// Whether [`gemv_q4`] of `tokens` rows by `w` runs on the tiles (rounding to bf16).
-pub fn gemv_on_tiles(w: &Q4Matrix, tokens: usize) -> bool {
-    w.tiles().take(tokens, || false)
 }
 
 /// A Q4 row kernel's entry point: `(q, steps, mins, packed x, n, inp, out)`.

@@ -333,11 +333,7 @@ impl WeightRows for Q8Matrix {
     /// and each weight `q · scale` rounded to bf16: see [`Tiles::RoundedInputs`] and the
     /// module docs.
     fn tiles(&self) -> Tiles {
-        if tiles_enabled() && cpu_amx::fits(self.rows, self.cols) {
-            Tiles::RoundedInputs
-        } else {
-            Tiles::No
-        }
+        quantized_tiles(self.rows, self.cols)
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there: 64 rows × 4096 inputs stage in 512 KiB (L2), and at the 8+ tokens
@@ -373,10 +369,14 @@ pub fn tiles_enabled() -> bool {
     TILES.load(std::sync::atomic::Ordering::Relaxed) && cpu_amx::enabled()
 }
 
-/// Whether [`gemv_q8`] of `tokens` rows by `w` runs on the tiles (rounding to bf16), not on
-/// the row kernels: for callers and tests that must know which contract a product follows.
-pub fn gemv_on_tiles(w: &Q8Matrix, tokens: usize) -> bool {
-    w.tiles().take(tokens, || false)
+/// How a quantized `[rows, cols]` matrix (Q8 or Q4) goes on the tiles: with the activations
+/// rounded to bf16 where [`set_tiles`] allows it and the shape fits, else not at all.
+pub(crate) fn quantized_tiles(rows: usize, cols: usize) -> Tiles {
+    if tiles_enabled() && cpu_amx::fits(rows, cols) {
+        Tiles::RoundedInputs
+    } else {
+        Tiles::No
+    }
 }
 
 impl Q8Matrix {
@@ -502,7 +502,7 @@ pub(crate) fn act_value(packed: &[f32], inp: usize, i: usize) -> i16 {
 /// `y[t, o] = Σ_i x̂[t, i] · deq(w)[o, i]` for `t < tokens`: `x` is `[tokens, w.cols()]` f32,
 /// `y` is `[tokens, w.rows()]` f32, `x̂` the activations rounded to 16 bits per block of 64
 /// ([`round_activations`]). [`crate::cpu_gemv::gemv_bf16`]'s contract and threading with Q8
-/// weights. Where [`gemv_on_tiles`] says so (8+ tokens on an AMX CPU, [`set_tiles`] on),
+/// weights. Where `cpu_quant::QuantMatrix::on_tiles` says so (8+ tokens on an AMX CPU, [`set_tiles`] on),
 /// `x̂` and `deq(w)` are each rounded to bf16 instead (module docs).
 pub fn gemv_q8(x: &[f32], tokens: usize, w: &Q8Matrix, y: &mut [f32]) -> Result<(), KernelError> {
     check_gemv("gemv_q8", x.len(), tokens, (0, 0), w.rows, w.cols, y.len())?;
