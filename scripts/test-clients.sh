@@ -9,9 +9,17 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-echo "== building switchyard"
-cargo build -p switchyard-server --bin switchyard
-bin="${CARGO_TARGET_DIR:-$root/target}/debug/switchyard"
+# scripts/test.sh passes the binary its `cargo test --workspace` just built (SWITCHYARD_BIN):
+# building the one package again resolves other dependency features and recompiles a dozen
+# crates, time and disk CI does not have to spend.
+if [ -n "${SWITCHYARD_BIN:-}" ]; then
+    bin="$SWITCHYARD_BIN"
+    [ -x "$bin" ] || { echo "SWITCHYARD_BIN=$bin is not an executable" >&2; exit 1; }
+else
+    echo "== building switchyard"
+    cargo build -p switchyard-server --bin switchyard
+    bin="${CARGO_TARGET_DIR:-$root/target}/debug/switchyard"
+fi
 
 work="$(mktemp -d)"
 pid=""

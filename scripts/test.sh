@@ -10,7 +10,6 @@ cargo test --workspace --no-fail-fast
 # Every criterion bench once, in test mode on small shapes (README "Benchmarks"): catches a
 # broken bench cheaply, reusing the test-profile build above (~30 s of build, ~20 s of run).
 cargo test --workspace --bench '*'
-if [ -x scripts/test-clients.sh ]; then
-  scripts/test-clients.sh
-fi
+# The server's integration tests made cargo build target/debug/switchyard above.
+SWITCHYARD_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/switchyard" scripts/test-clients.sh
 echo "all tests passed"
