@@ -180,6 +180,9 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let dtype = parse_dtype(&args.dtype, &device)?;
     let dir = switchyard_model::resolve_model(&args.model, args.revision.as_deref())?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if device.is_cpu() {
+        check_host_memory(&cfg, dtype, args.quantize, tp)?;
+    }
     let ckpt = Arc::new(Checkpoint::open(&dir)?);
     let total = cfg.num_hidden_layers * tp;
     let tty = std::io::stderr().is_terminal();
@@ -245,6 +248,40 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         tokenizer,
         dir,
     })
+}
+
+/// Refuses, before a weight is read, to load more weights into host memory than it has
+/// available: the loader copies every weight into memory (and `--quantize` keeps only the
+/// quantized copy), so a model that does not fit would otherwise swap or be killed by the
+/// kernel partway through a long load. The bytes are `switchyard plan --device cpu`'s, exact for
+/// the formats the loader holds (see `switchyard_model::plan`).
+fn check_host_memory(
+    cfg: &ModelConfig,
+    dtype: candle_core::DType,
+    quantize: Option<IsqType>,
+    tp: usize,
+) -> Result<()> {
+    use switchyard_model::plan::{smaller_formats, weight_bytes, WeightFormat};
+    let format = WeightFormat::held(dtype, quantize);
+    let need = weight_bytes(cfg, format, tp)?;
+    let available = switchyard_engine::engine::available_memory() as u64;
+    if need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        anyhow::bail!(
+            "the model's weights need {:.1} GiB of memory as {} ({}), more than the {:.1} GiB \
+             this machine has available (MemAvailable); {} (`switchyard plan --device cpu` \
+             shows the budget)",
+            gib(need),
+            format.name(),
+            match quantize {
+                Some(q) => format!("--quantize {q}"),
+                None => format!("--dtype {}", dtype.as_str()),
+            },
+            gib(available),
+            smaller_formats(cfg, format, available),
+        );
+    }
+    Ok(())
 }
 
 /// The chat template to serve with: `--chat-template` (a file, or the template itself, as

@@ -1,6 +1,7 @@
 //! `switchyard plan` as a user runs it: the JSON contract of DESIGN.md (`weights_total_bytes`,
-//! per-device bytes, `kv_tokens`, `fits`), weight bytes equal to the checkpoint's tensor bytes,
-//! and bad flags refused with a message naming the flag.
+//! per-device bytes, `kv_tokens`, `fits`), weight bytes equal to the checkpoint's tensor bytes
+//! (and, on the CPU, to what the quantized model holds once loaded), bad flags refused with a
+//! message naming the flag, and the loader refusing weights the machine's memory cannot hold.
 
 mod common;
 
@@ -91,6 +92,92 @@ fn plan_json_matches_the_checkpoint_and_the_contract() {
     assert!(stdout.contains("does not fit: GPU 0 needs"), "{stdout}");
 }
 
+/// `plan --device cpu --weights q4|q8` gives the bytes `bench --quantize` measures on the
+/// loaded model, and the KV cache the engine would size by default.
+#[test]
+fn cpu_plan_matches_the_quantized_model_as_loaded() {
+    let dir = common::model_dir().to_str().unwrap().to_string();
+    for q in ["q8", "q4"] {
+        let (ok, stdout, stderr) = run(&[
+            "--model",
+            &dir,
+            "--device",
+            "cpu",
+            "--weights",
+            q,
+            "--memory",
+            "1GiB",
+            "--max-context",
+            "256",
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["weights_format"], q);
+        assert_eq!(v["fits"], Value::Bool(true), "{stdout}");
+        let planned = v["weights_total_bytes"].as_u64().unwrap();
+        let measured = common::bench_json(&["--quantize", q])["weights_bytes"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(planned as f64, measured, "{q}");
+        let per_token = v["kv_bytes_per_token_per_device"].as_u64().unwrap();
+        let kv = ((1u64 << 30) - planned) / 4 / per_token / 16 * 16;
+        assert_eq!(v["kv_tokens"].as_u64(), Some(kv), "{q}");
+        let (ok, text, _) = run(&["--model", &dir, "--device", "cpu", "--weights", q]);
+        assert!(ok);
+        assert!(text.contains("CPU with") && text.contains(q), "{text}");
+    }
+}
+
+/// A model whose weights exceed the machine's available memory is refused before a weight is
+/// read, with the sizes and what would fit; here the tiny model's config claims a vocabulary
+/// of 2^31 tokens (a 512 GiB f32 embedding).
+#[test]
+fn loading_more_weights_than_memory_is_refused_before_reading_them() {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        let from = common::model_dir().join(f);
+        if from.is_file() {
+            std::fs::copy(&from, d.path().join(f)).unwrap();
+        }
+    }
+    let cfg_path = d.path().join("config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vocab_size"] = Value::from(1u64 << 31);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    // No safetensors at all: a loader that read weights first would fail on those instead.
+    let dir = d.path().to_str().unwrap();
+    let t = std::time::Instant::now();
+    let (ok, _, stderr) = common::run_cli(&[
+        "generate", "--model", dir, "--device", "cpu", "--prompt", "hi",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("the model's weights need")
+            && stderr.contains("GiB this machine has available"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("as f32 (--dtype f32)"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
+    let (ok, _, stderr) = common::run_cli(&[
+        "generate",
+        "--model",
+        dir,
+        "--device",
+        "cpu",
+        "--quantize",
+        "q4",
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("as q4 (--quantize q4)"), "{stderr}");
+    assert!(stderr.contains("use a host with more memory"), "{stderr}");
+}
+
 #[test]
 fn bad_flags_are_named() {
     for (args, needle) in [
@@ -106,6 +193,28 @@ fn bad_flags_are_named() {
             "--gpu-memory-utilization",
         ),
         (vec!["--preset", "small", "--with-mtp"], "--with-mtp"),
+        (vec!["--preset", "hy3", "--device", "tpu"], "--device"),
+        (vec!["--preset", "hy3", "--weights", "q4"], "--weights: q4"),
+        (vec!["--preset", "hy3", "--memory", "1TiB"], "--memory"),
+        (
+            vec![
+                "--preset",
+                "hy3",
+                "--device",
+                "cpu",
+                "--gpu-memory",
+                "80GiB",
+            ],
+            "--gpu-memory",
+        ),
+        (
+            vec!["--preset", "hy3", "--device", "cpu", "--memory", "lots"],
+            "--memory",
+        ),
+        (
+            vec!["--preset", "hy3", "--device", "cpu", "--gpus", "2"],
+            "--gpus",
+        ),
         (vec!["--preset", "huge"], "preset"),
         (vec!["--model", "/no/such/dir"], "/no/such/dir"),
     ] {

@@ -589,11 +589,6 @@ fn device_name(d: &candle_core::Device) -> String {
     }
 }
 
-/// Share of host memory the KV cache takes when `--kv-cache-memory` is not given: the weights
-/// are already loaded, and the rest stays for activations, the tokenizer, the HTTP server and
-/// whatever else runs on the machine.
-const DEFAULT_KV_SHARE_OF_HOST_MEMORY: usize = 4;
-
 /// KV cache bytes when the user gives no size. On a GPU, vLLM's rule: the cache gets what is left
 /// of `gpu_memory_utilization × total` after the weights and the CUDA context (free memory is
 /// read after loading); on the CPU a quarter of the available host memory.
@@ -605,7 +600,10 @@ fn default_kv_bytes(device: &candle_core::Device) -> Result<usize, String> {
             let used = total.saturating_sub(free);
             Ok(budget.saturating_sub(used))
         }
-        None => Ok(available_memory() / DEFAULT_KV_SHARE_OF_HOST_MEMORY),
+        None => {
+            Ok(available_memory()
+                / switchyard_model::plan::DEFAULT_KV_SHARE_OF_HOST_MEMORY as usize)
+        }
     }
 }
 

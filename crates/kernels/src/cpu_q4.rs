@@ -131,6 +131,13 @@ impl Q4Matrix {
         self.data.len() * LINE + (self.steps.len() + self.mins.len()) * 2
     }
 
+    /// Bytes a `[rows, cols]` matrix holds once quantized (`cols` a multiple of 64): half a
+    /// byte per weight, rows back to back in whole 64-byte lines, and an f16 step and minimum
+    /// per [`Q4_BLOCK`].
+    pub fn memory_bytes_for(rows: usize, cols: usize) -> usize {
+        (rows * cols / 2).div_ceil(LINE) * LINE + rows * (cols / Q4_BLOCK) * 4
+    }
+
     /// Row `r`'s packed 4-bit values (`cols / 2` bytes).
     fn row_bytes(&self, r: usize) -> &[u8] {
         // SAFETY: `Line` is `repr(C)` over `[i8; LINE]`, so the vector is `data.len() * LINE`

@@ -178,6 +178,12 @@ impl Q8Matrix {
         self.data.len() * LINE + self.scales.len() * 4
     }
 
+    /// Bytes a `[rows, cols]` matrix holds once quantized (`cols` a multiple of the block):
+    /// a byte per weight and an f32 scale per [`Q8_BLOCK`].
+    pub fn memory_bytes_for(rows: usize, cols: usize) -> usize {
+        rows * cols + rows * (cols / Q8_BLOCK) * 4
+    }
+
     /// Row `r`'s int8 values (`cols` of them, starting on a 64-byte boundary).
     pub fn row_q(&self, r: usize) -> &[i8] {
         &self.bytes()[r * self.cols..(r + 1) * self.cols]

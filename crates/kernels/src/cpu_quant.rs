@@ -36,6 +36,16 @@ impl QuantKind {
             QuantKind::Q4 => "q4",
         }
     }
+
+    /// Bytes a quantized `[rows, cols]` matrix holds (`cols` a multiple of 64): what
+    /// [`QuantMatrix::memory_bytes`] of one will say, known before any weight is read — for
+    /// memory plans and the loader's check that the weights fit.
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        match self {
+            QuantKind::Q8 => Q8Matrix::memory_bytes_for(rows, cols),
+            QuantKind::Q4 => Q4Matrix::memory_bytes_for(rows, cols),
+        }
+    }
 }
 
 /// A quantized `[rows, cols]` weight matrix (`cols` a multiple of 64).
@@ -526,6 +536,24 @@ mod tests {
     use crate::cpu_gemv::Tiles;
     use half::bf16;
     use rand::{Rng, SeedableRng};
+
+    /// The bytes known before quantizing are the bytes a quantized matrix holds, in both
+    /// formats, for odd and even row counts (Q4 rounds the whole matrix up to 64-byte lines).
+    #[test]
+    fn matrix_bytes_before_quantizing_equal_the_matrix() {
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            for &(rows, cols) in &[(1, 64), (3, 64), (5, 128), (16, 192), (33, 4096)] {
+                let w =
+                    QuantMatrix::quantize(kind, &vec![0.25f32; rows * cols], rows, cols).unwrap();
+                assert_eq!(
+                    kind.matrix_bytes(rows, cols),
+                    w.memory_bytes(),
+                    "{} {rows}x{cols}",
+                    kind.name()
+                );
+            }
+        }
+    }
 
     /// Quantized weights on the AMX tiles (dequantized into the staging buffer in tile order)
     /// against f64 sums of what the tiles multiply: the dequantized weights and activations

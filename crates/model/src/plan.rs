@@ -1,6 +1,9 @@
 //! Memory planning before anything is loaded: how a model's weights split across N GPUs and how
-//! many tokens of KV cache fit in what is left on each. This is the arithmetic behind
-//! `switchyard plan`; it reads only the model's config.
+//! many tokens of KV cache fit in what is left on each — or, for the CPU tier, whether the
+//! weights (bf16, f32, or quantized at load with `--quantize q8|q4`) fit in the host's memory
+//! and how many tokens the KV cache the server sizes by default holds. This is the arithmetic
+//! behind `switchyard plan` and the loader's check that a model fits before it reads a weight;
+//! it reads only the model's config.
 //!
 //! The layout is the usual one for MoE serving on one node (vLLM's tensor parallel plus expert
 //! parallel):
@@ -23,10 +26,50 @@
 //! models to the byte), that is what an FP8-compute engine holds. Switchyard's loader today
 //! dequantizes FP8 weights into the compute dtype (see [`crate::weights`]), so what it holds in
 //! memory is the `bf16` plan (per-expert scales of fused expert tensors are not modelled either).
+//!
+//! The `q8` and `q4` formats are what the CPU holds after `--quantize` ([`crate::isq`]): every
+//! projection in the kernels' format at the bytes `QuantKind::matrix_bytes` gives (inputs
+//! padded to whole blocks, SwiGLU intermediates padded too, q/k/v stacked into one matrix), the
+//! lm_head at q8 (its own copy even when tied to the embedding), and the embedding, norms,
+//! biases, gate weight and expert bias in f32 — the CPU's `--dtype auto`. (`--dtype bf16` with
+//! `--quantize` stores the embedding in bf16: the plan is then high by half the embedding.)
+//! `tests/parallel.rs` checks every rank's quantized bytes against these to the byte.
 
+use candle_core::DType;
 use serde::Serialize;
 
 use crate::config::{LayerKind, ModelConfig};
+use crate::isq::{self, IsqType};
+
+/// Share of the memory left after loading the weights that the KV cache takes on the CPU
+/// when `--kv-cache-memory` is not given: the rest stays for activations, the tokenizer, the
+/// HTTP server and whatever else runs on the machine. The engine sizes its cache with it, and
+/// CPU plans predict that cache.
+pub const DEFAULT_KV_SHARE_OF_HOST_MEMORY: u64 = 4;
+
+/// Where the planned model runs (`switchyard plan --device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanDevice {
+    /// NVIDIA GPUs (`--gpus` of them, `--gpu-memory` each).
+    Cuda,
+    /// The host's CPU and memory (`--memory`).
+    Cpu,
+}
+
+impl PlanDevice {
+    /// Parses `cuda` (also `gpu`) or `cpu`.
+    pub fn parse(s: &str) -> Result<Self, PlanError> {
+        match s.to_ascii_lowercase().as_str() {
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            "cpu" => Ok(Self::Cpu),
+            o => Err(PlanError::invalid(
+                "--device",
+                format!("unknown device {o:?}; use cuda or cpu"),
+            )),
+        }
+    }
+}
 
 /// Share of GPU memory the server may use; the rest is left for the CUDA context, cuBLAS and
 /// NCCL workspaces and allocator fragmentation (vLLM's `--gpu-memory-utilization` default).
@@ -42,35 +85,82 @@ pub enum WeightFormat {
     Bf16,
     /// e4m3 projections with per-tensor f32 scales; embeddings, lm_head and norms in bf16.
     Fp8,
+    /// `--quantize q8` on the CPU: int8 projections with an f32 scale per 64 inputs; the
+    /// embedding and everything else in f32.
+    Q8,
+    /// `--quantize q4` on the CPU: 4-bit projections with an f16 step and minimum per 32
+    /// inputs, the lm_head at q8; the embedding and everything else in f32.
+    Q4,
 }
 
 impl WeightFormat {
-    /// Parses `f32`, `bf16` or `fp8`.
+    /// Parses `f32`, `bf16`, `fp8`, `q8` (`q8_0`) or `q4` (`q4_1`).
     pub fn parse(s: &str) -> Result<Self, PlanError> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(Self::F32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "fp8" | "e4m3" | "f8e4m3" => Ok(Self::Fp8),
-            o => Err(PlanError::invalid(
-                "--weights",
-                format!("unknown weight format {o:?}; use bf16, fp8 or f32"),
-            )),
+            o => match o.parse::<IsqType>() {
+                Ok(q) => Ok(Self::quantized(q)),
+                Err(_) => Err(PlanError::invalid(
+                    "--weights",
+                    format!("unknown weight format {o:?}; use bf16, fp8, f32, q8 or q4"),
+                )),
+            },
         }
     }
 
-    /// Bytes per projection-matrix element.
+    /// The name `--weights` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// The format of `--quantize q`.
+    pub fn quantized(q: IsqType) -> Self {
+        match q {
+            IsqType::Q8 => Self::Q8,
+            IsqType::Q4 => Self::Q4,
+        }
+    }
+
+    /// What the loader holds on the CPU for `--dtype dtype` and `--quantize quantize` (f16
+    /// takes bf16's bytes).
+    pub fn held(dtype: DType, quantize: Option<IsqType>) -> Self {
+        match (quantize, dtype) {
+            (Some(q), _) => Self::quantized(q),
+            (None, DType::F32 | DType::F64) => Self::F32,
+            (None, _) => Self::Bf16,
+        }
+    }
+
+    /// The `--quantize` format, for `q8` and `q4`.
+    fn isq(self) -> Option<IsqType> {
+        match self {
+            Self::Q8 => Some(IsqType::Q8),
+            Self::Q4 => Some(IsqType::Q4),
+            Self::F32 | Self::Bf16 | Self::Fp8 => None,
+        }
+    }
+
+    /// Bytes per projection-matrix element, for the unquantized formats.
     fn matrix(self) -> u64 {
         match self {
             Self::F32 => 4,
             Self::Bf16 => 2,
-            Self::Fp8 => 1,
+            Self::Fp8 | Self::Q8 | Self::Q4 => 1,
         }
     }
 
     /// Bytes per embedding, lm_head or norm element.
     fn other(self) -> u64 {
         match self {
-            Self::F32 => 4,
+            Self::F32 | Self::Q8 | Self::Q4 => 4,
             Self::Bf16 | Self::Fp8 => 2,
         }
     }
@@ -79,7 +169,7 @@ impl WeightFormat {
     fn scales_per_matrix(self) -> u64 {
         match self {
             Self::Fp8 => 2 * 4,
-            Self::F32 | Self::Bf16 => 0,
+            Self::F32 | Self::Bf16 | Self::Q8 | Self::Q4 => 0,
         }
     }
 }
@@ -145,12 +235,17 @@ impl PlanError {
 /// What to plan for (each field is a `switchyard plan` flag).
 #[derive(Debug, Clone)]
 pub struct PlanRequest {
-    /// GPUs (`--gpus`).
+    /// GPUs or the CPU (`--device`).
+    pub device: PlanDevice,
+    /// GPUs (`--gpus`); 1 for the CPU.
     pub gpus: usize,
-    /// Memory of each GPU in bytes (`--gpu-memory`).
-    pub gpu_memory_bytes: u64,
-    /// Share of it the server may use (`--gpu-memory-utilization`).
-    pub gpu_memory_utilization: f64,
+    /// Memory of each GPU in bytes (`--gpu-memory`), or the host memory the server may use
+    /// (`--memory`).
+    pub memory_bytes: u64,
+    /// Share of each GPU's memory the server may use (`--gpu-memory-utilization`); 1 for the
+    /// CPU, where the KV cache takes [`DEFAULT_KV_SHARE_OF_HOST_MEMORY`]'s share of what the
+    /// weights leave.
+    pub memory_utilization: f64,
     /// Weight storage (`--weights`).
     pub weights: WeightFormat,
     /// KV cache storage (`--kv-dtype`).
@@ -227,13 +322,15 @@ pub struct DevicePlan {
 /// The plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryPlan {
-    /// GPUs.
+    /// GPUs or the CPU.
+    pub device: PlanDevice,
+    /// GPUs (1 for the CPU).
     pub gpus: usize,
-    /// Memory of each GPU.
-    pub gpu_memory_bytes: u64,
+    /// Memory of each GPU, or of the host.
+    pub memory_bytes: u64,
     /// Share the server may use.
-    pub gpu_memory_utilization: f64,
-    /// Bytes usable on each GPU.
+    pub memory_utilization: f64,
+    /// Bytes usable on each device.
     pub usable_bytes_per_device: u64,
     /// Weight storage.
     pub weights_format: WeightFormat,
@@ -268,9 +365,25 @@ fn share(total: usize, n: usize, d: usize) -> usize {
     total / n + usize::from(d < total % n)
 }
 
-/// Bytes of a `[rows, cols]` projection matrix with its scales.
+/// Bytes of a `[rows, cols]` projection matrix with its scales (quantized: inputs padded to
+/// whole blocks, as the loader pads them).
 fn matrix(f: WeightFormat, rows: usize, cols: usize) -> u64 {
-    (rows * cols) as u64 * f.matrix() + f.scales_per_matrix()
+    match f.isq() {
+        Some(q) => q.kind().matrix_bytes(rows, isq::padded(cols)) as u64,
+        None => (rows * cols) as u64 * f.matrix() + f.scales_per_matrix(),
+    }
+}
+
+/// Bytes of a SwiGLU MLP with intermediate size `i` over hidden size `h` (gate, up, down);
+/// quantized, both sizes padded to whole blocks and gate/up fused, as `isq::pad_swiglu` does.
+fn swiglu(f: WeightFormat, i: usize, h: usize) -> u64 {
+    match f.isq() {
+        Some(_) => {
+            let (i, h) = (isq::padded(i), isq::padded(h));
+            matrix(f, 2 * i, h) + matrix(f, h, i)
+        }
+        None => 3 * matrix(f, i, h),
+    }
 }
 
 /// Bytes of a bf16/f32 vector or table of `n` elements (norms, embeddings, biases).
@@ -323,8 +436,13 @@ fn layer_bytes(
     (qh, kvh): (usize, usize),
 ) -> WeightBytes {
     let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    // Quantized, q/k/v are one stacked matrix (one padding of the lines, no per-tensor scales).
+    let qkv = match f.isq() {
+        Some(_) => matrix(f, (qh + 2 * kvh) * hd, h),
+        None => matrix(f, qh * hd, h) + 2 * matrix(f, kvh * hd, h),
+    };
     let mut b = WeightBytes {
-        attention: matrix(f, qh * hd, h) + 2 * matrix(f, kvh * hd, h) + matrix(f, h, qh * hd),
+        attention: qkv + matrix(f, h, qh * hd),
         other: plain(f, 2 * h),
         ..Default::default()
     };
@@ -337,14 +455,14 @@ fn layer_bytes(
     match kind {
         LayerKind::Dense => {
             let i = share(cfg.intermediate_size, n, d);
-            b.dense_and_shared = 3 * matrix(f, i, h);
+            b.dense_and_shared = swiglu(f, i, h);
         }
         LayerKind::Moe => {
             let (e, ie) = (cfg.num_experts, cfg.moe_intermediate_size);
-            b.routed_experts = share(e, n, d) as u64 * 3 * matrix(f, ie, h);
+            b.routed_experts = share(e, n, d) as u64 * swiglu(f, ie, h);
             let si = share(ie * cfg.num_shared_experts, n, d);
             if si > 0 {
-                b.dense_and_shared = 3 * matrix(f, si, h);
+                b.dense_and_shared = swiglu(f, si, h);
             }
             // The gate weight and the expert bias are f32 in every format.
             b.other += (e * h) as u64 * 4;
@@ -356,22 +474,150 @@ fn layer_bytes(
     b
 }
 
+/// Bytes of weights `cfg` takes in format `f` over `ranks` tensor-parallel ranks, every rank's
+/// share added (replicated parts once per rank): what the loader is about to hold.
+pub fn weight_bytes(cfg: &ModelConfig, f: WeightFormat, ranks: usize) -> Result<u64, PlanError> {
+    (0..ranks.max(1)).try_fold(0, |sum, r| {
+        Ok(sum + rank_weight_bytes(cfg, f, ranks, r)?.total())
+    })
+}
+
+/// Rank `rank`'s weights of `cfg` in format `f` split over `ranks` tensor-parallel ranks (the
+/// layout of the module docs), by part.
+pub fn rank_weight_bytes(
+    cfg: &ModelConfig,
+    f: WeightFormat,
+    ranks: usize,
+    rank: usize,
+) -> Result<WeightBytes, PlanError> {
+    if ranks == 0 || rank >= ranks {
+        return Err(PlanError::invalid(
+            "--tensor-parallel-size",
+            format!("rank {rank} of {ranks}: must be at least 1 and above the rank"),
+        ));
+    }
+    let split = heads(cfg, ranks).map_err(|e| match e {
+        PlanError::Invalid { message, .. } => PlanError::Invalid {
+            flag: "--tensor-parallel-size",
+            message: message.replace("GPUs", "ranks"),
+        },
+    })?;
+    Ok(device_weights(cfg, f, false, ranks, rank, split))
+}
+
+/// Device `d`'s weights of `cfg` split over `parts` devices.
+fn device_weights(
+    cfg: &ModelConfig,
+    f: WeightFormat,
+    with_mtp: bool,
+    parts: usize,
+    d: usize,
+    split: (usize, usize),
+) -> WeightBytes {
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    let mut w = WeightBytes::default();
+    for &kind in &cfg.layer_kinds {
+        w.add(&layer_bytes(cfg, kind, f, parts, d, split));
+    }
+    for _ in 0..if with_mtp { cfg.num_mtp_layers } else { 0 } {
+        // An MTP layer is a MoE decoder layer plus the projection of [embedding; hidden]
+        // and three norms (enorm, hnorm, final_layernorm).
+        w.add(&layer_bytes(cfg, LayerKind::Moe, f, parts, d, split));
+        w.other += matrix(f, h, 2 * h) + plain(f, 3 * h);
+    }
+    let vocab = share(v, parts, d);
+    let head = match f.isq() {
+        // A quantized head is its own copy, tied or not.
+        Some(q) => matrix(WeightFormat::quantized(q.lm_head()), vocab, h),
+        None if cfg.tie_word_embeddings => 0,
+        None => plain(f, vocab * h),
+    };
+    w.embedding_and_head = plain(f, vocab * h) + head;
+    w.other += plain(f, h); // final norm
+    w
+}
+
+/// What to try when the weights in format `f` do not fit in `usable` bytes of host memory:
+/// the smaller CPU formats with their sizes, or a bigger host when `f` is the smallest.
+pub fn smaller_formats(cfg: &ModelConfig, f: WeightFormat, usable: u64) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let own = weight_bytes(cfg, f, 1).unwrap_or(u64::MAX);
+    let options: Vec<String> = [WeightFormat::Q8, WeightFormat::Q4]
+        .into_iter()
+        .filter_map(|g| {
+            let b = weight_bytes(cfg, g, 1).ok()?;
+            (b < own).then(|| {
+                format!(
+                    "--quantize {} ({:.1} GiB{})",
+                    g.name(),
+                    gib(b),
+                    if b <= usable {
+                        ", fits"
+                    } else {
+                        ", does not fit either"
+                    }
+                )
+            })
+        })
+        .collect();
+    if options.is_empty() {
+        "use a host with more memory".into()
+    } else {
+        format!(
+            "quantize at load with {}, or use a host with more memory",
+            options.join(" or ")
+        )
+    }
+}
+
 /// Plans `cfg` on the devices of `req`.
 pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<MemoryPlan, PlanError> {
     let n = req.gpus;
+    let cpu = req.device == PlanDevice::Cpu;
     if n == 0 {
         return Err(PlanError::invalid("--gpus", "must be at least 1"));
     }
-    if req.gpu_memory_bytes == 0 {
+    if req.memory_bytes == 0 {
         return Err(PlanError::invalid(
-            "--gpu-memory",
+            if cpu { "--memory" } else { "--gpu-memory" },
             "must be more than 0 bytes",
         ));
     }
-    if !(req.gpu_memory_utilization > 0.0 && req.gpu_memory_utilization <= 1.0) {
+    if !(req.memory_utilization > 0.0 && req.memory_utilization <= 1.0) {
         return Err(PlanError::invalid(
             "--gpu-memory-utilization",
-            format!("must be in (0, 1], got {}", req.gpu_memory_utilization),
+            format!("must be in (0, 1], got {}", req.memory_utilization),
+        ));
+    }
+    if cpu {
+        if n != 1 {
+            return Err(PlanError::invalid(
+                "--gpus",
+                "a CPU plan is for one host (tensor-parallel ranks on the CPU share its \
+                 memory and are not faster); leave --gpus out with --device cpu",
+            ));
+        }
+        if req.kv == KvFormat::Fp8 {
+            return Err(PlanError::invalid(
+                "--kv-dtype",
+                "the CPU's KV cache holds f32 or bf16",
+            ));
+        }
+        if req.weights == WeightFormat::Fp8 {
+            return Err(PlanError::invalid(
+                "--weights",
+                "the CPU holds FP8 checkpoints dequantized to --dtype; plan them as bf16 or \
+                 f32, or as q8/q4 for --quantize",
+            ));
+        }
+    } else if req.weights.isq().is_some() {
+        return Err(PlanError::invalid(
+            "--weights",
+            format!(
+                "{} weights (--quantize) run on the CPU kernels only; use --device cpu, or \
+                 bf16/fp8 on GPUs",
+                req.weights.isq().map_or("", IsqType::name)
+            ),
         ));
     }
     for (flag, v) in [
@@ -392,43 +638,27 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<MemoryPlan, PlanErro
     }
     let split = heads(cfg, n)?;
     let f = req.weights;
-    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let mtp_layers = if req.with_mtp { cfg.num_mtp_layers } else { 0 };
     let attn_layers = cfg.num_hidden_layers + mtp_layers;
-    let usable = (req.gpu_memory_bytes as f64 * req.gpu_memory_utilization) as u64;
+    let usable = (req.memory_bytes as f64 * req.memory_utilization) as u64;
     let kv_per_token_dev = 2 * attn_layers as u64 * (split.1 * cfg.head_dim) as u64 * req.kv.size();
     let kv_per_token_all =
         2 * attn_layers as u64 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * req.kv.size();
 
-    let device_weights = |d: usize, parts: usize, split: (usize, usize)| -> WeightBytes {
-        let mut w = WeightBytes::default();
-        for &kind in &cfg.layer_kinds {
-            w.add(&layer_bytes(cfg, kind, f, parts, d, split));
-        }
-        for _ in 0..mtp_layers {
-            // An MTP layer is a MoE decoder layer plus the projection of [embedding; hidden]
-            // and three norms (enorm, hnorm, final_layernorm).
-            w.add(&layer_bytes(cfg, LayerKind::Moe, f, parts, d, split));
-            w.other += matrix(f, h, 2 * h) + plain(f, 3 * h);
-        }
-        let vocab = share(v, parts, d);
-        w.embedding_and_head = plain(f, vocab * h)
-            + if cfg.tie_word_embeddings {
-                0
-            } else {
-                plain(f, vocab * h)
-            };
-        w.other += plain(f, h); // final norm
-        w
-    };
-    let weights_total_bytes = device_weights(0, 1, heads(cfg, 1)?).total();
+    let with_mtp = req.with_mtp;
+    let weights_total_bytes = device_weights(cfg, f, with_mtp, 1, 0, heads(cfg, 1)?).total();
 
     let mut devices = Vec::with_capacity(n);
     for d in 0..n {
-        let weights = device_weights(d, n, split);
+        let weights = device_weights(cfg, f, with_mtp, n, d, split);
         let weights_bytes = weights.total();
         let activation_bytes = activations(cfg, req, n, d, split);
-        let left = usable.saturating_sub(weights_bytes + activation_bytes);
+        let left = if cpu {
+            // What the engine gives its cache by default: a share of what the weights leave.
+            usable.saturating_sub(weights_bytes) / DEFAULT_KV_SHARE_OF_HOST_MEMORY
+        } else {
+            usable.saturating_sub(weights_bytes + activation_bytes)
+        };
         let block = req.block_size as u64;
         let kv_tokens = left
             .checked_div(kv_per_token_dev)
@@ -451,16 +681,61 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<MemoryPlan, PlanErro
         .iter()
         .find(|d| d.weights_bytes + d.activation_bytes > usable)
     {
-        Some(format!(
-            "GPU {} needs {:.1} GiB of weights and {:.1} GiB of activations, more than the \
+        Some(if cpu {
+            format!(
+                "the weights need {:.1} GiB ({}) and the activations {:.1} GiB, more than the \
+                 {:.1} GiB of memory (--memory); {}",
+                gib(d.weights_bytes),
+                f.name(),
+                gib(d.activation_bytes),
+                gib(usable),
+                smaller_formats(cfg, f, usable),
+            )
+        } else {
+            format!(
+                "GPU {} needs {:.1} GiB of weights and {:.1} GiB of activations, more than the \
              {:.1} GiB usable ({:.1} GiB × {}); add GPUs, use --weights fp8, or lower \
              --max-num-batched-tokens",
-            d.device,
-            gib(d.weights_bytes),
-            gib(d.activation_bytes),
-            gib(usable),
-            gib(req.gpu_memory_bytes),
-            req.gpu_memory_utilization
+                d.device,
+                gib(d.weights_bytes),
+                gib(d.activation_bytes),
+                gib(usable),
+                gib(req.memory_bytes),
+                req.memory_utilization
+            )
+        })
+    } else if kv_tokens < req.max_context as u64 && cpu {
+        let d = &devices[0];
+        let need = req.max_context as u64 * kv_per_token_dev;
+        let room = usable.saturating_sub(d.weights_bytes + d.activation_bytes);
+        let fix = if need <= room {
+            format!(
+                "serve with --kv-cache-memory {:.1}GiB or more (the weights and activations \
+                 leave {:.1} GiB), or lower --max-context",
+                gib(need).max(0.1),
+                gib(room)
+            )
+        } else {
+            format!(
+                "the whole context needs {:.1} GiB, more than the {:.1} GiB the weights and \
+                 activations leave; lower --max-context, {}{}",
+                gib(need),
+                gib(room),
+                if req.kv == KvFormat::F32 {
+                    "use --kv-dtype bf16, "
+                } else {
+                    ""
+                },
+                smaller_formats(cfg, f, usable)
+            )
+        };
+        Some(format!(
+            "the KV cache the server sizes by default (1/{DEFAULT_KV_SHARE_OF_HOST_MEMORY} of \
+             the {:.1} GiB the weights leave: {:.1} GiB) holds {kv_tokens} tokens, fewer than \
+             --max-context {}; {fix}",
+            gib(usable.saturating_sub(d.weights_bytes)),
+            gib(d.kv_cache_bytes),
+            req.max_context,
         ))
     } else if kv_tokens < req.max_context as u64 {
         Some(format!(
@@ -476,9 +751,10 @@ pub fn plan(cfg: &ModelConfig, req: &PlanRequest) -> Result<MemoryPlan, PlanErro
     };
     let (parameters_total, parameters_active) = cfg.parameter_counts();
     Ok(MemoryPlan {
+        device: req.device,
         gpus: n,
-        gpu_memory_bytes: req.gpu_memory_bytes,
-        gpu_memory_utilization: req.gpu_memory_utilization,
+        memory_bytes: req.memory_bytes,
+        memory_utilization: req.memory_utilization,
         usable_bytes_per_device: usable,
         weights_format: f,
         kv_dtype: req.kv,
@@ -534,8 +810,9 @@ mod tests {
     fn req(gpus: usize, gib: u64, weights: WeightFormat) -> PlanRequest {
         PlanRequest {
             gpus,
-            gpu_memory_bytes: gib << 30,
-            gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            device: PlanDevice::Cuda,
+            memory_bytes: gib << 30,
+            memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             weights,
             kv: KvFormat::Bf16,
             max_context: 262_144,
@@ -593,7 +870,7 @@ mod tests {
         let e = plan(&cfg, &req(0, 80, WeightFormat::Bf16)).unwrap_err();
         assert!(e.to_string().starts_with("--gpus:"), "{e}");
         let mut r = req(8, 80, WeightFormat::Bf16);
-        r.gpu_memory_utilization = 1.5;
+        r.memory_utilization = 1.5;
         let e = plan(&cfg, &r).unwrap_err();
         assert!(
             e.to_string().starts_with("--gpu-memory-utilization:"),

@@ -10,9 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use switchyard_model::plan::{plan, KvFormat, MemoryPlan, PlanRequest, WeightFormat};
+use switchyard_model::plan::{
+    plan, rank_weight_bytes, KvFormat, MemoryPlan, PlanDevice, PlanRequest, WeightFormat,
+};
 use switchyard_model::{
-    Checkpoint, HyV3Model, InProcessGroup, KvDtype, LoadOptions, Logits, ModelConfig, PagedSeq,
+    Checkpoint, HyV3Model, InProcessGroup, IsqType, KvDtype, LoadOptions, Logits, ModelConfig,
+    PagedSeq,
 };
 
 mod common;
@@ -240,7 +243,8 @@ fn tp_paged_batch_equals_one_rank() {
 }
 
 /// The bytes each rank holds equal the plan's per-device weight bytes (f32 and bf16 compute;
-/// the plan's `bf16` format keeps the gate weight and expert bias in f32, as the loader does).
+/// the plan's `bf16` format keeps the gate weight and expert bias in f32, as the loader does),
+/// and with `--quantize q8|q4` the plan's `q8`/`q4` bytes.
 #[test]
 fn rank_weight_bytes_equal_the_plan() {
     let mut checked = 0;
@@ -265,12 +269,26 @@ fn rank_weight_bytes_equal_the_plan() {
         }
     }
     assert_eq!(checked, 5 * 2 * 7);
+    // Quantized at load (`--quantize`, f32 for what stays dense): the bytes the kernels'
+    // matrices really hold, padding included.
+    for case in ["f32_basic", "e192_k8", "head_dim_ne"] {
+        let dir = fixtures().join(case);
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+        let ckpt = Arc::new(Checkpoint::open(&dir).unwrap());
+        for format in [WeightFormat::Q8, WeightFormat::Q4] {
+            for n in [1, 2, 4] {
+                check_rank_bytes(&cfg, &ckpt, DType::F32, format, n, case);
+            }
+        }
+    }
     // Uneven splits everywhere, a rank without experts at 8, tied embeddings.
     let (cfg, tmp) = uneven_model();
     let ckpt = Arc::new(Checkpoint::open(tmp.path()).unwrap());
     for (dtype, format) in [
         (DType::F32, WeightFormat::F32),
         (DType::BF16, WeightFormat::Bf16),
+        (DType::F32, WeightFormat::Q8),
+        (DType::F32, WeightFormat::Q4),
     ] {
         for n in [2, 4, 8] {
             let p = check_rank_bytes(&cfg, &ckpt, dtype, format, n, "uneven");
@@ -290,24 +308,46 @@ fn check_rank_bytes(
     n: usize,
     what: &str,
 ) -> MemoryPlan {
-    let p = plan(cfg, &plan_request(n, format)).unwrap();
+    // GPUs do not take the quantized formats: their plan stands in for the layout.
+    let quantize = match format {
+        WeightFormat::Q8 => Some(IsqType::Q8),
+        WeightFormat::Q4 => Some(IsqType::Q4),
+        _ => None,
+    };
+    let p = plan(
+        cfg,
+        &plan_request(
+            n,
+            if quantize.is_some() {
+                WeightFormat::F32
+            } else {
+                format
+            },
+        ),
+    )
+    .unwrap();
+    let opts = LoadOptions {
+        quantize,
+        ..opts(dtype)
+    };
     for (r, c) in InProcessGroup::new(n).build().into_iter().enumerate() {
         let m = if n == 1 {
-            HyV3Model::load(cfg.clone(), ckpt.clone(), &opts(dtype), |_, _| {})
+            HyV3Model::load(cfg.clone(), ckpt.clone(), &opts, |_, _| {})
         } else {
-            HyV3Model::load_parallel(
-                cfg.clone(),
-                ckpt.clone(),
-                &opts(dtype),
-                Arc::new(c),
-                |_, _| {},
-            )
+            HyV3Model::load_parallel(cfg.clone(), ckpt.clone(), &opts, Arc::new(c), |_, _| {})
         }
         .unwrap();
+        let planned = rank_weight_bytes(cfg, format, n, r).unwrap().total();
+        if quantize.is_none() {
+            assert_eq!(
+                planned, p.devices[r].weights_bytes,
+                "{what} tp={n} rank {r}"
+            );
+        }
         assert_eq!(
             m.weight_bytes(),
-            p.devices[r].weights_bytes,
-            "{what} {dtype:?} tp={n} rank {r}"
+            planned,
+            "{what} {dtype:?} {format:?} tp={n} rank {r}"
         );
     }
     p
@@ -316,8 +356,9 @@ fn check_rank_bytes(
 fn plan_request(gpus: usize, weights: WeightFormat) -> PlanRequest {
     PlanRequest {
         gpus,
-        gpu_memory_bytes: 80 << 30,
-        gpu_memory_utilization: 0.9,
+        device: PlanDevice::Cuda,
+        memory_bytes: 80 << 30,
+        memory_utilization: 0.9,
         weights,
         kv: KvFormat::Bf16,
         max_context: 4096,

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use candle_core::DType;
-use switchyard_model::plan::{plan, KvFormat, PlanRequest, WeightFormat};
+use switchyard_model::plan::{plan, KvFormat, PlanDevice, PlanRequest, WeightFormat};
 use switchyard_model::ModelConfig;
 
 /// Sum of tensor bytes in every `*.safetensors` file of `dir`, read from the headers, and the
@@ -44,9 +44,10 @@ fn stored_bytes(dir: &Path) -> (u64, WeightFormat) {
 
 fn one_gpu(format: WeightFormat, with_mtp: bool) -> PlanRequest {
     PlanRequest {
+        device: PlanDevice::Cuda,
         gpus: 1,
-        gpu_memory_bytes: 80 << 30,
-        gpu_memory_utilization: 0.9,
+        memory_bytes: 80 << 30,
+        memory_utilization: 0.9,
         weights: format,
         kv: KvFormat::Bf16,
         max_context: 4096,
@@ -106,8 +107,9 @@ fn hy3_deployments() {
     let cfg = switchyard_model::presets::preset("hy3").unwrap();
     let req = |gpus: usize, gib: u64, weights, kv| PlanRequest {
         gpus,
-        gpu_memory_bytes: gib << 30,
-        gpu_memory_utilization: 0.9,
+        device: PlanDevice::Cuda,
+        memory_bytes: gib << 30,
+        memory_utilization: 0.9,
         weights,
         kv,
         max_context: 262_144,
@@ -148,4 +150,97 @@ fn hy3_deployments() {
     // fp8 KV holds twice the tokens of bf16 KV in the same space (to within a block).
     let fp8kv = plan(&cfg, &req(8, 80, WeightFormat::Fp8, KvFormat::Fp8)).unwrap();
     assert!(fp8kv.kv_tokens.abs_diff(2 * fp8.kv_tokens) <= 32);
+}
+
+fn cpu(memory_gib: u64, weights: WeightFormat) -> PlanRequest {
+    PlanRequest {
+        device: PlanDevice::Cpu,
+        gpus: 1,
+        memory_bytes: memory_gib << 30,
+        memory_utilization: 1.0,
+        weights,
+        kv: KvFormat::Bf16,
+        max_context: 32_768,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 2048,
+        block_size: 16,
+        with_mtp: false,
+    }
+}
+
+/// Hy3 on one CPU host: bf16 needs ~590 GB and is refused on 512 GiB with the quantized
+/// formats offered by size; q8 holds ~1.06 and q4 ~0.63 bytes per parameter; the KV cache is
+/// what the engine gives it by default (a quarter of what the weights leave).
+#[test]
+fn hy3_on_a_cpu_host() {
+    let cfg = switchyard_model::presets::preset("hy3").unwrap();
+    let bf16 = plan(&cfg, &cpu(512, WeightFormat::Bf16)).unwrap();
+    assert!(!bf16.fits);
+    let why = bf16.reason.clone().unwrap();
+    assert!(why.starts_with("the weights need"), "{why}");
+    assert!(
+        why.contains("--quantize q8") && why.contains("--quantize q4"),
+        "{why}"
+    );
+    let params = bf16.parameters_total as f64;
+    for (f, lo, hi) in [
+        (WeightFormat::Q8, 1.06, 1.07),
+        (WeightFormat::Q4, 0.62, 0.64),
+    ] {
+        let p = plan(&cfg, &cpu(256, f)).unwrap();
+        let per = p.weights_total_bytes as f64 / params;
+        assert!((lo..hi).contains(&per), "{f:?}: {per} bytes per parameter");
+        if f == WeightFormat::Q4 {
+            assert!(p.fits, "{:?}", p.reason);
+            let d = &p.devices[0];
+            let left = ((256u64 << 30) - d.weights_bytes) / 4;
+            let tokens = left / p.kv_bytes_per_token_per_device / 16 * 16;
+            assert_eq!(d.kv_tokens, tokens);
+            assert_eq!(p.kv_tokens, tokens);
+        } else {
+            // 310 GB of q8 weights do not fit in 256 GiB; q4 is offered and fits.
+            let why = p.reason.clone().unwrap();
+            assert!(
+                why.contains("--quantize q4") && why.contains("fits"),
+                "{why}"
+            );
+            assert!(!why.contains("--quantize q8 ("), "{why}");
+        }
+    }
+    // A context the default cache cannot hold says how to get it.
+    let mut r = cpu(400, WeightFormat::Q4);
+    r.max_context = 262_144;
+    let p = plan(&cfg, &r).unwrap();
+    assert!(!p.fits);
+    assert!(
+        p.reason.as_deref().unwrap().contains("--kv-cache-memory"),
+        "{:?}",
+        p.reason
+    );
+}
+
+#[test]
+fn cpu_and_gpu_formats_are_refused_where_they_do_not_run() {
+    let cfg = switchyard_model::presets::preset("hy3").unwrap();
+    let e = plan(&cfg, &cpu(512, WeightFormat::Fp8)).unwrap_err();
+    assert!(e.to_string().starts_with("--weights:"), "{e}");
+    let mut r = cpu(512, WeightFormat::Q4);
+    r.device = PlanDevice::Cuda;
+    let e = plan(&cfg, &r).unwrap_err();
+    assert!(e.to_string().starts_with("--weights: q4"), "{e}");
+    let mut r = cpu(512, WeightFormat::Q4);
+    r.kv = KvFormat::Fp8;
+    let e = plan(&cfg, &r).unwrap_err();
+    assert!(e.to_string().starts_with("--kv-dtype:"), "{e}");
+    let mut r = cpu(512, WeightFormat::Q4);
+    r.gpus = 2;
+    let e = plan(&cfg, &r).unwrap_err();
+    assert!(e.to_string().starts_with("--gpus:"), "{e}");
+    assert_eq!(
+        WeightFormat::parse("Q4_1").unwrap(),
+        WeightFormat::Q4,
+        "--quantize's spellings"
+    );
+    let e = WeightFormat::parse("q3_k").unwrap_err();
+    assert!(e.to_string().contains("q8 or q4"), "{e}");
 }
