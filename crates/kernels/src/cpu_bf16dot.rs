@@ -19,7 +19,7 @@
 
 use half::bf16;
 
-use crate::cpu_gemv::TOKEN_BLOCK;
+use crate::cpu_gemv::{Tiles, TOKEN_BLOCK};
 
 /// Whether this CPU runs the kernel (AVX512F and AVX512-BF16) and `SWITCHYARD_BF16_DOT` is not
 /// `0` (checked once).
@@ -59,10 +59,17 @@ pub(crate) fn min_tokens() -> usize {
     *N.get_or_init(|| crate::env_count("SWITCHYARD_BF16_DOT_MIN_TOKENS", DEFAULT_MIN_TOKENS))
 }
 
-/// Whether `tokens` activation rows multiplying bf16 weights go through this kernel; `exact`
-/// says whether they are bf16 values already (asked last).
-pub(crate) fn take(tokens: usize, exact: impl FnOnce() -> bool) -> bool {
-    enabled() && tokens >= min_tokens() && exact()
+/// Whether `tokens` activation rows multiplying weights that take this kernel on `inputs`
+/// ([`crate::cpu_gemv::WeightRows::bf16_dot`]) go through it; `exact` says whether they are
+/// bf16 values already (asked last, and only for [`Tiles::ExactInputs`]).
+pub(crate) fn take(tokens: usize, inputs: Tiles, exact: impl FnOnce() -> bool) -> bool {
+    enabled()
+        && tokens >= min_tokens()
+        && match inputs {
+            Tiles::No => false,
+            Tiles::ExactInputs => exact(),
+            Tiles::RoundedInputs => true,
+        }
 }
 
 /// Activation rows rounded to bf16, each stored as `cols.div_ceil(2)` pairs (the even input
@@ -118,7 +125,8 @@ impl Pairs {
         p
     }
 
-    fn tokens(&self) -> usize {
+    /// Activation rows held.
+    pub(crate) fn tokens(&self) -> usize {
         self.words.len().checked_div(self.stride).unwrap_or(0)
     }
 }
@@ -150,6 +158,15 @@ pub(crate) fn dot(row: &[bf16], x: &Pairs, t0: usize, n: usize, d: &mut [f32]) {
         return;
     }
     row_portable(row, xs, x.stride, n, d)
+}
+
+/// `d[t] = row · x[t]` for every token of `x`, [`TOKEN_BLOCK`] tokens per kernel call.
+pub(crate) fn dot_all(row: &[bf16], x: &Pairs, d: &mut [f32]) {
+    let tokens = x.tokens();
+    for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
+        let n = TOKEN_BLOCK.min(tokens - t0);
+        dot(row, x, t0, n, &mut d[t0..t0 + n]);
+    }
 }
 
 /// The value of the bf16 in half `hi` (0 low, 1 high) of a pair.

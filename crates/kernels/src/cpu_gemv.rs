@@ -285,17 +285,19 @@ pub(crate) trait WeightRows: Sync {
         let _ = (r0, x, out);
         unreachable!("tile_block on weights whose tiles() is No")
     }
-    /// Whether these weights have the `vdpbf16ps` row kernel ([`crate::cpu_bf16dot`]) on this
-    /// machine: bf16 storage and AVX512-BF16 (whether a step uses it is
-    /// [`cpu_bf16dot::take`]'s call).
-    fn bf16_dot(&self) -> bool {
-        false
+    /// Whether the `vdpbf16ps` row kernel ([`crate::cpu_bf16dot`]) can multiply these weights
+    /// on this machine, and on which activations (the tiles' contract: bf16 storage on
+    /// bf16-exact inputs, quantized storage dequantized to bf16 on rounded inputs). Whether a
+    /// step uses it is [`cpu_bf16dot::take`]'s call; the tiles go first where they apply.
+    fn bf16_dot(&self) -> Tiles {
+        Tiles::No
     }
-    /// `d[k] = row r · x[t0 + k]` for `k < n` (≤ [`TOKEN_BLOCK`]) on bf16-rounded activations.
-    /// Only called when [`Self::bf16_dot`].
-    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
-        let _ = (r, x, t0, n, d);
-        unreachable!("dot_pairs on weights whose bf16_dot() is false")
+    /// `out[k · T + t] = row r0 + k · x[t]` for every token `t < T` of `x` and the rows
+    /// `r0..r0 + out.len() / T`, on bf16-rounded activations. Only called when
+    /// [`Self::bf16_dot`] is not [`Tiles::No`].
+    fn dot_pairs_rows(&self, r0: usize, x: &cpu_bf16dot::Pairs, out: &mut [f32]) {
+        let _ = (r0, x, out);
+        unreachable!("dot_pairs_rows on weights whose bf16_dot() is No")
     }
 }
 
@@ -349,12 +351,11 @@ impl<T: WeightRows> WeightRows for &T {
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
         (**self).tile_block(r0, x, out)
     }
-    fn bf16_dot(&self) -> bool {
+    fn bf16_dot(&self) -> Tiles {
         (**self).bf16_dot()
     }
-    #[inline]
-    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
-        (**self).dot_pairs(r, x, t0, n, d)
+    fn dot_pairs_rows(&self, r0: usize, x: &cpu_bf16dot::Pairs, out: &mut [f32]) {
+        (**self).dot_pairs_rows(r0, x, out)
     }
 }
 
@@ -402,13 +403,19 @@ impl WeightRows for Bf16Rows<'_> {
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {
         cpu_amx::tile_block(self.w, self.cols, r0, x, out)
     }
-    fn bf16_dot(&self) -> bool {
-        cpu_bf16dot::enabled()
+    fn bf16_dot(&self) -> Tiles {
+        if cpu_bf16dot::enabled() {
+            Tiles::ExactInputs
+        } else {
+            Tiles::No
+        }
     }
-    #[inline]
-    fn dot_pairs(&self, r: usize, x: &cpu_bf16dot::Pairs, t0: usize, n: usize, d: &mut [f32]) {
+    fn dot_pairs_rows(&self, r0: usize, x: &cpu_bf16dot::Pairs, out: &mut [f32]) {
         let c = self.cols;
-        cpu_bf16dot::dot(&self.w[r * c..(r + 1) * c], x, t0, n, d)
+        for (k, dst) in out.chunks_exact_mut(x.tokens().max(1)).enumerate() {
+            let r = r0 + k;
+            cpu_bf16dot::dot_all(&self.w[r * c..(r + 1) * c], x, dst);
+        }
     }
 }
 
@@ -421,9 +428,9 @@ pub(crate) fn gemv_rows<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut 
     if w.tiles().take(tokens, exact) {
         return gemv_tiles(x, tokens, w, y);
     }
-    if w.bf16_dot() && cpu_bf16dot::take(tokens, exact) {
+    if cpu_bf16dot::take(tokens, w.bf16_dot(), exact) {
         let p = cpu_bf16dot::Pairs::new(x, tokens, inp);
-        return by_row_blocks(tokens, out, y, |r, t0, n, d| w.dot_pairs(r, &p, t0, n, d));
+        return by_row_tasks(tokens, out, y, |r0, dst| w.dot_pairs_rows(r0, &p, dst));
     }
     let packing = W::packing();
     let packed;
@@ -448,6 +455,20 @@ fn by_row_blocks(
     y: &mut [f32],
     dot: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
 ) {
+    by_row_tasks(tokens, out, y, |r0, dst| {
+        for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
+            let n = TOKEN_BLOCK.min(tokens - t0);
+            for (j, d) in dst.chunks_mut(tokens).enumerate() {
+                dot(r0 + j, t0, n, &mut d[t0..t0 + n]);
+            }
+        }
+    })
+}
+
+/// `y[t, o] = task(r0, dst)`'s `dst[(o − r0) · tokens + t]` for every output row `o`: blocks
+/// of [`ROWS_PER_TASK`] rows from `r0`, split across threads, each task filling its rows'
+/// `[rows, tokens]` block.
+fn by_row_tasks(tokens: usize, out: usize, y: &mut [f32], task: impl Fn(usize, &mut [f32]) + Sync) {
     // Compute into a row-major [out, tokens] scratch so each task owns a contiguous range, then
     // transpose into y (tokens × out is tiny next to the weights).
     // One token (decode): `[out, 1]` is already y's layout, so write it in place.
@@ -460,15 +481,7 @@ fn by_row_blocks(
     };
     acc.par_chunks_mut(ROWS_PER_TASK * tokens)
         .enumerate()
-        .for_each(|(chunk, dst)| {
-            let r0 = chunk * ROWS_PER_TASK;
-            for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
-                let n = TOKEN_BLOCK.min(tokens - t0);
-                for (j, d) in dst.chunks_mut(tokens).enumerate() {
-                    dot(r0 + j, t0, n, &mut d[t0..t0 + n]);
-                }
-            }
-        });
+        .for_each(|(chunk, dst)| task(chunk * ROWS_PER_TASK, dst));
     if tokens > 1 {
         for o in 0..out {
             for t in 0..tokens {

@@ -320,17 +320,12 @@ fn run_groups<W: WeightRows>(
                 return;
             }
             if let Some(px) = &x_pairs[task.group] {
-                let (mut gv, mut uv) = ([0f32; TOKEN_BLOCK], [0f32; TOKEN_BLOCK]);
-                for (k, dst) in task.out.chunks_mut(n).enumerate() {
-                    let r = task.row0 + k;
-                    for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                        let nb = TOKEN_BLOCK.min(n - t0);
-                        g.gate_up.dot_pairs(r, px, t0, nb, &mut gv[..nb]);
-                        g.gate_up.dot_pairs(i + r, px, t0, nb, &mut uv[..nb]);
-                        for j in 0..nb {
-                            dst[t0 + j] = combine(gv[j], uv[j]);
-                        }
-                    }
+                let mut gu = vec![0f32; 2 * task.out.len()];
+                let (gb, ub) = gu.split_at_mut(task.out.len());
+                g.gate_up.dot_pairs_rows(task.row0, px, gb);
+                g.gate_up.dot_pairs_rows(i + task.row0, px, ub);
+                for ((d, &gv), &uv) in task.out.iter_mut().zip(&*gb).zip(&*ub) {
+                    *d = combine(gv, uv);
                 }
                 return;
             }
@@ -403,12 +398,7 @@ fn run_groups<W: WeightRows>(
                     }
                     (None, Some(pa)) => {
                         y.resize(rows * n, 0f32);
-                        for (k, yk) in y.chunks_mut(n).enumerate() {
-                            for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                                let nb = TOKEN_BLOCK.min(n - t0);
-                                g.down.dot_pairs(r0 + k, pa, t0, nb, &mut yk[t0..t0 + nb]);
-                            }
-                        }
+                        g.down.dot_pairs_rows(r0, pa, &mut y);
                         n
                     }
                     (None, None) => {
@@ -471,14 +461,14 @@ enum Kernel {
 }
 
 /// The tiles where they take the group, else the `vdpbf16ps` kernel where it does
-/// ([`cpu_bf16dot::take`], both matrices bf16), else the row kernels.
+/// ([`cpu_bf16dot::take`] on both matrices: bf16 on bf16-exact inputs, or quantized), else
+/// the row kernels.
 fn kernel_for<W: WeightRows>(g: &Group<W>, h: usize, exact: impl Fn() -> bool) -> Kernel {
     if on_tiles(g, h, &exact) {
         Kernel::Tiles
     } else if g.gate_up.cols() == h
-        && g.gate_up.bf16_dot()
-        && g.down.bf16_dot()
-        && cpu_bf16dot::take(g.n, &exact)
+        && cpu_bf16dot::take(g.n, g.gate_up.bf16_dot(), &exact)
+        && cpu_bf16dot::take(g.n, g.down.bf16_dot(), &exact)
     {
         Kernel::Bf16Dot
     } else {

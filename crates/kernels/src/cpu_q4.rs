@@ -276,6 +276,27 @@ impl WeightRows for Q4Matrix {
     fn tiles(&self) -> Tiles {
         crate::cpu_q8::quantized_tiles(self.rows, self.cols)
     }
+    /// As Q8: on CPUs with AVX512-BF16 but no AMX, the rows dequantized to bf16 as the tiles'
+    /// stage holds them, on the `vdpbf16ps` kernel with the activations rounded to bf16.
+    fn bf16_dot(&self) -> Tiles {
+        crate::cpu_q8::quantized_bf16_dot()
+    }
+    fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
+        let chunk = dequant_kernel();
+        crate::cpu_q8::dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
+            let (q, (d, m)) = (self.row_bytes(r), self.row_scales(r));
+            let mut blocks = row.chunks_exact_mut(cpu_amx::TILE_K);
+            for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
+                let bytes: &[u8; GROUP / 2] = bytes.try_into().expect("a group is 32 bytes");
+                for half in 0..2 {
+                    let b = 2 * g + half;
+                    let dst = blocks.next().expect("a block per 32 inputs");
+                    let dst = dst.try_into().expect("a block is TILE_K values");
+                    chunk(bytes, half == 1, d[b].to_f32(), m[b].to_f32(), dst);
+                }
+            }
+        })
+    }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there (as [`crate::cpu_q8::Q8Matrix`]'s `tile_block`).
     fn tile_block(&self, r0: usize, x: &cpu_amx::Packed, out: &mut [f32]) {

@@ -341,6 +341,24 @@ impl WeightRows for Q8Matrix {
     fn tiles(&self) -> Tiles {
         quantized_tiles(self.rows, self.cols)
     }
+    /// On CPUs with AVX512-BF16 but no AMX: the rows dequantized to bf16 as the tiles' stage
+    /// holds them, on the `vdpbf16ps` kernel with the activations rounded to bf16.
+    fn bf16_dot(&self) -> Tiles {
+        quantized_bf16_dot()
+    }
+    fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
+        let chunk = dequant_kernel();
+        dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
+            let (q, s) = (self.row_q(r), self.row_scales(r));
+            for ((qc, dst), sc) in q
+                .chunks_exact(cpu_amx::TILE_K)
+                .zip(row.chunks_exact_mut(cpu_amx::TILE_K))
+                .zip(s.iter().flat_map(|&v| [v, v]))
+            {
+                chunk(qc, sc, dst.try_into().expect("a chunk is TILE_K values"));
+            }
+        })
+    }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there: 64 rows × 4096 inputs stage in 512 KiB (L2), and at the 8+ tokens
     /// the tiles take each staged value is read once per 32 tokens.
@@ -373,6 +391,51 @@ pub fn set_tiles(on: bool) {
 /// Whether Q8 products may run on the tiles now ([`set_tiles`]) and the CPU has them.
 pub fn tiles_enabled() -> bool {
     TILES.load(std::sync::atomic::Ordering::Relaxed) && cpu_amx::enabled()
+}
+
+/// Whether quantized (Q8, Q4) products of at least `cpu_amx::min_tokens()` rows round their
+/// operands to bf16 now ([`set_tiles`]): on the AMX tiles, or on CPUs without them on the
+/// `vdpbf16ps` kernel with the weights dequantized to bf16 row by row — the same values
+/// rounded, so prefill computes the same on both kinds of CPU up to summation order.
+pub fn bf16_products_enabled() -> bool {
+    TILES.load(std::sync::atomic::Ordering::Relaxed)
+        && (cpu_amx::enabled() || crate::cpu_bf16dot::enabled())
+}
+
+/// How a quantized matrix goes on the `vdpbf16ps` kernel: with rounded inputs where
+/// [`set_tiles`] allows it and the CPU has AVX512-BF16 (the tiles go first where they apply).
+pub(crate) fn quantized_bf16_dot() -> Tiles {
+    if TILES.load(std::sync::atomic::Ordering::Relaxed) && crate::cpu_bf16dot::enabled() {
+        Tiles::RoundedInputs
+    } else {
+        Tiles::No
+    }
+}
+
+/// Rows `r0..` of a quantized matrix times every token of `x` on the `vdpbf16ps` kernel:
+/// each row dequantized to bf16 once (`dequant(r, row)`) into this thread's buffer, then
+/// multiplied by all the tokens ([`crate::cpu_gemv::WeightRows::dot_pairs_rows`]).
+pub(crate) fn dot_pairs_rows_dequantized(
+    cols: usize,
+    r0: usize,
+    x: &crate::cpu_bf16dot::Pairs,
+    out: &mut [f32],
+    dequant: impl Fn(usize, &mut [bf16]),
+) {
+    thread_local! {
+        static ROW: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let tokens = x.tokens();
+    if tokens == 0 {
+        return;
+    }
+    ROW.with_borrow_mut(|row| {
+        row.resize(cols, bf16::ZERO);
+        for (k, dst) in out.chunks_exact_mut(tokens).enumerate() {
+            dequant(r0 + k, row);
+            crate::cpu_bf16dot::dot_all(row, x, dst);
+        }
+    })
 }
 
 /// How a quantized `[rows, cols]` matrix (Q8 or Q4) goes on the tiles: with the activations

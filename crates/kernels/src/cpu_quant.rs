@@ -156,10 +156,12 @@ impl QuantMatrix {
         }
     }
 
-    /// Whether a product of `tokens` activation rows runs on the AMX tiles (rounding its
-    /// operands to bf16) rather than on the row kernels.
+    /// Whether a product of `tokens` activation rows rounds its operands to bf16 (on the AMX
+    /// tiles, or where they are missing on the `vdpbf16ps` kernel) rather than running on the
+    /// integer row kernels.
     pub fn on_tiles(&self, tokens: usize) -> bool {
-        with_matrix!(self, w => w.tiles().take(tokens, || false))
+        with_matrix!(self, w => w.tiles().take(tokens, || false)
+            || crate::cpu_bf16dot::take(tokens, w.bf16_dot(), || false))
     }
 }
 
@@ -551,6 +553,66 @@ mod tests {
                     "{} {rows}x{cols}",
                     kind.name()
                 );
+            }
+        }
+    }
+
+    /// Quantized weights on the `vdpbf16ps` kernel (CPUs with AVX512-BF16; the path of 8+
+    /// rows where AMX is missing), dequantized to bf16 row by row, against f64 sums of the
+    /// bf16-rounded dequantized weights and activations, in both formats: through the trait
+    /// method directly, and where this CPU has no AMX through the format's gemv (which must
+    /// pick it at 8+ tokens). A block dequantized into the wrong place, or a scale of the
+    /// wrong block, misses the bound by far.
+    #[test]
+    fn bf16_dot_matches_f64_on_bf16_rounded_operands() {
+        if !crate::cpu_bf16dot::enabled() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let mut rnd =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            for &(rows, cols) in &[(1, 64), (3, 128), (17, 192), (40, 320)] {
+                let w = QuantMatrix::quantize(kind, &rnd(rows * cols), rows, cols).unwrap();
+                assert_eq!(with_matrix!(&w, m => m.bf16_dot()), Tiles::RoundedInputs);
+                let deq: Vec<f64> = w
+                    .dequantize_f64()
+                    .iter()
+                    .map(|&v| bf16::from_f32(v as f32).to_f64())
+                    .collect();
+                for tokens in [1, 7, 8, 9, 16, 21] {
+                    let x = rnd(tokens * cols);
+                    let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
+                    let what = format!("{} {rows}x{cols} tokens {tokens}", kind.name());
+                    let check = |got: f32, r: usize, t: usize, path: &str| {
+                        let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
+                        let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
+                            "{path} {what} r{r} t{t}: {got} vs {want}"
+                        );
+                    };
+                    let p = crate::cpu_bf16dot::Pairs::new(&x, tokens, cols);
+                    let r0 = rows / 3;
+                    let mut out = vec![f32::NAN; (rows - r0) * tokens];
+                    with_matrix!(&w, m => m.dot_pairs_rows(r0, &p, &mut out));
+                    for r in 0..rows - r0 {
+                        for t in 0..tokens {
+                            check(out[r * tokens + t], r0 + r, t, "dot_pairs_rows");
+                        }
+                    }
+                    if !cpu_amx::enabled() && tokens >= crate::cpu_bf16dot::min_tokens() {
+                        assert!(w.on_tiles(tokens), "{what}: the bf16 path is not taken");
+                        let mut y = vec![f32::NAN; tokens * rows];
+                        w.gemv(&x, tokens, &mut y).unwrap();
+                        for t in 0..tokens {
+                            for r in 0..rows {
+                                check(y[t * rows + r], r, t, "gemv");
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -45,9 +45,10 @@ fn with_q8_tiles<R>(on: bool, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Whether `with_q8_tiles(true, ..)` really runs products on the tiles (AMX here).
+/// Whether `with_q8_tiles(true, ..)` really rounds products of many rows to bf16 here (the
+/// AMX tiles, or the `vdpbf16ps` kernel on CPUs with AVX512-BF16 and no AMX).
 fn tiles_here() -> bool {
-    switchyard_kernels::cpu_tiles_enabled()
+    switchyard_kernels::cpu_q8::bf16_products_enabled()
 }
 
 /// The oracle bound for `case`, given transformers' own bf16 distance from f32 (`bf16_gap`).
