@@ -16,6 +16,14 @@
 //! input in [`crate::cpu_moe`], whose SiLU·mul products are then rounded to bf16 before the
 //! down projection, as on the tiles), at least [`min_tokens`] rows, AVX512-BF16 detected, and
 //! `SWITCHYARD_BF16_DOT` not `0`. The AMX tiles, where they apply, go first.
+//!
+//! Quantized weights (Q8, Q4) take it too, on any activations rounded to bf16, where the tiles
+//! do not ([`crate::cpu_q8::set_tiles`] switches both): each row is dequantized to bf16 once
+//! per product (`q · scale`, `q · d + m`, as the tiles' stage holds it) and multiplied by every
+//! token. So a CPU without AMX (AMD Zen 4/5) rounds what an AMX CPU rounds at prefill. Before,
+//! it ran the integer row kernels there, whose 8-bit activations (Q4) put the SmolLM2 demo
+//! 0.194 RMS from the f32 logits over 1000 tokens and flipped its near-tied first answer
+//! token (NOTES.md, session 10).
 
 use half::bf16;
 
