@@ -557,123 +557,119 @@ mod tests {
         }
     }
 
+    /// A check that `got`, row `r` and token `t` of a product, is within 1e-5 (relative to
+    /// the sum of the terms' magnitudes) of the f64 sum of what bf16 products multiply.
+    type Check<'a> = &'a dyn Fn(f32, usize, usize, &str);
+
+    /// For both formats, each `[rows, cols]` of `shapes` and each token count: random weights
+    /// and activations, and `f(w, x, tokens, check)` with `check` against the bf16-rounded
+    /// dequantized weights times the bf16-rounded activations.
+    fn on_bf16_rounded_operands(
+        seed: u64,
+        shapes: &[(usize, usize)],
+        token_counts: &[usize],
+        mut f: impl FnMut(&QuantMatrix, &[f32], usize, Check),
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rnd =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            for &(rows, cols) in shapes {
+                let w = QuantMatrix::quantize(kind, &rnd(rows * cols), rows, cols).unwrap();
+                let deq: Vec<f64> = w
+                    .dequantize_f64()
+                    .iter()
+                    .map(|&v| bf16::from_f32(v as f32).to_f64())
+                    .collect();
+                for &tokens in token_counts {
+                    let x = rnd(tokens * cols);
+                    let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
+                    let what = format!("{} {rows}x{cols} tokens {tokens}", kind.name());
+                    let check = |got: f32, r: usize, t: usize, path: &str| {
+                        let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
+                        let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
+                            "{path} {what} r{r} t{t}: {got} vs {want}"
+                        );
+                    };
+                    f(&w, &x, tokens, &check);
+                }
+            }
+        }
+    }
+
+    /// `y = x · wᵀ` through the format's gemv, every output checked.
+    fn check_gemv(w: &QuantMatrix, x: &[f32], tokens: usize, check: Check) {
+        let rows = w.rows();
+        let mut y = vec![f32::NAN; tokens * rows];
+        w.gemv(x, tokens, &mut y).unwrap();
+        for t in 0..tokens {
+            for r in 0..rows {
+                check(y[t * rows + r], r, t, "gemv");
+            }
+        }
+    }
+
     /// Quantized weights on the `vdpbf16ps` kernel (CPUs with AVX512-BF16; the path of 8+
-    /// rows where AMX is missing), dequantized to bf16 row by row, against f64 sums of the
-    /// bf16-rounded dequantized weights and activations, in both formats: through the trait
-    /// method directly, and where this CPU has no AMX through the format's gemv (which must
-    /// pick it at 8+ tokens). A block dequantized into the wrong place, or a scale of the
-    /// wrong block, misses the bound by far.
+    /// rows where AMX is missing), dequantized to bf16 row by row, in both formats: through
+    /// the trait method directly, and where this CPU has no AMX through the format's gemv
+    /// (which must pick it at 8+ tokens). A block dequantized into the wrong place, or a
+    /// scale of the wrong block, misses the bound by far.
     #[test]
     fn bf16_dot_matches_f64_on_bf16_rounded_operands() {
         if !crate::cpu_bf16dot::enabled() {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-        let mut rnd =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-        for kind in [QuantKind::Q8, QuantKind::Q4] {
-            for &(rows, cols) in &[(1, 64), (3, 128), (17, 192), (40, 320)] {
-                let w = QuantMatrix::quantize(kind, &rnd(rows * cols), rows, cols).unwrap();
-                assert_eq!(with_matrix!(&w, m => m.bf16_dot()), Tiles::RoundedInputs);
-                let deq: Vec<f64> = w
-                    .dequantize_f64()
-                    .iter()
-                    .map(|&v| bf16::from_f32(v as f32).to_f64())
-                    .collect();
-                for tokens in [1, 7, 8, 9, 16, 21] {
-                    let x = rnd(tokens * cols);
-                    let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
-                    let what = format!("{} {rows}x{cols} tokens {tokens}", kind.name());
-                    let check = |got: f32, r: usize, t: usize, path: &str| {
-                        let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
-                        let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
-                        assert!(
-                            (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
-                            "{path} {what} r{r} t{t}: {got} vs {want}"
-                        );
-                    };
-                    let p = crate::cpu_bf16dot::Pairs::new(&x, tokens, cols);
-                    let r0 = rows / 3;
-                    let mut out = vec![f32::NAN; (rows - r0) * tokens];
-                    with_matrix!(&w, m => m.dot_pairs_rows(r0, &p, &mut out));
-                    for r in 0..rows - r0 {
-                        for t in 0..tokens {
-                            check(out[r * tokens + t], r0 + r, t, "dot_pairs_rows");
-                        }
-                    }
-                    if !cpu_amx::enabled() && tokens >= crate::cpu_bf16dot::min_tokens() {
-                        assert!(w.on_tiles(tokens), "{what}: the bf16 path is not taken");
-                        let mut y = vec![f32::NAN; tokens * rows];
-                        w.gemv(&x, tokens, &mut y).unwrap();
-                        for t in 0..tokens {
-                            for r in 0..rows {
-                                check(y[t * rows + r], r, t, "gemv");
-                            }
-                        }
-                    }
+        let shapes = [(1, 64), (3, 128), (17, 192), (40, 320)];
+        on_bf16_rounded_operands(6, &shapes, &[1, 7, 8, 9, 16, 21], |w, x, tokens, check| {
+            assert_eq!(with_matrix!(w, m => m.bf16_dot()), Tiles::RoundedInputs);
+            let (rows, cols) = (w.rows(), w.cols());
+            let p = crate::cpu_bf16dot::Pairs::new(x, tokens, cols);
+            let r0 = rows / 3;
+            let mut out = vec![f32::NAN; (rows - r0) * tokens];
+            with_matrix!(w, m => m.dot_pairs_rows(r0, &p, &mut out));
+            for r in 0..rows - r0 {
+                for t in 0..tokens {
+                    check(out[r * tokens + t], r0 + r, t, "dot_pairs_rows");
                 }
             }
-        }
+            if !cpu_amx::enabled() && tokens >= crate::cpu_bf16dot::min_tokens() {
+                assert!(w.on_tiles(tokens), "the bf16 path is not taken");
+                check_gemv(w, x, tokens, check);
+            }
+        });
     }
 
     /// Quantized weights on the AMX tiles (dequantized into the staging buffer in tile order)
-    /// against f64 sums of what the tiles multiply: the dequantized weights and activations
-    /// each rounded to bf16, in both formats. Row counts of one, two, three and five row tiles
-    /// (pairs and a single tail), widths of one and several blocks, token counts from 8 around
-    /// the 16-token tile; through the format's gemv and straight through a block at a row
-    /// offset. A wrongly laid-out stage sums the wrong weights and misses the bound by far.
+    /// in both formats. Row counts of one, two, three and five row tiles (pairs and a single
+    /// tail), widths of one and several blocks, token counts from 8 around the 16-token tile;
+    /// through the format's gemv and straight through a block at a row offset. A wrongly
+    /// laid-out stage sums the wrong weights and misses the bound by far.
     #[test]
     fn tiles_match_f64_on_bf16_rounded_operands() {
         if !cpu_amx::enabled() {
             eprintln!("skipped: this CPU or kernel has no AMX");
             return;
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let mut rnd =
-            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-        for kind in [QuantKind::Q8, QuantKind::Q4] {
-            for &(rows, cols) in &[(16, 64), (32, 128), (48, 192), (80, 320)] {
-                let w = QuantMatrix::quantize(kind, &rnd(rows * cols), rows, cols).unwrap();
-                assert_eq!(with_matrix!(&w, m => m.tiles()), Tiles::RoundedInputs);
-                let deq: Vec<f64> = w
-                    .dequantize_f64()
-                    .iter()
-                    .map(|&v| bf16::from_f32(v as f32).to_f64())
-                    .collect();
-                for tokens in [8, 15, 16, 17, 33] {
-                    let x = rnd(tokens * cols);
-                    let xb: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
-                    let what = format!("{} {rows}x{cols} tokens {tokens}", kind.name());
-                    let check = |got: f32, r: usize, t: usize, path: &str| {
-                        let terms = (0..cols).map(|c| deq[r * cols + c] * xb[t * cols + c]);
-                        let (want, abs) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
-                        assert!(
-                            (got as f64 - want).abs() <= 1e-5 * (1.0 + abs),
-                            "{path} {what} r{r} t{t}: {got} vs {want}"
-                        );
-                    };
-                    if tokens >= cpu_amx::min_tokens() {
-                        assert!(w.on_tiles(tokens));
-                        let mut y = vec![f32::NAN; tokens * rows];
-                        w.gemv(&x, tokens, &mut y).unwrap();
-                        for t in 0..tokens {
-                            for r in 0..rows {
-                                check(y[t * rows + r], r, t, "gemv");
-                            }
-                        }
-                    }
-                    let p = cpu_amx::Packed::new(&x, tokens, cols);
-                    let (r0, n) = (rows - rows.min(32), rows.min(32));
-                    let mut out = vec![f32::NAN; n * p.padded()];
-                    with_matrix!(&w, m => m.tile_block(r0, &p, &mut out));
-                    for r in 0..n {
-                        for t in 0..tokens {
-                            check(out[r * p.padded() + t], r0 + r, t, "tile_block");
-                        }
-                    }
+        let shapes = [(16, 64), (32, 128), (48, 192), (80, 320)];
+        on_bf16_rounded_operands(5, &shapes, &[8, 15, 16, 17, 33], |w, x, tokens, check| {
+            assert_eq!(with_matrix!(w, m => m.tiles()), Tiles::RoundedInputs);
+            let (rows, cols) = (w.rows(), w.cols());
+            if tokens >= cpu_amx::min_tokens() {
+                assert!(w.on_tiles(tokens));
+                check_gemv(w, x, tokens, check);
+            }
+            let p = cpu_amx::Packed::new(x, tokens, cols);
+            let (r0, n) = (rows - rows.min(32), rows.min(32));
+            let mut out = vec![f32::NAN; n * p.padded()];
+            with_matrix!(w, m => m.tile_block(r0, &p, &mut out));
+            for r in 0..n {
+                for t in 0..tokens {
+                    check(out[r * p.padded() + t], r0 + r, t, "tile_block");
                 }
             }
-        }
+        });
     }
 }
