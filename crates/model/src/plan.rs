@@ -499,7 +499,7 @@ pub fn rank_weight_bytes(
     let split = heads(cfg, ranks).map_err(|e| match e {
         PlanError::Invalid { message, .. } => PlanError::Invalid {
             flag: "--tensor-parallel-size",
-            message: message.replace("GPUs", "ranks"),
+            message,
         },
     })?;
     Ok(device_weights(cfg, f, false, ranks, rank, split))
