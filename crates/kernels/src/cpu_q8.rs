@@ -394,12 +394,12 @@ pub fn tiles_enabled() -> bool {
 }
 
 /// Whether quantized (Q8, Q4) products of at least `cpu_amx::min_tokens()` rows round their
-/// operands to bf16 now ([`set_tiles`]): on the AMX tiles, or on CPUs without them on the
+/// operands to bf16 on this machine while [`set_tiles`] allows it (whatever it says now, so
+/// tests can ask outside their switch): on the AMX tiles, or on CPUs without them on the
 /// `vdpbf16ps` kernel with the weights dequantized to bf16 row by row — the same values
 /// rounded, so prefill computes the same on both kinds of CPU up to summation order.
-pub fn bf16_products_enabled() -> bool {
-    TILES.load(std::sync::atomic::Ordering::Relaxed)
-        && (cpu_amx::enabled() || crate::cpu_bf16dot::enabled())
+pub fn bf16_products_available() -> bool {
+    cpu_amx::enabled() || crate::cpu_bf16dot::enabled()
 }
 
 /// How a quantized matrix goes on the `vdpbf16ps` kernel: with rounded inputs where

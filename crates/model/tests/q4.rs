@@ -144,7 +144,7 @@ fn opts(quantize: Option<IsqType>) -> LoadOptions {
 
 #[test]
 fn q4_matches_the_f32_model_on_its_own_weights() {
-    let tiles_modes: &[bool] = if switchyard_kernels::cpu_q8::bf16_products_enabled() {
+    let tiles_modes: &[bool] = if switchyard_kernels::cpu_q8::bf16_products_available() {
         &[false, true]
     } else {
         &[false]

@@ -48,7 +48,7 @@ fn with_q8_tiles<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// Whether `with_q8_tiles(true, ..)` really rounds products of many rows to bf16 here (the
 /// AMX tiles, or the `vdpbf16ps` kernel on CPUs with AVX512-BF16 and no AMX).
 fn tiles_here() -> bool {
-    switchyard_kernels::cpu_q8::bf16_products_enabled()
+    switchyard_kernels::cpu_q8::bf16_products_available()
 }
 
 /// The oracle bound for `case`, given transformers' own bf16 distance from f32 (`bf16_gap`).
