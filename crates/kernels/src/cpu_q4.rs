@@ -37,7 +37,9 @@ use crate::cpu_amx;
 #[cfg(target_arch = "x86_64")]
 use crate::cpu_gemv::{by_tokens, PREFETCH_HINT};
 use crate::cpu_gemv::{check_gemv, gemv_rows, Packing, Tiles, WeightRows, TOKEN_BLOCK};
-use crate::cpu_q8::{check_shape, lines_bytes_mut, Line, Q8Source, LINE, Q8_PREFETCH_AHEAD};
+use crate::cpu_q8::{
+    check_shape, lines_bytes_mut, round_small_ties_even, Line, Q8Source, LINE, Q8_PREFETCH_AHEAD,
+};
 use crate::KernelError;
 
 /// Inputs per step and minimum: Q4_1's 32. One f16 pair per 32 weights is 1 bit per weight;
@@ -446,16 +448,6 @@ fn pack_activations_q4(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (NaN stays NaN): adding
-/// and subtracting 1.5 · 2^23 leaves no fraction bits, and the default rounding mode rounds
-/// ties to even. The same value as `f32::round_ties_even`, which compiles to a call to libm's
-/// `rintf` without SSE4.1 in the target (2% of the demo's q4 decode).
-#[inline]
-fn round_small_ties_even(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
-}
-
 /// Where block `b` (of `nb`) of a packed row keeps its 32 activation bytes; its 8 lane scales
 /// are at slot `offset / 4` of the scale region. Each whole 128 inputs (blocks `4c..4c + 4`)
 /// holds its blocks in the order 0, 2, 1, 3: a 64-byte load of the weights of 128 inputs gives
@@ -839,13 +831,14 @@ mod tests {
     #[test]
     fn small_rounding_is_round_ties_even() {
         let mut checked = 0;
-        for bits in (0u32..=127.5f32.to_bits()).step_by(97).chain(
-            (0..=128).flat_map(|k| {
+        for bits in (0u32..=127.5f32.to_bits())
+            .step_by(97)
+            .chain((0..=128).flat_map(|k| {
                 let t = k as f32 + 0.5;
                 let b = t.to_bits();
                 [b - 1, b, b + 1]
-            }),
-        ) {
+            }))
+        {
             for v in [f32::from_bits(bits), -f32::from_bits(bits)] {
                 // Equal as numbers (a rounded -0.4 may come out +0; both are code 0).
                 assert_eq!(round_small_ties_even(v), v.round_ties_even(), "{v}");
