@@ -178,6 +178,46 @@ fn loading_more_weights_than_memory_is_refused_before_reading_them() {
     assert!(stderr.contains("use a host with more memory"), "{stderr}");
 }
 
+/// A KV cache budget beyond the memory left after loading is refused when the server starts,
+/// not granted as untouched pages that would run out under load.
+#[test]
+fn a_kv_cache_beyond_the_available_memory_is_refused() {
+    let dir = common::model_dir().to_str().unwrap().to_string();
+    let (ok, _, stderr) = common::run_cli(&[
+        "generate",
+        "--model",
+        &dir,
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "--kv-cache-memory",
+        "1024TiB",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--kv-cache-memory 1048576.0 GiB is more than the")
+            && stderr.contains("available after loading the model"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // A budget that fits still runs.
+    let (ok, _, stderr) = common::run_cli(&[
+        "generate",
+        "--model",
+        &dir,
+        "--device",
+        "cpu",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--kv-cache-memory",
+        "16MiB",
+    ]);
+    assert!(ok, "{stderr}");
+}
+
 #[test]
 fn bad_flags_are_named() {
     for (args, needle) in [

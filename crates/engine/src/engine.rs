@@ -361,6 +361,20 @@ impl EngineHandle {
         let per_token = model.kv_bytes_per_token(cfg.kv_dtype)?;
         let want_tokens = cfg.scheduler.max_num_seqs * cfg.scheduler.max_model_len;
         let bytes = match cfg.kv_cache_memory {
+            // On the CPU the cache is host memory that is only touched as sequences fill it:
+            // a budget beyond what is available would be granted now and kill the server
+            // under load later, so it is refused up front.
+            Some(b) if device.is_cpu() && b > available_memory() as u64 => {
+                let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
+                return Err(format!(
+                    "--kv-cache-memory {:.1} GiB is more than the {:.1} GiB of memory this \
+                     machine has available after loading the model (MemAvailable); give at \
+                     most that, or leave the flag out (the default takes 1/{} of it)",
+                    gib(b),
+                    gib(available_memory() as u64),
+                    switchyard_model::plan::DEFAULT_KV_SHARE_OF_HOST_MEMORY
+                ));
+            }
             Some(b) => b as usize,
             None => default_kv_bytes(&device)?.min(want_tokens * per_token),
         };
