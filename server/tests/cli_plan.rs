@@ -130,6 +130,15 @@ fn cpu_plan_matches_the_quantized_model_as_loaded() {
     }
 }
 
+/// `switchyard generate --model dir --device cpu --prompt hi` with `extra` flags.
+fn generate_on_cpu(dir: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "generate", "--model", dir, "--device", "cpu", "--prompt", "hi",
+    ];
+    args.extend_from_slice(extra);
+    common::run_cli(&args)
+}
+
 /// A model whose weights exceed the machine's available memory is refused before a weight is
 /// read, with the sizes and what would fit; here the tiny model's config claims a vocabulary
 /// of 2^31 tokens (a 512 GiB f32 embedding).
@@ -150,9 +159,7 @@ fn loading_more_weights_than_memory_is_refused_before_reading_them() {
     // No safetensors at all: a loader that read weights first would fail on those instead.
     let dir = d.path().to_str().unwrap();
     let t = std::time::Instant::now();
-    let (ok, _, stderr) = common::run_cli(&[
-        "generate", "--model", dir, "--device", "cpu", "--prompt", "hi",
-    ]);
+    let (ok, _, stderr) = generate_on_cpu(dir, &[]);
     assert!(!ok);
     assert!(
         stderr.contains("the model's weights need")
@@ -162,17 +169,7 @@ fn loading_more_weights_than_memory_is_refused_before_reading_them() {
     assert!(stderr.contains("as f32 (--dtype f32)"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
-    let (ok, _, stderr) = common::run_cli(&[
-        "generate",
-        "--model",
-        dir,
-        "--device",
-        "cpu",
-        "--quantize",
-        "q4",
-        "--prompt",
-        "hi",
-    ]);
+    let (ok, _, stderr) = generate_on_cpu(dir, &["--quantize", "q4"]);
     assert!(!ok);
     assert!(stderr.contains("as q4 (--quantize q4)"), "{stderr}");
     assert!(stderr.contains("use a host with more memory"), "{stderr}");
@@ -183,17 +180,7 @@ fn loading_more_weights_than_memory_is_refused_before_reading_them() {
 #[test]
 fn a_kv_cache_beyond_the_available_memory_is_refused() {
     let dir = common::model_dir().to_str().unwrap().to_string();
-    let (ok, _, stderr) = common::run_cli(&[
-        "generate",
-        "--model",
-        &dir,
-        "--device",
-        "cpu",
-        "--prompt",
-        "hi",
-        "--kv-cache-memory",
-        "1024TiB",
-    ]);
+    let (ok, _, stderr) = generate_on_cpu(&dir, &["--kv-cache-memory", "1024TiB"]);
     assert!(!ok);
     assert!(
         stderr.contains("--kv-cache-memory 1048576.0 GiB is more than the")
@@ -202,19 +189,8 @@ fn a_kv_cache_beyond_the_available_memory_is_refused() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     // A budget that fits still runs.
-    let (ok, _, stderr) = common::run_cli(&[
-        "generate",
-        "--model",
-        &dir,
-        "--device",
-        "cpu",
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "2",
-        "--kv-cache-memory",
-        "16MiB",
-    ]);
+    let (ok, _, stderr) =
+        generate_on_cpu(&dir, &["--max-tokens", "2", "--kv-cache-memory", "16MiB"]);
     assert!(ok, "{stderr}");
 }
 
