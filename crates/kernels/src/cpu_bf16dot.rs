@@ -168,12 +168,19 @@ pub(crate) fn dot(row: &[bf16], x: &Pairs, t0: usize, n: usize, d: &mut [f32]) {
     row_portable(row, xs, x.stride, n, d)
 }
 
-/// `d[t] = row · x[t]` for every token of `x`, [`TOKEN_BLOCK`] tokens per kernel call.
-pub(crate) fn dot_all(row: &[bf16], x: &Pairs, d: &mut [f32]) {
+/// `out[k · T + t] = w[k] · x[t]` for the rows `w[k]` of `w` (`cols` each, row-major) and
+/// every token `t < T` of `x`: per block of [`TOKEN_BLOCK`] tokens, every row (the weights
+/// stay in cache while the activations stream by once per call).
+pub(crate) fn dot_rows(w: &[bf16], cols: usize, x: &Pairs, out: &mut [f32]) {
     let tokens = x.tokens();
+    if tokens == 0 || cols == 0 {
+        return;
+    }
     for t0 in (0..tokens).step_by(TOKEN_BLOCK) {
         let n = TOKEN_BLOCK.min(tokens - t0);
-        dot(row, x, t0, n, &mut d[t0..t0 + n]);
+        for (row, dst) in w.chunks_exact(cols).zip(out.chunks_exact_mut(tokens)) {
+            dot(row, x, t0, n, &mut dst[t0..t0 + n]);
+        }
     }
 }
 

@@ -411,11 +411,8 @@ impl WeightRows for Bf16Rows<'_> {
         }
     }
     fn dot_pairs_rows(&self, r0: usize, x: &cpu_bf16dot::Pairs, out: &mut [f32]) {
-        let c = self.cols;
-        for (k, dst) in out.chunks_exact_mut(x.tokens().max(1)).enumerate() {
-            let r = r0 + k;
-            cpu_bf16dot::dot_all(&self.w[r * c..(r + 1) * c], x, dst);
-        }
+        let (c, rows) = (self.cols, out.len() / x.tokens().max(1));
+        cpu_bf16dot::dot_rows(&self.w[r0 * c..(r0 + rows) * c], c, x, out)
     }
 }
 

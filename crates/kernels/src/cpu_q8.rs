@@ -412,9 +412,10 @@ pub(crate) fn quantized_bf16_dot() -> Tiles {
     }
 }
 
-/// Rows `r0..` of a quantized matrix times every token of `x` on the `vdpbf16ps` kernel:
-/// each row dequantized to bf16 once (`dequant(r, row)`) into this thread's buffer, then
-/// multiplied by all the tokens ([`crate::cpu_gemv::WeightRows::dot_pairs_rows`]).
+/// Rows `r0..` of a quantized matrix times every token of `x` on the `vdpbf16ps` kernel
+/// ([`crate::cpu_gemv::WeightRows::dot_pairs_rows`]): per block of up to [`STAGE_ROWS`] rows,
+/// each row dequantized to bf16 once (`dequant(r, row)`) into this thread's stage, then
+/// [`crate::cpu_bf16dot::dot_rows`] over the stage.
 pub(crate) fn dot_pairs_rows_dequantized(
     cols: usize,
     r0: usize,
@@ -423,20 +424,29 @@ pub(crate) fn dot_pairs_rows_dequantized(
     dequant: impl Fn(usize, &mut [bf16]),
 ) {
     thread_local! {
-        static ROW: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
+        static STAGE: std::cell::RefCell<Vec<bf16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let tokens = x.tokens();
     if tokens == 0 {
         return;
     }
-    ROW.with_borrow_mut(|row| {
-        row.resize(cols, bf16::ZERO);
-        for (k, dst) in out.chunks_exact_mut(tokens).enumerate() {
-            dequant(r0 + k, row);
-            crate::cpu_bf16dot::dot_all(row, x, dst);
+    STAGE.with_borrow_mut(|stage| {
+        for (blk, dst) in out.chunks_mut(STAGE_ROWS * tokens).enumerate() {
+            let rows = dst.len() / tokens;
+            stage.resize(rows * cols, bf16::ZERO);
+            for (k, row) in stage.chunks_exact_mut(cols).enumerate() {
+                dequant(r0 + blk * STAGE_ROWS + k, row);
+            }
+            crate::cpu_bf16dot::dot_rows(stage, cols, x, dst);
         }
     })
 }
+
+/// Rows a quantized product on the `vdpbf16ps` kernel dequantizes at a time: 64 rows of 4096
+/// bf16 inputs stage in 512 KiB (L2), and each block of 8 tokens then reads them from there,
+/// the order [`crate::cpu_gemv`]'s row kernels use (rows inner, so a long prompt's activations
+/// are read once per block of rows, not once per row).
+const STAGE_ROWS: usize = 64;
 
 /// How a quantized `[rows, cols]` matrix (Q8 or Q4) goes on the tiles: with the activations
 /// rounded to bf16 where [`set_tiles`] allows it and the shape fits, else not at all.
