@@ -366,12 +366,13 @@ impl EngineHandle {
             // under load later, so it is refused up front.
             Some(b) if device.is_cpu() && b > available_memory() as u64 => {
                 let gib = |v: u64| v as f64 / (1u64 << 30) as f64;
+                let available = available_memory() as u64;
                 return Err(format!(
                     "--kv-cache-memory {:.1} GiB is more than the {:.1} GiB of memory this \
                      machine has available after loading the model (MemAvailable); give at \
                      most that, or leave the flag out (the default takes 1/{} of it)",
                     gib(b),
-                    gib(available_memory() as u64),
+                    gib(available),
                     switchyard_model::plan::DEFAULT_KV_SHARE_OF_HOST_MEMORY
                 ));
             }

@@ -357,6 +357,31 @@ struct ATile([u16; TILE_VALUES]);
 /// `32s..32s + 32` — is 1 KiB at tile index `s · row_tiles + j`, its rows 64 bytes apart.
 /// One k step's tiles sit together, so the kernel's pointer for every row tile advances by
 /// the same `row_tiles` tiles per step. Reused across blocks (one per thread).
+/// Where a quantized row's dequantized blocks of [`TILE_K`] bf16 values go: a plain row
+/// (`[bf16]`, block `b` at `b · TILE_K`) or a row of a [`Staged`] block in tile order
+/// ([`StagedRow`]). One dequantizing loop per format then fills both.
+pub(crate) trait BlockSink {
+    /// Block `b`'s slot.
+    fn block(&mut self, b: usize) -> &mut [bf16; TILE_K];
+}
+
+impl BlockSink for [bf16] {
+    fn block(&mut self, b: usize) -> &mut [bf16; TILE_K] {
+        (&mut self[b * TILE_K..(b + 1) * TILE_K])
+            .try_into()
+            .expect("a block is TILE_K values")
+    }
+}
+
+/// Row `.1` of the staged block `.0`.
+pub(crate) struct StagedRow<'a>(pub(crate) &'a mut Staged, pub(crate) usize);
+
+impl BlockSink for StagedRow<'_> {
+    fn block(&mut self, b: usize) -> &mut [bf16; TILE_K] {
+        self.0.chunk_mut(self.1, b)
+    }
+}
+
 pub(crate) struct Staged {
     tiles: Vec<ATile>,
     rows: usize,

@@ -286,17 +286,7 @@ impl WeightRows for Q4Matrix {
     fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
         let chunk = dequant_kernel();
         crate::cpu_q8::dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
-            let (q, (d, m)) = (self.row_bytes(r), self.row_scales(r));
-            let mut blocks = row.chunks_exact_mut(cpu_amx::TILE_K);
-            for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
-                let bytes: &[u8; GROUP / 2] = bytes.try_into().expect("a group is 32 bytes");
-                for half in 0..2 {
-                    let b = 2 * g + half;
-                    let dst = blocks.next().expect("a block per 32 inputs");
-                    let dst = dst.try_into().expect("a block is TILE_K values");
-                    chunk(bytes, half == 1, d[b].to_f32(), m[b].to_f32(), dst);
-                }
-            }
+            self.dequant_row(chunk, r, row)
         })
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
@@ -315,19 +305,24 @@ impl Q4Matrix {
         st.reset(rows, self.cols);
         let chunk = dequant_kernel();
         for r in 0..rows {
-            let (q, (d, m)) = (self.row_bytes(r0 + r), self.row_scales(r0 + r));
-            for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
-                let bytes: &[u8; GROUP / 2] = bytes.try_into().expect("a group is 32 bytes");
-                for half in 0..2 {
-                    let b = 2 * g + half;
-                    chunk(
-                        bytes,
-                        half == 1,
-                        d[b].to_f32(),
-                        m[b].to_f32(),
-                        st.chunk_mut(r, b),
-                    );
-                }
+            self.dequant_row(chunk, r0 + r, &mut cpu_amx::StagedRow(st, r));
+        }
+    }
+
+    /// Row `r` dequantized to bf16 (`q · d + m` fused in f32, rounded to nearest even), block
+    /// by block of [`Q4_BLOCK`] into `out`.
+    fn dequant_row(
+        &self,
+        chunk: DequantFn,
+        r: usize,
+        out: &mut (impl cpu_amx::BlockSink + ?Sized),
+    ) {
+        let (q, (d, m)) = (self.row_bytes(r), self.row_scales(r));
+        for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
+            let bytes: &[u8; GROUP / 2] = bytes.try_into().expect("a group is 32 bytes");
+            for half in 0..2 {
+                let b = 2 * g + half;
+                chunk(bytes, half == 1, d[b].to_f32(), m[b].to_f32(), out.block(b));
             }
         }
     }

@@ -349,14 +349,7 @@ impl WeightRows for Q8Matrix {
     fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
         let chunk = dequant_kernel();
         dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
-            let (q, s) = (self.row_q(r), self.row_scales(r));
-            for ((qc, dst), sc) in q
-                .chunks_exact(cpu_amx::TILE_K)
-                .zip(row.chunks_exact_mut(cpu_amx::TILE_K))
-                .zip(s.iter().flat_map(|&v| [v, v]))
-            {
-                chunk(qc, sc, dst.try_into().expect("a chunk is TILE_K values"));
-            }
+            self.dequant_row(chunk, r, row)
         })
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
@@ -465,12 +458,23 @@ impl Q8Matrix {
         st.reset(rows, self.cols);
         let chunk = dequant_kernel();
         for r in 0..rows {
-            let (q, s) = (self.row_q(r0 + r), self.row_scales(r0 + r));
-            for (b, (qb, &sc)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
-                let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
-                chunk(lo, sc, st.chunk_mut(r, 2 * b));
-                chunk(hi, sc, st.chunk_mut(r, 2 * b + 1));
-            }
+            self.dequant_row(chunk, r0 + r, &mut cpu_amx::StagedRow(st, r));
+        }
+    }
+
+    /// Row `r` dequantized to bf16 (`q · scale`, rounded to nearest even), block by block of
+    /// [`cpu_amx::TILE_K`] into `out`.
+    fn dequant_row(
+        &self,
+        chunk: DequantFn,
+        r: usize,
+        out: &mut (impl cpu_amx::BlockSink + ?Sized),
+    ) {
+        let (q, s) = (self.row_q(r), self.row_scales(r));
+        for (b, (qb, &sc)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
+            let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
+            chunk(lo, sc, out.block(2 * b));
+            chunk(hi, sc, out.block(2 * b + 1));
         }
     }
 }
