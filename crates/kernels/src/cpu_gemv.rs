@@ -234,6 +234,31 @@ pub fn gemv_bf16(
     Ok(())
 }
 
+/// `y[t, o] = Σ_i x[t, i] · w[o, i]` with f32 weights (the MoE gate's router, which the
+/// checkpoint's reference computes in f32): [`gemv_bf16`]'s layout and threading. A decode step
+/// multiplies each layer's router this way; candle's GEMM spent as long finding its thread
+/// count (it reads `/proc/cpuinfo` on every call) as multiplying.
+pub fn gemv_f32(
+    x: &[f32],
+    tokens: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    check_gemv(
+        "gemv_f32",
+        x.len(),
+        tokens,
+        (w.len(), out * inp),
+        out,
+        inp,
+        y.len(),
+    )?;
+    gemv_rows(x, tokens, &F32Rows::new(w, inp), y);
+    Ok(())
+}
+
 /// The shape checks every `gemv_*` entry point makes: at least one token, `x` `[tokens, inp]`,
 /// the weights `(have, want)` elements and `y` `[tokens, out]`.
 pub(crate) fn check_gemv(
@@ -763,6 +788,181 @@ unsafe fn row_avx2<const N: usize>(row: &[bf16], x: &[f32], inp: usize, d: &mut 
     }
 }
 
+/// A row-major f32 `[rows, cols]` matrix under this CPU's f32 row kernel.
+pub(crate) struct F32Rows<'a> {
+    w: &'a [f32],
+    cols: usize,
+    kernel: F32Kernel,
+}
+
+/// One f32 weight row against `n` (≤ [`TOKEN_BLOCK`]) activation rows in order:
+/// `d[t] = row · x[t]`.
+type F32Kernel = fn(&[f32], &[f32], usize, usize, &mut [f32]);
+
+impl<'a> F32Rows<'a> {
+    /// `w.len()` must be a multiple of `cols` (callers check shapes first).
+    pub(crate) fn new(w: &'a [f32], cols: usize) -> Self {
+        debug_assert!(cols > 0 && w.len().is_multiple_of(cols));
+        static K: std::sync::OnceLock<F32Kernel> = std::sync::OnceLock::new();
+        Self {
+            w,
+            cols,
+            kernel: *K.get_or_init(select_f32_kernel),
+        }
+    }
+}
+
+impl WeightRows for F32Rows<'_> {
+    fn rows(&self) -> usize {
+        self.w.len() / self.cols
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn packing() -> Packing {
+        Packing::InOrder
+    }
+    #[inline]
+    fn dot(&self, r: usize, x: &[f32], n: usize, d: &mut [f32]) {
+        let c = self.cols;
+        assert!(x.len() >= n * c && d.len() >= n && n <= TOKEN_BLOCK);
+        (self.kernel)(&self.w[r * c..(r + 1) * c], x, n, c, d)
+    }
+}
+
+fn select_f32_kernel() -> F32Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return f32_row_avx512_entry;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return f32_row_avx2_entry;
+        }
+    }
+    f32_row_portable
+}
+
+/// Reference: one f32 weight row against every token, in order.
+fn f32_row_portable(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    for t in 0..tokens {
+        d[t] = row
+            .iter()
+            .zip(&x[t * inp..(t + 1) * inp])
+            .map(|(w, v)| w * v)
+            .sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32_row_avx512_entry(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx512f; `F32Rows::dot` checks
+    // `x.len() >= tokens * inp` and `d.len() >= tokens`, and its row has `inp` values.
+    unsafe { by_tokens!(f32_row_avx512, tokens, row, x, inp, d) }
+}
+
+/// One f32 weight row against `N` activation rows: 32 weights per step in two accumulator
+/// chains per token (hides the FMA latency at one token).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_row_avx512<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n32 = inp / 32 * 32;
+    let mut a0 = [_mm512_setzero_ps(); N];
+    let mut a1 = [_mm512_setzero_ps(); N];
+    let (wp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut i = 0;
+    while i < n32 {
+        _mm_prefetch::<PREFETCH_HINT>(wp.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
+        let w0 = _mm512_loadu_ps(wp.add(i));
+        let w1 = _mm512_loadu_ps(wp.add(i + 16));
+        for t in 0..N {
+            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a0[t]);
+            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a1[t]);
+        }
+        i += 32;
+    }
+    for t in 0..N {
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+        for j in n32..inp {
+            s += row[j] * x[t * inp + j];
+        }
+        d[t] = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32_row_avx2_entry(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
+    unsafe { by_tokens!(f32_row_avx2, tokens, row, x, inp, d) }
+}
+
+/// [`f32_row_avx512`] with 8-lane vectors: 16 weights per step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn f32_row_avx2<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n16 = inp / 16 * 16;
+    let mut a0 = [_mm256_setzero_ps(); N];
+    let mut a1 = [_mm256_setzero_ps(); N];
+    let (wp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut i = 0;
+    while i < n16 {
+        let w0 = _mm256_loadu_ps(wp.add(i));
+        let w1 = _mm256_loadu_ps(wp.add(i + 8));
+        for t in 0..N {
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(t * inp + i)), a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(t * inp + i + 8)), a1[t]);
+        }
+        i += 16;
+    }
+    for t in 0..N {
+        let mut s = sum_lanes256(_mm256_add_ps(a0[t], a1[t]));
+        for j in n16..inp {
+            s += row[j] * x[t * inp + j];
+        }
+        d[t] = s;
+    }
+}
+
+/// Most activation rows [`try_linear_f32`] takes. Its tasks split the weight rows only, and a
+/// router has few (8 in the demo, 192 in Hy3: one to three tasks), so long prefill chunks go
+/// to candle's GEMM, which also splits the tokens over threads and blocks for the caches.
+pub const F32_GEMV_MAX_TOKENS: usize = 64;
+
+/// `x · wᵀ` in f32 through [`gemv_f32`] when it applies (CPU, f32 contiguous `w` `[out, inp]`,
+/// at most [`F32_GEMV_MAX_TOKENS`] rows of `x` in any float dtype); `None` when the caller
+/// should use a general matmul. The result is f32.
+pub fn try_linear_f32(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> Result<Option<candle_core::Tensor>, KernelError> {
+    use candle_core::{CpuStorage, DType, Storage};
+    if !x.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 || x.rank() != 2 {
+        return Ok(None);
+    }
+    let (tokens, inp) = x.dims2()?;
+    let (out, winp) = w.dims2()?;
+    if tokens == 0 || tokens > F32_GEMV_MAX_TOKENS || winp != inp {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let Storage::Cpu(CpuStorage::F32(all)) = &*storage else {
+        return Ok(None);
+    };
+    let xv = f32_values(x)?;
+    let mut y = vec![0f32; tokens * out];
+    gemv_f32(&xv, tokens, &all[start..end], out, inp, &mut y)?;
+    Ok(Some(candle_core::Tensor::from_vec(
+        y,
+        (tokens, out),
+        x.device(),
+    )?))
+}
+
 /// `x · wᵀ` through [`gemv_bf16`] when it applies (CPU, bf16 contiguous `w` `[out, inp]`);
 /// `None` when the caller should use a general matmul.
 /// The result has `x`'s dtype.
@@ -934,6 +1134,103 @@ mod tests {
     fn bf16_activations_match_f64_reference() {
         check_gemv_against_f64(5, &[(8, 16, 32), (21, 96, 64), (40, 48, 256)], true);
         check_gemv_against_f64(6, &[(8, 7, 33), (9, 65, 1000), (20, 30, 101)], true);
+    }
+
+    /// Every f32 row kernel this CPU can run, for every token count and lengths around the
+    /// vector steps, against f64 sums; and [`gemv_f32`] through the selected one, including
+    /// its shape errors.
+    #[test]
+    fn f32_kernels_match_f64_reference() {
+        let mut kernels: Vec<(&str, F32Kernel)> = vec![("portable", f32_row_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                kernels.push(("avx2", f32_row_avx2_entry));
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                kernels.push(("avx512", f32_row_avx512_entry));
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let dot64 = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(&u, &v)| u as f64 * v as f64).sum()
+        };
+        for inp in [1, 15, 16, 17, 31, 32, 33, 64, 100, 576, 1031] {
+            let row: Vec<f32> = (0..inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..TOKEN_BLOCK * inp)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            for (name, k) in &kernels {
+                for n in 1..=TOKEN_BLOCK {
+                    let mut d = [f32::NAN; TOKEN_BLOCK];
+                    k(&row, &x, n, inp, &mut d);
+                    for t in 0..n {
+                        let want = dot64(&row, &x[t * inp..(t + 1) * inp]);
+                        let got = d[t] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{name} inp {inp} n {n} t {t}: {got} vs {want}"
+                        );
+                    }
+                    assert!(d[n..].iter().all(|v| v.is_nan()), "{name} wrote past n");
+                }
+            }
+        }
+        for (tokens, out, inp) in [(1, 192, 4096), (3, 8, 576), (9, 130, 37), (64, 65, 48)] {
+            let w: Vec<f32> = (0..out * inp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let x: Vec<f32> = (0..tokens * inp)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut y = vec![f32::NAN; tokens * out];
+            gemv_f32(&x, tokens, &w, out, inp, &mut y).unwrap();
+            for t in 0..tokens {
+                for o in 0..out {
+                    let want = dot64(&w[o * inp..(o + 1) * inp], &x[t * inp..(t + 1) * inp]);
+                    let got = y[t * out + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{tokens}x{out}x{inp} t{t} o{o}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let err = gemv_f32(&[0.0; 3], 1, &[0.0; 2], 1, 2, &mut [0.0; 1]).unwrap_err();
+        assert!(err.to_string().contains("gemv_f32 shapes"), "{err}");
+    }
+
+    /// [`try_linear_f32`] equals candle's f32 matmul on the router's shapes and declines what
+    /// it does not take (bf16 weights, more than [`F32_GEMV_MAX_TOKENS`] rows).
+    #[test]
+    fn try_linear_f32_matches_candle_and_declines_the_rest() {
+        use candle_core::{DType, Device, Tensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (192, 256), &dev).unwrap();
+        for tokens in [1, 5, F32_GEMV_MAX_TOKENS] {
+            let x = Tensor::randn(0f32, 1.0, (tokens, 256), &dev).unwrap();
+            for x in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
+                let got = try_linear_f32(&x, &w).unwrap().expect("taken");
+                assert_eq!(got.dtype(), DType::F32);
+                let want = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .matmul(&w.t().unwrap())
+                    .unwrap();
+                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap();
+                let (d, s) = (
+                    diff.to_scalar::<f32>().unwrap(),
+                    scale.to_scalar::<f32>().unwrap(),
+                );
+                assert!(d <= 1e-5 * s, "tokens {tokens}: max |Δ| {d} vs max |y| {s}");
+            }
+        }
+        let long = Tensor::zeros((F32_GEMV_MAX_TOKENS + 1, 256), DType::F32, &dev).unwrap();
+        assert!(try_linear_f32(&long, &w).unwrap().is_none());
+        let one = Tensor::zeros((1, 256), DType::F32, &dev).unwrap();
+        let wb = w.to_dtype(DType::BF16).unwrap();
+        assert!(try_linear_f32(&one, &wb).unwrap().is_none());
     }
 
     /// Where logical element `i` of a row of `inp` values sits once packed.

@@ -960,6 +960,9 @@ impl Moe {
 
     /// f32 router logits `[T, E]` of `x` `[T, H]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        if let Some(l) = switchyard_kernels::cpu_gemv::try_linear_f32(x, &self.router)? {
+            return Ok(l);
+        }
         Ok(x.to_dtype(DType::F32)?.matmul(&self.router.t()?)?)
     }
 
