@@ -299,3 +299,45 @@ async fn a_thinking_budget_forces_the_answer() {
         "{thought:?} vs {long:?}"
     );
 }
+
+/// vLLM's `thinking_token_budget` on chat completions caps the reasoning as Anthropic's
+/// `budget_tokens` does: the random model never closes its thoughts by itself, so an answer
+/// after the budget's tokens of reasoning shows the closing tag was forced, and those thoughts
+/// are the beginning of the unbudgeted ones (greedy). A negative budget is a 400 naming it.
+#[tokio::test]
+async fn openai_thinking_token_budget_forces_the_answer() {
+    let (s, _dir) = hy3_server();
+    let body = |budget: Value| {
+        let mut b = json!({"model": "local", "max_tokens": 40, "temperature": 0,
+                           "messages": [{"role": "user", "content": "2+2?"}],
+                           "chat_template_kwargs": {"reasoning_effort": "low"}});
+        if !budget.is_null() {
+            b["thinking_token_budget"] = budget;
+        }
+        b
+    };
+    let r = post(&s, "/v1/chat/completions", body(json!(6)), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    let m = &v["choices"][0]["message"];
+    let thought = m["reasoning_content"].as_str().expect("reasoning");
+    let answer = m["content"].as_str().expect("content");
+    assert!(!thought.is_empty() && !answer.is_empty(), "{v}");
+    let r = post(&s, "/v1/chat/completions", body(Value::Null), &[]).await;
+    let m = &r.json()["choices"][0]["message"];
+    assert_eq!(m["content"], "", "{m}");
+    let long = m["reasoning_content"].as_str().expect("reasoning");
+    assert!(
+        long.starts_with(thought.trim_end()) && long.len() > thought.trim_end().len(),
+        "{thought:?} vs {long:?}"
+    );
+    for bad in [json!(-1), json!("many")] {
+        let r = post(&s, "/v1/chat/completions", body(bad.clone()), &[]).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text);
+        assert!(
+            r.text.contains("thinking_token_budget"),
+            "{bad}: {}",
+            r.text
+        );
+    }
+}

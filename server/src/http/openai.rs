@@ -74,6 +74,9 @@ pub struct ChatRequest {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     reasoning_effort: Option<String>,
+    /// vLLM's cap on reasoning tokens: after this many tokens inside the thinking block its
+    /// closing tag is forced (Anthropic's `thinking.budget_tokens`).
+    thinking_token_budget: Option<i64>,
     chat_template_kwargs: Option<Map<String, Value>>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
@@ -308,6 +311,16 @@ impl ChatRequest {
             (Some(false), _) => PromptEnd::AsRendered,
             _ => PromptEnd::NewTurn,
         };
+        let reasoning_budget = match self.thinking_token_budget {
+            None => None,
+            Some(b) if b >= 0 => Some(b as usize),
+            Some(b) => {
+                return Err(ApiError::field(
+                    "thinking_token_budget",
+                    format!("must be a non-negative number of tokens, got {b}"),
+                ))
+            }
+        };
         let mut kwargs = self.chat_template_kwargs.unwrap_or_default();
         if let Some(r) = self.reasoning_effort {
             kwargs.insert("reasoning_effort".into(), Value::String(r));
@@ -334,7 +347,7 @@ impl ChatRequest {
             prediction: prediction(self.prediction)?,
             echo: false,
             opens_reasoning: Default::default(),
-            reasoning_budget: None,
+            reasoning_budget,
             controls: Default::default(),
             prompt_end,
         })
