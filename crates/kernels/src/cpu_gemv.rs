@@ -501,7 +501,7 @@ fn by_row_tasks(tokens: usize, out: usize, y: &mut [f32], task: impl Fn(usize, &
     // Each task fills its `[rows, tokens]` block in a buffer of its own and writes it into its
     // columns of every token's row of y, so the transpose runs in parallel (done serially after
     // the loop, it took 9% of a bf16 prefill's samples while the other worker idled).
-    let dst = SharedOut(y.as_mut_ptr());
+    let dst = SharedOut::new(y);
     (0..out.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .for_each_init(Vec::new, |buf, b| {
@@ -513,7 +513,7 @@ fn by_row_tasks(tokens: usize, out: usize, y: &mut [f32], task: impl Fn(usize, &
             for t in 0..tokens {
                 // SAFETY: `y` holds `tokens × out` values and this task alone writes columns
                 // `r0..r0 + rows` of each token's row; `y` outlives the parallel loop.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(t * out + r0), rows) };
+                let row = unsafe { dst.slice(t * out + r0, rows) };
                 for (k, v) in row.iter_mut().enumerate() {
                     *v = buf[k * tokens + t];
                 }
@@ -528,7 +528,7 @@ fn gemv_tiles<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
     let (out, inp) = (w.rows(), w.cols());
     let p = cpu_amx::Packed::new(x, tokens, inp);
     let pad = p.padded();
-    let dst = SharedOut(y.as_mut_ptr());
+    let dst = SharedOut::new(y);
     let blocks = out.div_ceil(ROWS_PER_TASK);
     (0..blocks)
         .into_par_iter()
@@ -540,7 +540,7 @@ fn gemv_tiles<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
             for t in 0..tokens {
                 // SAFETY: `y` holds `tokens × out` values and this task alone writes columns
                 // `r0..r0 + rows` of each token's row; `y` outlives the parallel loop.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(t * out + r0), rows) };
+                let row = unsafe { dst.slice(t * out + r0, rows) };
                 for (k, v) in row.iter_mut().enumerate() {
                     *v = buf[k * pad + t];
                 }
@@ -548,15 +548,25 @@ fn gemv_tiles<W: WeightRows>(x: &[f32], tokens: usize, w: &W, y: &mut [f32]) {
         });
 }
 
-/// `y`'s base pointer, shared by the tasks of [`gemv_tiles`] and [`by_row_tasks`], which
-/// write disjoint elements.
-struct SharedOut(*mut f32);
+/// An output buffer's base pointer, shared by parallel tasks that each write disjoint
+/// elements of it ([`gemv_tiles`], [`by_row_tasks`], `cpu_moe`'s down pass: each task its
+/// columns of every token's row).
+pub(crate) struct SharedOut(*mut f32);
 // SAFETY: the tasks write disjoint elements of a buffer that outlives them.
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
-    /// The pointer to element `i` (a method, so closures capture the wrapper, not the field).
-    fn at(&self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// The `len` elements from `i`.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer, which must outlive the slice, and no other task may
+    /// touch them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, i: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(i), len)
     }
 }
 

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::cpu_amx;
 use crate::cpu_bf16dot::{self, Pairs};
-use crate::cpu_gemv::{Bf16Rows, WeightRows, TOKEN_BLOCK};
+use crate::cpu_gemv::{Bf16Rows, SharedOut, WeightRows, TOKEN_BLOCK};
 use crate::gate::GateOutput;
 use crate::moe::DispatchPlan;
 use crate::KernelError;
@@ -272,18 +272,17 @@ fn run_groups<W: WeightRows>(
         let tok = token_of[g.lo + k] as usize;
         &x[tok * h..(tok + 1) * h]
     };
-    let x_tiles: Vec<Option<cpu_amx::Packed>> = groups
-        .iter()
+    // Tile and bf16-dot groups' activations, packed per group in parallel.
+    let (x_tiles, x_pairs): (Vec<Option<cpu_amx::Packed>>, Vec<Option<Pairs>>) = groups
+        .par_iter()
         .zip(&kernel)
         .map(|(g, &k)| {
-            (k == Kernel::Tiles).then(|| cpu_amx::Packed::from_rows(g.n, h, |k| row_of(g, k)))
+            (
+                (k == Kernel::Tiles).then(|| cpu_amx::Packed::from_rows(g.n, h, |k| row_of(g, k))),
+                (k == Kernel::Bf16Dot).then(|| Pairs::from_rows(g.n, h, |k| row_of(g, k))),
+            )
         })
-        .collect();
-    let x_pairs: Vec<Option<Pairs>> = groups
-        .iter()
-        .zip(&kernel)
-        .map(|(g, &k)| (k == Kernel::Bf16Dot).then(|| Pairs::from_rows(g.n, h, |k| row_of(g, k))))
-        .collect();
+        .unzip();
     // Group g's `[inter, n]` activation block starts at `act_at[g]`.
     let mut act_at = Vec::with_capacity(groups.len() + 1);
     act_at.push(0);
@@ -348,15 +347,22 @@ fn run_groups<W: WeightRows>(
     // Token-major activations (`[n, I]` per group) in the row kernels' layout for the down
     // projection; tile and bf16-dot groups pack their `[I, n]` block as it is.
     let mut act_t = vec![0f32; if rows_needed { act_len } else { 0 }];
-    let mut act_tiles: Vec<Option<cpu_amx::Packed>> = Vec::with_capacity(groups.len());
-    let mut act_pairs: Vec<Option<Pairs>> = Vec::with_capacity(groups.len());
+    let (act_tiles, act_pairs): (Vec<Option<cpu_amx::Packed>>, Vec<Option<Pairs>>) = groups
+        .par_iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let blk = &act[act_at[gi]..act_at[gi + 1]];
+            (
+                (kernel[gi] == Kernel::Tiles)
+                    .then(|| cpu_amx::Packed::from_columns(blk, g.inter, g.n)),
+                (kernel[gi] == Kernel::Bf16Dot).then(|| Pairs::from_columns(blk, g.inter, g.n)),
+            )
+        })
+        .unzip();
     let mut row = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
         let (n, i) = (g.n, g.inter);
         let blk = &act[act_at[gi]..act_at[gi + 1]];
-        act_tiles
-            .push((kernel[gi] == Kernel::Tiles).then(|| cpu_amx::Packed::from_columns(blk, i, n)));
-        act_pairs.push((kernel[gi] == Kernel::Bf16Dot).then(|| Pairs::from_columns(blk, i, n)));
         if kernel[gi] != Kernel::Rows {
             continue;
         }
@@ -376,64 +382,74 @@ fn run_groups<W: WeightRows>(
     // Pass 2: y = down · act per group, weighted into the tokens (the top-k reduction) in
     // group order. Each task owns a block of hidden rows of `[H, T]` and runs every group
     // over it, so no `[entries, H]` buffer is written (at a 2048-token chunk of the `small`
-    // preset that was 75 MB of fresh pages per layer).
-    let mut out_t = vec![0f32; h * t];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * t)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            let (r0, rows) = (c * ROWS_PER_TASK, dst.len() / t);
-            let mut y = Vec::new();
-            for (gi, g) in groups.iter().enumerate() {
-                let (n, i) = (g.n, g.inter);
-                if n == 0 {
-                    continue;
-                }
-                // `y` `[rows, stride]`: this block's rows of the group's down projection.
-                let stride = match (&act_tiles[gi], &act_pairs[gi]) {
-                    (Some(pa), _) => {
-                        y.resize(rows * pa.padded(), 0f32);
-                        g.down.tile_block(r0, pa, &mut y);
-                        pa.padded()
-                    }
-                    (None, Some(pa)) => {
-                        y.resize(rows * n, 0f32);
-                        g.down.dot_pairs_rows(r0, pa, &mut y);
-                        n
-                    }
-                    (None, None) => {
-                        y.resize(rows * n, 0f32);
-                        let ae = &act_t[act_at[gi]..act_at[gi + 1]];
-                        for (k, yk) in y.chunks_mut(n).enumerate() {
-                            for t0 in (0..n).step_by(TOKEN_BLOCK) {
-                                let nb = TOKEN_BLOCK.min(n - t0);
-                                let a = &ae[t0 * i..(t0 + nb) * i];
-                                g.down.dot(r0 + k, a, nb, &mut yk[t0..t0 + nb]);
-                            }
-                        }
-                        n
-                    }
-                };
-                for (k, o) in dst.chunks_mut(t).enumerate() {
-                    let yk = &y[k * stride..k * stride + n];
-                    for (tk, &yv) in yk.iter().enumerate() {
-                        let p = g.lo + tk;
-                        let (v, wgt) = (&mut o[token_of[p] as usize], weight[p]);
-                        *v = if g.bf16_ops {
-                            round_bf16(*v) + wgt * round_bf16(yv)
-                        } else {
-                            *v + wgt * yv
-                        };
-                    }
-                }
-            }
-        });
+    // preset that was 75 MB of fresh pages per layer). The task's `[rows, T]` block goes into
+    // its columns of every token's row of `out` at its end, so the transpose to `[T, H]` runs
+    // in parallel too (serially after the loop it was ~2% of a bf16 prefill, the other worker
+    // idle).
     let mut out = vec![0f32; t * h];
-    for (r, row) in out_t.chunks_exact(t).enumerate() {
-        for (tok, &v) in row.iter().enumerate() {
-            out[tok * h + r] = v;
-        }
-    }
+    let out_at = SharedOut::new(&mut out);
+    (0..h.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(dst, y), c| {
+                let r0 = c * ROWS_PER_TASK;
+                let rows = ROWS_PER_TASK.min(h - r0);
+                dst.clear();
+                dst.resize(rows * t, 0f32);
+                for (gi, g) in groups.iter().enumerate() {
+                    let (n, i) = (g.n, g.inter);
+                    if n == 0 {
+                        continue;
+                    }
+                    // `y` `[rows, stride]`: this block's rows of the group's down projection.
+                    let stride = match (&act_tiles[gi], &act_pairs[gi]) {
+                        (Some(pa), _) => {
+                            y.resize(rows * pa.padded(), 0f32);
+                            g.down.tile_block(r0, pa, y);
+                            pa.padded()
+                        }
+                        (None, Some(pa)) => {
+                            y.resize(rows * n, 0f32);
+                            g.down.dot_pairs_rows(r0, pa, y);
+                            n
+                        }
+                        (None, None) => {
+                            y.resize(rows * n, 0f32);
+                            let ae = &act_t[act_at[gi]..act_at[gi + 1]];
+                            for (k, yk) in y.chunks_mut(n).enumerate() {
+                                for t0 in (0..n).step_by(TOKEN_BLOCK) {
+                                    let nb = TOKEN_BLOCK.min(n - t0);
+                                    let a = &ae[t0 * i..(t0 + nb) * i];
+                                    g.down.dot(r0 + k, a, nb, &mut yk[t0..t0 + nb]);
+                                }
+                            }
+                            n
+                        }
+                    };
+                    for (k, o) in dst.chunks_mut(t).enumerate() {
+                        let yk = &y[k * stride..k * stride + n];
+                        for (tk, &yv) in yk.iter().enumerate() {
+                            let p = g.lo + tk;
+                            let (v, wgt) = (&mut o[token_of[p] as usize], weight[p]);
+                            *v = if g.bf16_ops {
+                                round_bf16(*v) + wgt * round_bf16(yv)
+                            } else {
+                                *v + wgt * yv
+                            };
+                        }
+                    }
+                }
+                for tok in 0..t {
+                    // SAFETY: `out` holds `t × h` values and this task alone writes columns
+                    // `r0..r0 + rows` of each token's row; `out` outlives the parallel loop.
+                    let o = unsafe { out_at.slice(tok * h + r0, rows) };
+                    for (k, v) in o.iter_mut().enumerate() {
+                        *v = dst[k * t + tok];
+                    }
+                }
+            },
+        );
     out
 }
 
