@@ -349,7 +349,7 @@ impl WeightRows for Q8Matrix {
     fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
         let chunk = dequant_kernel();
         dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
-            self.dequant_row(chunk, r, row)
+            self.dequant_row_plain(chunk, r, row)
         })
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
@@ -475,6 +475,48 @@ impl Q8Matrix {
             let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
             chunk(lo, sc, out.block(2 * b));
             chunk(hi, sc, out.block(2 * b + 1));
+        }
+    }
+}
+
+impl Q8Matrix {
+    /// [`Self::dequant_row`] into a plain row of `cols` bf16 (the `vdpbf16ps` path's stage),
+    /// bit for bit, in one AVX-512 loop over the row where the CPU has it (as `cpu_q4`'s:
+    /// block by block through `chunk`, the calls cost as much as the arithmetic).
+    fn dequant_row_plain(&self, chunk: DequantFn, r: usize, out: &mut [bf16]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bf16") {
+            let (q, s) = (self.row_q(r), self.row_scales(r));
+            assert!(out.len() == self.cols && q.len() >= self.cols);
+            assert!(s.len() * Q8_BLOCK == self.cols);
+            // SAFETY: detected above; `q` holds at least `cols` values, `s` `cols / 64` and
+            // `out` `cols` slots (checked).
+            unsafe { dequant_row_avx512(&q[..self.cols], s, out) };
+            return;
+        }
+        self.dequant_row(chunk, r, out)
+    }
+}
+
+/// A whole row as [`dequant_chunk_avx512`] computes each 32 values.
+///
+/// # Safety
+/// AVX512F and AVX512-BF16 are available; `q.len() == out.len() == 64 · s.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dequant_row_avx512(q: &[i8], s: &[f32], out: &mut [bf16]) {
+    use std::arch::x86_64::*;
+    let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+    for (b, &scale) in s.iter().enumerate() {
+        let sv = _mm512_set1_ps(scale);
+        for half in 0..2 {
+            let at = b * Q8_BLOCK + half * cpu_amx::TILE_K;
+            let v = |o: usize| {
+                let x = _mm_loadu_si128(qp.add(at + o) as *const __m128i);
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), sv)
+            };
+            let r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(v(16), v(0)));
+            _mm512_storeu_si512(op.add(at) as *mut __m512i, r);
         }
     }
 }
@@ -897,6 +939,27 @@ mod tests {
                 b.map(bf16::to_bits),
                 "scale {scale:e}"
             );
+        }
+    }
+
+    /// A whole row dequantized in one pass (the `vdpbf16ps` stage) equals the block-by-block
+    /// scalar dequantization bit for bit.
+    #[test]
+    fn plain_row_dequantization_matches_the_blocks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (rows, cols) in [(3, 64), (5, 192), (2, 1024)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.random_range(-1.5f32..0.7))
+                .collect();
+            let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+            for r in 0..rows {
+                let mut fast = vec![bf16::NAN; cols];
+                q.dequant_row_plain(dequant_kernel(), r, &mut fast);
+                let mut want = vec![bf16::NAN; cols];
+                q.dequant_row(dequant_chunk, r, &mut want[..]);
+                let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&want), "{rows}x{cols} row {r}");
+            }
         }
     }
 
