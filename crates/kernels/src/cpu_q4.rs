@@ -360,7 +360,10 @@ fn dequant_row_avx512_available() -> bool {
 }
 
 /// A whole row as [`dequant_avx512`] computes each block: per group of 64 weights (32 bytes),
-/// the low nibbles are block `2g`, the high ones block `2g + 1`.
+/// the low nibbles are block `2g`, the high ones block `2g + 1`. A block's 16 possible values
+/// `k · d + m` (`k` < 16, one fused multiply-add each, rounded to bf16) form a table that
+/// `vpermw` looks the 32 nibbles up in: three instructions per 32 weights instead of
+/// widening, converting and scaling each weight, with the same rounding.
 ///
 /// # Safety
 /// AVX512F/BW/BF16 and F16C are available; `q.len() == 16 · d.len()`, `m.len() == d.len()`,
@@ -370,13 +373,14 @@ fn dequant_row_avx512_available() -> bool {
 unsafe fn dequant_row_avx512(q: &[u8], d: &[f16], m: &[f16], out: &mut [bf16]) {
     use std::arch::x86_64::*;
     let nib = _mm256_set1_epi8(0xF);
+    let ks = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
     let scale = |h: f16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)));
     let mut block = |v: __m256i, b: usize| {
-        let (dv, mv) = (_mm512_set1_ps(scale(d[b])), _mm512_set1_ps(scale(m[b])));
-        let f = |x: __m128i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), dv, mv);
-        let lo = f(_mm256_castsi256_si128(v));
-        let hi = f(_mm256_extracti128_si256(v, 1));
-        let r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        let t = _mm512_fmadd_ps(ks, _mm512_set1_ps(scale(d[b])), _mm512_set1_ps(scale(m[b])));
+        let table = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(t));
+        let r = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(v), _mm512_castsi256_si512(table));
         _mm512_storeu_si512(out.as_mut_ptr().add(b * Q4_BLOCK) as *mut __m512i, r);
     };
     for g in 0..d.len() / 2 {
