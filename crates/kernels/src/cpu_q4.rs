@@ -284,9 +284,8 @@ impl WeightRows for Q4Matrix {
         crate::cpu_q8::quantized_bf16_dot()
     }
     fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
-        let chunk = dequant_kernel();
         crate::cpu_q8::dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
-            self.dequant_row_plain(chunk, r, row)
+            self.dequant_row(r, row)
         })
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
@@ -303,52 +302,39 @@ impl Q4Matrix {
     /// rounded to nearest even) into `st` in tile order.
     fn stage(&self, r0: usize, rows: usize, st: &mut cpu_amx::Staged) {
         st.reset(rows, self.cols);
-        let chunk = dequant_kernel();
         for r in 0..rows {
-            self.dequant_row(chunk, r0 + r, &mut cpu_amx::StagedRow(st, r));
+            self.dequant_row(r0 + r, &mut cpu_amx::StagedRow(st, r));
         }
     }
 
     /// Row `r` dequantized to bf16 (`q · d + m` fused in f32, rounded to nearest even), block
-    /// by block of [`Q4_BLOCK`] into `out`.
-    fn dequant_row(
-        &self,
-        chunk: DequantFn,
-        r: usize,
-        out: &mut (impl cpu_amx::BlockSink + ?Sized),
-    ) {
+    /// by block of [`Q4_BLOCK`] into `out`: the AMX tiles' stage and the `vdpbf16ps` path's.
+    /// One AVX-512 loop over the row where the CPU has it (called block by block through a
+    /// function pointer, with scalar f16 conversions of each step and minimum, the calls cost
+    /// more than the arithmetic: 18% of a batch-64 q4 decode's samples), else [`dequant_block`]
+    /// per block.
+    fn dequant_row(&self, r: usize, out: &mut (impl cpu_amx::BlockSink + ?Sized)) {
         let (q, (d, m)) = (self.row_bytes(r), self.row_scales(r));
+        #[cfg(target_arch = "x86_64")]
+        if dequant_row_avx512_available() {
+            assert!(q.len() * 2 == self.cols && d.len() == m.len());
+            assert!(d.len() * Q4_BLOCK == self.cols && self.cols.is_multiple_of(GROUP));
+            // SAFETY: detected above; `q` holds `cols / 2` bytes and `d`, `m` `cols / 32`
+            // values, an even number (checked).
+            unsafe { dequant_row_avx512(q, d, m, out) };
+            return;
+        }
         for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
             let bytes: &[u8; GROUP / 2] = bytes.try_into().expect("a group is 32 bytes");
             for half in 0..2 {
                 let b = 2 * g + half;
-                chunk(bytes, half == 1, d[b].to_f32(), m[b].to_f32(), out.block(b));
+                dequant_block(bytes, half == 1, d[b].to_f32(), m[b].to_f32(), out.block(b));
             }
         }
     }
 }
 
-impl Q4Matrix {
-    /// [`Self::dequant_row`] into a plain row of `cols` bf16 (the `vdpbf16ps` path's stage),
-    /// bit for bit, with the whole row in one AVX-512 loop where the CPU has it: called block
-    /// by block through `chunk`, the call and the scalar f16 conversions of the step and
-    /// minimum cost more than the arithmetic (18% of a batch-64 q4 decode's samples).
-    fn dequant_row_plain(&self, chunk: DequantFn, r: usize, out: &mut [bf16]) {
-        #[cfg(target_arch = "x86_64")]
-        if dequant_row_avx512_available() {
-            let (q, (d, m)) = (self.row_bytes(r), self.row_scales(r));
-            assert!(out.len() == self.cols && q.len() * 2 == self.cols && d.len() == m.len());
-            assert!(d.len() * Q4_BLOCK == self.cols);
-            // SAFETY: detected above; `q` holds `cols / 2` bytes, `d` and `m` `cols / 32`
-            // values and `out` `cols` slots (checked).
-            unsafe { dequant_row_avx512(q, d, m, out) };
-            return;
-        }
-        self.dequant_row(chunk, r, out)
-    }
-}
-
-/// Whether [`dequant_row_avx512`] runs here.
+/// Whether [`dequant_row_avx512`] runs here (AVX-512 BF16 wherever AMX is).
 #[cfg(target_arch = "x86_64")]
 fn dequant_row_avx512_available() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -359,18 +345,23 @@ fn dequant_row_avx512_available() -> bool {
     })
 }
 
-/// A whole row as [`dequant_avx512`] computes each block: per group of 64 weights (32 bytes),
-/// the low nibbles are block `2g`, the high ones block `2g + 1`. A block's 16 possible values
-/// `k · d + m` (`k` < 16, one fused multiply-add each, rounded to bf16) form a table that
-/// `vpermw` looks the 32 nibbles up in: three instructions per 32 weights instead of
-/// widening, converting and scaling each weight, with the same rounding.
+/// [`dequant_block`] over a whole row: per group of 64 weights (32 bytes), the low nibbles are
+/// block `2g`, the high ones block `2g + 1`. A block's 16 possible values `k · d + m` (`k` <
+/// 16, one fused multiply-add each, rounded to bf16 by `vcvtneps2bf16`) form a table that
+/// `vpermw` looks the 32 nibbles up in: three instructions per 32 weights instead of widening,
+/// converting and scaling each weight, with the same rounding.
 ///
 /// # Safety
 /// AVX512F/BW/BF16 and F16C are available; `q.len() == 16 · d.len()`, `m.len() == d.len()`,
-/// `out.len() == 32 · d.len()`, and `d.len()` is even.
+/// `d.len()` is even and `out` has a slot for each of the `d.len()` blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,f16c")]
-unsafe fn dequant_row_avx512(q: &[u8], d: &[f16], m: &[f16], out: &mut [bf16]) {
+unsafe fn dequant_row_avx512(
+    q: &[u8],
+    d: &[f16],
+    m: &[f16],
+    out: &mut (impl cpu_amx::BlockSink + ?Sized),
+) {
     use std::arch::x86_64::*;
     let nib = _mm256_set1_epi8(0xF);
     let ks = _mm512_setr_ps(
@@ -381,7 +372,7 @@ unsafe fn dequant_row_avx512(q: &[u8], d: &[f16], m: &[f16], out: &mut [bf16]) {
         let t = _mm512_fmadd_ps(ks, _mm512_set1_ps(scale(d[b])), _mm512_set1_ps(scale(m[b])));
         let table = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(t));
         let r = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(v), _mm512_castsi256_si512(table));
-        _mm512_storeu_si512(out.as_mut_ptr().add(b * Q4_BLOCK) as *mut __m512i, r);
+        _mm512_storeu_si512(out.block(b).as_mut_ptr() as *mut __m512i, r);
     };
     for g in 0..d.len() / 2 {
         let v = _mm256_loadu_si256(q.as_ptr().add(g * GROUP / 2) as *const __m256i);
@@ -390,21 +381,9 @@ unsafe fn dequant_row_avx512(q: &[u8], d: &[f16], m: &[f16], out: &mut [bf16]) {
     }
 }
 
-/// Dequantizes one block of a group (`high`: the high nibbles, the group's second block) with
-/// its step and minimum into a tile row of bf16.
-type DequantFn = fn(&[u8; GROUP / 2], bool, f32, f32, &mut [bf16; cpu_amx::TILE_K]);
-
-/// The fastest [`DequantFn`] this CPU runs (AVX-512 BF16 wherever AMX is).
-fn dequant_kernel() -> DequantFn {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw") {
-        return dequant_avx512_entry;
-    }
-    dequant_block
-}
-
-/// One block as bf16: `q · d + m` as one f32 fused multiply-add, rounded to nearest even, as
-/// [`dequant_avx512`] computes it.
+/// One block of a group (`high`: the high nibbles, the group's second block) as bf16:
+/// `q · d + m` as one f32 fused multiply-add, rounded to nearest even (the reference
+/// [`dequant_row_avx512`] matches).
 fn dequant_block(
     bytes: &[u8; GROUP / 2],
     high: bool,
@@ -416,45 +395,6 @@ fn dequant_block(
         let q = if high { b >> 4 } else { b & 0xF };
         *o = bf16::from_f32((q as f32).mul_add(d, m));
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dequant_avx512_entry(
-    bytes: &[u8; GROUP / 2],
-    high: bool,
-    d: f32,
-    m: f32,
-    out: &mut [bf16; cpu_amx::TILE_K],
-) {
-    // SAFETY: selected only after run-time detection of avx512bf16 and avx512bw; the arrays
-    // hold the 32 bytes read and the 32 values written.
-    unsafe { dequant_avx512(bytes, high, d, m, out) }
-}
-
-/// [`dequant_block`] 32 values at once: the nibbles widened to i32, converted, `vfmadd` with
-/// the step and minimum, and `vcvtne2ps2bf16` into one 64-byte tile row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dequant_avx512(
-    bytes: &[u8; GROUP / 2],
-    high: bool,
-    d: f32,
-    m: f32,
-    out: &mut [bf16; cpu_amx::TILE_K],
-) {
-    use std::arch::x86_64::*;
-    let v = _mm256_loadu_si256(bytes.as_ptr() as *const __m256i);
-    let v = if high { _mm256_srli_epi16(v, 4) } else { v };
-    let v = _mm256_and_si256(v, _mm256_set1_epi8(0xF));
-    let (dv, mv) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
-    let f = |x: __m128i| _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), dv, mv);
-    let lo = f(_mm256_castsi256_si128(v));
-    let hi = f(_mm256_extracti128_si256(v, 1));
-    let r = _mm512_cvtne2ps_pbh(hi, lo);
-    _mm512_storeu_si512(
-        out.as_mut_ptr() as *mut __m512i,
-        std::mem::transmute::<__m512bh, __m512i>(r),
-    );
 }
 
 /// Largest magnitude of an 8-bit activation: `vpdpbusd` sums four products of a 4-bit weight
@@ -1020,41 +960,75 @@ mod tests {
         assert!(e(&bad, 3, 64).contains("want 192"));
     }
 
-    /// The AVX-512 dequantization rounds exactly as the scalar one, both nibbles.
+    /// The row dequantization (AVX-512 where the CPU has it) rounds exactly as the scalar
+    /// blocks, both nibbles, into a plain row and into the tiles' stage: rows of quantized
+    /// weights, and raw rows of random bytes with random steps and minimums.
     #[test]
-    fn dequant_kernels_agree() {
+    fn row_dequantization_matches_the_scalar_blocks() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(15);
-        let kernel = dequant_kernel();
-        for _ in 0..1000 {
-            let bytes: [u8; 32] = std::array::from_fn(|_| rng.random());
-            let d = f16::from_bits(rng.random_range(0x1000..0x3c00)).to_f32();
-            let m = -f16::from_bits(rng.random_range(0x1000..0x3c00)).to_f32();
-            for high in [false, true] {
-                let (mut a, mut b) = ([bf16::ZERO; 32], [bf16::ZERO; 32]);
-                kernel(&bytes, high, d, m, &mut a);
-                dequant_block(&bytes, high, d, m, &mut b);
-                assert_eq!(a.map(bf16::to_bits), b.map(bf16::to_bits), "d {d} m {m}");
+        let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        let scalar = |q: &[u8], d: &[f16], m: &[f16]| {
+            let mut want = vec![bf16::NAN; 2 * q.len()];
+            for (g, bytes) in q.chunks_exact(GROUP / 2).enumerate() {
+                for half in 0..2 {
+                    let b = 2 * g + half;
+                    let out = &mut want[b * Q4_BLOCK..(b + 1) * Q4_BLOCK];
+                    let (d, m) = (d[b].to_f32(), m[b].to_f32());
+                    dequant_block(
+                        bytes.try_into().unwrap(),
+                        half == 1,
+                        d,
+                        m,
+                        out.try_into().unwrap(),
+                    );
+                }
             }
-        }
-    }
-
-    /// A whole row dequantized in one pass (the `vdpbf16ps` stage) equals the block-by-block
-    /// scalar dequantization bit for bit, for rows of one to several groups.
-    #[test]
-    fn plain_row_dequantization_matches_the_blocks() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
-        for (rows, cols) in [(3, 64), (5, 192), (2, 1024)] {
+            want
+        };
+        for (rows, cols) in [(3, 64), (16, 192), (32, 1024)] {
             let w: Vec<f32> = (0..rows * cols)
                 .map(|_| rng.random_range(-1.5f32..0.7))
                 .collect();
             let q = Q4Matrix::quantize(&w, rows, cols).unwrap();
+            // The stage takes whole tiles of 16 rows.
+            let mut st = cpu_amx::Staged::new();
+            let staged = rows.is_multiple_of(16);
+            if staged {
+                q.stage(0, rows, &mut st);
+            }
             for r in 0..rows {
+                let (d, m) = q.row_scales(r);
+                let want = scalar(q.row_bytes(r), d, m);
                 let mut fast = vec![bf16::NAN; cols];
-                q.dequant_row_plain(dequant_kernel(), r, &mut fast);
-                let mut want = vec![bf16::NAN; cols];
-                q.dequant_row(dequant_block, r, &mut want[..]);
-                let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+                q.dequant_row(r, &mut fast[..]);
                 assert_eq!(bits(&fast), bits(&want), "{rows}x{cols} row {r}");
+                for b in (0..cols / Q4_BLOCK).filter(|_| staged) {
+                    let got = *st.chunk_mut(r, b);
+                    let wb = &want[b * Q4_BLOCK..(b + 1) * Q4_BLOCK];
+                    assert_eq!(
+                        bits(&got),
+                        bits(wb),
+                        "staged {rows}x{cols} row {r} block {b}"
+                    );
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if dequant_row_avx512_available() {
+            for _ in 0..200 {
+                let q: Vec<u8> = (0..64).map(|_| rng.random()).collect();
+                let sc = |rng: &mut rand::rngs::StdRng, sign: f32| -> Vec<f16> {
+                    (0..4)
+                        .map(|_| {
+                            f16::from_bits(rng.random_range(0x1000..0x3c00)) * f16::from_f32(sign)
+                        })
+                        .collect()
+                };
+                let (d, m) = (sc(&mut rng, 1.0), sc(&mut rng, -1.0));
+                let mut fast = vec![bf16::NAN; 128];
+                // SAFETY: detected above; 64 bytes, 4 (even) steps and minimums, 128 slots.
+                unsafe { dequant_row_avx512(&q, &d, &m, &mut fast[..]) };
+                assert_eq!(bits(&fast), bits(&scalar(&q, &d, &m)), "d {d:?} m {m:?}");
             }
         }
     }

@@ -347,10 +347,7 @@ impl WeightRows for Q8Matrix {
         quantized_bf16_dot()
     }
     fn dot_pairs_rows(&self, r0: usize, x: &crate::cpu_bf16dot::Pairs, out: &mut [f32]) {
-        let chunk = dequant_kernel();
-        dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| {
-            self.dequant_row_plain(chunk, r, row)
-        })
+        dot_pairs_rows_dequantized(self.cols, r0, x, out, |r, row| self.dequant_row(r, row))
     }
     /// Dequantizes the block's rows into this thread's staging buffer in tile order, then
     /// multiplies it there: 64 rows × 4096 inputs stage in 512 KiB (L2), and at the 8+ tokens
@@ -456,57 +453,43 @@ impl Q8Matrix {
     /// rounded to nearest even) into `st` in tile order.
     fn stage(&self, r0: usize, rows: usize, st: &mut cpu_amx::Staged) {
         st.reset(rows, self.cols);
-        let chunk = dequant_kernel();
         for r in 0..rows {
-            self.dequant_row(chunk, r0 + r, &mut cpu_amx::StagedRow(st, r));
+            self.dequant_row(r0 + r, &mut cpu_amx::StagedRow(st, r));
         }
     }
 
     /// Row `r` dequantized to bf16 (`q · scale`, rounded to nearest even), block by block of
-    /// [`cpu_amx::TILE_K`] into `out`.
-    fn dequant_row(
-        &self,
-        chunk: DequantFn,
-        r: usize,
-        out: &mut (impl cpu_amx::BlockSink + ?Sized),
-    ) {
-        let (q, s) = (self.row_q(r), self.row_scales(r));
-        for (b, (qb, &sc)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
-            let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
-            chunk(lo, sc, out.block(2 * b));
-            chunk(hi, sc, out.block(2 * b + 1));
-        }
-    }
-}
-
-impl Q8Matrix {
-    /// [`Self::dequant_row`] into a plain row of `cols` bf16 (the `vdpbf16ps` path's stage),
-    /// bit for bit, in one AVX-512 loop over the row where the CPU has it (as `cpu_q4`'s:
-    /// block by block through `chunk`, the calls cost as much as the arithmetic).
-    fn dequant_row_plain(&self, chunk: DequantFn, r: usize, out: &mut [bf16]) {
+    /// [`cpu_amx::TILE_K`] into `out`: the AMX tiles' stage and the `vdpbf16ps` path's. One
+    /// AVX-512 loop over the row where the CPU has it (as `cpu_q4`'s: block by block through a
+    /// function pointer the calls cost as much as the arithmetic), else [`dequant_chunk`].
+    fn dequant_row(&self, r: usize, out: &mut (impl cpu_amx::BlockSink + ?Sized)) {
+        let (q, s) = (&self.row_q(r)[..self.cols], self.row_scales(r));
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512bf16") {
-            let (q, s) = (self.row_q(r), self.row_scales(r));
-            assert!(out.len() == self.cols && q.len() >= self.cols);
             assert!(s.len() * Q8_BLOCK == self.cols);
-            // SAFETY: detected above; `q` holds at least `cols` values, `s` `cols / 64` and
-            // `out` `cols` slots (checked).
-            unsafe { dequant_row_avx512(&q[..self.cols], s, out) };
+            // SAFETY: detected above; `q` holds `cols` values and `s` `cols / 64` (checked).
+            unsafe { dequant_row_avx512(q, s, out) };
             return;
         }
-        self.dequant_row(chunk, r, out)
+        for (b, (qb, &sc)) in q.chunks_exact(Q8_BLOCK).zip(s).enumerate() {
+            let (lo, hi) = qb.split_at(Q8_BLOCK / 2);
+            dequant_chunk(lo, sc, out.block(2 * b));
+            dequant_chunk(hi, sc, out.block(2 * b + 1));
+        }
     }
 }
 
-/// A whole row as [`dequant_chunk_avx512`] computes each 32 values.
+/// [`dequant_chunk`] over a whole row, 32 values at a time: int8 → i32 → f32, times the
+/// block's scale, and `vcvtne2ps2bf16` (round to nearest even) into each 64-byte block.
 ///
 /// # Safety
-/// AVX512F and AVX512-BF16 are available; `q.len() == out.len() == 64 · s.len()`.
+/// AVX512F and AVX512-BF16 are available; `q.len() == 64 · s.len()` and `out` has a slot for
+/// each of the `2 · s.len()` blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dequant_row_avx512(q: &[i8], s: &[f32], out: &mut [bf16]) {
+unsafe fn dequant_row_avx512(q: &[i8], s: &[f32], out: &mut (impl cpu_amx::BlockSink + ?Sized)) {
     use std::arch::x86_64::*;
-    let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+    let qp = q.as_ptr();
     for (b, &scale) in s.iter().enumerate() {
         let sv = _mm512_set1_ps(scale);
         for half in 0..2 {
@@ -516,63 +499,18 @@ unsafe fn dequant_row_avx512(q: &[i8], s: &[f32], out: &mut [bf16]) {
                 _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), sv)
             };
             let r = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(v(16), v(0)));
-            _mm512_storeu_si512(op.add(at) as *mut __m512i, r);
+            _mm512_storeu_si512(out.block(2 * b + half).as_mut_ptr() as *mut __m512i, r);
         }
     }
 }
 
-/// Dequantizes 32 int8 weights with one scale into a tile row of bf16.
-type DequantFn = fn(&[i8], f32, &mut [bf16; cpu_amx::TILE_K]);
-
-/// The fastest [`DequantFn`] this CPU runs (AVX-512 BF16 wherever AMX is).
-fn dequant_kernel() -> DequantFn {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512bf16") {
-        return dequant_chunk_avx512_entry;
-    }
-    dequant_chunk
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dequant_chunk_avx512_entry(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
-    assert_eq!(q.len(), cpu_amx::TILE_K);
-    // SAFETY: selected only after run-time detection of avx512bf16 (which implies avx512f);
-    // `q` holds the 32 values read (checked) and `out` the 32 written.
-    unsafe { dequant_chunk_avx512(q, scale, out) }
-}
-
 /// 32 int8 weights of one block as bf16: `q · scale` rounded to f32, then to bf16 (nearest,
-/// ties to even), as [`dequant_chunk_avx512`] computes them.
+/// ties to even), as [`dequant_row_avx512`] computes them.
 fn dequant_chunk(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
     assert_eq!(q.len(), cpu_amx::TILE_K);
     for (o, &v) in out.iter_mut().zip(q) {
         *o = bf16::from_f32(v as f32 * scale);
     }
-}
-
-/// [`dequant_chunk`] 32 values at once: int8 → i32 → f32, times the scale, and
-/// `vcvtne2ps2bf16` (round to nearest even) into one 64-byte tile row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn dequant_chunk_avx512(q: &[i8], scale: f32, out: &mut [bf16; cpu_amx::TILE_K]) {
-    use std::arch::x86_64::*;
-    let s = _mm512_set1_ps(scale);
-    let p = q.as_ptr();
-    let lo = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))),
-        s,
-    );
-    let hi = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-            p.add(16) as *const __m128i
-        ))),
-        s,
-    );
-    let v = _mm512_cvtne2ps_pbh(hi, lo);
-    _mm512_storeu_si512(
-        out.as_mut_ptr() as *mut __m512i,
-        std::mem::transmute::<__m512bh, __m512i>(v),
-    );
 }
 
 /// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22` (NaN stays NaN): adding
@@ -924,41 +862,62 @@ mod tests {
         assert!(r[..64].iter().all(|v| v.is_nan()) && r[64..].iter().all(|v| v.is_finite()));
     }
 
+    /// The row dequantization (AVX-512 where the CPU has it) rounds exactly as the scalar
+    /// blocks, into a plain row and into the tiles' stage: rows of quantized weights, and raw
+    /// rows of random int8 values with random scales.
     #[test]
-    fn dequant_kernels_agree() {
+    fn row_dequantization_matches_the_scalar_blocks() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-        let kernel = dequant_kernel();
-        for _ in 0..1000 {
-            let q: Vec<i8> = (0..32).map(|_| rng.random()).collect();
-            let scale = f32::from_bits(rng.random_range(0x3000_0000..0x4000_0000));
-            let (mut a, mut b) = ([bf16::ZERO; 32], [bf16::ZERO; 32]);
-            kernel(&q, scale, &mut a);
-            dequant_chunk(&q, scale, &mut b);
-            assert_eq!(
-                a.map(bf16::to_bits),
-                b.map(bf16::to_bits),
-                "scale {scale:e}"
-            );
-        }
-    }
-
-    /// A whole row dequantized in one pass (the `vdpbf16ps` stage) equals the block-by-block
-    /// scalar dequantization bit for bit.
-    #[test]
-    fn plain_row_dequantization_matches_the_blocks() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for (rows, cols) in [(3, 64), (5, 192), (2, 1024)] {
+        let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        let scalar = |q: &[i8], s: &[f32]| {
+            let mut want = vec![bf16::NAN; q.len()];
+            for (k, (qb, out)) in q
+                .chunks_exact(32)
+                .zip(want.chunks_exact_mut(32))
+                .enumerate()
+            {
+                dequant_chunk(qb, s[k / 2], out.try_into().unwrap());
+            }
+            want
+        };
+        for (rows, cols) in [(3, 64), (16, 192), (32, 1024)] {
             let w: Vec<f32> = (0..rows * cols)
                 .map(|_| rng.random_range(-1.5f32..0.7))
                 .collect();
             let q = Q8Matrix::quantize(&w, rows, cols).unwrap();
+            // The stage takes whole tiles of 16 rows.
+            let mut st = cpu_amx::Staged::new();
+            let staged = rows.is_multiple_of(16);
+            if staged {
+                q.stage(0, rows, &mut st);
+            }
             for r in 0..rows {
+                let want = scalar(&q.row_q(r)[..cols], q.row_scales(r));
                 let mut fast = vec![bf16::NAN; cols];
-                q.dequant_row_plain(dequant_kernel(), r, &mut fast);
-                let mut want = vec![bf16::NAN; cols];
-                q.dequant_row(dequant_chunk, r, &mut want[..]);
-                let bits = |v: &[bf16]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+                q.dequant_row(r, &mut fast[..]);
                 assert_eq!(bits(&fast), bits(&want), "{rows}x{cols} row {r}");
+                for b in (0..cols / 32).filter(|_| staged) {
+                    let got = *st.chunk_mut(r, b);
+                    let wb = &want[b * 32..(b + 1) * 32];
+                    assert_eq!(
+                        bits(&got),
+                        bits(wb),
+                        "staged {rows}x{cols} row {r} block {b}"
+                    );
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bf16") {
+            for _ in 0..200 {
+                let q: Vec<i8> = (0..128).map(|_| rng.random()).collect();
+                let s: Vec<f32> = (0..2)
+                    .map(|_| f32::from_bits(rng.random_range(0x3000_0000..0x4000_0000)))
+                    .collect();
+                let mut fast = vec![bf16::NAN; 128];
+                // SAFETY: detected above; 128 values, 2 scales, 128 slots.
+                unsafe { dequant_row_avx512(&q, &s, &mut fast[..]) };
+                assert_eq!(bits(&fast), bits(&scalar(&q, &s)), "scales {s:?}");
             }
         }
     }
