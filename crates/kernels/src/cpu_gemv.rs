@@ -875,69 +875,57 @@ fn f32_row_portable(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [
 
 #[cfg(target_arch = "x86_64")]
 fn f32_row_avx512_entry(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
+        f32_row_body::<crate::paged::Avx512, N>(row, x, inp, d)
+    }
     // SAFETY: selected only after run-time detection of avx512f; `F32Rows::dot` checks
     // `x.len() >= tokens * inp` and `d.len() >= tokens`, and its row has `inp` values.
-    unsafe { by_tokens!(f32_row_avx512, tokens, row, x, inp, d) }
-}
-
-/// One f32 weight row against `N` activation rows: 32 weights per step in two accumulator
-/// chains per token (hides the FMA latency at one token).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn f32_row_avx512<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n32 = inp / 32 * 32;
-    let mut a0 = [_mm512_setzero_ps(); N];
-    let mut a1 = [_mm512_setzero_ps(); N];
-    let (wp, xp) = (row.as_ptr(), x.as_ptr());
-    let mut i = 0;
-    while i < n32 {
-        _mm_prefetch::<PREFETCH_HINT>(wp.wrapping_add(i + PREFETCH_AHEAD) as *const i8);
-        let w0 = _mm512_loadu_ps(wp.add(i));
-        let w1 = _mm512_loadu_ps(wp.add(i + 16));
-        for t in 0..N {
-            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(t * inp + i)), a0[t]);
-            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(t * inp + i + 16)), a1[t]);
-        }
-        i += 32;
-    }
-    for t in 0..N {
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
-        for j in n32..inp {
-            s += row[j] * x[t * inp + j];
-        }
-        d[t] = s;
-    }
+    unsafe { by_tokens!(run, tokens, row, x, inp, d) }
 }
 
 #[cfg(target_arch = "x86_64")]
 fn f32_row_avx2_entry(row: &[f32], x: &[f32], tokens: usize, inp: usize, d: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
+        f32_row_body::<crate::paged::Avx2, N>(row, x, inp, d)
+    }
     // SAFETY: selected only after run-time detection of avx2 and fma; slices as above.
-    unsafe { by_tokens!(f32_row_avx2, tokens, row, x, inp, d) }
+    unsafe { by_tokens!(run, tokens, row, x, inp, d) }
 }
 
-/// [`f32_row_avx512`] with 8-lane vectors: 16 weights per step.
+/// One f32 weight row against `N` activation rows, `2 · S::LANES` weights per step in two
+/// accumulator chains per token (hides the FMA latency at one token), the tail in scalar code.
+///
+/// # Safety
+/// `S`'s CPU features are enabled in the caller; `x` holds `N` rows of `inp = row.len()`
+/// values and `d.len() >= N`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn f32_row_avx2<const N: usize>(row: &[f32], x: &[f32], inp: usize, d: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n16 = inp / 16 * 16;
-    let mut a0 = [_mm256_setzero_ps(); N];
-    let mut a1 = [_mm256_setzero_ps(); N];
+#[inline(always)]
+unsafe fn f32_row_body<S: crate::paged::Simd, const N: usize>(
+    row: &[f32],
+    x: &[f32],
+    inp: usize,
+    d: &mut [f32],
+) {
+    let l = S::LANES;
+    let whole = inp / (2 * l) * (2 * l);
+    let mut a0 = [S::zero(); N];
+    let mut a1 = [S::zero(); N];
     let (wp, xp) = (row.as_ptr(), x.as_ptr());
     let mut i = 0;
-    while i < n16 {
-        let w0 = _mm256_loadu_ps(wp.add(i));
-        let w1 = _mm256_loadu_ps(wp.add(i + 8));
+    while i < whole {
+        S::prefetch(wp.wrapping_add(i + PREFETCH_AHEAD) as *const u8);
+        let (w0, w1) = (S::load(wp.add(i)), S::load(wp.add(i + l)));
         for t in 0..N {
-            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(t * inp + i)), a0[t]);
-            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(t * inp + i + 8)), a1[t]);
+            a0[t] = S::fma(w0, S::load(xp.add(t * inp + i)), a0[t]);
+            a1[t] = S::fma(w1, S::load(xp.add(t * inp + i + l)), a1[t]);
         }
-        i += 16;
+        i += 2 * l;
     }
     for t in 0..N {
-        let mut s = sum_lanes256(_mm256_add_ps(a0[t], a1[t]));
-        for j in n16..inp {
+        let mut s = S::sum(a0[t]) + S::sum(a1[t]);
+        for j in whole..inp {
             s += row[j] * x[t * inp + j];
         }
         d[t] = s;

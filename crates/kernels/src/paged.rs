@@ -1043,7 +1043,7 @@ fn exp_nonpositive(x: f32) -> f32 {
 
 /// The vector operations the kernel is written over. Every method is `unsafe`: it may use CPU
 /// features the caller has to have enabled, and pointers must be valid for `LANES` elements.
-trait Simd {
+pub(crate) trait Simd {
     /// f32 lanes per vector.
     const LANES: usize;
     /// A vector of `LANES` f32.
@@ -1076,7 +1076,7 @@ fn is<T: 'static, U: 'static>() -> bool {
 }
 
 /// The portable flavour: 8-lane arrays, element by element.
-struct Portable;
+pub(crate) struct Portable;
 
 impl Simd for Portable {
     const LANES: usize = 8;
@@ -1115,7 +1115,7 @@ impl Simd for Portable {
 
 /// AVX2 + FMA: 8 lanes.
 #[cfg(target_arch = "x86_64")]
-struct Avx2;
+pub(crate) struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx2 {
@@ -1170,7 +1170,7 @@ impl Simd for Avx2 {
 
 /// AVX-512F: 16 lanes.
 #[cfg(target_arch = "x86_64")]
-struct Avx512;
+pub(crate) struct Avx512;
 
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx512 {
