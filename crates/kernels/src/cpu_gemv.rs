@@ -9,7 +9,8 @@
 //! AVX-512F and AVX2+FMA paths are chosen at run time; a portable loop is the reference.
 //! Steps with many bf16-valued activation rows go to the AMX tiles (`cpu_amx`) where the CPU
 //! has them, else to the AVX512-BF16 `vdpbf16ps` row kernel (`cpu_bf16dot`) where it has
-//! that.
+//! that. The MoE router's f32 weights run through the same driver on f32 row kernels
+//! ([`gemv_f32`]), which at decode sizes replace candle's GEMM and its per-call thread count.
 
 use half::bf16;
 use rayon::prelude::*;
