@@ -80,6 +80,10 @@ pub(crate) fn take(tokens: usize, inputs: Tiles, exact: impl FnOnce() -> bool) -
         }
 }
 
+/// Tokens [`Pairs::from_columns`] gathers per pass over the columns: 16 f32 are one 64-byte
+/// cache line of each column, and 16 rows of 4096 inputs (256 KiB) stay in L2.
+const COLUMN_BLOCK: usize = 16;
+
 /// Activation rows rounded to bf16, each stored as `cols.div_ceil(2)` pairs (the even input
 /// in the low half; a zero high half after an odd last input).
 pub(crate) struct Pairs {
@@ -119,16 +123,25 @@ impl Pairs {
     }
 
     /// Packs the transpose of row-major `[cols, tokens]` values: token `t`'s row is column `t`.
+    /// Columns are gathered [`COLUMN_BLOCK`] tokens at a time, so `a` is read in order (one
+    /// token at a time read each value from its own cache line: 4.5% of a q4 prefill).
     pub(crate) fn from_columns(a: &[f32], cols: usize, tokens: usize) -> Self {
         assert_eq!(a.len(), cols * tokens);
-        let mut row = vec![0f32; cols];
+        let mut rows = vec![0f32; COLUMN_BLOCK * cols];
         let mut p = Self::from_rows(0, cols, |_| &[]);
-        p.words.resize(tokens * p.stride, 0);
-        for (t, dst) in p.words.chunks_exact_mut(p.stride.max(1)).enumerate() {
-            for (c, v) in row.iter_mut().enumerate() {
-                *v = a[c * tokens + t];
+        let stride = p.stride;
+        p.words.resize(tokens * stride, 0);
+        for t0 in (0..tokens).step_by(COLUMN_BLOCK) {
+            let n = COLUMN_BLOCK.min(tokens - t0);
+            for c in 0..cols {
+                for (k, &v) in a[c * tokens + t0..][..n].iter().enumerate() {
+                    rows[k * cols + c] = v;
+                }
             }
-            crate::cpu_amx::round_pairs(&row, dst);
+            for k in 0..n {
+                let dst = &mut p.words[(t0 + k) * stride..(t0 + k + 1) * stride];
+                crate::cpu_amx::round_pairs(&rows[k * cols..(k + 1) * cols], dst);
+            }
         }
         p
     }
@@ -282,6 +295,25 @@ unsafe fn row_dot<const N: usize, const U: usize>(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Packing the transpose of `[cols, tokens]` values gives the words packing the
+    /// transposed rows gives, for odd widths and token counts around the gather block.
+    #[test]
+    fn columns_pack_as_their_transposed_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for (cols, tokens) in [(1, 1), (7, 15), (64, 16), (33, 17), (1536, 40)] {
+            let a: Vec<f32> = (0..cols * tokens)
+                .map(|_| rng.random_range(-3.0..3.0))
+                .collect();
+            let rows: Vec<f32> = (0..tokens * cols)
+                .map(|i| a[(i % cols) * tokens + i / cols])
+                .collect();
+            let got = Pairs::from_columns(&a, cols, tokens);
+            let want = Pairs::new(&rows, tokens, cols);
+            assert_eq!(got.tokens(), tokens);
+            assert!(got.words == want.words, "{cols}x{tokens}");
+        }
+    }
 
     fn random_bf16(rng: &mut impl Rng, n: usize) -> Vec<bf16> {
         (0..n)
