@@ -222,17 +222,8 @@ pub fn gemv_bf16(
     inp: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    check_gemv(
-        "gemv_bf16",
-        x.len(),
-        tokens,
-        (w.len(), out * inp),
-        out,
-        inp,
-        y.len(),
-    )?;
-    gemv_rows(x, tokens, &Bf16Rows::new(w, inp), y);
-    Ok(())
+    let shape = (w.len(), out, inp);
+    gemv_checked("gemv_bf16", x, tokens, shape, y, || Bf16Rows::new(w, inp))
 }
 
 /// `y[t, o] = Σ_i x[t, i] · w[o, i]` with f32 weights (the MoE gate's router, which the
@@ -247,16 +238,22 @@ pub fn gemv_f32(
     inp: usize,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
-    check_gemv(
-        "gemv_f32",
-        x.len(),
-        tokens,
-        (w.len(), out * inp),
-        out,
-        inp,
-        y.len(),
-    )?;
-    gemv_rows(x, tokens, &F32Rows::new(w, inp), y);
+    let shape = (w.len(), out, inp);
+    gemv_checked("gemv_f32", x, tokens, shape, y, || F32Rows::new(w, inp))
+}
+
+/// A `gemv_*` entry point's body: [`check_gemv`] on weights of `(elements, out, inp)`, then
+/// [`gemv_rows`] on the storage `rows` builds (only once the shapes are known to be right).
+fn gemv_checked<W: WeightRows>(
+    what: &str,
+    x: &[f32],
+    tokens: usize,
+    (w, out, inp): (usize, usize, usize),
+    y: &mut [f32],
+    rows: impl FnOnce() -> W,
+) -> Result<(), KernelError> {
+    check_gemv(what, x.len(), tokens, (w, out * inp), out, inp, y.len())?;
+    gemv_rows(x, tokens, &rows(), y);
     Ok(())
 }
 
