@@ -61,11 +61,11 @@ impl Setup {
         let model = HyV3Model::load_dir(&dir, &opts)
             .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
         let kv_dtype = match std::env::var("SWITCHYARD_BENCH_KV_DTYPE").as_deref() {
-            Ok("bf16") => KvDtype::Bf16,
-            Ok("f32") => KvDtype::F32,
             Ok("auto") | Err(_) if opts.dtype == DType::F32 => KvDtype::F32,
             Ok("auto") | Err(_) => KvDtype::Bf16,
-            Ok(other) => panic!("SWITCHYARD_BENCH_KV_DTYPE={other:?}: auto, f32 or bf16"),
+            Ok(other) => KvDtype::from_name(other).unwrap_or_else(|| {
+                panic!("SWITCHYARD_BENCH_KV_DTYPE={other:?}: auto, f32, bf16 or fp8")
+            }),
         };
         // Room for the prompt and the decode token after it.
         let per_seq = (prompt_len + 1).div_ceil(BLOCK_SIZE);

@@ -1,7 +1,8 @@
 // Paged attention over vLLM-style block tables, and the KV write into the block pool. Checked
 // against crates/kernels/src/paged.rs (the CPU reference), whose layout and contract these follow:
 //
-//   cache (K and V alike): [num_blocks, block_size, kv_heads, head_dim], f32 or bf16; token p of
+//   cache (K and V alike): [num_blocks, block_size, kv_heads, head_dim], f32, bf16 or FP8 E4M3
+//   (one byte, unit scale; writes round to nearest even and saturate at +-448); token p of
 //   a sequence lives in block block_table[p / block_size], row p % block_size.
 //   q, out: [rows, heads, head_dim] f32. Query row r belongs to sequence row_seq[r] (PA_NO_SEQ:
 //   to none; its output is zero) at position row_pos[r], and attends causally to positions
@@ -30,6 +31,8 @@
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <math_constants.h>
 #include <stdint.h>
 
@@ -44,11 +47,24 @@
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+// FP8 E4M3 cache elements are raw bytes (__nv_fp8_storage_t), converted with cuda_fp8.h's
+// intrinsics (one cvt instruction each way on sm_89 and later).
+__device__ __forceinline__ float to_f32(__nv_fp8_storage_t x) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(x, __NV_E4M3)));
+}
 
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);  // round to nearest even, as half::bf16::from_f32
+}
+template <> __device__ __forceinline__ __nv_fp8_storage_t from_f32<__nv_fp8_storage_t>(float x) {
+    return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);  // as float8::F8E4M3::from_f32
+}
+
+// Two E4M3 bytes packed in 16 bits (lower address in the low byte) as f32.
+__device__ __forceinline__ float2 fp8x2_to_f32(unsigned short w) {
+    return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(w, __NV_E4M3)));
 }
 
 // Two bf16 packed in a 32-bit word (lower address in the low half) as f32.
@@ -87,6 +103,31 @@ template <int VEC> __device__ __forceinline__ void load_vec(const __nv_bfloat16 
         o[0] = bf_lo(u); o[1] = bf_hi(u);
     } else {
         o[0] = __bfloat162float(*p);
+    }
+}
+
+template <int VEC>
+__device__ __forceinline__ void load_vec(const __nv_fp8_storage_t *p, float *o) {
+    if constexpr (VEC >= 4) {
+        unsigned u[VEC / 4];
+        if constexpr (VEC == 8) {
+            const uint2 w = *reinterpret_cast<const uint2 *>(p);
+            u[0] = w.x;
+            u[1] = w.y;
+        } else {
+            u[0] = *reinterpret_cast<const unsigned *>(p);
+        }
+#pragma unroll
+        for (int i = 0; i < VEC / 4; ++i) {
+            const float2 a = fp8x2_to_f32((unsigned short)(u[i] & 0xffffu));
+            const float2 b = fp8x2_to_f32((unsigned short)(u[i] >> 16));
+            o[4 * i] = a.x; o[4 * i + 1] = a.y; o[4 * i + 2] = b.x; o[4 * i + 3] = b.y;
+        }
+    } else if constexpr (VEC == 2) {
+        const float2 a = fp8x2_to_f32(*reinterpret_cast<const unsigned short *>(p));
+        o[0] = a.x; o[1] = a.y;
+    } else {
+        o[0] = to_f32(*p);
     }
 }
 
@@ -321,6 +362,10 @@ PA_ENTRY(paged_attn_bf16_hd32, __nv_bfloat16, 1)
 PA_ENTRY(paged_attn_bf16_hd64, __nv_bfloat16, 2)
 PA_ENTRY(paged_attn_bf16_hd128, __nv_bfloat16, 4)
 PA_ENTRY(paged_attn_bf16_hd256, __nv_bfloat16, 8)
+PA_ENTRY(paged_attn_fp8_hd32, __nv_fp8_storage_t, 1)
+PA_ENTRY(paged_attn_fp8_hd64, __nv_fp8_storage_t, 2)
+PA_ENTRY(paged_attn_fp8_hd128, __nv_fp8_storage_t, 4)
+PA_ENTRY(paged_attn_fp8_hd256, __nv_fp8_storage_t, 8)
 
 // Merges the partitions of rows whose context spans more than one:
 // out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
@@ -400,3 +445,5 @@ __device__ __forceinline__ void cache_write(const IN *__restrict__ src,
 CW_ENTRY(paged_cache_write_f32_f32, float, float)
 CW_ENTRY(paged_cache_write_f32_bf16, float, __nv_bfloat16)
 CW_ENTRY(paged_cache_write_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+CW_ENTRY(paged_cache_write_f32_fp8, float, __nv_fp8_storage_t)
+CW_ENTRY(paged_cache_write_bf16_fp8, __nv_bfloat16, __nv_fp8_storage_t)

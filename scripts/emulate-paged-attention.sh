@@ -3,7 +3,7 @@
 # kernels/emu/paged_attention_emu.cpp (every CUDA thread of a block a coroutine, barriers and
 # shuffles as scheduler rounds) and compares the KV write (bit-exact) and attention (rel 1e-5)
 # with a naive f64 reference: GQA 16:1 to 1:1, head_dim 8 to 256, blocks of 4 to 32, partition
-# sizes 32/64/512, f32 and bf16 KV, a misaligned cache. Catches indexing and partition/merge
+# sizes 32/64/512, f32, bf16 and FP8 E4M3 KV, a misaligned cache. Catches indexing and partition/merge
 # bugs; code generation, timing and the memory model need the GPU (scripts/gpu-check.sh).
 # Needs g++ 12+ (C++20). Usage, from the project root: scripts/emulate-paged-attention.sh
 set -euo pipefail

@@ -28,6 +28,40 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return {(uint16_t)(u >> 16)};
 }
+// cuda_fp8.h / cuda_fp16.h as far as the kernels use them. Halves are opaque to the kernels, so
+// here they carry their (exact) float value. E4M3 decoding is the format's definition; encoding
+// is the nearest value by search (ties to the even code, saturating at 448), independent of any
+// bit arithmetic.
+typedef unsigned char __nv_fp8_storage_t;
+typedef unsigned short __nv_fp8x2_storage_t;
+enum __nv_fp8_interpretation_t { __NV_E4M3, __NV_E5M2 };
+enum __nv_saturation_t { __NV_NOSAT, __NV_SATFINITE };
+struct __half_raw { float v; };
+struct __half2_raw { float x, y; };
+struct __half { float v; __half(__half_raw r) : v(r.v) {} };
+struct __half2 { float x, y; __half2(__half2_raw r) : x(r.x), y(r.y) {} };
+inline float __half2float(__half h) { return h.v; }
+inline float2 __half22float2(__half2 h) { return {h.x, h.y}; }
+inline float e4m3_value(unsigned b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float v = e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6);
+    return (b & 0x80) ? -v : v;
+}
+inline __half_raw __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t b, __nv_fp8_interpretation_t) {
+    return {e4m3_value(b)};
+}
+inline __half2_raw __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t w, __nv_fp8_interpretation_t) {
+    return {e4m3_value(w & 0xffu), e4m3_value(w >> 8)};
+}
+inline __nv_fp8_storage_t __nv_cvt_float_to_fp8(float x, __nv_saturation_t, __nv_fp8_interpretation_t) {
+    const double a = std::fabs((double)x);
+    unsigned best = 0;
+    for (unsigned c = 1; c <= 0x7E; ++c) {  // 0x7F is NaN
+        const double d = std::fabs(e4m3_value(c) - a), db = std::fabs(e4m3_value(best) - a);
+        if (d < db || (d == db && (c & 1) == 0)) best = c;
+    }
+    return (__nv_fp8_storage_t)(best | (std::signbit(x) ? 0x80u : 0u));
+}
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 // Threads of a block are coroutines on one OS thread; a barrier yields to the scheduler, which
 // runs every thread up to its next barrier per round. Shuffle exchanges use block-wide rounds
@@ -120,6 +154,10 @@ template <> float tof<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(
 template <typename KV> KV fromf(float x);
 template <> float fromf<float>(float x) { return x; }
 template <> __nv_bfloat16 fromf<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> float tof<__nv_fp8_storage_t>(__nv_fp8_storage_t x) { return e4m3_value(x); }
+template <> __nv_fp8_storage_t fromf<__nv_fp8_storage_t>(float x) {
+    return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+}
 
 using AttnFn = void (*)(const float *, const void *, const void *, const unsigned *, const unsigned *,
                         const unsigned *, float *, float *, float *, float *, int, int, int, int,
@@ -177,8 +215,10 @@ void run_case(const char *name, int heads, int kvh, int hd, int bs, std::vector<
         launch({(unsigned)(n_new + 2), 1, 1}, 128, 0, [&] {
             if constexpr (sizeof(KV) == 4)
                 paged_cache_write_f32_f32(src, slots.data(), (float *)dst, te, nb * bs);
-            else
+            else if constexpr (sizeof(KV) == 2)
                 paged_cache_write_f32_bf16(src, slots.data(), (__nv_bfloat16 *)dst, te, nb * bs);
+            else
+                paged_cache_write_f32_fp8(src, slots.data(), (__nv_fp8_storage_t *)dst, te, nb * bs);
         });
     };
     write(k.data(), kc);
@@ -241,7 +281,9 @@ void run_case(const char *name, int heads, int kvh, int hd, int bs, std::vector<
                          (AttnFn)paged_attn_f32_hd128, (AttnFn)paged_attn_f32_hd256};
     AttnFn fns_bf16[4] = {(AttnFn)paged_attn_bf16_hd32, (AttnFn)paged_attn_bf16_hd64,
                           (AttnFn)paged_attn_bf16_hd128, (AttnFn)paged_attn_bf16_hd256};
-    AttnFn fn = sizeof(KV) == 4 ? fns_f32[cls] : fns_bf16[cls];
+    AttnFn fns_fp8[4] = {(AttnFn)paged_attn_fp8_hd32, (AttnFn)paged_attn_fp8_hd64,
+                         (AttnFn)paged_attn_fp8_hd128, (AttnFn)paged_attn_fp8_hd256};
+    AttnFn fn = sizeof(KV) == 4 ? fns_f32[cls] : sizeof(KV) == 2 ? fns_bf16[cls] : fns_fp8[cls];
     launch({(unsigned)parts, (unsigned)(kvh * chunks), (unsigned)rows}, 128, floats * 4, [&] {
         fn(q.data(), kc, vc, row_seq.data(), row_pos.data(), tables.data(),
            acc.data(), mxv.data(), smv.data(), out.data(), heads, kvh, hd, bs, max_blocks, part,
@@ -266,7 +308,7 @@ void run_case(const char *name, int heads, int kvh, int hd, int bs, std::vector<
     bool ok = wok && nan == 0 && rel < 1e-5 && pad_zero;
     (ok ? passes : failures)++;
     printf("%s %-40s %s%s part %3d parts %3d: write %s, rel %.2e, nan %d, pad zero %d\n",
-           ok ? "ok  " : "FAIL", name, sizeof(KV) == 4 ? "f32 " : "bf16",
+           ok ? "ok  " : "FAIL", name, sizeof(KV) == 4 ? "f32 " : sizeof(KV) == 2 ? "bf16" : "fp8 ",
            misalign ? " misaligned" : "", part, parts,
            wok ? "exact" : "DIFFERS", rel, nan, pad_zero);
 }
@@ -290,9 +332,11 @@ int main() {
         for (int part : {32, 64, 512}) {
             run_case<float>(c.n, c.h, c.kvh, c.hd, c.bs, ctxs, part, false, rng);
             run_case<__nv_bfloat16>(c.n, c.h, c.kvh, c.hd, c.bs, ctxs, part, false, rng);
+            run_case<__nv_fp8_storage_t>(c.n, c.h, c.kvh, c.hd, c.bs, ctxs, part, false, rng);
         }
     run_case<float>("GQA 8:1 hd128 bs16", 16, 2, 128, 16, ctxs, 64, true, rng);
     run_case<__nv_bfloat16>("GQA 8:1 hd128 bs16", 16, 2, 128, 16, ctxs, 64, true, rng);
+    run_case<__nv_fp8_storage_t>("GQA 8:1 hd128 bs16", 16, 2, 128, 16, ctxs, 64, true, rng);
     printf("%d passed, %d failed\n", passes, failures);
     return failures != 0;
 }

@@ -204,6 +204,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "weights_bytes": weights_bytes,
         "kv_cache_bytes": kv_bytes,
+        "kv_dtype": engine.info().kv_dtype.name(),
+        "kv_cache_tokens": engine.info().num_blocks * engine.info().block_size,
         "rss_serving_bytes": rss_serving,
         "rss_peak_bytes": rss_peak,
         "rss_serving_over_weights_plus_kv": rss_serving / (weights_bytes + kv_bytes),

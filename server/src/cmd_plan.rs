@@ -46,8 +46,8 @@ pub struct PlanArgs {
     /// holds).
     #[arg(long, default_value = "bf16")]
     weights: String,
-    /// KV cache dtype: bf16, fp8 or f32.
-    #[arg(long, default_value = "bf16")]
+    /// KV cache dtype: bf16, fp8 or f32 (also spelled `--kv-cache-dtype`, as in vLLM).
+    #[arg(long, visible_alias = "kv-cache-dtype", default_value = "bf16")]
     kv_dtype: String,
     /// Longest sequence that must fit (default: the model's context length).
     #[arg(long)]

@@ -80,10 +80,11 @@ pub struct EngineArgs {
     /// Bytes of KV cache (accepts suffixes: 512MiB, 2GiB); default: a quarter of free memory.
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
-    /// KV cache dtype: f32, bf16, or `auto` (vLLM's default): f32 when the model computes
-    /// exactly in f32 (`--dtype f32`, the CPU's `--dtype auto`, no `--quantize`), bf16
-    /// otherwise (half the memory and the attention bytes of f32).
-    #[arg(long, default_value = "auto")]
+    /// KV cache dtype: f32, bf16, fp8 (E4M3, unit scale; also `fp8_e4m3`), or `auto`
+    /// (vLLM's default): f32 when the model computes exactly in f32 (`--dtype f32`, the CPU's
+    /// `--dtype auto`, no `--quantize`), bf16 otherwise (half the memory and the attention
+    /// bytes of f32). fp8 halves bf16's again. Also spelled `--kv-cache-dtype`, as in vLLM.
+    #[arg(long, visible_alias = "kv-cache-dtype", default_value = "auto")]
     pub kv_dtype: String,
     /// Disable prefix caching.
     #[arg(long)]
@@ -375,9 +376,9 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig, exact: bool) -> Res
         kv_dtype: match args.kv_dtype.as_str() {
             "auto" if exact => KvDtype::F32,
             "auto" => KvDtype::Bf16,
-            "f32" | "float32" => KvDtype::F32,
-            "bf16" | "bfloat16" => KvDtype::Bf16,
-            o => anyhow::bail!("unknown --kv-dtype {o:?}; use auto, f32 or bf16"),
+            o => KvDtype::from_name(o).ok_or_else(|| {
+                anyhow::anyhow!("unknown --kv-dtype {o:?}; use auto, f32, bf16 or fp8")
+            })?,
         },
         prefix_caching: !args.no_prefix_caching,
         speculative: args

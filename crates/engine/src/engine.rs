@@ -271,6 +271,8 @@ pub struct EngineInfo {
     pub num_blocks: usize,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
+    /// Storage dtype of the KV cache.
+    pub kv_dtype: KvDtype,
     /// Compute dtype of the model.
     pub dtype: candle_core::DType,
     /// Where the model and its KV cache live (`cpu`, `cuda:0`).
@@ -415,6 +417,7 @@ impl EngineHandle {
             block_size: cfg.block_size,
             num_blocks,
             kv_cache_bytes: runner.kv_bytes(),
+            kv_dtype: cfg.kv_dtype,
             dtype,
             device: device_name(&device),
         });

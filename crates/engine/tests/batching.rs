@@ -60,6 +60,46 @@ fn preemption_by_a_tiny_cache_equals_alone() {
     assert!(pre > 0, "the tiny cache should have forced a preemption");
 }
 
+/// An FP8 cache in the same memory holds four times the f32 cache's blocks, and batching with
+/// it (chunked prefill, 5-token blocks) gives the tokens of each sequence served alone through
+/// the same FP8 cache, logits within f32 noise plus the rare E4M3 rounding flip it causes.
+#[test]
+fn fp8_cache_holds_four_times_f32_and_batches_like_alone() {
+    let d = tempfile::tempdir().unwrap();
+    make_model(d.path(), 4096);
+    let n = 12;
+    let start = |kv_dtype, max_num_seqs| {
+        let (m, t) = load(d.path());
+        let mut cfg = engine_cfg(7, 5, Some(40));
+        cfg.kv_dtype = kv_dtype;
+        cfg.scheduler.max_num_seqs = max_num_seqs;
+        EngineHandle::start(m, t, cfg).unwrap()
+    };
+    let f32_blocks = start(KvDtype::F32, 8).info().num_blocks;
+    let batched = start(KvDtype::Fp8, 8);
+    assert_eq!(f32_blocks, 40);
+    assert_eq!(batched.info().num_blocks, 4 * f32_blocks);
+    let got = together(&batched, &prompts(), n);
+    let one_at_a_time = start(KvDtype::Fp8, 1);
+    let mut worst = 0f32;
+    for (i, p) in prompts().iter().enumerate() {
+        let want = together(&one_at_a_time, std::slice::from_ref(p), n);
+        assert_eq!(
+            got[i].0, want[0].0,
+            "sequence {i}: tokens differ when batched"
+        );
+        worst = worst.max(max_logit_diff(&got[i].1, &want[0].1));
+    }
+    println!("fp8 KV, batched vs one at a time: max|Δlogit| {worst:.2e}");
+    assert!(worst <= 1e-3, "logits differ by {worst}");
+    // And the cache really is FP8: the f32-cache reference differs by more than that.
+    let (m, _) = load(d.path());
+    let (_, exact) = alone(&m, &prompts()[3], n);
+    let d_exact = max_logit_diff(&got[3].1, &exact);
+    println!("fp8 KV vs the f32 contiguous cache: max|Δlogit| {d_exact:.2e}");
+    assert!(d_exact > 1e-3, "fp8 logits equal f32's to {d_exact}");
+}
+
 #[test]
 fn shared_prefix_is_computed_once() {
     let d = tempfile::tempdir().unwrap();

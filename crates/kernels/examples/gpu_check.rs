@@ -30,6 +30,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     result as cu, sys, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,
 };
 use candle_core::{CudaDevice, DType, Device, Tensor};
+use float8::F8E4M3;
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1500,8 +1501,8 @@ fn spot_check(
 /// f32 KV: the GPU and the CPU reference read the same cache values, so only f32 summation
 /// order differs.
 const PAGED_REL_TOL_F32: f64 = 1e-4;
-/// bf16 KV (issue #7's bound; both sides read the same bf16 cache, so the error seen is far
-/// smaller).
+/// bf16 and FP8 KV (issue #7's bound; both sides read the same cache values, so the error
+/// seen is far smaller).
 const PAGED_REL_TOL_BF16: f64 = 1e-2;
 /// Decode contexts checked (1, block edges, partial last blocks, several partitions).
 const PAGED_CONTEXTS: [usize; 8] = [1, 15, 16, 17, 100, 513, 1500, 4097];
@@ -1646,12 +1647,17 @@ impl HostKv for bf16 {
         v.iter().map(|x| x.to_bits() as u32).collect()
     }
 }
+impl HostKv for F8E4M3 {
+    fn bits(v: &[Self]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits() as u32).collect()
+    }
+}
 
 fn check_paged(c: &mut Ctx) -> Result<()> {
     println!(
         "\n== paged attention (KV write bit-exact; attention ‖out−ref‖/‖ref‖ ≤ \
-         {PAGED_REL_TOL_F32:e} f32 KV, ≤ {PAGED_REL_TOL_BF16:e} bf16 KV, vs crates/kernels \
-         paged.rs)"
+         {PAGED_REL_TOL_F32:e} f32 KV, ≤ {PAGED_REL_TOL_BF16:e} bf16 and fp8 KV, vs \
+         crates/kernels paged.rs)"
     );
     let contexts: &[usize] = if quick() {
         &PAGED_QUICK_CONTEXTS
@@ -1659,10 +1665,11 @@ fn check_paged(c: &mut Ctx) -> Result<()> {
         &PAGED_CONTEXTS
     };
     for case in paged_cases().into_iter().filter(|p| p.quick || !quick()) {
-        for kv in [DType::F32, DType::BF16] {
+        for kv in [DType::F32, DType::BF16, DType::F8E4M3] {
             let res = match kv {
                 DType::F32 => check_paged_case::<f32>(c, &case, contexts),
-                _ => check_paged_case::<bf16>(c, &case, contexts),
+                DType::BF16 => check_paged_case::<bf16>(c, &case, contexts),
+                _ => check_paged_case::<F8E4M3>(c, &case, contexts),
             };
             if let Err(err) = res {
                 c.verdict(
@@ -1726,15 +1733,22 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
     let init: Vec<T> = (0..layout.layer_elems())
         .map(|_| T::from_f32(normal(&mut c.rng)))
         .collect();
-    let (mut k_host, mut v_host) = (init.clone(), init.clone());
-    reshape_and_cache(
-        &k[..n_new * te],
-        &v[..n_new * te],
-        &slots,
-        &mut k_host,
-        &mut v_host,
-        &layout,
-    )?;
+    // The CPU write of the values as the GPU receives them (f32, or rounded to bf16 first:
+    // an FP8 cache rounds the bf16 value, which can differ from rounding the f32 at ties).
+    let host_write = |in_dt: DType| -> Result<(Vec<T>, Vec<T>)> {
+        let as_input = |x: &[f32]| -> Vec<f32> {
+            match in_dt {
+                DType::BF16 => x.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+                _ => x.to_vec(),
+            }
+        };
+        let (mut kh, mut vh) = (init.clone(), init.clone());
+        #[rustfmt::skip]
+        reshape_and_cache(&as_input(&k[..n_new * te]), &as_input(&v[..n_new * te]), &slots,
+                          &mut kh, &mut vh, &layout)?;
+        Ok((kh, vh))
+    };
+    let (k_host, v_host) = host_write(DType::F32)?;
     let cache_shape = (
         layout.num_blocks,
         layout.block_size,
@@ -1747,10 +1761,10 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
         (layout.num_blocks * layout.block_size) as u32,
     ]);
     let slots_t = Tensor::from_vec(dev_slots, n_new + 2, &c.device)?;
-    let input_dtypes: &[DType] = if kv_dt == DType::BF16 {
-        &[DType::F32, DType::BF16]
-    } else {
+    let input_dtypes: &[DType] = if kv_dt == DType::F32 {
         &[DType::F32]
+    } else {
+        &[DType::F32, DType::BF16]
     };
     let mut caches = None;
     for &in_dt in input_dtypes {
@@ -1762,16 +1776,15 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
         kc::reshape_and_cache(&kt, &vt, &slots_t, &kc_t, &vc_t)?;
         let kg: Vec<T> = kc_t.flatten_all()?.to_vec1()?;
         let vg: Vec<T> = vc_t.flatten_all()?.to_vec1()?;
-        let diff = T::bits(&kg)
-            .iter()
-            .zip(T::bits(&k_host))
-            .filter(|(a, b)| **a != *b)
-            .count()
-            + T::bits(&vg)
+        let (kw, vw) = host_write(in_dt)?;
+        let differ = |a: &[T], b: &[T]| {
+            T::bits(a)
                 .iter()
-                .zip(T::bits(&v_host))
-                .filter(|(a, b)| **a != *b)
-                .count();
+                .zip(T::bits(b))
+                .filter(|(x, y)| **x != *y)
+                .count()
+        };
+        let diff = differ(&kg, &kw) + differ(&vg, &vw);
         c.verdict(
             diff == 0,
             format!(
@@ -1798,10 +1811,10 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
         scale,
         &mut reference,
     )?;
-    let tol = if kv_dt == DType::BF16 {
-        PAGED_REL_TOL_BF16
-    } else {
+    let tol = if kv_dt == DType::F32 {
         PAGED_REL_TOL_F32
+    } else {
+        PAGED_REL_TOL_BF16
     };
     let batch = kc::PagedBatch::new(&c.device, &seqs, p.rows, &layout)?;
     let qt = Tensor::from_vec(p.q.clone(), (p.rows, heads, hd), &c.device)?;
@@ -1872,6 +1885,7 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
 }
 
 struct PagedBenchRow {
+    kv: DType,
     ctx: usize,
     batch: usize,
     kernel_us: f64,
@@ -1882,172 +1896,41 @@ struct PagedBenchRow {
 }
 
 /// Paged-attention decode at Hy3 shapes: 64 query heads over 8 KV heads, head_dim 128, bf16
-/// KV in blocks of 16, contexts 4K and 32K, batch 1 and 8.
+/// and FP8 KV in blocks of 16, contexts 4K and 32K, batch 1 and 8.
 fn bench_paged(c: &mut Ctx) -> Result<String> {
     let (heads, kvh, hd, bs) = (64usize, 8usize, 128usize, 16usize);
     println!(
         "\n== paged attention decode at Hy3 shapes: {heads} query heads, {kvh} KV heads, \
-         head_dim {hd}, bf16 KV, blocks of {bs}"
+         head_dim {hd}, bf16 and fp8 KV, blocks of {bs}"
     );
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut rows = Vec::new();
-    for &(ctx, batch) in &[(4096usize, 1usize), (4096, 8), (32768, 1), (32768, 8)] {
-        let res = (|| -> Result<()> {
-            let bytes = batch * ctx * kvh * hd * 2 * 2;
-            let sets = PAGED_ROTATE_BYTES.div_ceil(bytes).clamp(1, SETS);
-            let bps = ctx / bs;
-            let num_blocks = sets * batch * bps;
-            let layout = KvLayout {
-                num_blocks,
-                block_size: bs,
-                kv_heads: kvh,
-                head_dim: hd,
+    for kv in [DType::BF16, DType::F8E4M3] {
+        for &(ctx, batch) in &[(4096usize, 1usize), (4096, 8), (32768, 1), (32768, 8)] {
+            let res = match kv {
+                DType::BF16 => bench_paged_shape::<bf16>(c, ctx, batch, &mut rows),
+                _ => bench_paged_shape::<F8E4M3>(c, ctx, batch, &mut rows),
             };
-            let shape = (num_blocks, bs, kvh, hd);
-            let kc_t = Tensor::randn(0f32, 1.0, shape, &c.device)?.to_dtype(DType::BF16)?;
-            let vc_t = Tensor::randn(0f32, 1.0, shape, &c.device)?.to_dtype(DType::BF16)?;
-            let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-            for i in (1..ids.len()).rev() {
-                let j = c.rng.random_range(0..=i);
-                ids.swap(i, j);
+            if let Err(err) = res {
+                c.verdict(
+                    false,
+                    format!("paged bench {kv:?} ctx {ctx} batch {batch}: error: {err:#}"),
+                );
             }
-            let tables: Vec<Vec<u32>> = ids.chunks(bps).map(|ch| ch.to_vec()).collect();
-            let batches: Vec<kc::PagedBatch> = (0..sets)
-                .map(|s| {
-                    let seqs: Vec<SeqAttn<'_>> = (0..batch)
-                        .map(|b| SeqAttn {
-                            q_start: b,
-                            q_len: 1,
-                            ctx_len: ctx,
-                            block_table: &tables[s * batch + b],
-                        })
-                        .collect();
-                    kc::PagedBatch::new(&c.device, &seqs, batch, &layout)
-                })
-                .collect::<Result<_, _>>()?;
-            let qs: Vec<Tensor> = (0..sets)
-                .map(|_| Tensor::randn(0f32, 1.0, (batch, heads, hd), &c.device))
-                .collect::<Result<_, _>>()?;
-            let d = batches[0].dims(heads);
-            let part = c.kern_paged.partition_size(&d)?;
-            let op_us = time_events(c, 3, 7, 4, |it| {
-                let s = it % sets;
-                kc::paged_attention(&qs[s], &kc_t, &vc_t, &batches[s], scale)?;
-                Ok(())
-            })?;
-            // Kernels alone: preallocated output and workspace.
-            let (acc_len, stat_len) = kc::PagedKernels::workspace_lens(&d, part);
-            let mut acc = unsafe { c.stream.alloc::<f32>(acc_len.max(1)) }?;
-            let mut mx = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
-            let mut sm = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
-            let mut out = unsafe { c.stream.alloc::<f32>(batch * heads * hd) }?;
-            let kern = c.kern_paged.clone();
-            let kernel_us = time_events(c, 3, 7, 4, |it| {
-                let s = it % sets;
-                let (q_s, q_l) = qs[s].storage_and_layout();
-                let (ks, kl) = kc_t.storage_and_layout();
-                let (vs, vl) = vc_t.storage_and_layout();
-                let (rs, rl) = batches[s].row_seq.storage_and_layout();
-                let (ps, pl) = batches[s].row_pos.storage_and_layout();
-                let (bts, btl) = batches[s].block_tables.storage_and_layout();
-                let meta = kc::PagedMetaViews {
-                    row_seq: dview(&rs, rl)?,
-                    row_pos: dview(&ps, pl)?,
-                    block_tables: dview(&bts, btl)?,
-                };
-                let mut ws = kc::PagedWorkspace {
-                    acc: acc.slice_mut(..),
-                    max: mx.slice_mut(..),
-                    sum: sm.slice_mut(..),
-                };
-                kern.launch_paged_attention::<bf16>(
-                    &dview(&q_s, q_l)?,
-                    &dview(&ks, kl)?,
-                    &dview(&vs, vl)?,
-                    &meta,
-                    &d,
-                    scale,
-                    part,
-                    &mut ws,
-                    &mut out.slice_mut(..),
-                )?;
-                Ok(())
-            })?;
-            // Spot check at this shape: sequence 0 of set 0 against the CPU reference on its
-            // blocks copied to the host.
-            let rel = (|| -> Result<f64> {
-                let y: Vec<f32> = kc::paged_attention(&qs[0], &kc_t, &vc_t, &batches[0], scale)?
-                    .narrow(0, 0, 1)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let idx = Tensor::from_vec(tables[0].clone(), bps, &c.device)?;
-                let host = |t: &Tensor| -> Result<Vec<bf16>> {
-                    Ok(t.index_select(&idx, 0)?.flatten_all()?.to_vec1()?)
-                };
-                let (kh, vh) = (host(&kc_t)?, host(&vc_t)?);
-                let q0: Vec<f32> = qs[0].narrow(0, 0, 1)?.flatten_all()?.to_vec1()?;
-                let sub = KvLayout {
-                    num_blocks: bps,
-                    ..layout
-                };
-                let table: Vec<u32> = (0..bps as u32).collect();
-                let seq = [SeqAttn {
-                    q_start: 0,
-                    q_len: 1,
-                    ctx_len: ctx,
-                    block_table: &table,
-                }];
-                let mut reference = vec![0f32; heads * hd];
-                paged_attention(&q0, &kh, &vh, &sub, &seq, heads, scale, &mut reference)?;
-                let (rel, _, nan) = rel_err(&y, &reference);
-                if nan > 0 {
-                    bail!("{nan} non-finite outputs");
-                }
-                Ok(rel)
-            })()
-            .unwrap_or_else(|err| {
-                println!("  spot check failed: {err:#}");
-                f64::NAN
-            });
-            c.verdict(
-                rel <= PAGED_REL_TOL_BF16,
-                format!("paged bench-shape spot check ctx {ctx} batch {batch}: rel {rel:.2e}"),
-            );
-            println!(
-                "  ctx {ctx:<6} batch {batch}: kernels {kernel_us:8.1} µs, tensor op {op_us:8.1} \
-                 µs, partitions of {part}, {:.1} GB/s, {sets} rotating sets",
-                bytes as f64 / (kernel_us * 1e-6) / 1e9
-            );
-            rows.push(PagedBenchRow {
-                ctx,
-                batch,
-                kernel_us,
-                op_us,
-                bytes: bytes as f64,
-                part,
-                rel,
-            });
-            Ok(())
-        })();
-        if let Err(err) = res {
-            c.verdict(
-                false,
-                format!("paged bench ctx {ctx} batch {batch}: error: {err:#}"),
-            );
         }
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "\nPaged attention decode ({heads} query heads / {kvh} KV heads, head_dim {hd}, bf16 KV, \
-         blocks of {bs})\n\n"
+        "\nPaged attention decode ({heads} query heads / {kvh} KV heads, head_dim {hd}, blocks \
+         of {bs})\n\n"
     ));
     out.push_str(
-        "| context | batch | µs (kernels) | µs (tensor op) | KV MB read | GB/s | % of 4.8 TB/s | partition | rel err |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| KV | context | batch | µs (kernels) | µs (tensor op) | KV MB read | GB/s | % of 4.8 TB/s | partition | rel err |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         let gbs = r.bytes / (r.kernel_us * 1e-6) / 1e9;
         out.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {} | {:.1e} |\n",
+            "| {:?} | {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0}% | {} | {:.1e} |\n",
+            r.kv,
             r.ctx,
             r.batch,
             r.kernel_us,
@@ -2060,11 +1943,168 @@ fn bench_paged(c: &mut Ctx) -> Result<String> {
         ));
     }
     out.push_str(
-        "\nKV MB read = K and V of every context token once (bf16), the least a decode step \
+        "\nKV MB read = K and V of every context token once (at the KV dtype's size), the least a decode step \
          reads; µs (kernels) = partition + merge launches on preallocated buffers; µs (tensor \
          op) adds the output and workspace allocations.\n",
     );
     Ok(out)
+}
+
+/// One row of [`bench_paged`]: decode at `ctx` tokens for `batch` sequences over a cache of `T`.
+fn bench_paged_shape<T: HostKv>(
+    c: &mut Ctx,
+    ctx: usize,
+    batch: usize,
+    rows: &mut Vec<PagedBenchRow>,
+) -> Result<()> {
+    let (heads, kvh, hd, bs) = (64usize, 8usize, 128usize, 16usize);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let bytes = batch * ctx * kvh * hd * 2 * std::mem::size_of::<T>();
+    let sets = PAGED_ROTATE_BYTES.div_ceil(bytes).clamp(1, SETS);
+    let bps = ctx / bs;
+    let num_blocks = sets * batch * bps;
+    let layout = KvLayout {
+        num_blocks,
+        block_size: bs,
+        kv_heads: kvh,
+        head_dim: hd,
+    };
+    let shape = (num_blocks, bs, kvh, hd);
+    // Filled through the KV write from normal f32 keys and values, 64K tokens per launch.
+    let kv_dt = <T as candle_core::WithDType>::DTYPE;
+    let kc_t = Tensor::zeros(shape, kv_dt, &c.device)?;
+    let vc_t = Tensor::zeros(shape, kv_dt, &c.device)?;
+    let slots_total = num_blocks * bs;
+    for s0 in (0..slots_total).step_by(1 << 16) {
+        let n = (1usize << 16).min(slots_total - s0);
+        let slots = Tensor::arange(s0 as u32, (s0 + n) as u32, &c.device)?;
+        let k = Tensor::randn(0f32, 1.0, (n, kvh, hd), &c.device)?;
+        let v = Tensor::randn(0f32, 1.0, (n, kvh, hd), &c.device)?;
+        kc::reshape_and_cache(&k, &v, &slots, &kc_t, &vc_t)?;
+    }
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = c.rng.random_range(0..=i);
+        ids.swap(i, j);
+    }
+    let tables: Vec<Vec<u32>> = ids.chunks(bps).map(|ch| ch.to_vec()).collect();
+    let batches: Vec<kc::PagedBatch> = (0..sets)
+        .map(|s| {
+            let seqs: Vec<SeqAttn<'_>> = (0..batch)
+                .map(|b| SeqAttn {
+                    q_start: b,
+                    q_len: 1,
+                    ctx_len: ctx,
+                    block_table: &tables[s * batch + b],
+                })
+                .collect();
+            kc::PagedBatch::new(&c.device, &seqs, batch, &layout)
+        })
+        .collect::<Result<_, _>>()?;
+    let qs: Vec<Tensor> = (0..sets)
+        .map(|_| Tensor::randn(0f32, 1.0, (batch, heads, hd), &c.device))
+        .collect::<Result<_, _>>()?;
+    let d = batches[0].dims(heads);
+    let part = c.kern_paged.partition_size(&d)?;
+    let op_us = time_events(c, 3, 7, 4, |it| {
+        let s = it % sets;
+        kc::paged_attention(&qs[s], &kc_t, &vc_t, &batches[s], scale)?;
+        Ok(())
+    })?;
+    // Kernels alone: preallocated output and workspace.
+    let (acc_len, stat_len) = kc::PagedKernels::workspace_lens(&d, part);
+    let mut acc = unsafe { c.stream.alloc::<f32>(acc_len.max(1)) }?;
+    let mut mx = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
+    let mut sm = unsafe { c.stream.alloc::<f32>(stat_len.max(1)) }?;
+    let mut out = unsafe { c.stream.alloc::<f32>(batch * heads * hd) }?;
+    let kern = c.kern_paged.clone();
+    let kernel_us = time_events(c, 3, 7, 4, |it| {
+        let s = it % sets;
+        let (q_s, q_l) = qs[s].storage_and_layout();
+        let (ks, kl) = kc_t.storage_and_layout();
+        let (vs, vl) = vc_t.storage_and_layout();
+        let (rs, rl) = batches[s].row_seq.storage_and_layout();
+        let (ps, pl) = batches[s].row_pos.storage_and_layout();
+        let (bts, btl) = batches[s].block_tables.storage_and_layout();
+        let meta = kc::PagedMetaViews {
+            row_seq: dview(&rs, rl)?,
+            row_pos: dview(&ps, pl)?,
+            block_tables: dview(&bts, btl)?,
+        };
+        let mut ws = kc::PagedWorkspace {
+            acc: acc.slice_mut(..),
+            max: mx.slice_mut(..),
+            sum: sm.slice_mut(..),
+        };
+        kern.launch_paged_attention::<T>(
+            &dview(&q_s, q_l)?,
+            &dview(&ks, kl)?,
+            &dview(&vs, vl)?,
+            &meta,
+            &d,
+            scale,
+            part,
+            &mut ws,
+            &mut out.slice_mut(..),
+        )?;
+        Ok(())
+    })?;
+    // Spot check at this shape: sequence 0 of set 0 against the CPU reference on its
+    // blocks copied to the host.
+    let rel = (|| -> Result<f64> {
+        let y: Vec<f32> = kc::paged_attention(&qs[0], &kc_t, &vc_t, &batches[0], scale)?
+            .narrow(0, 0, 1)?
+            .flatten_all()?
+            .to_vec1()?;
+        let idx = Tensor::from_vec(tables[0].clone(), bps, &c.device)?;
+        let host = |t: &Tensor| -> Result<Vec<T>> {
+            Ok(t.index_select(&idx, 0)?.flatten_all()?.to_vec1()?)
+        };
+        let (kh, vh) = (host(&kc_t)?, host(&vc_t)?);
+        let q0: Vec<f32> = qs[0].narrow(0, 0, 1)?.flatten_all()?.to_vec1()?;
+        let sub = KvLayout {
+            num_blocks: bps,
+            ..layout
+        };
+        let table: Vec<u32> = (0..bps as u32).collect();
+        let seq = [SeqAttn {
+            q_start: 0,
+            q_len: 1,
+            ctx_len: ctx,
+            block_table: &table,
+        }];
+        let mut reference = vec![0f32; heads * hd];
+        paged_attention(&q0, &kh, &vh, &sub, &seq, heads, scale, &mut reference)?;
+        let (rel, _, nan) = rel_err(&y, &reference);
+        if nan > 0 {
+            bail!("{nan} non-finite outputs");
+        }
+        Ok(rel)
+    })()
+    .unwrap_or_else(|err| {
+        println!("  spot check failed: {err:#}");
+        f64::NAN
+    });
+    c.verdict(
+        rel <= PAGED_REL_TOL_BF16,
+        format!("paged bench-shape spot check {kv_dt:?} ctx {ctx} batch {batch}: rel {rel:.2e}"),
+    );
+    println!(
+        "  {kv_dt:?} ctx {ctx:<6} batch {batch}: kernels {kernel_us:8.1} µs, tensor op {op_us:8.1} \
+         µs, partitions of {part}, {:.1} GB/s, {sets} rotating sets",
+        bytes as f64 / (kernel_us * 1e-6) / 1e9
+    );
+    rows.push(PagedBenchRow {
+        kv: kv_dt,
+        ctx,
+        batch,
+        kernel_us,
+        op_us,
+        bytes: bytes as f64,
+        part,
+        rel,
+    });
+    Ok(())
 }
 
 /// GPU_CHECK_PROFILE: paged-attention decode at 32K context (batch 1 and 8), once each.

@@ -20,7 +20,7 @@ pub mod paged;
 
 pub use gate::{gate_topk, GateConfig, GateOutput, ScoreFunction};
 pub use moe::{dispatch, experts_forward, DispatchPlan, ExpertWeights};
-pub use paged::{paged_attention, reshape_and_cache, KvElem, KvLayout, SeqAttn};
+pub use paged::{paged_attention, reshape_and_cache, KvElem, KvLayout, SeqAttn, F8E4M3};
 
 /// Whether the CPU bf16 products run on AMX tiles here (the CPU has AMX, Linux grants it, and
 /// `SWITCHYARD_AMX` is not `0`): prefill and batched steps of a bf16 model then round their

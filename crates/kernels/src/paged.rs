@@ -39,10 +39,12 @@
 //!   work at batch 1.
 //! - **SIMD.** Scores and the V update use AVX-512F (16 lanes) or AVX2+FMA (8 lanes), chosen
 //!   at run time, with a portable loop otherwise; bf16 K/V are widened to f32 in registers
-//!   (zero-extend to 32 bits, shift left by 16, as in [`crate::cpu_gemv`]). Queries are
+//!   (zero-extend to 32 bits, shift left by 16, as in [`crate::cpu_gemv`]), FP8 E4M3 K/V
+//!   through half precision (two shifts into f16's fields, `vcvtph2ps`, times 256). Queries are
 //!   pre-multiplied by `scale`; exponentials use `exp_nonpositive` (a polynomial good to
 //!   a few ulp). Arithmetic is f32 throughout.
 
+pub use float8::F8E4M3;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -95,6 +97,42 @@ impl KvElem for bf16 {
     }
     const PREFILL_ON_TILES: bool = true;
 }
+
+/// FP8 E4M3 (vLLM's `fp8` KV cache): a quarter of f32's bytes. Stored with a unit scale, as
+/// vLLM does when the checkpoint names none: values saturate at ±448 and lose precision below
+/// 2^-6 (subnormals) and to zero below 2^-10. Writes round to nearest even and saturate
+/// (`float8`'s conversion, the same as CUDA's `__NV_SATFINITE`).
+impl KvElem for F8E4M3 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        F8E4M3::to_f32(&self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        F8E4M3::from_f32(x)
+    }
+    /// Exact: every E4M3 value is a bf16 value (3 of bf16's 7 mantissa bits, exponents
+    /// 2^-9…2^8 inside bf16's range).
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        bf16::from_f32(F8E4M3::to_f32(&self)).to_bits()
+    }
+    const PREFILL_ON_TILES: bool = true;
+}
+
+/// Half-precision bits whose value is `1/256` of the E4M3 byte `b`'s: E4M3's exponent bias is
+/// 7 against f16's 15, so shifting sign, exponent and mantissa into f16's fields (the
+/// mantissa's 3 bits on top of f16's 10) gives the same number scaled by 2^-8, subnormals
+/// included (E4M3 subnormals land on f16 subnormals with the same scale). The byte 0x7F (NaN)
+/// reads as 480; the cache never holds it, because writes saturate.
+#[cfg(target_arch = "x86_64")]
+const FP8_TO_F16_SCALE: f32 = 256.0;
+
+/// The SIMD loads build those bits from the byte sign-extended to 16 bits and shifted left by
+/// 7: exponent and mantissa land in bits 7–13, copies of the sign in bits 14–15; keeping bits
+/// 7–13 and 15 leaves the f16 value.
+#[cfg(target_arch = "x86_64")]
+const FP8_TO_F16_MASK: i16 = 0xBF80u16 as i16;
 
 /// Geometry of one layer's paged KV storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +321,7 @@ pub fn paged_attention<T: KvElem>(
 enum Kernel {
     /// Fixed-size arrays the compiler vectorises for the baseline target.
     Portable,
-    /// AVX2 and FMA, 8 lanes.
+    /// AVX2, FMA and F16C, 8 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// AVX-512F, 16 lanes.
@@ -299,7 +337,10 @@ impl Kernel {
             if std::is_x86_feature_detected!("avx512f") {
                 return Kernel::Avx512;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 return Kernel::Avx2;
             }
         }
@@ -731,7 +772,7 @@ unsafe fn task_portable<T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn task_avx2<T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scratch) {
     task_body::<Avx2, T>(cx, task, s)
 }
@@ -1145,6 +1186,11 @@ impl Simd for Avx2 {
         } else if is::<T, half::bf16>() {
             let h = _mm_loadu_si128(p as *const __m128i);
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        } else if is::<T, F8E4M3>() {
+            // See `FP8_TO_F16_SCALE` and `FP8_TO_F16_MASK`; then F16C.
+            let b = _mm_cvtepi8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            let h = _mm_and_si128(_mm_slli_epi16::<7>(b), _mm_set1_epi16(FP8_TO_F16_MASK));
+            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(FP8_TO_F16_SCALE))
         } else {
             Self::load(Portable::load_kv(p).as_ptr())
         }
@@ -1200,6 +1246,14 @@ impl Simd for Avx512 {
         } else if is::<T, half::bf16>() {
             let h = _mm256_loadu_si256(p as *const __m256i);
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else if is::<T, F8E4M3>() {
+            // As for AVX2: 16 bytes → 16 halves → 16 floats.
+            let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
+            let h = _mm256_and_si256(
+                _mm256_slli_epi16::<7>(b),
+                _mm256_set1_epi16(FP8_TO_F16_MASK),
+            );
+            _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(FP8_TO_F16_SCALE))
         } else {
             let a: [f32; 16] = std::array::from_fn(|i| (*p.add(i)).to_f32());
             Self::load(a.as_ptr())
@@ -1365,7 +1419,10 @@ mod tests {
         let mut k = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 k.push(Kernel::Avx2);
             }
             if std::is_x86_feature_detected!("avx512f") {
@@ -1744,6 +1801,70 @@ mod tests {
         sweep::<bf16>(22);
     }
 
+    #[test]
+    fn every_kernel_matches_dense_f64_fp8_kv() {
+        sweep::<F8E4M3>(23);
+    }
+
+    /// Every byte the cache can hold widens to the same f32 in the SIMD loads as in `float8`'s
+    /// scalar conversion (the NaN byte aside, which writes never produce), and writes round
+    /// to nearest even and saturate at ±448.
+    #[test]
+    fn fp8_loads_widen_every_byte_exactly() {
+        let bytes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
+        let want: Vec<f32> = bytes.iter().map(|b| b.to_f32()).collect();
+        let check = |got: &[f32], lanes: usize, at: usize| {
+            for (i, (&g, &w)) in got.iter().zip(&want[at..at + lanes]).enumerate() {
+                let b = at + i;
+                if b & 0x7F == 0x7F {
+                    assert!(w.is_nan());
+                    continue;
+                }
+                assert_eq!(g.to_bits(), w.to_bits(), "byte {b:#04x}: {g} vs {w}");
+            }
+        };
+        for at in (0..256).step_by(8) {
+            check(unsafe { &Portable::load_kv(bytes.as_ptr().add(at)) }, 8, at);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2(p: *const F8E4M3) -> [f32; 8] {
+                    std::mem::transmute(Avx2::load_kv(p))
+                }
+                for at in (0..256).step_by(8) {
+                    check(&unsafe { avx2(bytes.as_ptr().add(at)) }, 8, at);
+                }
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512(p: *const F8E4M3) -> [f32; 16] {
+                    std::mem::transmute(Avx512::load_kv(p))
+                }
+                for at in (0..256).step_by(16) {
+                    check(&unsafe { avx512(bytes.as_ptr().add(at)) }, 16, at);
+                }
+            }
+        }
+        // Writes: the nearest E4M3 value, ties to the even mantissa, saturation, signed zero.
+        let w = |x: f32| <F8E4M3 as KvElem>::from_f32(x).to_f32();
+        assert_eq!(w(1000.0), 448.0);
+        assert_eq!(w(-1e30), -448.0);
+        assert_eq!(w(1.0625), 1.0); // halfway between 1 and 1.125: even mantissa
+        assert_eq!(w(1.1875), 1.25); // halfway between 1.125 and 1.25: even mantissa
+        assert_eq!(w(3.0 / 512.0), 3.0 / 512.0); // a subnormal: 3 · 2^-9
+        assert_eq!(w(2f32.powi(-11)), 0.0);
+        assert_eq!(w(-0.3).to_bits(), (-0.3125f32).to_bits());
+        for b in &bytes {
+            let x = b.to_f32();
+            if x.is_finite() {
+                assert_eq!(w(x).to_bits(), x.to_bits(), "round trip of {x}");
+                assert_eq!(f32::from(bf16::from_bits(b.bf16_bits())), x);
+            }
+        }
+    }
+
     /// The production entry point agrees with the scalar reference on Hy3's shapes (64 query
     /// heads over 8 KV heads, head_dim 128, blocks of 16) at decode and for a prefill chunk.
     #[test]
@@ -1905,6 +2026,11 @@ mod tests {
     #[test]
     fn tiles_match_dense_f64_f32_kv() {
         tile_sweep::<f32>(24);
+    }
+
+    #[test]
+    fn tiles_match_dense_f64_fp8_kv() {
+        tile_sweep::<F8E4M3>(25);
     }
 
     /// Reference: dense causal attention per sequence from contiguous K/V in f64.

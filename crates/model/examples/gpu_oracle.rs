@@ -9,7 +9,10 @@
 //!   together, a prefill chunk then token-by-token decode, scrambled block tables;
 //! - bf16 compute, the fixtures the CPU bf16 test uses: prefill logits within [`BF16_TOL`] of the
 //!   f32 oracle (the CPU test's bound) with the argmax equal at every position (the MoE blocks
-//!   run the CUDA gate, dispatch and expert kernels), and the paged path with a bf16 KV cache.
+//!   run the CUDA gate, dispatch and expert kernels), and the paged path with a bf16 KV cache;
+//! - an FP8 (E4M3) paged KV cache under f32 compute against transformers with its key and value
+//!   states rounded to E4M3 (`oracle_fp8_kv.safetensors`, `scripts/oracle/make_fp8_kv_oracle.py`),
+//!   within [`FP8_KV_TOL`].
 //!
 //! Prints one PASS/FAIL line per check and a summary. Exit status: 0 all passed, 1 a check
 //! failed, 2 the run could not proceed (no CUDA device, fixtures missing).
@@ -31,6 +34,12 @@ const F32_TOL: f32 = 1e-3;
 /// bf16 compute vs the f32 oracle: the bound of `tests/oracle.rs`
 /// (`bf16_compute_within_measured_tolerance`, worst measured 0.154 on the CPU).
 const BF16_TOL: f32 = 0.25;
+/// FP8 KV cache, f32 compute, vs the fp8-rounded oracle: the f32 bound plus room for a key or
+/// value that f32 noise moves across an E4M3 rounding boundary (the CPU test's `FP8_KV_TOL`;
+/// the CPU measured 7.6e-6).
+const FP8_KV_TOL: f32 = 5e-3;
+/// The fixtures with an fp8-rounded oracle.
+const FP8_KV_CASES: [&str; 1] = ["bf16_attn_tiles"];
 /// Every fixture, f32 compute.
 const F32_CASES: [&str; 7] = [
     "f32_basic",
@@ -85,6 +94,8 @@ struct Oracle {
     ids: Vec<u32>,
     /// f32 logits `[T, vocab]` on the host.
     logits: Tensor,
+    /// The logits are the fp8-rounded-KV oracle's.
+    fp8_kv: bool,
 }
 
 fn oracle(dir: &Path) -> Result<Oracle> {
@@ -102,7 +113,27 @@ fn oracle(dir: &Path) -> Result<Oracle> {
         .get("logits")
         .ok_or_else(|| anyhow!("{} has no logits", path.display()))?
         .to_dtype(DType::F32)?;
-    Ok(Oracle { ids, logits })
+    Ok(Oracle {
+        ids,
+        logits,
+        fp8_kv: false,
+    })
+}
+
+/// The oracle whose logits are transformers' with key and value states rounded to E4M3.
+fn fp8_kv_oracle(dir: &Path) -> Result<Oracle> {
+    let path = dir.join("oracle_fp8_kv.safetensors");
+    let t = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let logits = t
+        .get("logits")
+        .ok_or_else(|| anyhow!("{} has no logits", path.display()))?
+        .to_dtype(DType::F32)?;
+    Ok(Oracle {
+        logits,
+        fp8_kv: true,
+        ..oracle(dir)?
+    })
 }
 
 struct Ctx {
@@ -176,6 +207,12 @@ fn run() -> Result<usize> {
             }
         }
     }
+    println!("\n== fp8 KV cache, f32 compute (max|Δ| ≤ {FP8_KV_TOL:e} vs transformers with fp8-rounded K/V)");
+    for case in FP8_KV_CASES {
+        if let Err(e) = check_paged(&mut c, case, DType::F32, KvDtype::Fp8) {
+            c.verdict(false, format!("fp8 KV paged {case}: error: {e:#}"));
+        }
+    }
     println!(
         "\ngpu_oracle: {} passed, {} failed ({:.1} s)",
         c.passes,
@@ -237,9 +274,10 @@ fn judge(
 ) -> Result<()> {
     let d = max_abs(logits, &o.logits)?;
     if dtype == DType::F32 {
+        let tol = if o.fp8_kv { FP8_KV_TOL } else { F32_TOL };
         c.verdict(
-            d <= F32_TOL && d.is_finite(),
-            format!("{label}: max|Δ| {d:.2e} (bound {F32_TOL:e}); MoE {paths}"),
+            d <= tol && d.is_finite(),
+            format!("{label}: max|Δ| {d:.2e} (bound {tol:e}); MoE {paths}"),
         );
     } else {
         let (equal, near, miss) = argmax_agreement(logits, &o.logits)?;
@@ -295,7 +333,11 @@ struct PagedRun {
 /// prefills half the prompt, B [`SECOND_SEQ_CHUNK`] tokens, then both decode token by token;
 /// every position's logits are judged against the oracle.
 fn check_paged(c: &mut Ctx, case: &str, dtype: DType, kv_dtype: KvDtype) -> Result<()> {
-    let o = oracle(&c.root.join(case))?;
+    let o = if kv_dtype == KvDtype::Fp8 {
+        fp8_kv_oracle(&c.root.join(case))?
+    } else {
+        oracle(&c.root.join(case))?
+    };
     let m = c.load(case, dtype)?;
     let paths = m.moe_paths().join(", ");
     let n = o.ids.len();

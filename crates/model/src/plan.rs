@@ -189,13 +189,13 @@ pub enum KvFormat {
 impl KvFormat {
     /// Parses `f32`, `bf16` or `fp8`.
     pub fn parse(s: &str) -> Result<Self, PlanError> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" => Ok(Self::F32),
-            "bf16" | "bfloat16" => Ok(Self::Bf16),
-            "fp8" | "e4m3" | "fp8_e4m3" => Ok(Self::Fp8),
-            o => Err(PlanError::invalid(
+        match crate::KvDtype::from_name(s) {
+            Some(crate::KvDtype::F32) => Ok(Self::F32),
+            Some(crate::KvDtype::Bf16) => Ok(Self::Bf16),
+            Some(crate::KvDtype::Fp8) => Ok(Self::Fp8),
+            None => Err(PlanError::invalid(
                 "--kv-dtype",
-                format!("unknown KV dtype {o:?}; use bf16, fp8 or f32"),
+                format!("unknown KV dtype {s:?}; use bf16, fp8 or f32"),
             )),
         }
     }

@@ -1,6 +1,6 @@
 //! Paged attention and the KV write on the GPU (`kernels/paged_attention.cu`), with the layout
 //! and contract of the CPU reference in [`crate::paged`]: K and V per layer are
-//! `[num_blocks, block_size, kv_heads, head_dim]` (f32 or bf16), a sequence's token `p` lives in
+//! `[num_blocks, block_size, kv_heads, head_dim]` (f32, bf16 or FP8 E4M3), a sequence's token `p` lives in
 //! block `block_table[p / block_size]`, row `p % block_size`, and query head `h` reads KV head
 //! `h / (heads / kv_heads)`.
 //!
@@ -26,6 +26,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorage, DeviceId};
 use candle_core::{CpuStorage, CudaDevice, DType, Device, InplaceOp3, Layout, Tensor};
+use float8::F8E4M3;
 use half::bf16;
 
 use super::{alloc, check_tensor, cuda_device, dim_i32, driver_err, grid_u32, invalid, view, wrap};
@@ -64,7 +65,7 @@ const PA_MAX_PART: usize = 512;
 const PTX_PAGED: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
 const MODULE: &str = "switchyard_paged_attention";
 
-/// KV cache element types the kernels read and write: f32 and bf16.
+/// KV cache element types the kernels read and write: f32, bf16 and FP8 E4M3.
 pub trait CacheElem: CudaDType + DeviceRepr + sealed::Sealed {
     /// The candle dtype of this element type.
     const DTYPE: DType;
@@ -78,10 +79,15 @@ impl CacheElem for bf16 {
     const DTYPE: DType = DType::BF16;
 }
 
+impl CacheElem for F8E4M3 {
+    const DTYPE: DType = DType::F8E4M3;
+}
+
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for super::F8E4M3 {}
 }
 
 /// The paged-attention kernels loaded on one device, with the stream they launch on.
@@ -91,10 +97,14 @@ pub struct PagedKernels {
     attn_f32: [CudaFunction; 4],
     /// `paged_attn_bf16_hd{32,64,128,256}`.
     attn_bf16: [CudaFunction; 4],
+    /// `paged_attn_fp8_hd{32,64,128,256}`.
+    attn_fp8: [CudaFunction; 4],
     reduce: CudaFunction,
     write_f32_f32: CudaFunction,
     write_f32_bf16: CudaFunction,
     write_bf16_bf16: CudaFunction,
+    write_f32_fp8: CudaFunction,
+    write_bf16_fp8: CudaFunction,
     sms: usize,
 }
 
@@ -222,10 +232,13 @@ impl PagedKernels {
         let k = Arc::new(Self {
             attn_f32: four("f32")?,
             attn_bf16: four("bf16")?,
+            attn_fp8: four("fp8")?,
             reduce: load("paged_attn_reduce")?,
             write_f32_f32: load("paged_cache_write_f32_f32")?,
             write_f32_bf16: load("paged_cache_write_f32_bf16")?,
             write_bf16_bf16: load("paged_cache_write_bf16_bf16")?,
+            write_f32_fp8: load("paged_cache_write_f32_fp8")?,
+            write_bf16_fp8: load("paged_cache_write_bf16_fp8")?,
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             stream,
         });
@@ -291,6 +304,7 @@ impl PagedKernels {
         };
         match T::DTYPE {
             DType::BF16 => &self.attn_bf16[class],
+            DType::F8E4M3 => &self.attn_fp8[class],
             _ => &self.attn_f32[class],
         }
     }
@@ -452,6 +466,8 @@ impl PagedKernels {
             (DType::F32, DType::F32) => &self.write_f32_f32,
             (DType::F32, DType::BF16) => &self.write_f32_bf16,
             (DType::BF16, DType::BF16) => &self.write_bf16_bf16,
+            (DType::F32, DType::F8E4M3) => &self.write_f32_fp8,
+            (DType::BF16, DType::F8E4M3) => &self.write_bf16_fp8,
             (i, c) => {
                 return Err(invalid(format!(
                     "the KV write takes f32 keys/values or the cache's own dtype; got {i:?} into \
@@ -627,16 +643,16 @@ fn cache_layout(c: &Tensor, what: &str) -> Result<KvLayout, KernelError> {
     }
 }
 
-/// Checks a K/V cache pair: same f32/bf16 dtype, same shape, contiguous, on `dev`.
+/// Checks a K/V cache pair: same f32/bf16/FP8 dtype, same shape, contiguous, on `dev`.
 fn check_caches(
     k_cache: &Tensor,
     v_cache: &Tensor,
     dev: &CudaDevice,
 ) -> Result<KvLayout, KernelError> {
     let dt = k_cache.dtype();
-    if !matches!(dt, DType::F32 | DType::BF16) {
+    if !matches!(dt, DType::F32 | DType::BF16 | DType::F8E4M3) {
         return Err(invalid(format!(
-            "the KV cache must be f32 or bf16, got {dt:?}"
+            "the KV cache must be f32, bf16 or f8e4m3, got {dt:?}"
         )));
     }
     check_tensor(k_cache, "K cache", dt, dev)?;
@@ -747,6 +763,12 @@ impl InplaceOp3 for CacheWrite {
             (DType::BF16, DType::BF16) => {
                 self.run::<bf16, bf16>(cache, cache_l, src, src_l, slots, slots_l)
             }
+            (DType::F32, DType::F8E4M3) => {
+                self.run::<f32, F8E4M3>(cache, cache_l, src, src_l, slots, slots_l)
+            }
+            (DType::BF16, DType::F8E4M3) => {
+                self.run::<bf16, F8E4M3>(cache, cache_l, src, src_l, slots, slots_l)
+            }
             (i, c) => Err(invalid(format!(
                 "the KV write takes f32 keys/values or the cache's own dtype; got {i:?} into a \
                  {c:?} cache"
@@ -757,7 +779,7 @@ impl InplaceOp3 for CacheWrite {
 }
 
 /// Writes this step's keys and values (`[T, kv_heads, head_dim]`, f32 or the cache's dtype)
-/// into the caches (`[num_blocks, block_size, kv_heads, head_dim]`, f32 or bf16) at `slots`
+/// into the caches (`[num_blocks, block_size, kv_heads, head_dim]`, f32, bf16 or F8E4M3) at `slots`
 /// (u32 `[T]`), in place, with the contract of [`crate::paged::reshape_and_cache`] (f32 values
 /// rounded to nearest-even bf16 for a bf16 cache). Slot values are trusted on the device:
 /// slots past the cache's end are skipped, not reported; [`PagedBatch::slots`] are validated.
@@ -804,7 +826,7 @@ pub fn reshape_and_cache(
     Ok(())
 }
 
-/// Paged attention on the GPU: `q` (f32 `[T, heads, head_dim]`) over the caches (f32 or bf16,
+/// Paged attention on the GPU: `q` (f32 `[T, heads, head_dim]`) over the caches (f32, bf16 or F8E4M3,
 /// `[num_blocks, block_size, kv_heads, head_dim]`) for the rows and tables of `batch` → f32
 /// `[T, heads, head_dim]`, with the contract of [`crate::paged::paged_attention`].
 pub fn paged_attention(
@@ -855,6 +877,7 @@ pub fn paged_attention(
     }
     match k_cache.dtype() {
         DType::BF16 => attend::<bf16>(&kern, &dev, q, k_cache, v_cache, batch, &d, scale),
+        DType::F8E4M3 => attend::<F8E4M3>(&kern, &dev, q, k_cache, v_cache, batch, &d, scale),
         _ => attend::<f32>(&kern, &dev, q, k_cache, v_cache, batch, &d, scale),
     }
 }
