@@ -7,7 +7,8 @@
 #     (the CUDA gate, dispatch and expert kernels, paged attention on the device);
 #  2. serve on the GPU: /health, a chat completion, an SSE stream, 16 concurrent requests, then
 #     /metrics shows 0 KV blocks in use;
-#  3. bench on the small preset in bf16 at batch 1, 8 and 32 (tok/s through the engine).
+#  3. bench on the small preset in bf16 at batch 1, 8 and 32 (tok/s through the engine), then
+#     8 sequences of 2048 tokens with a bf16 and an FP8 KV cache.
 # Usage: scripts/gpu-serve-check.sh /path/to/switchyard   (env PORT, WORK; DEVICE=cpu tries the
 # script itself on a machine without a GPU)
 set -uo pipefail
@@ -74,5 +75,13 @@ for b in ${BENCH_BATCHES:-1 8 32}; do
     --batch "$b" --json 2>"$WORK/bench.err" | tail -1)
   echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("%-6d %-14.1f %-14.1f %-10.1f" % (j["batch"], j["prefill_tok_s"], j["decode_tok_s"], j["ttft_ms"]))' 2>/dev/null \
     || failed "bench batch $b: $(tail -3 "$WORK/bench.err")"
+done
+echo "bench: small preset bf16 on $DEV with an FP8 KV cache (--kv-cache-dtype fp8), prompt 2048, gen 32"
+printf '%-6s %-8s %-14s %-14s %-10s\n' batch kv prefill_tok_s decode_tok_s ttft_ms
+for kv in bf16 fp8; do
+  j=$($RUN "$SY" bench --model "$WORK/small" --device "$DEV" --dtype bf16 --kv-cache-dtype "$kv" \
+    --prompt-len 2048 --gen-len 32 --batch 8 --json 2>"$WORK/bench.err" | tail -1)
+  echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print("%-6d %-8s %-14.1f %-14.1f %-10.1f" % (j["batch"], j["kv_dtype"], j["prefill_tok_s"], j["decode_tok_s"], j["ttft_ms"]))' 2>/dev/null \
+    || failed "bench kv $kv: $(tail -3 "$WORK/bench.err")"
 done
 exit "$fail"
