@@ -64,6 +64,16 @@ pub trait KvElem: Copy + Send + Sync + Default + 'static {
     /// already, so the tiles add only the rounding of queries and softmax weights. An f32
     /// cache is the exact path and stays on the f32 kernel.
     const PREFILL_ON_TILES: bool;
+    /// The kernels' loads widen an element to its value divided by this power of two (FP8:
+    /// 256, which saves a multiply per vector; see `FP8_TO_F16_SCALE`). The kernels fold it
+    /// into the pre-scaled queries and the final normalisation; powers of two scale exactly,
+    /// so the results are those of exact loads.
+    const WIDEN_SCALE: f32 = 1.0;
+    /// The value as the kernels' loads widen it: `to_f32() / WIDEN_SCALE`.
+    #[inline(always)]
+    fn to_f32_widened(self) -> f32 {
+        self.to_f32() * (1.0 / Self::WIDEN_SCALE)
+    }
 }
 
 impl KvElem for f32 {
@@ -118,14 +128,15 @@ impl KvElem for F8E4M3 {
         bf16::from_f32(F8E4M3::to_f32(&self)).to_bits()
     }
     const PREFILL_ON_TILES: bool = true;
+    const WIDEN_SCALE: f32 = FP8_TO_F16_SCALE;
 }
 
 /// Half-precision bits whose value is `1/256` of the E4M3 byte `b`'s: E4M3's exponent bias is
 /// 7 against f16's 15, so shifting sign, exponent and mantissa into f16's fields (the
 /// mantissa's 3 bits on top of f16's 10) gives the same number scaled by 2^-8, subnormals
 /// included (E4M3 subnormals land on f16 subnormals with the same scale). The byte 0x7F (NaN)
-/// reads as 480; the cache never holds it, because writes saturate.
-#[cfg(target_arch = "x86_64")]
+/// reads as 480; the cache never holds it, because writes saturate. The loads leave the
+/// 2^-8 in (`KvElem::WIDEN_SCALE`).
 const FP8_TO_F16_SCALE: f32 = 256.0;
 
 /// The SIMD loads build those bits from the byte sign-extended to 16 bits and shifted left by
@@ -684,7 +695,7 @@ impl Scratch {
     /// # Safety
     /// `out` points at the call's `[T, heads, head_dim]` output and no other thread writes
     /// the task's rows.
-    unsafe fn finish<T>(&self, task: &Task, cx: &Cx<'_, T>, out: SyncPtr) {
+    unsafe fn finish<T: KvElem>(&self, task: &Task, cx: &Cx<'_, T>, out: SyncPtr) {
         let hd = cx.head_dim;
         for (u, unit) in cx.units.iter().enumerate() {
             for j in 0..task.rows * unit.heads {
@@ -693,7 +704,8 @@ impl Scratch {
                 // SAFETY: `at + hd <= T · heads · head_dim` (rows and heads of a planned task).
                 let o = std::slice::from_raw_parts_mut(out.get().add(at), hd);
                 let i = u * MAX_QUERIES + j;
-                let inv = 1.0 / self.l[i];
+                // The accumulators sum V as widened (`KvElem::WIDEN_SCALE`).
+                let inv = T::WIDEN_SCALE / self.l[i];
                 for (o, a) in o.iter_mut().zip(&self.acc[i * hd..(i + 1) * hd]) {
                     *o = a * inv;
                 }
@@ -717,7 +729,13 @@ impl Scratch {
 ///
 /// # Safety
 /// As [`Scratch::finish`]: no other thread writes the group's rows.
-unsafe fn merge<T>(parts: &[Task], partials: &[f32], slot: usize, cx: &Cx<'_, T>, out: SyncPtr) {
+unsafe fn merge<T: KvElem>(
+    parts: &[Task],
+    partials: &[f32],
+    slot: usize,
+    cx: &Cx<'_, T>,
+    out: SyncPtr,
+) {
     let hd = cx.head_dim;
     let n = cx.units.len() * MAX_QUERIES;
     let t0 = &parts[0];
@@ -753,7 +771,7 @@ unsafe fn merge<T>(parts: &[Task], partials: &[f32], slot: usize, cx: &Cx<'_, T>
             let at = ((t0.row0 + r) * cx.heads + unit.head0 + h) * hd;
             // SAFETY: in bounds as in `Scratch::finish`; this group's rows are written only here.
             let o = std::slice::from_raw_parts_mut(out.get().add(at), hd);
-            let inv = 1.0 / l;
+            let inv = T::WIDEN_SCALE / l;
             for (o, a) in o.iter_mut().zip(&acc) {
                 *o = a * inv;
             }
@@ -812,6 +830,8 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
     // Queries, pre-scaled, per block of QUERY_BLOCK as `dot_block` reads them: lane-wide
     // chunks of every query of the block in turn, then the tails past the last whole chunk.
     let vec_end = hd / S::LANES * S::LANES;
+    // The loads widen K to its value / WIDEN_SCALE; the queries make up for it.
+    let qscale = cx.scale * T::WIDEN_SCALE;
     for (u, unit) in cx.units.iter().enumerate() {
         let nq = task.rows * unit.heads;
         for jb in (0..nq).step_by(QUERY_BLOCK) {
@@ -825,12 +845,12 @@ unsafe fn task_body<S: Simd, T: KvElem>(cx: &Cx<'_, T>, task: &Task, s: &mut Scr
                 for (c, chunk) in body.chunks_exact(S::LANES).enumerate() {
                     let at = (c * nb + jj) * S::LANES;
                     for (d, x) in dst[at..at + S::LANES].iter_mut().zip(chunk) {
-                        *d = x * cx.scale;
+                        *d = x * qscale;
                     }
                 }
                 let at = vec_end * nb + jj * tail.len();
                 for (d, x) in dst[at..at + tail.len()].iter_mut().zip(tail) {
-                    *d = x * cx.scale;
+                    *d = x * qscale;
                 }
             }
         }
@@ -998,7 +1018,7 @@ unsafe fn dot_block<S: Simd, T: KvElem, const N: usize>(
     for (j, &x) in sums[..N].iter().enumerate() {
         let mut x = x;
         for e in 0..tail {
-            x += *q.add(vec_end * N + j * tail + e) * (*k.add(vec_end + e)).to_f32();
+            x += *q.add(vec_end * N + j * tail + e) * (*k.add(vec_end + e)).to_f32_widened();
         }
         w[j][t] = x;
     }
@@ -1040,7 +1060,7 @@ unsafe fn axpy_block<S: Simd, T: KvElem, const N: usize>(
         for (j, w) in w.iter().enumerate() {
             let mut x = *acc.add(j * hd + d);
             for (t, &o) in offs.iter().enumerate() {
-                x += w[t] * (*v.add(o + d)).to_f32();
+                x += w[t] * (*v.add(o + d)).to_f32_widened();
             }
             *acc.add(j * hd + d) = x;
         }
@@ -1140,7 +1160,7 @@ impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn load_kv<T: KvElem>(p: *const T) -> Self::V {
-        std::array::from_fn(|i| (*p.add(i)).to_f32())
+        std::array::from_fn(|i| (*p.add(i)).to_f32_widened())
     }
     #[inline(always)]
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
@@ -1189,8 +1209,10 @@ impl Simd for Avx2 {
         } else if is::<T, F8E4M3>() {
             // See `FP8_TO_F16_SCALE` and `FP8_TO_F16_MASK`; then F16C.
             let b = _mm_cvtepi8_epi16(_mm_loadl_epi64(p as *const __m128i));
-            let h = _mm_and_si128(_mm_slli_epi16::<7>(b), _mm_set1_epi16(FP8_TO_F16_MASK));
-            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(FP8_TO_F16_SCALE))
+            _mm256_cvtph_ps(_mm_and_si128(
+                _mm_slli_epi16::<7>(b),
+                _mm_set1_epi16(FP8_TO_F16_MASK),
+            ))
         } else {
             Self::load(Portable::load_kv(p).as_ptr())
         }
@@ -1249,13 +1271,12 @@ impl Simd for Avx512 {
         } else if is::<T, F8E4M3>() {
             // As for AVX2: 16 bytes → 16 halves → 16 floats.
             let b = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
-            let h = _mm256_and_si256(
+            _mm512_cvtph_ps(_mm256_and_si256(
                 _mm256_slli_epi16::<7>(b),
                 _mm256_set1_epi16(FP8_TO_F16_MASK),
-            );
-            _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(FP8_TO_F16_SCALE))
+            ))
         } else {
-            let a: [f32; 16] = std::array::from_fn(|i| (*p.add(i)).to_f32());
+            let a: [f32; 16] = std::array::from_fn(|i| (*p.add(i)).to_f32_widened());
             Self::load(a.as_ptr())
         }
     }
@@ -1812,7 +1833,8 @@ mod tests {
     #[test]
     fn fp8_loads_widen_every_byte_exactly() {
         let bytes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3::from_bits).collect();
-        let want: Vec<f32> = bytes.iter().map(|b| b.to_f32()).collect();
+        // The loads leave out the factor 2^8 (`WIDEN_SCALE`), exactly.
+        let want: Vec<f32> = bytes.iter().map(|b| b.to_f32() / 256.0).collect();
         let check = |got: &[f32], lanes: usize, at: usize| {
             for (i, (&g, &w)) in got.iter().zip(&want[at..at + lanes]).enumerate() {
                 let b = at + i;
