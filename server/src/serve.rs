@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_engine::generation_config::GenerationDefaults;
 
 use anyhow::{Context, Result};
 use switchyard_router::{JsonlAppender, Policy, RouterState};
@@ -81,6 +82,50 @@ pub struct AppArgs {
     /// (vLLM's flag). Tool calls are parsed in the format it writes.
     #[arg(long, value_name = "FILE|TEMPLATE")]
     pub chat_template: Option<String>,
+    /// Sampling defaults for fields a request leaves unset (vLLM's flag): `auto` takes
+    /// `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty` and `max_new_tokens`
+    /// (the default token limit) from the model's generation_config.json; `vllm` ignores the
+    /// file (the API defaults: temperature 1, no truncation); a folder reads its
+    /// generation_config.json instead.
+    #[arg(long, value_name = "auto|vllm|DIR", default_value = "auto")]
+    pub generation_config: String,
+}
+
+/// The sampling defaults `--generation-config` names without the model: `vllm` (none) or a
+/// folder's (`None` for `auto`, which reads the model folder once it is resolved). Checked
+/// before the model loads, so a bad flag fails at once.
+fn explicit_generation_defaults(flag: &str) -> Result<Option<GenerationDefaults>> {
+    match flag {
+        "auto" => Ok(None),
+        "vllm" => Ok(Some(GenerationDefaults::default())),
+        other => {
+            let p = std::path::Path::new(other);
+            let file = p.join(switchyard_engine::tokenizer::GENERATION_CONFIG_FILE);
+            if !p.is_dir() {
+                anyhow::bail!(
+                    "--generation-config {other:?}: use auto, vllm, or a folder holding a \
+                     generation_config.json"
+                );
+            }
+            if !file.is_file() {
+                anyhow::bail!(
+                    "--generation-config {other:?}: the folder has no generation_config.json"
+                );
+            }
+            Ok(Some(GenerationDefaults::from_file(&file)?))
+        }
+    }
+}
+
+/// Logs the sampling defaults in force, as vLLM does.
+fn log_generation_defaults(d: &GenerationDefaults) {
+    if !d.is_empty() {
+        tracing::info!(
+            defaults = %d.summary(),
+            "requests that leave these fields unset use the model's generation config \
+             (--generation-config vllm turns this off)"
+        );
+    }
 }
 
 /// The model id to serve under: the flag, else the folder name of a local `--model`, else the
@@ -150,9 +195,15 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         );
     }
     let model_id = served_name(args);
+    let explicit = explicit_generation_defaults(&args.generation_config)?;
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
     let tokenizer = engine.info().tokenizer.clone();
     let template = loading::chat_template(&tokenizer, &dir, args.chat_template.as_deref())?;
+    let generation_defaults = match explicit {
+        Some(d) => d,
+        None => GenerationDefaults::from_dir(&dir)?,
+    };
+    log_generation_defaults(&generation_defaults);
     Ok(Arc::new(AppState {
         tokenizer,
         tools_template: template
@@ -168,6 +219,7 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         created: http::unix_now(),
         max_body_bytes: max_body,
         default_max_tokens: args.default_max_tokens.max(1),
+        generation_defaults,
         responses: Default::default(),
         engine,
     }))

@@ -4,6 +4,7 @@
 pub mod block_pool;
 pub mod chat;
 pub mod engine;
+pub mod generation_config;
 pub mod parallel;
 pub mod reasoning;
 pub mod sampling;

@@ -234,6 +234,14 @@ impl MessagesRequest {
             prompts: vec![],
             max_tokens: params::max_tokens("max_tokens", Some(self.max_tokens))?,
             max_tokens_param: "max_tokens",
+            sampling_set: switchyard_engine::generation_config::SetFields {
+                temperature: self.temperature.is_some(),
+                top_p: self.top_p.is_some(),
+                top_k: self.top_k.is_some(),
+                // Not Messages API fields: always the model's default where it has one.
+                min_p: false,
+                repetition_penalty: false,
+            },
             sampling: SamplingParams {
                 temperature: params::temperature(self.temperature, ANTHROPIC_MAX_TEMPERATURE, 1.0)?,
                 top_k: params::top_k(self.top_k)?,

@@ -186,6 +186,10 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             format!("the request asks for {choices} choices ({what}) but this server queues at most {max_waiting} at a time; send fewer prompts or a smaller n"),
         ));
     }
+    // The model's generation config fills what the request left unset (vLLM's
+    // `--generation-config auto`).
+    let mut base = req.sampling.clone();
+    state.generation_defaults.apply(&mut base, req.sampling_set);
     let mut requests = Vec::with_capacity(choices);
     for ids in &prompts {
         let max_tokens = match req.max_tokens {
@@ -203,7 +207,15 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
                         ),
                     });
                 }
-                (max_model_len - ids.len()).min(state.default_max_tokens)
+                // vLLM: the model's `max_new_tokens`, when its generation config has one.
+                (max_model_len - ids.len())
+                    .min(state.default_max_tokens)
+                    .min(
+                        state
+                            .generation_defaults
+                            .max_new_tokens
+                            .unwrap_or(usize::MAX),
+                    )
             }
         };
         if req.controls.min_tokens > max_tokens {
@@ -216,7 +228,7 @@ pub async fn prepare(state: &Arc<AppState>, req: &NormalizedRequest) -> Result<P
             ));
         }
         for i in 0..req.n {
-            let mut sampling = req.sampling.clone();
+            let mut sampling = base.clone();
             // Distinct choices from one seed: choice i draws with seed + i.
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
             requests.push(GenerateRequest {

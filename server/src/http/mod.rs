@@ -75,6 +75,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Cap on `max_tokens` when an OpenAI request gives none.
     pub default_max_tokens: usize,
+    /// The model's sampling defaults (`--generation-config`), for fields a request leaves
+    /// unset.
+    pub generation_defaults: switchyard_engine::generation_config::GenerationDefaults,
     /// Stored Responses API responses (`previous_response_id`, `GET /v1/responses/{id}`).
     pub responses: response_store::ResponseStore,
 }

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use switchyard_engine::generation_config::SetFields;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -121,6 +122,17 @@ pub struct SamplingFields {
 }
 
 impl SamplingFields {
+    /// Which of the fields a generation config may default the request set.
+    fn set_fields(&self) -> SetFields {
+        SetFields {
+            temperature: self.temperature.is_some(),
+            top_p: self.top_p.is_some(),
+            top_k: self.top_k.is_some(),
+            min_p: self.min_p.is_some(),
+            repetition_penalty: self.repetition_penalty.is_some(),
+        }
+    }
+
     /// Range-checks the fields into the engine's parameters; every error names its field.
     fn into_params(self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
         Ok(SamplingParams {
@@ -332,6 +344,7 @@ impl ChatRequest {
             prompts: vec![],
             max_tokens,
             max_tokens_param,
+            sampling_set: sampling.set_fields(),
             sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n: params::n(self.n)?,
@@ -428,6 +441,7 @@ impl CompletionRequest {
             prompts: prompts(self.prompt)?,
             max_tokens: params::max_tokens("max_tokens", self.max_tokens)?,
             max_tokens_param: "max_tokens",
+            sampling_set: sampling.set_fields(),
             sampling: sampling.into_params(logprobs)?,
             stop: params::stop("stop", self.stop)?,
             n,

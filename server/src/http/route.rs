@@ -93,6 +93,8 @@ pub struct NormalizedRequest {
     pub max_tokens_param: &'static str,
     /// Sampling settings (validated).
     pub sampling: SamplingParams,
+    /// Which of the fields the model's generation config may default the request set itself.
+    pub sampling_set: switchyard_engine::generation_config::SetFields,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Choices per prompt.
