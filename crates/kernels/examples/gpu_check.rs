@@ -1848,39 +1848,59 @@ fn check_paged_case<T: HostKv>(c: &mut Ctx, case: &PagedCase, contexts: &[usize]
         let mut mx = poisoned::<f32>(c, stat_len)?;
         let mut sm = poisoned::<f32>(c, stat_len)?;
         let mut out = poisoned::<f32>(c, p.q.len())?;
-        {
-            let (qs, ql) = qt.storage_and_layout();
-            let (ks, kl) = kc_t.storage_and_layout();
-            let (vs, vl) = vc_t.storage_and_layout();
-            let (rs, rl) = batch.row_seq.storage_and_layout();
-            let (ps, pl) = batch.row_pos.storage_and_layout();
-            let (bs, bl) = batch.block_tables.storage_and_layout();
-            let meta = kc::PagedMetaViews {
-                row_seq: dview(&rs, rl)?,
-                row_pos: dview(&ps, pl)?,
-                block_tables: dview(&bs, bl)?,
-            };
-            let mut ws = kc::PagedWorkspace {
-                acc: acc.slice_mut(..),
-                max: mx.slice_mut(..),
-                sum: sm.slice_mut(..),
-            };
-            c.kern_paged.launch_paged_attention::<T>(
-                &dview(&qs, ql)?,
-                &dview(&ks, kl)?,
-                &dview(&vs, vl)?,
-                &meta,
-                &d,
-                scale,
-                part,
-                &mut ws,
-                &mut out.slice_mut(..),
-            )?;
-        }
+        #[rustfmt::skip]
+        launch_paged_raw::<T>(&c.kern_paged, &qt, &kc_t, &vc_t, &batch, &d, scale, part,
+                              [&mut acc, &mut mx, &mut sm], &mut out)?;
         c.stream.synchronize().context("paged attention kernels")?;
         let got = c.stream.clone_dtoh(&out)?;
         report(c, format!("raw part {part}"), &got[..p.q.len()]);
     }
+    Ok(())
+}
+
+/// The raw paged-attention launcher on tensors' device views: `ws` is the workspace
+/// (accumulators, maxima, sums), `out` the output; nothing allocated or synchronised.
+#[allow(clippy::too_many_arguments)]
+fn launch_paged_raw<T: HostKv>(
+    kern: &kc::PagedKernels,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    batch: &kc::PagedBatch,
+    d: &kc::PagedDims,
+    scale: f32,
+    part: usize,
+    ws: [&mut CudaSlice<f32>; 3],
+    out: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k_cache.storage_and_layout();
+    let (vs, vl) = v_cache.storage_and_layout();
+    let (rs, rl) = batch.row_seq.storage_and_layout();
+    let (ps, pl) = batch.row_pos.storage_and_layout();
+    let (bs, bl) = batch.block_tables.storage_and_layout();
+    let meta = kc::PagedMetaViews {
+        row_seq: dview(&rs, rl)?,
+        row_pos: dview(&ps, pl)?,
+        block_tables: dview(&bs, bl)?,
+    };
+    let [acc, mx, sm] = ws;
+    let mut ws = kc::PagedWorkspace {
+        acc: acc.slice_mut(..),
+        max: mx.slice_mut(..),
+        sum: sm.slice_mut(..),
+    };
+    kern.launch_paged_attention::<T>(
+        &dview(&qs, ql)?,
+        &dview(&ks, kl)?,
+        &dview(&vs, vl)?,
+        &meta,
+        d,
+        scale,
+        part,
+        &mut ws,
+        &mut out.slice_mut(..),
+    )?;
     Ok(())
 }
 
@@ -2020,33 +2040,9 @@ fn bench_paged_shape<T: HostKv>(
     let kern = c.kern_paged.clone();
     let kernel_us = time_events(c, 3, 7, 4, |it| {
         let s = it % sets;
-        let (q_s, q_l) = qs[s].storage_and_layout();
-        let (ks, kl) = kc_t.storage_and_layout();
-        let (vs, vl) = vc_t.storage_and_layout();
-        let (rs, rl) = batches[s].row_seq.storage_and_layout();
-        let (ps, pl) = batches[s].row_pos.storage_and_layout();
-        let (bts, btl) = batches[s].block_tables.storage_and_layout();
-        let meta = kc::PagedMetaViews {
-            row_seq: dview(&rs, rl)?,
-            row_pos: dview(&ps, pl)?,
-            block_tables: dview(&bts, btl)?,
-        };
-        let mut ws = kc::PagedWorkspace {
-            acc: acc.slice_mut(..),
-            max: mx.slice_mut(..),
-            sum: sm.slice_mut(..),
-        };
-        kern.launch_paged_attention::<T>(
-            &dview(&q_s, q_l)?,
-            &dview(&ks, kl)?,
-            &dview(&vs, vl)?,
-            &meta,
-            &d,
-            scale,
-            part,
-            &mut ws,
-            &mut out.slice_mut(..),
-        )?;
+        #[rustfmt::skip]
+        launch_paged_raw::<T>(&kern, &qs[s], &kc_t, &vc_t, &batches[s], &d, scale, part,
+                              [&mut acc, &mut mx, &mut sm], &mut out)?;
         Ok(())
     })?;
     // Spot check at this shape: sequence 0 of set 0 against the CPU reference on its

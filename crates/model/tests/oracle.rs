@@ -219,25 +219,7 @@ fn bf16_paged_prefill_matches_oracle() {
     let t = o.ids.len();
     let mut cache = m.new_cache();
     let contiguous = m.forward(&o.ids, &mut cache, Logits::All).unwrap();
-    let block_size = 16;
-    let table: Vec<u32> = (0..t.div_ceil(block_size) as u32).collect();
-    let paged = |chunks: &[usize]| -> Tensor {
-        let mut kv = m.new_paged_cache(table.len(), block_size, KvDtype::Bf16);
-        let mut out = Vec::new();
-        let mut pos0 = 0;
-        for &n in chunks {
-            let seq = PagedSeq {
-                tokens: &o.ids[pos0..pos0 + n],
-                pos0,
-                block_table: &table,
-                logits: Logits::All,
-            };
-            out.extend(m.forward_paged(&[seq], &mut kv).unwrap());
-            pos0 += n;
-        }
-        assert_eq!(pos0, t);
-        Tensor::cat(&out, 0).unwrap()
-    };
+    let paged = |chunks: &[usize]| paged_logits(&m, &o.ids, chunks, KvDtype::Bf16);
     let whole = paged(&[t]);
     let chunked = paged(&[40, t - 40]);
     let d32 = max_abs(&whole, &o.logits);
@@ -290,25 +272,7 @@ fn fp8_paged_cache_matches_fp8_rounded_oracle() {
         .clone();
     let m = load(case, DType::F32);
     let t = o.ids.len();
-    let block_size = 16;
-    let table: Vec<u32> = (0..t.div_ceil(block_size) as u32).collect();
-    let paged = |chunks: &[usize], dtype: KvDtype| -> Tensor {
-        let mut kv = m.new_paged_cache(table.len(), block_size, dtype);
-        let mut out = Vec::new();
-        let mut pos0 = 0;
-        for &n in chunks {
-            let seq = PagedSeq {
-                tokens: &o.ids[pos0..pos0 + n],
-                pos0,
-                block_table: &table,
-                logits: Logits::All,
-            };
-            out.extend(m.forward_paged(&[seq], &mut kv).unwrap());
-            pos0 += n;
-        }
-        assert_eq!(pos0, t);
-        Tensor::cat(&out, 0).unwrap()
-    };
+    let paged = |chunks: &[usize], dtype| paged_logits(&m, &o.ids, chunks, dtype);
     let whole = paged(&[t], KvDtype::Fp8);
     let d_fp8 = max_abs(&whole, &fp8);
     let d_f32 = max_abs(&whole, &o.logits);
@@ -353,6 +317,29 @@ fn fp8_paged_cache_matches_fp8_rounded_oracle() {
 /// cache rounding toward zero instead of to nearest the first is 5.96, and with no rounding
 /// 0.798.
 const FP8_KV_TOL: f32 = 5e-3;
+
+/// Logits of every position of `ids` through a fresh paged cache of `dtype` (blocks of 16),
+/// fed in `chunks` (their lengths add up to the prompt's), each chunk reading the earlier
+/// ones' keys and values from the cache.
+fn paged_logits(m: &HyV3Model, ids: &[u32], chunks: &[usize], dtype: KvDtype) -> Tensor {
+    let block_size = 16;
+    let table: Vec<u32> = (0..ids.len().div_ceil(block_size) as u32).collect();
+    let mut kv = m.new_paged_cache(table.len(), block_size, dtype);
+    let mut out = Vec::new();
+    let mut pos0 = 0;
+    for &n in chunks {
+        let seq = PagedSeq {
+            tokens: &ids[pos0..pos0 + n],
+            pos0,
+            block_table: &table,
+            logits: Logits::All,
+        };
+        out.extend(m.forward_paged(&[seq], &mut kv).unwrap());
+        pos0 += n;
+    }
+    assert_eq!(pos0, ids.len());
+    Tensor::cat(&out, 0).unwrap()
+}
 
 /// Bound for [`bf16_prefill_agrees_with_bf16_decode`]: measured 0.062 with AMX tiles (and the
 /// same with the `vdpbf16ps` kernel, `SWITCHYARD_AMX=0`) and 0 (bit-identical) with the FMA row
