@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_engine::generation_config::GenerationDefaults;
 
 use anyhow::{Context, Result};
+use switchyard_engine::generation_config::GenerationDefaults;
 use switchyard_router::{JsonlAppender, Policy, RouterState};
 
 use crate::http::{self, routing::Routing, AppState};

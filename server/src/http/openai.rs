@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 use std::time::Instant;
-use switchyard_engine::generation_config::SetFields;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -22,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchyard_engine::chat::{ChatMessage, ContentPart, MessageContent};
 use switchyard_engine::engine::{Completion, TokenEvent};
+use switchyard_engine::generation_config::SetFields;
 use switchyard_engine::reasoning::{self, Part, ReasoningStream};
 use switchyard_engine::sampling::SamplingParams;
 use switchyard_engine::stop::{FinishReason, StopMatch};
