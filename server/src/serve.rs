@@ -195,7 +195,13 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         );
     }
     let model_id = served_name(args);
-    let explicit = explicit_generation_defaults(&args.generation_config)?;
+    // Read before the model loads where possible (a local folder), so a bad file fails fast.
+    let explicit = match explicit_generation_defaults(&args.generation_config)? {
+        None if std::path::Path::new(&args.model.model).is_dir() => Some(
+            GenerationDefaults::from_dir(std::path::Path::new(&args.model.model))?,
+        ),
+        d => d,
+    };
     let (engine, dir) = loading::start_engine(&args.model, &args.engine)?;
     let tokenizer = engine.info().tokenizer.clone();
     let template = loading::chat_template(&tokenizer, &dir, args.chat_template.as_deref())?;
