@@ -400,6 +400,7 @@ impl EngineHandle {
             block_size = cfg.block_size,
             tokens = num_blocks * cfg.block_size,
             mib = runner.kv_bytes() / (1 << 20),
+            dtype = cfg.kv_dtype.name(),
             "KV cache allocated"
         );
         let pool = SharedPool::new(BlockPool::new(
