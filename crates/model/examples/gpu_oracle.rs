@@ -98,10 +98,22 @@ struct Oracle {
     fp8_kv: bool,
 }
 
+/// The tensors of a fixture file, on the host.
+fn fixture_tensors(path: &Path) -> Result<std::collections::HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// The file's `logits` as f32.
+fn logits_of(t: &std::collections::HashMap<String, Tensor>, path: &Path) -> Result<Tensor> {
+    Ok(t.get("logits")
+        .ok_or_else(|| anyhow!("{} has no logits", path.display()))?
+        .to_dtype(DType::F32)?)
+}
+
 fn oracle(dir: &Path) -> Result<Oracle> {
     let path = dir.join("oracle.safetensors");
-    let t = candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let t = fixture_tensors(&path)?;
     let ids = t
         .get("input_ids")
         .ok_or_else(|| anyhow!("{} has no input_ids", path.display()))?
@@ -109,13 +121,9 @@ fn oracle(dir: &Path) -> Result<Oracle> {
         .into_iter()
         .map(|x| u32::try_from(x).context("token id out of range"))
         .collect::<Result<_>>()?;
-    let logits = t
-        .get("logits")
-        .ok_or_else(|| anyhow!("{} has no logits", path.display()))?
-        .to_dtype(DType::F32)?;
     Ok(Oracle {
         ids,
-        logits,
+        logits: logits_of(&t, &path)?,
         fp8_kv: false,
     })
 }
@@ -123,14 +131,8 @@ fn oracle(dir: &Path) -> Result<Oracle> {
 /// The oracle whose logits are transformers' with key and value states rounded to E4M3.
 fn fp8_kv_oracle(dir: &Path) -> Result<Oracle> {
     let path = dir.join("oracle_fp8_kv.safetensors");
-    let t = candle_core::safetensors::load(&path, &Device::Cpu)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let logits = t
-        .get("logits")
-        .ok_or_else(|| anyhow!("{} has no logits", path.display()))?
-        .to_dtype(DType::F32)?;
     Ok(Oracle {
-        logits,
+        logits: logits_of(&fixture_tensors(&path)?, &path)?,
         fp8_kv: true,
         ..oracle(dir)?
     })
