@@ -184,7 +184,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     if device.is_cpu() {
         check_host_memory(&cfg, dtype, args.quantize, tp)?;
     }
-    let ckpt = Arc::new(Checkpoint::open(&dir)?);
+    let ckpt = Arc::new(Checkpoint::open(&dir)?.with_weight_block(cfg.weight_block()));
     let total = cfg.num_hidden_layers * tp;
     let tty = std::io::stderr().is_terminal();
     let bar = tty.then(|| {
@@ -237,6 +237,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         active,
         weights = format!("{:.1} MiB", weight_bytes as f64 / (1u64 << 20) as f64),
         quantize = args.quantize.map_or("none", IsqType::name),
+        checkpoint = cfg
+            .quantization
+            .as_ref()
+            .map_or_else(|| "unquantized".to_string(), |q| {
+                format!("{} (dequantized to {dtype:?} at load)", q.describe())
+            }),
         secs = t0.elapsed().as_secs_f32(),
         "model loaded"
     );

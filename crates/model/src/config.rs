@@ -115,18 +115,82 @@ pub struct ModelConfig {
 
 /// A checkpoint's `quantization_config`, as far as the loader needs it.
 ///
-/// Only what Hy3's released FP8 variant uses is accepted: per-tensor float8 e4m3 weights with an
-/// f32 `weight_scale` beside each (see [`crate::weights`]). The loader dequantizes them into the
-/// compute dtype, so the activation scheme is recorded but not applied.
+/// FP8 (e4m3) weights in the two dialects FP8 checkpoints on the Hub use, each projection with
+/// f32/bf16 scales beside it (see [`crate::weights`]):
+/// - `quant_method: "fp8"` (transformers' FP8 and FineGrainedFP8 configs, Hy3's FP8 release,
+///   DeepSeek-V3 and Qwen3-FP8): a `weight_scale` per tensor, or with `weight_block_size` a
+///   `weight_scale_inv` per block of weights;
+/// - `quant_method: "compressed-tensors"` with `format: "float-quantized"` (llm-compressor's
+///   `FP8`, `FP8_DYNAMIC` and `FP8_BLOCK` schemes): 8-bit float weights per tensor, per output
+///   channel or per block (`block_structure`).
+///
+/// The loader dequantizes them into the compute dtype, so the activation scheme is recorded but
+/// not applied. Other methods and formats (GPTQ, AWQ, integer or 4-bit compressed-tensors) are
+/// refused naming the field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Quantization {
-    /// `quant_method: "fp8"`.
+    /// FP8 e4m3 weights (either dialect).
     Fp8 {
-        /// `activation_scheme` (`static`: an `input_scale` per projection; `dynamic`: none).
+        /// How activations are scaled (`static`: an `input_scale` per projection; `dynamic`:
+        /// none stored).
         activation_scheme: ActivationScheme,
-        /// Modules left unquantized (`ignored_layers` and `modules_to_not_convert`).
+        /// Modules left unquantized (`ignored_layers`, `modules_to_not_convert`, compressed-tensors'
+        /// `ignore`).
         not_converted: Vec<String>,
+        /// How the weight scales are laid out, as the config declares it (the loader reads the
+        /// layout from each scale's shape; the block size it needs only where a matrix is not a
+        /// whole number of blocks).
+        weight_scales: WeightScales,
     },
+}
+
+/// The layout of FP8 weight scales a config declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WeightScales {
+    /// One scale per tensor (or per expert of a fused expert tensor); `quant_method: "fp8"`
+    /// without `weight_block_size`, compressed-tensors' `strategy: "tensor"`.
+    PerTensor,
+    /// One scale per output row (compressed-tensors' `strategy: "channel"`).
+    PerChannel,
+    /// One scale per `[rows, columns]` block (`weight_block_size`, compressed-tensors'
+    /// `strategy: "block"` with `block_structure`); edge blocks may be partial.
+    Block([usize; 2]),
+}
+
+impl Quantization {
+    /// A short description for logs, e.g. `fp8 e4m3, 128x128 blocks, dynamic activations`.
+    pub fn describe(&self) -> String {
+        match self {
+            Quantization::Fp8 {
+                activation_scheme,
+                weight_scales,
+                ..
+            } => format!(
+                "fp8 e4m3, {} scales, {} activations",
+                match weight_scales {
+                    WeightScales::Block([r, c]) => format!("{r}x{c} block"),
+                    WeightScales::PerChannel => "per-channel".into(),
+                    WeightScales::PerTensor => "per-tensor".into(),
+                },
+                match activation_scheme {
+                    ActivationScheme::Static => "static",
+                    ActivationScheme::Dynamic => "dynamic",
+                    ActivationScheme::WeightOnly => "unquantized",
+                }
+            ),
+        }
+    }
+
+    /// The block of weights one scale covers, when the scales are block-wise.
+    pub fn weight_block(&self) -> Option<[usize; 2]> {
+        match self {
+            Quantization::Fp8 {
+                weight_scales: WeightScales::Block(b),
+                ..
+            } => Some(*b),
+            Quantization::Fp8 { .. } => None,
+        }
+    }
 }
 
 /// How an FP8 checkpoint scales activations.
@@ -136,10 +200,12 @@ pub enum ActivationScheme {
     Static,
     /// Scales computed per batch at run time; nothing stored.
     Dynamic,
+    /// Activations are not quantized (weight-only FP8, compressed-tensors' W8A16).
+    WeightOnly,
 }
 
 /// `quant_method` values the loader accepts.
-pub const SUPPORTED_QUANT_METHODS: &[&str] = &["fp8"];
+pub const SUPPORTED_QUANT_METHODS: &[&str] = &["fp8", "compressed-tensors"];
 
 /// Parses `quantization_config` (absent or null: not quantized).
 fn quantization(o: &Map<String, Value>) -> Result<Option<Quantization>, ModelError> {
@@ -163,22 +229,22 @@ fn quantization(o: &Map<String, Value>) -> Result<Option<Quantization>, ModelErr
         .string("quant_method")
         .map_err(nested)?
         .ok_or_else(|| bad("quant_method", "required field is missing".into()))?;
+    if method.eq_ignore_ascii_case("compressed-tensors") {
+        return compressed_tensors(&r).map_err(nested).map(Some);
+    }
     if !method.eq_ignore_ascii_case("fp8") {
         return Err(bad(
             "quant_method",
             format!(
-                "unsupported quantization method {method:?}; supported: {} (per-tensor e4m3 \
-                 weights with weight_scale)",
+                "unsupported quantization method {method:?}; supported: {} (FP8 e4m3 weights)",
                 SUPPORTED_QUANT_METHODS.join(", ")
             ),
         ));
     }
-    if r.get("weight_block_size").is_some() {
-        return Err(bad(
-            "weight_block_size",
-            "block-wise FP8 scales are not supported; only per-tensor weight_scale".into(),
-        ));
-    }
+    let weight_scales = match r.get("weight_block_size") {
+        None => WeightScales::PerTensor,
+        Some(v) => WeightScales::Block(block_shape(v).map_err(|m| bad("weight_block_size", m))?),
+    };
     if let Some(fmt) = r.string("fmt").map_err(nested)? {
         if !matches!(fmt.to_ascii_lowercase().as_str(), "e4m3" | "float8_e4m3fn") {
             return Err(bad(
@@ -201,23 +267,173 @@ fn quantization(o: &Map<String, Value>) -> Result<Option<Quantization>, ModelErr
     };
     let mut not_converted = Vec::new();
     for key in ["ignored_layers", "modules_to_not_convert"] {
-        match r.get(key) {
-            None => {}
-            Some(Value::Array(a)) => {
-                for x in a {
-                    let s = x
-                        .as_str()
-                        .ok_or_else(|| bad(key, format!("entries must be strings, found {x}")))?;
-                    not_converted.push(s.to_string());
-                }
-            }
-            Some(v) => return Err(bad(key, format!("expected a list of names, found {v}"))),
-        }
+        not_converted.extend(names(&r, key).map_err(nested)?);
     }
     Ok(Some(Quantization::Fp8 {
         activation_scheme,
         not_converted,
+        weight_scales,
     }))
+}
+
+/// A list of module names (`ignored_layers`, `ignore`); absent is empty.
+fn names(r: &Reader, key: &str) -> Result<Vec<String>, ModelError> {
+    match r.get(key) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| r.bad(key, &format!("entries must be strings, found {x}")))
+            })
+            .collect(),
+        Some(v) => Err(r.bad(key, &format!("expected a list of names, found {v}"))),
+    }
+}
+
+/// `[rows, columns]` of a scale block: two positive integers.
+fn block_shape(v: &Value) -> Result<[usize; 2], String> {
+    let dims: Vec<u64> = v
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    match dims[..] {
+        [r, c] if r > 0 && c > 0 && v.as_array().is_some_and(|a| a.len() == 2) => {
+            Ok([r as usize, c as usize])
+        }
+        _ => Err(format!(
+            "expected [rows, columns] of one scale block (two positive integers), found {v}"
+        )),
+    }
+}
+
+/// compressed-tensors' `quantization_config`: only 8-bit float weights (`float-quantized`) load.
+fn compressed_tensors(r: &Reader) -> Result<Quantization, ModelError> {
+    let top_format = r.string("format")?;
+    let groups = match r.get("config_groups") {
+        Some(Value::Object(g)) if !g.is_empty() => g,
+        Some(v) => {
+            return Err(r.bad(
+                "config_groups",
+                &format!("expected an object of quantization groups, found {v}"),
+            ))
+        }
+        None => return Err(r.missing("config_groups")),
+    };
+    let mut weight_scales: Option<WeightScales> = None;
+    let mut activation_scheme = None;
+    for (name, g) in groups {
+        let field = |f: &str| format!("config_groups.{name}.{f}");
+        let g = g
+            .as_object()
+            .ok_or_else(|| r.bad(&field(""), "expected an object"))?;
+        let gr = Reader(g);
+        let in_group = |e: ModelError| match e {
+            ModelError::Config { field: f, message } => ModelError::Config {
+                field: field(&f),
+                message,
+            },
+            e => e,
+        };
+        // The format is per group in mixed-precision configs, else at the top.
+        let format = match gr.string("format").map_err(in_group)? {
+            Some(f) => Some(f),
+            None => top_format.clone(),
+        };
+        if let Some(f) = format.filter(|f| f != "float-quantized") {
+            return Err(r.bad(
+                if gr.get("format").is_some() {
+                    field("format")
+                } else {
+                    "format".into()
+                }
+                .as_str(),
+                &format!(
+                    "compressed-tensors format {f:?} is not supported; only \"float-quantized\" \
+                     (FP8 e4m3 weights)"
+                ),
+            ));
+        }
+        let w = match gr.get("weights") {
+            Some(Value::Object(w)) => Reader(w),
+            _ => return Err(r.bad(&field("weights"), "expected an object")),
+        };
+        let in_weights = |e: ModelError| match e {
+            ModelError::Config { field: f, message } => ModelError::Config {
+                field: field(&format!("weights.{f}")),
+                message,
+            },
+            e => e,
+        };
+        let ty = w.string("type").map_err(in_weights)?.unwrap_or_default();
+        let bits = w.usize("num_bits").map_err(in_weights)?.unwrap_or(0);
+        if ty != "float" || bits != 8 {
+            return Err(r.bad(
+                &field("weights"),
+                &format!("{bits}-bit {ty} weights are not supported; only 8-bit float (FP8 e4m3)"),
+            ));
+        }
+        if w.bool("symmetric").map_err(in_weights)? == Some(false) {
+            return Err(r.bad(
+                &field("weights.symmetric"),
+                "asymmetric (zero-point) FP8 weights are not supported",
+            ));
+        }
+        let strategy = w
+            .string("strategy")
+            .map_err(in_weights)?
+            .unwrap_or_default();
+        let layout = match strategy.as_str() {
+            "tensor" => WeightScales::PerTensor,
+            "channel" => WeightScales::PerChannel,
+            "block" => WeightScales::Block(
+                block_shape(w.get("block_structure").unwrap_or(&Value::Null))
+                    .map_err(|m| r.bad(&field("weights.block_structure"), &m))?,
+            ),
+            s => {
+                return Err(r.bad(
+                    &field("weights.strategy"),
+                    &format!(
+                        "weight strategy {s:?} is not supported; FP8 weights load per \"tensor\", \
+                         \"channel\" or \"block\""
+                    ),
+                ))
+            }
+        };
+        match weight_scales {
+            Some(a) if a != layout => {
+                return Err(r.bad(
+                    &field("weights.strategy"),
+                    &format!(
+                        "groups lay out weight scales differently ({a:?} and {layout:?}); one \
+                         layout for all groups is supported"
+                    ),
+                ))
+            }
+            _ => weight_scales = Some(layout),
+        }
+        let scheme = match gr.get("input_activations") {
+            None => ActivationScheme::WeightOnly,
+            Some(Value::Object(a)) => match Reader(a).bool("dynamic").map_err(in_group)? {
+                Some(true) => ActivationScheme::Dynamic,
+                _ => ActivationScheme::Static,
+            },
+            Some(v) => {
+                return Err(r.bad(
+                    &field("input_activations"),
+                    &format!("expected an object or null, found {v}"),
+                ))
+            }
+        };
+        // Groups may differ; the first group's scheme is recorded (it is not applied).
+        activation_scheme = activation_scheme.or(Some(scheme));
+    }
+    Ok(Quantization::Fp8 {
+        activation_scheme: activation_scheme.unwrap_or(ActivationScheme::WeightOnly),
+        not_converted: names(r, "ignore")?,
+        weight_scales: weight_scales.unwrap_or(WeightScales::PerTensor),
+    })
 }
 
 impl ModelConfig {
@@ -510,19 +726,57 @@ impl ModelConfig {
         if let Some(Quantization::Fp8 {
             activation_scheme,
             not_converted,
+            weight_scales,
         }) = &self.quantization
         {
-            v["quantization_config"] = serde_json::json!({
-                "quant_method": "fp8",
-                "fmt": "e4m3",
-                "activation_scheme": match activation_scheme {
-                    ActivationScheme::Static => "static",
-                    ActivationScheme::Dynamic => "dynamic",
-                },
-                "ignored_layers": not_converted,
-            });
+            let q = if *weight_scales == WeightScales::PerChannel {
+                // transformers' FP8 config has no per-channel form; compressed-tensors has.
+                let inputs = match activation_scheme {
+                    ActivationScheme::WeightOnly => Value::Null,
+                    scheme => serde_json::json!({
+                        "num_bits": 8, "type": "float", "symmetric": true,
+                        "dynamic": *scheme == ActivationScheme::Dynamic,
+                        "strategy": if *scheme == ActivationScheme::Dynamic { "token" } else { "tensor" },
+                    }),
+                };
+                serde_json::json!({
+                    "quant_method": "compressed-tensors",
+                    "format": "float-quantized",
+                    "config_groups": {"group_0": {
+                        "targets": ["Linear"],
+                        "weights": {"num_bits": 8, "type": "float", "symmetric": true,
+                                    "strategy": "channel", "dynamic": false},
+                        "input_activations": inputs,
+                    }},
+                    "ignore": not_converted,
+                })
+            } else {
+                let mut q = serde_json::json!({
+                    "quant_method": "fp8",
+                    "fmt": "e4m3",
+                    // transformers' FP8 config has no weight-only scheme; "dynamic" stores no
+                    // scales either.
+                    "activation_scheme": match activation_scheme {
+                        ActivationScheme::Static => "static",
+                        ActivationScheme::Dynamic | ActivationScheme::WeightOnly => "dynamic",
+                    },
+                    "ignored_layers": not_converted,
+                });
+                if let WeightScales::Block(b) = weight_scales {
+                    q["weight_block_size"] = serde_json::json!(b);
+                }
+                q
+            };
+            v["quantization_config"] = q;
         }
         v
+    }
+
+    /// The block of weights one FP8 scale covers, for [`crate::Checkpoint::with_weight_block`].
+    pub fn weight_block(&self) -> Option<[usize; 2]> {
+        self.quantization
+            .as_ref()
+            .and_then(Quantization::weight_block)
     }
 
     /// Parameters in the checkpoint (embedding and lm_head included, MTP excluded).

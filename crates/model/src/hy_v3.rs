@@ -1260,7 +1260,7 @@ impl HyV3Model {
     /// Loads `config.json` and the weights of a model folder.
     pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let ckpt = Arc::new(Checkpoint::open(dir)?.with_weight_block(cfg.weight_block()));
         Self::load(cfg, ckpt, opts, |_, _| {})
     }
 
@@ -1283,7 +1283,7 @@ impl HyV3Model {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let ckpt = Arc::new(Checkpoint::open(dir)?.with_weight_block(cfg.weight_block()));
         Self::load_parallel(cfg, ckpt, opts, comm, |_, _| {})
     }
 

@@ -18,7 +18,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
+pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization, WeightScales};
 pub use device::{gpu_memory, DeviceSpec};
 pub use hy_v3::{
     HyV3Model, LoadOptions, Logits, MoeLayer, MoeWeights, PagedSeq, SharedExpertWeights,
@@ -27,7 +27,7 @@ pub use isq::{IsqType, QUANTIZE_FLAG};
 pub use kv_cache::KvCache;
 pub use paged_cache::{KvDtype, PagedKvCache};
 pub use parallel::{CommError, Communicator, InProcessComm, InProcessGroup, Shard};
-pub use weights::{resolve_config, resolve_model, Checkpoint, Weights};
+pub use weights::{resolve_config, resolve_model, Checkpoint, ScaleGrid, Weights};
 
 /// Everything that can go wrong loading or running a model; messages name the file, tensor
 /// or field at fault.

@@ -25,7 +25,8 @@
 //! checkpoint's bytes (`tests/plan.rs` checks them against the `fp8_hub` fixture and FP8 test
 //! models to the byte), that is what an FP8-compute engine holds. Switchyard's loader today
 //! dequantizes FP8 weights into the compute dtype (see [`crate::weights`]), so what it holds in
-//! memory is the `bf16` plan (per-expert scales of fused expert tensors are not modelled either).
+//! memory is the `bf16` plan. Scales are counted per tensor; per-expert, per-channel and block
+//! scales (a grid per matrix: 4 bytes per 16K weights for 128×128 blocks) are not modelled.
 //!
 //! The `q8` and `q4` formats are what the CPU holds after `--quantize` ([`crate::isq`]): every
 //! projection in the kernels' format at the bytes `QuantKind::matrix_bytes` gives (inputs

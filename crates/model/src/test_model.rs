@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-use crate::config::{ActivationScheme, LayerKind, ModelConfig, Quantization};
+use crate::config::{ActivationScheme, LayerKind, ModelConfig, Quantization, WeightScales};
 use crate::ModelError;
 
 /// Standard deviation of the random weights (matches the peer benchmark model).
@@ -197,6 +197,7 @@ pub fn write_random_checkpoint(
         cfg.quantization = Some(Quantization::Fp8 {
             activation_scheme: ActivationScheme::Static,
             not_converted: vec!["lm_head".into()],
+            weight_scales: WeightScales::PerTensor,
         });
     }
     let text = serde_json::to_string_pretty(&cfg.to_hf_json()).expect("config serialises");

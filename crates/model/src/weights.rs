@@ -10,19 +10,27 @@
 //! candle-nn's VarBuilder its errors are typed and name the tensor, the file, and what was
 //! expected versus found.
 //!
-//! FP8 checkpoints (the form of Hy3's released FP8 variant; `quant_method: "fp8"` in
-//! `config.json`): a projection stored as `F8_E4M3` has an f32 `<prefix>.weight_scale` beside it
-//! and, with static activation scales, an `<prefix>.input_scale`. [`Checkpoint::get`]
-//! dequantizes such a tensor as it copies it out, `w = f32(q) × weight_scale` (exact in f32),
-//! then converts it to the compute dtype, so every layer and kernel sees an ordinary f32/bf16
-//! weight. This is weight-only dequantization: `input_scale` is read and must be finite and
-//! positive, but activations are not quantized, and the weights take the compute dtype's room
-//! in memory (FP8 compute is not implemented). Scales are per tensor (shape `[]` or `[1]`) or,
-//! for fused expert tensors `[E, rows, cols]` (`experts.gate_up_proj`, read from
-//! `gate_up_proj_weight_scale`, `gate_up_proj.weight_scale` or `gate_up_proj_scale`), one per
-//! expert (`[E]`, `[E, 1]` or `[E, 1, 1]`); block-wise (`weight_scale_inv`) and per-channel
-//! scales are refused with an error naming the tensor. Which tensors are quantized is read from
-//! the file's dtypes, so `ignored_layers` need no handling here: those tensors are stored bf16.
+//! FP8 checkpoints (`quant_method: "fp8"` or compressed-tensors' `float-quantized`, see
+//! [`crate::Quantization`]): a projection stored as `F8_E4M3` has its scales beside it, as
+//! `<prefix>.weight_scale` or (block-wise, DeepSeek-V3 style) `<prefix>.weight_scale_inv`, and
+//! with static activation scales an `<prefix>.input_scale`. [`Checkpoint::get`] dequantizes such
+//! a tensor as it copies it out, `w[i, j] = f32(q[i, j]) × scale[i / bm, j / bn]` (one f32
+//! rounding, as torch's `q.float() * scale`), then converts it to the compute dtype, so every
+//! layer and kernel sees an ordinary f32/bf16 weight. The scale grid may be
+//! - per tensor: shape `[]` or `[1]`;
+//! - per output channel: `[rows]` or `[rows, 1]` (llm-compressor's `FP8_DYNAMIC`);
+//! - per block: `[⌈rows / bm⌉, ⌈columns / bn⌉]`, the block from `weight_block_size` /
+//!   `block_structure` ([`Checkpoint::with_weight_block`]); edge blocks may be partial, as vLLM
+//!   allows;
+//!
+//! and for fused expert tensors `[E, rows, cols]` (`experts.gate_up_proj`, scales read from
+//! `gate_up_proj_weight_scale`, `gate_up_proj.weight_scale`, `gate_up_proj_scale` or their
+//! `_inv` forms) the same with a leading `[E]`, or one scale per expert (`[E]`, `[E, 1]`,
+//! `[E, 1, 1]`). Scales may be f32, bf16 or f16 and must be finite and positive. This is
+//! weight-only dequantization: `input_scale` is read and must be finite and positive, but
+//! activations are not quantized, and the weights take the compute dtype's room in memory (FP8
+//! compute is not implemented). Which tensors are quantized is read from the file's dtypes, so
+//! `ignored_layers` need no handling here: those tensors are stored bf16.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +65,9 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     /// tensor name → index into `files` / `shards`.
     owner: HashMap<String, usize>,
+    /// `[rows, columns]` per FP8 scale block, from `quantization_config` (see
+    /// [`Checkpoint::with_weight_block`]).
+    weight_block: Option<[usize; 2]>,
 }
 
 /// One mapped safetensors file and its parsed header.
@@ -166,7 +177,16 @@ impl Checkpoint {
             files,
             shards,
             owner,
+            weight_block: None,
         })
+    }
+
+    /// Sets the block of weights one FP8 scale covers ([`crate::Quantization::weight_block`]).
+    /// Block-wise scales of matrices that are a whole number of blocks load without it (the
+    /// block is the matrix over the scale grid); a matrix with partial edge blocks needs it.
+    pub fn with_weight_block(mut self, block: Option<[usize; 2]>) -> Self {
+        self.weight_block = block;
+        self
     }
 
     /// The stored tensor `stored`: its shard, a view of its bytes in the mapping, and their offset.
@@ -395,9 +415,11 @@ fn check_float(stored: &str, view: &TensorView<'_>, file: &Path) -> Result<(), M
 
 /// Where the scales of an FP8 tensor may be stored, in the order they are looked for: beside
 /// `X.weight` as `X.weight_scale`; beside a fused parameter `X` (no `.weight` suffix) as
-/// `X_weight_scale`, `X.weight_scale` or `X_scale`. `kind` is `weight` or `input`.
+/// `X_weight_scale`, `X.weight_scale` or `X_scale`. `kind` is `weight` or `input`; weight
+/// scales may also carry DeepSeek-V3's `_inv` suffix (`X.weight_scale_inv`, `X_scale_inv`),
+/// which despite the name also multiplies.
 fn scale_names(stored: &str, kind: &str) -> Vec<String> {
-    match stored.strip_suffix(".weight") {
+    let mut v = match stored.strip_suffix(".weight") {
         Some(prefix) => vec![format!("{prefix}.{kind}_scale")],
         None => {
             let mut v = vec![
@@ -409,6 +431,133 @@ fn scale_names(stored: &str, kind: &str) -> Vec<String> {
             }
             v
         }
+    };
+    if kind == "weight" {
+        let inv: Vec<String> = v.iter().map(|n| format!("{n}_inv")).collect();
+        v.extend(inv);
+    }
+    v
+}
+
+/// An FP8 tensor's scales laid out as a grid over its `[lead.., rows, cols]` weights: `lead`
+/// grids (one per expert, or one shared) of `rows × cols` scales, each covering a `bm × bn`
+/// block (edge blocks partial).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleGrid {
+    /// The scales, row-major `[lead, rows, cols]`.
+    pub values: Vec<f32>,
+    /// Grids stored: 1 (shared by every leading index) or one per leading index.
+    pub lead: usize,
+    /// Scale rows and columns per grid.
+    pub rows: usize,
+    /// Scale columns per grid.
+    pub cols: usize,
+    /// Weight rows one scale covers.
+    pub bm: usize,
+    /// Weight columns one scale covers.
+    pub bn: usize,
+}
+
+impl ScaleGrid {
+    /// Lays out `values` stored with shape `scale_shape` over weights of shape `weight_shape`
+    /// (2-D, or 3-D with a leading expert dimension), taking the block from the grid when the
+    /// matrix divides evenly and from `block` (the config's) otherwise. The error says which
+    /// shapes would have been accepted.
+    pub fn new(
+        values: Vec<f32>,
+        scale_shape: &[usize],
+        weight_shape: &[usize],
+        block: Option<[usize; 2]>,
+    ) -> Result<Self, String> {
+        let (lead, r, c) = match *weight_shape {
+            [r, c] => (1, r, c),
+            [e, r, c] => (e, r, c),
+            _ => return Err(format!("has FP8 weights of shape {weight_shape:?}; only matrices (and stacks of them) are quantized")),
+        };
+        let n = values.len();
+        let dims = scale_shape;
+        let (g_lead, sr, sc) = if n == 1 {
+            (1, 1, 1)
+        } else if lead > 1 && n == lead && dims[0] == lead {
+            (lead, 1, 1) // one per expert: [E], [E, 1], [E, 1, 1]
+        } else {
+            let w_rank = weight_shape.len();
+            match (w_rank, dims) {
+                (2, [sr]) => (1, *sr, 1),
+                (2, [sr, sc]) => (1, *sr, *sc),
+                (3, [e, sr]) if *e == lead => (lead, *sr, 1),
+                (3, [e, sr, sc]) if *e == lead => (lead, *sr, *sc),
+                _ => (0, 0, 0),
+            }
+        };
+        let accepted = || {
+            let grid = match block {
+                Some([bm, bn]) => format!(
+                    "[{}, {}] for blocks of {bm}x{bn}",
+                    r.div_ceil(bm),
+                    c.div_ceil(bn)
+                ),
+                None => "[rows/bm, cols/bn] for blocks bm x bn".into(),
+            };
+            let e = if lead > 1 {
+                format!("{lead}, ")
+            } else {
+                String::new()
+            };
+            format!(
+                "per tensor ([] or [1]){}, per output channel ([{e}{r}] or [{e}{r}, 1]) or per block ([{e}{grid}])",
+                if lead > 1 { format!(", per expert ([{lead}])") } else { String::new() }
+            )
+        };
+        if g_lead == 0 || sr == 0 || sc == 0 || sr > r || sc > c {
+            return Err(format!("of shape {scale_shape:?} does not fit weights of shape {weight_shape:?}; accepted: {}", accepted()));
+        }
+        // Weights per scale along one side: all of them, one each, the configured block (a
+        // configured block is binding for a proper grid), or the even division.
+        let side = |n: usize, s: usize, b: Option<usize>| -> Option<usize> {
+            match b {
+                _ if s == 1 => Some(n),
+                _ if s == n => Some(1),
+                Some(b) => (n.div_ceil(b) == s).then_some(b),
+                None => n.is_multiple_of(s).then_some(n / s),
+            }
+        };
+        let (Some(bm), Some(bn)) = (
+            side(r, sr, block.map(|b| b[0])),
+            side(c, sc, block.map(|b| b[1])),
+        ) else {
+            return Err(format!(
+                "of shape {scale_shape:?} does not divide weights of shape {weight_shape:?} into \
+                 blocks{}; accepted: {}",
+                match block {
+                    Some(b) => format!(" of {}x{} (quantization_config's block)", b[0], b[1]),
+                    None =>
+                        " (set weight_block_size in quantization_config for partial edge blocks)"
+                            .into(),
+                },
+                accepted()
+            ));
+        };
+        Ok(Self {
+            values,
+            lead: g_lead,
+            rows: sr,
+            cols: sc,
+            bm,
+            bn,
+        })
+    }
+
+    /// `f32(q) × scale` for the matrix `index` of the stack (`q` row-major `[rows, cols]`).
+    pub fn dequantize(&self, index: usize, q: &[f32], cols: usize) -> Vec<f32> {
+        let g = if self.lead == 1 { 0 } else { index };
+        let grid = &self.values[g * self.rows * self.cols..(g + 1) * self.rows * self.cols];
+        let mut out = Vec::with_capacity(q.len());
+        for (i, row) in q.chunks_exact(cols).enumerate() {
+            let s = &grid[(i / self.bm) * self.cols..][..self.cols];
+            out.extend(row.iter().enumerate().map(|(j, &x)| x * s[j / self.bn]));
+        }
+        out
     }
 }
 
@@ -431,67 +580,58 @@ impl Checkpoint {
         };
         let names = scale_names(stored, "weight");
         let Some(scale_name) = names.iter().find(|n| self.owner.contains_key(*n)) else {
-            let inv = format!("{}_inv", names[0]);
-            return Err(err(if self.owner.contains_key(&inv) {
-                format!(
-                    "is float8 e4m3 with block-wise scales ({inv}); only per-tensor \
-                     weight_scale is supported"
-                )
-            } else {
-                format!(
-                    "is float8 e4m3 but has no weight scale (looked for {})",
-                    names.join(", ")
-                )
-            }));
+            return Err(err(format!(
+                "is float8 e4m3 but has no weight scale (looked for {})",
+                names.join(", ")
+            )));
         };
-        // Per expert only for 3-D (fused expert) tensors, and only when there are several.
-        let experts = if shape.len() == 3 { shape[0] } else { 1 };
-        let scales = self.scales(scale_name, experts, &err)?;
+        let (values, scale_shape) = self.scale_values(scale_name, &err)?;
+        let grid = ScaleGrid::new(values, &scale_shape, &shape, self.weight_block)
+            .map_err(|m| err(format!("has a scale {scale_name} {m}")))?;
         if let Some(input) = scale_names(stored, "input")
             .into_iter()
             .find(|n| self.owner.contains_key(n))
         {
-            self.scales(&input, experts, &err)?;
+            let (v, input_shape) = self.scale_values(&input, &err)?;
+            let experts = if shape.len() == 3 { shape[0] } else { 1 };
+            if v.len() != 1 && v.len() != experts {
+                return Err(err(format!(
+                    "has an input scale {input} of shape {input_shape:?}; only per-tensor ([] or \
+                     [1]){} input scales are supported",
+                    if experts > 1 {
+                        format!(" or per-expert ([{experts}])")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
         }
         let q = candle_core::safetensors::Load::load(view, &Device::Cpu)
             .map_err(|e| err(format!("cannot be read: {e}")))?;
-        let scaled = |q: &Tensor, s: f32| -> Result<Tensor, ModelError> {
-            let s = Tensor::new(s, &Device::Cpu)?;
-            Ok(q.to_dtype(DType::F32)?.broadcast_mul(&s)?.to_dtype(dtype)?)
+        let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let one = |q: &Tensor, index: usize| -> Result<Tensor, ModelError> {
+            let x = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let w = grid.dequantize(index, &x, cols);
+            Ok(Tensor::from_vec(w, (rows, cols), &Device::Cpu)?.to_dtype(dtype)?)
         };
         if shape.len() != 3 {
-            return scaled(&q, scales[0]);
+            return one(&q, 0);
         }
-        let mut parts = Vec::with_capacity(experts);
-        for j in 0..experts {
-            parts.push(scaled(&q.get(j)?, scales[j.min(scales.len() - 1)])?);
+        let mut parts = Vec::with_capacity(shape[0]);
+        for j in 0..shape[0] {
+            parts.push(one(&q.get(j)?, j)?);
         }
         Ok(Tensor::stack(&parts, 0)?)
     }
 
-    /// Reads the scale tensor `name` as f32 values: one (per tensor) or `experts` (per expert,
-    /// shape `[E]`, `[E, 1]` or `[E, 1, 1]`), each finite and positive.
-    fn scales(
+    /// Reads the scale tensor `name` as f32 values with its stored shape; each must be finite
+    /// and positive.
+    fn scale_values(
         &self,
         name: &str,
-        experts: usize,
         err: &dyn Fn(String) -> ModelError,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
         let (_, view, _) = self.view(name)?;
-        let shape = view.shape().to_vec();
-        let n: usize = shape.iter().product();
-        let per_expert = experts > 1 && n == experts && shape[0] == experts;
-        if n != 1 && !per_expert {
-            return Err(err(format!(
-                "has a scale {name} of shape {shape:?}; only per-tensor scales ([] or [1]){} are supported \
-                 (block-wise and per-channel scales are not)",
-                if experts > 1 {
-                    format!(" or one per expert ([{experts}])")
-                } else {
-                    String::new()
-                }
-            )));
-        }
         use safetensors::Dtype as D;
         if !matches!(view.dtype(), D::F32 | D::BF16 | D::F16 | D::F64) {
             return Err(err(format!(
@@ -507,7 +647,7 @@ impl Checkpoint {
                 "has a scale {name} holding {bad}; scales must be finite and greater than zero"
             )));
         }
-        Ok(v)
+        Ok((v, view.shape().to_vec()))
     }
 }
 
