@@ -86,12 +86,23 @@ pub struct EngineArgs {
     /// bytes of f32). fp8 halves bf16's again. Also spelled `--kv-cache-dtype`, as in vLLM.
     #[arg(long, visible_alias = "kv-cache-dtype", default_value = "auto")]
     pub kv_dtype: String,
-    /// Disable prefix caching.
-    #[arg(long)]
+    /// Share of the GPU's memory to use for the weights and the KV cache together (vLLM's
+    /// flag, default 0.9): without --kv-cache-memory, the KV cache gets what this leaves after
+    /// loading the model. No effect on the CPU, whose KV cache --kv-cache-memory sizes.
+    #[arg(long, value_name = "FRACTION")]
+    pub gpu_memory_utilization: Option<f64>,
+    /// Disable prefix caching (also vLLM's `--no-enable-prefix-caching`).
+    #[arg(long, visible_alias = "no-enable-prefix-caching")]
     pub no_prefix_caching: bool,
-    /// Disable chunked prefill.
-    #[arg(long)]
+    /// Prefix caching on, the default (vLLM's flag).
+    #[arg(long, conflicts_with = "no_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Disable chunked prefill (also vLLM's `--no-enable-chunked-prefill`).
+    #[arg(long, visible_alias = "no-enable-chunked-prefill")]
     pub no_chunked_prefill: bool,
+    /// Chunked prefill on, the default (vLLM's flag).
+    #[arg(long, conflicts_with = "no_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
     /// Most requests queued before new ones get HTTP 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
@@ -364,6 +375,11 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig, exact: bool) -> Res
     if args.block_size == 0 || args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 {
         anyhow::bail!("--block-size, --max-num-seqs and --max-num-batched-tokens must be positive");
     }
+    let gpu_memory_utilization = match args.gpu_memory_utilization {
+        None => switchyard_model::plan::DEFAULT_GPU_MEMORY_UTILIZATION,
+        Some(u) if u > 0.0 && u <= 1.0 => u,
+        Some(u) => anyhow::bail!("--gpu-memory-utilization {u}: must be above 0 and at most 1"),
+    };
     Ok(EngineConfig {
         scheduler: SchedulerConfig {
             max_num_seqs: args.max_num_seqs,
@@ -374,6 +390,7 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig, exact: bool) -> Res
             policy: args.scheduling_policy,
         },
         block_size: args.block_size,
+        gpu_memory_utilization,
         kv_cache_memory: args
             .kv_cache_memory
             .as_deref()
@@ -407,6 +424,12 @@ pub fn start_loaded(l: Loaded, e: &EngineArgs) -> Result<EngineHandle> {
     let m = l.model();
     let exact = m.dtype() == DType::F32 && m.quantization().is_none();
     let cfg = engine_config(e, m.config(), exact)?;
+    if e.gpu_memory_utilization.is_some() && m.device().is_cpu() {
+        tracing::info!(
+            "--gpu-memory-utilization has no effect on the CPU; --kv-cache-memory sizes the KV \
+             cache there"
+        );
+    }
     EngineHandle::start(l.ranks, l.tokenizer, cfg).map_err(anyhow::Error::msg)
 }
 

@@ -14,6 +14,7 @@ mod cmd_run_batch;
 mod http;
 mod loading;
 mod serve;
+mod vllm_flags;
 
 use clap::{Parser, Subcommand};
 

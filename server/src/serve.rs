@@ -18,6 +18,7 @@ use switchyard_router::{JsonlAppender, Policy, RouterState};
 
 use crate::http::{self, routing::Routing, AppState};
 use crate::loading::{self, parse_bytes, EngineArgs, ModelArgs};
+use crate::vllm_flags;
 
 /// `serve` flags (DESIGN.md contract, plus vLLM's names where one exists).
 #[derive(clap::Args, Debug)]
@@ -31,12 +32,22 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8000)]
     port: u16,
     /// Environment variable holding the API key `/v1/*` requires (`Authorization: Bearer` or
-    /// `x-api-key`); without it the API is open.
+    /// `x-api-key`); without it (or --api-key) the API is open.
     #[arg(long)]
     api_key_env: Option<String>,
+    /// The API key `/v1/*` requires (vLLM's flag). It shows in `ps`; --api-key-env keeps it in
+    /// the environment instead.
+    #[arg(long, conflicts_with = "api_key_env")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    cors: vllm_flags::CorsArgs,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Accepted for vLLM compatibility; no effect (there is no uvicorn: RUST_LOG sets the log
+    /// levels, e.g. `RUST_LOG=warn`).
+    #[arg(long, value_name = "LEVEL")]
+    uvicorn_log_level: Option<String>,
 }
 
 #[cfg(test)]
@@ -89,6 +100,21 @@ pub struct AppArgs {
     /// generation_config.json instead.
     #[arg(long, value_name = "auto|vllm|DIR", default_value = "auto")]
     pub generation_config: String,
+    /// How the model writes tool calls (vLLM's flag): `auto` (the default) reads it off the
+    /// chat template; `hermes` (`<tool_call>{json}</tool_call>`) or `hy_v3` (Hy3's
+    /// `<arg_key>`/`<arg_value>` form) force one, for a template the detection gets wrong.
+    #[arg(long, value_name = "auto|hermes|hy_v3", default_value = "auto")]
+    pub tool_call_parser: String,
+    /// vLLM's reasoning parser name. Reasoning between `<think>` and `</think>` is always
+    /// split off (`reasoning_content`, Anthropic `thinking`); the names of vLLM's parsers for
+    /// that form are accepted, others refused.
+    #[arg(long, value_name = "NAME")]
+    pub reasoning_parser: Option<String>,
+    /// Do not log one line per request (vLLM's flag; the metrics still count them).
+    #[arg(long)]
+    pub disable_log_requests: bool,
+    #[command(flatten)]
+    pub ignored: vllm_flags::IgnoredArgs,
 }
 
 /// The sampling defaults `--generation-config` names without the model: `vllm` (none) or a
@@ -147,9 +173,15 @@ fn served_name(args: &AppArgs) -> String {
     args.model.model.clone()
 }
 
-/// Reads the API key from the named variable; an unset or empty variable is an error, so a
-/// typo never leaves the API open.
-fn api_key(var: Option<&str>) -> Result<Option<String>> {
+/// The API key: `--api-key` as given, or read from the `--api-key-env` variable; an empty key
+/// or an unset or empty variable is an error, so a typo never leaves the API open.
+fn api_key(key: Option<&str>, var: Option<&str>) -> Result<Option<String>> {
+    if let Some(k) = key {
+        if k.trim().is_empty() {
+            anyhow::bail!("--api-key is empty");
+        }
+        return Ok(Some(k.trim().to_string()));
+    }
     let Some(var) = var else { return Ok(None) };
     match std::env::var(var) {
         Ok(k) if !k.trim().is_empty() => Ok(Some(k.trim().to_string())),
@@ -160,7 +192,15 @@ fn api_key(var: Option<&str>) -> Result<Option<String>> {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let key = api_key(args.api_key_env.as_deref())?;
+    let key = api_key(args.api_key.as_deref(), args.api_key_env.as_deref())?;
+    let cors = args.cors.layer()?;
+    if let Some(level) = &args.uvicorn_log_level {
+        tracing::info!(
+            flag = "--uvicorn-log-level",
+            level = %level,
+            "accepted for vLLM compatibility; no effect: there is no uvicorn (RUST_LOG sets levels)"
+        );
+    }
     let state = build_state(&args.app, key)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -169,6 +209,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     let r = rt.block_on(serve(
         state,
+        cors,
         &args.host,
         args.port,
         Duration::from_secs(args.shutdown_timeout),
@@ -183,6 +224,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
 pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppState>> {
     let max_body = usize::try_from(parse_bytes(&args.max_body_bytes).context("--max-body-bytes")?)
         .context("--max-body-bytes is too large")?;
+    let tool_call_format = vllm_flags::tool_call_parser(&args.tool_call_parser)?;
+    if let Some(p) = &args.reasoning_parser {
+        vllm_flags::reasoning_parser(p)?;
+    }
+    args.ignored.log();
     let mut routing = router(args.router.as_deref(), args.telemetry.as_deref())?;
     if args.classifier {
         let t = std::time::Instant::now();
@@ -227,6 +273,8 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         default_max_tokens: args.default_max_tokens.max(1),
         generation_defaults,
         responses: Default::default(),
+        tool_call_format,
+        log_requests: !args.disable_log_requests,
         engine,
     }))
 }
@@ -275,7 +323,13 @@ fn router(
     Ok(routing)
 }
 
-async fn serve(state: Arc<AppState>, host: &str, port: u16, grace: Duration) -> Result<()> {
+async fn serve(
+    state: Arc<AppState>,
+    cors: Option<tower_http::cors::CorsLayer>,
+    host: &str,
+    port: u16,
+    grace: Duration,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind((host, port))
         .await
         .with_context(|| format!("cannot listen on {host}:{port}"))?;
@@ -293,7 +347,11 @@ async fn serve(state: Arc<AppState>, host: &str, port: u16, grace: Duration) -> 
     let _ = std::io::stdout().flush();
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = http::app(state);
+    let app = match cors {
+        // Outermost, so preflight requests are answered before the API key is checked.
+        Some(c) => http::app(state).layer(c),
+        None => http::app(state),
+    };
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -356,7 +414,15 @@ async fn shutdown_signal() -> &'static str {
 mod tests {
     #[test]
     fn missing_key_variable_is_an_error() {
-        assert!(super::api_key(Some("SWITCHYARD_TEST_SURELY_UNSET_VAR")).is_err());
-        assert_eq!(super::api_key(None).unwrap(), None);
+        assert!(super::api_key(None, Some("SWITCHYARD_TEST_SURELY_UNSET_VAR")).is_err());
+        assert_eq!(super::api_key(None, None).unwrap(), None);
+        assert_eq!(
+            super::api_key(Some(" k "), None).unwrap().as_deref(),
+            Some("k")
+        );
+        assert!(super::api_key(Some(" "), None)
+            .unwrap_err()
+            .to_string()
+            .contains("--api-key"));
     }
 }

@@ -34,9 +34,13 @@ pub struct EngineConfig {
     /// Tokens per KV block (vLLM's default 16: small enough to waste little at sequence ends,
     /// large enough that block tables stay short).
     pub block_size: usize,
-    /// Bytes for the KV cache; `None` = a quarter of available memory, capped at what
+    /// Bytes for the KV cache; `None` = a quarter of available memory on the CPU, on a GPU
+    /// what `gpu_memory_utilization` leaves after the weights; capped at what
     /// `max_num_seqs × max_model_len` tokens need.
     pub kv_cache_memory: Option<u64>,
+    /// Share of a GPU's memory the process may use, weights and KV cache together (vLLM's
+    /// `--gpu-memory-utilization`); sizes the KV cache when `kv_cache_memory` is `None`.
+    pub gpu_memory_utilization: f64,
     /// KV storage dtype.
     pub kv_dtype: KvDtype,
     /// Reuse cached KV blocks across requests with a common prefix.
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             block_size: 16,
             kv_cache_memory: None,
+            gpu_memory_utilization: switchyard_model::plan::DEFAULT_GPU_MEMORY_UTILIZATION,
             kv_dtype: KvDtype::F32,
             prefix_caching: true,
             speculative: None,
@@ -379,7 +384,9 @@ impl EngineHandle {
                 ));
             }
             Some(b) => b as usize,
-            None => default_kv_bytes(&device)?.min(want_tokens * per_token),
+            None => {
+                default_kv_bytes(&device, cfg.gpu_memory_utilization)?.min(want_tokens * per_token)
+            }
         };
         let num_blocks = bytes / (per_token * cfg.block_size);
         if num_blocks == 0 {
@@ -609,15 +616,24 @@ fn device_name(d: &candle_core::Device) -> String {
 }
 
 /// KV cache bytes when the user gives no size. On a GPU, vLLM's rule: the cache gets what is left
-/// of `gpu_memory_utilization × total` after the weights and the CUDA context (free memory is
-/// read after loading); on the CPU a quarter of the available host memory.
-fn default_kv_bytes(device: &candle_core::Device) -> Result<usize, String> {
+/// of `utilization × total` after the weights and the CUDA context (free memory is read after
+/// loading); on the CPU a quarter of the available host memory.
+fn default_kv_bytes(device: &candle_core::Device, utilization: f64) -> Result<usize, String> {
     match switchyard_model::gpu_memory(device).map_err(|e| e.to_string())? {
         Some((free, total)) => {
-            let budget =
-                (total as f64 * switchyard_model::plan::DEFAULT_GPU_MEMORY_UTILIZATION) as usize;
+            let budget = (total as f64 * utilization) as usize;
             let used = total.saturating_sub(free);
-            Ok(budget.saturating_sub(used))
+            if used >= budget {
+                return Err(format!(
+                    "--gpu-memory-utilization {utilization} allows {:.1} GiB of this GPU's \
+                     {:.1} GiB, but {:.1} GiB are in use after loading the model: nothing is \
+                     left for the KV cache; raise it, or give --kv-cache-memory",
+                    budget as f64 / GIB,
+                    total as f64 / GIB,
+                    used as f64 / GIB
+                ));
+            }
+            Ok(budget - used)
         }
         None => {
             Ok(available_memory()
@@ -625,6 +641,9 @@ fn default_kv_bytes(device: &candle_core::Device) -> Result<usize, String> {
         }
     }
 }
+
+/// Bytes per GiB, for messages.
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// Bytes of memory available to this process (Linux `MemAvailable`; 8 GiB if unknown).
 pub fn available_memory() -> usize {

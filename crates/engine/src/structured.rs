@@ -442,6 +442,45 @@ mod tests {
         }
     }
 
+    /// Hy3 calls write string values raw; the schema's length bounds, `enum` and `const` still
+    /// hold for them.
+    #[test]
+    fn hy3_forced_calls_keep_string_schemas() {
+        use crate::tool_calls::ToolCallFormat;
+        let (cc, tok) = compiler();
+        let call = |city: &str, unit: &str| {
+            format!(
+                "<tool_call>w\n<arg_key>city</arg_key>\n<arg_value>{city}</arg_value>\n\
+                 <arg_key>unit</arg_key>\n<arg_value>{unit}</arg_value>\n\
+                 <arg_key>v</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"
+            )
+        };
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "w", "parameters": {
+            "type": "object", "properties": {
+                "city": {"type": "string", "minLength": 2, "maxLength": 6},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+                "v": {"type": "string", "const": "2"}},
+            "required": ["city", "unit", "v"]}}}),
+        ];
+        let g = ToolCallFormat::Hy3
+            .forced_call_grammar(&tools, None)
+            .unwrap();
+        let c = cc
+            .compile(&OutputConstraint::Grammar(g.clone()))
+            .unwrap_or_else(|e| panic!("{e}\n{g}"));
+        for good in [call("Paris", "C"), call("Oslo 1", "F"), call("NY", "C")] {
+            assert!(accepts(&c, &tok, &good), "refuses {good:?}\n{g}");
+            let p = ToolCallFormat::Hy3.parse(&good, &tools);
+            assert_eq!(p.calls.len(), 1, "{good:?}");
+        }
+        for bad in [call("Barcelona", "C"), call("X", "C"), call("Rome", "K")] {
+            assert!(!accepts(&c, &tok, &bad), "accepts {bad:?}\n{g}");
+        }
+        let wrong_const = call("Rome", "C").replace(">2<", ">3<");
+        assert!(!accepts(&c, &tok, &wrong_const));
+    }
+
     #[test]
     fn after_reasoning_constraints_allow_free_thoughts_then_the_answer() {
         let (cc, tok) = compiler();

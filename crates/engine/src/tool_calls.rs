@@ -297,7 +297,7 @@ impl ToolCallFormat {
                         let arg = format!("{rule}_arg_{j}");
                         let value = if schema.get("type").and_then(Value::as_str) == Some("string")
                         {
-                            "/[^<]*/".to_string()
+                            hy3_raw_string(schema)
                         } else {
                             format!("%json {schema}")
                         };
@@ -329,6 +329,34 @@ impl ToolCallFormat {
             g.push('\n');
         }
         Ok(g)
+    }
+}
+
+/// Longest `maxLength` written into a Hy3 string value's grammar as a bounded repetition;
+/// above it the value is unbounded (a repetition bound is that many automaton states).
+const HY3_MAX_BOUNDED_STRING: u64 = 1024;
+
+/// The grammar of a string argument's raw text in a Hy3 call (written unquoted, so it cannot
+/// hold `<`, which would open the closing tag): the schema's `const` or string `enum` as
+/// literals, otherwise any text within `minLength`..`maxLength` characters. `pattern` and
+/// `format` are not applied.
+fn hy3_raw_string(schema: &Value) -> String {
+    if let Some(c) = schema.get("const").and_then(Value::as_str) {
+        return lark_str(c);
+    }
+    let choices: Vec<String> = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(lark_str).collect())
+        .unwrap_or_default();
+    if !choices.is_empty() {
+        return format!("({})", choices.join(" | "));
+    }
+    let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+    match schema.get("maxLength").and_then(Value::as_u64) {
+        Some(max) if max <= HY3_MAX_BOUNDED_STRING => format!("/[^<]{{{min},{}}}/", max.max(min)),
+        _ if min > 0 => format!("/[^<]{{{min},}}/", min = min.min(HY3_MAX_BOUNDED_STRING)),
+        _ => "/[^<]*/".into(),
     }
 }
 

@@ -174,6 +174,7 @@ fn full_context_is_planned_and_impossible_requests_are_refused() {
         },
         block_size: 16,
         kv_cache_memory: Some((262_144 * per_token) as u64),
+        gpu_memory_utilization: 0.9,
         kv_dtype: KvDtype::Bf16,
         prefix_caching: true,
         speculative: None,

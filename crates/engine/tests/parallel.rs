@@ -37,6 +37,7 @@ fn start(dir: &Path, world: usize) -> EngineHandle {
         },
         block_size: 5,
         kv_cache_memory: Some(64 << 20),
+        gpu_memory_utilization: 0.9,
         kv_dtype: KvDtype::F32,
         prefix_caching: true,
         speculative: None,

@@ -80,6 +80,10 @@ pub struct AppState {
     pub generation_defaults: switchyard_engine::generation_config::GenerationDefaults,
     /// Stored Responses API responses (`previous_response_id`, `GET /v1/responses/{id}`).
     pub responses: response_store::ResponseStore,
+    /// The tool-call format `--tool-call-parser` forces; `None` reads it off the template.
+    pub tool_call_format: Option<switchyard_engine::tool_calls::ToolCallFormat>,
+    /// Log one line per request (`--disable-log-requests` turns it off).
+    pub log_requests: bool,
 }
 
 impl AppState {
@@ -245,14 +249,16 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         .request_latency
         .with_label_values(&[endpoint.as_str()])
         .observe(secs);
-    tracing::info!(
-        target: "switchyard::http",
-        %method,
-        path = %path,
-        status = status.as_u16(),
-        latency_ms = format!("{:.1}", secs * 1e3),
-        "request"
-    );
+    if state.log_requests {
+        tracing::info!(
+            target: "switchyard::http",
+            %method,
+            path = %path,
+            status = status.as_u16(),
+            latency_ms = format!("{:.1}", secs * 1e3),
+            "request"
+        );
+    }
     resp
 }
 

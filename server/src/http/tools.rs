@@ -263,10 +263,12 @@ pub fn template(state: &AppState) -> &ChatTemplate {
     state.tools_template.as_ref().unwrap_or(&state.template)
 }
 
-/// How the model writes calls (the format of [`template`]).
+/// How the model writes calls: what `--tool-call-parser` forces, else the format of
+/// [`template`].
 pub fn format(state: &AppState) -> ToolCallFormat {
-    template(state)
-        .tool_call_format()
+    state
+        .tool_call_format
+        .or_else(|| template(state).tool_call_format())
         .unwrap_or(ToolCallFormat::Hermes)
 }
 

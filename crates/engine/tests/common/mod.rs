@@ -64,6 +64,7 @@ pub fn engine_cfg(budget: usize, block: usize, blocks: Option<usize>) -> EngineC
         },
         block_size: block,
         kv_cache_memory: Some((blocks.unwrap_or(256) * block * per_token) as u64),
+        gpu_memory_utilization: 0.9,
         kv_dtype: KvDtype::F32,
         prefix_caching: true,
         speculative: None,

@@ -1,0 +1,264 @@
+//! A `vllm serve` launch line starts Switchyard unchanged (`server/src/vllm_flags.rs`): the
+//! flags with an effect are checked for it (`--api-key`, CORS's `--allowed-origins` family,
+//! `--tool-call-parser`, `--disable-log-requests`, the prefix-caching and chunked-prefill
+//! spellings), the others are accepted and logged as having no effect, and bad values are
+//! refused naming the flag.
+
+mod common;
+
+use common::{client, post, run_cli, Opts, Server};
+use serde_json::{json, Value};
+
+fn chat() -> Value {
+    json!({"model": "local", "max_tokens": 4, "temperature": 0,
+           "messages": [{"role": "user", "content": "Hi"}]})
+}
+
+/// A launch line as written for vLLM, with an API key and one allowed origin.
+fn vllm_server(extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--api-key",
+        "sk-test",
+        "--trust-remote-code",
+        "--enforce-eager",
+        "--disable-log-stats",
+        "--enable-auto-tool-choice",
+        "--reasoning-parser",
+        "hy_v3",
+        "--gpu-memory-utilization",
+        "0.85",
+        "--enable-prefix-caching",
+        "--no-enable-chunked-prefill",
+        "--uvicorn-log-level",
+        "warning",
+        "--allowed-origins",
+        r#"["http://localhost:3000"]"#,
+        "--max-model-len",
+        "2048",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with(Opts {
+        args: &args,
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_vllm_launch_line_serves_with_its_key_and_cors() {
+    let s = vllm_server(&["--disable-log-requests"]);
+    // --api-key: required on /v1, as with --api-key-env.
+    assert_eq!(
+        post(&s, "/v1/chat/completions", chat(), &[]).await.status,
+        401
+    );
+    let ok = post(
+        &s,
+        "/v1/chat/completions",
+        chat(),
+        &[("authorization", "Bearer sk-test")],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+
+    // CORS preflight from the allowed origin: answered before the key check.
+    let pre = client()
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 200);
+    let h = pre.headers();
+    assert_eq!(
+        h["access-control-allow-origin"], "http://localhost:3000",
+        "{h:?}"
+    );
+    let methods = h["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods == "*" || methods.contains("POST"), "{methods}");
+    // The actual request carries the header too; another origin gets none.
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .header("authorization", "Bearer sk-test")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let other = client()
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "http://evil.example")
+        .header("authorization", "Bearer sk-test")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // The flags without an effect say so; --disable-log-requests drops the per-request lines
+    // (the metrics still count the requests).
+    let log = s.log();
+    for flag in [
+        "--trust-remote-code",
+        "--enforce-eager",
+        "--disable-log-stats",
+        "--enable-auto-tool-choice",
+        "--uvicorn-log-level",
+        "--gpu-memory-utilization",
+    ] {
+        assert!(
+            log.contains(flag) && log.contains("no effect"),
+            "{flag} not reported:\n{log}"
+        );
+    }
+    assert!(!log.contains("latency_ms"), "request lines logged:\n{log}");
+    let metrics = client()
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        common::metric_sum(&metrics, "switchyard_http_requests_total", &[]) >= 4.0,
+        "{metrics}"
+    );
+}
+
+/// Without `--allowed-origins` no CORS headers are sent (unlike vLLM's default `*`), and
+/// request lines are logged.
+#[tokio::test]
+async fn without_allowed_origins_there_is_no_cors() {
+    let s = Server::start();
+    let pre = client()
+        .request(reqwest::Method::OPTIONS, s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(pre.headers().get("access-control-allow-origin").is_none());
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .header("origin", "http://localhost:3000")
+        .json(&chat())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    assert!(s.log().contains("latency_ms"));
+}
+
+/// The raw text of a forced call (`tool_choice` names the function), from its token ids.
+async fn forced_call_text(s: &Server) -> (Value, String) {
+    let tool = json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 8}},
+            "required": ["city"], "additionalProperties": false}}});
+    let v = post(
+        s,
+        "/v1/chat/completions",
+        json!({"model": "local", "max_tokens": 80, "temperature": 1.0, "seed": 3,
+               "messages": [{"role": "user", "content": "Weather?"}],
+               "tools": [tool], "return_token_ids": true,
+               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+        &[],
+    )
+    .await
+    .json();
+    let choice = &v["choices"][0];
+    let ids = choice["token_ids"].clone();
+    let text = post(
+        s,
+        "/detokenize",
+        json!({"model": "local", "tokens": ids}),
+        &[],
+    )
+    .await
+    .json()["prompt"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string();
+    (choice["message"]["tool_calls"][0].clone(), text)
+}
+
+/// `--tool-call-parser` picks the format a call is written and read in: the tiny model's
+/// template is Hermes (JSON in `<tool_call>`), and `hy_v3` makes the forced call Hy3's
+/// `<arg_key>`/`<arg_value>` form, parsed back into the same OpenAI `tool_calls` shape.
+#[tokio::test]
+async fn tool_call_parser_sets_the_call_format() {
+    for (parser, marker) in [("auto", "{\"name\""), ("hy_v3", "<arg_key>city</arg_key>")] {
+        let s = Server::start_with(Opts {
+            args: &["--max-model-len", "2048", "--tool-call-parser", parser],
+            ..Default::default()
+        });
+        let (call, text) = forced_call_text(&s).await;
+        assert!(text.contains(marker), "{parser}: {text}");
+        assert_eq!(
+            call["function"]["name"], "get_weather",
+            "{parser}: {call} {text:?}"
+        );
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        let city = args["city"].as_str().unwrap_or_else(|| panic!("{args}"));
+        assert!(city.chars().count() <= 8, "{parser}: {args}");
+    }
+}
+
+#[test]
+fn bad_vllm_flag_values_are_refused_naming_the_flag() {
+    let model = common::model_arg();
+    for (extra, words) in [
+        (
+            &["--gpu-memory-utilization", "1.5"][..],
+            "--gpu-memory-utilization 1.5",
+        ),
+        (
+            &["--gpu-memory-utilization", "0"][..],
+            "--gpu-memory-utilization 0",
+        ),
+        (
+            &["--tool-call-parser", "mistral"][..],
+            "--tool-call-parser \"mistral\"",
+        ),
+        (
+            &["--reasoning-parser", "gptoss"][..],
+            "--reasoning-parser \"gptoss\"",
+        ),
+        (&["--api-key", " "][..], "--api-key is empty"),
+        (
+            &["--api-key", "k", "--api-key-env", "K"][..],
+            "--api-key-env",
+        ),
+        (
+            &["--allowed-origins", "*", "--allow-credentials"][..],
+            "--allow-credentials",
+        ),
+        (
+            &["--allowed-origins", "localhost:3000"][..],
+            "--allowed-origins",
+        ),
+        (&["--allowed-methods", "GET"][..], "--allowed-origins"),
+        (
+            &["--enable-prefix-caching", "--no-prefix-caching"][..],
+            "--no-prefix-caching",
+        ),
+    ] {
+        let mut args = vec!["serve", "--model", model.as_str(), "--port", "0"];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run_cli(&args);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(err.contains(words), "{extra:?}: {err}");
+    }
+}
