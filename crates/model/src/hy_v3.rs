@@ -35,7 +35,6 @@ mod moe_layer;
 
 pub use moe_layer::{MoeLayer, MoeWeights, SharedExpertWeights};
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -1213,6 +1212,119 @@ impl DecoderLayer {
             },
         })
     }
+
+    /// Bytes of this layer's weights (norms, attention, MLP or MoE).
+    fn bytes(&self) -> u64 {
+        let b = tensor_bytes;
+        let ob = |t: &Option<Tensor>| t.as_ref().map_or(0, b);
+        let mlp = Mlp::bytes;
+        let l = self;
+        let mut n = b(&l.input_layernorm.weight) + b(&l.post_attention_layernorm.weight);
+        let a = &l.self_attn;
+        n += a.qkv_proj.bytes() + a.o_proj.bytes() + ob(&a.o_bias);
+        for q in [&a.q_norm, &a.k_norm].into_iter().flatten() {
+            n += b(&q.weight);
+        }
+        n += match &l.mlp {
+            FeedForward::Dense(m) => mlp(m),
+            FeedForward::Moe(m) => {
+                let experts = match &m.exec {
+                    MoeExec::Reference { bias, experts } => {
+                        bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
+                            + b(&experts.gate_up)
+                            + b(&experts.down)
+                    }
+                    #[cfg(feature = "cuda")]
+                    MoeExec::CudaGate { bias, experts } => {
+                        ob(bias) + b(&experts.gate_up) + b(&experts.down)
+                    }
+                    #[cfg(feature = "cuda")]
+                    MoeExec::CudaKernels(c) => c.weight_bytes(),
+                    MoeExec::Quant { bias, experts } => {
+                        bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
+                            + experts.memory_bytes() as u64
+                    }
+                };
+                b(&m.router) + experts + m.shared.as_ref().map_or(0, mlp)
+            }
+        };
+        n
+    }
+}
+
+/// The MTP (multi-token prediction) layer Hy3 ships after its decoder layers, as
+/// `model.layers.{num_hidden_layers}.*` (transformers skips it; vLLM's `hy_v3_mtp` reads it
+/// under these names): from the embedding of token `p + 1` and the main model's final-normed
+/// hidden state at position `p` it predicts token `p + 2`, a draft for speculative decoding.
+///
+/// `x = eh_proj([enorm(embed(t[p+1])), hnorm(h[p])])`, then one decoder layer (attention at
+/// position `p` over this layer's own KV, and an MoE), then `final_layernorm`, and the main
+/// model's `lm_head`. The embedding at position 0 is zeroed, as Tencent's reference and vLLM do.
+#[derive(Debug, Clone)]
+struct MtpLayer {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    /// `[hidden, 2 × hidden]` over `[enorm(embedding), hnorm(hidden)]`.
+    eh_proj: Linear,
+    block: DecoderLayer,
+    final_layernorm: RmsNorm,
+}
+
+impl MtpLayer {
+    fn load(
+        w: &Weights,
+        cfg: &ModelConfig,
+        shard: &Shard,
+        isq: Option<IsqType>,
+    ) -> Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps;
+        // Hy3's MTP block is an MoE layer like the decoder layers after the first.
+        let kind = cfg.layer_kinds.last().copied().unwrap_or(LayerKind::Moe);
+        Ok(Self {
+            enorm: RmsNorm::load(&w.pp("enorm"), h, eps)?,
+            hnorm: RmsNorm::load(&w.pp("hnorm"), h, eps)?,
+            eh_proj: Linear::load(&w.pp("eh_proj"), h, 2 * h, false)?
+                .quantized(isq)
+                .map_err(quantizing(w.path("eh_proj")))?,
+            block: DecoderLayer::load(w, cfg, kind, shard, isq)?,
+            final_layernorm: RmsNorm::load(&w.pp("final_layernorm"), h, eps)?,
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        let b = tensor_bytes;
+        b(&self.enorm.weight)
+            + b(&self.hnorm.weight)
+            + b(&self.final_layernorm.weight)
+            + self.eh_proj.bytes()
+            + self.block.bytes()
+    }
+}
+
+/// One sequence's part of a paged MTP step ([`HyV3Model::mtp_forward_paged`]).
+#[derive(Debug, Clone)]
+pub struct MtpSeq<'a> {
+    /// The token after each position: position `pos0 + i` takes `next_tokens[i]`.
+    pub next_tokens: &'a [u32],
+    /// First position.
+    pub pos0: usize,
+    /// Blocks covering positions `0..pos0 + next_tokens.len()` (the main model's table).
+    pub block_table: &'a [u32],
+    /// The main model's final-normed hidden states at these positions, `[n, hidden]`.
+    pub hidden: Tensor,
+    /// Return the logits of the last position (the draft for the token after
+    /// `next_tokens.last()`).
+    pub logits: bool,
+}
+
+/// A paged batch laid out: token ids, attention spans, positions and cache slots.
+#[derive(Default)]
+struct PagedPlan<'a> {
+    ids: Vec<u32>,
+    attn: Vec<switchyard_kernels::SeqAttn<'a>>,
+    positions: Vec<usize>,
+    slots: Vec<usize>,
 }
 
 /// One sequence's part of a paged forward.
@@ -1243,7 +1355,7 @@ pub struct HyV3Model {
     act_dtype: DType,
     quantize: Option<IsqType>,
     device: Device,
-    mtp: Option<HashMap<String, Tensor>>,
+    mtp: Option<Box<MtpLayer>>,
     /// Which part of the model this is (rank 0 of 1 for the whole model).
     shard: Shard,
     /// The group's communicator; `None` on one rank (no collectives at all).
@@ -1384,26 +1496,18 @@ impl HyV3Model {
         let lm_head = LinearWeight::quantize(lm_head, isq.map(IsqType::lm_head))
             .map_err(quantizing("lm_head"))?;
         let mtp = if opts.load_mtp {
-            let mut map = HashMap::new();
-            for l in 0..cfg.num_mtp_layers.max(1) {
-                let prefix = format!("model.layers.{}.", cfg.num_hidden_layers + l);
-                let names: Vec<String> = ckpt
-                    .names()
-                    .filter(|n| n.starts_with(&prefix))
-                    .map(str::to_string)
-                    .collect();
-                for n in names {
-                    let st = ckpt.get_any_shape(&n, opts.dtype, &opts.device)?;
-                    map.insert(n, st);
-                }
-            }
-            if map.is_empty() {
+            let l = cfg.num_hidden_layers;
+            let w = m.pp("layers").pp(l);
+            if !ckpt
+                .names()
+                .any(|n| n.starts_with(&format!("{}.", w.path("eh_proj"))))
+            {
                 return Err(ModelError::MissingTensor {
-                    name: format!("model.layers.{}.* (MTP layer)", cfg.num_hidden_layers),
+                    name: format!("model.layers.{l}.eh_proj.weight (the MTP layer)"),
                     dir: ckpt.dir().to_path_buf(),
                 });
             }
-            Some(map)
+            Some(Box::new(MtpLayer::load(&w, &cfg, &shard, isq)?))
         } else {
             None
         };
@@ -1443,46 +1547,14 @@ impl HyV3Model {
     /// padding included), so the figure falls to about 1.06/2 of bf16's for the projections.
     pub fn weight_bytes(&self) -> u64 {
         let b = tensor_bytes;
-        let ob = |t: &Option<Tensor>| t.as_ref().map_or(0, b);
-        let mlp = Mlp::bytes;
         let mut n = b(self.embed_tokens.embeddings()) + b(&self.norm.weight);
         // A tied dense head is the embedding's tensor; a quantized one is its own copy.
         if !self.tied_head || self.quantize.is_some() {
             n += self.lm_head.bytes();
         }
-        for l in &self.layers {
-            n += b(&l.input_layernorm.weight) + b(&l.post_attention_layernorm.weight);
-            let a = &l.self_attn;
-            n += a.qkv_proj.bytes() + a.o_proj.bytes() + ob(&a.o_bias);
-            for q in [&a.q_norm, &a.k_norm].into_iter().flatten() {
-                n += b(&q.weight);
-            }
-            n += match &l.mlp {
-                FeedForward::Dense(m) => mlp(m),
-                FeedForward::Moe(m) => {
-                    let experts = match &m.exec {
-                        MoeExec::Reference { bias, experts } => {
-                            bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
-                                + b(&experts.gate_up)
-                                + b(&experts.down)
-                        }
-                        #[cfg(feature = "cuda")]
-                        MoeExec::CudaGate { bias, experts } => {
-                            ob(bias) + b(&experts.gate_up) + b(&experts.down)
-                        }
-                        #[cfg(feature = "cuda")]
-                        MoeExec::CudaKernels(c) => c.weight_bytes(),
-                        MoeExec::Quant { bias, experts } => {
-                            bias.as_ref().map_or(0, |v| 4 * v.len() as u64)
-                                + experts.memory_bytes() as u64
-                        }
-                    };
-                    b(&m.router) + experts + m.shared.as_ref().map_or(0, mlp)
-                }
-            };
-        }
+        n += self.layers.iter().map(DecoderLayer::bytes).sum::<u64>();
         if let Some(mtp) = &self.mtp {
-            n += mtp.values().map(b).sum::<u64>();
+            n += mtp.bytes();
         }
         n
     }
@@ -1542,9 +1614,15 @@ impl HyV3Model {
         &self.device
     }
 
-    /// MTP layer tensors, when loaded with `load_mtp`.
-    pub fn mtp_tensors(&self) -> Option<&HashMap<String, Tensor>> {
-        self.mtp.as_ref()
+    /// Whether the MTP layer is loaded (`LoadOptions::load_mtp`).
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    /// Layers with a KV cache: the decoder layers, and the MTP layer when loaded (its KV is
+    /// the paged cache's last layer).
+    pub fn kv_layers(&self) -> usize {
+        self.cfg.num_hidden_layers + usize::from(self.mtp.is_some())
     }
 
     /// A fresh KV cache for one sequence.
@@ -1610,6 +1688,18 @@ impl HyV3Model {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<Tensor, ModelError> {
+        let t = ids.len();
+        let x = self.layers_contiguous(ids, cache)?;
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+        };
+        self.head(&x)
+    }
+
+    /// The decoder layers over `ids` after what `cache` holds (appending their K/V): the last
+    /// layer's output, before the final norm.
+    fn layers_contiguous(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor, ModelError> {
         self.validate_input(ids, cache.len())?;
         let t = ids.len();
         let pos0 = cache.len();
@@ -1618,11 +1708,52 @@ impl HyV3Model {
             .tables(pos0..pos0 + t, self.act_dtype, &self.device)?;
         let x = self.run_layers(ids, |i, attn, hn| attn.forward(hn, &cos, &sin, cache, i))?;
         cache.advance(t);
-        let x = match which {
-            Logits::All => x,
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-        };
-        self.head(&x)
+        Ok(x)
+    }
+
+    /// [`Self::forward`] with every position's logits and the final-normed hidden states
+    /// (`[tokens, hidden]`, what the MTP layer reads).
+    pub fn forward_with_hidden(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let r = self.on_cpu_worker(|| {
+            let h = self.norm.forward(&self.layers_contiguous(ids, cache)?)?;
+            Ok((self.project(&h)?, h))
+        });
+        self.abort_on_error(r)
+    }
+
+    /// An empty KV cache for the MTP layer alone ([`Self::mtp_forward`]).
+    pub fn new_mtp_cache(&self) -> KvCache {
+        KvCache::new(1)
+    }
+
+    /// The MTP layer over the positions after what `cache` (an [`Self::new_mtp_cache`]) holds:
+    /// position `p` takes the token after it (`next_ids`) and the main model's final-normed
+    /// hidden state there (`hidden`, `[n, hidden]`); returns f32 logits `[n, vocab]`, row `i`
+    /// predicting the token after `next_ids[i]`.
+    pub fn mtp_forward(
+        &self,
+        next_ids: &[u32],
+        hidden: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let r = self.on_cpu_worker(|| {
+            self.validate_input(next_ids, cache.len())?;
+            let (n, pos0) = (next_ids.len(), cache.len());
+            let positions: Vec<usize> = (pos0..pos0 + n).collect();
+            let (cos, sin) = self
+                .rope
+                .tables(pos0..pos0 + n, self.act_dtype, &self.device)?;
+            let z = self.mtp_block(next_ids, &positions, hidden, |a, hn| {
+                a.forward(hn, &cos, &sin, cache, 0)
+            })?;
+            cache.advance(n);
+            self.project(&z)
+        });
+        self.abort_on_error(r)
     }
 
     /// Runs a batch of sequences (prefill chunks, decodes, or both) through the paged KV cache.
@@ -1633,69 +1764,106 @@ impl HyV3Model {
         seqs: &[PagedSeq<'_>],
         kv: &mut PagedKvCache,
     ) -> Result<Vec<Tensor>, ModelError> {
-        let r = self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv));
-        self.abort_on_error(r)
+        let r = self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv, false));
+        self.abort_on_error(r).map(|(l, _)| l)
+    }
+
+    /// [`Self::forward_paged`] that also returns every computed position's final-normed hidden
+    /// state, `[tokens in the batch, hidden]` in batch order (what [`Self::mtp_forward_paged`]
+    /// reads).
+    pub fn forward_paged_with_hidden(
+        &self,
+        seqs: &[PagedSeq<'_>],
+        kv: &mut PagedKvCache,
+    ) -> Result<(Vec<Tensor>, Tensor), ModelError> {
+        let r = self.on_cpu_worker(|| self.forward_paged_batch(seqs, kv, true));
+        let (logits, hidden) = self.abort_on_error(r)?;
+        let hidden = hidden.ok_or_else(|| ModelError::InvalidInput("an empty batch".into()))?;
+        Ok((logits, hidden))
+    }
+
+    /// The attention spans, positions and cache slots of a paged batch of `(pos0, tokens,
+    /// block table)`, checked against the vocabulary, the context and the block tables.
+    fn paged_plan<'b>(
+        &self,
+        items: impl Iterator<Item = (usize, &'b [u32], &'b [u32])>,
+        bs: usize,
+    ) -> Result<PagedPlan<'b>, ModelError> {
+        let mut p = PagedPlan::default();
+        for (pos0, tokens, block_table) in items {
+            self.validate_input(tokens, pos0)?;
+            let ctx = pos0 + tokens.len();
+            if block_table.len() * bs < ctx {
+                return Err(ModelError::InvalidInput(format!(
+                    "block table of {} blocks cannot hold {ctx} tokens",
+                    block_table.len()
+                )));
+            }
+            p.attn.push(switchyard_kernels::SeqAttn {
+                q_start: p.ids.len(),
+                q_len: tokens.len(),
+                ctx_len: ctx,
+                block_table,
+            });
+            for q in pos0..ctx {
+                p.positions.push(q);
+                p.slots.push(block_table[q / bs] as usize * bs + q % bs);
+            }
+            p.ids.extend_from_slice(tokens);
+        }
+        Ok(p)
+    }
+
+    /// The batch metadata the attention layers read, for a [`PagedPlan`].
+    fn paged_meta<'b>(
+        &self,
+        p: &'b PagedPlan<'b>,
+        kv: &PagedKvCache,
+    ) -> Result<PagedBatchMeta<'b>, ModelError> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = kv;
+        Ok(PagedBatchMeta {
+            seqs: &p.attn,
+            slots: &p.slots,
+            #[cfg(feature = "cuda")]
+            device: if kv.is_on_device() {
+                Some(switchyard_kernels::cuda::PagedBatch::new(
+                    &self.device,
+                    &p.attn,
+                    p.ids.len(),
+                    kv.layout(),
+                )?)
+            } else {
+                None
+            },
+        })
     }
 
     fn forward_paged_batch(
         &self,
         seqs: &[PagedSeq<'_>],
         kv: &mut PagedKvCache,
-    ) -> Result<Vec<Tensor>, ModelError> {
+        want_hidden: bool,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>), ModelError> {
         if seqs.is_empty() {
-            return Ok(vec![]);
+            return Ok((vec![], None));
         }
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut attn = Vec::with_capacity(seqs.len());
-        let mut slots = Vec::new();
-        let bs = kv.layout().block_size;
-        for s in seqs {
-            self.validate_input(s.tokens, s.pos0)?;
-            let ctx = s.pos0 + s.tokens.len();
-            if s.block_table.len() * bs < ctx {
-                return Err(ModelError::InvalidInput(format!(
-                    "block table of {} blocks cannot hold {ctx} tokens",
-                    s.block_table.len()
-                )));
-            }
-            attn.push(switchyard_kernels::SeqAttn {
-                q_start: ids.len(),
-                q_len: s.tokens.len(),
-                ctx_len: ctx,
-                block_table: s.block_table,
-            });
-            for p in s.pos0..ctx {
-                positions.push(p);
-                slots.push(s.block_table[p / bs] as usize * bs + p % bs);
-            }
-            ids.extend_from_slice(s.tokens);
-        }
-        let meta = PagedBatchMeta {
-            seqs: &attn,
-            slots: &slots,
-            #[cfg(feature = "cuda")]
-            device: if kv.is_on_device() {
-                Some(switchyard_kernels::cuda::PagedBatch::new(
-                    &self.device,
-                    &attn,
-                    ids.len(),
-                    kv.layout(),
-                )?)
-            } else {
-                None
-            },
-        };
+        let plan = self.paged_plan(
+            seqs.iter().map(|s| (s.pos0, s.tokens, s.block_table)),
+            kv.layout().block_size,
+        )?;
+        let meta = self.paged_meta(&plan, kv)?;
         let (cos, sin) =
             self.rope
-                .tables(positions.iter().copied(), self.act_dtype, &self.device)?;
-        let x = self.run_layers(&ids, |i, a, hn| {
+                .tables(plan.positions.iter().copied(), self.act_dtype, &self.device)?;
+        let x = self.run_layers(&plan.ids, |i, a, hn| {
             a.forward_paged(hn, &cos, &sin, kv, i, &meta)
         })?;
-        // Final norm and lm_head only on the rows someone asked for.
+        // Final norm and lm_head only on the rows someone asked for (the norm on all of them
+        // when the hidden states are wanted too; it is row-wise, so the logits are the same).
         let mut rows = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
-        for (s, a) in seqs.iter().zip(&attn) {
+        for (s, a) in seqs.iter().zip(&plan.attn) {
             let start = rows.len();
             match s.logits {
                 Logits::All => rows.extend((a.q_start..a.q_start + a.q_len).map(|r| r as u32)),
@@ -1704,10 +1872,83 @@ impl HyV3Model {
             spans.push((start, rows.len() - start));
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
-        let logits = self.head(&x.index_select(&idx, 0)?)?;
-        spans
+        let (logits, hidden) = if want_hidden {
+            let h = self.norm.forward(&x)?;
+            (self.project(&h.index_select(&idx, 0)?)?, Some(h))
+        } else {
+            (self.head(&x.index_select(&idx, 0)?)?, None)
+        };
+        let logits = spans
             .into_iter()
             .map(|(s, n)| Ok(logits.narrow(0, s, n)?))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok((logits, hidden))
+    }
+
+    /// The MTP layer over a batch of sequences whose main-model positions were computed
+    /// through the same paged cache (its K/V go to the cache's last layer, at the same
+    /// slots). Returns, per sequence that asked for it, the f32 logits `[1, vocab]` of its
+    /// last position: the distribution of the token after its last `next_tokens`.
+    pub fn mtp_forward_paged(
+        &self,
+        seqs: &[MtpSeq<'_>],
+        kv: &mut PagedKvCache,
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let r = self.on_cpu_worker(|| self.mtp_paged_batch(seqs, kv));
+        self.abort_on_error(r)
+    }
+
+    fn mtp_paged_batch(
+        &self,
+        seqs: &[MtpSeq<'_>],
+        kv: &mut PagedKvCache,
+    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+        if seqs.is_empty() {
+            return Ok(vec![]);
+        }
+        let layer = self.cfg.num_hidden_layers;
+        if kv.num_layers() <= layer {
+            return Err(ModelError::InvalidInput(
+                "the paged cache has no layer for the MTP layer (allocate it after loading \
+                 the MTP layer)"
+                    .into(),
+            ));
+        }
+        let plan = self.paged_plan(
+            seqs.iter().map(|s| (s.pos0, s.next_tokens, s.block_table)),
+            kv.layout().block_size,
+        )?;
+        let meta = self.paged_meta(&plan, kv)?;
+        let (cos, sin) =
+            self.rope
+                .tables(plan.positions.iter().copied(), self.act_dtype, &self.device)?;
+        let hidden = Tensor::cat(
+            &seqs.iter().map(|s| s.hidden.clone()).collect::<Vec<_>>(),
+            0,
+        )?;
+        let z = self.mtp_block(&plan.ids, &plan.positions, &hidden, |a, hn| {
+            a.forward_paged(hn, &cos, &sin, kv, layer, &meta)
+        })?;
+        let rows: Vec<u32> = seqs
+            .iter()
+            .zip(&plan.attn)
+            .filter(|(s, _)| s.logits)
+            .map(|(_, a)| (a.q_start + a.q_len - 1) as u32)
+            .collect();
+        if rows.is_empty() {
+            return Ok(vec![None; seqs.len()]);
+        }
+        let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
+        let logits = self.project(&z.index_select(&idx, 0)?)?;
+        let mut next = 0;
+        seqs.iter()
+            .map(|s| {
+                if !s.logits {
+                    return Ok(None);
+                }
+                next += 1;
+                Ok(Some(logits.narrow(0, next - 1, 1)?))
+            })
             .collect()
     }
 
@@ -1725,18 +1966,68 @@ impl HyV3Model {
             self.act_dtype
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            let hn = layer.input_layernorm.forward(&x)?;
-            let a = attend(i, &layer.self_attn, &hn)?;
-            let a = layer.self_attn.add_o_bias(self.all_reduce(a)?)?;
-            let x1 = residual_add(&x, &a)?;
-            let hn = layer.post_attention_layernorm.forward(&x1)?;
-            let f = match &layer.mlp {
-                FeedForward::Dense(m) => m.forward(&hn, partial)?,
-                FeedForward::Moe(m) => m.forward(&hn, partial)?,
-            };
-            x = residual_add(&x1, &self.all_reduce(f)?.to_dtype(self.act_dtype)?)?;
+            x = self.layer_forward(layer, &x, partial, |a, hn| attend(i, a, hn))?;
         }
         Ok(x)
+    }
+
+    /// One decoder layer: attention (through `attend`) and the MLP or MoE, each with its
+    /// residual. `partial` is the dtype a rank's MLP partials stay in until the all-reduce.
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        partial: DType,
+        attend: impl FnOnce(&Attention, &Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
+        let hn = layer.input_layernorm.forward(x)?;
+        let a = attend(&layer.self_attn, &hn)?;
+        let a = layer.self_attn.add_o_bias(self.all_reduce(a)?)?;
+        let x1 = residual_add(x, &a)?;
+        let hn = layer.post_attention_layernorm.forward(&x1)?;
+        let f = match &layer.mlp {
+            FeedForward::Dense(m) => m.forward(&hn, partial)?,
+            FeedForward::Moe(m) => m.forward(&hn, partial)?,
+        };
+        residual_add(&x1, &self.all_reduce(f)?.to_dtype(self.act_dtype)?)
+    }
+
+    /// The MTP layer over positions `positions` (tokens `next_ids` after them, the main
+    /// model's final-normed hidden states `hidden` at them): its final-normed output, ready
+    /// for `lm_head`.
+    fn mtp_block(
+        &self,
+        next_ids: &[u32],
+        positions: &[usize],
+        hidden: &Tensor,
+        attend: impl FnOnce(&Attention, &Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
+        let mtp = self.mtp.as_ref().ok_or_else(|| {
+            ModelError::InvalidInput("the MTP layer is not loaded (load_mtp)".into())
+        })?;
+        if hidden.dim(0)? != next_ids.len() || positions.len() != next_ids.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "MTP step: {} tokens, {} positions and {} hidden rows",
+                next_ids.len(),
+                positions.len(),
+                hidden.dim(0)?
+            )));
+        }
+        let mut e = self.embed(next_ids)?;
+        if positions.contains(&0) {
+            let keep: Vec<f32> = positions
+                .iter()
+                .map(|&p| f32::from(u8::from(p > 0)))
+                .collect();
+            let keep = Tensor::from_vec(keep, (positions.len(), 1), &self.device)?
+                .to_dtype(self.act_dtype)?;
+            e = e.broadcast_mul(&keep)?;
+        }
+        let h = hidden.to_dtype(self.act_dtype)?;
+        let x = Tensor::cat(&[mtp.enorm.forward(&e)?, mtp.hnorm.forward(&h)?], 1)?;
+        let x = mtp.eh_proj.forward(&x)?;
+        let y = self.layer_forward(&mtp.block, &x, self.act_dtype, attend)?;
+        mtp.final_layernorm.forward(&y)
     }
 
     /// Embedding lookup. On a rank of several: the rows of ids in this rank's vocabulary
@@ -1770,8 +2061,12 @@ impl HyV3Model {
     /// Final norm and lm_head, f32 logits over the whole vocabulary (on a rank of several,
     /// this rank's vocabulary columns gathered from every rank).
     fn head(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let x = self.norm.forward(x)?;
-        let logits = self.lm_head.matmul_t(&x)?.to_dtype(DType::F32)?;
+        self.project(&self.norm.forward(x)?)
+    }
+
+    /// lm_head on final-normed rows: f32 logits (gathered over the group on a rank of several).
+    fn project(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        let logits = self.lm_head.matmul_t(x)?.to_dtype(DType::F32)?;
         match &self.comm {
             None => Ok(logits),
             Some(c) => Ok(c.all_gather(&logits, 1)?),
@@ -1802,7 +2097,7 @@ impl HyV3Model {
         dtype: KvDtype,
     ) -> Result<PagedKvCache, ModelError> {
         PagedKvCache::new_on(
-            self.cfg.num_hidden_layers,
+            self.kv_layers(),
             switchyard_kernels::KvLayout {
                 num_blocks,
                 block_size,
@@ -1823,7 +2118,7 @@ impl HyV3Model {
         dtype: KvDtype,
     ) -> PagedKvCache {
         PagedKvCache::new(
-            self.cfg.num_hidden_layers,
+            self.kv_layers(),
             switchyard_kernels::KvLayout {
                 num_blocks,
                 block_size,

@@ -189,6 +189,11 @@ impl PagedKvCache {
         2 * layers * kv_heads * head_dim * dtype.size()
     }
 
+    /// Layers held (the decoder layers, plus the MTP layer when the model loaded it).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Geometry per layer.
     pub fn layout(&self) -> &KvLayout {
         &self.layout

@@ -852,7 +852,7 @@ fn fp8_test_models_quantize_the_f32_draws() {
     assert!(v.iter().all(|x| x.is_finite()));
 }
 
-/// The MTP layer of an FP8 checkpoint loads dequantized on request.
+/// The MTP layer of an FP8 checkpoint loads dequantized on request and runs.
 #[test]
 fn fp8_mtp_layer_loads_dequantized() {
     let opts = LoadOptions {
@@ -860,10 +860,22 @@ fn fp8_mtp_layer_loads_dequantized() {
         ..Default::default()
     };
     let m = HyV3Model::load_dir(&fixture(), &opts).unwrap();
-    let mtp = m.mtp_tensors().expect("MTP tensors loaded on request");
-    let eh = &mtp["model.layers.3.eh_proj.weight"];
-    assert_eq!(eh.dims(), &[48, 96]);
-    assert_eq!(eh.dtype(), m.dtype());
+    assert!(m.has_mtp());
+    let plain = load(&fixture(), DType::F32).unwrap();
+    // The MTP layer's weights are the difference: eh_proj [48, 96] and one MoE block, in f32.
+    assert!(m.weight_bytes() > plain.weight_bytes() + 48 * 96 * 4);
+    let ids = [1u32, 2, 3, 4];
+    let (_, h) = m.forward_with_hidden(&ids, &mut m.new_cache()).unwrap();
+    let logits = m
+        .mtp_forward(
+            &ids[1..],
+            &h.narrow(0, 0, 3).unwrap(),
+            &mut m.new_mtp_cache(),
+        )
+        .unwrap();
+    assert_eq!(logits.dims(), &[3, 256]);
+    let v = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.is_finite()));
 }
 
 /// The fixture rewritten in the fused expert layout: `experts.down_proj` `[E, H, Ie]` in e4m3

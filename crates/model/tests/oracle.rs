@@ -122,18 +122,110 @@ fn bf16_attn_tiles() {
 #[test]
 fn mtp_layer_is_skipped_unless_asked_for() {
     check_case("mtp");
+    assert!(!load("mtp", DType::F32).has_mtp());
     let opts = LoadOptions {
         load_mtp: true,
         ..Default::default()
     };
     let m = HyV3Model::load_dir(&fixtures().join("mtp"), &opts).unwrap();
-    let mtp = m.mtp_tensors().expect("MTP tensors loaded on request");
-    assert!(mtp.keys().all(|k| k.starts_with("model.layers.3.")));
-    assert!(
-        mtp.keys().any(|k| k.contains("eh_proj")),
-        "{:?}",
-        mtp.keys()
-    );
+    assert!(m.has_mtp());
+    assert_eq!(m.kv_layers(), m.config().num_hidden_layers + 1);
+    // The main model is the same with the MTP layer loaded.
+    let o = oracle("mtp");
+    let mut cache = m.new_cache();
+    let logits = m.forward(&o.ids, &mut cache, Logits::All).unwrap();
+    assert!(max_abs(&logits, &o.logits) <= F32_TOL);
+}
+
+/// The MTP layer against `scripts/oracle/make_mtp_oracle.py` (transformers' own hy_v3 norms
+/// and decoder layer, wired as Hy3's MTP layer), on the fixture's prompt and greedy tokens:
+/// the main model's final-normed hidden states, then the MTP logits of every position, in one
+/// step, in two chunks, and through the paged cache batched with the main model's steps.
+#[test]
+fn mtp_layer_matches_transformers_modules() {
+    let t =
+        candle_core::safetensors::load(fixtures().join("mtp/oracle_mtp.safetensors"), &Device::Cpu)
+            .unwrap();
+    let seq: Vec<u32> = t["sequence"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    let n = seq.len() - 1;
+    let opts = LoadOptions {
+        load_mtp: true,
+        ..Default::default()
+    };
+    let m = HyV3Model::load_dir(&fixtures().join("mtp"), &opts).unwrap();
+
+    let mut cache = m.new_cache();
+    let (_, hidden) = m.forward_with_hidden(&seq, &mut cache).unwrap();
+    let dh = max_abs(&hidden, &t["hidden"]);
+    println!("mtp: final-normed hidden max|Δ| = {dh:.2e}");
+    assert!(dh <= F32_TOL, "hidden differs by {dh}");
+
+    let want = &t["mtp_logits"];
+    let h = hidden.narrow(0, 0, n).unwrap();
+    let mut mc = m.new_mtp_cache();
+    let got = m.mtp_forward(&seq[1..], &h, &mut mc).unwrap();
+    let d = max_abs(&got, want);
+    println!("mtp: MTP logits max|Δ| = {d:.2e}");
+    assert!(d <= F32_TOL, "MTP logits differ by {d}");
+
+    // Two chunks (the second starts past position 0, so its embeddings are not masked).
+    let mut mc = m.new_mtp_cache();
+    let a = m
+        .mtp_forward(&seq[1..8], &h.narrow(0, 0, 7).unwrap(), &mut mc)
+        .unwrap();
+    let b = m
+        .mtp_forward(&seq[8..], &h.narrow(0, 7, n - 7).unwrap(), &mut mc)
+        .unwrap();
+    let d2 = max_abs(&Tensor::cat(&[a, b], 0).unwrap(), want);
+    println!("mtp: two chunks max|Δ| = {d2:.2e}");
+    assert!(d2 <= F32_TOL, "chunked MTP logits differ by {d2}");
+
+    // Paged, as the engine runs it: a main step over positions 0..k with hidden states, then
+    // the MTP step over positions 0..k-1 (their next tokens known); then one decode position
+    // at a time, each followed by the MTP step at the position before it.
+    let block = 4;
+    let table: Vec<u32> = (0..seq.len().div_ceil(block) as u32).rev().collect();
+    let mut kv = m.new_paged_cache(table.len(), block, KvDtype::F32);
+    let k = 11;
+    let main = |kv: &mut _, pos0: usize, toks: &[u32]| {
+        let s = PagedSeq {
+            tokens: toks,
+            pos0,
+            block_table: &table,
+            logits: Logits::Last,
+        };
+        m.forward_paged_with_hidden(&[s], kv).unwrap().1
+    };
+    let mtp_step = |kv: &mut _, pos0: usize, hidden: Tensor| {
+        let len = hidden.dim(0).unwrap();
+        let s = switchyard_model::MtpSeq {
+            next_tokens: &seq[pos0 + 1..pos0 + 1 + len],
+            pos0,
+            block_table: &table,
+            hidden,
+            logits: true,
+        };
+        m.mtp_forward_paged(&[s], kv).unwrap().remove(0).unwrap()
+    };
+    let h0 = main(&mut kv, 0, &seq[..k]);
+    let mut rows = vec![mtp_step(&mut kv, 0, h0.narrow(0, 0, k - 1).unwrap())];
+    let mut last = h0.narrow(0, k - 1, 1).unwrap();
+    for p in k..n {
+        let hp = main(&mut kv, p, &seq[p..p + 1]);
+        rows.push(mtp_step(&mut kv, p - 1, last));
+        last = hp;
+    }
+    rows.push(mtp_step(&mut kv, n - 1, last));
+    // Rows: the MTP logits at positions k-2, k-1, ..., n-1.
+    let got = Tensor::cat(&rows, 0).unwrap();
+    let d3 = max_abs(&got, &want.narrow(0, k - 2, n - k + 2).unwrap());
+    println!("mtp: paged MTP logits max|Δ| = {d3:.2e}");
+    assert!(d3 <= F32_TOL, "paged MTP logits differ by {d3}");
 }
 
 /// bf16 compute against transformers' bf16 logits. Measured bound (2026-11-28): see NOTES.md;
