@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use switchyard_model::{KvDtype, Logits, ModelConfig, PagedSeq};
+use switchyard_model::{KvDtype, Logits, ModelConfig, MtpSeq, PagedSeq};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::block_pool::{BlockPool, SharedPool};
@@ -19,7 +19,8 @@ use crate::parallel::{EngineModel, Runner};
 use crate::reasoning::ReasoningBudget;
 use crate::sampling::{Sampler, SamplingParams, TokenLogprob};
 use crate::scheduler::{
-    AdmissionError, Scheduled, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId,
+    AdmissionError, Scheduled, Scheduler, SchedulerConfig, SchedulingPolicy, SeqId, StepInput,
+    StepPlan,
 };
 use crate::speculative::{Prediction, SpeculativeConfig, PREDICTION_DRAFT_TOKENS};
 use crate::stop::{FinishReason, StopConfig, StopMatch, TextStream};
@@ -402,6 +403,19 @@ impl EngineHandle {
             ));
         }
         let runner = model.into_runner(num_blocks, cfg.block_size, cfg.kv_dtype)?;
+        if cfg
+            .speculative
+            .as_ref()
+            .is_some_and(SpeculativeConfig::uses_mtp)
+            && !runner.has_mtp()
+        {
+            return Err(
+                "--speculative-config method \"mtp\" needs the model's MTP layer: load \
+                        the model with it (LoadOptions::load_mtp; the server does this for \
+                        method mtp) on one rank"
+                    .into(),
+            );
+        }
         tracing::info!(
             blocks = num_blocks,
             block_size = cfg.block_size,
@@ -606,6 +620,17 @@ impl EngineHandle {
     }
 }
 
+/// The most likely token (the lowest id on ties, as greedy sampling picks).
+fn greedy(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// `cpu` or `cuda:N`, as `--device` spells it.
 fn device_name(d: &candle_core::Device) -> String {
     match d.location() {
@@ -680,6 +705,9 @@ struct ReqState {
     /// Draft tokens checked and accepted so far.
     drafted: usize,
     accepted: usize,
+    /// The MTP layer's draft for the token at index `.0` of the sequence (valid while the
+    /// sequence has exactly `.0` tokens).
+    mtp_draft: Option<(usize, u32)>,
     submitted: Instant,
     ttft: Option<Duration>,
 }
@@ -800,6 +828,7 @@ impl Loop {
                         prompt_logprobs: req.prompt_logprobs.map(|n| (n, vec![None; prompt_len])),
                         drafted: 0,
                         accepted: 0,
+                        mtp_draft: None,
                         submitted: at,
                         ttft: None,
                     },
@@ -859,7 +888,16 @@ impl Loop {
                         let k = spec.map_or(PREDICTION_DRAFT_TOKENS, |c| c.num_speculative_tokens);
                         p.propose(&tokens[s.prompt_len.min(tokens.len())..], k.min(max))
                     }
-                    None => spec.map_or_else(Vec::new, |c| c.propose(tokens, max)),
+                    None => match spec {
+                        Some(c) if c.uses_mtp() => states
+                            .get(&id)
+                            .and_then(|s| s.mtp_draft)
+                            .filter(|&(len, _)| len == tokens.len() && max > 0)
+                            .map(|(_, t)| vec![t])
+                            .unwrap_or_default(),
+                        Some(c) => c.propose(tokens, max),
+                        None => Vec::new(),
+                    },
                 }
             })
         };
@@ -887,7 +925,17 @@ impl Loop {
             })
             .collect();
         let t0 = Instant::now();
-        let out = self.runner.forward_paged(&seqs);
+        let mtp = self
+            .speculative
+            .as_ref()
+            .is_some_and(SpeculativeConfig::uses_mtp);
+        let out = if mtp {
+            self.runner
+                .forward_paged_with_hidden(&seqs)
+                .map(|(l, h)| (l, Some(h)))
+        } else {
+            self.runner.forward_paged(&seqs).map(|l| (l, None))
+        };
         self.metrics
             .busy_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -896,7 +944,7 @@ impl Loop {
         self.metrics
             .tokens_computed
             .fetch_add(total as u64, Ordering::Relaxed);
-        let logits = match out {
+        let (logits, hidden) = match out {
             Ok(l) => l,
             Err(e) => {
                 // A failed forward fails the requests in it, never the engine.
@@ -934,6 +982,75 @@ impl Loop {
                     }
                     self.drop_request(s.id);
                 }
+            }
+        }
+        if let Some(h) = hidden {
+            self.mtp_step(&plan, &work, &h);
+        }
+    }
+
+    /// Runs the MTP layer over the positions this step computed whose next token is now known
+    /// (`p ≤ len − 2`: prompt tokens, accepted drafts and the sampled token), which fills its
+    /// KV for them, and keeps the prediction at a decoding sequence's last such position,
+    /// `len − 2`, as that sequence's draft for the token at `len`. Positions past it (a
+    /// rejected draft) are recomputed next step, as the main model's are. A failure costs the
+    /// drafts, never a request: they are only guesses the next step checks.
+    fn mtp_step(&mut self, plan: &StepPlan, work: &[StepInput], hidden: &Tensor) {
+        // (id, sequence length, next tokens, first position, first hidden row, step index,
+        // whether its last position is len − 2).
+        let mut next = Vec::new();
+        let mut row = 0;
+        for (i, (s, w)) in plan.scheduled.iter().zip(work).enumerate() {
+            let (r0, n) = (row, w.tokens.len());
+            row += n;
+            let Some(tokens) = self.sched.tokens(s.id) else {
+                continue;
+            };
+            let len = tokens.len();
+            if !self.states.contains_key(&s.id) || len < w.pos0 + 2 {
+                continue;
+            }
+            let last = (w.pos0 + n - 1).min(len - 2);
+            let toks = tokens[w.pos0 + 1..=last + 1].to_vec();
+            next.push((s.id, len, toks, w.pos0, r0, i, last == len - 2));
+        }
+        let mut batch = Vec::with_capacity(next.len());
+        for (_, _, toks, pos0, r0, i, wants) in &next {
+            let Ok(h) = hidden.narrow(0, *r0, toks.len()) else {
+                return;
+            };
+            batch.push(MtpSeq {
+                next_tokens: toks,
+                pos0: *pos0,
+                block_table: &work[*i].block_table,
+                hidden: h,
+                logits: *wants,
+            });
+        }
+        let t0 = Instant::now();
+        let out = self.runner.mtp_forward_paged(&batch);
+        self.metrics
+            .busy_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "MTP step failed; no drafts this step");
+                for st in self.states.values_mut() {
+                    st.mtp_draft = None;
+                }
+                return;
+            }
+        };
+        for ((id, len, ..), lg) in next.iter().zip(logits) {
+            let Some(lg) = lg else { continue };
+            let draft = lg
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .ok()
+                .map(|row| greedy(&row));
+            if let Some(st) = self.states.get_mut(id) {
+                st.mtp_draft = draft.map(|t| (*len, t));
             }
         }
     }

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use candle_core::Tensor;
 use switchyard_model::{
     Checkpoint, Communicator, HyV3Model, InProcessGroup, KvDtype, LoadOptions, Logits, ModelConfig,
-    ModelError, PagedKvCache, PagedSeq,
+    ModelError, MtpSeq, PagedKvCache, PagedSeq,
 };
 
 /// Loads the `world` ranks of a model from one checkpoint (one after another: loading needs no
@@ -256,12 +256,7 @@ fn kv_bytes_per_token(models: &[HyV3Model], dtype: KvDtype) -> usize {
         .iter()
         .map(|m| {
             let c = m.config();
-            PagedKvCache::bytes_per_token(
-                c.num_hidden_layers,
-                m.local_kv_heads(),
-                c.head_dim,
-                dtype,
-            )
+            PagedKvCache::bytes_per_token(m.kv_layers(), m.local_kv_heads(), c.head_dim, dtype)
         })
         .sum()
 }
@@ -414,6 +409,38 @@ impl Runner {
                 model.forward_paged(seqs, kv).map_err(|e| e.to_string())
             }
             Runner::Parallel(g) => g.forward_paged(seqs),
+        }
+    }
+
+    /// Whether the model's MTP layer is loaded (one rank only: loading refuses it on several).
+    pub(crate) fn has_mtp(&self) -> bool {
+        matches!(self, Runner::Single { model, .. } if model.has_mtp())
+    }
+
+    /// One paged step with the final-normed hidden states of every computed position
+    /// ([`HyV3Model::forward_paged_with_hidden`]); one rank only.
+    pub(crate) fn forward_paged_with_hidden(
+        &mut self,
+        seqs: &[PagedSeq<'_>],
+    ) -> Result<(Vec<Tensor>, Tensor), String> {
+        match self {
+            Runner::Single { model, kv } => model
+                .forward_paged_with_hidden(seqs, kv)
+                .map_err(|e| e.to_string()),
+            Runner::Parallel(_) => Err("MTP drafts run on one rank only".into()),
+        }
+    }
+
+    /// The MTP layer over a step's positions ([`HyV3Model::mtp_forward_paged`]).
+    pub(crate) fn mtp_forward_paged(
+        &mut self,
+        seqs: &[MtpSeq<'_>],
+    ) -> Result<Vec<Option<Tensor>>, String> {
+        match self {
+            Runner::Single { model, kv } => {
+                model.mtp_forward_paged(seqs, kv).map_err(|e| e.to_string())
+            }
+            Runner::Parallel(_) => Err("MTP drafts run on one rank only".into()),
         }
     }
 }

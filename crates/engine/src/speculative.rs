@@ -9,10 +9,14 @@
 //! sampled output has the same distribution (the sampler's rejection rule,
 //! [`crate::sampling::Sampler::sample_draft`]).
 //!
-//! The proposer here is prompt lookup (vLLM's `ngram` method, transformers' prompt-lookup
-//! decoding): find the sequence's last few tokens earlier in the sequence and propose what
-//! followed them there. It needs no second model and pays off where outputs repeat their input
-//! (editing, extraction, summaries quoting the source, code).
+//! Two proposers:
+//! - prompt lookup (vLLM's `ngram` method, transformers' prompt-lookup decoding): find the
+//!   sequence's last few tokens earlier in the sequence and propose what followed them there.
+//!   It needs no second model and pays off where outputs repeat their input (editing,
+//!   extraction, summaries quoting the source, code);
+//! - the model's own MTP layer (vLLM's `mtp` method; Hy3 ships one): after each step the
+//!   engine runs the MTP layer over the step's positions, and its prediction of the token
+//!   after next is the next step's one-token draft (see `Loop::mtp_step` in the engine).
 
 use serde::Deserialize;
 
@@ -30,6 +34,8 @@ pub const MAX_PROMPT_LOOKUP: usize = 16;
 pub enum SpeculativeMethod {
     /// Prompt lookup: continue the latest earlier occurrence of the sequence's suffix.
     Ngram,
+    /// The checkpoint's MTP layer (`num_nextn_predict_layers`), one draft token per step.
+    Mtp,
 }
 
 /// `--speculative-config`: the JSON object vLLM takes, with the fields that apply here.
@@ -83,6 +89,13 @@ impl SpeculativeConfig {
                 self.num_speculative_tokens
             ));
         }
+        if self.method == SpeculativeMethod::Mtp && self.num_speculative_tokens != 1 {
+            return bad(format!(
+                "num_speculative_tokens must be 1 with method \"mtp\" (one draft per step from \
+                 the model's MTP layer), got {}",
+                self.num_speculative_tokens
+            ));
+        }
         if self.prompt_lookup_min == 0 || self.prompt_lookup_min > self.prompt_lookup_max {
             return bad(format!(
                 "prompt_lookup_min ({}) must be at least 1 and at most prompt_lookup_max ({})",
@@ -103,6 +116,11 @@ impl SpeculativeConfig {
         Ok(())
     }
 
+    /// Whether drafts come from the model's MTP layer.
+    pub fn uses_mtp(&self) -> bool {
+        self.method == SpeculativeMethod::Mtp
+    }
+
     /// Whether to draft in a step that starts with `running` sequences.
     pub fn drafts_at(&self, running: usize) -> bool {
         self.disable_by_batch_size.is_none_or(|n| running < n)
@@ -118,6 +136,8 @@ impl SpeculativeConfig {
             SpeculativeMethod::Ngram => {
                 prompt_lookup(tokens, self.prompt_lookup_min, self.prompt_lookup_max, k)
             }
+            // The engine holds MTP drafts per sequence; there is nothing to look up here.
+            SpeculativeMethod::Mtp => Vec::new(),
         }
     }
 }

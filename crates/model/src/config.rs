@@ -710,6 +710,9 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "torch_dtype": "bfloat16",
         });
+        if self.num_mtp_layers > 0 {
+            v["num_nextn_predict_layers"] = self.num_mtp_layers.into();
+        }
         if !self.qk_norm {
             // Not a transformers key: Switchyard's switch for models without QK-norm.
             v["qk_norm"] = Value::Bool(false);

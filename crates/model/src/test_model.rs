@@ -88,44 +88,11 @@ impl Gen {
         );
         Ok(())
     }
-    fn norm(&mut self, name: String, n: usize) -> Result<(), ModelError> {
-        let v: Vec<f32> = (0..n)
-            .map(|_| 1.0 + self.rng.random_range(-0.1..0.1))
-            .collect();
-        let t = Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(self.dtype)?;
-        self.out.insert(name, t);
-        Ok(())
-    }
-}
-
-/// Writes `config.json` and `model.safetensors` for `cfg` with random weights into `dir`.
-pub fn write_random_checkpoint(
-    cfg: &ModelConfig,
-    dir: &Path,
-    seed: u64,
-    dtype: DType,
-) -> Result<(), ModelError> {
-    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3) {
-        return Err(ModelError::InvalidInput(format!(
-            "test models are f32, bf16, f16 or fp8 (e4m3), not {dtype:?}"
-        )));
-    }
-    let fp8 = dtype == DType::F8E4M3;
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
-    let mut g = Gen {
-        rng: rand::rngs::StdRng::seed_from_u64(seed),
-        dtype: if fp8 { DType::BF16 } else { dtype },
-        fp8,
-        out: HashMap::new(),
-    };
-    let (v, h, hd) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    g.w("model.embed_tokens.weight".into(), &[v, h])?;
-    for (l, kind) in cfg.layer_kinds.iter().enumerate() {
-        let p = format!("model.layers.{l}");
+    /// One decoder layer's tensors under `p` (`model.layers.{l}`).
+    fn layer(&mut self, cfg: &ModelConfig, p: &str, kind: LayerKind) -> Result<(), ModelError> {
+        let g = self;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         g.norm(format!("{p}.input_layernorm.weight"), h)?;
         g.norm(format!("{p}.post_attention_layernorm.weight"), h)?;
         g.proj(format!("{p}.self_attn.q_proj"), &[nh * hd, h])?;
@@ -161,7 +128,7 @@ pub fn write_random_checkpoint(
                         DType::F32,
                     )?;
                 }
-                if fp8 {
+                if g.fp8 {
                     // Per-expert tensors with a scale each, as Hy3's FP8 release stores them.
                     let gate_up = g.draw(&[e, 2 * i, h], WEIGHT_STD)?;
                     let down = g.draw(&[e, h, i], WEIGHT_STD)?;
@@ -184,10 +151,59 @@ pub fn write_random_checkpoint(
                 }
             }
         }
+        Ok(())
+    }
+    fn norm(&mut self, name: String, n: usize) -> Result<(), ModelError> {
+        let v: Vec<f32> = (0..n)
+            .map(|_| 1.0 + self.rng.random_range(-0.1..0.1))
+            .collect();
+        let t = Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(self.dtype)?;
+        self.out.insert(name, t);
+        Ok(())
+    }
+}
+
+/// Writes `config.json` and `model.safetensors` for `cfg` with random weights into `dir`.
+pub fn write_random_checkpoint(
+    cfg: &ModelConfig,
+    dir: &Path,
+    seed: u64,
+    dtype: DType,
+) -> Result<(), ModelError> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::F8E4M3) {
+        return Err(ModelError::InvalidInput(format!(
+            "test models are f32, bf16, f16 or fp8 (e4m3), not {dtype:?}"
+        )));
+    }
+    let fp8 = dtype == DType::F8E4M3;
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut g = Gen {
+        rng: rand::rngs::StdRng::seed_from_u64(seed),
+        dtype: if fp8 { DType::BF16 } else { dtype },
+        fp8,
+        out: HashMap::new(),
+    };
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    g.w("model.embed_tokens.weight".into(), &[v, h])?;
+    for (l, kind) in cfg.layer_kinds.iter().enumerate() {
+        g.layer(cfg, &format!("model.layers.{l}"), *kind)?;
     }
     g.norm("model.norm.weight".into(), h)?;
     if !cfg.tie_word_embeddings {
         g.w("lm_head.weight".into(), &[v, h])?;
+    }
+    // MTP layers last, so a config with them draws the same main weights as one without.
+    let kind = cfg.layer_kinds.last().copied().unwrap_or(LayerKind::Moe);
+    for l in cfg.num_hidden_layers..cfg.num_hidden_layers + cfg.num_mtp_layers {
+        let p = format!("model.layers.{l}");
+        for n in ["enorm", "hnorm", "final_layernorm"] {
+            g.norm(format!("{p}.{n}.weight"), h)?;
+        }
+        g.proj(format!("{p}.eh_proj"), &[h, 2 * h])?;
+        g.layer(cfg, &p, kind)?;
     }
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&g.out, &path)?;
