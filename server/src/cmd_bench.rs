@@ -89,7 +89,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut eargs = a.engine.clone();
     eargs.no_prefix_caching = true;
     eargs.max_num_seqs = eargs.max_num_seqs.max(a.batch);
-    let loaded = loading::load(&a.model)?;
+    let loaded = loading::load_for(&a.model, &eargs)?;
     let text_prompt = match &a.prompt_file {
         Some(f) => {
             let text = std::fs::read_to_string(f)

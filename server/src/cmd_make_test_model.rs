@@ -28,10 +28,17 @@ pub struct MakeTestModelArgs {
     /// projections with weight_scale and input_scale, embeddings and norms bf16).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// MTP layers to add after the decoder layers (`num_nextn_predict_layers`; random weights,
+    /// so their drafts are rarely right), for trying `--speculative-config` method `mtp`.
+    #[arg(long)]
+    mtp_layers: Option<usize>,
 }
 
 pub fn run(a: MakeTestModelArgs) -> Result<()> {
     let mut cfg = switchyard_model::presets::preset(&a.preset)?;
+    if let Some(n) = a.mtp_layers {
+        cfg.num_mtp_layers = n;
+    }
     let dtype = match a.dtype.to_ascii_lowercase().as_str() {
         "fp8" | "e4m3" | "f8e4m3" => candle_core::DType::F8E4M3,
         _ => parse_dtype(&a.dtype, &candle_core::Device::Cpu)?,

@@ -108,7 +108,9 @@ pub struct EngineArgs {
     pub max_waiting: usize,
     /// Speculative decoding, as vLLM's JSON: `{"method": "ngram", "num_speculative_tokens": 4,
     /// "prompt_lookup_min": 2, "prompt_lookup_max": 4}` (prompt lookup: drafts copied from
-    /// earlier in the sequence, checked by the model in one step).
+    /// earlier in the sequence, checked by the model in one step), or `{"method": "mtp",
+    /// "num_speculative_tokens": 1}` (the checkpoint's MTP layer drafts the token after next;
+    /// the layer is loaded for it).
     #[arg(long, value_name = "JSON")]
     pub speculative_config: Option<String>,
     /// Order requests are served in (vLLM's flag): `fcfs` (arrival order; a request `priority`
@@ -182,8 +184,25 @@ impl Loaded {
     }
 }
 
-/// Resolves and loads the model and tokenizer.
+/// Resolves and loads the model and tokenizer (without its MTP layer: [`load_for`] loads it
+/// when the engine's speculative decoding asks for it).
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    load_with(args, false)
+}
+
+/// [`load`] for an engine run with `engine`'s flags: with the MTP layer when
+/// `--speculative-config` names method `mtp`.
+pub fn load_for(args: &ModelArgs, engine: &EngineArgs) -> Result<Loaded> {
+    let mtp = engine
+        .speculative_config
+        .as_deref()
+        .map(SpeculativeConfig::parse_json)
+        .transpose()?
+        .is_some_and(|c| c.uses_mtp());
+    load_with(args, mtp)
+}
+
+fn load_with(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
     let tp = args.tensor_parallel_size;
     if tp == 0 {
         anyhow::bail!("--tensor-parallel-size must be at least 1");
@@ -192,6 +211,19 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let dtype = parse_dtype(&args.dtype, &device)?;
     let dir = switchyard_model::resolve_model(&args.model, args.revision.as_deref())?;
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if load_mtp && cfg.num_mtp_layers == 0 {
+        anyhow::bail!(
+            "--speculative-config method \"mtp\": {} has no MTP layer (config.json's \
+             num_nextn_predict_layers is 0); use method \"ngram\" or a checkpoint with one",
+            dir.display()
+        );
+    }
+    if load_mtp && tp > 1 {
+        anyhow::bail!(
+            "--speculative-config method \"mtp\" runs on one rank; it cannot be combined with \
+             --tensor-parallel-size {tp}"
+        );
+    }
     if device.is_cpu() {
         check_host_memory(&cfg, dtype, args.quantize, tp)?;
     }
@@ -213,7 +245,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let opts = LoadOptions {
         dtype,
         device: device.clone(),
-        load_mtp: false,
+        load_mtp,
         quantize: args.quantize,
     };
     let log_every = (total / 10).max(1);
@@ -414,7 +446,7 @@ pub fn engine_config(args: &EngineArgs, model: &ModelConfig, exact: bool) -> Res
 
 /// Loads the model and starts the engine.
 pub fn start_engine(m: &ModelArgs, e: &EngineArgs) -> Result<(EngineHandle, PathBuf)> {
-    let l = load(m)?;
+    let l = load_for(m, e)?;
     let dir = l.dir.clone();
     Ok((start_loaded(l, e)?, dir))
 }

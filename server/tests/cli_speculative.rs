@@ -205,3 +205,98 @@ async fn chat_prediction_is_used_as_drafts() {
         );
     }
 }
+
+/// Method `mtp` on a test model with an MTP layer (`make-test-model --mtp-layers 1`): the layer
+/// is loaded, `generate` gives the tokens it gives without drafts, and `bench --json` counts the
+/// drafts (one per decode step). A model without an MTP layer, or more than one draft token,
+/// is refused naming the field.
+#[test]
+fn mtp_drafts_from_the_models_mtp_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    let (ok, _, err) = run_cli(&[
+        "make-test-model",
+        "--preset",
+        "tiny",
+        "--out",
+        dir,
+        "--seed",
+        "3",
+        "--mtp-layers",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["num_nextn_predict_layers"], 1);
+    const MTP: &str = r#"{"method":"mtp","num_speculative_tokens":1}"#;
+    let gen = |extra: &[&str]| {
+        let args = [
+            &[
+                "generate",
+                "--model",
+                dir,
+                "--json",
+                "--input-ids",
+                "5,6,7,8,9",
+            ][..],
+            &["--max-tokens", "16", "--ignore-eos"],
+            extra,
+        ]
+        .concat();
+        let (ok, out, err) = run_cli(&args);
+        assert!(ok, "{err}");
+        ids(&out)
+    };
+    let plain = gen(&[]);
+    assert_eq!(plain.len(), 16);
+    assert_eq!(gen(&["--speculative-config", MTP]), plain);
+
+    let (ok, out, err) = run_cli(&[
+        "bench",
+        "--model",
+        dir,
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "6",
+        "--json",
+        "--speculative-config",
+        MTP,
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let drafts = v["speculative"]["draft_tokens"]
+        .as_u64()
+        .expect("draft_tokens");
+    assert!(drafts > 0, "{v}");
+
+    // The shared test model has no MTP layer.
+    let model = model_arg();
+    let (ok, _, err) = run_cli(&[
+        "generate",
+        "--model",
+        model.as_str(),
+        "--input-ids",
+        "1,2",
+        "--speculative-config",
+        MTP,
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("num_nextn_predict_layers") && err.contains("mtp"),
+        "{err}"
+    );
+    let (ok, _, err) = run_cli(&[
+        "generate",
+        "--model",
+        dir,
+        "--input-ids",
+        "1,2",
+        "--speculative-config",
+        r#"{"method":"mtp","num_speculative_tokens":3}"#,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("num_speculative_tokens must be 1"), "{err}");
+}
