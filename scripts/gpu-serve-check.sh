@@ -4,7 +4,9 @@
 # (PASS/FAIL/NOTE) and a bench table last.
 #  1. generate on the tiny test model: CPU f32 vs `--device cuda` f32 greedy ids (equal expected:
 #     the CUDA f32 path is the CUDA gate with the reference expert GEMMs), and bf16 on the GPU
-#     (the CUDA gate, dispatch and expert kernels, paged attention on the device);
+#     (the CUDA gate, dispatch and expert kernels, paged attention on the device); MTP drafts
+#     (`--speculative-config` method mtp, the MTP layer's KV as one more paged layer) give the
+#     same greedy ids as no drafts on the GPU;
 #  2. serve on the GPU: /health, a chat completion, an SSE stream, 16 concurrent requests, then
 #     /metrics shows 0 KV blocks in use;
 #  3. bench on the small preset in bf16 at batch 1, 8 and 32 (tok/s through the engine), then
@@ -39,6 +41,16 @@ bf=$(gen --device "$DEV" --dtype bf16)
 cpubf=$(gen --device cpu --dtype bf16)
 if [ -n "$bf" ]; then pass "generate bf16 on $DEV ran: $bf (CPU bf16: $cpubf)"
 else failed "generate --device $DEV bf16: $(tail -3 "$WORK/gen.err")"; fi
+
+$RUN "$SY" make-test-model --preset tiny --seed 7 --mtp-layers 1 --out "$WORK/tiny-mtp" >/dev/null 2>&1 \
+  || failed "make-test-model tiny --mtp-layers 1"
+mtpgen() { $RUN "$SY" generate --model "$WORK/tiny-mtp" --device "$DEV" --dtype bf16 --input-ids 5,9,13,2,77,31 \
+  --max-tokens 24 --ignore-eos --json "$@" 2>"$WORK/gen.err" | python3 -c 'import json,sys; print(json.load(sys.stdin)["generated_ids"])' 2>/dev/null; }
+plain=$(mtpgen)
+mtp=$(mtpgen --speculative-config '{"method":"mtp","num_speculative_tokens":1}')
+if [ -z "$mtp" ]; then failed "generate with MTP drafts on $DEV: $(tail -3 "$WORK/gen.err")"
+elif [ "$mtp" = "$plain" ]; then pass "MTP drafts on $DEV: greedy ids equal no drafts ($mtp)"
+else echo "NOTE MTP drafts on $DEV differ from no drafts (bf16 ties?): $plain vs $mtp"; fi
 
 $RUN "$SY" serve --model "$WORK/tiny" --device "$DEV" --port "$PORT" --max-model-len 512 \
   > "$WORK/serve.log" 2>&1 &
