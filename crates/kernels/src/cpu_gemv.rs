@@ -968,6 +968,25 @@ pub fn try_linear_f32(
     )?))
 }
 
+/// `x · wᵀ` for `x` `[T, in]` and `w` `[out, in]` in `x`'s dtype: bf16 weights, and f32
+/// weights with f32 `x` of up to [`F32_GEMV_MAX_TOKENS`] rows, through the weight-streaming
+/// kernels ([`try_linear_bf16`], [`try_linear_f32`]); everything else through candle's GEMM,
+/// which takes a 2-token f32 product at several times a 1-token one's cost.
+pub fn linear(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+) -> Result<candle_core::Tensor, KernelError> {
+    if let Some(y) = try_linear_bf16(x, w)? {
+        return Ok(y);
+    }
+    if x.dtype() == candle_core::DType::F32 {
+        if let Some(y) = try_linear_f32(x, w)? {
+            return Ok(y);
+        }
+    }
+    Ok(x.matmul(&w.t()?)?)
+}
+
 /// `x · wᵀ` through [`gemv_bf16`] when it applies (CPU, bf16 contiguous `w` `[out, inp]`);
 /// `None` when the caller should use a general matmul.
 /// The result has `x`'s dtype.

@@ -5,6 +5,7 @@
 //! [`dispatch`] is a counting sort (the same count → prefix-sum → place scheme the CUDA kernel
 //! uses); [`experts_forward`] is the CPU reference for the grouped expert GEMMs.
 
+use crate::cpu_gemv::linear;
 use candle_core::{DType, Tensor};
 
 use crate::gate::GateOutput;
@@ -263,12 +264,6 @@ fn with_cpu_bf16<R>(
 }
 
 /// `x · wᵀ`: the bf16 small-batch kernel when it applies, else candle's matmul.
-fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor, KernelError> {
-    match crate::cpu_gemv::try_linear_bf16(x, w)? {
-        Some(y) => Ok(y),
-        None => Ok(x.matmul(&w.t()?)?),
-    }
-}
 
 /// SiLU through candle-core's unary op (kept here so the op layer needs no candle-nn).
 fn candle_nn_silu(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -243,13 +243,9 @@ impl Linear {
     }
 }
 
-/// `x · wᵀ` for `x` `[T, in]` and `w` `[out, in]`: decode-sized bf16 products go through the
-/// op layer's weight-streaming kernel, everything else through candle's GEMM.
+/// `x · wᵀ` for `x` `[T, in]` and `w` `[out, in]` ([`switchyard_kernels::cpu_gemv::linear`]).
 fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
-    match switchyard_kernels::cpu_gemv::try_linear_bf16(x, w)? {
-        Some(y) => Ok(y),
-        None => Ok(x.matmul(&w.t()?)?),
-    }
+    Ok(switchyard_kernels::cpu_gemv::linear(x, w)?)
 }
 
 /// `x + y`: the op layer's bf16 add on the CPU (same rounding as candle's), else candle's.
