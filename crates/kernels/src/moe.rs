@@ -263,8 +263,6 @@ fn with_cpu_bf16<R>(
     f(&slices).map(Some)
 }
 
-/// `x · wᵀ`: the bf16 small-batch kernel when it applies, else candle's matmul.
-
 /// SiLU through candle-core's unary op (kept here so the op layer needs no candle-nn).
 fn candle_nn_silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.silu()
