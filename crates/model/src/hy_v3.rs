@@ -486,6 +486,56 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// The checkpoint's per-layer KV cache scales `(k_scale, v_scale)` (FP8 checkpoints
+    /// calibrated for an FP8 KV cache); applied only when the paged cache stores FP8.
+    kv_scales: Option<(f32, f32)>,
+}
+
+/// Where FP8 checkpoints keep a layer's KV cache scales, under `self_attn`: compressed-tensors'
+/// and ModelOpt's `k_scale`/`v_scale`, AutoFP8's `k_proj.output_scale`/`v_proj.output_scale`,
+/// and the older single `kv_scale` for both.
+const KV_SCALE_NAMES: [(&str, &str); 3] = [
+    ("k_scale", "v_scale"),
+    ("k_proj.output_scale", "v_proj.output_scale"),
+    ("kv_scale", "kv_scale"),
+];
+
+/// A layer's KV cache scales, when the checkpoint has them as one positive finite number each
+/// (per-head scales are left out with a warning: the FP8 cache then uses a unit scale, as
+/// without scales).
+fn load_kv_scales(w: &Weights) -> Result<Option<(f32, f32)>, ModelError> {
+    let Some((kn, vn)) = KV_SCALE_NAMES
+        .iter()
+        .find(|(k, v)| w.contains(k) && w.contains(v))
+    else {
+        return Ok(None);
+    };
+    let read = |name: &str| -> Result<Option<f32>, ModelError> {
+        let path = w.path(name);
+        let shape = w.checkpoint().shape_of(&path)?;
+        if shape.iter().product::<usize>() != 1 {
+            tracing::warn!(
+                tensor = %path,
+                ?shape,
+                "KV cache scales other than one per tensor are not supported; an FP8 KV cache \
+                 uses a unit scale for this layer"
+            );
+            return Ok(None);
+        }
+        let v = w.get_f32(&shape, name)?.flatten_all()?.to_vec1::<f32>()?[0];
+        if !(v.is_finite() && v > 0.0) {
+            return Err(ModelError::Quantization {
+                name: path,
+                path: w.checkpoint().dir().to_path_buf(),
+                message: format!("holds {v}; KV cache scales must be finite and greater than zero"),
+            });
+        }
+        Ok(Some(v))
+    };
+    Ok(match (read(kn)?, read(vn)?) {
+        (Some(k), Some(v)) => Some((k, v)),
+        _ => None,
+    })
 }
 
 impl Attention {
@@ -521,6 +571,7 @@ impl Attention {
             kv_heads: nkv,
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
+            kv_scales: load_kv_scales(w)?,
         })
     }
 
@@ -560,6 +611,7 @@ impl Attention {
             kv_heads: kh,
             head_dim: hd,
             scale: 1.0 / (hd as f64).sqrt(),
+            kv_scales: load_kv_scales(w)?,
         })
     }
 
@@ -624,11 +676,30 @@ impl Attention {
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        let (q, k, v) = (f32v(q)?, f32v(k)?, f32v(v)?);
+        let (q, mut k, mut v) = (f32v(q)?, f32v(k)?, f32v(v)?);
+        let (ks, vs) = self.cache_scales(kv.dtype());
+        // An FP8 cache with the checkpoint's scales stores k / k_scale and v / v_scale; the
+        // scores take k_scale back through the softmax scale, the output v_scale.
+        if ks != 1.0 || vs != 1.0 {
+            k.iter_mut().for_each(|x| *x /= ks);
+            v.iter_mut().for_each(|x| *x /= vs);
+        }
         let mut out = vec![0f32; t * nh * hd];
-        kv.write_and_attend(layer, &k, &v, batch, &q, nh, self.scale as f32, &mut out)?;
+        let scale = self.scale as f32 * ks;
+        kv.write_and_attend(layer, &k, &v, batch, &q, nh, scale, &mut out)?;
+        if vs != 1.0 {
+            out.iter_mut().for_each(|x| *x *= vs);
+        }
         let out = Tensor::from_vec(out, (t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
+    }
+
+    /// `(k_scale, v_scale)` for a paged cache of `dtype`: the checkpoint's for FP8, else 1.
+    fn cache_scales(&self, dtype: KvDtype) -> (f32, f32) {
+        match (dtype, self.kv_scales) {
+            (KvDtype::Fp8, Some(s)) => s,
+            _ => (1.0, 1.0),
+        }
     }
 
     /// [`Self::forward_paged`] with the cache on a CUDA device: the KV write and paged
@@ -658,9 +729,24 @@ impl Attention {
             };
             Ok(x.contiguous()?)
         };
+        let (ks, vs) = self.cache_scales(kv.dtype());
+        let (k, v) = if ks != 1.0 || vs != 1.0 {
+            let div = |x: Tensor, s: f32| -> Result<Tensor, ModelError> {
+                Ok(x.to_dtype(DType::F32)?
+                    .broadcast_div(&Tensor::new(s, x.device())?)?)
+            };
+            (div(k, ks)?, div(v, vs)?)
+        } else {
+            (k, v)
+        };
         reshape_and_cache(&kv_in(k)?, &kv_in(v)?, &batch.slots, k_cache, v_cache)?;
         let q = q.transpose(0, 1)?.to_dtype(DType::F32)?.contiguous()?;
-        let out = paged_attention(&q, k_cache, v_cache, batch, self.scale as f32)?;
+        let out = paged_attention(&q, k_cache, v_cache, batch, self.scale as f32 * ks)?;
+        let out = if vs != 1.0 {
+            out.affine(vs as f64, 0.0)?
+        } else {
+            out
+        };
         let out = out.reshape((t, nh * hd))?.to_dtype(x.dtype())?;
         self.o_proj.forward(&out)
     }
@@ -1479,6 +1565,16 @@ impl HyV3Model {
                 isq,
             )?);
             progress(i + 1, total);
+        }
+        let scaled = layers
+            .iter()
+            .filter(|l| l.self_attn.kv_scales.is_some())
+            .count();
+        if scaled > 0 {
+            tracing::info!(
+                "the checkpoint has KV cache scales for {scaled} of {total} layers (used by an \
+                 FP8 KV cache, --kv-dtype fp8)"
+            );
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let tied_head = cfg.tie_word_embeddings && !root.contains("lm_head.weight");

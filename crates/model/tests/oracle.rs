@@ -401,6 +401,78 @@ fn fp8_paged_cache_matches_fp8_rounded_oracle() {
     );
 }
 
+/// An FP8 checkpoint's per-layer KV cache scales (`self_attn.k_scale`, `self_attn.v_scale`, as
+/// llm-compressor and ModelOpt write them; calibrated on the prompt, amax / 448) are applied as
+/// vLLM applies them: the cache stores fp8(k / k_scale) and attention reads it back × k_scale.
+/// Reference: `make_fp8_kv_oracle.py`'s `oracle_fp8_kv_scaled.safetensors` (transformers with
+/// K/V rounded that way). The scales go into a copy of the fixture's checkpoint; they are
+/// ignored by f32 and bf16 caches, and AutoFP8's `k_proj.output_scale` names work too.
+#[test]
+fn fp8_cache_applies_the_checkpoints_kv_scales() {
+    let case = "bf16_attn_tiles";
+    let o = oracle(case);
+    let t = candle_core::safetensors::load(
+        fixtures()
+            .join(case)
+            .join("oracle_fp8_kv_scaled.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (ks, vs) = (
+        t["k_scale"].to_vec1::<f32>().unwrap(),
+        t["v_scale"].to_vec1::<f32>().unwrap(),
+    );
+    let unscaled = candle_core::safetensors::load(
+        fixtures().join(case).join("oracle_fp8_kv.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()["logits"]
+        .clone();
+    for (kname, vname) in [
+        ("k_scale", "v_scale"),
+        ("k_proj.output_scale", "v_proj.output_scale"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(fixtures().join(case)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.path().join(f.file_name().unwrap())).unwrap();
+        }
+        let st = d.path().join("model.safetensors");
+        let mut w = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+        for (l, (k, v)) in ks.iter().zip(&vs).enumerate() {
+            let p = format!("model.layers.{l}.self_attn");
+            w.insert(
+                format!("{p}.{kname}"),
+                Tensor::new(*k, &Device::Cpu).unwrap(),
+            );
+            w.insert(
+                format!("{p}.{vname}"),
+                Tensor::new(&[*v], &Device::Cpu).unwrap(),
+            );
+        }
+        candle_core::safetensors::save(&w, &st).unwrap();
+        let m = HyV3Model::load_dir(d.path(), &LoadOptions::default()).unwrap();
+        let n = o.ids.len();
+        let got = paged_logits(&m, &o.ids, &[n], KvDtype::Fp8);
+        let dd = max_abs(&got, &t["logits"]);
+        let d_unit = max_abs(&got, &unscaled);
+        let d_decode = max_abs(&paged_logits(&m, &o.ids, &vec![1; n], KvDtype::Fp8), &got);
+        println!(
+            "{case} + {kname}/{vname}: fp8 cache vs the scaled-fp8 oracle {dd:.2e}, token by \
+             token {d_decode:.2e}; vs the unit-scale oracle {d_unit:.3}"
+        );
+        assert!(dd <= FP8_KV_TOL, "scaled fp8 cache vs oracle: {dd}");
+        assert!(d_decode <= FP8_KV_TOL, "decode vs prefill: {d_decode}");
+        assert!(
+            d_unit > 100.0 * FP8_KV_TOL,
+            "the scales changed nothing: {d_unit}"
+        );
+        // f32 caches ignore the scales.
+        let exact = paged_logits(&m, &o.ids, &[n], KvDtype::F32);
+        assert!(max_abs(&exact, &o.logits) <= F32_TOL);
+    }
+}
+
 /// Bound for [`fp8_paged_cache_matches_fp8_rounded_oracle`]: f32 differences in a key or value
 /// before rounding can flip it to the neighbouring E4M3 value (1/16 apart relative) when it sits
 /// within ~1e-6 of a rounding boundary; with ~26K cached elements that happens about once in
