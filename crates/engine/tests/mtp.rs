@@ -22,14 +22,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
+use switchyard_engine::engine::{EngineConfig, EngineHandle};
 use switchyard_engine::speculative::{SpeculativeConfig, SpeculativeMethod};
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{HyV3Model, LoadOptions};
 
 mod common;
 
-use common::{alone, max_logit_diff, prompts};
+use common::{alone, max_logit_diff, prompts, together_completions};
 
 /// What the tiny model's MTP layer is (see the module docs).
 #[derive(Clone, Copy, PartialEq)]
@@ -135,50 +135,6 @@ fn mtp_cfg(budget: usize, block: usize, blocks: usize) -> EngineConfig {
     }
 }
 
-/// Every prompt at once, greedy, `n` tokens, EOS ignored: per request its tokens, logit rows,
-/// (drafted, accepted) and preemptions.
-#[allow(clippy::type_complexity)]
-fn run(
-    e: &EngineHandle,
-    ps: &[Vec<u32>],
-    n: usize,
-) -> Vec<(Vec<u32>, Vec<Vec<f32>>, (usize, usize), u32)> {
-    let mut streams: Vec<_> = ps
-        .iter()
-        .map(|p| {
-            e.submit(GenerateRequest {
-                ignore_eos: true,
-                return_logits: true,
-                ..GenerateRequest::greedy(p.clone(), n)
-            })
-            .unwrap()
-        })
-        .collect();
-    streams
-        .iter_mut()
-        .map(|s| {
-            let (mut ids, mut rows) = (vec![], vec![]);
-            loop {
-                match s.blocking_recv().unwrap() {
-                    Event::Token(t) => {
-                        ids.push(t.id);
-                        rows.push(t.logits.unwrap());
-                    }
-                    Event::Finished(c) => {
-                        return (
-                            ids,
-                            rows,
-                            (c.draft_tokens, c.accepted_draft_tokens),
-                            c.preemptions,
-                        )
-                    }
-                    Event::Error(err) => panic!("{err}"),
-                }
-            }
-        })
-        .collect()
-}
-
 /// Drafts and accepted drafts for a request whose greedy output is `out` (`n` tokens) when the
 /// draft for each token is `draft(previous token)`.
 fn walk(out: &[u32], draft: impl Fn(u32) -> u32) -> (usize, usize) {
@@ -211,9 +167,10 @@ fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (us
     let ps = prompts();
     let want: Vec<_> = ps.iter().map(|p| alone(&m, p, n)).collect();
     let e = EngineHandle::start(m, t, mtp_cfg(budget, block, blocks)).unwrap();
-    let got = run(&e, &ps, n);
+    let got = together_completions(&e, &ps, n);
     let (mut drafted, mut accepted, mut preempted) = (0, 0, 0);
-    for (i, ((ids, rows, (dr, ac), pre), (wi, wr))) in got.iter().zip(&want).enumerate() {
+    for (i, ((ids, rows, c), (wi, wr))) in got.iter().zip(&want).enumerate() {
+        let (dr, ac, pre) = (&c.draft_tokens, &c.accepted_draft_tokens, &c.preemptions);
         assert_eq!(ids, wi, "sequence {i}: tokens differ with MTP drafts");
         let worst = max_logit_diff(rows, wr);
         assert!(worst <= 1e-5, "sequence {i}: logits differ by {worst}");

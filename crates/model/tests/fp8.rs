@@ -235,6 +235,18 @@ fn write_raw(path: &Path, raw: &Raw) {
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
+/// The tensor `name` of the checkpoint in `dir`, loaded (dequantized) as f32 values.
+fn stored_f32(dir: &Path, name: &str, shape: &[usize]) -> Vec<f32> {
+    Checkpoint::open(dir)
+        .unwrap()
+        .get(name, shape, DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -528,14 +540,7 @@ fn bad_scales_are_refused() {
         });
         let raw = read_raw(&d.path().join("model.safetensors"));
         let codes = &raw[&format!("{Q}.weight")].2;
-        let got = Checkpoint::open(d.path())
-            .unwrap()
-            .get(&format!("{Q}.weight"), &[48, 48], DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = stored_f32(d.path(), &format!("{Q}.weight"), &[48, 48]);
         for (k, (&g, &b)) in got.iter().zip(codes).enumerate() {
             assert!(
                 same_bits(g, e4m3fn(b) * per_row[k / 48]),
@@ -725,14 +730,7 @@ fn fused_expert_tensors_take_per_expert_scales() {
             f32_tensor(&scale_shape, &[0.25; 3][..s.len()]),
         );
         write_raw(&d.path().join("model.safetensors"), &raw);
-        let ckpt = Checkpoint::open(d.path()).unwrap();
-        let got = ckpt
-            .get(name, &[e, r, c], DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = stored_f32(d.path(), name, &[e, r, c]);
         for (i, (&g, &b)) in got.iter().zip(&codes).enumerate() {
             let sj = if per_tensor { s[0] } else { s[i / (r * c)] };
             assert!(same_bits(g, e4m3fn(b) * sj), "{scale_name} element {i}");
@@ -749,14 +747,7 @@ fn fused_expert_tensors_take_per_expert_scales() {
         );
         raw.insert(format!("{name}_scale_inv"), f32_tensor(&[e, sr, sc], &grid));
         write_raw(&d.path().join("model.safetensors"), &raw);
-        let got = Checkpoint::open(d.path())
-            .unwrap()
-            .get(name, &[e, r, c], DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = stored_f32(d.path(), name, &[e, r, c]);
         let (bm, bn) = (r / sr, c.div_ceil(sc));
         for (i, (&g, &b)) in got.iter().zip(&codes).enumerate() {
             let (x, row, col) = (i / (r * c), i / c % r, i % c);

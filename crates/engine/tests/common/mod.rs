@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::DType;
-use switchyard_engine::engine::{EngineConfig, EngineHandle, Event, GenerateRequest};
+use switchyard_engine::engine::{Completion, EngineConfig, EngineHandle, Event, GenerateRequest};
 use switchyard_engine::scheduler::SchedulerConfig;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_model::{HyV3Model, KvDtype, LoadOptions, Logits};
@@ -91,6 +91,18 @@ pub fn together(
     ps: &[Vec<u32>],
     n: usize,
 ) -> Vec<(Vec<u32>, Vec<Vec<f32>>, u32)> {
+    together_completions(e, ps, n)
+        .into_iter()
+        .map(|(ids, rows, c)| (ids, rows, c.preemptions))
+        .collect()
+}
+
+/// [`together`] with each request's whole [`Completion`] (drafts, preemptions, timings).
+pub fn together_completions(
+    e: &EngineHandle,
+    ps: &[Vec<u32>],
+    n: usize,
+) -> Vec<(Vec<u32>, Vec<Vec<f32>>, Completion)> {
     let mut streams: Vec<_> = ps
         .iter()
         .map(|p| {
@@ -112,7 +124,7 @@ pub fn together(
                         ids.push(t.id);
                         rows.push(t.logits.unwrap());
                     }
-                    Event::Finished(c) => return (ids, rows, c.preemptions),
+                    Event::Finished(c) => return (ids, rows, c),
                     Event::Error(err) => panic!("{err}"),
                 }
             }
