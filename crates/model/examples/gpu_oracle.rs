@@ -12,7 +12,9 @@
 //!   run the CUDA gate, dispatch and expert kernels), and the paged path with a bf16 KV cache;
 //! - an FP8 (E4M3) paged KV cache under f32 compute against transformers with its key and value
 //!   states rounded to E4M3 (`oracle_fp8_kv.safetensors`, `scripts/oracle/make_fp8_kv_oracle.py`),
-//!   within [`FP8_KV_TOL`].
+//!   within [`FP8_KV_TOL`]; and with per-layer KV scales added to a copy of the checkpoint
+//!   (`self_attn.k_scale`/`v_scale` from `oracle_fp8_kv_scaled.safetensors`) against
+//!   transformers with K/V rounded as fp8(k / k_scale) × k_scale.
 //!
 //! Prints one PASS/FAIL line per check and a summary. Exit status: 0 all passed, 1 a check
 //! failed, 2 the run could not proceed (no CUDA device, fixtures missing).
@@ -40,6 +42,9 @@ const BF16_TOL: f32 = 0.25;
 const FP8_KV_TOL: f32 = 5e-3;
 /// The fixtures with an fp8-rounded oracle.
 const FP8_KV_CASES: [&str; 1] = ["bf16_attn_tiles"];
+/// Suffix of a case name that means: the fixture with its `oracle_fp8_kv_scaled.safetensors`
+/// KV scales added to the checkpoint, judged against that oracle.
+const KV_SCALED: &str = "+kv_scales";
 /// Every fixture, f32 compute.
 const F32_CASES: [&str; 7] = [
     "f32_basic",
@@ -157,15 +162,48 @@ impl Ctx {
     }
 
     fn load(&self, case: &str, dtype: DType) -> Result<HyV3Model> {
+        self.load_dir(&self.root.join(case), dtype)
+    }
+
+    fn load_dir(&self, dir: &Path, dtype: DType) -> Result<HyV3Model> {
         let opts = LoadOptions {
             dtype,
             device: self.device.clone(),
             load_mtp: false,
             quantize: None,
         };
-        HyV3Model::load_dir(&self.root.join(case), &opts)
-            .with_context(|| format!("loading {case} in {dtype:?}"))
+        HyV3Model::load_dir(dir, &opts)
+            .with_context(|| format!("loading {} in {dtype:?}", dir.display()))
     }
+}
+
+/// A copy of the fixture in `dir` with `oracle_fp8_kv_scaled.safetensors`' per-layer `k_scale`
+/// and `v_scale` added to its checkpoint as `model.layers.{l}.self_attn.{k,v}_scale`.
+fn with_kv_scales(dir: &Path) -> Result<tempfile::TempDir> {
+    let out = tempfile::tempdir()?;
+    for f in std::fs::read_dir(dir)? {
+        let f = f?.path();
+        if let Some(name) = f.file_name() {
+            std::fs::copy(&f, out.path().join(name))?;
+        }
+    }
+    let scales = fixture_tensors(&dir.join("oracle_fp8_kv_scaled.safetensors"))?;
+    let st = out.path().join("model.safetensors");
+    let mut w = fixture_tensors(&st)?;
+    for kind in ["k_scale", "v_scale"] {
+        let v = scales
+            .get(kind)
+            .ok_or_else(|| anyhow!("the scaled oracle has no {kind}"))?
+            .to_vec1::<f32>()?;
+        for (l, s) in v.into_iter().enumerate() {
+            w.insert(
+                format!("model.layers.{l}.self_attn.{kind}"),
+                Tensor::new(s, &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&w, &st)?;
+    Ok(out)
 }
 
 fn run() -> Result<usize> {
@@ -213,6 +251,17 @@ fn run() -> Result<usize> {
     for case in FP8_KV_CASES {
         if let Err(e) = check_paged(&mut c, case, DType::F32, KvDtype::Fp8) {
             c.verdict(false, format!("fp8 KV paged {case}: error: {e:#}"));
+        }
+        if let Err(e) = check_paged(
+            &mut c,
+            &format!("{case}{KV_SCALED}"),
+            DType::F32,
+            KvDtype::Fp8,
+        ) {
+            c.verdict(
+                false,
+                format!("fp8 KV paged {case} with KV scales: error: {e:#}"),
+            );
         }
     }
     println!(
@@ -335,12 +384,20 @@ struct PagedRun {
 /// prefills half the prompt, B [`SECOND_SEQ_CHUNK`] tokens, then both decode token by token;
 /// every position's logits are judged against the oracle.
 fn check_paged(c: &mut Ctx, case: &str, dtype: DType, kv_dtype: KvDtype) -> Result<()> {
-    let o = if kv_dtype == KvDtype::Fp8 {
-        fp8_kv_oracle(&c.root.join(case))?
+    let (o, m) = if let Some(base) = case.strip_suffix(KV_SCALED) {
+        let dir = with_kv_scales(&c.root.join(base))?;
+        let path = c.root.join(base).join("oracle_fp8_kv_scaled.safetensors");
+        let o = Oracle {
+            logits: logits_of(&fixture_tensors(&path)?, &path)?,
+            fp8_kv: true,
+            ..oracle(&c.root.join(base))?
+        };
+        (o, c.load_dir(dir.path(), dtype)?)
+    } else if kv_dtype == KvDtype::Fp8 {
+        (fp8_kv_oracle(&c.root.join(case))?, c.load(case, dtype)?)
     } else {
-        oracle(&c.root.join(case))?
+        (oracle(&c.root.join(case))?, c.load(case, dtype)?)
     };
-    let m = c.load(case, dtype)?;
     let paths = m.moe_paths().join(", ");
     let n = o.ids.len();
     let blocks = n.div_ceil(PAGED_BLOCK);
