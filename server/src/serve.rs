@@ -67,8 +67,10 @@ pub struct AppArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Model id in `/v1/models` and responses (default: the model folder's name, or the hub id).
-    #[arg(long)]
-    pub served_model_name: Option<String>,
+    /// As in vLLM, several names may follow: requests may name any of them, responses and
+    /// `/v1/models` use the first.
+    #[arg(long, num_args = 1.., value_name = "NAME")]
+    pub served_model_name: Vec<String>,
     /// Router policy TOML (tiers, rules, budgets; merged over the built-in default). Without
     /// it the built-in default policy routes (its `frontier` tier needs FRONTIER_API_KEY).
     #[arg(long)]
@@ -157,7 +159,7 @@ fn log_generation_defaults(d: &GenerationDefaults) {
 /// The model id to serve under: the flag, else the folder name of a local `--model`, else the
 /// hub id as given.
 fn served_name(args: &AppArgs) -> String {
-    if let Some(n) = &args.served_model_name {
+    if let Some(n) = args.served_model_name.first() {
         return n.clone();
     }
     let p = std::path::Path::new(&args.model.model);
@@ -264,6 +266,7 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         template,
         fingerprint: http::fingerprint(&model_id, &dir),
         model_id,
+        other_names: args.served_model_name.iter().skip(1).cloned().collect(),
         model_dir: dir,
         api_key,
         metrics: http::metrics::Metrics::new().context("registering metrics")?,

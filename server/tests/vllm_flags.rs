@@ -262,3 +262,50 @@ fn bad_vllm_flag_values_are_refused_naming_the_flag() {
         assert!(err.contains(words), "{extra:?}: {err}");
     }
 }
+
+/// `--served-model-name` with several names (requests may use any; responses and `/v1/models`
+/// say the first), vLLM's `GET /version` and SageMaker's `/ping`.
+#[tokio::test]
+async fn several_served_names_version_and_ping() {
+    let s = Server::start_with(Opts {
+        args: &["--served-model-name", "hy3-mini", "tiny-alias"],
+        ..Default::default()
+    });
+    for name in ["hy3-mini", "tiny-alias"] {
+        let mut body = chat();
+        body["model"] = json!(name);
+        let r = post(&s, "/v1/chat/completions", body, &[]).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text);
+        assert_eq!(r.json()["model"], "hy3-mini");
+    }
+    let mut body = chat();
+    body["model"] = json!("other");
+    let r = post(&s, "/v1/chat/completions", body, &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let models: Value = client()
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "hy3-mini", "{models}");
+    let v: Value = client()
+        .get(s.url("/version"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        let r = client()
+            .request(method, s.url("/ping"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}

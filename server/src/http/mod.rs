@@ -59,6 +59,8 @@ pub struct AppState {
     pub tools_template: Option<ChatTemplate>,
     /// The id `/v1/models` lists and responses name.
     pub model_id: String,
+    /// Further names requests may use for the served model (`--served-model-name A B ...`).
+    pub other_names: Vec<String>,
     /// The model folder.
     pub model_dir: PathBuf,
     /// The API key `/v1/*` requires, if any.
@@ -87,10 +89,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Whether `model` is one of the served model's names (not `local`/`auto` or a tier).
+    pub fn names_served_model(&self, model: &str) -> bool {
+        model == self.model_id || self.other_names.iter().any(|n| n == model)
+    }
+
     /// Ok if `model` names this server's model (its id, `local` or `auto`), a router tier, or
     /// a remote tier's upstream model.
     pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
-        if model == self.model_id
+        if self.names_served_model(model)
             || MODEL_ALIASES.contains(&model)
             || self.routing.accepts_model(model)
         {
@@ -124,6 +131,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(state.max_body_bytes));
     Router::new()
         .route("/health", get(health))
+        // vLLM's version endpoint and SageMaker's liveness probe.
+        .route("/version", get(version))
+        .route("/ping", get(health).post(health))
         .route("/metrics", get(metrics_text))
         .merge(v1)
         .fallback(not_found)
@@ -143,6 +153,11 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "waiting": ld(&m.waiting) + ld(&m.pending),
     }))
     .into_response()
+}
+
+/// `GET /version`: this build's version, as vLLM answers it.
+async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -516,7 +516,7 @@ pub async fn route(
         }
     };
     let r = &app.routing;
-    if model == app.model_id && r.policy.tier(&model).is_none() {
+    if app.names_served_model(&model) && r.policy.tier(&model).is_none() {
         // Naming the served model is asking for it: the local tier, not the router's choice
         // (`auto` is that). The safety floor still applies.
         rreq = rreq.with_model(&r.policy.local_tier().name);
