@@ -1000,6 +1000,11 @@ impl Loop {
         // whether its last position is len − 2).
         let mut next = Vec::new();
         let mut row = 0;
+        // While the batch is too large to draft, only the KV is kept up (no lm_head rows).
+        let drafting = self
+            .speculative
+            .as_ref()
+            .is_some_and(|c| c.drafts_at(self.sched.num_running()));
         for (i, (s, w)) in plan.scheduled.iter().zip(work).enumerate() {
             let (r0, n) = (row, w.tokens.len());
             row += n;
@@ -1012,7 +1017,7 @@ impl Loop {
             }
             let last = (w.pos0 + n - 1).min(len - 2);
             let toks = tokens[w.pos0 + 1..=last + 1].to_vec();
-            next.push((s.id, len, toks, w.pos0, r0, i, last == len - 2));
+            next.push((s.id, len, toks, w.pos0, r0, i, drafting && last == len - 2));
         }
         let mut batch = Vec::with_capacity(next.len());
         for (_, _, toks, pos0, r0, i, wants) in &next {

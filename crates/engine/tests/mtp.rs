@@ -231,6 +231,33 @@ fn mtp_drafts_with_preemption_equal_alone() {
     );
 }
 
+/// `disable_by_batch_size`: with the batch at or above it nothing is drafted (the MTP layer
+/// still keeps its KV), and the output is unchanged.
+#[test]
+fn no_drafts_at_or_above_disable_by_batch_size() {
+    let d = tempfile::tempdir().unwrap();
+    make_mtp_model(d.path(), Mtp::PreviousByHidden);
+    let (m, t) = load_mtp(d.path());
+    let ps = prompts();
+    let n = 12;
+    let want: Vec<_> = ps.iter().map(|p| alone(&m, p, n).0).collect();
+    let mut cfg = mtp_cfg(2048, 16, 256);
+    if let Some(c) = cfg.speculative.as_mut() {
+        c.disable_by_batch_size = Some(2);
+    }
+    let e = EngineHandle::start(m, t, cfg).unwrap();
+    let got = together_completions(&e, &ps, n);
+    for ((ids, _, c), w) in got.iter().zip(&want) {
+        assert_eq!(ids, w);
+        assert_eq!(
+            c.draft_tokens,
+            0,
+            "drafted with {} requests running",
+            ps.len()
+        );
+    }
+}
+
 #[test]
 fn mtp_needs_the_layer_loaded() {
     let d = tempfile::tempdir().unwrap();
