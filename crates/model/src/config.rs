@@ -120,9 +120,9 @@ pub struct ModelConfig {
 /// - `quant_method: "fp8"` (transformers' FP8 and FineGrainedFP8 configs, Hy3's FP8 release,
 ///   DeepSeek-V3 and Qwen3-FP8): a `weight_scale` per tensor, or with `weight_block_size` a
 ///   `weight_scale_inv` per block of weights;
-/// - `quant_method: "compressed-tensors"` with `format: "float-quantized"` (llm-compressor's
-///   `FP8`, `FP8_DYNAMIC` and `FP8_BLOCK` schemes): 8-bit float weights per tensor, per output
-///   channel or per block (`block_structure`).
+/// - `quant_method: "compressed-tensors"` with `format: "float-quantized"` (or
+///   `naive-quantized`; llm-compressor's `FP8`, `FP8_DYNAMIC` and `FP8_BLOCK` schemes): 8-bit
+///   float weights per tensor, per output channel or per block (`block_structure`).
 ///
 /// The loader dequantizes them into the compute dtype, so the activation scheme is recorded but
 /// not applied. Other methods and formats (GPTQ, AWQ, integer or 4-bit compressed-tensors) are
@@ -341,7 +341,9 @@ fn compressed_tensors(r: &Reader) -> Result<Quantization, ModelError> {
             Some(f) => Some(f),
             None => top_format.clone(),
         };
-        if let Some(f) = format.filter(|f| f != "float-quantized") {
+        // `naive-quantized` stores the quantized values unpacked: for 8-bit float weights
+        // (checked below) the same bytes as `float-quantized`.
+        if let Some(f) = format.filter(|f| f != "float-quantized" && f != "naive-quantized") {
             return Err(r.bad(
                 if gr.get("format").is_some() {
                     field("format")
@@ -351,7 +353,7 @@ fn compressed_tensors(r: &Reader) -> Result<Quantization, ModelError> {
                 .as_str(),
                 &format!(
                     "compressed-tensors format {f:?} is not supported; only \"float-quantized\" \
-                     (FP8 e4m3 weights)"
+                     or \"naive-quantized\" with 8-bit float weights (FP8 e4m3)"
                 ),
             ));
         }

@@ -666,9 +666,14 @@ fn unknown_quantization_configs_are_refused() {
         ),
         (serde_json::Value::Null, ActivationScheme::WeightOnly),
     ] {
+        let format = if scheme == ActivationScheme::Static {
+            "naive-quantized"
+        } else {
+            "float-quantized"
+        };
         let mut q = ct(
             serde_json::json!({"num_bits": 8, "type": "float", "strategy": "tensor"}),
-            Some("float-quantized"),
+            Some(format),
         );
         q["config_groups"]["group_0"]["input_activations"] = activations;
         let d = variant(|_, cfg| cfg["quantization_config"] = q);
