@@ -996,3 +996,67 @@ async fn return_token_ids_reports_prompt_and_generated_ids() {
     )
     .await;
 }
+
+/// vLLM's `stream_options.continuous_usage_stats` (with `include_usage`): every chunk carries
+/// the usage so far (prompt tokens fixed, completion tokens counting up by one per generated
+/// token), and the final usage chunk agrees; chat and completions, two choices. Without it
+/// the chunks' `usage` stays null.
+#[tokio::test]
+async fn continuous_usage_stats_count_up_on_every_chunk() {
+    let s = Server::start();
+    for (path, body) in [
+        ("/v1/completions", completion(json!({"n": 2}))),
+        (
+            "/v1/chat/completions",
+            json!({"model": "local", "max_tokens": 12, "temperature": 0, "ignore_eos": true,
+                   "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+    ] {
+        let mut body = body;
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+        let r = post(&s, path, body.clone(), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let chunks: Vec<Value> = parse_sse(&r.text)
+            .into_iter()
+            .filter(|(_, d)| d != "[DONE]")
+            .map(|(_, d)| serde_json::from_str(&d).unwrap())
+            .collect();
+        let last = chunks.last().unwrap()["usage"].clone();
+        let (prompt, total) = (
+            last["prompt_tokens"].as_u64().unwrap(),
+            last["completion_tokens"].as_u64().unwrap(),
+        );
+        let mut seen = 0;
+        for c in &chunks[..chunks.len() - 1] {
+            let u = &c["usage"];
+            assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{path}: {c}");
+            let done = u["completion_tokens"].as_u64().unwrap();
+            assert!(
+                done >= seen && done <= total,
+                "{path}: {done} after {seen}: {c}"
+            );
+            assert_eq!(u["total_tokens"].as_u64(), Some(prompt + done));
+            seen = done;
+        }
+        assert_eq!(
+            seen, total,
+            "{path}: the last token chunk counts every token"
+        );
+        // include_usage alone: null usage on the chunks, the totals at the end.
+        body["stream_options"] = json!({"include_usage": true});
+        let r = post(&s, path, body, &[]).await;
+        let chunks: Vec<Value> = parse_sse(&r.text)
+            .into_iter()
+            .filter(|(_, d)| d != "[DONE]")
+            .map(|(_, d)| serde_json::from_str(&d).unwrap())
+            .collect();
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null()));
+        assert_eq!(
+            chunks.last().unwrap()["usage"]["completion_tokens"].as_u64(),
+            Some(total)
+        );
+    }
+}

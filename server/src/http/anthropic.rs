@@ -252,6 +252,7 @@ impl MessagesRequest {
             n: 1,
             stream: self.stream.unwrap_or(false),
             include_usage: false,
+            continuous_usage: false,
             template_kwargs: match thinking_effort(self.thinking.clone())? {
                 Some(e) => Map::from_iter([("reasoning_effort".to_string(), Value::from(e))]),
                 None => Map::new(),

@@ -40,6 +40,21 @@ pub struct StreamOptions {
     /// Send a usage chunk before `[DONE]`.
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's extension: with `include_usage`, every chunk also carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+impl StreamOptions {
+    /// `(include_usage, continuous usage)` of a request's `stream_options`.
+    fn flags(o: Option<StreamOptions>) -> (bool, bool) {
+        let o = o.unwrap_or_default();
+        let include = o.include_usage.unwrap_or(false);
+        (
+            include,
+            include && o.continuous_usage_stats.unwrap_or(false),
+        )
+    }
 }
 
 /// A chat message as sent.
@@ -337,6 +352,7 @@ impl ChatRequest {
         if let Some(r) = self.reasoning_effort {
             kwargs.insert("reasoning_effort".into(), Value::String(r));
         }
+        let (include_usage, continuous_usage) = StreamOptions::flags(self.stream_options);
         Ok(NormalizedRequest {
             api: Api::OpenAiChat,
             model: self.model,
@@ -349,10 +365,8 @@ impl ChatRequest {
             stop: params::stop("stop", self.stop)?,
             n: params::n(self.n)?,
             stream: self.stream.unwrap_or(false),
-            include_usage: self
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            include_usage,
+            continuous_usage,
             template_kwargs: kwargs,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
@@ -434,6 +448,7 @@ impl CompletionRequest {
             .logprobs
             .map(|k| params::top_logprobs("logprobs", k))
             .transpose()?;
+        let (include_usage, continuous_usage) = StreamOptions::flags(self.stream_options);
         Ok(NormalizedRequest {
             api: Api::OpenAiCompletions,
             model: self.model,
@@ -446,10 +461,8 @@ impl CompletionRequest {
             stop: params::stop("stop", self.stop)?,
             n,
             stream: self.stream.unwrap_or(false),
-            include_usage: self
-                .stream_options
-                .and_then(|o| o.include_usage)
-                .unwrap_or(false),
+            include_usage,
+            continuous_usage,
             template_kwargs: Map::new(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             output: None,
@@ -661,7 +674,14 @@ impl routing::LocalEndpoint for OpenAi {
                     .map(|i| prepared.choice_prompt(i).to_vec())
                     .collect()
             });
-            let fmt = ChunkFormat::new(state, &req, meta, streams.len(), prompt_ids);
+            let fmt = ChunkFormat::new(
+                state,
+                &req,
+                meta,
+                streams.len(),
+                prompt_ids,
+                prepared.prompt_tokens(),
+            );
             return Ok(Sse::new(local::sse(streams, fmt, tracker)).into_response());
         }
         // Token events carry the logprobs (the first one also the prompt's).
@@ -686,7 +706,14 @@ impl routing::LocalEndpoint for OpenAi {
                 .controls
                 .return_token_ids
                 .then(|| outs.iter().map(|o| o.prompt_token_ids.clone()).collect());
-            let fmt = ChunkFormat::new(state, req, meta, outs.len(), prompt_ids);
+            let fmt = ChunkFormat::new(
+                state,
+                req,
+                meta,
+                outs.len(),
+                prompt_ids,
+                usage.prompt_tokens,
+            );
             return Sse::new(local::replay(outs, fmt, usage)).into_response();
         }
         json_response(state, req, meta, &outs, usage)
@@ -801,6 +828,9 @@ struct ChunkFormat {
     chat: bool,
     choices: usize,
     include_usage: bool,
+    /// With continuous usage: the request's prompt tokens and the tokens generated so far
+    /// (every choice), reported on every chunk.
+    running_usage: Option<(usize, usize)>,
     logprobs: bool,
     /// Logprobs name tokens by id (`return_tokens_as_token_ids`).
     as_ids: bool,
@@ -859,13 +889,15 @@ struct Routed {
 }
 
 impl ChunkFormat {
-    /// `prompt_ids`: each choice's prompt ids, when the stream reports token ids.
+    /// `prompt_ids`: each choice's prompt ids, when the stream reports token ids;
+    /// `prompt_tokens`: the request's (for continuous usage).
     fn new(
         state: &Arc<AppState>,
         req: &NormalizedRequest,
         meta: Meta,
         choices: usize,
         prompt_ids: Option<Vec<Vec<u32>>>,
+        prompt_tokens: usize,
     ) -> Self {
         let opened = local::opens_reasoning(state, req);
         Self {
@@ -874,6 +906,7 @@ impl ChunkFormat {
             chat: req.api == Api::OpenAiChat,
             choices,
             include_usage: req.include_usage,
+            running_usage: req.continuous_usage.then_some((prompt_tokens, 0)),
             logprobs: req.sampling.logprobs.is_some(),
             as_ids: req.controls.return_tokens_as_token_ids,
             offsets: vec![0; choices],
@@ -953,7 +986,13 @@ impl ChunkFormat {
             "system_fingerprint": self.meta.fingerprint,
             "choices": choices,
         });
-        if self.include_usage {
+        if let Some((prompt, done)) = self.running_usage {
+            c["usage"] = json!({
+                "prompt_tokens": prompt,
+                "completion_tokens": done,
+                "total_tokens": prompt + done,
+            });
+        } else if self.include_usage {
             c["usage"] = Value::Null;
         }
         if let Some(p) = prompt {
@@ -988,6 +1027,9 @@ impl SseFormat for ChunkFormat {
     }
 
     fn token(&mut self, i: usize, t: TokenEvent) -> Vec<SseEvent> {
+        if let Some((_, done)) = self.running_usage.as_mut() {
+            *done += 1;
+        }
         if self.chat {
             self.note_id(i, t.id);
             let lp = self

@@ -103,6 +103,9 @@ pub struct NormalizedRequest {
     pub stream: bool,
     /// Send a usage chunk at the end of the stream.
     pub include_usage: bool,
+    /// With `include_usage`: every chunk carries the usage so far (vLLM's
+    /// `stream_options.continuous_usage_stats`).
+    pub continuous_usage: bool,
     /// Chat template variables (`reasoning_effort`, `chat_template_kwargs`).
     pub template_kwargs: serde_json::Map<String, serde_json::Value>,
     /// Keep generating past end-of-sequence tokens (vLLM's `ignore_eos`).
