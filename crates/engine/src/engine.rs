@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use switchyard_model::{KvDtype, Logits, ModelConfig, MtpSeq, PagedSeq};
+use switchyard_model::{KvDtype, Logits, ModelConfig, MtpOut, MtpSeq, PagedSeq};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::block_pool::{BlockPool, SharedPool};
@@ -620,6 +620,12 @@ impl EngineHandle {
     }
 }
 
+/// The most likely token of a `[1, vocab]` logits tensor; `None` if it cannot be read.
+fn first_row(logits: &Tensor) -> Option<u32> {
+    let row = logits.flatten_all().ok()?.to_vec1::<f32>().ok()?;
+    Some(greedy(&row))
+}
+
 /// The most likely token (the lowest id on ties, as greedy sampling picks).
 fn greedy(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -705,9 +711,9 @@ struct ReqState {
     /// Draft tokens checked and accepted so far.
     drafted: usize,
     accepted: usize,
-    /// The MTP layer's draft for the token at index `.0` of the sequence (valid while the
-    /// sequence has exactly `.0` tokens).
-    mtp_draft: Option<(usize, u32)>,
+    /// The MTP layer's drafts for the tokens from index `.0` of the sequence on (valid while
+    /// the sequence has exactly `.0` tokens).
+    mtp_draft: Option<(usize, Vec<u32>)>,
     submitted: Instant,
     ttft: Option<Duration>,
 }
@@ -891,9 +897,9 @@ impl Loop {
                     None => match spec {
                         Some(c) if c.uses_mtp() => states
                             .get(&id)
-                            .and_then(|s| s.mtp_draft)
-                            .filter(|&(len, _)| len == tokens.len() && max > 0)
-                            .map(|(_, t)| vec![t])
+                            .and_then(|s| s.mtp_draft.as_ref())
+                            .filter(|(len, _)| *len == tokens.len())
+                            .map(|(_, d)| d[..d.len().min(max)].to_vec())
                             .unwrap_or_default(),
                         Some(c) => c.propose(tokens, max),
                         None => Vec::new(),
@@ -1032,30 +1038,96 @@ impl Loop {
                 logits: *wants,
             });
         }
+        let Some(outs) = self.run_mtp(&batch) else {
+            return;
+        };
+        // The first draft of each sequence that asked, then further ones by feeding the layer
+        // its own output and draft at the next position (vLLM's chaining of one MTP layer);
+        // those positions' MTP KV is rewritten once their real tokens are known.
+        let k = self
+            .speculative
+            .as_ref()
+            .map_or(1, |c| c.num_speculative_tokens);
+        // (id, len, step index, drafts so far, last output)
+        let mut chains: Vec<(SeqId, usize, usize, Vec<u32>, MtpOut)> = next
+            .iter()
+            .zip(outs)
+            .filter_map(|((id, len, _, _, _, i, _), o)| {
+                let o = o?;
+                let d = first_row(&o.logits)?;
+                Some((*id, *len, *i, vec![d], o))
+            })
+            .collect();
+        // Chained drafts write the layer's KV at positions len − 1 … len + k − 3: blocks the
+        // next step would allocate for its drafts anyway, taken now while they are free.
+        let tables: Vec<Option<Vec<u32>>> = chains
+            .iter()
+            .map(|(id, len, ..)| {
+                (k > 1)
+                    .then(|| self.sched.reserve(*id, len + k - 2))
+                    .flatten()
+            })
+            .collect();
+        for j in 1..k {
+            let live: Vec<usize> = (0..chains.len())
+                .filter(|&c| tables[c].is_some() && chains[c].3.len() == j)
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let toks: Vec<[u32; 1]> = live
+                .iter()
+                .map(|&c| [*chains[c].3.last().unwrap_or(&0)])
+                .collect();
+            let batch: Vec<MtpSeq<'_>> = live
+                .iter()
+                .zip(&toks)
+                .filter_map(|(&c, t)| {
+                    let (_, len, _, _, o) = &chains[c];
+                    Some(MtpSeq {
+                        next_tokens: t,
+                        pos0: len - 2 + j,
+                        block_table: tables[c].as_deref()?,
+                        hidden: o.hidden.clone(),
+                        logits: true,
+                    })
+                })
+                .collect();
+            let Some(outs) = self.run_mtp(&batch) else {
+                return;
+            };
+            for (&c, o) in live.iter().zip(outs) {
+                if let Some(o) = o {
+                    if let Some(d) = first_row(&o.logits) {
+                        chains[c].3.push(d);
+                        chains[c].4 = o;
+                    }
+                }
+            }
+        }
+        for (id, len, _, drafts, _) in chains {
+            if let Some(st) = self.states.get_mut(&id) {
+                st.mtp_draft = Some((len, drafts));
+            }
+        }
+    }
+
+    /// One MTP layer pass ([`Runner::mtp_forward_paged`]), timed as busy; `None` (drafts
+    /// dropped, logged) when it fails.
+    fn run_mtp(&mut self, batch: &[MtpSeq<'_>]) -> Option<Vec<Option<MtpOut>>> {
         let t0 = Instant::now();
-        let out = self.runner.mtp_forward_paged(&batch);
+        let out = self.runner.mtp_forward_paged(batch);
         self.metrics
             .busy_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let logits = match out {
-            Ok(l) => l,
+        match out {
+            Ok(o) => Some(o),
             Err(e) => {
                 tracing::warn!(error = %e, "MTP step failed; no drafts this step");
                 for st in self.states.values_mut() {
                     st.mtp_draft = None;
                 }
-                return;
-            }
-        };
-        for ((id, len, ..), lg) in next.iter().zip(logits) {
-            let Some(lg) = lg else { continue };
-            let draft = lg
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .ok()
-                .map(|row| greedy(&row));
-            if let Some(st) = self.states.get_mut(id) {
-                st.mtp_draft = draft.map(|t| (*len, t));
+                None
             }
         }
     }

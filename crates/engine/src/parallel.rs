@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use candle_core::Tensor;
 use switchyard_model::{
     Checkpoint, Communicator, HyV3Model, InProcessGroup, KvDtype, LoadOptions, Logits, ModelConfig,
-    ModelError, MtpSeq, PagedKvCache, PagedSeq,
+    ModelError, MtpOut, MtpSeq, PagedKvCache, PagedSeq,
 };
 
 /// Loads the `world` ranks of a model from one checkpoint (one after another: loading needs no
@@ -435,7 +435,7 @@ impl Runner {
     pub(crate) fn mtp_forward_paged(
         &mut self,
         seqs: &[MtpSeq<'_>],
-    ) -> Result<Vec<Option<Tensor>>, String> {
+    ) -> Result<Vec<Option<MtpOut>>, String> {
         match self {
             Runner::Single { model, kv } => {
                 model.mtp_forward_paged(seqs, kv).map_err(|e| e.to_string())

@@ -637,6 +637,17 @@ impl Scheduler {
     pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
         self.get(id).map(|s| s.tokens.as_slice())
     }
+
+    /// Gives running sequence `id` blocks for `n_tokens` positions if free blocks allow
+    /// (never preempting) and returns its block table then; `None` when it is not running or
+    /// the blocks are not free. For work ahead of the next step's own allocation (chained MTP
+    /// drafts write their KV there); the step would allocate the same blocks for the drafts.
+    pub fn reserve(&mut self, id: SeqId, n_tokens: usize) -> Option<Vec<u32>> {
+        let s = self.running.iter_mut().find(|s| s.id == id)?;
+        s.blocks
+            .ensure_capacity(n_tokens)
+            .then(|| s.blocks.blocks().to_vec())
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@
 //!   extraction, summaries quoting the source, code);
 //! - the model's own MTP layer (vLLM's `mtp` method; Hy3 ships one): after each step the
 //!   engine runs the MTP layer over the step's positions, and its prediction of the token
-//!   after next is the next step's one-token draft (see `Loop::mtp_step` in the engine).
+//!   after next is the next step's draft, continued for `num_speculative_tokens` > 1 by
+//!   feeding the layer its own output and draft (see `Loop::mtp_step` in the engine).
 
 use serde::Deserialize;
 
@@ -34,7 +35,9 @@ pub const MAX_PROMPT_LOOKUP: usize = 16;
 pub enum SpeculativeMethod {
     /// Prompt lookup: continue the latest earlier occurrence of the sequence's suffix.
     Ngram,
-    /// The checkpoint's MTP layer (`num_nextn_predict_layers`), one draft token per step.
+    /// The checkpoint's MTP layer (`num_nextn_predict_layers`): its prediction of the token
+    /// after next, and with `num_speculative_tokens` > 1 further ones from the same layer fed
+    /// its own output (as vLLM chains one MTP layer).
     Mtp,
 }
 
@@ -86,13 +89,6 @@ impl SpeculativeConfig {
         if !(1..=MAX_SPECULATIVE_TOKENS).contains(&self.num_speculative_tokens) {
             return bad(format!(
                 "num_speculative_tokens must be in 1..={MAX_SPECULATIVE_TOKENS}, got {}",
-                self.num_speculative_tokens
-            ));
-        }
-        if self.method == SpeculativeMethod::Mtp && self.num_speculative_tokens != 1 {
-            return bad(format!(
-                "num_speculative_tokens must be 1 with method \"mtp\" (one draft per step from \
-                 the model's MTP layer), got {}",
                 self.num_speculative_tokens
             ));
         }

@@ -122,11 +122,11 @@ fn load_mtp(dir: &Path) -> (HyV3Model, Arc<Tokenizer>) {
     (m, Arc::new(Tokenizer::from_dir(dir).unwrap()))
 }
 
-fn mtp_cfg(budget: usize, block: usize, blocks: usize) -> EngineConfig {
+fn mtp_cfg(budget: usize, block: usize, blocks: usize, k: usize) -> EngineConfig {
     EngineConfig {
         speculative: Some(SpeculativeConfig {
             method: SpeculativeMethod::Mtp,
-            num_speculative_tokens: 1,
+            num_speculative_tokens: k,
             prompt_lookup_min: 2,
             prompt_lookup_max: 4,
             disable_by_batch_size: None,
@@ -136,26 +136,38 @@ fn mtp_cfg(budget: usize, block: usize, blocks: usize) -> EngineConfig {
 }
 
 /// Drafts and accepted drafts for a request whose greedy output is `out` (`n` tokens) when the
-/// draft for each token is `draft(previous token)`.
-fn walk(out: &[u32], draft: impl Fn(u32) -> u32) -> (usize, usize) {
+/// drafts after token `p` are `chain(p)` (up to `k` of them, as many as fit before the
+/// request's last token), accepted while they match.
+fn walk(out: &[u32], k: usize, chain: impl Fn(u32) -> u32) -> (usize, usize) {
     let n = out.len();
     let (mut g, mut drafted, mut accepted) = (1, 0, 0);
     while g < n {
-        // `g` tokens out; a draft for token g needs room for it and the step's own token.
-        if n - g >= 2 {
-            drafted += 1;
-            if out[g] == draft(out[g - 1]) {
-                accepted += 1;
-                g += 2;
-                continue;
+        // `g` tokens out; the step makes one token after its accepted drafts.
+        let room = (n - g - 1).min(k);
+        let mut a = 0;
+        let mut d = out[g - 1];
+        for j in 0..room {
+            d = chain(d);
+            if out[g + j] != d {
+                break;
             }
+            a += 1;
         }
-        g += 1;
+        drafted += room;
+        accepted += a;
+        g += a + 1;
     }
     (drafted, accepted)
 }
 
-fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (usize, usize, u32) {
+fn check(
+    kind: Mtp,
+    k: usize,
+    budget: usize,
+    block: usize,
+    blocks: usize,
+    n: usize,
+) -> (usize, usize, u32) {
     let d = tempfile::tempdir().unwrap();
     make_mtp_model(d.path(), kind);
     let (m, t) = load_mtp(d.path());
@@ -166,7 +178,7 @@ fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (us
             .unwrap();
     let ps = prompts();
     let want: Vec<_> = ps.iter().map(|p| alone(&m, p, n)).collect();
-    let e = EngineHandle::start(m, t, mtp_cfg(budget, block, blocks)).unwrap();
+    let e = EngineHandle::start(m, t, mtp_cfg(budget, block, blocks, k)).unwrap();
     let got = together_completions(&e, &ps, n);
     let (mut drafted, mut accepted, mut preempted) = (0, 0, 0);
     for (i, ((ids, rows, c), (wi, wr))) in got.iter().zip(&want).enumerate() {
@@ -179,8 +191,8 @@ fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (us
         // to a step of its own, which then carries a draft for the first output token too.
         let expected = match kind {
             Mtp::Random => None,
-            Mtp::PreviousByHidden => Some(walk(wi, |t| t)),
-            Mtp::LikeNextToken => Some(walk(wi, |t| like(&embed, t))),
+            Mtp::PreviousByHidden => Some(walk(wi, k, |t| t)),
+            Mtp::LikeNextToken => Some(walk(wi, k, |t| like(&embed, t))),
         };
         if let Some(x) = expected.filter(|_| blocks >= 256 && budget >= 2048) {
             assert_eq!(
@@ -194,7 +206,7 @@ fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (us
         preempted += pre;
     }
     println!(
-        "{}: budget {budget} block {block} blocks {blocks}: drafted {drafted}, accepted \
+        "{}: k {k} budget {budget} block {block} blocks {blocks}: drafted {drafted}, accepted \
          {accepted}, preemptions {preempted}",
         match kind {
             Mtp::Random => "random",
@@ -208,27 +220,43 @@ fn check(kind: Mtp, budget: usize, block: usize, blocks: usize, n: usize) -> (us
 
 #[test]
 fn random_mtp_drafts_leave_greedy_output_unchanged() {
-    check(Mtp::Random, 2048, 16, 256, 24);
+    check(Mtp::Random, 1, 2048, 16, 256, 24);
     // 7-token steps: prefill chunks end mid-prompt, and the MTP layer runs on each chunk.
-    check(Mtp::Random, 7, 5, 256, 17);
+    check(Mtp::Random, 1, 7, 5, 256, 17);
+    // Chained drafts, across block boundaries.
+    check(Mtp::Random, 3, 2048, 4, 256, 24);
 }
 
 #[test]
 fn known_drafts_are_made_and_accepted_where_the_walk_says() {
     for kind in [Mtp::PreviousByHidden, Mtp::LikeNextToken] {
-        let (_, accepted, _) = check(kind, 2048, 16, 256, 40);
+        let (_, accepted, _) = check(kind, 1, 2048, 16, 256, 40);
         assert!(accepted > 0, "the walk should find drafts to accept");
-        check(kind, 7, 5, 256, 23);
+        check(kind, 1, 7, 5, 256, 23);
+    }
+}
+
+/// Several drafts per step from one MTP layer: the layer fed its own output at the next
+/// position (the hidden path keeps predicting the previous token; the token path follows the
+/// most-similar-embedding chain), with 4-token blocks so chains cross block ends.
+#[test]
+fn chained_drafts_follow_the_walk() {
+    for kind in [Mtp::PreviousByHidden, Mtp::LikeNextToken] {
+        for k in [2, 4] {
+            let (_, accepted, _) = check(kind, k, 2048, 4, 256, 40);
+            assert!(accepted > 0);
+        }
     }
 }
 
 #[test]
 fn mtp_drafts_with_preemption_equal_alone() {
-    let (_, _, preemptions) = check(Mtp::PreviousByHidden, 64, 4, 18, 19);
+    let (_, _, preemptions) = check(Mtp::PreviousByHidden, 1, 64, 4, 18, 19);
     assert!(
         preemptions > 0,
         "the tiny cache should have forced a preemption"
     );
+    check(Mtp::LikeNextToken, 3, 64, 4, 18, 19);
 }
 
 /// `disable_by_batch_size`: with the batch at or above it nothing is drafted (the MTP layer
@@ -241,7 +269,7 @@ fn no_drafts_at_or_above_disable_by_batch_size() {
     let ps = prompts();
     let n = 12;
     let want: Vec<_> = ps.iter().map(|p| alone(&m, p, n).0).collect();
-    let mut cfg = mtp_cfg(2048, 16, 256);
+    let mut cfg = mtp_cfg(2048, 16, 256, 1);
     if let Some(c) = cfg.speculative.as_mut() {
         c.disable_by_batch_size = Some(2);
     }
@@ -263,13 +291,13 @@ fn mtp_needs_the_layer_loaded() {
     let d = tempfile::tempdir().unwrap();
     make_mtp_model(d.path(), Mtp::Random);
     let (m, t) = common::load(d.path());
-    let Err(e) = EngineHandle::start(m, t, mtp_cfg(2048, 16, 64)) else {
+    let Err(e) = EngineHandle::start(m, t, mtp_cfg(2048, 16, 64, 1)) else {
         panic!("an engine with MTP drafts started without the MTP layer");
     };
     assert!(e.contains("MTP layer"), "{e}");
-    let bad = SpeculativeConfig::parse_json(r#"{"method": "mtp", "num_speculative_tokens": 2}"#)
+    let bad = SpeculativeConfig::parse_json(r#"{"method": "mtp", "num_speculative_tokens": 17}"#)
         .unwrap_err()
         .to_string();
-    assert!(bad.contains("num_speculative_tokens must be 1"), "{bad}");
+    assert!(bad.contains("num_speculative_tokens"), "{bad}");
     SpeculativeConfig::parse_json(r#"{"method": "mtp", "num_speculative_tokens": 1}"#).unwrap();
 }

@@ -1384,6 +1384,16 @@ impl MtpLayer {
     }
 }
 
+/// What the MTP layer gives for a sequence's last position ([`HyV3Model::mtp_forward_paged`]).
+#[derive(Debug, Clone)]
+pub struct MtpOut {
+    /// f32 logits `[1, vocab]`: the distribution of the token after the last `next_tokens`.
+    pub logits: Tensor,
+    /// The layer's final-normed output there, `[1, hidden]`: what a further MTP step (a
+    /// second draft token) reads as its hidden state, as vLLM chains one MTP layer.
+    pub hidden: Tensor,
+}
+
 /// One sequence's part of a paged MTP step ([`HyV3Model::mtp_forward_paged`]).
 #[derive(Debug, Clone)]
 pub struct MtpSeq<'a> {
@@ -1979,13 +1989,12 @@ impl HyV3Model {
 
     /// The MTP layer over a batch of sequences whose main-model positions were computed
     /// through the same paged cache (its K/V go to the cache's last layer, at the same
-    /// slots). Returns, per sequence that asked for it, the f32 logits `[1, vocab]` of its
-    /// last position: the distribution of the token after its last `next_tokens`.
+    /// slots). Returns, per sequence that asked for it, its last position's [`MtpOut`].
     pub fn mtp_forward_paged(
         &self,
         seqs: &[MtpSeq<'_>],
         kv: &mut PagedKvCache,
-    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+    ) -> Result<Vec<Option<MtpOut>>, ModelError> {
         let r = self.on_cpu_worker(|| self.mtp_paged_batch(seqs, kv));
         self.abort_on_error(r)
     }
@@ -1994,7 +2003,7 @@ impl HyV3Model {
         &self,
         seqs: &[MtpSeq<'_>],
         kv: &mut PagedKvCache,
-    ) -> Result<Vec<Option<Tensor>>, ModelError> {
+    ) -> Result<Vec<Option<MtpOut>>, ModelError> {
         if seqs.is_empty() {
             return Ok(vec![]);
         }
@@ -2031,7 +2040,8 @@ impl HyV3Model {
             return Ok(vec![None; seqs.len()]);
         }
         let idx = Tensor::from_slice(&rows, rows.len(), &self.device)?;
-        let logits = self.project(&z.index_select(&idx, 0)?)?;
+        let z = z.index_select(&idx, 0)?;
+        let logits = self.project(&z)?;
         let mut next = 0;
         seqs.iter()
             .map(|s| {
@@ -2039,7 +2049,10 @@ impl HyV3Model {
                     return Ok(None);
                 }
                 next += 1;
-                Ok(Some(logits.narrow(0, next - 1, 1)?))
+                Ok(Some(MtpOut {
+                    logits: logits.narrow(0, next - 1, 1)?,
+                    hidden: z.narrow(0, next - 1, 1)?,
+                }))
             })
             .collect()
     }

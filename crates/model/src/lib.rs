@@ -21,7 +21,8 @@ use std::path::PathBuf;
 pub use config::{ActivationScheme, LayerKind, ModelConfig, Quantization, WeightScales};
 pub use device::{gpu_memory, DeviceSpec};
 pub use hy_v3::{
-    HyV3Model, LoadOptions, Logits, MoeLayer, MoeWeights, MtpSeq, PagedSeq, SharedExpertWeights,
+    HyV3Model, LoadOptions, Logits, MoeLayer, MoeWeights, MtpOut, MtpSeq, PagedSeq,
+    SharedExpertWeights,
 };
 pub use isq::{IsqType, QUANTIZE_FLAG};
 pub use kv_cache::KvCache;

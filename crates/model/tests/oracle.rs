@@ -210,7 +210,11 @@ fn mtp_layer_matches_transformers_modules() {
             hidden,
             logits: true,
         };
-        m.mtp_forward_paged(&[s], kv).unwrap().remove(0).unwrap()
+        m.mtp_forward_paged(&[s], kv)
+            .unwrap()
+            .remove(0)
+            .unwrap()
+            .logits
     };
     let h0 = main(&mut kv, 0, &seq[..k]);
     let mut rows = vec![mtp_step(&mut kv, 0, h0.narrow(0, 0, k - 1).unwrap())];
