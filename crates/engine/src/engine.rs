@@ -1060,17 +1060,23 @@ impl Loop {
             .collect();
         // Chained drafts write the layer's KV at positions len − 1 … len + k − 3: blocks the
         // next step would allocate for its drafts anyway, taken now while they are free.
+        // A chain never goes past the context (the verify step could not take its drafts).
+        let max_len = self.sched.config().max_model_len;
         let tables: Vec<Option<Vec<u32>>> = chains
             .iter()
             .map(|(id, len, ..)| {
-                (k > 1)
-                    .then(|| self.sched.reserve(*id, len + k - 2))
+                let want = (len + k - 2).min(max_len);
+                (k > 1 && want > *len - 1)
+                    .then(|| self.sched.reserve(*id, want))
                     .flatten()
             })
             .collect();
         for j in 1..k {
             let live: Vec<usize> = (0..chains.len())
-                .filter(|&c| tables[c].is_some() && chains[c].3.len() == j)
+                .filter(|&c| {
+                    let (_, len, _, drafts, _) = &chains[c];
+                    tables[c].is_some() && drafts.len() == j && len - 2 + j < max_len
+                })
                 .collect();
             if live.is_empty() {
                 break;
