@@ -81,28 +81,22 @@ async fn a_vllm_launch_line_serves_with_its_key_and_cors() {
     let methods = h["access-control-allow-methods"].to_str().unwrap();
     assert!(methods == "*" || methods.contains("POST"), "{methods}");
     // The actual request carries the header too; another origin gets none.
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .header("origin", "http://localhost:3000")
-        .header("authorization", "Bearer sk-test")
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let key = ("authorization", "Bearer sk-test");
+    let path = "/v1/chat/completions";
+    let r = post(
+        &s,
+        path,
+        chat(),
+        &[("origin", "http://localhost:3000"), key],
+    )
+    .await;
+    assert_eq!(r.status, 200);
     assert_eq!(
-        r.headers()["access-control-allow-origin"],
+        r.header("access-control-allow-origin"),
         "http://localhost:3000"
     );
-    let other = client()
-        .post(s.url("/v1/chat/completions"))
-        .header("origin", "http://evil.example")
-        .header("authorization", "Bearer sk-test")
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
-    assert!(other.headers().get("access-control-allow-origin").is_none());
+    let other = post(&s, path, chat(), &[("origin", "http://evil.example"), key]).await;
+    assert!(other.header_opt("access-control-allow-origin").is_none());
 
     // The flags without an effect say so; --disable-log-requests drops the per-request lines
     // (the metrics still count the requests).
@@ -148,15 +142,15 @@ async fn without_allowed_origins_there_is_no_cors() {
         .await
         .unwrap();
     assert!(pre.headers().get("access-control-allow-origin").is_none());
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .header("origin", "http://localhost:3000")
-        .json(&chat())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        chat(),
+        &[("origin", "http://localhost:3000")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.header_opt("access-control-allow-origin").is_none());
     assert!(s.log().contains("latency_ms"));
 }
 
