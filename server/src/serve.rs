@@ -115,6 +115,10 @@ pub struct AppArgs {
     /// Do not log one line per request (vLLM's flag; the metrics still count them).
     #[arg(long)]
     pub disable_log_requests: bool,
+    /// End every OpenAI stream with a usage chunk, as `stream_options.include_usage` asks
+    /// (vLLM's flag).
+    #[arg(long)]
+    pub enable_force_include_usage: bool,
     #[command(flatten)]
     pub ignored: vllm_flags::IgnoredArgs,
 }
@@ -278,6 +282,7 @@ pub fn build_state(args: &AppArgs, api_key: Option<String>) -> Result<Arc<AppSta
         responses: Default::default(),
         tool_call_format,
         log_requests: !args.disable_log_requests,
+        force_include_usage: args.enable_force_include_usage,
         engine,
     }))
 }

@@ -303,3 +303,29 @@ async fn several_served_names_version_and_ping() {
         assert_eq!(r.status(), 200);
     }
 }
+
+/// `--enable-force-include-usage`: a stream that did not ask for usage still ends with the
+/// usage chunk (null usage on the others), with the right counts.
+#[tokio::test]
+async fn force_include_usage_ends_every_stream_with_usage() {
+    let s = Server::start_with(Opts {
+        args: &["--enable-force-include-usage"],
+        ..Default::default()
+    });
+    let mut body = chat();
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let r = post(&s, "/v1/chat/completions", body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let chunks: Vec<Value> = common::parse_sse(&r.text)
+        .into_iter()
+        .filter(|(_, d)| d != "[DONE]")
+        .map(|(_, d)| serde_json::from_str(&d).unwrap())
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], 4, "{last}");
+    assert!(chunks[..chunks.len() - 1]
+        .iter()
+        .all(|c| c["usage"].is_null()));
+}

@@ -86,6 +86,8 @@ pub struct AppState {
     pub tool_call_format: Option<switchyard_engine::tool_calls::ToolCallFormat>,
     /// Log one line per request (`--disable-log-requests` turns it off).
     pub log_requests: bool,
+    /// Streams end with a usage chunk even unasked (`--enable-force-include-usage`).
+    pub force_include_usage: bool,
 }
 
 impl AppState {

@@ -1192,6 +1192,11 @@ async fn handle(
     parsed: Result<NormalizedRequest, ApiError>,
     arrived: Instant,
 ) -> Response {
+    // vLLM's --enable-force-include-usage: every local stream ends with its usage.
+    let parsed = parsed.map(|mut r| {
+        r.include_usage |= state.force_include_usage && r.stream;
+        r
+    });
     let routed = routing::route(&state, api, headers, body, parsed, arrived).await;
     routing::respond::<OpenAi>(&state, routed, arrived).await
 }
