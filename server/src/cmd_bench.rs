@@ -188,7 +188,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "batch": a.batch,
         "prompt_len": prompt_len,
         "prompt": if a.prompt_file.is_some() { "file" } else { "random" },
-        "speculative": a.engine.speculative_config.as_ref().map(|_| serde_json::json!({
+        "speculative": a.engine.speculative_config.as_ref().map(|c| serde_json::json!({
+            "method": switchyard_engine::speculative::SpeculativeConfig::parse_json(c)
+                .ok()
+                .map(|c| c.method),
             "draft_tokens": drafted,
             "accepted_tokens": accepted,
             "acceptance_rate": accepted as f64 / drafted.max(1) as f64,

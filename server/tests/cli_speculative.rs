@@ -267,6 +267,7 @@ fn mtp_drafts_from_the_models_mtp_layer() {
     ]);
     assert!(ok, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["speculative"]["method"], "mtp", "{v}");
     let drafts = v["speculative"]["draft_tokens"]
         .as_u64()
         .expect("draft_tokens");

@@ -30,7 +30,7 @@ pub const MAX_SPECULATIVE_TOKENS: usize = 16;
 pub const MAX_PROMPT_LOOKUP: usize = 16;
 
 /// How drafts are proposed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SpeculativeMethod {
     /// Prompt lookup: continue the latest earlier occurrence of the sequence's suffix.
