@@ -329,3 +329,60 @@ async fn force_include_usage_ends_every_stream_with_usage() {
         .iter()
         .all(|c| c["usage"].is_null()));
 }
+
+/// Every response carries `x-request-id`: the client's when it sent a usable one (echoed, also
+/// on errors and on `/health`), else a fresh `req_` + 24 hex digits, different per request;
+/// the per-request log line names it.
+#[tokio::test]
+async fn responses_carry_the_request_id() {
+    let s = Server::start();
+    let fresh = |r: &common::Reply| {
+        let id = r.header("x-request-id").to_string();
+        assert!(
+            id.len() == 28
+                && id.starts_with("req_")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        id
+    };
+    let a = post(&s, "/v1/chat/completions", chat(), &[]).await;
+    let b = post(&s, "/v1/chat/completions", chat(), &[]).await;
+    assert_ne!(fresh(&a), fresh(&b));
+    let mine = post(
+        &s,
+        "/v1/chat/completions",
+        chat(),
+        &[("x-request-id", "trace-42")],
+    )
+    .await;
+    assert_eq!(mine.header("x-request-id"), "trace-42");
+    let mut bad = chat();
+    bad["temperature"] = json!(-1);
+    let err = post(
+        &s,
+        "/v1/chat/completions",
+        bad,
+        &[("x-request-id", "trace-43")],
+    )
+    .await;
+    assert_eq!((err.status, err.header("x-request-id")), (400, "trace-43"));
+    let long = "x".repeat(129);
+    fresh(
+        &post(
+            &s,
+            "/v1/chat/completions",
+            chat(),
+            &[("x-request-id", &long)],
+        )
+        .await,
+    );
+    let h = client()
+        .get(s.url("/health"))
+        .header("x-request-id", "probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.headers()["x-request-id"], "probe-1");
+    assert!(s.log().contains("request_id=trace-42"), "{}", s.log());
+}

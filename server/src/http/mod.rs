@@ -243,9 +243,27 @@ async fn routing_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Logs each request (method, path, status, latency) and counts it by endpoint and status.
+/// Longest `x-request-id` a client may choose; a longer (or non-printable) one is replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The request's id: the client's `x-request-id` when it is 1 to [`MAX_REQUEST_ID`] printable
+/// ASCII characters, else a fresh `req_…` id.
+fn request_id(h: &HeaderMap) -> String {
+    h.get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .filter(|v| v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| new_id("req_"))
+}
+
+/// Logs each request (method, path, status, latency, id) and counts it by endpoint and status;
+/// every response carries the request's `x-request-id` (the client's, or a new one), as
+/// OpenAI's API and vLLM's `--enable-request-id-headers` send it.
 async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let t0 = Instant::now();
+    let id = request_id(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let endpoint = req
@@ -253,7 +271,10 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let status = resp.status();
     let secs = t0.elapsed().as_secs_f64();
     state
@@ -273,6 +294,7 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
             path = %path,
             status = status.as_u16(),
             latency_ms = format!("{:.1}", secs * 1e3),
+            request_id = %id,
             "request"
         );
     }
