@@ -9,6 +9,18 @@ mod common;
 use common::{client, post, run_cli, Opts, Server};
 use serde_json::{json, Value};
 
+/// The body of `GET path`.
+async fn get_text(s: &Server, path: &str) -> String {
+    client()
+        .get(s.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 fn chat() -> Value {
     json!({"model": "local", "max_tokens": 4, "temperature": 0,
            "messages": [{"role": "user", "content": "Hi"}]})
@@ -115,14 +127,7 @@ async fn a_vllm_launch_line_serves_with_its_key_and_cors() {
         );
     }
     assert!(!log.contains("latency_ms"), "request lines logged:\n{log}");
-    let metrics = client()
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&s, "/metrics").await;
     assert!(
         common::metric_sum(&metrics, "switchyard_http_requests_total", &[]) >= 4.0,
         "{metrics}"
@@ -276,23 +281,9 @@ async fn several_served_names_version_and_ping() {
     body["model"] = json!("other");
     let r = post(&s, "/v1/chat/completions", body, &[]).await;
     assert_eq!(r.status, 404, "{}", r.text);
-    let models: Value = client()
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = serde_json::from_str(&get_text(&s, "/v1/models").await).unwrap();
     assert_eq!(models["data"][0]["id"], "hy3-mini", "{models}");
-    let v: Value = client()
-        .get(s.url("/version"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = serde_json::from_str(&get_text(&s, "/version").await).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     for method in [reqwest::Method::GET, reqwest::Method::POST] {
         let r = client()

@@ -1048,14 +1048,14 @@ impl Loop {
             .speculative
             .as_ref()
             .map_or(1, |c| c.num_speculative_tokens);
-        // (id, len, step index, drafts so far, last output)
-        let mut chains: Vec<(SeqId, usize, usize, Vec<u32>, MtpOut)> = next
+        // (id, len, drafts so far, last output)
+        let mut chains: Vec<(SeqId, usize, Vec<u32>, MtpOut)> = next
             .iter()
             .zip(outs)
-            .filter_map(|((id, len, _, _, _, i, _), o)| {
+            .filter_map(|((id, len, ..), o)| {
                 let o = o?;
                 let d = first_row(&o.logits)?;
-                Some((*id, *len, *i, vec![d], o))
+                Some((*id, *len, vec![d], o))
             })
             .collect();
         // Chained drafts write the layer's KV at positions len − 1 … len + k − 3: blocks the
@@ -1074,7 +1074,7 @@ impl Loop {
         for j in 1..k {
             let live: Vec<usize> = (0..chains.len())
                 .filter(|&c| {
-                    let (_, len, _, drafts, _) = &chains[c];
+                    let (_, len, drafts, _) = &chains[c];
                     tables[c].is_some() && drafts.len() == j && len - 2 + j < max_len
                 })
                 .collect();
@@ -1083,13 +1083,13 @@ impl Loop {
             }
             let toks: Vec<[u32; 1]> = live
                 .iter()
-                .map(|&c| [*chains[c].3.last().unwrap_or(&0)])
+                .map(|&c| [*chains[c].2.last().unwrap_or(&0)])
                 .collect();
             let batch: Vec<MtpSeq<'_>> = live
                 .iter()
                 .zip(&toks)
                 .filter_map(|(&c, t)| {
-                    let (_, len, _, _, o) = &chains[c];
+                    let (_, len, _, o) = &chains[c];
                     Some(MtpSeq {
                         next_tokens: t,
                         pos0: len - 2 + j,
@@ -1105,13 +1105,13 @@ impl Loop {
             for (&c, o) in live.iter().zip(outs) {
                 if let Some(o) = o {
                     if let Some(d) = first_row(&o.logits) {
-                        chains[c].3.push(d);
-                        chains[c].4 = o;
+                        chains[c].2.push(d);
+                        chains[c].3 = o;
                     }
                 }
             }
         }
-        for (id, len, _, drafts, _) in chains {
+        for (id, len, drafts, _) in chains {
             if let Some(st) = self.states.get_mut(&id) {
                 st.mtp_draft = Some((len, drafts));
             }
